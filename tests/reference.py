@@ -1,0 +1,19 @@
+"""A small float64 oracle for the quantization math, re-derived independently of vmfx.ops."""
+
+from __future__ import annotations
+
+import torch
+
+
+def fake_quant_ref(x, scale, zero_point, qmin, qmax):
+    """(clamp(round_half_even(x / s) + zp, qmin, qmax) - zp) * s in float64."""
+    x, scale = x.double(), torch.as_tensor(scale, dtype=torch.float64)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.float64)
+    q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    ref, test = ref.double(), test.double()
+    noise = ((ref - test) ** 2).sum()
+    return float(10 * torch.log10((ref**2).sum() / noise)) if noise > 0 else float("inf")

@@ -1,0 +1,63 @@
+"""Inspection: tables, drawings and per-layer error."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import vmfx
+from vmfx.inspect import compare, rows, summary, table, to_dot, to_networkx
+
+
+def test_table_lists_roles_specs_and_scale_shapes(tiny_model, tiny_images):
+    q = vmfx.compile(tiny_model, tiny_images, "minmax-w4a8")
+    text = table(q)
+    header = text.splitlines()[0].split()
+    assert header == ["node", "op", "target", "role", "block", "dir", "tokens", "shape", "spec", "scale"]
+    by_node = {r["node"]: r for r in rows(q)}
+    r = by_node["mixers_0_x_proj_b"]
+    assert (r["role"], r["block"], r["dir"], r["tokens"]) == ("x_proj", 0, "bwd", 16)
+    assert r["spec"] == "A uint8 asym per-tensor | W int4 sym per-channel"
+    assert r["scale"] == "A 1x1x1 | W 18x1"  # x_proj: dt_rank 2 + 2 x d_state 8 rows
+    assert len(rows(q, all_nodes=True)) == len(q.graph.nodes) > len(rows(q))
+
+
+def test_summary_counts(tiny_model, tiny_images):
+    s = summary(vmfx.compile(tiny_model, tiny_images, "minmax-w8a8"))
+    assert s["mixers"] == 2 and s["scans"] == 4 and s["quantized_linears"] == 12 and s["observers"] == 0
+    assert s["roles"]["scan"] == 4 and s["calibration"]["images"] == 12
+
+
+def test_networkx_and_dot(tiny_model, tiny_images):
+    gm = vmfx.trace(tiny_model, (tiny_images[:1],))
+    g = to_networkx(gm)
+    assert g.number_of_nodes() == len(gm.graph.nodes)
+    assert g.nodes["mixers_1_in_proj"]["role"] == "in_proj"
+    assert g.has_edge("mixers_1_in_proj", "getitem_8") or any(g.successors("mixers_1_in_proj"))
+    dot = to_dot(gm)
+    assert dot.startswith('digraph "vmfx"') and dot.rstrip().endswith("}")
+    assert dot.count("->") == g.number_of_edges()
+    assert "in_proj [1]" in dot
+
+
+def test_compare_reports_error_that_grows_as_bits_shrink(tiny_model, tiny_images):
+    r8 = compare(tiny_model, vmfx.compile(tiny_model, tiny_images, "minmax-w8a8"), tiny_images)
+    r4 = compare(tiny_model, vmfx.compile(tiny_model, tiny_images, "minmax-w4a4"), tiny_images)
+    assert r8.images == 12
+    assert r8["patch"].sqnr_db == math.inf  # not quantized
+    assert r8.output.cosine > 0.99 and r8.output.sqnr_db > r4.output.sqnr_db
+    assert r8["mixers_0_in_proj"].sqnr_db > r4["mixers_0_in_proj"].sqnr_db
+    assert r8.worst(1)[0].sqnr_db == min(l.sqnr_db for l in r8.layers)
+    assert "SQNR dB" in str(r8)
+
+
+def test_compare_matches_direct_computation(tiny_model, tiny_images):
+    q = vmfx.compile(tiny_model, tiny_images, "minmax-w4a4")
+    report = compare(tiny_model, q, tiny_images, batch_size=5)
+    with torch.no_grad():
+        a, b = tiny_model(tiny_images).double(), q(tiny_images).double()
+    sqnr = 10 * torch.log10((a**2).sum() / ((a - b) ** 2).sum())
+    cos = (a * b).sum() / (a.norm() * b.norm())
+    assert abs(report.output.sqnr_db - float(sqnr)) < 1e-6
+    assert abs(report.output.cosine - float(cos)) < 1e-9

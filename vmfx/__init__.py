@@ -1,0 +1,52 @@
+"""vmfx: a post-training quantization compiler for Vision Mamba models, built on torch.fx.
+
+    import vmfx, vmfx.models
+    qmodel = vmfx.compile(model, calib_images, config="minmax-w8a8")
+    print(vmfx.inspect.table(qmodel))
+    vmfx.inspect.compare(model, qmodel, images)
+
+Models are traced into fx graphs; passes detect the Mamba patterns, insert observers, calibrate
+and convert; see ``vmfx.passes`` for custom pipelines and ``vmfx.inspect`` for debugging.
+"""
+
+from . import inspect, ops
+from .api import calibrate, compile, convert, prepare, trace
+from .config import PRESETS, QuantConfig, preset_names
+from .errors import (
+    CalibrationDataError,
+    CheckpointError,
+    ConfigError,
+    PassError,
+    SerializationError,
+    TraceError,
+    VmfxError,
+)
+from .passes import Pipeline
+from .quant import QuantSpec
+from .serialize import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile",
+    "trace",
+    "prepare",
+    "calibrate",
+    "convert",
+    "save",
+    "load",
+    "Pipeline",
+    "QuantConfig",
+    "QuantSpec",
+    "PRESETS",
+    "preset_names",
+    "inspect",
+    "ops",
+    "VmfxError",
+    "TraceError",
+    "ConfigError",
+    "CalibrationDataError",
+    "CheckpointError",
+    "PassError",
+    "SerializationError",
+]

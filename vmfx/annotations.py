@@ -1,0 +1,97 @@
+"""What detection learns about a node, stored in ``node.meta[VMFX_META]``.
+
+Detection (:mod:`vmfx.passes.detect`) annotates; it never rewrites. Later passes read the
+annotation to decide what to quantize and how, inspection prints it, and lowering groups nodes by
+it. An annotation is a small mutable dataclass so passes can add what they decide (``act_spec``,
+``weight_spec``) next to what detection found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch.fx as fx
+
+__all__ = [
+    "VMFX_META",
+    "ROLES",
+    "LINEAR_ROLES",
+    "NodeAnnotation",
+    "annotation",
+    "annotate",
+]
+
+#: The key of vmfx's annotation in ``node.meta``.
+VMFX_META = "vmfx"
+
+#: Every role detection assigns. Linear roles of the backward scan carry ``direction="backward"``.
+ROLES = (
+    "patch_embed",
+    "norm",
+    "in_proj",
+    "conv1d",
+    "conv_act",
+    "x_proj",
+    "dt_proj",
+    "dt_act",
+    "scan",
+    "gate",
+    "merge",
+    "out_proj",
+    "head",
+    "observer",
+    "quantizer",
+    "kernel",
+)
+
+#: Roles of the linear layers inside a Mamba mixer.
+LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+@dataclass
+class NodeAnnotation:
+    """vmfx's facts about one node.
+
+    Attributes:
+        role: one of :data:`ROLES`.
+        block: index of the Mamba block (0-based, in graph order), None outside blocks.
+        direction: "forward" or "backward" for per-direction nodes of a mixer, else None.
+        tokens: sequence length the node sees (from shape propagation), when known.
+        mixer: qualified name of the mixer module the node belongs to, when known.
+        matched_by: "structure", or "name" when only the module name decided the role.
+        act_spec / weight_spec: the specs a quantization pass chose for this node.
+        extra: free-form facts of later passes (kept JSON-friendly).
+    """
+
+    role: str
+    block: int | None = None
+    direction: str | None = None
+    tokens: int | None = None
+    mixer: str | None = None
+    matched_by: str = "structure"
+    act_spec: Any = None
+    weight_spec: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def annotation(node: fx.Node) -> NodeAnnotation | None:
+    """The annotation of ``node``, or None if detection gave it none."""
+    return node.meta.get(VMFX_META)
+
+
+def annotate(node: fx.Node, role: str, **facts) -> NodeAnnotation:
+    """Set (or update) the annotation of ``node``; returns it."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    ann = node.meta.get(VMFX_META)
+    if ann is None:
+        ann = NodeAnnotation(role=role)
+        node.meta[VMFX_META] = ann
+    ann.role = role
+    for key, value in facts.items():
+        setattr(ann, key, value)
+    return ann

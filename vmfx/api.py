@@ -1,0 +1,121 @@
+"""The public entry points: ``compile`` and its stages ``trace``, ``prepare``, ``calibrate``,
+``convert``.
+
+``compile(model, calib_data, config)`` is exactly ``prepare -> calibrate -> convert`` on a copy of
+the model: the method named by the config is a list of passes (:mod:`vmfx.passes.pipeline`), and
+the stages are segments of that list (:func:`vmfx.passes.split_stages`), so running the stages by
+hand gives the same result as the one call. The user's model is never modified.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .config import QuantConfig, resolve_config
+from .errors import ConfigError
+from .lowering import lower, resolve_backend
+from .passes.detect import DetectMambaMixersPass
+from .passes.manager import PassManager
+from .passes.pipeline import Pipeline, method_passes, split_stages, trace_for_quantization
+
+__all__ = ["compile", "trace", "prepare", "calibrate", "convert"]
+
+
+def compile(
+    model: nn.Module,
+    calib_data: Any = None,
+    config: str | QuantConfig = "minmax-w8a8",
+    *,
+    example_inputs: tuple | None = None,
+    progress: bool = False,
+    check: bool | None = None,
+    backend: str | None = None,
+) -> fx.GraphModule:
+    """Quantize a Vision Mamba model in one call.
+
+    Args:
+        model: a float model (a vmfx/timm Vim, or any module built from canonical vmfx modules or
+            modules with a registered adapter). It is copied, not modified.
+        calib_data: calibration images: a tensor ``(N, C, H, W)`` or an iterable of batches
+            (tensors or ``(images, labels)`` pairs, e.g. a ``DataLoader``).
+        config: a preset name (``vmfx.config.preset_names()``, e.g. ``"minmax-w8a8"``) or a
+            :class:`~vmfx.config.QuantConfig`.
+        example_inputs: inputs for shape propagation (default: the first calibration image).
+        progress: show progress bars.
+        check: lint and run the graph after every pass (default: ``VMFX_CHECK_PASSES``).
+        backend: None (default) returns the simulated-quantization graph; "triton",
+            "reference" or "auto" also lowers it (:func:`vmfx.lowering.lower`): generated
+            Triton kernels on a GPU, the exact integer reference on a CPU.
+
+    Returns:
+        The quantized model: a ``torch.fx.GraphModule`` whose linears are
+        :class:`~vmfx.quant.QuantLinear` (or, with a backend, lowered kernel calls);
+        ``qmodel.meta["vmfx_config"]`` holds the config.
+
+    Example::
+
+        qmodel = vmfx.compile(model, calib_images, config="minmax-w8a8")
+        print(vmfx.inspect.table(qmodel))
+    """
+    cfg = resolve_config(config)
+    if backend is not None:
+        resolve_backend(backend)  # a bad name fails before calibration, not after
+    qmodel = Pipeline(method_passes(cfg), check=check)(
+        model, calib_data, config=cfg, example_inputs=example_inputs, progress=progress
+    )
+    return qmodel if backend is None else lower(qmodel, backend)
+
+
+def trace(model: nn.Module, example_inputs: tuple | None = None, *, detect: bool = True) -> fx.GraphModule:
+    """Canonicalize and trace a copy of ``model``; with ``detect``, annotate its Mamba patterns.
+
+    Args:
+        model: the float model (not modified).
+        example_inputs: a tensor or tuple for shape propagation (token lengths need it).
+        detect: run :class:`~vmfx.passes.DetectMambaMixersPass` so the graph can be inspected.
+    """
+    gm, example_inputs = trace_for_quantization(model, example_inputs=example_inputs)
+    gm.meta["vmfx_example_inputs"] = example_inputs
+    if detect:
+        gm = PassManager([DetectMambaMixersPass()])(gm).graph_module
+    return gm
+
+
+def _stage(gm: fx.GraphModule, index: int) -> list:
+    config = gm.meta.get("vmfx_config")
+    if config is None:
+        raise ConfigError("this graph was not made by vmfx.prepare; call vmfx.prepare(model, config, ...) first")
+    return split_stages(method_passes(QuantConfig.from_dict(config)))[index]
+
+
+def prepare(
+    model: nn.Module,
+    config: str | QuantConfig = "minmax-w8a8",
+    calib_data: Any = None,
+    *,
+    example_inputs: tuple | None = None,
+) -> fx.GraphModule:
+    """Stage 1: trace a copy of ``model`` and run the method's passes that need no data
+    (detection, observer insertion). ``calib_data`` (or ``example_inputs``) only supplies the
+    example image for shape propagation."""
+    cfg = resolve_config(config)
+    gm, example_inputs = trace_for_quantization(model, calib_data, example_inputs)
+    gm.meta["vmfx_config"] = cfg.to_dict()
+    passes = split_stages(method_passes(cfg))[0]
+    return Pipeline(passes)(gm, config=cfg, example_inputs=example_inputs)
+
+
+def calibrate(gm: fx.GraphModule, calib_data: Any, *, progress: bool = False) -> fx.GraphModule:
+    """Stage 2: run the method's data passes (observer statistics and, for learning methods,
+    everything up to the last pass that reads data) on ``calib_data``."""
+    cfg = QuantConfig.from_dict(gm.meta.get("vmfx_config") or {})
+    return Pipeline(_stage(gm, 1))(gm, calib_data, config=cfg, progress=progress)
+
+
+def convert(gm: fx.GraphModule) -> fx.GraphModule:
+    """Stage 3: the method's remaining passes (observers become quantization parameters)."""
+    cfg = QuantConfig.from_dict(gm.meta.get("vmfx_config") or {})
+    return Pipeline(_stage(gm, 2))(gm, config=cfg)

@@ -1,0 +1,216 @@
+"""The vmfx tracer: ``torch.fx`` symbolic tracing with the selective scan as one leaf op.
+
+``trace(model, example_inputs)`` turns an (already canonicalized) module into a ``GraphModule``
+and, given example inputs, runs shape propagation so every node carries
+``meta["tensor_meta"]`` (detection reads token lengths from it).
+
+Leaves: ``torch.nn`` built-in modules (fx's default), :class:`vmfx.nn.RMSNorm`, vmfx's quantized
+modules and observers, and whatever users register with :func:`register_leaf_module`. Leaf
+functions (recorded as one ``call_function`` node): :func:`vmfx.ops.selective_scan` and those
+registered with :func:`register_leaf_function`.
+
+Tracing failures become :class:`vmfx.TraceError` naming the module being traced, the source line
+that failed and the way out, with the fx exception chained as the cause.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import TraceError
+from ..nn.norm import RMSNorm
+from ..ops.selective_scan import selective_scan
+from ..quant.modules import FakeQuantize, QuantLinear
+from ..quant.observers import Observer
+
+__all__ = [
+    "VmfxTracer",
+    "trace",
+    "register_leaf_module",
+    "register_leaf_function",
+    "leaf_module_types",
+    "leaf_functions",
+    "propagate_shapes",
+]
+
+_LEAF_MODULE_TYPES: list[type] = [RMSNorm, FakeQuantize, QuantLinear, Observer]
+_LEAF_FUNCTIONS: list[Callable] = [selective_scan]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_THIS_FILE = os.path.abspath(__file__)
+
+
+def register_leaf_module(cls: type) -> type:
+    """Keep every module of type ``cls`` as one opaque ``call_module`` node when tracing.
+
+    Use it for a module whose forward cannot be traced (data-dependent control flow, calls into
+    a compiled extension). vmfx will not look or quantize inside a leaf. Usable as a decorator.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_leaf_module expects an nn.Module subclass, got {cls!r}")
+    if cls not in _LEAF_MODULE_TYPES:
+        _LEAF_MODULE_TYPES.append(cls)
+    return cls
+
+
+def register_leaf_function(fn: Callable) -> Callable:
+    """Record every call of ``fn`` as one ``call_function`` node instead of tracing into it.
+
+    ``fn`` must be a module-level function that the traced code calls through a global name
+    (fx patches it in the globals of the traced functions). Usable as a decorator.
+    """
+    if not callable(fn):
+        raise TypeError(f"register_leaf_function expects a function, got {fn!r}")
+    if fn not in _LEAF_FUNCTIONS:
+        _LEAF_FUNCTIONS.append(fn)
+    return fn
+
+
+def leaf_module_types() -> tuple[type, ...]:
+    return tuple(_LEAF_MODULE_TYPES)
+
+
+def leaf_functions() -> tuple[Callable, ...]:
+    return tuple(_LEAF_FUNCTIONS)
+
+
+class VmfxTracer(fx.Tracer):
+    """``torch.fx.Tracer`` with vmfx's leaves, remembering which module it is inside.
+
+    Args:
+        extra_leaf_modules: more module types to keep opaque for this trace only.
+        extra_leaf_functions: more leaf functions for this trace only.
+    """
+
+    def __init__(self, extra_leaf_modules: Iterable[type] = (), extra_leaf_functions: Iterable[Callable] = ()):
+        super().__init__(autowrap_functions=tuple(_LEAF_FUNCTIONS) + tuple(extra_leaf_functions))
+        self._leaf_types = tuple(_LEAF_MODULE_TYPES) + tuple(extra_leaf_modules)
+        self._module_stack: list[tuple[str, str]] = []
+        self.failure_stack: list[tuple[str, str]] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            path = "<unregistered module>"
+        self._module_stack.append((path, type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failure_stack is None:
+                self.failure_stack = list(self._module_stack)
+            raise
+        finally:
+            self._module_stack.pop()
+
+
+def _default_concrete_args(model: nn.Module) -> dict[str, Any]:
+    """Bind every non-tensor keyword with a default (flags, ``inference_params=None``) to it, so
+    fx does not turn configuration into graph inputs."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    concrete = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not inspect.Parameter.empty and not isinstance(p.default, torch.Tensor):
+            concrete[p.name] = p.default
+    return concrete
+
+
+def _user_source_line(exc: BaseException) -> str:
+    """``file:line: code`` of the innermost frame outside torch and this file."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        filename = os.path.abspath(frame.filename)
+        if filename.startswith(_TORCH_DIR) or filename == _THIS_FILE:
+            continue
+        return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return ""
+
+
+def _trace_error(exc: BaseException, tracer: VmfxTracer, model: nn.Module) -> TraceError:
+    stack = tracer.failure_stack or []
+    path, type_name = stack[-1] if stack else ("", type(model).__name__)
+    where = f"module '{path}' ({type_name})" if path else f"the root module ({type_name})"
+    source = _user_source_line(exc)
+    lines = [f"vmfx could not trace {where} into a torch.fx graph."]
+    if source:
+        lines.append(f"  failing line: {source}")
+    lines.append(f"  cause: {type(exc).__name__}: {exc}".rstrip())
+    lines.append(
+        "Way out: if this module is a third-party block vmfx should understand, register an adapter "
+        "that turns it into canonical vmfx modules (vmfx.frontends.register_adapter); otherwise keep it "
+        f"opaque with vmfx.frontends.register_leaf_module({type_name}) (vmfx will not quantize inside "
+        "it), or make its forward traceable (no Python control flow on tensor values or shapes)."
+    )
+    return TraceError("\n".join(lines), module_path=path, module_type=type_name, source=source)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple | torch.Tensor | None = None,
+    *,
+    concrete_args: dict[str, Any] | None = None,
+    extra_leaf_modules: Iterable[type] = (),
+    extra_leaf_functions: Iterable[Callable] = (),
+) -> fx.GraphModule:
+    """Trace ``model`` into a ``GraphModule`` (shape-propagated when example inputs are given).
+
+    The model is traced as it is (call :func:`vmfx.frontends.canonicalize` first for third-party
+    modules); its parameters are shared with the returned graph module, not copied.
+
+    Args:
+        model: the module to trace; put it in eval mode first for inference graphs.
+        example_inputs: a tensor or tuple of tensors to propagate shapes with.
+        concrete_args: values for non-tensor forward arguments; by default every non-tensor
+            argument with a default value is fixed to it.
+        extra_leaf_modules, extra_leaf_functions: leaves for this call only.
+
+    Returns:
+        The traced ``GraphModule``; ``node.meta["tensor_meta"]`` is set when ``example_inputs``
+        were given.
+
+    Raises:
+        TraceError: the model cannot be traced (names the module, the line and the way out).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"vmfx traces nn.Module instances, got {type(model).__name__}")
+    tracer = VmfxTracer(extra_leaf_modules, extra_leaf_functions)
+    if concrete_args is None:
+        concrete_args = _default_concrete_args(model)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args or None)
+    except TraceError:
+        raise
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, AttributeError...
+        raise _trace_error(exc, tracer, model) from exc
+    gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
+    gm.meta["vmfx_source_type"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    if example_inputs is not None:
+        propagate_shapes(gm, example_inputs)
+    return gm
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple | torch.Tensor) -> fx.GraphModule:
+    """Run ``gm`` once on ``example_inputs`` (no grad) and record every node's shape and dtype."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+    return gm

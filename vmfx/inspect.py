@@ -1,0 +1,514 @@
+"""Inspection at every stage: per-node tables, graph drawings, and per-layer error.
+
+* :func:`table` / :func:`rows`: ``print_tabular`` plus vmfx's columns (role, block, direction,
+  tokens, quantization spec, scale shape).
+* :func:`summary`: counts of roles, mixers and quantized layers.
+* :func:`to_networkx`, :func:`to_dot`, :func:`draw`: the graph as a networkx ``DiGraph`` or DOT
+  text, nodes labelled and coloured by role.
+* :func:`compare`: run a float and a quantized graph on the same images and report SQNR and
+  cosine similarity per annotated node (FP vs quantized), the answer to "which layer broke?".
+* :func:`activation_stats`, :func:`plot_distributions`: the three effects the Vision-Mamba PTQ
+  papers name (per-token variance, per-channel outliers, long tails) for one block, as PNGs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .annotations import annotation
+from .passes.calibrate import iter_calibration_batches
+from .passes.detect import DetectMambaMixersPass
+from .passes.manager import PassManager
+from .passes.patterns import module_of
+from .passes.pipeline import trace_for_quantization
+from .quant.modules import FakeQuantize, QuantLinear
+from .quant.observers import Observer
+
+__all__ = [
+    "rows",
+    "table",
+    "summary",
+    "to_networkx",
+    "to_dot",
+    "draw",
+    "compare",
+    "CompareReport",
+    "LayerError",
+    "ActivationStats",
+    "activation_stats",
+    "plot_distributions",
+]
+
+_ROLE_COLOURS = {
+    "patch_embed": "#c6dbef", "norm": "#e5e5e5", "in_proj": "#fdd0a2", "conv1d": "#c7e9c0",
+    "conv_act": "#e5f5e0", "x_proj": "#fdae6b", "dt_proj": "#fd8d3c", "dt_act": "#fee6ce",
+    "scan": "#9e9ac8", "gate": "#dadaeb", "merge": "#f0f0f0", "out_proj": "#e6550d",
+    "head": "#6baed6", "observer": "#fff7bc", "quantizer": "#fec44f",
+}
+
+_DIR_SHORT = {"forward": "fwd", "backward": "bwd"}
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def _target(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__qualname__", getattr(t, "__name__", str(t)))
+
+
+def _shape(node: fx.Node) -> str:
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return "x".join(str(d) for d in meta.shape)
+    return ""
+
+
+def _fq_text(fq: FakeQuantize | None) -> tuple[str, str]:
+    if fq is None:
+        return "float", ""
+    shape = "dynamic" if fq.scale is None else "x".join(str(d) for d in fq.scale.shape) or "scalar"
+    return fq.spec.describe(), shape
+
+
+def _quant_columns(node: fx.Node) -> tuple[str, str]:
+    m = module_of(node)
+    if isinstance(m, QuantLinear):
+        a_spec, a_shape = _fq_text(m.input_quantizer)
+        w_spec, w_shape = _fq_text(m.weight_quantizer)
+        smooth = " +smooth" if m.smooth is not None else ""
+        return f"A {a_spec} | W {w_spec}{smooth}", f"A {a_shape} | W {w_shape}"
+    if isinstance(m, FakeQuantize):
+        return _fq_text(m)
+    if isinstance(m, Observer):
+        return f"observing {m.spec.describe()}", ""
+    return "", ""
+
+
+def rows(gm: fx.GraphModule, all_nodes: bool = False) -> list[dict[str, Any]]:
+    """One dict per node: name, op, target, role, block, direction, tokens, shape, spec, scale.
+
+    Args:
+        gm: a vmfx graph (traced, prepared or converted).
+        all_nodes: include nodes without a vmfx role (views, casts, ...); default: annotated
+            nodes and quantization modules only.
+    """
+    out = []
+    for node in gm.graph.nodes:
+        ann = annotation(node)
+        spec, scale = _quant_columns(node)
+        if not all_nodes and ann is None and not spec:
+            continue
+        out.append(
+            {
+                "node": node.name,
+                "op": node.op,
+                "target": _target(node),
+                "role": ann.role if ann else "",
+                "block": "" if ann is None or ann.block is None else ann.block,
+                "dir": "" if ann is None or ann.direction is None else _DIR_SHORT[ann.direction],
+                "tokens": "" if ann is None or ann.tokens is None else ann.tokens,
+                "shape": _shape(node),
+                "spec": spec,
+                "scale": scale,
+            }
+        )
+    return out
+
+
+def table(gm: fx.GraphModule, all_nodes: bool = False) -> str:
+    """The per-node table as text (see :func:`rows`)."""
+    data = rows(gm, all_nodes)
+    headers = ["node", "op", "target", "role", "block", "dir", "tokens", "shape", "spec", "scale"]
+    return _format_table(headers, [[str(r[h]) for h in headers] for r in data])
+
+
+def _format_table(headers: list[str], body: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(row[i]) for row in body]) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
+    rule = "  ".join("-" * w for w in widths)
+    text = [line, rule] + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
+    return "\n".join(text)
+
+
+def summary(gm: fx.GraphModule) -> dict[str, Any]:
+    """Counts: nodes per role, mixers and their directions, quantized linears, calibration info."""
+    roles: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        ann = annotation(node)
+        if ann is not None:
+            roles[ann.role] = roles.get(ann.role, 0) + 1
+    mixers = gm.meta.get("vmfx_mixers", [])
+    qlinears = [m for m in gm.modules() if isinstance(m, QuantLinear)]
+    return {
+        "nodes": len(gm.graph.nodes),
+        "roles": roles,
+        "mixers": len(mixers),
+        "scans": sum(len(m["directions"]) for m in mixers),
+        "quantized_linears": len(qlinears),
+        "observers": sum(isinstance(m, Observer) for m in gm.modules()),
+        "config": gm.meta.get("vmfx_config"),
+        "calibration": gm.meta.get("vmfx_calibration"),
+    }
+
+
+# -- drawings -------------------------------------------------------------------------------------
+
+
+def to_networkx(gm: fx.GraphModule):
+    """The graph as a ``networkx.DiGraph``; node attributes are the :func:`rows` columns."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    info = {r["node"]: r for r in rows(gm, all_nodes=True)}
+    for node in gm.graph.nodes:
+        g.add_node(node.name, **info[node.name])
+    for node in gm.graph.nodes:
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    return g
+
+
+def to_dot(gm: fx.GraphModule, name: str = "vmfx") -> str:
+    """The graph in Graphviz DOT, nodes labelled ``name / role [block dir]`` and coloured by role."""
+
+    def quote(s: str) -> str:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = [f"digraph {quote(name)} {{", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontsize=10];']
+    for r in rows(gm, all_nodes=True):
+        label = r["node"]
+        if r["role"]:
+            extra = " ".join(str(x) for x in (r["block"], r["dir"]) if x != "")
+            label += f"\\n{r['role']}" + (f" [{extra}]" if extra else "")
+        if r["spec"]:
+            label += f"\\n{r['spec']}"
+        colour = _ROLE_COLOURS.get(r["role"], "#ffffff")
+        lines.append(f"  {quote(r['node'])} [label={quote(label)}, fillcolor={quote(colour)}];")
+    for node in gm.graph.nodes:
+        for src in node.all_input_nodes:
+            lines.append(f"  {quote(src.name)} -> {quote(node.name)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def draw(gm: fx.GraphModule, path: str) -> str:
+    """Write :func:`to_dot` to ``path`` (render with ``dot -Tsvg path``); returns the path."""
+    with open(path, "w") as f:
+        f.write(to_dot(gm))
+    return path
+
+
+# -- per-layer error ------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerError:
+    """Error of one node's output, quantized vs float, accumulated over all compared images."""
+
+    node: str
+    role: str
+    block: int | None
+    direction: str | None
+    sqnr_db: float
+    cosine: float
+
+
+@dataclass
+class CompareReport:
+    """Per-layer SQNR (dB) and cosine similarity of a quantized graph against its float graph."""
+
+    layers: list[LayerError] = field(default_factory=list)
+    images: int = 0
+
+    def __getitem__(self, node: str) -> LayerError:
+        for layer in self.layers:
+            if layer.node == node:
+                return layer
+        raise KeyError(node)
+
+    @property
+    def output(self) -> LayerError:
+        """The error of the model output."""
+        return self["output"]
+
+    def worst(self, n: int = 5) -> list[LayerError]:
+        return sorted(self.layers, key=lambda l: l.sqnr_db)[:n]
+
+    def __str__(self) -> str:
+        headers = ["node", "role", "block", "dir", "SQNR dB", "cosine"]
+        body = [
+            [l.node, l.role, "" if l.block is None else str(l.block), _DIR_SHORT.get(l.direction, ""),
+             f"{l.sqnr_db:.2f}", f"{l.cosine:.5f}"]
+            for l in self.layers
+        ]
+        return f"{self.images} images\n" + _format_table(headers, body)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names = names
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.name in self.names and isinstance(result, torch.Tensor):
+            self.values[n.name] = result.detach().double()
+        return result
+
+    def output(self, target, args, kwargs):
+        result = super().output(target, args, kwargs)
+        if isinstance(result, torch.Tensor):
+            self.values["output"] = result.detach().double()
+        return result
+
+
+def _float_graph(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule) and "vmfx_source_type" in model.meta:
+        return model
+    gm, _ = trace_for_quantization(model, example_inputs=(example,))
+    return gm
+
+
+def compare(
+    model: nn.Module,
+    qmodel: fx.GraphModule,
+    images: Any,
+    *,
+    batch_size: int = 32,
+    roles: Iterable[str] | None = None,
+) -> CompareReport:
+    """Per-layer SQNR and cosine between the float model and the quantized graph.
+
+    Both are run on the same images; nodes are matched by name (vmfx keeps the float graph's
+    node names through every pass). Norms whose output carries folded smoothing factors are
+    skipped (their output is scaled on purpose). Statistics are accumulated over all images, so memory does
+    not grow with their number.
+
+    Args:
+        model: the float model (``nn.Module``, traced here) or its vmfx float graph.
+        qmodel: the quantized graph from :func:`vmfx.compile`.
+        images: a tensor ``(N, C, H, W)`` or an iterable of batches.
+        batch_size: split size for a tensor.
+        roles: roles to report (default: every annotated node); the model output is always last.
+
+    Returns:
+        A :class:`CompareReport`; ``print`` it for a table, ``report.output`` for the logits.
+    """
+    batches = iter_calibration_batches(images, batch_size)
+    first = next(batches)
+    float_gm = _float_graph(model, first[:1])
+    float_names = {n.name for n in float_gm.graph.nodes}
+    order: list[tuple[str, str, Any, Any]] = []
+    for node in qmodel.graph.nodes:
+        ann = annotation(node)
+        if ann is None or node.name not in float_names or ann.role in ("observer", "quantizer"):
+            continue
+        if ann.extra.get("smoothing_folded_into"):
+            continue  # its output is deliberately scaled by 1/s (folded smoothing): not comparable
+        if roles is not None and ann.role not in set(roles):
+            continue
+        order.append((node.name, ann.role, ann.block, ann.direction))
+    names = {o[0] for o in order}
+    sums = {name: torch.zeros(4, dtype=torch.float64) for name in list(names) + ["output"]}
+    count = 0
+    float_gm.eval()
+    qmodel.eval()
+
+    def feed(x: torch.Tensor) -> None:
+        ref = _Recorder(float_gm, names)
+        got = _Recorder(qmodel, names)
+        with torch.no_grad():
+            ref.run(x)
+            got.run(x)
+        for name, s in sums.items():
+            if name not in ref.values or name not in got.values:
+                continue
+            a, b = ref.values[name], got.values[name]
+            if a.shape != b.shape:
+                continue
+            s += torch.stack([(a * a).sum(), ((a - b) ** 2).sum(), (a * b).sum(), (b * b).sum()])
+
+    for x in _chain(first, batches):
+        feed(x)
+        count += x.shape[0]
+
+    report = CompareReport(images=count)
+    for name, role, block, direction in order + [("output", "output", None, None)]:
+        sig, noise, dot, qq = sums[name].tolist()
+        sqnr = math.inf if noise == 0 else 10 * math.log10(max(sig, 1e-300) / noise)
+        cos = dot / math.sqrt(sig * qq) if sig > 0 and qq > 0 else float("nan")
+        report.layers.append(LayerError(name, role, block, direction, sqnr, cos))
+    return report
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+# -- activation distributions ---------------------------------------------------------------------
+
+
+@dataclass
+class ActivationStats:
+    """Running statistics of one linear's input (a ``(B, L, C)`` tensor) over many images.
+
+    Attributes:
+        name: ``"<role> (<direction>)"``.
+        token_var: variance of each token position over images and channels, ``(L,)``.
+        channel_absmax: max |x| of each channel over images and tokens, ``(C,)``.
+        hist_edges, hist_counts: a histogram of the values (the long tail).
+    """
+
+    name: str
+    token_var: torch.Tensor
+    channel_absmax: torch.Tensor
+    hist_edges: torch.Tensor
+    hist_counts: torch.Tensor
+
+
+class _InputStats(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, targets: dict[str, str], bins: int):
+        super().__init__(gm)
+        self.targets, self.bins = targets, bins
+        self.acc: dict[str, dict[str, torch.Tensor]] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.name in self.targets:
+            x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
+            if isinstance(x, torch.Tensor) and x.dim() == 3:
+                self._update(self.targets[n.name], x.detach().double())
+        return super().run_node(n)
+
+    def _update(self, name: str, x: torch.Tensor) -> None:
+        a = self.acc.get(name)
+        if a is None:
+            limit = float(x.abs().max()) * 1.5 or 1.0
+            a = self.acc[name] = {
+                "sum": torch.zeros(x.shape[1], dtype=torch.float64),
+                "sumsq": torch.zeros(x.shape[1], dtype=torch.float64),
+                "count": torch.zeros((), dtype=torch.float64),
+                "absmax": torch.zeros(x.shape[2], dtype=torch.float64),
+                "edges": torch.linspace(-limit, limit, self.bins + 1, dtype=torch.float64),
+                "counts": torch.zeros(self.bins, dtype=torch.float64),
+            }
+        a["sum"] += x.sum(dim=(0, 2))
+        a["sumsq"] += (x * x).sum(dim=(0, 2))
+        a["count"] += x.shape[0] * x.shape[2]
+        a["absmax"] = torch.maximum(a["absmax"], x.abs().amax(dim=(0, 1)))
+        edges = a["edges"]
+        clipped = x.clamp(float(edges[0]), float(edges[-1]) - 1e-12)
+        a["counts"] += torch.histc(clipped, bins=self.bins, min=float(edges[0]), max=float(edges[-1]))
+
+
+def activation_stats(
+    model: nn.Module,
+    images: Any,
+    block: int,
+    *,
+    roles: Iterable[str] = ("in_proj", "x_proj", "dt_proj", "out_proj"),
+    bins: int = 200,
+    batch_size: int = 32,
+) -> list[ActivationStats]:
+    """Statistics of the inputs of the linears of one mixer block (see :class:`ActivationStats`).
+
+    The backward-scan linears see the tokens reversed; their token axis is in their own scan
+    order, as their per-token scales are.
+    """
+    batches = iter_calibration_batches(images, batch_size)
+    first = next(batches)
+    gm = model if isinstance(model, fx.GraphModule) and "vmfx_mixers" in model.meta else None
+    if gm is None:
+        gm, _ = trace_for_quantization(model, example_inputs=(first[:1],))
+        gm = PassManager([DetectMambaMixersPass()])(gm).graph_module
+    roles = tuple(roles)
+    targets = {}
+    for node in gm.graph.nodes:
+        ann = annotation(node)
+        if ann is not None and ann.block == block and ann.role in roles and node.op == "call_module":
+            targets[node.name] = ann.role + (f" ({ann.direction})" if ann.direction else "")
+    if not targets:
+        blocks = sorted({m["block"] for m in gm.meta.get("vmfx_mixers", [])})
+        raise ValueError(f"no linear with roles {roles} in block {block}; the graph has blocks {blocks}")
+    runner = _InputStats(gm, targets, bins)
+    with torch.no_grad():
+        for x in _chain(first, batches):
+            runner.run(x)
+    out = []
+    for name in targets.values():
+        a = runner.acc[name]
+        mean = a["sum"] / a["count"]
+        var = a["sumsq"] / a["count"] - mean**2
+        out.append(ActivationStats(name, var.clamp(min=0), a["absmax"], a["edges"], a["counts"]))
+    return out
+
+
+def plot_distributions(
+    model: nn.Module, images: Any, out_dir: str, *, block: int = 0, batch_size: int = 32
+) -> list[str]:
+    """Draw the three effects the Vision-Mamba PTQ papers name, for the linears of one block:
+
+    * ``token_variance.png``: variance of each token position (token-wise variance);
+    * ``channel_max.png``: max |x| of each channel (channel-wise outliers);
+    * ``long_tail.png``: histogram of the values on a log scale (long tail).
+
+    Returns:
+        The paths of the three PNG files written to ``out_dir``.
+    """
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = activation_stats(model, images, block, batch_size=batch_size)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for s in stats:
+        ax.plot(s.token_var.numpy(), label=s.name, linewidth=1)
+    ax.set_yscale("log")
+    ax.set(title=f"block {block}: per-token variance of linear inputs", xlabel="token position (own scan order)",
+           ylabel="variance over images and channels")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, os.path.join(out_dir, "token_variance.png")))
+
+    fig, axes = plt.subplots(len(stats), 1, figsize=(9, 1.8 * len(stats)), squeeze=False)
+    for ax, s in zip(axes[:, 0], stats):
+        ax.bar(range(s.channel_absmax.numel()), s.channel_absmax.numpy(), width=1.0)
+        ax.set_ylabel("max |x|", fontsize=8)
+        ax.set_title(s.name, fontsize=9)
+    axes[-1, 0].set_xlabel("channel")
+    fig.suptitle(f"block {block}: per-channel maxima (outliers)")
+    paths.append(_save(fig, os.path.join(out_dir, "channel_max.png")))
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for s in stats:
+        centres = ((s.hist_edges[1:] + s.hist_edges[:-1]) / 2).numpy()
+        ax.plot(centres, s.hist_counts.clamp(min=0.5).numpy(), label=s.name, linewidth=1)
+    ax.set_yscale("log")
+    ax.set(title=f"block {block}: value histogram (long tail)", xlabel="activation value", ylabel="count (log)")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, os.path.join(out_dir, "long_tail.png")))
+    return paths
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,341 @@
+"""``DetectMambaMixersPass``: find every Mamba mixer in a traced graph and annotate its nodes.
+
+What it finds, per selective-scan node, by following use-def edges (names never decide a match;
+they only label Linear nodes that structure left unexplained inside a matched mixer):
+
+* ``u``      <- SiLU (``conv_act``) <- causal depthwise conv1d (``conv1d``) <- ... <- ``in_proj``
+* ``delta``  <- [softplus (``dt_act``)] <- Linear (``dt_proj``) <- slice <- Linear (``x_proj``),
+  whose input is the same SiLU output as ``u``; ``B`` and ``C`` are slices of the same ``x_proj``
+* gate (optional): the scan output times SiLU (``gate``) of a slice of the same ``in_proj`` (or
+  ``z=`` given to the scan op); ungated mixers (MambaVision concatenates the z branch) match too
+* then forward through transparent ops and the direction merge (``merge``: add, divide, concat)
+  to the Linear that reads the result (``out_proj``)
+
+The scan's direction is "backward" when an odd number of flips lies between ``in_proj`` and the
+conv. Scans sharing an ``in_proj`` form one mixer; mixers are numbered (``block``) in graph
+order. The norm feeding ``in_proj`` gets role ``norm``; Conv2d/3d nodes reading the graph input
+are ``patch_embed``; unannotated Linears and norms after the last mixer are ``head`` / ``norm``.
+Token lengths come from shape propagation (``meta["tensor_meta"]``) when it was run.
+
+Invariants: the graph is not modified (``modified`` is always False); every annotated node gets
+a :class:`vmfx.annotations.NodeAnnotation`; ``gm.meta["vmfx_mixers"]`` lists the mixers found
+and ``gm.meta["vmfx_detect_failures"]`` the scans that did not match, with the reason.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..annotations import VMFX_META, annotate, annotation
+from ..ops.selective_scan import selective_scan
+from .base import Pass, PassContext, PassResult
+from .patterns import (
+    FailedMatch,
+    debug_match,
+    is_depthwise_conv1d,
+    is_linear,
+    is_norm,
+    is_patch_conv,
+    is_scan,
+    is_silu,
+    is_softplus,
+    is_transparent,
+    single_user,
+    walk_back,
+)
+
+__all__ = ["DetectMambaMixersPass", "ScanMatch", "MixerMatch", "detected_mixers"]
+
+_SCAN_SIGNATURE = inspect.signature(selective_scan)
+_MERGE_OPS = {operator.add, operator.sub, operator.mul, operator.truediv}
+_CONCAT = {torch.cat, torch.concat}
+_ROLE_NAMES = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+@dataclass
+class ScanMatch:
+    """The nodes of one scan direction."""
+
+    scan: fx.Node
+    direction: str
+    in_proj: fx.Node
+    conv1d: fx.Node
+    conv_act: fx.Node
+    x_proj: fx.Node
+    dt_proj: fx.Node
+    dt_act: fx.Node | None
+    gate: list[fx.Node]
+    out_proj: fx.Node
+    merge: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class MixerMatch:
+    """One mixer: an ``in_proj``, its scans (one per direction) and the ``out_proj``."""
+
+    block: int
+    in_proj: fx.Node
+    out_proj: fx.Node
+    scans: list[ScanMatch]
+    norm: fx.Node | None = None
+    tokens: int | None = None
+
+    def summary(self) -> dict:
+        return {
+            "block": self.block,
+            "in_proj": self.in_proj.name,
+            "out_proj": self.out_proj.name,
+            "norm": self.norm.name if self.norm is not None else None,
+            "tokens": self.tokens,
+            "directions": {s.direction: s.scan.name for s in self.scans},
+        }
+
+
+def detected_mixers(gm: fx.GraphModule) -> list[dict]:
+    """The mixer summaries recorded by :class:`DetectMambaMixersPass` (empty if it has not run)."""
+    return gm.meta.get("vmfx_mixers", [])
+
+
+class DetectMambaMixersPass(Pass):
+    """Annotate roles, block indices, scan directions and token lengths (see module docstring).
+
+    Args:
+        strict: raise instead of warning when a scan node does not match the mixer pattern.
+    """
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        for node in graph.nodes:
+            node.meta.pop(VMFX_META, None)
+        scans: list[ScanMatch] = []
+        failures: list[tuple[str, str]] = []
+        for node in graph.nodes:
+            if not is_scan(node):
+                continue
+            match = _match_scan(node)
+            debug_match(node, match)
+            if isinstance(match, FailedMatch):
+                failures.append((node.name, str(match)))
+            else:
+                scans.append(match)
+        if failures:
+            text = "; ".join(f"{name}: {why}" for name, why in failures)
+            if self.strict:
+                raise self.fail(f"selective-scan nodes that do not form a Mamba mixer: {text}")
+            warnings.warn(f"vmfx detection skipped scan nodes it could not match: {text}", stacklevel=2)
+
+        mixers = _group_into_mixers(graph, scans)
+        for mixer in mixers:
+            _annotate_mixer(mixer)
+        _annotate_names_inside_mixers(gm, mixers)
+        _annotate_outside_mixers(graph, mixers)
+        gm.meta["vmfx_mixers"] = [m.summary() for m in mixers]
+        gm.meta["vmfx_detect_failures"] = failures
+        return PassResult(gm, False)
+
+
+# -- matching one scan ----------------------------------------------------------------------------
+
+
+def _bind_scan(node: fx.Node) -> dict:
+    bound = _SCAN_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _match_scan(scan: fx.Node):
+    try:
+        args = _bind_scan(scan)
+    except TypeError as exc:
+        return FailedMatch("cannot bind the scan's arguments: {}", exc)
+
+    conv_act, _ = walk_back(args["u"])
+    if conv_act is None or not is_silu(conv_act):
+        return FailedMatch("u does not come from a SiLU (found {})", conv_act)
+    conv, _ = walk_back(conv_act.args[0])
+    if conv is None or not is_depthwise_conv1d(conv):
+        return FailedMatch("the SiLU before u does not read a depthwise conv1d (found {})", conv)
+    in_proj, x_flips = walk_back(conv.args[0])
+    if in_proj is None or not is_linear(in_proj):
+        return FailedMatch("the conv1d input does not come from a Linear (found {})", in_proj)
+
+    dt_act = None
+    dt_proj, _ = walk_back(args["delta"])
+    if dt_proj is not None and is_softplus(dt_proj):
+        dt_act = dt_proj
+        dt_proj, _ = walk_back(dt_proj.args[0])
+    if dt_proj is None or not is_linear(dt_proj):
+        return FailedMatch("delta does not come from a Linear (dt_proj) (found {})", dt_proj)
+    x_proj, _ = walk_back(dt_proj.args[0])
+    if x_proj is None or not is_linear(x_proj):
+        return FailedMatch("dt_proj's input does not come from a Linear (x_proj) (found {})", x_proj)
+    for name in ("B", "C"):
+        producer, _ = walk_back(args[name])
+        if producer is not x_proj:
+            return FailedMatch("{} does not come from the same x_proj as delta (found {})", name, producer)
+    x_proj_input, _ = walk_back(x_proj.args[0])
+    if x_proj_input is not conv_act:
+        return FailedMatch("x_proj does not read the conv's SiLU output (found {})", x_proj_input)
+
+    gate_nodes, tail = _match_gate(scan, args, in_proj)
+    if isinstance(gate_nodes, FailedMatch):
+        return gate_nodes
+    out_proj, merge = _follow_to_out_proj(tail)
+    if isinstance(out_proj, FailedMatch):
+        return out_proj
+    direction = "backward" if x_flips % 2 else "forward"
+    return ScanMatch(scan, direction, in_proj, conv, conv_act, x_proj, dt_proj, dt_act, gate_nodes, out_proj, merge)
+
+
+def _match_gate(scan: fx.Node, args: dict, in_proj: fx.Node):
+    """Returns (gate nodes, node to continue from) or (FailedMatch, None)."""
+    if args.get("z") is not None:  # gated inside the scan op
+        z_src, _ = walk_back(args["z"])
+        if z_src is not in_proj:
+            return FailedMatch("the scan's z does not come from the same in_proj (found {})", z_src), None
+        return [], scan
+    node, user = scan, single_user(scan)
+    while user is not None and is_transparent(user):
+        node, user = user, single_user(user)
+    if user is None or user.op != "call_function" or user.target is not operator.mul:
+        return [], scan  # an ungated mixer (e.g. MambaVision concatenates instead)
+    other = [a for a in user.args if isinstance(a, fx.Node) and a is not node]
+    if len(other) != 1:
+        return FailedMatch("the gate multiply has no second tensor operand"), None
+    gate_act, _ = walk_back(other[0])
+    if gate_act is None or not is_silu(gate_act):
+        return [], scan  # multiplied by something else: not a gate; followed as a merge op
+    z_src, _ = walk_back(gate_act.args[0])
+    if z_src is not in_proj:
+        return [], scan
+    return [gate_act, user], user
+
+
+def _follow_to_out_proj(node: fx.Node):
+    """Follow single users through transparent ops and the direction merge to a Linear."""
+    merge = []
+    for _ in range(64):
+        user = single_user(node)
+        if user is None:
+            return FailedMatch("{} has {} users before reaching out_proj", node, len(node.users)), []
+        if is_linear(user):
+            return user, merge
+        if is_transparent(user):
+            node = user
+            continue
+        if user.op == "call_function" and (user.target in _MERGE_OPS or user.target in _CONCAT):
+            merge.append(user)
+            node = user
+            continue
+        return FailedMatch("the path from the scan to out_proj meets {} ({})", user, user.target), []
+    return FailedMatch("no out_proj within 64 nodes of the scan"), []
+
+
+# -- grouping and annotating ----------------------------------------------------------------------
+
+
+def _group_into_mixers(graph: fx.Graph, scans: list[ScanMatch]) -> list[MixerMatch]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    by_in_proj: dict[fx.Node, list[ScanMatch]] = {}
+    for s in scans:
+        by_in_proj.setdefault(s.in_proj, []).append(s)
+    mixers = []
+    for block, in_proj in enumerate(sorted(by_in_proj, key=order.__getitem__)):
+        group = sorted(by_in_proj[in_proj], key=lambda s: (s.direction != "forward", order[s.scan]))
+        out_projs = {s.out_proj for s in group}
+        if len(out_projs) != 1:
+            raise RuntimeError(
+                f"the scans reading {in_proj.name} end in different out_proj nodes "
+                f"({', '.join(sorted(n.name for n in out_projs))})"
+            )
+        norm, _ = walk_back(in_proj.args[0]) if in_proj.args else (None, 0)
+        mixers.append(
+            MixerMatch(
+                block=block,
+                in_proj=in_proj,
+                out_proj=group[0].out_proj,
+                scans=group,
+                norm=norm if norm is not None and is_norm(norm) else None,
+                tokens=_token_length(in_proj),
+            )
+        )
+    return mixers
+
+
+def _token_length(in_proj: fx.Node) -> int | None:
+    meta = in_proj.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape") or len(meta.shape) < 2:
+        return None
+    return int(meta.shape[-2])
+
+
+def _mixer_path(node: fx.Node) -> str | None:
+    if node.op == "call_module" and "." in node.target:
+        return node.target.rsplit(".", 1)[0]
+    return None
+
+
+def _annotate_mixer(m: MixerMatch) -> None:
+    common = {"block": m.block, "tokens": m.tokens, "mixer": _mixer_path(m.in_proj)}
+    annotate(m.in_proj, "in_proj", **common)
+    annotate(m.out_proj, "out_proj", **common)
+    if m.norm is not None:
+        annotate(m.norm, "norm", **common)
+    for s in m.scans:
+        per_dir = dict(common, direction=s.direction)
+        annotate(s.conv1d, "conv1d", **per_dir)
+        annotate(s.conv_act, "conv_act", **per_dir)
+        annotate(s.x_proj, "x_proj", **per_dir)
+        annotate(s.dt_proj, "dt_proj", **per_dir)
+        if s.dt_act is not None:
+            annotate(s.dt_act, "dt_act", **per_dir)
+        annotate(s.scan, "scan", **per_dir)
+        for g in s.gate:
+            annotate(g, "gate", **per_dir)
+        for node in s.merge:
+            if annotation(node) is None:
+                annotate(node, "merge", **common)
+
+
+def _annotate_names_inside_mixers(gm: fx.GraphModule, mixers: list[MixerMatch]) -> None:
+    """Tie-breaker: an unannotated Linear inside a matched mixer module whose name ends in a
+    role name gets that role, marked ``matched_by="name"``."""
+    paths = {(_mixer_path(m.in_proj)): m for m in mixers if _mixer_path(m.in_proj)}
+    for node in gm.graph.nodes:
+        if annotation(node) is not None or not is_linear(node) or node.op != "call_module":
+            continue
+        mixer = paths.get(_mixer_path(node))
+        if mixer is None:
+            continue
+        leaf = node.target.rsplit(".", 1)[-1]
+        for role in _ROLE_NAMES:
+            if leaf == role or leaf.startswith(role + "_"):
+                direction = "backward" if leaf.endswith("_b") else None
+                annotate(node, role, block=mixer.block, tokens=mixer.tokens, mixer=_mixer_path(node),
+                         direction=direction, matched_by="name")
+                break
+
+
+def _annotate_outside_mixers(graph: fx.Graph, mixers: list[MixerMatch]) -> None:
+    nodes = list(graph.nodes)
+    last = max((nodes.index(m.out_proj) for m in mixers), default=-1)
+    for i, node in enumerate(nodes):
+        if annotation(node) is not None:
+            continue
+        if is_patch_conv(node):
+            source, _ = walk_back(node.args[0])
+            if source is not None and source.op == "placeholder":
+                annotate(node, "patch_embed")
+        elif i > last >= 0 and is_linear(node):
+            annotate(node, "head")
+        elif i > last >= 0 and is_norm(node):
+            annotate(node, "norm")

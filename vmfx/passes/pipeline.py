@@ -1,0 +1,245 @@
+"""Pipelines: a method is a list of passes.
+
+``Pipeline([...])`` is the user-visible way to run passes: it traces a model (canonicalize ->
+trace -> shape propagation on one calibration image) when given an ``nn.Module``, then runs the
+passes through a :class:`~vmfx.passes.manager.PassManager`. Every published method is registered
+here as a function from a :class:`~vmfx.config.QuantConfig` to its list of passes, readable top
+to bottom (:func:`ptq_passes`)::
+
+    minmax:   DetectMambaMixers -> InsertObservers -> Calibrate -> Convert
+    ptq4vm:   DetectMambaMixers -> InsertObservers(|x| stats) -> Calibrate -> SmoothQuant
+              -> Calibrate (Lp grid, 2 passes) -> Convert (Lp grid weights) -> JLSS -> FoldSmoothing
+
+Researchers reorder, swap or add passes by building their own ``Pipeline``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import CalibrationDataError, ConfigError
+from ..frontends.adapters import canonicalize
+from ..frontends.tracer import propagate_shapes, trace
+from ..quant.observers import AbsMaxObserver
+from .base import Pass, PassContext
+from .calibrate import CalibratePass, first_example, input_expectation
+from .convert import ConvertPass
+from .detect import DetectMambaMixersPass
+from .fold_smoothing import FoldSmoothingPass
+from .insert_observers import InsertObserversPass, activation_observer
+from .jlss import JLSSPass
+from .manager import PassManager
+from .smoothquant import SmoothQuantPass
+
+__all__ = [
+    "Pipeline",
+    "register_method",
+    "methods",
+    "method_passes",
+    "split_stages",
+    "trace_for_quantization",
+    "model_spec",
+]
+
+MethodBuilder = Callable[[QuantConfig], list[Pass]]
+_METHODS: dict[str, MethodBuilder] = {}
+
+
+def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register ``builder(config) -> list[Pass]`` as the method ``name``."""
+
+    def decorator(builder: MethodBuilder) -> MethodBuilder:
+        _METHODS[name] = builder
+        return builder
+
+    return decorator
+
+
+def methods() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_METHODS)
+
+
+def method_passes(config: QuantConfig) -> list[Pass]:
+    """The passes of ``config.method``, configured by ``config``."""
+    try:
+        builder = _METHODS[config.method]
+    except KeyError:
+        raise ConfigError(f"unknown method {config.method!r}; known methods: {', '.join(methods())}") from None
+    return builder(config)
+
+
+def split_stages(passes: Sequence[Pass]) -> tuple[list[Pass], list[Pass], list[Pass]]:
+    """Split a method's passes into the stages of the staged API.
+
+    ``prepare`` is every pass before the first one that needs data, ``calibrate`` runs from that
+    pass through the last one that needs data, ``convert`` is the rest. A method without data
+    passes is all ``prepare`` and ``convert``-free.
+    """
+    data_indices = [i for i, p in enumerate(passes) if p.needs_data]
+    if not data_indices:
+        return list(passes), [], []
+    first, last = data_indices[0], data_indices[-1]
+    return list(passes[:first]), list(passes[first : last + 1]), list(passes[last + 1 :])
+
+
+def trace_for_quantization(
+    model: nn.Module, calib_data: Any = None, example_inputs: tuple | None = None
+) -> tuple[fx.GraphModule, tuple | None]:
+    """Copy, canonicalize and trace ``model`` (in eval mode), then propagate shapes on one image.
+
+    The example image is the first calibration image unless ``example_inputs`` is given; it is
+    checked against the model's input (rank, channels, finite values) first, so bad data fails
+    with a :class:`~vmfx.errors.CalibrationDataError` rather than deep inside the model.
+
+    Returns:
+        ``(graph_module, example_inputs)``; the user's model is never modified.
+    """
+    spec = model_spec(model)
+    model = canonicalize(copy.deepcopy(model)).eval()
+    gm = trace(model)
+    gm.meta["vmfx_model_spec"] = spec
+    if example_inputs is None and calib_data is not None:
+        example_inputs = (first_example(calib_data, input_expectation(gm)),)
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        try:
+            propagate_shapes(gm, example_inputs)
+        except Exception as exc:
+            shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+            raise CalibrationDataError(
+                f"the model fails on an input of shape {shapes} taken from the calibration data: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        gm.meta["vmfx_input_shapes"] = [list(t.shape) for t in example_inputs]
+    return gm, example_inputs
+
+
+def model_spec(model: nn.Module) -> dict | None:
+    """How to rebuild ``model``'s architecture without pickling code: its class's qualified name
+    and JSON-serializable constructor arguments (``model.init_kwargs``), or None if it has none."""
+    kwargs = getattr(model, "init_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return None
+    cls = type(model)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": dict(kwargs)}
+
+
+class Pipeline:
+    """A list of passes run in order on a model or a traced graph.
+
+    Args:
+        passes: :class:`~vmfx.passes.base.Pass` instances.
+        check: lint and run the graph after every pass (slower; names the pass that broke it).
+
+    Example::
+
+        pipe = vmfx.Pipeline([DetectMambaMixersPass(), InsertObserversPass(act, w),
+                              CalibratePass(), ConvertPass()])
+        qmodel = pipe(model, calib_images)
+    """
+
+    def __init__(self, passes: Sequence[Pass], *, check: bool | None = None):
+        self.passes = list(passes)
+        self.check = check
+        PassManager(self.passes)  # validates the pass types now, not at run time
+
+    def __call__(
+        self,
+        model: nn.Module,
+        calib_data: Any = None,
+        *,
+        config: QuantConfig | None = None,
+        example_inputs: tuple | None = None,
+        progress: bool = False,
+    ) -> fx.GraphModule:
+        """Run the pipeline; returns the resulting GraphModule (the input model is not modified).
+
+        Args:
+            model: an ``nn.Module`` (traced first) or a ``GraphModule`` from an earlier stage
+                (used as is, and modified in place).
+            calib_data: calibration images, for the passes that need them.
+            config: the config, for passes that read it from the context.
+            example_inputs: inputs for shape propagation and checks (default: one calibration image).
+            progress: show progress bars.
+        """
+        if isinstance(model, fx.GraphModule) and "vmfx_source_type" in model.meta:
+            gm = model
+            if example_inputs is None:
+                example_inputs = model.meta.get("vmfx_example_inputs")
+        else:
+            gm, example_inputs = trace_for_quantization(model, calib_data, example_inputs)
+        gm.meta["vmfx_example_inputs"] = example_inputs
+        ctx = PassContext(
+            calib_data=calib_data,
+            calib_batch_size=config.calib_batch_size if config is not None else 32,
+            example_inputs=example_inputs,
+            config=config,
+            progress=progress,
+        )
+        result = PassManager(self.passes, self.check)(gm, ctx)
+        gm = result.graph_module
+        if config is not None:
+            gm.meta["vmfx_config"] = config.to_dict()
+        gm.meta["vmfx_pass_seconds"] = dict(ctx.timings)
+        return gm
+
+    def __add__(self, other: "Pipeline | Iterable[Pass]") -> "Pipeline":
+        more = other.passes if isinstance(other, Pipeline) else list(other)
+        return Pipeline(self.passes + more, check=self.check)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __getitem__(self, index):
+        return self.passes[index]
+
+    def __repr__(self) -> str:
+        return "Pipeline([\n" + "".join(f"    {p!r},\n" for p in self.passes) + "])"
+
+
+# -- methods ----------------------------------------------------------------------------------------
+
+
+def ptq_passes(config: QuantConfig) -> list[Pass]:
+    """The pass list of every built-in method, read top to bottom::
+
+        DetectMambaMixers
+        InsertObservers            smoothing statistics (|x| per channel) if smoothing, else the
+                                   activation observer of the init method (min-max or Lp grid)
+        [Calibrate                 smoothing only: collect |x| per channel
+         SmoothQuant(alpha)]       s per linear; observers re-armed to see x / s
+        Calibrate                  ranges (one pass; two for the Lp grid search)
+        Convert                    QuantLinear: input quantizer from the observer, weight
+                                   quantizer by min-max or the per-channel Lp grid search
+        [JLSS]                     PTQ4VM's block-wise learning of step sizes and smoothing
+        [FoldSmoothing]            1/s into the preceding norm where exact
+    """
+    init = config.init
+    act_observer = activation_observer(init.method, init.p, init.candidates)
+    passes: list[Pass] = [DetectMambaMixersPass()]
+    if config.smoothing is not None:
+        passes += [
+            InsertObserversPass(config.activation, config.weight, config.roles, observer=AbsMaxObserver),
+            CalibratePass(),
+            SmoothQuantPass(config.smoothing.alpha, observer=act_observer),
+        ]
+    else:
+        passes.append(InsertObserversPass(config.activation, config.weight, config.roles, observer=act_observer))
+    passes += [CalibratePass(), ConvertPass(weight_init=init.method, p=init.p, candidates=init.candidates)]
+    if config.jlss is not None:
+        passes.append(JLSSPass(config.jlss))
+    if config.smoothing is not None and config.smoothing.fold:
+        passes.append(FoldSmoothingPass())
+    return passes
+
+
+for _name in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-official"):
+    register_method(_name)(ptq_passes)
