@@ -1,0 +1,136 @@
+"""PTQ4VM's pieces: Lp grid-search init, SmoothQuant, JLSS, folding, ablation pipelines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vmfx
+from vmfx.config import InitConfig, JLSSConfig, QuantConfig, SmoothingConfig
+from vmfx.passes import Pipeline, method_passes
+from vmfx.passes.smoothquant import smoothing_factors
+from vmfx.quant import FakeQuantize, QuantLinear, QuantSpec
+from vmfx.quant.observers import LpObserver, lp_search_weight, qparams_from_minmax
+
+
+def _lp_loss_ref(x, lo, hi, bits, p):
+    """Official-style scoring of one candidate range (per token of a (B, L, C) tensor), float64."""
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    zp = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zp, 0, qmax)
+    return ((x - (q - zp) * scale).abs() ** p).sum(dim=(0, 2))
+
+
+def test_lp_observer_picks_the_best_candidate_per_token():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 9, 32, generator=g, dtype=torch.float64) * torch.linspace(0.2, 5, 9, dtype=torch.float64).view(1, 9, 1)
+    x[0, 4, 0] = 60.0  # an outlier: clipping it pays off
+    obs = LpObserver(QuantSpec(4, False, "token"), p=2.4, candidates=100)
+    for phase in (0, 1):
+        obs.phase = phase
+        for chunk in x.float().split(2):  # statistics accumulate over batches
+            obs(chunk)
+    lo_all, hi_all = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))
+    best = []
+    for t in range(9):
+        losses = []
+        for i in range(100):
+            a = i / 200
+            lo = lo_all[t] + a * (hi_all[t] - lo_all[t])
+            hi = hi_all[t] - a * (hi_all[t] - lo_all[t])
+            losses.append(float(_lp_loss_ref(x[:, t : t + 1], lo, hi, 4, 2.4)))
+        best.append(min(range(100), key=losses.__getitem__))
+    assert torch.equal(obs.losses.argmin(dim=0).view(-1), torch.tensor(best))
+    qp = obs.calculate_qparams()
+    assert qp.scale.shape == (1, 9, 1)
+    mm = qparams_from_minmax(lo_all.view(1, 9, 1), hi_all.view(1, 9, 1), QuantSpec(4, False, "token"))
+    assert float(qp.scale[0, 4, 0]) < float(mm.scale[0, 4, 0])  # the outlier token got clipped
+
+
+def test_lp_weight_search_beats_minmax_in_lp_error():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g)
+    w[3, 7] = 12.0
+    spec = QuantSpec(4, True, "channel")
+    lp = FakeQuantize(spec, lp_search_weight(w, spec), is_weight=True)
+    mm = FakeQuantize(spec, qparams_from_minmax(w.amin(1, keepdim=True), w.amax(1, keepdim=True), spec), is_weight=True)
+    err = lambda fq: ((fq(w) - w).abs() ** 2.4).mean(dim=1)  # noqa: E731
+    assert bool((err(lp) <= err(mm) + 1e-7).all()) and float(err(lp)[3]) < float(err(mm)[3])
+
+
+def test_smoothing_factors_match_the_smoothquant_formula():
+    g = torch.Generator().manual_seed(2)
+    act = torch.rand(24, generator=g) * 10
+    act[0] = 0.0  # clamped to 1e-3
+    w = torch.randn(8, 24, generator=g)
+    s = smoothing_factors(act, w, 0.5)
+    ref = (act.clamp(min=1e-3).double() ** 0.5 / w.abs().amax(0).clamp(min=1e-5).double() ** 0.5).clamp(min=1e-5)
+    torch.testing.assert_close(s.double(), ref)
+
+
+@pytest.mark.parametrize("preset", ["smoothquant-w8a8", "pts-smooth-w4a8"])
+def test_smoothing_keeps_float_function_and_folds_into_the_norm(tiny_model, tiny_images, preset):
+    qmodel = vmfx.compile(tiny_model, tiny_images, preset, check=True)
+    ql = qmodel.get_submodule("mixers.0.in_proj")
+    assert isinstance(ql, QuantLinear) and ql.smooth is not None
+    assert ql.smooth_input is False  # folded into the RMSNorm before it
+    assert qmodel.get_submodule("mixers.0.x_proj").smooth_input is True  # after SiLU: not foldable
+    with torch.no_grad(), vmfx.passes.quantization_disabled(qmodel):
+        torch.testing.assert_close(qmodel(tiny_images), tiny_model(tiny_images), rtol=1e-4, atol=1e-5)
+
+
+def test_per_token_scales_follow_each_direction_and_fix_the_length(tiny_model, tiny_images):
+    qmodel = vmfx.compile(tiny_model, tiny_images, "pts-w8a8")
+    fwd = qmodel.get_submodule("mixers.0.x_proj").input_quantizer.scale
+    bwd = qmodel.get_submodule("mixers.0.x_proj_b").input_quantizer.scale
+    assert fwd.shape == bwd.shape == (1, 16, 1)
+    # the backward branch sees the tokens reversed: its causal conv makes its *first* token (the
+    # last image token) the one with the least context, like the forward branch's first token
+    assert not torch.allclose(fwd, bwd)
+    with pytest.raises(ValueError, match="calibrated for 16 tokens, but this input has 25 tokens"):
+        qmodel(torch.randn(2, 3, 20, 20))
+
+
+def _cfg(learn_roles=("in_proj", "x_proj", "dt_proj", "out_proj"), steps=15):
+    return QuantConfig(
+        method="ptq4vm", weight=QuantSpec(4, True, "channel"), activation=QuantSpec(4, False, "token"),
+        init=InitConfig("lp", 2.4, 40), smoothing=SmoothingConfig(0.5),
+        jlss=JLSSConfig(steps=steps, batch_size=16, learn_roles=learn_roles),
+    )
+
+
+def test_jlss_lowers_the_block_loss_and_learns_x_proj_too(tiny_model, tiny_images):
+    images = torch.cat([tiny_images, tiny_images.flip(-1)])  # 24 images, 2 batches of 16 / 8
+    init_only = vmfx.compile(tiny_model, images, _cfg(steps=0))
+    learned = vmfx.compile(tiny_model, images, _cfg())
+    official = vmfx.compile(tiny_model, images, _cfg(learn_roles=("in_proj", "out_proj")))
+    for block in learned.meta["vmfx_jlss"]["blocks"]:
+        assert block["final_loss"] < block["initial_loss"]
+    scale = lambda q, path: q.get_submodule(path).input_quantizer.scale  # noqa: E731
+    assert not torch.equal(scale(learned, "mixers.0.x_proj"), scale(init_only, "mixers.0.x_proj"))
+    assert not torch.equal(scale(learned, "mixers.1.dt_proj_b"), scale(init_only, "mixers.1.dt_proj_b"))
+    # the official switch leaves x_proj / dt_proj at their initial values, in_proj learns
+    assert torch.equal(scale(official, "mixers.0.x_proj"), scale(init_only, "mixers.0.x_proj"))
+    assert torch.equal(scale(official, "mixers.1.dt_proj_b"), scale(init_only, "mixers.1.dt_proj_b"))
+    assert not torch.equal(scale(official, "mixers.0.in_proj"), scale(init_only, "mixers.0.in_proj"))
+    assert all(not p.requires_grad for p in learned.parameters())
+
+
+def test_ablations_are_reorderable_pipelines(tiny_model, tiny_images):
+    names = [p.name for p in method_passes(vmfx.config.preset("ptq4vm-w4a4"))]
+    assert names == ["DetectMambaMixersPass", "InsertObserversPass", "CalibratePass", "SmoothQuantPass",
+                     "CalibratePass", "ConvertPass", "JLSSPass", "FoldSmoothingPass"]
+    assert [p.name for p in method_passes(vmfx.config.preset("pts-w4a4"))] == [
+        "DetectMambaMixersPass", "InsertObserversPass", "CalibratePass", "ConvertPass"]
+    # a researcher's variant: PTS + JLSS without smoothing
+    passes = method_passes(vmfx.config.preset("pts-w4a4")) + [vmfx.passes.JLSSPass(JLSSConfig(steps=3, batch_size=12))]
+    q = Pipeline(passes, check=True)(tiny_model, tiny_images)
+    assert len(q.meta["vmfx_jlss"]["blocks"]) == 2
+
+
+def test_every_method_has_all_four_bit_settings():
+    names = vmfx.preset_names()
+    for method in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-official"):
+        for bits in ("w8a8", "w6a6", "w4a8", "w4a4"):
+            assert f"{method}-{bits}" in names
