@@ -1,0 +1,55 @@
+"""vmfx's Triton kernel templates and their launchers.
+
+Each module holds one template: a ``render_*`` function that writes the Triton source of a kernel
+from static choices (which inputs exist, bit widths, epilogue ops, provenance; see
+:mod:`vmfx.lowering.codegen`), and a launcher that checks its arguments, allocates the outputs,
+computes the grid and launches the cached kernel. The exact CPU equivalent of every launcher is in
+:mod:`vmfx.lowering.reference`, with the same parameter objects (:class:`ActQuant`,
+:class:`QWeight`).
+
+=================  ===============  =========================================================
+template           module           launcher
+=================  ===============  =========================================================
+``qlinear``        ``linear``       :func:`qlinear`: smoothing + static per-token / per-tensor
+                                    activation quantize (or int8 codes) + int8 GEMM +
+                                    zero-point correction + dequantize + bias + epilogue
+``quantize``       ``act_quantize`` :func:`quantize`: standalone activation quantize to codes
+``conv``           ``conv``         :func:`causal_conv1d_silu`: causal depthwise conv1d + SiLU
+                                    (+ codes of its transpose for the next linear)
+``scan``           ``scan``         :func:`selective_scan`: selective scan, D skip, SiLU(z) gate
+``merge_quantize`` ``merge``        :func:`merge_quantize`: (y_f + flip(y_b)) * c, token-major
+                                    (+ codes)
+=================  ===============  =========================================================
+
+(The modules are not named after the launchers they hold, so that ``kernels.qlinear`` is always
+the function and ``kernels.linear`` the module.)
+
+Importing this package defines no Triton kernel: sources are rendered, written to the kernel
+cache and imported on first launch, when the backend (GPU, or the interpreter on a machine
+without one) is chosen.
+"""
+
+from __future__ import annotations
+
+from ..reference import ActQuant, QWeight, make_act_quant
+from .conv import causal_conv1d_silu, render_conv
+from .merge import merge_quantize, render_merge
+from .linear import qlinear, render_qlinear
+from .act_quantize import quantize, render_quantize
+from .scan import render_scan, selective_scan
+
+__all__ = [
+    "ActQuant",
+    "QWeight",
+    "make_act_quant",
+    "qlinear",
+    "quantize",
+    "causal_conv1d_silu",
+    "selective_scan",
+    "merge_quantize",
+    "render_qlinear",
+    "render_quantize",
+    "render_conv",
+    "render_scan",
+    "render_merge",
+]

@@ -1,0 +1,159 @@
+"""``quantize``: standalone static activation quantization of a (M, K) float tensor to int8 codes.
+
+What it computes, for rows ``r`` (``t = r % T``; T = 1 per-tensor, T = L per-token)::
+
+    codes[r, k] = clamp(rint((x[r, k] * inv_s[k]) * inv_sa[t]) + z_a[t], 0, 2^b - 1) - 2^(b-1)
+
+stored as int8 (the unsigned code is ``codes + 2^(b-1)``, see
+:func:`vmfx.lowering.reference.unshift_codes`). It is the "next layer's quantize" when the
+producer of a linear's input is not itself a vmfx kernel (e.g. a norm left in eager torch), and
+the codes feed ``qlinear`` with ``prequantized=True``. The same per-tile math (the
+``_vmfx_quantize`` helper of :mod:`vmfx.lowering.codegen`) is inlined as an epilogue by ``conv``
+and ``merge_quantize``.
+
+One program per (BLOCK_M, BLOCK_K) tile. Memory traffic: reads 4 M K bytes (any strides), writes
+M K bytes, plus O(K + T) parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Sequence
+
+import torch
+
+from ..codegen import (
+    IndentedBuffer,
+    check_tensor,
+    float_literal,
+    interpreting,
+    launch_options,
+    load_kernel,
+    next_power_of_2,
+    render_autotune,
+    render_header,
+    render_helpers,
+)
+from ..reference import ActQuant
+
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_quantize", "quantize"]
+
+KERNEL_NAME = "vmfx_quantize"
+
+#: GPU configs tried by ``@triton.autotune`` (keyed on M, K).
+AUTOTUNE_CONFIGS = [
+    {"BLOCK_M": 16, "BLOCK_K": 256, "num_warps": 4},
+    {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4},
+    {"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8},
+    {"BLOCK_M": 8, "BLOCK_K": 512, "num_warps": 4},
+]
+
+
+def render_quantize(*, per_token: bool = True, smooth: bool = False, act_bits: int = 8,
+                    autotune: bool = False, provenance: Sequence[str] = ()) -> str:
+    """Render the source of one ``quantize`` kernel.
+
+    Args:
+        per_token: per-token (T = L) parameters, else one scalar.
+        smooth: multiply by ``inv_s`` (K,) first.
+        act_bits: bit width b.
+        autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
+        provenance: FX nodes, for the header.
+
+    Returns:
+        The module source; the kernel is :data:`KERNEL_NAME`.
+    """
+    if not 2 <= act_bits <= 8:
+        raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
+    qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
+    buf = IndentedBuffer()
+    render_header(buf, "quantize", provenance,
+                  dict(per_token=per_token, smooth=smooth, act_bits=act_bits, autotune=autotune))
+    render_helpers(buf, ["_vmfx_quantize"])
+    if autotune:
+        render_autotune(buf, AUTOTUNE_CONFIGS, ["M", "K"])
+    buf.writeline("@triton.jit")
+    buf.writeline(f"def {KERNEL_NAME}(")
+    with buf.indent():
+        buf.writeline("# pointers: float input, parameters, int8 codes (M, K) contiguous")
+        buf.writeline("x_ptr," + (" inv_s_ptr," if smooth else "") + " inv_sa_ptr, za_ptr, codes_ptr,")
+        buf.writeline("# dimensions and strides")
+        buf.writeline("M, K, L, stride_xm, stride_xk,")
+        buf.writeline("# meta-parameters")
+        buf.writeline("BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,")
+    buf.writeline("):")
+    with buf.indent():
+        buf.splice("""
+            offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_m = offs_m < M
+            mask_k = offs_k < K
+            mask = mask_m[:, None] & mask_k[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask, other=0.0).to(tl.float32)
+        """)
+        if smooth:
+            buf.writeline("x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]")
+        if per_token:
+            buf.writeline("tok = offs_m % L  # rows are (batch, token) pairs")
+            buf.writeline("inv_sa = tl.load(inv_sa_ptr + tok, mask=mask_m, other=1.0)[:, None]")
+            buf.writeline("za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]")
+        else:
+            buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
+            buf.writeline("za = tl.load(za_ptr)")
+        buf.writeline(f"codes = _vmfx_quantize(x, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
+        buf.writeline("tl.store(codes_ptr + offs_m[:, None] * K + offs_k[None, :], codes, mask=mask)")
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(per_token: bool, smooth: bool, act_bits: int, autotune: bool, provenance: tuple):
+    src = render_quantize(per_token=per_token, smooth=smooth, act_bits=act_bits, autotune=autotune,
+                          provenance=provenance)
+    return load_kernel(src, KERNEL_NAME)
+
+
+def quantize(x: torch.Tensor, act: ActQuant, *, block: Mapping[str, int] | None = None,
+             provenance: Sequence[str] = ()) -> torch.Tensor:
+    """Launch the activation quantizer.
+
+    Args:
+        x: (…, K) float32, any strides; rows are (batch, token) pairs (3-D: (B, L, K)).
+        act: the parameters (per-token T = L or per-tensor; optional smoothing (K,)).
+        block: fixed ``BLOCK_M`` / ``BLOCK_K`` (optional ``num_warps``); default: autotuned on
+            the GPU, one large tile under the interpreter.
+        provenance: FX node names, for the header.
+
+    Returns:
+        int8 codes ``q - 2^(b-1)``, contiguous, shaped like ``x``.
+    """
+    check_tensor(x, "x", torch.float32)
+    if x.dim() < 2:
+        raise ValueError(f"x must be (…, K), got {tuple(x.shape)}")
+    dev, k, t = x.device, x.shape[-1], act.tokens
+    for name in ("inv_scale", "zero_point"):
+        check_tensor(getattr(act, name), f"act.{name}", torch.float32, (t,), dev, True)
+    if act.inv_smooth is not None:
+        check_tensor(act.inv_smooth, "act.inv_smooth", torch.float32, (k,), dev, True)
+    if t > 1 and ((x.dim() >= 3 and x.shape[-2] != t) or (x.dim() == 2 and x.shape[0] % t)):
+        raise ValueError(f"x of shape {tuple(x.shape)} does not fit {t} per-token parameters")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    codes = torch.empty((m, k), dtype=torch.int8, device=dev)
+    autotune = block is None and not interpreting()
+    kernel = _kernel(t > 1, act.inv_smooth is not None, act.bits, autotune,
+                     tuple(str(p) for p in provenance))
+    args = dict(x_ptr=x2, inv_sa_ptr=act.inv_scale, za_ptr=act.zero_point, codes_ptr=codes,
+                M=m, K=k, L=t, stride_xm=x2.stride(0), stride_xk=x2.stride(1))
+    if act.inv_smooth is not None:
+        args["inv_s_ptr"] = act.inv_smooth
+    if autotune:
+        grid = lambda meta: (-(-m // meta["BLOCK_M"]), -(-k // meta["BLOCK_K"]))  # noqa: E731
+        kernel[grid](**args, **launch_options())
+    else:
+        blk = dict(block or {})
+        bm = blk.pop("BLOCK_M", max(1, min(64, next_power_of_2(m))))
+        bk = blk.pop("BLOCK_K", max(16, min(256, next_power_of_2(k))))
+        opts = launch_options(blk.pop("num_warps", 4), blk.pop("num_stages", None))
+        kernel[(-(-m // bm), -(-k // bk))](**args, BLOCK_M=bm, BLOCK_K=bk, **opts)
+    return codes.reshape(x.shape)

@@ -1,0 +1,207 @@
+"""``conv``: causal depthwise conv1d + SiLU, optionally with the next linear's quantize fused in.
+
+What it computes, for x (B, E, L), weight (E, W), bias (E,)::
+
+    acc[b, e, l] = sum_{j=0..W-1} x[b, e, l - (W-1) + j] * w[e, j]      (zero left padding)
+    out[b, e, l] = silu(acc + bias[e])                                     float32, (B, E, L)
+
+i.e. ``silu(F.conv1d(x, w[:, None], b, padding=W-1, groups=E)[..., :L])``, the taps accumulated in
+order. With ``flip=True`` the kernel reads ``x`` reversed along L (``x.flip(-1)``, the backward
+scan direction of a bidirectional Vim block) without materializing the flip. ``x`` may have any
+strides, e.g. the transposed (B, L, E) slice of ``in_proj``'s output.
+
+With ``emit_codes=True`` it also writes the activation codes of ``out`` transposed, (B*L, E)
+int8, row ``b*L + l``, by the contract of :mod:`vmfx.lowering.reference` with the *next*
+linear's (``x_proj``'s) smoothing (E,) and per-token (L) or per-tensor parameters, so that linear
+runs ``qlinear(..., prequantized)`` and never reads the float tensor.
+
+One program per (batch, BLOCK_E channels, BLOCK_L positions) tile; the W taps are W shifted loads
+of the same tile (hits in L1/L2). Memory traffic: reads 4 B E L bytes (plus a W-1 halo per tile),
+writes 4 B E L bytes, plus B L E bytes of codes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Sequence
+
+import torch
+
+from ..codegen import (
+    IndentedBuffer,
+    check_tensor,
+    codes_epilogue_args,
+    float_literal,
+    interpreting,
+    launch_options,
+    load_kernel,
+    next_power_of_2,
+    render_autotune,
+    render_header,
+    render_helpers,
+)
+from ..reference import ActQuant
+
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_conv", "causal_conv1d_silu"]
+
+KERNEL_NAME = "vmfx_conv"
+
+#: GPU configs tried by ``@triton.autotune`` (keyed on E, L).
+AUTOTUNE_CONFIGS = [
+    {"BLOCK_E": 32, "BLOCK_L": 64, "num_warps": 4},
+    {"BLOCK_E": 64, "BLOCK_L": 32, "num_warps": 4},
+    {"BLOCK_E": 64, "BLOCK_L": 64, "num_warps": 8},
+    {"BLOCK_E": 128, "BLOCK_L": 16, "num_warps": 4},
+]
+
+
+def render_conv(*, width: int, bias: bool = True, flip: bool = False, emit_codes: bool = False,
+                per_token: bool = True, smooth: bool = False, act_bits: int = 8,
+                autotune: bool = False, provenance: Sequence[str] = ()) -> str:
+    """Render the source of one ``conv`` kernel.
+
+    Args:
+        width: the kernel size W (a compile-time constant; the taps are unrolled).
+        bias: add a (E,) bias.
+        flip: read ``x`` reversed along L.
+        emit_codes: also write the next linear's int8 codes of ``out^T`` (B*L, E).
+        per_token, smooth, act_bits: that quantization (ignored without ``emit_codes``).
+        autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
+        provenance: FX nodes, for the header.
+
+    Returns:
+        The module source; the kernel is :data:`KERNEL_NAME`.
+    """
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
+    buf = IndentedBuffer()
+    params = dict(width=width, bias=bias, flip=flip, emit_codes=emit_codes)
+    if emit_codes:
+        params.update(per_token=per_token, smooth=smooth, act_bits=act_bits)
+    params["autotune"] = autotune
+    render_header(buf, "conv", provenance, params)
+    render_helpers(buf, ["_vmfx_silu"] + (["_vmfx_quantize"] if emit_codes else []))
+    if autotune:
+        render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "L"])
+    buf.writeline("@triton.jit")
+    buf.writeline(f"def {KERNEL_NAME}(")
+    with buf.indent():
+        buf.writeline("# pointers: x (B, E, L) any strides, weight (E, W), bias (E,), out (B, E, L)")
+        buf.writeline("x_ptr, w_ptr," + (" b_ptr," if bias else "") + " out_ptr,")
+        if emit_codes:
+            buf.writeline("# the next linear's activation parameters and its int8 codes (B*L, E)")
+            buf.writeline(("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,")
+        buf.writeline("# dimensions and strides")
+        buf.writeline("E, L, stride_xb, stride_xe, stride_xl,")
+        buf.writeline("# meta-parameters")
+        buf.writeline("WIDTH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,")
+    buf.writeline("):")
+    with buf.indent():
+        buf.splice("""
+            pid_b = tl.program_id(0)
+            offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+            offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+            mask_e = offs_e < E
+            mask_l = offs_l < L
+            x_base = x_ptr + pid_b * stride_xb + offs_e[:, None] * stride_xe
+            acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
+            for j in tl.static_range(WIDTH):
+                src = offs_l - (WIDTH - 1) + j  # causal: position l sees l - W + 1 .. l
+        """)
+        with buf.indent():
+            buf.writeline("pos = L - 1 - src  # read x reversed along L" if flip else "pos = src")
+            buf.splice("""
+                m = mask_e[:, None] & (mask_l & (src >= 0))[None, :]
+                xv = tl.load(x_base + pos[None, :] * stride_xl, mask=m, other=0.0).to(tl.float32)
+                wj = tl.load(w_ptr + offs_e * WIDTH + j, mask=mask_e, other=0.0)
+                acc = acc + xv * wj[:, None]
+            """)
+        if bias:
+            buf.writeline("acc = acc + tl.load(b_ptr + offs_e, mask=mask_e, other=0.0)[:, None]")
+        buf.splice("""
+            out = _vmfx_silu(acc)
+            mask = mask_e[:, None] & mask_l[None, :]
+            tl.store(out_ptr + pid_b * E * L + offs_e[:, None] * L + offs_l[None, :], out, mask=mask)
+        """)
+        if emit_codes:
+            buf.writeline("# next linear's quantize of out^T: row b*L + l (token l), channel e")
+            if smooth:
+                buf.writeline("out = out * tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)[:, None]")
+            if per_token:
+                buf.writeline("inv_sa = tl.load(inv_sa_ptr + offs_l, mask=mask_l, other=1.0)[None, :]")
+                buf.writeline("za = tl.load(za_ptr + offs_l, mask=mask_l, other=0.0)[None, :]")
+            else:
+                buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
+                buf.writeline("za = tl.load(za_ptr)")
+            buf.writeline(
+                f"codes = _vmfx_quantize(out, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
+            buf.writeline("rows = pid_b * L + offs_l")
+            buf.writeline("tl.store(codes_ptr + rows[None, :] * E + offs_e[:, None], codes, mask=mask)")
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(**kw):
+    return load_kernel(render_conv(**kw), KERNEL_NAME)
+
+
+def causal_conv1d_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    flip: bool = False,
+    act: ActQuant | None = None,
+    block: Mapping[str, int] | None = None,
+    provenance: Sequence[str] = (),
+):
+    """Launch the causal depthwise conv + SiLU (and the next linear's quantize).
+
+    Args:
+        x: (B, E, L) float32, any strides.
+        weight: (E, W) or (E, 1, W) float32 (the ``nn.Conv1d`` weight).
+        bias: optional (E,) float32.
+        flip: read ``x`` reversed along L.
+        act: if given, also emit the codes of ``out^T`` for the next linear: its smoothing must
+            be (E,), its per-token parameters (L,) (or per-tensor).
+        block: fixed ``BLOCK_E`` / ``BLOCK_L`` (optional ``num_warps``); default: autotuned on the
+            GPU, one large tile under the interpreter.
+        provenance: FX node names, for the header.
+
+    Returns:
+        ``out`` (B, E, L) float32 contiguous, or ``(out, codes)`` with codes (B*L, E) int8.
+    """
+    check_tensor(x, "x", torch.float32)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, E, L), got {tuple(x.shape)}")
+    bsz, e, length = x.shape
+    dev = x.device
+    w = weight.reshape(weight.shape[0], -1) if weight.dim() == 3 else weight
+    check_tensor(w, "weight", torch.float32, device=dev)
+    if w.dim() != 2 or w.shape[0] != e:
+        raise ValueError(f"weight must be (E, W) with E={e}, got {tuple(weight.shape)}")
+    w = w.contiguous()
+    width = w.shape[1]
+    if bias is not None:
+        check_tensor(bias, "bias", torch.float32, (e,), dev, True)
+    out = torch.empty((bsz, e, length), dtype=torch.float32, device=dev)
+    args = dict(x_ptr=x, w_ptr=w, out_ptr=out, E=e, L=length,
+                stride_xb=x.stride(0), stride_xe=x.stride(1), stride_xl=x.stride(2))
+    if bias is not None:
+        args["b_ptr"] = bias
+    codes, smooth, per_token, bits = codes_epilogue_args(act, bsz, length, e, dev, args)
+    autotune = block is None and not interpreting()
+    kernel = _kernel(width=width, bias=bias is not None, flip=flip, emit_codes=act is not None,
+                     per_token=per_token, smooth=smooth, act_bits=bits, autotune=autotune,
+                     provenance=tuple(str(p) for p in provenance))
+    if autotune:
+        grid = lambda meta: (bsz, -(-e // meta["BLOCK_E"]), -(-length // meta["BLOCK_L"]))  # noqa: E731
+        kernel[grid](**args, WIDTH=width, **launch_options())
+    else:
+        blk = dict(block or {})
+        be = blk.pop("BLOCK_E", max(16, min(64, next_power_of_2(e))))
+        bl = blk.pop("BLOCK_L", max(16, min(128, next_power_of_2(length))))
+        opts = launch_options(blk.pop("num_warps", 4), blk.pop("num_stages", None))
+        kernel[(bsz, -(-e // be), -(-length // bl))](**args, WIDTH=width, BLOCK_E=be, BLOCK_L=bl, **opts)
+    return out if act is None else (out, codes)

@@ -1,0 +1,339 @@
+"""``qlinear``: fused smoothing + static activation quantize + int8 GEMM + dequantize + epilogue.
+
+What it computes (see :mod:`vmfx.lowering.reference` for the full numerics contract), for the
+rows ``r`` of a (M, K) activation (``t = r % T``; T = 1 per-tensor, T = L per-token)::
+
+    a[r, k]  = clamp(rint((x[r, k] * inv_s[k]) * inv_sa[t]) + z_a[t], 0, 2^b - 1) - 2^(b-1)   int8
+    acc[r,n] = sum_k a[r, k] * Wq[n, k]  +  (2^(b-1) - z_a[t]) * wsum[n]                     int32
+    y[r, n]  = float(acc[r, n]) * (s_a[t] * s_w[n]) + bias[n]          then the epilogue ops
+
+``acc`` equals ``sum_k (q - z_a) * Wq`` exactly: shifting the unsigned codes to int8 lets the
+product run on int8 tensor cores (``tl.dot`` of int8 tiles into int32), and the zero point is
+folded back with one rank-1 correction per output tile. 4-bit weights are int8 codes in
+[-7, 7]; 4-bit activations are codes in [-8, 7]: both use the same kernel. With
+``prequantized=True`` the kernel reads int8 codes (``q - 2^(b-1)``, written by an upstream
+kernel's epilogue, e.g. ``conv`` or ``merge_quantize``) instead of float ``x``.
+
+Blocking (Triton tutorial 03): one program per (BLOCK_M, BLOCK_N) output tile, in grouped order
+(GROUP_M row tiles share each column of weight tiles, for L2 reuse); a loop over K in BLOCK_K
+steps loads a float (BLOCK_M, BLOCK_K) activation tile, quantizes it in registers and multiplies
+it with an int8 (BLOCK_K, BLOCK_N) weight tile.
+
+Memory traffic: reads 4 M K bytes of activations (1 M K for codes) once per column of output
+tiles (N / BLOCK_N times, mostly from L2), N K bytes of weights once per row of tiles, O(N + T + K)
+parameters; writes 4 M N bytes (plus 4 M N for ``store_acc``, a debugging output).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from ..codegen import (
+    Epilogue,
+    IndentedBuffer,
+    check_tensor,
+    float_literal,
+    interpreting,
+    launch_options,
+    load_kernel,
+    next_power_of_2,
+    render_autotune,
+    render_epilogue,
+    render_header,
+    render_helpers,
+)
+from ..reference import ActQuant, QWeight
+
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_qlinear", "qlinear"]
+
+KERNEL_NAME = "vmfx_qlinear"
+
+#: GPU configs tried by ``@triton.autotune`` (keyed on M, N, K).
+AUTOTUNE_CONFIGS = [
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+]
+
+
+def render_qlinear(
+    *,
+    per_token: bool = True,
+    smooth: bool = False,
+    bias: bool = True,
+    prequantized: bool = False,
+    act_bits: int = 8,
+    epilogue: Sequence[Sequence] | Epilogue = (),
+    store_acc: bool = False,
+    autotune: bool = False,
+    provenance: Sequence[str] = (),
+) -> str:
+    """Render the source of one ``qlinear`` kernel.
+
+    Args:
+        per_token: per-token (T = L) activation parameters, else one scalar (per-tensor).
+        smooth: multiply ``x`` by ``inv_s`` (K,) before quantizing (not with ``prequantized``).
+        bias: add a (N,) bias.
+        prequantized: read int8 codes instead of float ``x``.
+        act_bits: activation bit width b (codes [0, 2^b - 1], offset 2^(b-1)).
+        epilogue: ops on the float output tile (see :func:`vmfx.lowering.codegen.render_epilogue`).
+        store_acc: also write the int32 accumulator (for tests and debugging).
+        autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`; otherwise the block
+            sizes are ``tl.constexpr`` arguments the launcher passes.
+        provenance: the FX nodes this kernel implements (written in the header).
+
+    Returns:
+        The module source; the kernel is called :data:`KERNEL_NAME`.
+    """
+    if prequantized and smooth:
+        raise ValueError("pre-quantized input is already smoothed: smooth must be False")
+    if not 2 <= act_bits <= 8:
+        raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
+    ep = epilogue if isinstance(epilogue, Epilogue) else Epilogue.parse(epilogue)
+    qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
+    buf = IndentedBuffer()
+    render_header(buf, "qlinear", provenance, dict(
+        per_token=per_token, smooth=smooth, bias=bias, prequantized=prequantized, act_bits=act_bits,
+        epilogue=ep.ops, store_acc=store_acc, autotune=autotune))
+    render_helpers(buf, (() if prequantized else ("_vmfx_quantize",)) + ep.helpers)
+    if autotune:
+        render_autotune(buf, AUTOTUNE_CONFIGS, ["M", "N", "K"])
+    buf.writeline("@triton.jit")
+    buf.writeline(f"def {KERNEL_NAME}(")
+    with buf.indent():
+        buf.writeline("# pointers: activation (float x or int8 codes), int8 weight (N, K) and its")
+        buf.writeline("# row sums (int32) and scales, activation parameters, bias, epilogue inputs")
+        buf.writeline("x_ptr, w_ptr, wsum_ptr, w_scale_ptr,")
+        if smooth:
+            buf.writeline("inv_s_ptr,")
+        buf.writeline(("" if prequantized else "inv_sa_ptr, ") + "sa_ptr, za_ptr,")
+        if bias:
+            buf.writeline("bias_ptr,")
+        for a in ep.arg_names():
+            buf.writeline(f"{a},")
+        buf.writeline("out_ptr," + (" acc_ptr," if store_acc else ""))
+        buf.writeline("# dimensions (L: number of token positions of the activation parameters)")
+        buf.writeline("M, N, K, L,")
+        buf.writeline("# strides")
+        buf.writeline("stride_xm, stride_xk, stride_wn, stride_wk,")
+        buf.writeline("# meta-parameters")
+        buf.writeline("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,")
+        buf.writeline("GROUP_M: tl.constexpr,")
+    buf.writeline("):")
+    with buf.indent():
+        buf.splice("""
+            # grouped ordering of the output tiles (tutorial 03): GROUP_M row tiles per column sweep
+            pid = tl.program_id(0)
+            num_pid_m = tl.cdiv(M, BLOCK_M)
+            num_pid_n = tl.cdiv(N, BLOCK_N)
+            num_pid_in_group = GROUP_M * num_pid_n
+            group_id = pid // num_pid_in_group
+            first_pid_m = group_id * GROUP_M
+            group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+            pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+            pid_n = (pid % num_pid_in_group) // group_size_m
+
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_m = offs_m < M
+            mask_n = offs_n < N
+        """)
+        buf.writeline("# activation parameters of each row's token (rows are (batch, token) pairs)")
+        if per_token:
+            buf.writeline("tok = offs_m % L")
+            if not prequantized:
+                buf.writeline("inv_sa = tl.load(inv_sa_ptr + tok, mask=mask_m, other=1.0)[:, None]")
+            buf.writeline("za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]")
+        else:
+            if not prequantized:
+                buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
+            buf.writeline("za = tl.load(za_ptr)")
+        buf.newline()
+        buf.writeline("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)")
+        buf.writeline("for k0 in range(0, K, BLOCK_K):")
+        with buf.indent():
+            buf.writeline("offs_k = k0 + tl.arange(0, BLOCK_K)")
+            buf.writeline("mask_k = offs_k < K")
+            buf.writeline("x_mask = mask_m[:, None] & mask_k[None, :]")
+            buf.writeline("x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk")
+            if prequantized:
+                buf.writeline("a = tl.load(x_ptrs, mask=x_mask, other=0)  # int8 codes q - OFFSET")
+            else:
+                buf.writeline("# read 4 BLOCK_M BLOCK_K bytes; quantize in registers (padding: w is 0 there)")
+                buf.writeline("x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)")
+                if smooth:
+                    buf.writeline("x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]")
+                buf.writeline(
+                    f"a = _vmfx_quantize(x, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
+            buf.writeline("w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn")
+            buf.writeline("w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)")
+            buf.writeline("acc = tl.dot(a, w, acc, out_dtype=tl.int32)")
+        buf.newline()
+        buf.writeline(f"# zero point: acc += ({off} - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly")
+        buf.writeline("wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)")
+        buf.writeline(f"acc += ({off} - za.to(tl.int32)) * wsum[None, :]")
+        buf.newline()
+        buf.writeline("# dequantize: token x channel scales, then bias and the epilogue")
+        if per_token:
+            buf.writeline("sa = tl.load(sa_ptr + tok, mask=mask_m, other=0.0)[:, None]")
+        else:
+            buf.writeline("sa = tl.load(sa_ptr)")
+        buf.writeline("sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
+        buf.writeline("y = acc.to(tl.float32) * (sa * sw)")
+        if bias:
+            buf.writeline("y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
+        buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)")
+        buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
+        render_epilogue(buf, ep, acc="y", offsets="offs_out", mask="mask_out")
+        buf.writeline("tl.store(out_ptr + offs_out, y, mask=mask_out)")
+        if store_acc:
+            buf.writeline("tl.store(acc_ptr + offs_out, acc, mask=mask_out)")
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class _Spec:
+    per_token: bool
+    smooth: bool
+    bias: bool
+    prequantized: bool
+    act_bits: int
+    epilogue: tuple
+    store_acc: bool
+    autotune: bool
+    provenance: tuple
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(spec: _Spec):
+    src = render_qlinear(**{k: getattr(spec, k) for k in spec.__dataclass_fields__})
+    return load_kernel(src, KERNEL_NAME)
+
+
+def _default_blocks(m: int, n: int, k: int) -> dict:
+    """Fixed blocks for the interpreter: large tiles (few, big numpy ops)."""
+    cap = lambda v, hi: max(16, min(hi, next_power_of_2(v)))  # noqa: E731
+    return {"BLOCK_M": cap(m, 128), "BLOCK_N": cap(n, 128), "BLOCK_K": cap(k, 64), "GROUP_M": 8}
+
+
+def qlinear(
+    x: torch.Tensor,
+    weight: QWeight,
+    act: ActQuant,
+    bias: torch.Tensor | None = None,
+    *,
+    epilogue: Sequence[Sequence] = (),
+    epilogue_inputs: Mapping[str, torch.Tensor] | None = None,
+    block: Mapping[str, int] | None = None,
+    provenance: Sequence[str] = (),
+    return_acc: bool = False,
+):
+    """Launch the fused quantized linear layer.
+
+    Args:
+        x: (…, K) float32 activations, or int8 codes ``q - 2^(b-1)`` from an upstream kernel
+            (the pre-quantized variant is chosen by dtype). Rows are (batch, token) pairs: for
+            per-token parameters the second-to-last dimension (3-D input) must be L, and a 2-D
+            input must have a multiple of L rows. Any strides.
+        weight: the prepared int8 weight (N, K).
+        act: activation parameters (per-token or per-tensor; smoothing ignored for codes).
+        bias: optional (N,) float32.
+        epilogue: ops on the float output (``("silu",)``, ``("add", "res")``, ``("mul", 0.5)``,
+            ``("rsub", 1.0)``, ``("mul", "gamma", "channel")``...; see
+            :func:`vmfx.lowering.codegen.render_epilogue`).
+        epilogue_inputs: the tensors named by the epilogue, float32, contiguous: (…, N) like the
+            output, or (N,) for ``"channel"`` operands.
+        block: fixed ``BLOCK_M`` / ``BLOCK_N`` / ``BLOCK_K`` (and optional ``GROUP_M``,
+            ``num_warps``, ``num_stages``); default: autotuned on the GPU, one large-tile config
+            under the interpreter.
+        provenance: FX node names, for the generated source's header.
+        return_acc: also return the int32 accumulator (…, N).
+
+    Returns:
+        ``y`` (…, N) float32, or ``(y, acc)``.
+
+    Raises:
+        ValueError: wrong shapes, dtypes or devices (the message names the argument).
+    """
+    prequantized = x.dtype == torch.int8
+    check_tensor(x, "x", (torch.float32, torch.int8))
+    if x.dim() < 2:
+        raise ValueError(f"x must be (…, K) with rows and channels, got {tuple(x.shape)}")
+    dev = x.device
+    n, k = weight.codes.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has K={x.shape[-1]} channels but the weight is {tuple(weight.codes.shape)}")
+    check_tensor(weight.codes, "weight.codes", torch.int8, device=dev)
+    check_tensor(weight.wsum, "weight.wsum", torch.int32, (n,), dev, True)
+    check_tensor(weight.scale, "weight.scale", torch.float32, (n,), dev, True)
+    t = act.tokens
+    for name in ("scale", "inv_scale", "zero_point"):
+        check_tensor(getattr(act, name), f"act.{name}", torch.float32, (t,), dev, True)
+    smooth = act.inv_smooth is not None and not prequantized
+    if smooth:
+        check_tensor(act.inv_smooth, "act.inv_smooth", torch.float32, (k,), dev, True)
+    if t > 1:
+        if x.dim() >= 3 and x.shape[-2] != t:
+            raise ValueError(f"x has {x.shape[-2]} tokens but the per-token parameters have {t}")
+        if x.dim() == 2 and x.shape[0] % t:
+            raise ValueError(f"x has {x.shape[0]} rows, not a multiple of the {t} tokens")
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    out_shape = tuple(x.shape[:-1]) + (n,)
+    if bias is not None:
+        check_tensor(bias, "bias", torch.float32, (n,), dev, True)
+    ep = Epilogue.parse(epilogue)
+    inputs = dict(epilogue_inputs or {})
+    missing = set(ep.inputs) - set(inputs)
+    if missing:
+        raise ValueError(f"epilogue inputs {sorted(missing)} not given")
+
+    out = torch.empty((m, n), dtype=torch.float32, device=dev)
+    acc = torch.empty((m, n), dtype=torch.int32, device=dev) if return_acc else None
+    spec = _Spec(t > 1, smooth, bias is not None, prequantized, act.bits, ep.ops, return_acc,
+                 block is None and not interpreting(), tuple(str(p) for p in provenance))
+    kernel = _kernel(spec)
+
+    args = dict(x_ptr=x2, w_ptr=weight.codes, wsum_ptr=weight.wsum, w_scale_ptr=weight.scale,
+                sa_ptr=act.scale, za_ptr=act.zero_point, out_ptr=out,
+                M=m, N=n, K=k, L=t,
+                stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+                stride_wn=weight.codes.stride(0), stride_wk=weight.codes.stride(1))
+    if not prequantized:
+        args["inv_sa_ptr"] = act.inv_scale
+    if smooth:
+        args["inv_s_ptr"] = act.inv_smooth
+    if bias is not None:
+        args["bias_ptr"] = bias
+    for name in ep.inputs:
+        e = check_tensor(inputs[name], f"epilogue input {name!r}", torch.float32, device=dev, contiguous=True)
+        if ep.layout(name) == "channel":
+            if tuple(e.shape) != (n,):
+                raise ValueError(f"per-channel epilogue input {name!r} must be ({n},), got {tuple(e.shape)}")
+        elif e.numel() != m * n or e.shape[-1] != n:
+            raise ValueError(f"epilogue input {name!r} must be shaped like the output {out_shape}, "
+                             f"got {tuple(e.shape)}")
+        args[f"ep_{name}_ptr"] = e
+    if return_acc:
+        args["acc_ptr"] = acc
+
+    if spec.autotune:
+        grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](**args, **launch_options())
+    else:
+        blk = {**_default_blocks(m, n, k), **dict(block or {})}
+        opts = launch_options(blk.pop("num_warps", 4), blk.pop("num_stages", 3))
+        grid = (_cdiv(m, blk["BLOCK_M"]) * _cdiv(n, blk["BLOCK_N"]),)
+        kernel[grid](**args, **blk, **opts)
+    y = out.reshape(out_shape)
+    return (y, acc.reshape(out_shape)) if return_acc else y
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

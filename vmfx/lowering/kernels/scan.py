@@ -1,0 +1,230 @@
+"""``scan``: the selective scan (S6) of Mamba with its output gate, state held in registers.
+
+What it computes (the semantics of :func:`vmfx.ops.selective_scan` with input-dependent
+``B``, ``C`` of shape (B, N, L)), for every batch ``b`` and channel ``e``::
+
+    dt[t]  = softplus(delta[t] + delta_bias[e])           (bias and softplus optional)
+    h[t]   = exp(dt[t] A[e, :]) * h[t-1] + dt[t] u[t] B[:, t],      h[-1] = 0,   h: (N,)
+    y[t]   = sum_n h[t, n] C[n, t]
+    out[t] = (y[t] + D[e] u[t]) * silu(z[t])              (D and z optional)
+
+``exp(dt A)`` is ``exp2(dt * (A log2 e))`` as in vmfx's CPU op; softplus has threshold 20 and
+computes log1p with Goldberg's trick. With ``flip_z`` the gate reads ``z`` reversed along L (the
+backward direction of a Vim block, whose ``z`` is the forward ``z`` flipped).
+
+One program per (batch, BLOCK_E channels): the (BLOCK_E, N) state lives in registers and a
+sequential loop runs over L, each step loading one column of u, delta, z (BLOCK_E values each,
+any strides, so transposed views of the producers' (B, L, E) outputs can be passed) and of B, C
+(N values, shared by all channels of the batch element). Memory traffic: reads 4 B E L bytes for
+each of u, delta, z once, 2 x 4 B N L bytes of B and C once per channel block, writes 4 B E L
+bytes; the (B, E, L, N) states never touch memory. The parallelism is B x E / BLOCK_E programs,
+so small BLOCK_E (16-32) keeps a GPU busy at Vim sizes (E = 384..768).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Sequence
+
+import torch
+
+from ..codegen import (
+    IndentedBuffer,
+    check_tensor,
+    interpreting,
+    launch_options,
+    load_kernel,
+    next_power_of_2,
+    render_autotune,
+    render_header,
+    render_helpers,
+)
+
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_scan", "selective_scan"]
+
+KERNEL_NAME = "vmfx_scan"
+
+#: GPU configs tried by ``@triton.autotune`` (keyed on E, N, L).
+AUTOTUNE_CONFIGS = [
+    {"BLOCK_E": 16, "num_warps": 2},
+    {"BLOCK_E": 32, "num_warps": 4},
+    {"BLOCK_E": 64, "num_warps": 4},
+    {"BLOCK_E": 128, "num_warps": 8},
+]
+
+_LOG2E = 1.4426950408889634
+
+
+def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = False,
+                delta_softplus: bool = True, flip_z: bool = False, autotune: bool = False,
+                provenance: Sequence[str] = ()) -> str:
+    """Render the source of one ``scan`` kernel.
+
+    Args:
+        has_D: add the skip term ``D u``.
+        has_z: gate with ``silu(z)``.
+        delta_bias: add a (E,) bias to delta.
+        delta_softplus: apply softplus to delta (after the bias).
+        flip_z: read ``z`` reversed along L.
+        autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
+        provenance: FX nodes, for the header.
+
+    Returns:
+        The module source; the kernel is :data:`KERNEL_NAME`.
+    """
+    buf = IndentedBuffer()
+    render_header(buf, "scan", provenance, dict(
+        has_D=has_D, has_z=has_z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+        flip_z=flip_z, autotune=autotune))
+    helpers = (["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
+    render_helpers(buf, helpers)
+    if autotune:
+        render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "N", "L"])
+    buf.writeline("@triton.jit")
+    buf.writeline(f"def {KERNEL_NAME}(")
+    with buf.indent():
+        buf.writeline("# pointers: u, delta, z (B, E, L); A (E, N); B, C (B, N, L); D, delta_bias (E,)")
+        buf.writeline("u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr,"
+                      + (" D_ptr," if has_D else "") + (" z_ptr," if has_z else "")
+                      + (" db_ptr," if delta_bias else ""))
+        buf.writeline("out_ptr,")
+        buf.writeline("# dimensions")
+        buf.writeline("E, N, L,")
+        buf.writeline("# strides (batch, channel-or-state, time)")
+        buf.writeline("stride_ub, stride_ue, stride_ul, stride_db, stride_de, stride_dl,")
+        if has_z:
+            buf.writeline("stride_zb, stride_ze, stride_zl,")
+        buf.writeline("stride_Bb, stride_Bn, stride_Bl, stride_Cb, stride_Cn, stride_Cl,")
+        buf.writeline("# meta-parameters (BLOCK_N >= N: the whole state of a channel in registers)")
+        buf.writeline("BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,")
+    buf.writeline("):")
+    with buf.indent():
+        buf.splice(f"""
+            pid_b = tl.program_id(0)
+            offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+            offs_n = tl.arange(0, BLOCK_N)
+            mask_e = offs_e < E
+            mask_n = offs_n < N
+            # A * log2(e): exp(dt A) = exp2(dt A log2 e); padded states have A = 0, B = 0: h stays 0
+            A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :],
+                         mask=mask_e[:, None] & mask_n[None, :], other=0.0) * {_LOG2E!r}
+        """)
+        if has_D:
+            buf.writeline("D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0)")
+        if delta_bias:
+            buf.writeline("db = tl.load(db_ptr + offs_e, mask=mask_e, other=0.0)")
+        buf.splice("""
+            u_base = u_ptr + pid_b * stride_ub + offs_e * stride_ue
+            d_base = delta_ptr + pid_b * stride_db + offs_e * stride_de
+            B_base = B_ptr + pid_b * stride_Bb + offs_n * stride_Bn
+            C_base = C_ptr + pid_b * stride_Cb + offs_n * stride_Cn
+            out_base = out_ptr + pid_b * E * L + offs_e * L
+            h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+        """)
+        if has_z:
+            buf.writeline("z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze")
+        buf.writeline("for t in range(0, L):")
+        with buf.indent():
+            buf.splice("""
+                u = tl.load(u_base + t * stride_ul, mask=mask_e, other=0.0).to(tl.float32)
+                dt = tl.load(d_base + t * stride_dl, mask=mask_e, other=0.0).to(tl.float32)
+            """)
+            if delta_bias:
+                buf.writeline("dt = dt + db")
+            if delta_softplus:
+                buf.writeline("dt = _vmfx_softplus(dt)")
+            buf.splice("""
+                Bt = tl.load(B_base + t * stride_Bl, mask=mask_n, other=0.0).to(tl.float32)
+                Ct = tl.load(C_base + t * stride_Cl, mask=mask_n, other=0.0).to(tl.float32)
+                dA = tl.exp2(dt[:, None] * A2)
+                h = dA * h + (dt * u)[:, None] * Bt[None, :]
+                y = tl.sum(h * Ct[None, :], axis=1)
+            """)
+            if has_D:
+                buf.writeline("y = y + D * u")
+            if has_z:
+                tz = "L - 1 - t" if flip_z else "t"
+                buf.writeline(f"z = tl.load(z_base + ({tz}) * stride_zl, mask=mask_e, other=0.0).to(tl.float32)")
+                buf.writeline("y = y * _vmfx_silu(z)")
+            buf.writeline("tl.store(out_base + t, y, mask=mask_e)")
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(**kw):
+    return load_kernel(render_scan(**kw), KERNEL_NAME)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    flip_z: bool = False,
+    block: Mapping[str, int] | None = None,
+    provenance: Sequence[str] = (),
+) -> torch.Tensor:
+    """Launch the selective scan.
+
+    Args:
+        u, delta: (B, E, L) float32, any strides.
+        A: (E, N) float32 (real; ``-exp(A_log)``).
+        B, C: (B, N, L) float32, any strides.
+        D: optional (E,) float32.
+        z: optional (B, E, L) float32 gate, any strides.
+        delta_bias: optional (E,) float32.
+        delta_softplus: apply softplus to delta.
+        flip_z: read ``z`` reversed along L.
+        block: fixed ``BLOCK_E`` (optional ``num_warps``); default: autotuned on the GPU, one
+            block of all channels (at most 64) under the interpreter.
+        provenance: FX node names, for the header.
+
+    Returns:
+        ``out`` (B, E, L) float32, contiguous.
+    """
+    check_tensor(u, "u", torch.float32)
+    if u.dim() != 3:
+        raise ValueError(f"u must be (B, E, L), got {tuple(u.shape)}")
+    bsz, e, length = u.shape
+    dev = u.device
+    check_tensor(delta, "delta", torch.float32, (bsz, e, length), dev)
+    check_tensor(A, "A", torch.float32, device=dev)
+    if A.dim() != 2 or A.shape[0] != e:
+        raise ValueError(f"A must be (E, N) with E={e}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    A = A.contiguous()
+    check_tensor(B, "B", torch.float32, (bsz, n, length), dev)
+    check_tensor(C, "C", torch.float32, (bsz, n, length), dev)
+    out = torch.empty((bsz, e, length), dtype=torch.float32, device=dev)
+    args = dict(u_ptr=u, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C, out_ptr=out, E=e, N=n, L=length,
+                stride_ub=u.stride(0), stride_ue=u.stride(1), stride_ul=u.stride(2),
+                stride_db=delta.stride(0), stride_de=delta.stride(1), stride_dl=delta.stride(2),
+                stride_Bb=B.stride(0), stride_Bn=B.stride(1), stride_Bl=B.stride(2),
+                stride_Cb=C.stride(0), stride_Cn=C.stride(1), stride_Cl=C.stride(2))
+    if D is not None:
+        args["D_ptr"] = check_tensor(D, "D", torch.float32, (e,), dev, True)
+    if z is not None:
+        check_tensor(z, "z", torch.float32, (bsz, e, length), dev)
+        args.update(z_ptr=z, stride_zb=z.stride(0), stride_ze=z.stride(1), stride_zl=z.stride(2))
+    if delta_bias is not None:
+        args["db_ptr"] = check_tensor(delta_bias, "delta_bias", torch.float32, (e,), dev, True)
+    autotune = block is None and not interpreting()
+    kernel = _kernel(has_D=D is not None, has_z=z is not None, delta_bias=delta_bias is not None,
+                     delta_softplus=bool(delta_softplus), flip_z=flip_z and z is not None,
+                     autotune=autotune, provenance=tuple(str(p) for p in provenance))
+    bn = max(2, next_power_of_2(n))
+    if autotune:
+        grid = lambda meta: (bsz, -(-e // meta["BLOCK_E"]))  # noqa: E731
+        kernel[grid](**args, BLOCK_N=bn, **launch_options())
+    else:
+        blk = dict(block or {})
+        be = blk.pop("BLOCK_E", max(2, min(64, next_power_of_2(e))))
+        opts = launch_options(blk.pop("num_warps", 4), blk.pop("num_stages", None))
+        kernel[(bsz, -(-e // be))](**args, BLOCK_E=be, BLOCK_N=bn, **opts)
+    return out

@@ -1,0 +1,263 @@
+"""``partition``: group a converted (quantized) graph into the fused subgraphs vmfx lowers.
+
+Four kinds of partition, found by structure on the annotated graph:
+
+* ``qlinear``: a :class:`~vmfx.quant.QuantLinear` with a static input quantizer (smoothing +
+  per-token or per-tensor quantize + integer GEMM + dequantize with token x channel scales +
+  bias), extended by the chain of elementwise nodes that alone consume its output (its
+  *epilogue*: SiLU, softplus, arithmetic with constants or with a tensor of the output's shape,
+  e.g. the residual add after ``out_proj``). When its input is produced by a ``conv`` or ``merge``
+  partition, that partition emits the quantized codes and the GEMM reads them directly.
+* ``conv``: causal depthwise conv1d + crop + SiLU (role ``conv1d`` / ``conv_act``), also
+  quantizing its output for the ``x_proj`` that reads it.
+* ``scan``: the selective scan with its D skip and the SiLU(z) gate (roles ``scan`` / ``gate``).
+* ``merge``: the sum of a mixer's two scan directions (the backward one flipped back), the
+  division, and the transpose to tokens-major, quantized for the ``out_proj`` that reads it.
+
+A partition records the FX nodes it replaces (provenance), its external inputs (in order) and the
+node whose value it produces. Nodes in no partition (norms, views, the patch embedding, the head)
+stay as they are. This module only *finds* partitions; :mod:`vmfx.lowering.runtime` replaces them.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..annotations import annotation
+from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
+from ..quant.modules import QuantLinear
+
+__all__ = ["Partition", "find_partitions", "EPILOGUE_OPS"]
+
+#: FX targets an epilogue may hold, mapped to the op names of the code generator.
+EPILOGUE_OPS = {
+    operator.add: "add",
+    operator.sub: "sub",
+    operator.mul: "mul",
+    operator.truediv: "div",
+    torch.add: "add",
+    torch.mul: "mul",
+}
+
+
+@dataclass
+class Partition:
+    """One fused subgraph.
+
+    Attributes:
+        kind: "qlinear", "conv", "scan" or "merge".
+        name: a readable unique name (from the anchor node).
+        nodes: the FX nodes it replaces, in graph order (their names are the kernel's provenance).
+        inputs: external input nodes, in the order the lowered module takes them.
+        output: the node whose value the partition computes (its users are rewired to it).
+        info: kind-specific facts (modules, epilogue ops, flags) for code generation.
+    """
+
+    kind: str
+    name: str
+    nodes: list[fx.Node]
+    inputs: list[fx.Node]
+    output: fx.Node
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def provenance(self) -> list[str]:
+        return [f"{n.name} ({n.op} {_target(n)})" for n in self.nodes]
+
+
+def _target(n: fx.Node) -> str:
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _role(n: fx.Node) -> str | None:
+    ann = annotation(n)
+    return ann.role if ann is not None else None
+
+
+# -- qlinear --------------------------------------------------------------------------------------
+
+
+def _static_quantlinear(node: fx.Node) -> QuantLinear | None:
+    m = module_of(node)
+    if not isinstance(m, QuantLinear) or m.weight_quantizer is None:
+        return None
+    iq = m.input_quantizer
+    if iq is None or iq.spec.dynamic or iq.spec.symmetric or iq.spec.granularity not in ("token", "tensor"):
+        return None
+    if m.weight_quantizer.spec.granularity != "channel" or not m.weight_quantizer.spec.symmetric:
+        return None
+    return m
+
+
+def _epilogue(node: fx.Node) -> tuple[list[tuple], list[fx.Node], list[fx.Node]]:
+    """Elementwise nodes that alone consume ``node``'s value: (ops, nodes, extra tensor inputs)."""
+    ops, nodes, extra = [], [], []
+    out_meta = node.meta.get("tensor_meta")
+    current = node
+    while True:
+        user = single_user(current)
+        if user is None or user.op not in ("call_function", "call_module"):
+            break
+        if is_silu(user) and user.op == "call_function":
+            ops.append(("silu",))
+        elif is_softplus(user) and user.op == "call_function" and len(user.args) == 1 and not user.kwargs:
+            ops.append(("softplus",))
+        elif user.op == "call_function" and user.target in EPILOGUE_OPS and len(user.args) == 2 and not user.kwargs:
+            a, b = user.args
+            other = b if a is current else a
+            if a is not current and user.target in (operator.sub, operator.truediv):
+                break  # c - acc, c / acc: not an epilogue of acc
+            if isinstance(other, (int, float)):
+                ops.append((EPILOGUE_OPS[user.target], float(other)))
+            elif isinstance(other, fx.Node) and _same_shape(other, out_meta):
+                ops.append((EPILOGUE_OPS[user.target], f"extra{len(extra)}"))
+                extra.append(other)
+            else:
+                break
+        else:
+            break
+        nodes.append(user)
+        current = user
+    return ops, nodes, extra
+
+
+def _same_shape(other: fx.Node, meta) -> bool:
+    m = other.meta.get("tensor_meta")
+    return meta is not None and m is not None and tuple(m.shape) == tuple(meta.shape) and m.dtype == meta.dtype
+
+
+# -- conv / scan / merge --------------------------------------------------------------------------
+
+
+def _conv_partition(conv: fx.Node) -> Partition | None:
+    """conv1d -> [crop getitem] -> silu."""
+    module = module_of(conv)
+    if not isinstance(module, torch.nn.Conv1d) or module.groups != module.in_channels or module.stride != (1,):
+        return None
+    if module.padding != (module.kernel_size[0] - 1,) or module.dilation != (1,):
+        return None
+    nodes = [conv]
+    current = single_user(conv)
+    if current is not None and current.op == "call_function" and current.target is operator.getitem:
+        nodes.append(current)
+        current = single_user(current)
+    if current is None or not is_silu(current) or _role(current) != "conv_act":
+        return None
+    nodes.append(current)
+    return Partition("conv", conv.name, nodes, [conv.args[0]], current, {"module": module})
+
+
+def _scan_partition(scan: fx.Node) -> Partition | None:
+    """selective_scan -> mul by silu(z) (the gate)."""
+    gate_mul = single_user(scan)
+    if gate_mul is None or _role(gate_mul) != "gate" or gate_mul.target is not operator.mul:
+        return None
+    other = [a for a in gate_mul.args if isinstance(a, fx.Node) and a is not scan]
+    if len(other) != 1 or not is_silu(other[0]) or len(other[0].users) != 1:
+        return None
+    gate_act = other[0]
+    args = list(scan.args) + [None] * (10 - len(scan.args))
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "return_last_state")
+    bound = dict(zip(names, args))
+    bound.update(scan.kwargs)
+    if bound.get("z") is not None or bound.get("delta_bias") is not None or bound.get("return_last_state"):
+        return None
+    inputs = [bound["u"], bound["delta"], bound["A"], bound["B"], bound["C"]]
+    has_d = bound.get("D") is not None
+    if has_d:
+        inputs.append(bound["D"])
+    inputs.append(gate_act.args[0])  # z, before its SiLU
+    info = {"softplus": bool(bound.get("delta_softplus")), "has_D": has_d}
+    return Partition("scan", scan.name, [scan, gate_act, gate_mul], inputs, gate_mul, info)
+
+
+def _merge_partition(out_proj: fx.Node) -> Partition | None:
+    """(transpose(y_f) + flip(transpose(y_b))) [/ c] feeding out_proj."""
+    node = out_proj.args[0]
+    nodes, scale = [], 1.0
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (operator.truediv, operator.mul) \
+            and isinstance(node.args[1], (int, float)) and _role(node) == "merge":
+        scale = 1.0 / node.args[1] if node.target is operator.truediv else float(node.args[1])
+        nodes.append(node)
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.target is operator.add and _role(node) == "merge"):
+        return None
+    nodes.append(node)
+    sources = []
+    for arg in node.args:
+        chain, flips, current = [], 0, arg
+        while isinstance(current, fx.Node) and is_transparent(current) and len(current.users) == 1:
+            chain.append(current)
+            flips += int(is_flip(current))
+            current = current.args[0]
+        if not isinstance(current, fx.Node) or _role(current) != "gate":
+            return None
+        nodes.extend(chain)
+        sources.append((current, flips % 2 == 1, chain))
+    if [s[1] for s in sources] != [False, True]:
+        return None
+    for gate, _, chain in sources:  # exactly one transpose (B, E, L) -> (B, L, E), plus the flip
+        kinds = [c.target for c in chain if not is_flip(c)]
+        if kinds != ["transpose"]:
+            return None
+    order = {n: i for i, n in enumerate(out_proj.graph.nodes)}
+    nodes.sort(key=order.__getitem__)
+    return Partition("merge", nodes[-1].name, nodes, [sources[0][0], sources[1][0]], nodes[-1], {"scale": scale})
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+
+def find_partitions(gm: fx.GraphModule) -> list[Partition]:
+    """Every partition of ``gm``, in graph order. Each node belongs to at most one partition."""
+    taken: set[fx.Node] = set()
+    parts: list[Partition] = []
+
+    def add(p: Partition | None) -> Partition | None:
+        if p is None or any(n in taken for n in p.nodes):
+            return None
+        taken.update(p.nodes)
+        parts.append(p)
+        return p
+
+    for node in gm.graph.nodes:
+        role = _role(node)
+        if role == "conv1d":
+            add(_conv_partition(node))
+        elif role == "scan":
+            add(_scan_partition(node))
+    for node in gm.graph.nodes:
+        if _role(node) == "out_proj":
+            add(_merge_partition(node))
+    producers = {p.output: p for p in parts if p.kind in ("conv", "merge")}
+    for node in gm.graph.nodes:
+        module = _static_quantlinear(node) if node.op == "call_module" else None
+        if module is None or node in taken:
+            continue
+        ops, epi_nodes, extra = _epilogue(node)
+        source, chain = node.args[0], []
+        while isinstance(source, fx.Node) and source.op == "call_method" and source.target == "transpose" \
+                and len(source.users) == 1:
+            chain.append(source)
+            source = source.args[0]
+        producer = producers.get(source)
+        info = {"module": module, "epilogue": ops, "codes_from": None}
+        inputs = [node.args[0]]
+        if producer is not None and producer.kind == "conv" and len(chain) == 1:
+            # the conv emits (B*L, E) codes for this linear; the transpose node becomes dead
+            info["codes_from"] = producer
+            producer.info["consumer"] = node
+        elif producer is not None and producer.kind == "merge" and not chain:
+            info["codes_from"] = producer
+            producer.info["consumer"] = node
+        add(Partition("qlinear", node.name, [node] + epi_nodes, inputs + extra, (epi_nodes or [node])[-1], info))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    parts.sort(key=lambda p: order[p.nodes[0]])
+    return parts

@@ -1,0 +1,336 @@
+"""Lowered modules and the ``lower`` transform: partitions become calls to generated kernels.
+
+``lower(qmodel, backend)`` copies a converted graph, finds its partitions
+(:func:`~vmfx.lowering.partition.find_partitions`), and replaces each by one ``call_module`` node
+calling a :class:`LoweredPartition` that holds the integer weights and the quantization
+parameters prepared once (:class:`~vmfx.lowering.reference.QWeight`,
+:class:`~vmfx.lowering.reference.ActQuant`) and runs either
+
+* ``backend="triton"``: the generated Triton kernel (on a GPU, or under ``TRITON_INTERPRET=1`` on
+  a CPU, slowly: that is how the tests run them), or
+* ``backend="reference"``: the exact torch integer reference (:mod:`vmfx.lowering.reference`),
+  vmfx's CPU backend and the kernels' test oracle.
+
+A producer partition that feeds a quantized linear (the conv feeding ``x_proj``, the merge feeding
+``out_proj``) also emits that linear's int8 codes, and the linear's GEMM reads them directly.
+Nodes in no partition stay torch ops. Every partition can render its Triton source
+(:func:`show`), whatever the backend.
+
+Invariants: the quantized model passed in is not modified; the lowered graph computes what the
+fake-quant graph computes up to the documented rounding differences (an activation code may
+differ by one step within an ulp of a rounding tie); node names outside partitions are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..annotations import annotate
+from ..errors import ConfigError
+from ..quant.modules import QuantLinear
+from . import reference as ref
+from .partition import Partition, find_partitions
+
+__all__ = [
+    "BACKENDS",
+    "resolve_backend",
+    "LoweredPartition",
+    "LoweredQLinear",
+    "LoweredConv",
+    "LoweredScan",
+    "LoweredMerge",
+    "lower",
+    "show",
+    "lowered_partitions",
+]
+
+BACKENDS = ("triton", "reference", "auto")
+LOWERED_PREFIX = "vmfx_lowered"
+
+
+def resolve_backend(backend: str) -> str:
+    """"auto" -> "triton" on a CUDA machine, "reference" elsewhere; validates the name."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if torch.cuda.is_available() else "reference"
+    return backend
+
+
+def _kernels():
+    from . import kernels  # imported lazily: rendering/launching needs triton
+
+    return kernels
+
+
+class LoweredPartition(nn.Module):
+    """Base class: one partition, its provenance and the backend it runs on."""
+
+    kind = "partition"
+
+    def __init__(self, name: str, provenance: Sequence[str], backend: str):
+        super().__init__()
+        self.partition_name = name
+        self.provenance = list(provenance)
+        self.backend = backend
+
+    def source(self) -> str:
+        """The generated Triton source of this partition's kernel."""
+        raise NotImplementedError  # every concrete partition below renders its template
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, backend={self.backend}, from {len(self.provenance)} nodes"
+
+
+def _act_buffers(module: nn.Module, prefix: str, act: ref.ActQuant) -> None:
+    module.register_buffer(f"{prefix}_scale", act.scale)
+    module.register_buffer(f"{prefix}_inv_scale", act.inv_scale)
+    module.register_buffer(f"{prefix}_zero_point", act.zero_point)
+    module.register_buffer(f"{prefix}_inv_smooth", act.inv_smooth)
+    setattr(module, f"{prefix}_bits", act.bits)
+
+
+def _act(module: nn.Module, prefix: str) -> ref.ActQuant:
+    g = lambda name: getattr(module, f"{prefix}_{name}")  # noqa: E731
+    return ref.ActQuant(g("scale"), g("inv_scale"), g("zero_point"), g("bits"), g("inv_smooth"))
+
+
+def input_act_quant(linear: QuantLinear) -> ref.ActQuant:
+    """The kernels' activation parameters of a converted linear's input quantizer."""
+    iq = linear.input_quantizer
+    smooth = linear.smoothing() if (linear.smooth is not None and linear.smooth_input) else None
+    return ref.make_act_quant(iq.scale, iq.zero_point, iq.spec.bits, smooth=smooth)
+
+
+class LoweredQLinear(LoweredPartition):
+    """Quantize (or take codes) + int GEMM + zero-point correction + dequant + bias + epilogue.
+
+    Args:
+        linear: the converted :class:`~vmfx.quant.QuantLinear` (static input quantizer).
+        epilogue: the epilogue ops (``("add", "extra0")``, ``("silu",)``...).
+        token_shape: the input's dims between batch and channels (e.g. ``(L,)``), used to
+            reshape 2-D codes from a producer back to ``(B, L, N)``.
+        takes_codes: the input is int8 codes from a producer partition.
+    """
+
+    kind = "qlinear"
+
+    def __init__(self, name, provenance, backend, linear: QuantLinear, epilogue, token_shape, takes_codes):
+        super().__init__(name, provenance, backend)
+        wq = linear.weight_quantizer
+        weight = ref.QWeight.from_float(linear.weight, wq.scale, wq.spec.bits, smooth=linear.smoothing())
+        self.register_buffer("w_codes", weight.codes)
+        self.register_buffer("w_scale", weight.scale)
+        self.register_buffer("w_sum", weight.wsum)
+        self.w_bits = weight.bits
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        _act_buffers(self, "a", input_act_quant(linear))
+        self.epilogue = [tuple(op) for op in epilogue]
+        self.token_shape = tuple(token_shape)
+        self.takes_codes = takes_codes
+
+    def _weight(self) -> ref.QWeight:
+        return ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits)
+
+    def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        if self.takes_codes and x.dim() == 2:
+            x = x.reshape((-1,) + self.token_shape + (x.shape[-1],))
+        elif not self.takes_codes:
+            x = x.float()
+        inputs = {f"extra{i}": e.float().contiguous() for i, e in enumerate(extras)}
+        act, weight = _act(self, "a"), self._weight()
+        if self.backend == "triton":
+            return _kernels().qlinear(x, weight, act, self.bias, epilogue=self.epilogue, epilogue_inputs=inputs,
+                                      provenance=self.provenance)
+        return ref.qlinear(x, weight, act, self.bias, epilogue=self.epilogue, epilogue_inputs=inputs)
+
+    def source(self) -> str:
+        act = _act(self, "a")
+        return _kernels().render_qlinear(
+            per_token=act.per_token, smooth=act.inv_smooth is not None and not self.takes_codes,
+            bias=self.bias is not None, prequantized=self.takes_codes, act_bits=act.bits,
+            epilogue=self.epilogue, autotune=True, provenance=tuple(self.provenance),
+        )
+
+
+class LoweredConv(LoweredPartition):
+    """Causal depthwise conv1d + SiLU (+ the next linear's codes)."""
+
+    kind = "conv"
+
+    def __init__(self, name, provenance, backend, conv: nn.Conv1d, consumer: QuantLinear | None):
+        super().__init__(name, provenance, backend)
+        self.register_buffer("weight", conv.weight.detach().float().reshape(conv.weight.shape[0], -1).clone())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        self.emits_codes = consumer is not None
+        if consumer is not None:
+            _act_buffers(self, "a", input_act_quant(consumer))
+
+    def forward(self, x: torch.Tensor):
+        act = _act(self, "a") if self.emits_codes else None
+        if self.backend == "triton":
+            return _kernels().causal_conv1d_silu(x.float(), self.weight, self.bias, act=act, provenance=self.provenance)
+        return ref.causal_conv1d_silu(x, self.weight, self.bias, act=act)
+
+    def source(self) -> str:
+        act = _act(self, "a") if self.emits_codes else None
+        return _kernels().render_conv(
+            width=self.weight.shape[1], bias=self.bias is not None, flip=False, emit_codes=self.emits_codes,
+            per_token=bool(act is not None and act.per_token), smooth=bool(act is not None and act.inv_smooth is not None),
+            act_bits=act.bits if act is not None else 8, autotune=True, provenance=tuple(self.provenance),
+        )
+
+
+class LoweredScan(LoweredPartition):
+    """Selective scan + D skip + SiLU(z) gate."""
+
+    kind = "scan"
+
+    def __init__(self, name, provenance, backend, softplus: bool, has_D: bool):
+        super().__init__(name, provenance, backend)
+        self.softplus, self.has_D = softplus, has_D
+
+    def forward(self, u, delta, A, B, C, *rest):
+        D, z = (rest[0], rest[1]) if self.has_D else (None, rest[0])
+        if self.backend == "triton":
+            f = lambda t: None if t is None else t.float()  # noqa: E731
+            return _kernels().selective_scan(f(u), f(delta), f(A), f(B), f(C), f(D), f(z),
+                                             delta_softplus=self.softplus, provenance=self.provenance)
+        return ref.selective_scan(u, delta, A, B, C, D, z, delta_softplus=self.softplus)
+
+    def source(self) -> str:
+        return _kernels().render_scan(has_D=self.has_D, has_z=True, delta_softplus=self.softplus,
+                                      autotune=True, provenance=tuple(self.provenance))
+
+
+class LoweredMerge(LoweredPartition):
+    """(y_f + flip(y_b)) * c, token-major (+ the next linear's codes)."""
+
+    kind = "merge"
+
+    def __init__(self, name, provenance, backend, scale: float, consumer: QuantLinear | None, write_float: bool):
+        super().__init__(name, provenance, backend)
+        self.scale = float(scale)
+        self.emits_codes = consumer is not None
+        self.write_float = write_float or consumer is None
+        if consumer is not None:
+            _act_buffers(self, "a", input_act_quant(consumer))
+
+    def forward(self, y_f, y_b):
+        act = _act(self, "a") if self.emits_codes else None
+        if self.backend == "triton":
+            out = _kernels().merge_quantize(y_f.float(), y_b.float(), self.scale, act,
+                                            write_float=self.write_float, provenance=self.provenance)
+        else:
+            out = ref.merge_quantize(y_f, y_b, self.scale, act)
+            if act is not None and not self.write_float:
+                out = (None, out[1])
+        return out
+
+    def source(self) -> str:
+        act = _act(self, "a") if self.emits_codes else None
+        return _kernels().render_merge(
+            backward=True, write_float=self.write_float, emit_codes=self.emits_codes,
+            per_token=bool(act is not None and act.per_token), smooth=bool(act is not None and act.inv_smooth is not None),
+            act_bits=act.bits if act is not None else 8, autotune=True, provenance=tuple(self.provenance),
+        )
+
+
+# -- the transform --------------------------------------------------------------------------------
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
+    return gm.get_submodule(node.target)
+
+
+def _build(gm: fx.GraphModule, p: Partition, backend: str) -> LoweredPartition:
+    if p.kind == "qlinear":
+        anchor = p.nodes[0]
+        meta = anchor.args[0].meta.get("tensor_meta") if isinstance(anchor.args[0], fx.Node) else None
+        token_shape = tuple(meta.shape[1:-1]) if meta is not None else ()
+        return LoweredQLinear(p.name, p.provenance, backend, p.info["module"], p.info["epilogue"], token_shape,
+                              p.info["codes_from"] is not None)
+    consumer = p.info.get("consumer")
+    consumer_module = _module(gm, consumer) if consumer is not None else None
+    if p.kind == "conv":
+        return LoweredConv(p.name, p.provenance, backend, p.info["module"], consumer_module)
+    if p.kind == "scan":
+        return LoweredScan(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"])
+    if p.kind == "merge":
+        only_consumer = consumer is not None and set(p.output.users) == {consumer}
+        return LoweredMerge(p.name, p.provenance, backend, p.info["scale"], consumer_module, not only_consumer)
+    raise ValueError(f"unknown partition kind {p.kind!r}")
+
+
+def lower(qmodel: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
+    """Replace every partition of a converted graph by a lowered module (see module docstring).
+
+    Args:
+        qmodel: a quantized graph from :func:`vmfx.compile` / :func:`vmfx.convert` (not modified).
+        backend: "triton", "reference" or "auto" (Triton on a GPU, the reference elsewhere).
+
+    Returns:
+        A new GraphModule; ``lowered_partitions(result)`` lists its partitions.
+    """
+    backend = resolve_backend(backend)
+    if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
+        raise ConfigError("vmfx.lowering.lower expects a quantized model from vmfx.compile / vmfx.convert")
+    gm = copy.deepcopy(qmodel)
+    gm.meta.update({k: v for k, v in qmodel.meta.items() if k not in gm.meta})
+    parts = find_partitions(gm)
+    if not parts:
+        raise ConfigError("nothing to lower: the graph has no quantized linear, conv or scan partition")
+    codes_of: dict[int, fx.Node] = {}
+    replaced: dict[fx.Node, fx.Node] = {}  # a partition's old output node -> its new value node
+    graph = gm.graph
+    for p in parts:
+        module = _build(gm, p, backend)
+        path = f"{LOWERED_PREFIX}.{p.name}"
+        gm.add_submodule(path, module)
+        inputs = [replaced.get(n, n) for n in p.inputs]
+        producer = p.info.get("codes_from") if p.kind == "qlinear" else None
+        if producer is not None:
+            inputs[0] = codes_of[id(producer)]
+        with graph.inserting_before(p.output):
+            call = graph.call_module(path, tuple(inputs))
+            annotate(call, "kernel", extra={"kind": p.kind, "replaces": [n.name for n in p.nodes]})
+            if p.kind in ("conv", "merge") and getattr(module, "emits_codes", False):
+                value = graph.call_function(operator.getitem, (call, 0))
+                codes_of[id(p)] = graph.call_function(operator.getitem, (call, 1))
+            else:
+                value = call
+        value.meta["tensor_meta"] = p.output.meta.get("tensor_meta")
+        p.output.replace_all_uses_with(value)
+        replaced[p.output] = value
+        for node in reversed(p.nodes):
+            if node.users:
+                raise RuntimeError(f"partition {p.name}: node {node.name} still has users {list(node.users)}")
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
+    gm.meta["vmfx_lowered"] = {"backend": backend, "partitions": [p.kind for p in parts]}
+    return gm.eval()
+
+
+def lowered_partitions(gm: fx.GraphModule) -> list[LoweredPartition]:
+    """The lowered partitions of ``gm``, in graph order."""
+    return [gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LoweredPartition)]
+
+
+def show(gm: fx.GraphModule, file=None) -> str:
+    """Print (and return) the Triton source of every lowered partition's kernel, in graph order."""
+    parts = lowered_partitions(gm)
+    if not parts:
+        raise ConfigError("this graph has no lowered partitions: call vmfx.lowering.lower(qmodel) first")
+    text = "\n\n".join(f"# ===== {p.partition_name} ({p.kind}, backend={p.backend}) =====\n{p.source()}" for p in parts)
+    print(text, file=file)
+    return text
