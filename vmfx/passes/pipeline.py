@@ -45,6 +45,7 @@ __all__ = [
     "split_stages",
     "trace_for_quantization",
     "model_spec",
+    "ptq_passes",
 ]
 
 MethodBuilder = Callable[[QuantConfig], list[Pass]]
