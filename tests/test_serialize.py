@@ -36,7 +36,7 @@ def test_round_trip_is_bit_for_bit(small_vim_q, tmp_path):
     from safetensors import safe_open
 
     with safe_open(path, "pt") as f:  # plain safetensors: readable by any tool, no pickle
-        assert "layers.0.mixer.in_proj.input_quantizer.scale" in f.keys()
+        assert "vmfx_q.layers_0_mixer_in_proj__input.scale" in f.keys()
         assert json.loads(f.metadata()["vmfx"])["format"] == "vmfx-quantized"
 
 
@@ -78,7 +78,8 @@ def test_tampered_header(small_vim_q, tmp_path):
     with safe_open(path, "pt") as f:
         meta = dict(f.metadata())
     header = json.loads(meta["vmfx"])
-    header["modules"][0]["input_quantizer"]["spec"]["bits"] = 4  # a silent change of precision
+    entry = header["modules"]["vmfx_q.layers_0_mixer_in_proj__input"]
+    entry["spec"]["bits"] = 4  # a silent change of precision
     meta["vmfx"] = json.dumps(header, sort_keys=True)
     save_file(load_file(path), path, metadata=meta)
     with pytest.raises(vmfx.SerializationError, match="sha256"):
@@ -103,3 +104,99 @@ def test_only_converted_models_can_be_saved(tiny_model, tiny_images, tmp_path):
     with pytest.raises(vmfx.SerializationError, match="returned by vmfx.compile"):
         vmfx.save(tiny_model, str(tmp_path / "x.safetensors"))
     assert not os.path.exists(tmp_path / "x.safetensors")
+
+
+def _resave(path, edit_header=None, edit_tensors=None):
+    """Rewrite a saved file with an edited header or tensors and a recomputed digest (what a
+    careless tool, or a deliberate edit, could produce)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vmfx.serialize import _digest
+
+    with safe_open(path, "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(path)
+    header = json.loads(meta["vmfx"])
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    meta["vmfx"] = json.dumps(header, sort_keys=True)
+    meta["vmfx_sha256"] = _digest(meta["vmfx"], tensors)
+    save_file(tensors, path, metadata=meta)
+
+
+def test_format_1_artifact_is_migrated_and_computes_the_same():
+    """A file saved by the QuantLinear-based vmfx (format 1, tests/data/artifacts/make_v1.py)."""
+    from safetensors.torch import load_file
+
+    here = os.path.join(os.path.dirname(__file__), "data", "artifacts")
+    io = load_file(os.path.join(here, "v1_ptq4vm_w4a8_vim16.io.safetensors"))
+    loaded = vmfx.load(os.path.join(here, "v1_ptq4vm_w4a8_vim16.safetensors"))
+    with torch.no_grad():
+        out = loaded(io["images"])
+    torch.testing.assert_close(out, io["logits"], rtol=0, atol=1e-6)
+    rows = {r["node"]: r for r in vmfx.inspect.rows(loaded)}
+    assert rows["layers_0_mixer_in_proj"]["spec"] == "A uint8 asym per-token | W int4 sym per-channel +smooth"
+    # and it saves again in the current format
+    assert loaded.meta["vmfx_config"]["method"] == "ptq4vm"
+
+
+def test_lowered_model_round_trips(small_vim_q, tmp_path):
+    _, images, q = small_vim_q
+    lowered = vmfx.lowering.lower(q, "reference")
+    path = vmfx.save(lowered, str(tmp_path / "lowered.safetensors"))
+    loaded = vmfx.load(path)
+    assert loaded.meta["vmfx_lowered"]["backend"] == "reference"
+    with torch.no_grad():
+        assert torch.equal(loaded(images), lowered(images))
+
+
+def test_nan_quantization_parameters_are_refused(small_vim_q, tmp_path):
+    path = vmfx.save(small_vim_q[2], str(tmp_path / "q.safetensors"))
+
+    def poison(tensors):
+        tensors["vmfx_q.layers_0_mixer_in_proj__input.scale"][0, 3, 0] = float("nan")
+
+    _resave(path, edit_tensors=poison)
+    with pytest.raises(vmfx.SerializationError, match="non-finite values in 'vmfx_q.layers_0_mixer_in_proj__input.scale'"):
+        vmfx.load(path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("input_shapes", None, "'input_shapes' is missing"),
+    ("edits", "nope", "'edits' is a str, expected a list"),
+    ("modules", [], "'modules' is a list, expected a dict"),
+    ("version", 7, "format version 7"),
+])
+def test_damaged_header_fields_are_clear_errors(small_vim_q, tmp_path, field, value, message):
+    path = vmfx.save(small_vim_q[2], str(tmp_path / "q.safetensors"))
+
+    def damage(header):
+        if value is None:
+            del header[field]
+        else:
+            header[field] = value
+
+    _resave(path, edit_header=damage)
+    with pytest.raises(vmfx.SerializationError, match=message):
+        vmfx.load(path)
+
+
+def test_load_with_a_model_of_another_architecture(tiny_model, tiny_images, small_vim_q, tmp_path):
+    path = vmfx.save(small_vim_q[2], str(tmp_path / "q.safetensors"))
+    with pytest.raises(vmfx.SerializationError, match="holds a quantized VisionMamba, but the model given to vmfx.load is a TinyVimLike"):
+        vmfx.load(path, model=tiny_model)
+    bigger = VisionMamba(img_size=16, patch_size=4, stride=4, embed_dim=48, depth=2, num_classes=5)
+    with pytest.raises(vmfx.SerializationError, match="does not fit the model given to vmfx.load"):
+        vmfx.load(path, model=bigger)
+
+
+def test_save_to_a_directory_or_an_unwritable_path(small_vim_q, tmp_path):
+    with pytest.raises(vmfx.SerializationError, match="is a directory"):
+        vmfx.save(small_vim_q[2], str(tmp_path))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(vmfx.SerializationError, match="cannot write"):
+        vmfx.save(small_vim_q[2], str(blocker / "q.safetensors"))

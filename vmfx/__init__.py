@@ -11,11 +11,12 @@ and convert; see ``vmfx.passes`` for custom pipelines and ``vmfx.inspect`` for d
 
 from . import inspect, ops
 from .api import calibrate, compile, convert, prepare, trace
-from .config import PRESETS, QuantConfig, preset_names
+from .config import PRESETS, QuantConfig, QuantRule, preset, preset_names
 from .errors import (
     CalibrationDataError,
     CheckpointError,
     ConfigError,
+    LoweringError,
     PassError,
     SerializationError,
     TraceError,
@@ -37,6 +38,8 @@ __all__ = [
     "load",
     "Pipeline",
     "QuantConfig",
+    "QuantRule",
+    "preset",
     "QuantSpec",
     "PRESETS",
     "preset_names",
@@ -49,4 +52,5 @@ __all__ = [
     "CheckpointError",
     "PassError",
     "SerializationError",
+    "LoweringError",
 ]

@@ -17,6 +17,7 @@ __all__ = [
     "VMFX_META",
     "ROLES",
     "LINEAR_ROLES",
+    "INSERTED_ROLES",
     "NodeAnnotation",
     "annotation",
     "annotate",
@@ -42,8 +43,12 @@ ROLES = (
     "head",
     "observer",
     "quantizer",
+    "smooth",
     "kernel",
 )
+
+#: Roles of the nodes quantization passes insert on edges (not part of the float graph).
+INSERTED_ROLES = ("observer", "quantizer", "smooth")
 
 #: Roles of the linear layers inside a Mamba mixer.
 LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -60,8 +65,11 @@ class NodeAnnotation:
         tokens: sequence length the node sees (from shape propagation), when known.
         mixer: qualified name of the mixer module the node belongs to, when known.
         matched_by: "structure", or "name" when only the module name decided the role.
-        act_spec / weight_spec: the specs a quantization pass chose for this node.
-        extra: free-form facts of later passes (kept JSON-friendly).
+        act_spec / weight_spec: the specs a quantization pass chose for this node (a linear's
+            input and weight edges).
+        extra: free-form facts of later passes (kept JSON-friendly). Nodes inserted on an edge
+            (observers, quantizers, smoothing) record ``extra["quantizes"]`` (the linear they
+            serve) and ``extra["edge"]`` ("input" or "weight").
     """
 
     role: str

@@ -51,9 +51,9 @@ def compile(
             Triton kernels on a GPU, the exact integer reference on a CPU.
 
     Returns:
-        The quantized model: a ``torch.fx.GraphModule`` whose linears are
-        :class:`~vmfx.quant.QuantLinear` (or, with a backend, lowered kernel calls);
-        ``qmodel.meta["vmfx_config"]`` holds the config.
+        The quantized model: a ``torch.fx.GraphModule`` in which every quantized tensor passes
+        through its own quantizer node (``smooth -> quantize(act) -> F.linear(., quantize(W))``;
+        with a backend, lowered kernel calls); ``qmodel.meta["vmfx_config"]`` holds the config.
 
     Example::
 

@@ -10,15 +10,18 @@ to quantize and how.
 
 from __future__ import annotations
 
+import fnmatch
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar
 
-from .annotations import LINEAR_ROLES
+from .annotations import LINEAR_ROLES, ROLES
 from .errors import ConfigError
 from .quant.spec import QuantSpec
 
 __all__ = [
     "QuantConfig",
+    "QuantRule",
     "SmoothingConfig",
     "InitConfig",
     "JLSSConfig",
@@ -31,6 +34,12 @@ __all__ = [
 
 #: The weight/activation bit settings every method is evaluated at.
 BIT_SETTINGS = ((8, 8), (6, 6), (4, 8), (4, 4))
+
+#: Upper bound of a grid search's candidate count (each candidate costs a pass over the data).
+MAX_CANDIDATES = 10_000
+
+#: The edges of a linear a rule can quantize.
+EDGES = ("input", "weight")
 
 
 @dataclass(frozen=True)
@@ -74,10 +83,13 @@ class InitConfig:
     def __post_init__(self):
         if self.method not in ("minmax", "lp"):
             raise ConfigError(f"InitConfig.method must be 'minmax' or 'lp', got {self.method!r}")
-        if not isinstance(self.candidates, int) or self.candidates < 1:
-            raise ConfigError(f"InitConfig.candidates must be a positive integer, got {self.candidates!r}")
-        if not float(self.p) > 0:
-            raise ConfigError(f"InitConfig.p must be positive, got {self.p!r}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ConfigError(
+                f"InitConfig.candidates must be an integer from 1 to {MAX_CANDIDATES}, got {self.candidates!r} "
+                "(PTQ4VM uses 100; the grid search costs one quantize-dequantize of the calibration data per candidate)"
+            )
+        if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not math.isfinite(self.p) or not self.p > 0:
+            raise ConfigError(f"InitConfig.p must be a positive number (PTQ4VM: 2.4), got {self.p!r}")
 
 
 @dataclass(frozen=True)
@@ -95,10 +107,14 @@ class JLSSConfig:
         weight_decay: AdamW weight decay (1e-5).
         grad_clip: gradient-norm clip (2.0).
         batch_size: images per step; steps cycle through the calibration set in batches of this
-            size (the official code uses all 256 images in every step, on a GPU).
+            size. None: every calibration image in every step, as the official code does.
         learn_roles: the linears whose parameters learn. All four by default; the official code's
             behaviour (only ``in_proj`` and ``out_proj`` get gradients; ``x_proj`` / ``dt_proj``
             keep their initial values) is ``("in_proj", "out_proj")``.
+        frozen_gradient: how gradients cross the quantized linears that do not learn: "ste"
+            (through their quantized weights, straight-through the quantizers' rounding and
+            clipping) or "float" (through their float, unsmoothed weights, ignoring their quantizers:
+            the official code's hand-written backward of x_proj / dt_proj).
     """
 
     steps: int = 100
@@ -107,24 +123,110 @@ class JLSSConfig:
     lr_smooth: float = 1e-2
     weight_decay: float = 1e-5
     grad_clip: float = 2.0
-    batch_size: int = 64
+    batch_size: int | None = 64
     learn_roles: tuple[str, ...] = LINEAR_ROLES
+    frozen_gradient: str = "ste"
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 0:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise ConfigError(f"JLSSConfig.steps must be a non-negative integer, got {self.steps!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"JLSSConfig.batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise ConfigError(
+                f"JLSSConfig.batch_size must be a positive integer or None (all images), got {self.batch_size!r}"
+            )
+        if self.frozen_gradient not in ("ste", "float"):
+            raise ConfigError(f"JLSSConfig.frozen_gradient must be 'ste' or 'float', got {self.frozen_gradient!r}")
         roles = tuple(self.learn_roles)
         if not roles or any(r not in LINEAR_ROLES for r in roles):
             raise ConfigError(f"JLSSConfig.learn_roles must be a non-empty subset of {LINEAR_ROLES}, got {self.learn_roles!r}")
         object.__setattr__(self, "learn_roles", roles)
-        for name in ("lr_weight", "lr_act", "lr_smooth", "grad_clip"):
-            if not float(getattr(self, name)) > 0:
+        for name in ("lr_weight", "lr_act", "lr_smooth", "grad_clip", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"JLSSConfig.{name} must be a finite number, got {value!r}")
+            if name == "weight_decay":
+                if value < 0:
+                    raise ConfigError(f"JLSSConfig.weight_decay must be non-negative, got {value!r}")
+            elif not value > 0:
                 raise ConfigError(f"JLSSConfig.{name} must be positive, got {getattr(self, name)!r}")
 
 
 _SUBCONFIGS = {"smoothing": SmoothingConfig, "init": InitConfig, "jlss": JLSSConfig}
+
+
+@dataclass(frozen=True)
+class QuantRule:
+    """One line of a config's spec table: which edges it matches and the spec they get.
+
+    A rule matches the ``edge`` ("input" or "weight") of every linear that satisfies all of its
+    given selectors (None matches anything): its detected ``role`` (e.g. "out_proj"; both scan
+    directions), its module path against the shell-style pattern ``module`` (e.g.
+    ``"layers.1*.mixer.*"``), and its graph node name ``node``. ``spec=None`` keeps the edge in
+    floating point. Rules are applied in order after the config's defaults; the last match wins.
+
+    Example::
+
+        # in_proj at W8A8, out_proj at W4A4, the rest as the config's defaults say
+        QuantRule("input", QuantSpec(8, False, "token"), role="in_proj")
+        QuantRule("weight", QuantSpec(4, True, "channel"), role="out_proj")
+    """
+
+    edge: str
+    spec: QuantSpec | None
+    role: str | None = None
+    module: str | None = None
+    node: str | None = None
+
+    def __post_init__(self):
+        if self.edge not in EDGES:
+            raise ConfigError(f"QuantRule.edge must be one of {', '.join(EDGES)}, got {self.edge!r}")
+        if self.spec is not None and not isinstance(self.spec, QuantSpec):
+            raise ConfigError(f"QuantRule.spec must be a QuantSpec or None (float), got {type(self.spec).__name__}")
+        if self.role is not None and self.role not in ROLES:
+            raise ConfigError(f"QuantRule.role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        for name in ("module", "node"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"QuantRule.{name} must be a non-empty string or None, got {value!r}")
+        if self.spec is not None and self.edge == "weight":
+            _check_weight_spec(self.spec, "a weight rule's spec")
+
+    def matches(self, edge: str, role: str | None, module: str | None, node: str | None) -> bool:
+        if edge != self.edge:
+            return False
+        if self.role is not None and role != self.role:
+            return False
+        if self.module is not None and (module is None or not fnmatch.fnmatchcase(module, self.module)):
+            return False
+        return self.node is None or node == self.node
+
+    def to_dict(self) -> dict:
+        return {"edge": self.edge, "spec": None if self.spec is None else self.spec.to_dict(),
+                "role": self.role, "module": self.module, "node": self.node}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantRule":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a QuantRule must be a dict, got {type(d).__name__}")
+        unknown = set(d) - {"edge", "spec", "role", "module", "node"}
+        if unknown:
+            raise ConfigError(f"unknown QuantRule fields {sorted(unknown)}")
+        d = dict(d)
+        if d.get("spec") is not None:
+            d["spec"] = QuantSpec.from_dict(d["spec"])
+        return cls(**d)
+
+
+def _check_weight_spec(spec: QuantSpec, what: str) -> None:
+    if spec.dynamic:
+        raise ConfigError(f"weights are quantized once, offline: {what} cannot be dynamic")
+    if spec.granularity == "token":
+        raise ConfigError(f"weights have no tokens: use granularity 'channel' or 'tensor' for {what}")
+
+#: Methods whose passes need static activation ranges (calibrated observers, smoothing, learning).
+_STATIC_ONLY_FEATURES = ("smoothing", "jlss")
 
 
 @dataclass(frozen=True)
@@ -141,15 +243,22 @@ class QuantConfig:
         init: how static step sizes are initialised (min-max or Lp grid search).
         smoothing: SmoothQuant smoothing (None: off).
         jlss: PTQ4VM's block-wise learning of step sizes and smoothing (None: off).
+        rules: :class:`QuantRule` entries applied after the defaults above (``weight`` / ``activation``
+            on the linears of ``roles``), in order, the last match winning: mixed precision,
+            per-module bits, linears kept in float. :meth:`spec_for` resolves one edge.
 
     Example::
 
         cfg = QuantConfig(method="minmax", weight=QuantSpec(4, True, "channel"),
                           activation=QuantSpec(8, False, "tensor"))
         qmodel = vmfx.compile(model, images, config=cfg)
+
+        mixed = vmfx.preset("minmax-w8a8").replace(rules=(
+            QuantRule("input", QuantSpec(4, False, "tensor"), role="out_proj"),
+            QuantRule("weight", QuantSpec(4, True, "channel"), role="out_proj")))
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
 
     method: str = "minmax"
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=True, granularity="channel"))
@@ -159,16 +268,19 @@ class QuantConfig:
     init: InitConfig = field(default_factory=InitConfig)
     smoothing: SmoothingConfig | None = None
     jlss: JLSSConfig | None = None
+    rules: tuple[QuantRule, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"QuantConfig.method must be a method name, got {self.method!r}")
         if not isinstance(self.weight, QuantSpec) or not isinstance(self.activation, QuantSpec):
             raise ConfigError("QuantConfig.weight and QuantConfig.activation must be QuantSpec instances")
-        if self.weight.dynamic:
-            raise ConfigError("weights are quantized once, offline: QuantConfig.weight cannot be dynamic")
-        if self.weight.granularity == "token":
-            raise ConfigError("weights have no tokens: use granularity 'channel' or 'tensor' for QuantConfig.weight")
+        _check_weight_spec(self.weight, "QuantConfig.weight")
+        rules = tuple(self.rules)
+        for rule in rules:
+            if not isinstance(rule, QuantRule):
+                raise ConfigError(f"QuantConfig.rules must hold QuantRule instances, got {type(rule).__name__}")
+        object.__setattr__(self, "rules", rules)
         roles = tuple(self.roles)
         unknown = [r for r in roles if r not in LINEAR_ROLES]
         if unknown or not roles:
@@ -182,11 +294,44 @@ class QuantConfig:
                 raise ConfigError(f"QuantConfig.{name} must be a {sub_cls.__name__} or None, got {type(value).__name__}")
         if self.init is None:
             raise ConfigError("QuantConfig.init must be an InitConfig")
+        self._check_dynamic_activations()
+
+    def _check_dynamic_activations(self) -> None:
+        """Dynamic activations have no calibrated range: smoothing statistics and learned step
+        sizes need static ones. Say so now, not deep inside the pipeline."""
+        dynamic = [r for r in self.rules if r.edge == "input" and r.spec is not None and r.spec.dynamic]
+        if self.activation.dynamic:
+            dynamic.insert(0, "QuantConfig.activation")
+        if not dynamic:
+            return
+        used = [name for name in _STATIC_ONLY_FEATURES if getattr(self, name) is not None]
+        if self.init.method != "minmax":
+            used.append(f"init={self.init.method!r}")
+        if used:
+            raise ConfigError(
+                f"dynamic activation specs cannot be combined with {', '.join(used)} (method {self.method!r}): "
+                "smoothing, grid-search initialisation and JLSS all work on calibrated static ranges. Use a "
+                "static activation spec (dynamic=False), or method 'minmax' without smoothing/jlss and "
+                "init=InitConfig('minmax') for dynamic activations"
+            )
+
+    def spec_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None) -> QuantSpec | None:
+        """The spec of one edge of one linear: the defaults (``weight`` / ``activation`` for the
+        linears whose role is in ``roles``), then every matching rule in order. None: float."""
+        if edge not in EDGES:
+            raise ConfigError(f"edge must be one of {', '.join(EDGES)}, got {edge!r}")
+        spec = (self.weight if edge == "weight" else self.activation) if role in self.roles else None
+        for rule in self.rules:
+            if rule.matches(edge, role, module, node):
+                spec = rule.spec
+        return spec
 
     @property
     def bits(self) -> str:
-        """The bit setting as written in tables, e.g. ``"w4a8"``."""
-        return f"w{self.weight.bits}a{self.activation.bits}"
+        """The bit setting as written in tables, e.g. ``"w4a8"`` (``"w4a8+rules"`` when rules
+        change some edges)."""
+        text = f"w{self.weight.bits}a{self.activation.bits}"
+        return text + ("+rules" if self.rules else "")
 
     def replace(self, **changes) -> "QuantConfig":
         return replace(self, **changes)
@@ -200,17 +345,26 @@ class QuantConfig:
             "roles": list(self.roles),
             "calib_batch_size": self.calib_batch_size,
             **{name: _sub_to_dict(getattr(self, name)) for name in _SUBCONFIGS},
+            "rules": [r.to_dict() for r in self.rules],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
+        """Read a dict written by :meth:`to_dict` of this or an earlier version (version 1 had no
+        ``rules``: it reads as a config without rules)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a QuantConfig must be read from a dict, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("version", cls.VERSION)
-        if version != cls.VERSION:
-            raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads version {cls.VERSION})")
-        unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", *_SUBCONFIGS}
+        if version not in (1, cls.VERSION):
+            raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads versions 1 and {cls.VERSION})")
+        unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", *_SUBCONFIGS}
         if unknown:
             raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
+        if "rules" in d:
+            if not isinstance(d["rules"], list):
+                raise ConfigError(f"QuantConfig.rules must be a list, got {type(d['rules']).__name__}")
+            d["rules"] = tuple(QuantRule.from_dict(r) for r in d["rules"])
         for name, sub_cls in _SUBCONFIGS.items():
             if d.get(name) is not None:
                 d[name] = _sub_from_dict(sub_cls, d[name])
@@ -231,6 +385,8 @@ def _sub_to_dict(value) -> dict | None:
 
 
 def _sub_from_dict(cls, d: dict):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__} must be read from a dict, got {type(d).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = set(d) - known
     if unknown:
@@ -261,10 +417,12 @@ _RECIPES = {
     # ... plus JLSS: PTQ4VM, with every linear learning (vmfx's default) ...
     "ptq4vm": lambda w, a: _recipe("ptq4vm", w, a, granularity="token", init=_LP, smoothing=SmoothingConfig(0.5),
                                    jlss=JLSSConfig()),
-    # ... or as the official code does it (only in_proj / out_proj learn)
+    # ... or as the official code does it (only in_proj / out_proj learn, every image in every step,
+    # gradients through x_proj / dt_proj's float weights)
     "ptq4vm-official": lambda w, a: _recipe("ptq4vm-official", w, a, granularity="token", init=_LP,
                                             smoothing=SmoothingConfig(0.5),
-                                            jlss=JLSSConfig(learn_roles=("in_proj", "out_proj"))),
+                                            jlss=JLSSConfig(learn_roles=("in_proj", "out_proj"),
+                                                             batch_size=None, frozen_gradient="float")),
 }
 
 #: Named presets: ``"<recipe>-w<bits>a<bits>"`` for every recipe and bit setting.

@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "PassError",
     "SerializationError",
+    "LoweringError",
 ]
 
 
@@ -60,3 +61,8 @@ class PassError(VmfxError):
 
 class SerializationError(VmfxError, ValueError):
     """A saved quantized model that is truncated, tampered with or of an unknown version."""
+
+
+class LoweringError(VmfxError):
+    """Lowering could not take part of a quantized graph (raised in ``strict`` mode; otherwise a
+    warning lists the quantized nodes left in float)."""

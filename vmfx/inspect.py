@@ -27,7 +27,9 @@ from .passes.detect import DetectMambaMixersPass
 from .passes.manager import PassManager
 from .passes.patterns import module_of
 from .passes.pipeline import trace_for_quantization
-from .quant.modules import FakeQuantize, QuantLinear
+from .passes.linear_edges import linear_edges, quantized_linears
+from .passes.patterns import is_linear
+from .quant.modules import FakeQuantize, Smooth
 from .quant.observers import Observer
 
 __all__ = [
@@ -49,7 +51,7 @@ _ROLE_COLOURS = {
     "patch_embed": "#c6dbef", "norm": "#e5e5e5", "in_proj": "#fdd0a2", "conv1d": "#c7e9c0",
     "conv_act": "#e5f5e0", "x_proj": "#fdae6b", "dt_proj": "#fd8d3c", "dt_act": "#fee6ce",
     "scan": "#9e9ac8", "gate": "#dadaeb", "merge": "#f0f0f0", "out_proj": "#e6550d",
-    "head": "#6baed6", "observer": "#fff7bc", "quantizer": "#fec44f",
+    "head": "#6baed6", "observer": "#fff7bc", "quantizer": "#fec44f", "smooth": "#fdbe85",
 }
 
 _DIR_SHORT = {"forward": "fwd", "backward": "bwd"}
@@ -79,17 +81,26 @@ def _fq_text(fq: FakeQuantize | None) -> tuple[str, str]:
     return fq.spec.describe(), shape
 
 
+def _spec_text(spec) -> str:
+    return "float" if spec is None else spec.describe()
+
+
 def _quant_columns(node: fx.Node) -> tuple[str, str]:
+    """The spec and scale-shape columns: a quantizer or observer node shows its own; a linear the
+    specs of its two edges (``A ... | W ...``), as decided by the config's rules."""
     m = module_of(node)
-    if isinstance(m, QuantLinear):
-        a_spec, a_shape = _fq_text(m.input_quantizer)
-        w_spec, w_shape = _fq_text(m.weight_quantizer)
-        smooth = " +smooth" if m.smooth is not None else ""
-        return f"A {a_spec} | W {w_spec}{smooth}", f"A {a_shape} | W {w_shape}"
     if isinstance(m, FakeQuantize):
         return _fq_text(m)
     if isinstance(m, Observer):
         return f"observing {m.spec.describe()}", ""
+    if isinstance(m, Smooth):
+        side = "W * s" if node.kwargs.get("weight") else "x / s"
+        return f"smooth {side}", "x".join(str(d) for d in m.factors.shape)
+    ann = annotation(node)
+    if ann is not None and is_linear(node) and (ann.act_spec is not None or ann.weight_spec is not None):
+        edges = linear_edges(node)
+        smooth = " +smooth" if edges.smooth_module() is not None else ""
+        return f"A {_spec_text(ann.act_spec)} | W {_spec_text(ann.weight_spec)}{smooth}", ""
     return "", ""
 
 
@@ -114,7 +125,7 @@ def rows(gm: fx.GraphModule, all_nodes: bool = False) -> list[dict[str, Any]]:
                 "target": _target(node),
                 "role": ann.role if ann else "",
                 "block": "" if ann is None or ann.block is None else ann.block,
-                "dir": "" if ann is None or ann.direction is None else _DIR_SHORT[ann.direction],
+                "dir": "" if ann is None or ann.direction is None else _DIR_SHORT.get(ann.direction, ann.direction),
                 "tokens": "" if ann is None or ann.tokens is None else ann.tokens,
                 "shape": _shape(node),
                 "spec": spec,
@@ -147,7 +158,7 @@ def summary(gm: fx.GraphModule) -> dict[str, Any]:
         if ann is not None:
             roles[ann.role] = roles.get(ann.role, 0) + 1
     mixers = gm.meta.get("vmfx_mixers", [])
-    qlinears = [m for m in gm.modules() if isinstance(m, QuantLinear)]
+    qlinears = [e for e in quantized_linears(gm) if e.act_quant is not None or e.weight_quant is not None]
     return {
         "nodes": len(gm.graph.nodes),
         "roles": roles,

@@ -7,22 +7,31 @@ a JSON record of how to rebuild the graph:
 * ``model``: the float architecture, as a known class name and its constructor arguments
   (``model.init_kwargs``); architectures vmfx cannot rebuild are passed to :func:`load` instead;
 * ``input_shapes``: the example input shape used to trace;
-* ``config``: the :class:`~vmfx.config.QuantConfig`;
-* ``modules``: the quantized modules to put back (``QuantLinear`` with its quantizers' specs and
-  scale shapes, standalone ``FakeQuantize`` nodes with the edge they sit on);
+* ``config``, ``calibration``, ``facts``: the :class:`~vmfx.config.QuantConfig`, the calibration
+  record and the pass facts that hold;
+* ``edits``: the graph edits the quantization passes made to the traced float graph, in order
+  (:mod:`vmfx.passes.graph_utils`): linears made functional, nodes inserted on edges, nodes removed;
+* ``modules``: how to build each inserted module (a quantizer's spec and parameter shapes, a
+  smoothing node's channel count);
+* ``annotations``: every node's vmfx annotation (roles, specs, the edge an inserted node sits on);
+* ``lowered``: for a lowered model, the backend: the file holds the quantized model it was lowered
+  from and :func:`load` lowers it again;
 * ``sha256``: a digest of the header and every tensor's bytes.
 
-``load(path)`` re-traces the float architecture from trusted code, replays the recorded module
-edits and loads the tensors (strictly): nothing in the file is executed. A truncated file, a file
-that is not a vmfx save, a digest mismatch (tampering or corruption) or tensors that do not fit the
-recorded structure raise :class:`~vmfx.errors.SerializationError`. The digest detects accidents
-and naive edits; it is not a signature (anyone can recompute it).
+``load(path)`` re-traces the float architecture from trusted code, replays the recorded edits,
+restores the annotations and loads the tensors (strictly): nothing in the file is executed. Files
+of format version 1 (quantization inside ``QuantLinear`` modules) are migrated on load. A
+truncated file, a file that is not a vmfx save, a digest mismatch (tampering or corruption), a
+header with missing or mistyped fields, non-finite quantization parameters, or tensors that do not
+fit the recorded structure raise :class:`~vmfx.errors.SerializationError`. The digest detects
+accidents and naive edits; it is not a signature (anyone can recompute it).
 
 Invariant: ``load(save(q))`` computes exactly what ``q`` computes (bit for bit on the same machine).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,20 +42,25 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SerializationError
+from .annotations import VMFX_META, NodeAnnotation, annotate, annotation
+from .errors import SerializationError, VmfxError
+from .passes.base import FACTS_META
 from .passes.detect import DetectMambaMixersPass
-from .passes.graph_utils import insert_module_before, replace_submodule
+from .passes.graph_utils import EDITS_META, functionalize_linear, insert_module_on_edge, replay_edits
+from .passes.insert_observers import QUANT_PREFIX
 from .passes.manager import PassManager
 from .passes.patterns import module_of
 from .passes.pipeline import trace_for_quantization
-from .quant.modules import FakeQuantize, QuantLinear
+from .quant.modules import FakeQuantize, Smooth
 from .quant.observers import Observer, QParams
 from .quant.spec import QuantSpec
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "vmfx-quantized"
-FORMAT_VERSION = 1
+#: 2: quantizers and smoothing are graph nodes (an edit log); 1: ``QuantLinear`` modules (read,
+#: migrated on load).
+FORMAT_VERSION = 2
 
 
 def _known_builders() -> dict[str, Any]:
@@ -55,64 +69,101 @@ def _known_builders() -> dict[str, Any]:
     return {f"{VisionMamba.__module__}.{VisionMamba.__qualname__}": VisionMamba}
 
 
-# -- describing the quantized modules -------------------------------------------------------------
+# -- modules and annotations as JSON --------------------------------------------------------------
 
 
-def _fq_entry(fq: FakeQuantize | None) -> dict | None:
-    if fq is None:
+def _describe_module(m: nn.Module, path: str) -> dict:
+    if isinstance(m, Observer):
+        raise SerializationError(
+            f"'{path}' is still an observer: convert the model (vmfx.convert) before saving"
+        )
+    if isinstance(m, FakeQuantize):
+        return {"kind": "FakeQuantize", "spec": m.spec.to_dict(), "is_weight": m.is_weight,
+                "scale_shape": None if m.scale is None else list(m.scale.shape), "enabled": m.enabled}
+    if isinstance(m, Smooth):
+        return {"kind": "Smooth", "channels": m.factors.numel(), "folded_into": m.folded_into}
+    raise SerializationError(f"cannot save the inserted module '{path}' of type {type(m).__name__}")
+
+
+def _build_module(entry: dict) -> nn.Module:
+    kind = entry.get("kind")
+    if kind == "FakeQuantize":
+        spec = QuantSpec.from_dict(entry["spec"])
+        if spec.dynamic:
+            fq = FakeQuantize(spec, None, is_weight=bool(entry["is_weight"]))
+        else:
+            shape = tuple(int(d) for d in entry["scale_shape"])
+            fq = FakeQuantize(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax),
+                              bool(entry["is_weight"]))
+        fq.enabled = bool(entry.get("enabled", True))
+        return fq
+    if kind == "Smooth":
+        smooth = Smooth(torch.ones(int(entry["channels"])))
+        smooth.folded_into = entry.get("folded_into")
+        return smooth
+    raise SerializationError(f"unknown module kind {kind!r} in the saved model")
+
+
+def _layout_class():
+    try:
+        from .layout import TokenLayout
+    except ImportError:  # a vmfx without token layouts
         return None
-    return {
-        "spec": fq.spec.to_dict(),
-        "is_weight": fq.is_weight,
-        "scale_shape": None if fq.scale is None else list(fq.scale.shape),
-        "enabled": fq.enabled,
-    }
+    return TokenLayout
 
 
-def _fq_from_entry(entry: dict | None) -> FakeQuantize | None:
-    if entry is None:
-        return None
-    spec = QuantSpec.from_dict(entry["spec"])
-    if spec.dynamic:
-        fq = FakeQuantize(spec, None, is_weight=entry["is_weight"])
-    else:
-        shape = tuple(entry["scale_shape"])
-        fq = FakeQuantize(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax), entry["is_weight"])
-    fq.enabled = bool(entry.get("enabled", True))
-    return fq
+def _encode(value: Any) -> Any:
+    if isinstance(value, QuantSpec):
+        return {"__spec__": value.to_dict()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"__dataclass__": type(value).__name__,
+                "fields": {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
-def _describe_modules(gm: fx.GraphModule) -> list[dict]:
-    entries = []
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__spec__" in value:
+            return QuantSpec.from_dict(value["__spec__"])
+        if "__dataclass__" in value:
+            cls = _layout_class()
+            if cls is None or value["__dataclass__"] != cls.__name__:
+                raise SerializationError(f"unknown annotation value type {value['__dataclass__']!r}")
+            fields = {k: _decode(v) for k, v in value["fields"].items()}
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _annotations(gm: fx.GraphModule) -> dict[str, dict]:
+    out = {}
     for node in gm.graph.nodes:
-        m = module_of(node)
-        if isinstance(m, Observer):
-            raise SerializationError(
-                f"node '{node.name}' is still an observer: convert the model (vmfx.convert) before saving"
-            )
-        if isinstance(m, QuantLinear):
-            entries.append(
-                {
-                    "kind": "QuantLinear",
-                    "path": node.target,
-                    "in_features": m.in_features,
-                    "out_features": m.out_features,
-                    "bias": m.bias is not None,
-                    "input_quantizer": _fq_entry(m.input_quantizer),
-                    "weight_quantizer": _fq_entry(m.weight_quantizer),
-                    "smooth": m.smooth is not None,
-                    "smooth_input": m.smooth_input,
-                }
-            )
-        elif isinstance(m, FakeQuantize):
-            users = list(node.users)
-            if len(users) != 1 or not isinstance(node.args[0], fx.Node):
-                raise SerializationError(f"standalone quantizer '{node.name}' must sit on one edge to be saved")
-            entries.append(
-                {"kind": "FakeQuantize", "path": node.target, "input": node.args[0].name, "user": users[0].name,
-                 "quantizer": _fq_entry(m)}
-            )
-    return entries
+        ann = annotation(node)
+        if ann is not None:
+            out[node.name] = {f.name: _encode(getattr(ann, f.name)) for f in dataclasses.fields(ann)}
+    return out
+
+
+def _restore_annotations(gm: fx.GraphModule, saved: dict[str, dict]) -> None:
+    known = {f.name for f in dataclasses.fields(NodeAnnotation)}
+    for node in gm.graph.nodes:
+        node.meta.pop(VMFX_META, None)
+        entry = saved.get(node.name)
+        if entry is None:
+            continue
+        facts = {k: _decode(v) for k, v in entry.items() if k != "role"}
+        extra_fields = {k: facts.pop(k) for k in list(facts) if k not in known}
+        ann = annotate(node, entry["role"], **facts)
+        for k, v in extra_fields.items():  # fields of a newer annotation (e.g. layout)
+            setattr(ann, k, v)
 
 
 # -- digest ---------------------------------------------------------------------------------------
@@ -129,11 +180,11 @@ def _digest(header_json: str, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-# -- save / load ----------------------------------------------------------------------------------
+# -- save -----------------------------------------------------------------------------------------
 
 
 def save(qmodel: fx.GraphModule, path: str) -> str:
-    """Write ``qmodel`` (from :func:`vmfx.compile`) to ``path`` (a ``.safetensors`` file).
+    """Write ``qmodel`` (from :func:`vmfx.compile`, lowered or not) to ``path`` (``.safetensors``).
 
     The file is written to a temporary name and moved into place, so an interrupted save never
     leaves a half-written file at ``path``.
@@ -147,8 +198,36 @@ def save(qmodel: fx.GraphModule, path: str) -> str:
 
     if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
         raise SerializationError("vmfx.save expects a quantized model returned by vmfx.compile / vmfx.convert")
+    lowered = qmodel.meta.get("vmfx_lowered")
+    if lowered:
+        source = qmodel.meta.get("vmfx_unlowered")
+        if not isinstance(source, fx.GraphModule):
+            raise SerializationError(
+                "this lowered model does not keep the quantized model it was lowered from: save the model "
+                "vmfx.compile returns without a backend, and lower it again after vmfx.load"
+            )
+        qmodel = source
     if not qmodel.meta.get("vmfx_input_shapes"):
         raise SerializationError("the model has no recorded input shape (it was traced without an example input)")
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise SerializationError(f"vmfx.save needs a file path, got {path!r}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise SerializationError(f"{path!r} is a directory: give a file name, e.g. {os.path.join(path, 'model.safetensors')!r}")
+    edits = list(qmodel.meta.get(EDITS_META) or [])
+    modules = {}
+    for record in edits:
+        if record.get("op") == "insert" and record["path"] not in modules:
+            try:
+                m = qmodel.get_submodule(record["path"])
+            except AttributeError:
+                continue  # inserted, then removed again
+            modules[record["path"]] = _describe_module(m, record["path"])
+    for node in qmodel.graph.nodes:
+        if isinstance(module_of(node), Observer):
+            raise SerializationError(
+                f"node '{node.name}' is still an observer: convert the model (vmfx.convert) before saving"
+            )
     header = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -158,31 +237,43 @@ def save(qmodel: fx.GraphModule, path: str) -> str:
         "input_shapes": qmodel.meta["vmfx_input_shapes"],
         "config": qmodel.meta.get("vmfx_config"),
         "calibration": qmodel.meta.get("vmfx_calibration"),
-        "modules": _describe_modules(qmodel),
+        "facts": sorted(qmodel.meta.get(FACTS_META) or []),
+        "edits": edits,
+        "modules": modules,
+        "annotations": _annotations(qmodel),
+        "lowered": {"backend": lowered["backend"]} if lowered else None,
     }
     header_json = json.dumps(header, sort_keys=True)
     tensors = {k: v.detach().clone().contiguous() for k, v in qmodel.state_dict().items()}
     metadata = {"vmfx": header_json, "vmfx_sha256": _digest(header_json, tensors)}
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    except OSError as exc:
+        raise SerializationError(f"cannot write to {path!r}: {exc.strerror or exc}") from exc
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise SerializationError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
 
 
-def _read(path: str) -> tuple[dict, str, dict[str, torch.Tensor]]:
+# -- load -----------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> tuple[dict, str, dict[str, torch.Tensor], str]:
     from safetensors import safe_open
 
-    if not os.path.isfile(path):
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         raise SerializationError(f"no saved model at {path!r}")
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(os.fspath(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
@@ -195,7 +286,36 @@ def _read(path: str) -> tuple[dict, str, dict[str, torch.Tensor]]:
         header = json.loads(metadata["vmfx"])
     except json.JSONDecodeError as exc:
         raise SerializationError(f"{path!r} has a damaged vmfx header: {exc}") from exc
-    return header, metadata["vmfx"], tensors | {"__digest__": metadata["vmfx_sha256"]}
+    if not isinstance(header, dict):
+        raise SerializationError(f"{path!r} has a damaged vmfx header: not a JSON object")
+    return header, metadata["vmfx"], tensors, metadata["vmfx_sha256"]
+
+
+_REQUIRED = {1: {"format": str, "version": int, "input_shapes": list, "modules": list, "source_type": str},
+             2: {"format": str, "version": int, "input_shapes": list, "modules": dict, "source_type": str,
+                 "edits": list, "annotations": dict}}
+
+
+def _check_header(header: dict, path: str) -> None:
+    if header.get("format") != FORMAT:
+        raise SerializationError(f"{path!r} is not a vmfx quantized model (format {header.get('format')!r})")
+    version = header.get("version")
+    if version not in _REQUIRED:
+        raise SerializationError(
+            f"{path!r} has format version {version!r}; this vmfx reads versions "
+            f"{', '.join(map(str, sorted(_REQUIRED)))} (a newer vmfx wrote it?)"
+        )
+    for field, kind in _REQUIRED[version].items():
+        if field not in header:
+            raise SerializationError(f"{path!r} has a damaged vmfx header: the field {field!r} is missing")
+        if not isinstance(header[field], kind):
+            raise SerializationError(
+                f"{path!r} has a damaged vmfx header: {field!r} is a {type(header[field]).__name__}, "
+                f"expected a {kind.__name__}"
+            )
+    shapes = header["input_shapes"]
+    if not shapes or not all(isinstance(s, list) and all(isinstance(d, int) and d > 0 for d in s) for s in shapes):
+        raise SerializationError(f"{path!r} has a damaged vmfx header: bad input_shapes {shapes!r}")
 
 
 def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
@@ -206,66 +326,156 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
         model: the float architecture to trace, for models vmfx cannot rebuild from the recorded
             constructor arguments (its weights are overwritten by the file's).
 
+    Returns:
+        The quantized model; lowered with the recorded backend if a lowered model was saved.
+
     Raises:
-        SerializationError: missing, truncated, tampered or incompatible file (the message says which).
+        SerializationError: missing, truncated, tampered or incompatible file, or a ``model`` of
+            another architecture (the message says which).
     """
-    header, header_json, tensors = _read(path)
-    digest = tensors.pop("__digest__")
-    if header.get("format") != FORMAT:
-        raise SerializationError(f"{path!r} is not a vmfx quantized model (format {header.get('format')!r})")
-    if header.get("version") != FORMAT_VERSION:
-        raise SerializationError(
-            f"{path!r} has format version {header.get('version')}; this vmfx reads version {FORMAT_VERSION}"
-        )
+    header, header_json, tensors, digest = _read(path)
+    _check_header(header, path)
     if _digest(header_json, tensors) != digest:
         raise SerializationError(
             f"{path!r} does not match its recorded sha256 digest: the file was modified or corrupted after "
             "it was saved; quantize the model again"
         )
+    given = model is not None
     if model is None:
         spec = header.get("model")
-        builder = _known_builders().get((spec or {}).get("class"))
+        builder = _known_builders().get((spec or {}).get("class")) if isinstance(spec, dict) else None
         if builder is None:
             raise SerializationError(
                 f"vmfx cannot rebuild a {header.get('source_type')} by itself: pass the float model "
                 "architecture as vmfx.load(path, model=...)"
             )
-        model = builder(**spec["kwargs"])
+        try:
+            model = builder(**spec["kwargs"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SerializationError(f"{path!r} records constructor arguments vmfx cannot use: {exc}") from exc
+    elif not isinstance(model, nn.Module):
+        raise SerializationError(f"vmfx.load(path, model=...) takes the float nn.Module, got {type(model).__name__}")
+    saved_type = header.get("source_type") or ""
+    if given and saved_type and type(model).__name__ != saved_type.rsplit(".", 1)[-1]:
+        raise SerializationError(
+            f"{path!r} holds a quantized {saved_type.rsplit('.', 1)[-1]}, but the model given to vmfx.load is a "
+            f"{type(model).__name__}: pass the float architecture that was quantized"
+        )
+    try:
+        gm, tensors = _rebuild(model, header, tensors)
+        gm.load_state_dict(tensors, strict=True)
+    except SerializationError:
+        raise
+    except (VmfxError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        what = "the model given to vmfx.load" if given else "the model rebuilt from the file's constructor arguments"
+        raise SerializationError(
+            f"{path!r} does not fit {what} (another architecture or size?): {type(exc).__name__}: {exc}"
+        ) from exc
+    _check_finite(gm, path)
+    gm.recompile()
+    gm.eval()
+    lowered = header.get("lowered")
+    if lowered:
+        from .lowering import lower
+
+        return lower(gm, lowered["backend"])
+    return gm
+
+
+def _rebuild(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]):
     example = tuple(torch.zeros(shape) for shape in header["input_shapes"])
     gm, _ = trace_for_quantization(model, example_inputs=example)
     gm = PassManager([DetectMambaMixersPass()])(gm).graph_module
-    _replay(gm, header["modules"])
-    try:
-        gm.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise SerializationError(f"the tensors in {path!r} do not fit the rebuilt model: {exc}") from exc
+    if header["version"] == 1:
+        tensors = _migrate_v1(gm, header["modules"], tensors)
+        gm.meta[FACTS_META] = ["mixers_detected", "quantizers_calibrated"]
+    else:
+        modules = header["modules"]
+
+        def make(record: dict) -> nn.Module:
+            entry = modules.get(record["path"])
+            if entry is None:  # removed before saving: any module of the right kind will do
+                raise SerializationError(f"the saved model lacks the description of module '{record['path']}'")
+            return _build_module(entry)
+
+        gm.meta[EDITS_META] = []
+        replay_edits(gm, _live_edits(header["edits"], modules), make)
+        _restore_annotations(gm, header["annotations"])
+        gm.meta[FACTS_META] = list(header.get("facts") or [])
     gm.meta["vmfx_config"] = header.get("config")
     gm.meta["vmfx_calibration"] = header.get("calibration")
     gm.meta["vmfx_example_inputs"] = example
-    gm.recompile()
-    return gm.eval()
+    return gm, tensors
 
 
-def _replay(gm: fx.GraphModule, entries: list[dict]) -> None:
-    nodes = {n.name: n for n in gm.graph.nodes}
-    for e in entries:
-        if e["kind"] == "QuantLinear":
-            try:
-                gm.get_submodule(e["path"])
-            except AttributeError:
-                raise SerializationError(f"the saved model quantizes '{e['path']}', which the rebuilt model lacks") from None
-            q = QuantLinear(
-                torch.zeros(e["out_features"], e["in_features"]),
-                torch.zeros(e["out_features"]) if e["bias"] else None,
-                input_quantizer=_fq_from_entry(e["input_quantizer"]),
-                weight_quantizer=_fq_from_entry(e["weight_quantizer"]),
-                smooth=torch.ones(e["in_features"]) if e["smooth"] else None,
-                smooth_input=e["smooth_input"],
+def _live_edits(edits: list[dict], modules: dict) -> list[dict]:
+    """The edit log without the insertions of modules that were removed before saving (and
+    their removals): those left nothing behind."""
+    dead = {r["node"] for r in edits if r.get("op") == "insert" and r["path"] not in modules}
+    return [r for r in edits if r.get("node") not in dead]
+
+
+def _check_finite(gm: fx.GraphModule, path: str) -> None:
+    for name, t in gm.state_dict().items():
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            raise SerializationError(
+                f"{path!r} holds non-finite values in '{name}' (NaN or Inf): the file or the model it was "
+                "made from is damaged; quantize the model again"
             )
-            replace_submodule(gm, e["path"], q)
-        elif e["kind"] == "FakeQuantize":
+
+
+def _migrate_v1(gm: fx.GraphModule, entries: list[dict], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rebuild a format-1 model (quantization inside ``QuantLinear`` modules) as nodes on edges,
+    and rename its tensors accordingly."""
+    tensors = dict(tensors)
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    nodes = {n.name: n for n in gm.graph.nodes}
+
+    def rename(old: str, new: str) -> None:
+        for suffix in ("scale", "zero_point", "factors"):
+            if f"{old}.{suffix}" in tensors:
+                tensors[f"{new}.{suffix}"] = tensors.pop(f"{old}.{suffix}")
+
+    for e in entries:
+        if e.get("kind") == "QuantLinear":
+            node = by_target.get(e["path"])
+            if node is None:
+                raise SerializationError(f"the saved model quantizes '{e['path']}', which the rebuilt model lacks")
+            ann = annotation(node)
+            common = {} if ann is None else {"block": ann.block, "direction": ann.direction, "tokens": ann.tokens,
+                                              "mixer": ann.mixer}
+            role = ann.role if ann is not None else "head"
+            iq = _build_module({"kind": "FakeQuantize", **e["input_quantizer"]}) if e.get("input_quantizer") else None
+            wq = _build_module({"kind": "FakeQuantize", **e["weight_quantizer"]}) if e.get("weight_quantizer") else None
+            linear = functionalize_linear(gm, node)
+            annotate(linear, role, **common, act_spec=None if iq is None else iq.spec,
+                     weight_spec=None if wq is None else wq.spec)
+            weight_attr = linear.args[1]
+            if e.get("smooth"):
+                smooth = Smooth(torch.ones(int(e["in_features"])))
+                path = f"{QUANT_PREFIX}.{linear.name}__smooth"
+                if e.get("smooth_input", True):
+                    a = insert_module_on_edge(gm, linear, linear.args[0], smooth, path)
+                    annotate(a, "smooth", **common, extra={"quantizes": linear.name, "edge": "input"})
+                else:
+                    smooth.folded_into = "norm (format 1)"
+                w = insert_module_on_edge(gm, linear, weight_attr, smooth, path, {"weight": True})
+                annotate(w, "smooth", **common, extra={"quantizes": linear.name, "edge": "weight"})
+                tensors[f"{path}.factors"] = tensors.pop(f"{e['path']}.smooth")
+            for edge, fq in (("input", iq), ("weight", wq)):
+                if fq is None:
+                    continue
+                source = linear.args[0] if edge == "input" else linear.args[1]
+                path = f"{QUANT_PREFIX}.{linear.name}__{edge}"
+                q = insert_module_on_edge(gm, linear, source, fq, path)
+                annotate(q, "quantizer", **common, extra={"quantizes": linear.name, "edge": edge})
+                rename(f"{e['path']}.{edge}_quantizer", path)
+        elif e.get("kind") == "FakeQuantize":
             if e["input"] not in nodes or e["user"] not in nodes:
                 raise SerializationError(f"the saved quantizer '{e['path']}' sits on an edge the rebuilt graph lacks")
-            insert_module_before(gm, nodes[e["user"]], nodes[e["input"]], _fq_from_entry(e["quantizer"]), e["path"])
+            q = insert_module_on_edge(gm, nodes[e["user"]], nodes[e["input"]],
+                                      _build_module({"kind": "FakeQuantize", **e["quantizer"]}), e["path"])
+            annotate(q, "quantizer")
         else:
-            raise SerializationError(f"unknown module kind {e['kind']!r} in the saved model")
+            raise SerializationError(f"unknown module kind {e.get('kind')!r} in the saved model")
+    return tensors

@@ -20,7 +20,8 @@ from vmfx.passes import (
     PassResult,
     Pipeline,
 )
-from vmfx.quant import QuantLinear, QuantSpec
+from vmfx.passes.linear_edges import quantized_linears
+from vmfx.quant import FakeQuantize, QuantSpec
 
 
 class BreakGraph(Pass):
@@ -76,8 +77,72 @@ def test_manager_rejects_non_passes():
 
 
 def test_insert_observers_requires_detection(tiny_model, tiny_images):
-    with pytest.raises(vmfx.PassError, match="InsertObserversPass: no Mamba mixer was detected"):
+    with pytest.raises(vmfx.PassError, match="InsertObserversPass .* needs 'mixers_detected'.*which no pass before it"):
         PassManager([InsertObserversPass(QuantSpec(), QuantSpec(granularity="channel"))])(_gm(tiny_model, tiny_images))
+    # run directly (no pipeline), the pass still checks the graph itself
+    with pytest.raises(vmfx.PassError, match="InsertObserversPass: no Mamba mixer was detected"):
+        InsertObserversPass(QuantSpec(), QuantSpec(granularity="channel"))(_gm(tiny_model, tiny_images))
+
+
+def test_wrong_pass_order_fails_before_running_naming_both_passes(tiny_model, tiny_images):
+    from vmfx.config import JLSSConfig
+    from vmfx.passes import FoldSmoothingPass, JLSSPass, SmoothQuantPass
+    from vmfx.quant.observers import AbsMaxObserver
+
+    act, weight = QuantSpec(8, False, "token"), QuantSpec(8, True, "channel")
+    ran = []
+
+    class Spy(Pass):
+        def call(self, gm, ctx):
+            ran.append(True)
+            return PassResult(gm, False)
+
+    head = [Spy(), DetectMambaMixersPass(), InsertObserversPass(act, weight, observer=AbsMaxObserver), CalibratePass(),
+            SmoothQuantPass(0.5), CalibratePass(), ConvertPass()]
+    # JLSS after the smoothing factors were folded: they can no longer be learned
+    with pytest.raises(vmfx.PassError, match="JLSSPass .* cannot run after FoldSmoothingPass"):
+        Pipeline(head + [FoldSmoothingPass(), JLSSPass(JLSSConfig(steps=1))])(tiny_model, tiny_images)
+    # calibrating before the observers exist
+    with pytest.raises(vmfx.PassError, match="CalibratePass .* needs 'observers_inserted'.*InsertObserversPass establishes "
+                                             "only later.*move InsertObserversPass before CalibratePass"):
+        Pipeline([DetectMambaMixersPass(), CalibratePass(), InsertObserversPass(act, weight), ConvertPass()])(
+            tiny_model, tiny_images)
+    # converting twice / calibrating after convert: convert consumed the observers
+    with pytest.raises(vmfx.PassError, match="CalibratePass .* no pass before it establishes \\(ConvertPass undid it\\)"):
+        Pipeline([DetectMambaMixersPass(), InsertObserversPass(act, weight), ConvertPass(requires_calibration=False),
+                  CalibratePass()])(tiny_model, tiny_images)
+    assert not ran  # nothing ran: the order is checked first
+
+
+def test_a_config_that_quantizes_nothing_is_an_error(tiny_model, tiny_images):
+    from vmfx.config import QuantRule
+
+    cfg = vmfx.preset("minmax-w8a8").replace(rules=tuple(
+        QuantRule(edge, None, role=r) for r in ("in_proj", "x_proj", "dt_proj", "out_proj") for edge in ("input", "weight")))
+    with pytest.raises(vmfx.PassError, match="no linear gets a quantization spec"):
+        vmfx.compile(tiny_model, tiny_images, cfg)
+
+
+def test_mixed_precision_by_rules_shows_in_the_table(tiny_model, tiny_images):
+    from vmfx.config import QuantRule
+
+    cfg = vmfx.preset("minmax-w8a8").replace(rules=(
+        QuantRule("input", QuantSpec(4, False, "tensor"), role="out_proj"),
+        QuantRule("weight", QuantSpec(4, True, "channel"), role="out_proj"),
+    ))
+    q = vmfx.compile(tiny_model, tiny_images, cfg)
+    rows = {r["node"]: r for r in vmfx.inspect.rows(q)}
+    assert rows["mixers_0_in_proj"]["spec"] == "A uint8 asym per-tensor | W int8 sym per-channel"
+    assert rows["mixers_0_out_proj"]["spec"] == "A uint4 asym per-tensor | W int4 sym per-channel"
+    assert rows["vmfx_q_mixers_0_out_proj__input"]["spec"] == "uint4 asym per-tensor"
+    assert rows["vmfx_q_mixers_0_in_proj__weight"]["spec"] == "int8 sym per-channel"
+    text = vmfx.inspect.table(q)
+    assert "uint4 asym per-tensor" in text and "uint8 asym per-tensor" in text
+    # the converted graph reads producer -> quantize -> consumer
+    lin = next(n for n in q.graph.nodes if n.name == "mixers_0_out_proj")
+    assert lin.args[0].name == "vmfx_q_mixers_0_out_proj__input"
+    assert lin.args[1].name == "vmfx_q_mixers_0_out_proj__weight"
+    assert lin.args[1].args[0].op == "get_attr"
 
 
 def test_every_pass_keeps_the_graph_runnable(tiny_model, tiny_images):
@@ -103,9 +168,11 @@ def test_custom_pipeline_can_quantize_a_subset(tiny_model, tiny_images):
     act, weight = QuantSpec(8, False, "token"), QuantSpec(4, True, "channel")
     pipe = Pipeline([DetectMambaMixersPass(), InsertObserversPass(act, weight, roles=("out_proj",)), CalibratePass(), ConvertPass()])
     q = pipe(tiny_model, tiny_images)
-    quantized = [n.target for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), QuantLinear)]
+    quantized = [e.module for e in quantized_linears(q)]
     assert quantized == ["mixers.0.out_proj", "mixers.1.out_proj"]
-    assert q.get_submodule("mixers.0.out_proj").input_quantizer.scale.shape == (1, 16, 1)
+    edges = quantized_linears(q)[0]
+    assert isinstance(edges.quantizer("input"), FakeQuantize) and isinstance(edges.quantizer("weight"), FakeQuantize)
+    assert edges.quantizer("input").scale.shape == (1, 16, 1)
 
 
 def test_staged_api_equals_compile(tiny_model, tiny_images):
@@ -121,8 +188,10 @@ def test_staged_api_equals_compile(tiny_model, tiny_images):
 
 def test_node_names_survive_conversion(tiny_model, tiny_images):
     float_gm = vmfx.trace(tiny_model, (tiny_images[:1],))
-    qmodel = vmfx.compile(tiny_model, tiny_images, "minmax-w8a8")
-    assert [n.name for n in float_gm.graph.nodes] == [n.name for n in qmodel.graph.nodes]
+    qmodel = vmfx.compile(tiny_model, tiny_images, "ptq4vm-w4a4".replace("ptq4vm", "pts-smooth"))
+    float_names = [n.name for n in float_gm.graph.nodes]
+    kept = [n.name for n in qmodel.graph.nodes if n.name in set(float_names)]
+    assert kept == float_names  # every float node survives, in order; quantization only adds nodes
     assert isinstance(qmodel, fx.GraphModule)
 
 

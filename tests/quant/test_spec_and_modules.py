@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.reference import fake_quant_ref
 from vmfx.errors import CalibrationDataError, ConfigError
-from vmfx.quant import FakeQuantize, MinMaxObserver, QuantLinear, QuantSpec, weight_quantizer_minmax
+from vmfx.quant import FakeQuantize, MinMaxObserver, QuantSpec, Smooth, weight_quantizer_minmax
 
 
 @pytest.mark.parametrize("bits", [0, 1, 9, 16, 8.0, True, "8"])
@@ -82,21 +82,23 @@ def test_dynamic_per_token_uses_each_rows_range():
     assert bool(((y - x).abs() <= scale / 2 + 1e-9).all())
 
 
-def test_quant_linear_smoothing_is_exact_in_float_and_quantizes_when_enabled():
+def test_smoothing_node_is_exact_in_float_and_quantizes_when_enabled():
     g = torch.Generator().manual_seed(5)
     lin = torch.nn.Linear(16, 8)
     x = torch.randn(4, 10, 16, generator=g)
     smooth = torch.rand(16, generator=g) + 0.5
-    ql = QuantLinear.from_linear(lin, smooth=smooth)
-    torch.testing.assert_close(ql(x), lin(x), rtol=1e-5, atol=1e-5)
+    sm = Smooth(smooth)
+    # smoothing alone changes nothing: (x / s) @ (W * s)^T == x @ W^T
+    torch.testing.assert_close(F.linear(sm(x), sm(lin.weight, weight=True), lin.bias), lin(x), rtol=1e-5, atol=1e-5)
     wspec = QuantSpec(4, True, "channel")
-    ql.weight_quantizer = weight_quantizer_minmax(ql.smoothed_weight(), wspec)
-    w_ref = fake_quant_ref(lin.weight * smooth, ql.weight_quantizer.scale, 0, -7, 7)
+    wq = weight_quantizer_minmax(sm(lin.weight, weight=True).detach(), wspec)
+    w_ref = fake_quant_ref(lin.weight * smooth, wq.scale, 0, -7, 7)
     y_ref = F.linear((x / smooth).double(), w_ref, lin.bias.double())
-    torch.testing.assert_close(ql(x).double(), y_ref, rtol=1e-5, atol=1e-5)
-    assert ql.weight_quantizer.scale.shape == (8, 1)
+    y = F.linear(sm(x), wq(sm(lin.weight, weight=True)), lin.bias)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert wq.scale.shape == (8, 1)
 
 
-def test_quant_linear_rejects_wrong_smoothing_shape():
-    with pytest.raises(ConfigError, match=r"shape \(16,\)"):
-        QuantLinear(torch.randn(8, 16), smooth=torch.ones(8))
+def test_smoothing_factors_must_be_a_vector():
+    with pytest.raises(ConfigError, match=r"must be a vector"):
+        Smooth(torch.ones(8, 16))

@@ -28,7 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import TraceError
 from ..nn.norm import RMSNorm
 from ..ops.selective_scan import selective_scan
-from ..quant.modules import FakeQuantize, QuantLinear
+from ..quant.modules import FakeQuantize, Smooth
 from ..quant.observers import Observer
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "propagate_shapes",
 ]
 
-_LEAF_MODULE_TYPES: list[type] = [RMSNorm, FakeQuantize, QuantLinear, Observer]
+_LEAF_MODULE_TYPES: list[type] = [RMSNorm, FakeQuantize, Smooth, Observer]
 _LEAF_FUNCTIONS: list[Callable] = [selective_scan]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -11,23 +11,17 @@ plus its own epilogue, cached by hash, :mod:`~vmfx.lowering.codegen`) -> :mod:`~
 :mod:`~vmfx.lowering.reference` on a CPU).
 """
 
-import os as _os
-
-import torch as _torch
-
-# Triton defines jit functions of its own when it is imported (tl.sigmoid, ...): on a machine
-# without CUDA, its interpreter must be on before that happens, or no generated kernel can run.
-# vmfx imports Triton only here, lazily; an explicit TRITON_INTERPRET setting wins.
-if not _torch.cuda.is_available():
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from .partition import Partition, find_partitions  # noqa: E402
-from .runtime import BACKENDS, LoweredPartition, lower, lowered_partitions, resolve_backend, show  # noqa: E402
+# Importing vmfx changes no environment variable and imports no Triton: the backend (a GPU, or
+# Triton's CPU interpreter on a machine without CUDA) is chosen when the first generated kernel is
+# defined (vmfx.lowering.codegen.ensure_backend), before Triton is imported.
+from .partition import Partition, find_partitions, unlowered_quantizers
+from .runtime import BACKENDS, LoweredPartition, lower, lowered_partitions, resolve_backend, show
 
 __all__ = [
     "BACKENDS",
     "Partition",
     "find_partitions",
+    "unlowered_quantizers",
     "LoweredPartition",
     "lower",
     "lowered_partitions",

@@ -2,12 +2,14 @@
 
 Four kinds of partition, found by structure on the annotated graph:
 
-* ``qlinear``: a :class:`~vmfx.quant.QuantLinear` with a static input quantizer (smoothing +
-  per-token or per-tensor quantize + integer GEMM + dequantize with token x channel scales +
-  bias), extended by the chain of elementwise nodes that alone consume its output (its
-  *epilogue*: SiLU, softplus, arithmetic with constants or with a tensor of the output's shape,
-  e.g. the residual add after ``out_proj``). When its input is produced by a ``conv`` or ``merge``
-  partition, that partition emits the quantized codes and the GEMM reads them directly.
+* ``qlinear``: the pattern ``[smooth] -> quantize(act) -> F.linear(., quantize([smooth](W)), b)``
+  (producer -> quantize -> consumer), with a static asymmetric per-token or per-tensor activation
+  quantizer and a static symmetric per-channel weight quantizer: smoothing + quantize + integer
+  GEMM + dequantize with token x channel scales + bias, extended by the chain of elementwise nodes
+  that alone consume its output (its *epilogue*: SiLU, softplus, arithmetic with constants or with
+  a tensor of the output's shape, e.g. the residual add after ``out_proj``). When its input is
+  produced by a ``conv`` or ``merge`` partition, that partition emits the quantized codes and the
+  GEMM reads them directly.
 * ``conv``: causal depthwise conv1d + crop + SiLU (role ``conv1d`` / ``conv_act``), also
   quantizing its output for the ``x_proj`` that reads it.
 * ``scan``: the selective scan with its D skip and the SiLU(z) gate (roles ``scan`` / ``gate``).
@@ -17,6 +19,8 @@ Four kinds of partition, found by structure on the annotated graph:
 A partition records the FX nodes it replaces (provenance), its external inputs (in order) and the
 node whose value it produces. Nodes in no partition (norms, views, the patch embedding, the head)
 stay as they are. This module only *finds* partitions; :mod:`vmfx.lowering.runtime` replaces them.
+:func:`unlowered_quantizers` lists the quantizer nodes no partition takes (they stay fake-quant
+in float), so that lowering never drops quantization silently.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..annotations import annotation
+from ..passes.linear_edges import linear_edges
 from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
-from ..quant.modules import QuantLinear
+from ..quant.modules import FakeQuantize, Smooth
 
-__all__ = ["Partition", "find_partitions", "EPILOGUE_OPS"]
+__all__ = ["Partition", "QuantizedLinear", "find_partitions", "unlowered_quantizers", "EPILOGUE_OPS"]
 
 #: FX targets an epilogue may hold, mapped to the op names of the code generator.
 EPILOGUE_OPS = {
@@ -84,16 +89,55 @@ def _role(n: fx.Node) -> str | None:
 # -- qlinear --------------------------------------------------------------------------------------
 
 
-def _static_quantlinear(node: fx.Node) -> QuantLinear | None:
-    m = module_of(node)
-    if not isinstance(m, QuantLinear) or m.weight_quantizer is None:
+@dataclass
+class QuantizedLinear:
+    """What a ``qlinear`` kernel needs of one matched linear, read off its graph nodes.
+
+    Attributes:
+        weight, bias: the float (unsmoothed) weight and the bias of the ``nn.Linear``.
+        input_quantizer, weight_quantizer: the static quantizer modules of its two edges.
+        smooth: the smoothing module, or None.
+        smooth_input: the input edge still divides by ``s`` (not folded into its producer).
+        nodes: the inserted nodes the partition takes (smoothing, quantizers).
+        source: the value entering the input edge.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    input_quantizer: FakeQuantize
+    weight_quantizer: FakeQuantize
+    smooth: Smooth | None
+    smooth_input: bool
+    nodes: list[fx.Node]
+    source: fx.Node
+
+    def smoothing(self) -> torch.Tensor | None:
+        return None if self.smooth is None else self.smooth.value()
+
+
+def _static_quantlinear(node: fx.Node) -> QuantizedLinear | None:
+    """Match ``[smooth] -> quantize(act) -> F.linear(., quantize([smooth](W)), b)`` at ``node``."""
+    if not (node.op == "call_function" and node.target is F.linear):
         return None
-    iq = m.input_quantizer
-    if iq is None or iq.spec.dynamic or iq.spec.symmetric or iq.spec.granularity not in ("token", "tensor"):
+    edges = linear_edges(node)
+    iq, wq = edges.quantizer("input"), edges.quantizer("weight")
+    if not isinstance(iq, FakeQuantize) or not isinstance(wq, FakeQuantize) or edges.weight_attr is None:
         return None
-    if m.weight_quantizer.spec.granularity != "channel" or not m.weight_quantizer.spec.symmetric:
+    if not iq.enabled or not wq.enabled:
         return None
-    return m
+    if iq.spec.dynamic or iq.spec.symmetric or iq.spec.granularity not in ("token", "tensor"):
+        return None
+    if wq.spec.granularity != "channel" or not wq.spec.symmetric:
+        return None
+    for inserted in (edges.act_quant, edges.act_smooth):
+        if inserted is not None and len(inserted.users) != 1:
+            return None
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return None
+    module = edges.linear_module(node.graph.owning_module)
+    return QuantizedLinear(module.weight, module.bias, iq, wq, edges.smooth_module(), edges.act_smooth is not None,
+                           edges.inserted, edges.source)
 
 
 def _epilogue(node: fx.Node) -> tuple[list[tuple], list[fx.Node], list[fx.Node]]:
@@ -238,18 +282,18 @@ def find_partitions(gm: fx.GraphModule) -> list[Partition]:
             add(_merge_partition(node))
     producers = {p.output: p for p in parts if p.kind in ("conv", "merge")}
     for node in gm.graph.nodes:
-        module = _static_quantlinear(node) if node.op == "call_module" else None
+        module = _static_quantlinear(node)
         if module is None or node in taken:
             continue
         ops, epi_nodes, extra = _epilogue(node)
-        source, chain = node.args[0], []
+        source, chain = module.source, []
         while isinstance(source, fx.Node) and source.op == "call_method" and source.target == "transpose" \
                 and len(source.users) == 1:
             chain.append(source)
             source = source.args[0]
         producer = producers.get(source)
-        info = {"module": module, "epilogue": ops, "codes_from": None}
-        inputs = [node.args[0]]
+        info = {"module": module, "node": node, "epilogue": ops, "codes_from": None}
+        inputs = [module.source]
         if producer is not None and producer.kind == "conv" and len(chain) == 1:
             # the conv emits (B*L, E) codes for this linear; the transpose node becomes dead
             info["codes_from"] = producer
@@ -257,7 +301,16 @@ def find_partitions(gm: fx.GraphModule) -> list[Partition]:
         elif producer is not None and producer.kind == "merge" and not chain:
             info["codes_from"] = producer
             producer.info["consumer"] = node
-        add(Partition("qlinear", node.name, [node] + epi_nodes, inputs + extra, (epi_nodes or [node])[-1], info))
+        add(Partition("qlinear", node.name, module.nodes + [node] + epi_nodes, inputs + extra,
+                      (epi_nodes or [node])[-1], info))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for p in parts:
+        p.nodes.sort(key=order.__getitem__)
     parts.sort(key=lambda p: order[p.nodes[0]])
     return parts
+
+
+def unlowered_quantizers(gm: fx.GraphModule, parts: list[Partition]) -> list[fx.Node]:
+    """The quantizer and smoothing nodes of ``gm`` that no partition in ``parts`` takes."""
+    taken = {n for p in parts for n in p.nodes}
+    return [n for n in gm.graph.nodes if n not in taken and isinstance(module_of(n), (FakeQuantize, Smooth))]

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from typing import Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..annotations import annotate
-from ..errors import ConfigError
-from ..quant.modules import QuantLinear
+from ..annotations import annotate, annotation
+from ..errors import ConfigError, LoweringError
 from . import reference as ref
-from .partition import Partition, find_partitions
+from .partition import Partition, QuantizedLinear, find_partitions, unlowered_quantizers
 
 __all__ = [
     "BACKENDS",
@@ -101,8 +101,8 @@ def _act(module: nn.Module, prefix: str) -> ref.ActQuant:
     return ref.ActQuant(g("scale"), g("inv_scale"), g("zero_point"), g("bits"), g("inv_smooth"))
 
 
-def input_act_quant(linear: QuantLinear) -> ref.ActQuant:
-    """The kernels' activation parameters of a converted linear's input quantizer."""
+def input_act_quant(linear: QuantizedLinear) -> ref.ActQuant:
+    """The kernels' activation parameters of a matched linear's input quantizer."""
     iq = linear.input_quantizer
     smooth = linear.smoothing() if (linear.smooth is not None and linear.smooth_input) else None
     return ref.make_act_quant(iq.scale, iq.zero_point, iq.spec.bits, smooth=smooth)
@@ -112,7 +112,7 @@ class LoweredQLinear(LoweredPartition):
     """Quantize (or take codes) + int GEMM + zero-point correction + dequant + bias + epilogue.
 
     Args:
-        linear: the converted :class:`~vmfx.quant.QuantLinear` (static input quantizer).
+        linear: the matched :class:`~vmfx.lowering.partition.QuantizedLinear` (static quantizers).
         epilogue: the epilogue ops (``("add", "extra0")``, ``("silu",)``...).
         token_shape: the input's dims between batch and channels (e.g. ``(L,)``), used to
             reshape 2-D codes from a producer back to ``(B, L, N)``.
@@ -121,7 +121,7 @@ class LoweredQLinear(LoweredPartition):
 
     kind = "qlinear"
 
-    def __init__(self, name, provenance, backend, linear: QuantLinear, epilogue, token_shape, takes_codes):
+    def __init__(self, name, provenance, backend, linear: QuantizedLinear, epilogue, token_shape, takes_codes):
         super().__init__(name, provenance, backend)
         wq = linear.weight_quantizer
         weight = ref.QWeight.from_float(linear.weight, wq.scale, wq.spec.bits, smooth=linear.smoothing())
@@ -164,7 +164,7 @@ class LoweredConv(LoweredPartition):
 
     kind = "conv"
 
-    def __init__(self, name, provenance, backend, conv: nn.Conv1d, consumer: QuantLinear | None):
+    def __init__(self, name, provenance, backend, conv: nn.Conv1d, consumer: QuantizedLinear | None):
         super().__init__(name, provenance, backend)
         self.register_buffer("weight", conv.weight.detach().float().reshape(conv.weight.shape[0], -1).clone())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
@@ -214,7 +214,7 @@ class LoweredMerge(LoweredPartition):
 
     kind = "merge"
 
-    def __init__(self, name, provenance, backend, scale: float, consumer: QuantLinear | None, write_float: bool):
+    def __init__(self, name, provenance, backend, scale: float, consumer: QuantizedLinear | None, write_float: bool):
         super().__init__(name, provenance, backend)
         self.scale = float(scale)
         self.emits_codes = consumer is not None
@@ -245,19 +245,15 @@ class LoweredMerge(LoweredPartition):
 # -- the transform --------------------------------------------------------------------------------
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
-    return gm.get_submodule(node.target)
-
-
-def _build(gm: fx.GraphModule, p: Partition, backend: str) -> LoweredPartition:
+def _build(gm: fx.GraphModule, p: Partition, backend: str, linears: dict[fx.Node, QuantizedLinear]) -> LoweredPartition:
     if p.kind == "qlinear":
-        anchor = p.nodes[0]
-        meta = anchor.args[0].meta.get("tensor_meta") if isinstance(anchor.args[0], fx.Node) else None
+        linear: QuantizedLinear = p.info["module"]
+        meta = linear.source.meta.get("tensor_meta")
         token_shape = tuple(meta.shape[1:-1]) if meta is not None else ()
-        return LoweredQLinear(p.name, p.provenance, backend, p.info["module"], p.info["epilogue"], token_shape,
+        return LoweredQLinear(p.name, p.provenance, backend, linear, p.info["epilogue"], token_shape,
                               p.info["codes_from"] is not None)
     consumer = p.info.get("consumer")
-    consumer_module = _module(gm, consumer) if consumer is not None else None
+    consumer_module = linears[consumer] if consumer is not None else None
     if p.kind == "conv":
         return LoweredConv(p.name, p.provenance, backend, p.info["module"], consumer_module)
     if p.kind == "scan":
@@ -268,29 +264,48 @@ def _build(gm: fx.GraphModule, p: Partition, backend: str) -> LoweredPartition:
     raise ValueError(f"unknown partition kind {p.kind!r}")
 
 
-def lower(qmodel: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
+def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False) -> fx.GraphModule:
     """Replace every partition of a converted graph by a lowered module (see module docstring).
+
+    Quantizer and smoothing nodes that no kernel pattern takes stay in the graph as fake-quant
+    float ops; they are listed in a warning (and in ``result.meta["vmfx_lowered"]["left_float"]``),
+    or, with ``strict=True``, raise :class:`~vmfx.errors.LoweringError`.
 
     Args:
         qmodel: a quantized graph from :func:`vmfx.compile` / :func:`vmfx.convert` (not modified).
         backend: "triton", "reference" or "auto" (Triton on a GPU, the reference elsewhere).
+        strict: fail instead of warning when a quantized node is left in float.
 
     Returns:
-        A new GraphModule; ``lowered_partitions(result)`` lists its partitions.
+        A new GraphModule; ``lowered_partitions(result)`` lists its partitions. The converted
+        model it came from is kept in ``result.meta["vmfx_unlowered"]`` (``vmfx.save`` writes that
+        one and ``vmfx.load`` lowers it again).
     """
     backend = resolve_backend(backend)
     if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
         raise ConfigError("vmfx.lowering.lower expects a quantized model from vmfx.compile / vmfx.convert")
+    if qmodel.meta.get("vmfx_lowered"):
+        raise ConfigError("this model is already lowered; lower the quantized model returned by vmfx.compile "
+                          "without a backend")
     gm = copy.deepcopy(qmodel)
     gm.meta.update({k: v for k, v in qmodel.meta.items() if k not in gm.meta})
     parts = find_partitions(gm)
     if not parts:
         raise ConfigError("nothing to lower: the graph has no quantized linear, conv or scan partition")
+    left = unlowered_quantizers(gm, parts)
+    if left:
+        names = ", ".join(_describe_left(n) for n in left)
+        message = (f"lowering leaves {len(left)} quantized node(s) in float (fake-quant torch ops; no kernel "
+                   f"pattern matches their spec or structure): {names}")
+        if strict:
+            raise LoweringError(message + "; use lower(..., strict=False) to accept this")
+        warnings.warn(message, stacklevel=2)
+    linears = {p.info["node"]: p.info["module"] for p in parts if p.kind == "qlinear"}
     codes_of: dict[int, fx.Node] = {}
     replaced: dict[fx.Node, fx.Node] = {}  # a partition's old output node -> its new value node
     graph = gm.graph
     for p in parts:
-        module = _build(gm, p, backend)
+        module = _build(gm, p, backend, linears)
         path = f"{LOWERED_PREFIX}.{p.name}"
         gm.add_submodule(path, module)
         inputs = [replaced.get(n, n) for n in p.inputs]
@@ -316,8 +331,19 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     graph.lint()
     gm.recompile()
-    gm.meta["vmfx_lowered"] = {"backend": backend, "partitions": [p.kind for p in parts]}
+    gm.meta["vmfx_lowered"] = {"backend": backend, "partitions": [p.kind for p in parts],
+                                "left_float": [n.name for n in left]}
+    gm.meta["vmfx_unlowered"] = qmodel
     return gm.eval()
+
+
+def _describe_left(node: fx.Node) -> str:
+    ann = annotation(node)
+    module = node.graph.owning_module.get_submodule(node.target)
+    spec = getattr(module, "spec", None)
+    what = spec.describe() if spec is not None else type(module).__name__
+    serves = f" of {ann.extra.get('quantizes')} ({ann.extra.get('edge')})" if ann is not None and ann.extra.get("quantizes") else ""
+    return f"{node.name} [{what}{serves}]"
 
 
 def lowered_partitions(gm: fx.GraphModule) -> list[LoweredPartition]:

@@ -7,6 +7,15 @@ they have). ``call(gm, ctx)`` returns ``PassResult(graph_module, modified)``.
 The context carries what no graph holds: calibration data, an example input for checks, the
 quantization config, and a place to record per-pass timings. Passes keep their own facts in
 ``node.meta["vmfx"]`` (see :mod:`vmfx.annotations`) and ``gm.meta``.
+
+Ordering facts
+--------------
+Passes declare what they need and what they establish as *facts*, short names recorded in
+``gm.meta["vmfx_facts"]`` (see :data:`FACTS`): ``requires_facts`` must hold before the pass runs,
+``forbids_facts`` must not (JLSS cannot learn smoothing factors that were already folded),
+``ensures_facts`` hold after it and ``clears_facts`` no longer do. The
+:class:`~vmfx.passes.manager.PassManager` checks a whole pipeline against them before running
+anything, so a pipeline in an impossible order fails at once with an error naming both passes.
 """
 
 from __future__ import annotations
@@ -19,7 +28,26 @@ import torch.fx as fx
 
 from ..errors import PassError
 
-__all__ = ["Pass", "PassResult", "PassContext"]
+__all__ = ["Pass", "PassResult", "PassContext", "FACTS", "FACTS_META", "graph_facts"]
+
+#: The key of the set of facts that hold for a graph, in ``gm.meta``.
+FACTS_META = "vmfx_facts"
+
+#: Every fact a built-in pass declares, with what it means.
+FACTS = {
+    "mixers_detected": "Mamba mixers are detected and their nodes annotated (DetectMambaMixersPass)",
+    "observers_inserted": "observers sit on the edges to quantize (InsertObserversPass)",
+    "observers_calibrated": "the observers hold statistics of calibration data (CalibratePass)",
+    "smoothing_factors": "linears carry SmoothQuant smoothing nodes (SmoothQuantPass)",
+    "quantizers_calibrated": "observers became calibrated quantizer nodes (ConvertPass)",
+    "learning_done": "step sizes and smoothing factors were learned block by block (JLSSPass)",
+    "smoothing_folded": "smoothing factors were folded into the ops producing the inputs (FoldSmoothingPass)",
+}
+
+
+def graph_facts(gm: fx.GraphModule) -> set[str]:
+    """The facts recorded on ``gm`` (empty for a freshly traced graph)."""
+    return set(gm.meta.get(FACTS_META) or ())
 
 
 class PassResult(NamedTuple):
@@ -63,6 +91,11 @@ class Pass:
     """
 
     needs_data: bool = False
+    #: facts that must hold before the pass runs, must not hold, hold after it, no longer hold.
+    requires_facts: tuple[str, ...] = ()
+    forbids_facts: tuple[str, ...] = ()
+    ensures_facts: tuple[str, ...] = ()
+    clears_facts: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -84,6 +117,10 @@ class Pass:
         if not isinstance(result, PassResult):
             raise PassError(f"pass {self.name} returned {type(result).__name__}, expected PassResult")
         self.ensures(result.graph_module, ctx)
+        facts = graph_facts(result.graph_module)
+        facts.difference_update(self.clears_facts)
+        facts.update(self.ensures_facts)
+        result.graph_module.meta[FACTS_META] = sorted(facts)
         return result
 
     def fail(self, message: str, node: fx.Node | None = None) -> PassError:
@@ -92,7 +129,18 @@ class Pass:
         return PassError(f"pass {self.name}{where}: {message}")
 
     def __repr__(self) -> str:
-        return f"{self.name}()"
+        """``Name(arg=value, ...)``: the pass's public settings (its attributes not starting with
+        an underscore), so that ``print(pipeline)`` shows how every pass is configured."""
+        args = ", ".join(f"{k}={_short(v)}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{self.name}({args})"
+
+
+def _short(value) -> str:
+    text = getattr(value, "__name__", None) or repr(value)
+    if hasattr(value, "func") and hasattr(value, "keywords"):  # functools.partial of an observer class
+        kw = ", ".join(f"{k}={v!r}" for k, v in value.keywords.items())
+        text = f"{getattr(value.func, '__name__', value.func)}({kw})"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _target_name(node: fx.Node) -> str:

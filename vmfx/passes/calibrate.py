@@ -164,6 +164,8 @@ class CalibratePass(Pass):
     """
 
     needs_data = True
+    requires_facts = ("observers_inserted",)
+    ensures_facts = ("observers_calibrated",)
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not any(isinstance(m, Observer) for m in gm.modules()):

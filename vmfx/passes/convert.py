@@ -1,48 +1,62 @@
-"""``ConvertPass``: turn observers into quantization parameters and linears into ``QuantLinear``.
+"""``ConvertPass``: observers become calibrated quantizer nodes; weights get quantizer nodes.
 
-* An observer whose only user is a linear with a ``weight_spec`` becomes that linear's input
-  quantizer: the Linear module is replaced by a :class:`~vmfx.quant.QuantLinear` (or an existing
-  one, e.g. made by SmoothQuant, is completed) holding a static :class:`~vmfx.quant.FakeQuantize`
-  built from the observer's ``calculate_qparams()`` and a weight quantizer computed from the
-  (smoothed) weight itself, by min-max or the Lp grid search, and the observer node is removed.
-* A linear with a ``weight_spec`` and a dynamic (or no) activation spec gets a dynamic (or no)
-  input quantizer.
-* Any other observer becomes a standalone ``FakeQuantize`` node in its place (role ``quantizer``).
+* Every observer node becomes a :class:`~vmfx.quant.FakeQuantize` node in its place (same node,
+  same module path): static parameters from the observer's ``calculate_qparams()``, role
+  ``quantizer``.
+* Every linear whose annotation has a ``weight_spec`` gets a quantizer node on its weight edge
+  (after the weight-side smoothing node, if any), its parameters computed from the (smoothed)
+  weight by min-max or PTQ4VM's per-channel Lp grid search.
+* A linear with a dynamic activation spec gets a dynamic quantizer on its input edge.
 
-Invariants: node names of the float graph are kept (inspection compares graphs by name); the
-graph computes the simulated-quantized function; no observer is left behind.
+The converted graph reads ``source -> [smooth] -> quantize -> F.linear(., quantize([smooth](W)), b)``.
+
+Requires: inserted and calibrated observers (``requires_calibration=False`` for configs whose
+activations are all dynamic or float). Invariants: node names of the float graph are kept
+(inspection compares graphs by name); the graph computes the simulated-quantized function; no
+observer is left behind.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
-from torch import nn
 
 from ..annotations import annotate, annotation
-from ..quant.modules import FakeQuantize, QuantLinear, weight_quantizer_minmax
+from ..quant.modules import FakeQuantize, weight_quantizer_minmax
 from ..quant.observers import Observer, lp_search_weight
 from ..quant.spec import QuantSpec
 from .base import Pass, PassContext, PassResult
-from .graph_utils import remove_passthrough_node, replace_submodule
+from .graph_utils import insert_module_on_edge, replace_submodule, unique_submodule_name
+from .insert_observers import QUANT_PREFIX, edge_layout
+from .linear_edges import linear_edges
 from .patterns import is_linear, module_of
 
 __all__ = ["ConvertPass"]
 
 
 class ConvertPass(Pass):
-    """Replace observers and float linears with quantized modules (see module docstring).
+    """Replace observers with quantizers and quantize weights (see module docstring).
 
     Args:
         weight_init: "minmax" or "lp" (per-channel grid search of the clipping range).
         p, candidates: the grid search's norm and number of candidates.
+        requires_calibration: whether the pipeline must have calibrated observers first.
     """
 
-    def __init__(self, weight_init: str = "minmax", p: float = 2.4, candidates: int = 100):
+    ensures_facts = ("quantizers_calibrated",)
+    clears_facts = ("observers_inserted", "observers_calibrated")
+
+    def __init__(self, weight_init: str = "minmax", p: float = 2.4, candidates: int = 100,
+                 requires_calibration: bool = True):
         if weight_init not in ("minmax", "lp"):
             raise ValueError(f"weight_init must be 'minmax' or 'lp', got {weight_init!r}")
         self.weight_init, self.p, self.candidates = weight_init, p, candidates
+        self.requires_calibration = requires_calibration
+        self.requires_facts = ("observers_inserted", "observers_calibrated") if requires_calibration else ("observers_inserted",)
 
-    def weight_quantizer(self, weight, spec: QuantSpec) -> FakeQuantize:
+    def weight_quantizer(self, weight: torch.Tensor, spec: QuantSpec) -> FakeQuantize:
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("the weight holds NaN or Inf values; fix the checkpoint before quantizing")
         if self.weight_init == "lp":
             return FakeQuantize(spec, lp_search_weight(weight, spec, self.p, self.candidates), is_weight=True)
         return weight_quantizer_minmax(weight, spec)
@@ -55,8 +69,15 @@ class ConvertPass(Pass):
                 modified = True
         for node in list(gm.graph.nodes):
             ann = annotation(node)
-            if ann is not None and ann.weight_spec is not None and is_linear(node):
-                modified |= self._quantize_linear(gm, node, input_quantizer=None)
+            if ann is None or not is_linear(node) or node.op != "call_function":
+                continue
+            edges = linear_edges(node)
+            if ann.weight_spec is not None and edges.weight_quant is None:
+                self._quantize_weight(gm, node, edges, ann.weight_spec)
+                modified = True
+            if ann.act_spec is not None and ann.act_spec.dynamic and edges.act_quant is None:
+                self._insert_quantizer(gm, node, node.args[0], FakeQuantize(ann.act_spec), "input")
+                modified = True
         gm.delete_all_unused_submodules()
         return PassResult(gm, modified)
 
@@ -67,44 +88,38 @@ class ConvertPass(Pass):
 
     def _convert_observer(self, gm: fx.GraphModule, node: fx.Node) -> None:
         obs = module_of(node)
-        users = list(node.users)
-        user = users[0] if len(users) == 1 else None
-        user_ann = annotation(user) if user is not None else None
-        if user is not None and is_linear(user) and user_ann is not None and user_ann.weight_spec is not None:
-            fq = FakeQuantize(obs.spec, obs.calculate_qparams())
-            self._quantize_linear(gm, user, input_quantizer=fq)
-            remove_passthrough_node(gm, node)
-            return
-        fq = FakeQuantize(obs.spec, obs.calculate_qparams())
+        qparams = obs.calculate_qparams()
+        if not (bool(torch.isfinite(qparams.scale).all()) and bool(torch.isfinite(qparams.zero_point).all())):
+            raise self.fail(
+                "calibration gave non-finite quantization parameters (the model or the data produce NaN/Inf "
+                "values here); check the checkpoint and the calibration images", node,
+            )
+        layout = getattr(obs, "layout", None)
+        fq = FakeQuantize(obs.spec, qparams) if layout is None else FakeQuantize(obs.spec, qparams, layout=layout)
         replace_submodule(gm, node.target, fq)
         ann = annotation(node)
-        annotate(node, "quantizer", **({} if ann is None else {"block": ann.block, "direction": ann.direction}))
-
-    def _quantize_linear(self, gm: fx.GraphModule, node: fx.Node, input_quantizer: FakeQuantize | None) -> bool:
-        """Make ``node``'s module a complete QuantLinear; returns whether anything changed.
-
-        ``input_quantizer`` (from an observer) replaces any existing one; without it, a dynamic
-        activation spec gets a dynamic quantizer if the module has none.
-        """
-        if node.op != "call_module":
-            raise self.fail("only Linear modules can be quantized (a functional F.linear was found)", node)
-        ann = annotation(node)
-        module = module_of(node)
-        if not isinstance(module, QuantLinear):
-            if not isinstance(module, nn.Linear):
-                raise self.fail(f"expected an nn.Linear, found {type(module).__name__}", node)
-            module = QuantLinear.from_linear(module)
-            replace_submodule(gm, node.target, module)
-            changed = True
+        if ann is None:
+            annotate(node, "quantizer")
         else:
-            changed = False
-        if input_quantizer is not None:
-            module.input_quantizer = input_quantizer
-            changed = True
-        elif module.input_quantizer is None and ann.act_spec is not None and ann.act_spec.dynamic:
-            module.input_quantizer = FakeQuantize(ann.act_spec)
-            changed = True
-        if module.weight_quantizer is None:
-            module.weight_quantizer = self.weight_quantizer(module.smoothed_weight(), ann.weight_spec)
-            changed = True
-        return changed
+            annotate(node, "quantizer", extra=dict(ann.extra))
+
+    def _quantize_weight(self, gm: fx.GraphModule, node: fx.Node, edges, spec: QuantSpec) -> None:
+        if edges.weight_attr is None:
+            raise self.fail("the linear's weight does not come from a parameter (get_attr); cannot quantize it", node)
+        weight = edges.linear_module(gm).weight.detach()
+        smooth = edges.smooth_module()
+        if smooth is not None:
+            weight = smooth(weight, weight=True)
+        source = edges.weight_smooth or edges.weight_attr
+        self._insert_quantizer(gm, node, source, self.weight_quantizer(weight, spec), "weight")
+
+    def _insert_quantizer(self, gm, node: fx.Node, source: fx.Node, fq: FakeQuantize, edge: str) -> fx.Node:
+        ann = annotation(node)
+        path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__{edge}")
+        q = insert_module_on_edge(gm, node, source, fq, path)
+        annotate(q, "quantizer", block=ann.block, direction=ann.direction, tokens=ann.tokens, mixer=ann.mixer,
+                 act_spec=fq.spec if edge == "input" else None, weight_spec=fq.spec if edge == "weight" else None,
+                 extra={"quantizes": node.name, "edge": edge})
+        if edge == "input" and edge_layout(source) is not None:
+            annotation(q).layout = edge_layout(source)
+        return q

@@ -109,6 +109,8 @@ class DetectMambaMixersPass(Pass):
         strict: raise instead of warning when a scan node does not match the mixer pattern.
     """
 
+    ensures_facts = ("mixers_detected",)
+
     def __init__(self, strict: bool = False):
         self.strict = strict
 

@@ -1,11 +1,44 @@
-"""Small graph-editing helpers shared by passes (inserting and removing module calls)."""
+"""Graph-editing helpers shared by passes, and the edit log that lets a saved model be rebuilt.
+
+Every structural edit a quantization pass makes to a traced float graph goes through this module:
+
+* :func:`functionalize_linear`: an ``nn.Linear`` call becomes ``F.linear(x, W, b)`` on ``get_attr``
+  nodes, so that its weight is an edge a quantizer (or a smoothing node) can sit on. The node keeps
+  its name and annotation.
+* :func:`insert_module_on_edge`: route one edge ``producer -> user`` through a new ``call_module``
+  node (an observer, a quantizer, a smoothing node).
+* :func:`remove_passthrough_node`: remove a node this module inserted, rewiring its users to its
+  input.
+
+Each of them appends a JSON-friendly record to ``gm.meta["vmfx_edits"]`` (:data:`EDITS_META`);
+:func:`replay_edits` applies such a log to a fresh trace of the same float model, which is how
+``vmfx.load`` rebuilds a quantized graph without pickling code. Node names are deterministic for a
+given float graph and edit sequence, and the replay checks that every recorded name comes out the
+same.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["unique_submodule_name", "insert_module_before", "remove_passthrough_node", "replace_submodule"]
+__all__ = [
+    "EDITS_META",
+    "unique_submodule_name",
+    "insert_module_before",
+    "insert_module_on_edge",
+    "remove_passthrough_node",
+    "replace_submodule",
+    "functionalize_linear",
+    "linear_parts",
+    "replay_edits",
+]
+
+#: The key of the edit log in ``gm.meta``.
+EDITS_META = "vmfx_edits"
 
 
 def unique_submodule_name(gm: fx.GraphModule, prefix: str, stem: str) -> str:
@@ -26,27 +59,43 @@ def _has_submodule(gm: nn.Module, path: str) -> bool:
         return False
 
 
-def insert_module_before(gm: fx.GraphModule, user: fx.Node, arg: fx.Node, module: nn.Module, path: str) -> fx.Node:
+def _log(gm: fx.GraphModule, record: dict) -> None:
+    gm.meta.setdefault(EDITS_META, []).append(record)
+
+
+def insert_module_on_edge(
+    gm: fx.GraphModule, user: fx.Node, arg: fx.Node, module: nn.Module, path: str, kwargs: dict | None = None
+) -> fx.Node:
     """Route the edge ``arg -> user`` through a new ``call_module`` node calling ``module``.
 
-    Only ``user``'s use of ``arg`` is rerouted; other users of ``arg`` are untouched.
+    Only ``user``'s use of ``arg`` is rerouted; other users of ``arg`` are untouched. The new node
+    copies ``arg``'s ``tensor_meta`` (the inserted modules keep shapes and dtypes).
     """
     gm.add_submodule(path, module)
     with gm.graph.inserting_before(user):
-        new = gm.graph.call_module(path, (arg,))
+        new = gm.graph.call_module(path, (arg,), dict(kwargs or {}))
     user.replace_input_with(arg, new)
     if "tensor_meta" in arg.meta:
         new.meta["tensor_meta"] = arg.meta["tensor_meta"]
+    _log(gm, {"op": "insert", "node": new.name, "path": path, "input": arg.name, "user": user.name,
+              "kwargs": dict(kwargs or {})})
     return new
 
 
+#: Kept for passes written against the earlier name.
+insert_module_before = insert_module_on_edge
+
+
 def remove_passthrough_node(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Remove a one-input node whose output equals its input (an observer), rewiring users."""
+    """Remove a one-input node whose output equals its input (an observer, a folded smoothing
+    node), rewiring users; its module is deleted when no other node calls it."""
+    name = node.name
     node.replace_all_uses_with(node.args[0])
     target = node.target if node.op == "call_module" else None
     gm.graph.erase_node(node)
     if target is not None and not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
         gm.delete_submodule(target)
+    _log(gm, {"op": "remove", "node": name})
 
 
 def replace_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
@@ -54,3 +103,83 @@ def replace_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = gm.get_submodule(parent_path) if parent_path else gm
     setattr(parent, leaf, module)
+
+
+def functionalize_linear(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Turn a ``call_module`` ``nn.Linear`` node into ``F.linear(x, get_attr W, get_attr b)``.
+
+    The node keeps its name, meta and annotation, so passes and inspection see the
+    same node (it is changed in place); the module stays as the owner of ``weight`` and ``bias``. A node that is
+    already functional is returned as is.
+    """
+    if node.op == "call_function" and node.target is F.linear:
+        return node
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"node '{node.name}' is not an nn.Linear call ({node.op} {node.target})")
+    graph = gm.graph
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{node.target}.weight")
+        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+    node.meta["vmfx_module"] = node.target
+    # Change the node in place: it keeps its name, users, meta and annotation.
+    node.op, node.target = "call_function", F.linear
+    node.args, node.kwargs = (node.args[0], weight, bias), {}
+    name = node.name
+    _log(gm, {"op": "functional_linear", "node": name})
+    return node
+
+
+def linear_parts(node: fx.Node, through: Callable[[fx.Node], bool]) -> tuple[str | None, fx.Node | None]:
+    """For a linear node: its module path and the ``get_attr`` node of its weight, walking back
+    the weight edge through the nodes ``through`` accepts (quantizers, smoothing).
+
+    A ``call_module`` linear gives ``(target, None)``; a functional one whose weight does not come
+    from a ``get_attr`` gives ``(None, None)``.
+    """
+    if node.op == "call_module":
+        return node.target, None
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    while isinstance(weight, fx.Node) and weight.op == "call_module" and through(weight):
+        weight = weight.args[0]
+    if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
+        return weight.target[: -len(".weight")], weight
+    return node.meta.get("vmfx_module"), None
+
+
+def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[dict], nn.Module]) -> None:
+    """Apply an edit log recorded by the functions above to a fresh trace of the same float model.
+
+    Args:
+        gm: the freshly traced (and detected) float graph.
+        edits: the records of ``gm.meta["vmfx_edits"]`` of the graph that was saved.
+        make_module: builds the module to insert from an ``insert`` record (its ``path``).
+
+    Raises:
+        ValueError: a record names a node the graph lacks, or an insertion would produce a node
+            name other than the recorded one (the float model differs from the saved one).
+    """
+    for record in edits:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        op = record.get("op")
+        if op == "functional_linear":
+            _need(nodes, record["node"])
+            functionalize_linear(gm, nodes[record["node"]])
+        elif op == "insert":
+            _need(nodes, record["input"])
+            _need(nodes, record["user"])
+            new = insert_module_on_edge(gm, nodes[record["user"]], nodes[record["input"]], make_module(record),
+                                        record["path"], record.get("kwargs"))
+            if new.name != record["node"]:
+                raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
+                                 f"'{record['node']}': the float model differs from the one that was saved")
+        elif op == "remove":
+            _need(nodes, record["node"])
+            remove_passthrough_node(gm, nodes[record["node"]])
+        else:
+            raise ValueError(f"unknown graph edit {op!r}")
+
+
+def _need(nodes: dict, name: str) -> None:
+    if name not in nodes:
+        raise ValueError(f"the saved graph edits name node '{name}', which the rebuilt float graph lacks")

@@ -1,13 +1,19 @@
-"""``InsertObserversPass``: put an observer on the input of every linear to be quantized.
+"""``InsertObserversPass``: decide each linear's specs and put an observer on its input edge.
 
-For each Linear node whose detected role is in ``roles`` (both scan directions), the edge from
-its input producer to it is routed through a new ``call_module`` observer node (module path
-``vmfx_observers.<node>``), and the node's annotation records the activation and weight specs
-the later passes use.
+For every annotated linear node (detected role: in_proj, x_proj, dt_proj, out_proj, head), the
+specs of its two edges come from the config's rules (:meth:`vmfx.config.QuantConfig.spec_for`:
+defaults by role, then rules by role, module-name pattern or node name), or, without a config,
+from the ``activation`` / ``weight`` specs for the linears of ``roles``. A linear with at least one
+quantized edge is made functional (``F.linear(x, W, b)`` on ``get_attr`` nodes, so the weight is
+an edge too; :func:`~vmfx.passes.graph_utils.functionalize_linear`), its annotation records
+``act_spec`` / ``weight_spec``, and a static activation spec gets an observer node on the input
+edge (module path ``vmfx_q.<linear>__input``), annotated with role ``observer``, the linear it
+serves (``extra["quantizes"]``), its edge and the layout of the tensor it watches. Weights are
+quantized at convert (their quantizer is computed from the weight itself).
 
-Requires: mixers detected (:class:`~vmfx.passes.detect.DetectMambaMixersPass` ran and found at
-least one). Invariants: observers pass their input through unchanged, so the graph computes the
-same function; nothing else is rewired; weights are not touched (they are quantized at convert).
+Requires: mixers detected. Invariants: observers pass their input through unchanged, so the graph
+computes the same function; node names of the float graph are kept (functional linears take the
+name of the module call they replace); every edit is recorded for ``vmfx.save``.
 """
 
 from __future__ import annotations
@@ -18,16 +24,18 @@ from typing import Callable, Iterable
 import torch.fx as fx
 
 from ..annotations import LINEAR_ROLES, annotate, annotation
+from ..config import QuantConfig
 from ..quant.observers import LpObserver, MinMaxObserver, Observer
 from ..quant.spec import QuantSpec
 from .base import Pass, PassContext, PassResult
 from .detect import detected_mixers
-from .graph_utils import insert_module_before, unique_submodule_name
+from .graph_utils import functionalize_linear, insert_module_on_edge, linear_parts, unique_submodule_name
 from .patterns import is_linear
 
-__all__ = ["InsertObserversPass", "quantized_linear_nodes", "activation_observer"]
+__all__ = ["InsertObserversPass", "quantized_linear_nodes", "activation_observer", "QUANT_PREFIX", "edge_layout"]
 
-OBSERVER_PREFIX = "vmfx_observers"
+#: Where the modules inserted on edges (observers, quantizers, smoothing) live in the graph module.
+QUANT_PREFIX = "vmfx_q"
 
 
 def quantized_linear_nodes(gm: fx.GraphModule, roles: Iterable[str] = LINEAR_ROLES) -> list[fx.Node]:
@@ -45,28 +53,53 @@ def activation_observer(method: str = "minmax", p: float = 2.4, candidates: int 
     raise ValueError(f"unknown initialisation method {method!r}")
 
 
+def edge_layout(node: fx.Node):
+    """The token layout detection recorded for the value ``node`` produces (None if unknown)."""
+    ann = annotation(node)
+    return getattr(ann, "layout", None) if ann is not None else None
+
+
+def make_observer(factory: Callable[..., Observer], spec: QuantSpec, layout) -> Observer:
+    """``factory(spec)``, passing the edge's token layout when there is one."""
+    return factory(spec) if layout is None else factory(spec, layout=layout)
+
+
 class InsertObserversPass(Pass):
-    """Insert activation observers before the linears with the given roles.
+    """Decide specs per linear and insert activation observers (see module docstring).
 
     Args:
-        activation: spec of the linears' inputs (None: weights only, no observer).
-        weight: spec of the linears' weights (recorded for convert; None keeps weights float).
-        roles: linear roles to quantize.
-        observer: observer factory, called as ``observer(spec)`` (an Observer class, or e.g.
-            :func:`activation_observer`'s result).
+        activation: spec of the inputs of the linears of ``roles`` (None: weights only).
+        weight: spec of their weights (None keeps weights float).
+        roles: linear roles the two specs above apply to.
+        observer: observer factory, called as ``observer(spec)`` (or with ``layout=``).
+        config: a :class:`~vmfx.config.QuantConfig` whose defaults and rules decide every edge's
+            spec; when given, ``activation`` / ``weight`` / ``roles`` are not used.
     """
+
+    requires_facts = ("mixers_detected",)
+    ensures_facts = ("observers_inserted",)
 
     def __init__(
         self,
-        activation: QuantSpec | None,
-        weight: QuantSpec | None,
+        activation: QuantSpec | None = None,
+        weight: QuantSpec | None = None,
         roles: Iterable[str] = LINEAR_ROLES,
         observer: Callable[[QuantSpec], Observer] = MinMaxObserver,
+        *,
+        config: QuantConfig | None = None,
     ):
         self.activation = activation
         self.weight = weight
         self.roles = tuple(roles)
         self.observer = observer
+        self.config = config
+
+    def spec_for(self, edge: str, role: str | None, module: str | None, node: str) -> QuantSpec | None:
+        if self.config is not None:
+            return self.config.spec_for(edge, role, module, node)
+        if role not in self.roles:
+            return None
+        return self.weight if edge == "weight" else self.activation
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not detected_mixers(gm):
@@ -79,14 +112,32 @@ class InsertObserversPass(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         modified = False
-        for node in quantized_linear_nodes(gm, self.roles):
-            ann = annotate(node, annotation(node).role, act_spec=self.activation, weight_spec=self.weight)
-            if self.activation is None or self.activation.dynamic:
+        quantized = 0
+        for node in [n for n in gm.graph.nodes if is_linear(n) and annotation(n) is not None]:
+            ann = annotation(node)
+            module, _ = linear_parts(node, lambda n: False)
+            a_spec = self.spec_for("input", ann.role, module, node.name)
+            w_spec = self.spec_for("weight", ann.role, module, node.name)
+            if a_spec is None and w_spec is None:
+                continue
+            if node.op == "call_module":
+                node = functionalize_linear(gm, node)
+            ann = annotate(node, ann.role, act_spec=a_spec, weight_spec=w_spec)
+            quantized += 1
+            modified = True
+            if a_spec is None or a_spec.dynamic:
                 continue
             source = node.args[0]
-            path = unique_submodule_name(gm, OBSERVER_PREFIX, node.name)
-            obs = insert_module_before(gm, node, source, self.observer(self.activation), path)
+            layout = edge_layout(source)
+            path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__input")
+            obs = insert_module_on_edge(gm, node, source, make_observer(self.observer, a_spec, layout), path)
             annotate(obs, "observer", block=ann.block, direction=ann.direction, tokens=ann.tokens,
-                     mixer=ann.mixer, act_spec=self.activation, extra={"observes": node.name})
-            modified = True
+                     mixer=ann.mixer, act_spec=a_spec, extra={"quantizes": node.name, "edge": "input"})
+            if layout is not None:
+                annotation(obs).layout = layout
+        if quantized == 0:
+            raise self.fail(
+                "no linear gets a quantization spec: the config's roles and rules match none of the "
+                "detected linears (see vmfx.inspect.table(vmfx.trace(model)) for their roles and names)"
+            )
         return PassResult(gm, modified)

@@ -17,12 +17,19 @@ For every mixer, in graph order:
 Unlike the official code, ``x_proj`` and ``dt_proj`` learn too by default: vmfx's scan op is
 differentiable, so their step sizes and smoothing factors get real gradients. ``learn_roles=
 ("in_proj", "out_proj")`` reproduces the official behaviour (their parameters keep their initial
-values). The block runs on stored block inputs (:class:`~.segments.SegmentRunner`), never
-re-running earlier blocks. Memory: the float and quantized streams' block-boundary values and the
-targets, for all calibration images.
+values), and ``frozen_gradient="float"`` its backward: gradients cross the frozen linears through
+their float, unsmoothed weights, with no straight-through estimator through their quantizers (the
+forward stays quantized). ``batch_size=None`` uses every calibration image in every step, as the
+official code does.
 
-Requires: a converted graph (quantized linears with static quantizers), detected mixers, and
-calibration data in the context. Invariants: only step sizes and smoothing factors change (they
+The learnable tensors are found from the graph: the quantizer and smoothing nodes whose annotation
+names a linear of the block (``extra["quantizes"]``); the block's end is its ``out_proj`` node
+(annotation role and block), never a node name. The block runs on stored block inputs
+(:class:`~.segments.SegmentRunner`), never re-running earlier blocks. Memory: the float and
+quantized streams' block-boundary values and the targets, for all calibration images.
+
+Requires: a converted graph (static quantizer nodes), detected mixers, smoothing not yet folded,
+and calibration data in the context. Invariants: only step sizes and smoothing factors change (they
 stay positive: clamped at use while learning, and afterwards); the graph structure is untouched;
 every parameter is frozen again afterwards.
 """
@@ -38,12 +45,13 @@ import torch.nn.functional as F
 
 from ..annotations import annotation
 from ..config import JLSSConfig
+from ..errors import CalibrationDataError
 from ..ops.quantize import MIN_SCALE
-from ..quant.modules import SMOOTH_MIN, FakeQuantize, QuantLinear
+from ..quant.modules import SMOOTH_MIN, FakeQuantize
 from .base import Pass, PassContext, PassResult
 from .calibrate import input_expectation, iter_calibration_batches
 from .detect import detected_mixers
-from .patterns import module_of
+from .linear_edges import LinearEdges, quantized_linears
 from .segments import SegmentRunner
 
 __all__ = ["JLSSPass", "quantization_disabled"]
@@ -75,6 +83,9 @@ class JLSSPass(Pass):
     """
 
     needs_data = True
+    requires_facts = ("quantizers_calibrated",)
+    forbids_facts = ("smoothing_folded",)
+    ensures_facts = ("learning_done",)
 
     def __init__(self, config: JLSSConfig = JLSSConfig(), seed: int = 0):
         self.config = config
@@ -83,29 +94,30 @@ class JLSSPass(Pass):
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not detected_mixers(gm):
             raise self.fail("no mixers detected: run DetectMambaMixersPass first")
-        if not any(isinstance(m, QuantLinear) and m.input_quantizer is not None for m in gm.modules()):
+        if not any(e.act_quant is not None for e in quantized_linears(gm)):
             raise self.fail("no quantized linear to learn: run ConvertPass first")
         if ctx.calib_data is None:
-            from ..errors import CalibrationDataError
-
             raise CalibrationDataError("JLSS needs calibration images: pass calib_data")
 
-    def _block_linears(self, gm: fx.GraphModule, block: int) -> list[tuple[str, QuantLinear]]:
-        out = []
+    def _block_linears(self, gm: fx.GraphModule, block: int) -> list[LinearEdges]:
+        return [e for e in quantized_linears(gm)
+                if (a := annotation(e.linear)) is not None and a.block == block]
+
+    @staticmethod
+    def block_ends(gm: fx.GraphModule) -> list[fx.Node]:
+        """The node ending each block (its ``out_proj``), by annotation, in block order."""
+        ends: dict[int, fx.Node] = {}
         for node in gm.graph.nodes:
             ann = annotation(node)
-            m = module_of(node)
-            if ann is not None and ann.block == block and isinstance(m, QuantLinear) and ann.role in self.config.learn_roles:
-                out.append((node.name, m))
-        return out
+            if ann is not None and ann.role == "out_proj" and ann.block is not None:
+                ends[ann.block] = node
+        return [ends[b] for b in sorted(ends)]
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
-        mixers = detected_mixers(gm)
-        nodes = {n.name: n for n in gm.graph.nodes}
-        cuts = [nodes[m["out_proj"]] for m in mixers]
+        cuts = self.block_ends(gm)
         runner = SegmentRunner(gm, cuts)
-        batches = list(iter_calibration_batches(ctx.calib_data, cfg.batch_size, input_expectation(gm)))
+        batches = list(iter_calibration_batches(ctx.calib_data, cfg.batch_size or 256, input_expectation(gm)))
         batches = _rebatch(batches, cfg.batch_size)
         was_training = gm.training
         gm.eval()
@@ -116,44 +128,55 @@ class JLSSPass(Pass):
         q_envs = [dict(env) for env in fp_envs]
         generator = torch.Generator().manual_seed(self.seed)
         history = []
-        blocks = range(len(mixers))
+        progress = None
         if ctx.progress:
             from tqdm.auto import tqdm
 
-            blocks = tqdm(blocks, desc="JLSS", unit="block")
+            method = getattr(ctx.config, "method", None) or "JLSS"
+            progress = tqdm(total=len(cuts) * max(cfg.steps, 1), desc=f"{method}: JLSS block 1/{len(cuts)}",
+                            unit="step")
         start = time.perf_counter()
-        for b in blocks:
+        for b, out_node in enumerate(cuts):
             segment = b  # segment b: the nodes after block b-1's out_proj through block b's
-            out_node = cuts[b]
+            if progress is not None:
+                progress.set_description(f"{getattr(ctx.config, 'method', None) or 'JLSS'}: JLSS block {b + 1}/{len(cuts)}")
             with torch.no_grad(), quantization_disabled(gm):
                 fp_envs = [runner.run(segment, env, keep=[out_node]) for env in fp_envs]
             targets = [env[out_node] for env in fp_envs]
-            record = self._learn_block(gm, runner, segment, out_node, b, q_envs, targets, generator)
+            record = self._learn_block(gm, runner, segment, out_node, b, q_envs, targets, generator, progress)
             history.append(record)
-            if ctx.progress and hasattr(blocks, "set_postfix"):
-                blocks.set_postfix(loss=f"{record['final_loss']:.4f}")
             with torch.no_grad():
                 q_envs = [runner.run(segment, env) for env in q_envs]
+        if progress is not None:
+            progress.close()
         gm.train(was_training)
         gm.meta["vmfx_jlss"] = {"blocks": history, "seconds": time.perf_counter() - start,
-                                "images": sum(x.shape[0] for x in batches)}
+                                "images": sum(x.shape[0] for x in batches),
+                                "batch_size": cfg.batch_size, "frozen_gradient": cfg.frozen_gradient}
         return PassResult(gm, True)
 
-    def _learn_block(self, gm, runner, segment, out_node, block, q_envs, targets, generator) -> dict:
+    def _learn_block(self, gm, runner, segment, out_node, block, q_envs, targets, generator, progress) -> dict:
         cfg = self.config
-        linears = self._block_linears(gm, block)
         w_params, a_params, s_params = [], [], []
-        for _, m in linears:
-            if m.weight_quantizer is not None and m.weight_quantizer.scale is not None:
-                w_params.append(m.weight_quantizer.scale)
-            if m.input_quantizer is not None and m.input_quantizer.scale is not None:
-                a_params.append(m.input_quantizer.scale)
-            if m.smooth is not None:
-                s_params.append(m.smooth)
+        frozen: list[LinearEdges] = []
+        for e in self._block_linears(gm, block):
+            if annotation(e.linear).role not in cfg.learn_roles:
+                frozen.append(e)
+                continue
+            for edge, group in (("weight", w_params), ("input", a_params)):
+                q = e.quantizer(edge)
+                if isinstance(q, FakeQuantize) and q.scale is not None and not any(q.scale is p for p in group):
+                    group.append(q.scale)
+            smooth = e.smooth_module()
+            if smooth is not None and not any(smooth.factors is p for p in s_params):
+                s_params.append(smooth.factors)
         params = w_params + a_params + s_params
+        overrides = _float_gradient_overrides(gm, frozen) if cfg.frozen_gradient == "float" else {}
         record = {"block": block, "learned_tensors": len(params), "steps": 0}
         if cfg.steps == 0 or not params:
             record["initial_loss"] = record["final_loss"] = self._loss(runner, segment, out_node, q_envs, targets)
+            if progress is not None:
+                progress.update(max(cfg.steps, 1))
             return record
         for p in params:
             p.requires_grad_(True)
@@ -170,7 +193,7 @@ class JLSSPass(Pass):
             if not order:
                 order = torch.randperm(len(q_envs), generator=generator).tolist()
             i = order.pop()
-            out = runner.run(segment, q_envs[i], keep=[out_node])[out_node]
+            out = runner.run(segment, q_envs[i], keep=[out_node], overrides=overrides)[out_node]
             loss = (1 - F.cosine_similarity(targets[i].float(), out.float(), dim=-1)).mean()
             if not math.isfinite(loss.item()):
                 raise self.fail(f"the loss of block {block} became {loss.item()} at step {step}; lower the learning rates")
@@ -179,6 +202,9 @@ class JLSSPass(Pass):
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             losses.append(loss.item())
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.4f}")
         for p in params:
             p.requires_grad_(False)
         for p in s_params:
@@ -201,6 +227,26 @@ class JLSSPass(Pass):
         return total / max(count, 1)
 
 
-def _rebatch(batches: list[torch.Tensor], size: int) -> list[torch.Tensor]:
-    """Concatenate and split into batches of ``size`` (the last may be smaller)."""
-    return list(torch.cat(batches).split(size))
+def _float_gradient_overrides(gm: fx.GraphModule, frozen: list[LinearEdges]) -> dict:
+    """For linears that do not learn: keep the quantized forward, but let the gradient reach their
+    input through the float, unsmoothed weights (no straight-through estimator), as the official
+    PTQ4VM backward does for x_proj / dt_proj."""
+    overrides = {}
+    for e in frozen:
+        if e.source is None or e.module is None:
+            continue
+        module = e.linear_module(gm)
+
+        def compute(quantized, env, e=e, module=module):
+            x = env[e.source]
+            float_out = F.linear(x, module.weight, module.bias)
+            return quantized.detach() + (float_out - float_out.detach())
+
+        overrides[e.linear] = compute
+    return overrides
+
+
+def _rebatch(batches: list[torch.Tensor], size: int | None) -> list[torch.Tensor]:
+    """Concatenate and split into batches of ``size`` (the last may be smaller); None: one batch."""
+    images = torch.cat(batches)
+    return [images] if size is None else list(images.split(size))

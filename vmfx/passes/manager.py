@@ -1,5 +1,10 @@
 """``PassManager``: runs a list of passes, checks the graph after each, names the pass that broke.
 
+Before running anything it checks the order of the passes against the facts they declare
+(:func:`check_order`; see :mod:`vmfx.passes.base`): a pass that needs a fact only a later pass
+establishes, or that cannot run after an earlier pass, fails at once with a
+:class:`~vmfx.errors.PassError` naming both passes.
+
 After every pass the graph is recompiled. With checks on (``run_checks_after_each_pass=True``,
 or the environment variable ``VMFX_CHECK_PASSES=1``), the graph is also linted and, when the
 context has example inputs, run once, so a pass that leaves the graph broken is caught at that
@@ -17,9 +22,47 @@ import torch
 import torch.fx as fx
 
 from ..errors import PassError, VmfxError
-from .base import Pass, PassContext, PassResult
+from .base import FACTS, Pass, PassContext, PassResult, graph_facts
 
-__all__ = ["PassManager"]
+__all__ = ["PassManager", "check_order"]
+
+
+def check_order(passes: Sequence[Pass], facts: set[str] | frozenset[str] = frozenset()) -> None:
+    """Check that ``passes`` can run in this order on a graph where ``facts`` hold.
+
+    Raises:
+        PassError: naming the pass whose requirement fails and the pass that establishes the
+            missing fact later (or says that none does), or the earlier pass whose fact it forbids.
+    """
+    facts = set(facts)
+    established_by: dict[str, str] = {f: "the input graph" for f in facts}
+    for i, p in enumerate(passes):
+        for fact in p.requires_facts:
+            if fact in facts:
+                continue
+            later = next((q for q in passes[i + 1 :] if fact in q.ensures_facts), None)
+            meaning = FACTS.get(fact, fact)
+            if later is not None:
+                raise PassError(
+                    f"pass order: {p.name} (position {i + 1}) needs '{fact}' ({meaning}), which {later.name} "
+                    f"establishes only later in the pipeline: move {later.name} before {p.name}"
+                )
+            providers = sorted({q.name for q in passes[:i] if fact in q.clears_facts})
+            undone = f" ({', '.join(providers)} undid it)" if providers else ""
+            raise PassError(
+                f"pass order: {p.name} (position {i + 1}) needs '{fact}' ({meaning}), which no pass before it "
+                f"establishes{undone}; add the pass that does before {p.name}"
+            )
+        for fact in p.forbids_facts:
+            if fact in facts:
+                raise PassError(
+                    f"pass order: {p.name} (position {i + 1}) cannot run after {established_by.get(fact, 'an earlier pass')}, "
+                    f"which established '{fact}' ({FACTS.get(fact, fact)}): run {p.name} before it"
+                )
+        facts.difference_update(p.clears_facts)
+        for fact in p.ensures_facts:
+            facts.add(fact)
+            established_by[fact] = p.name
 
 
 class PassManager:
@@ -49,6 +92,7 @@ class PassManager:
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         ctx = PassContext() if ctx is None else ctx
+        check_order(self.passes, graph_facts(gm))
         trace_dir = os.environ.get("VMFX_TRACE_DIR")
         modified = False
         done: list[str] = []

@@ -23,7 +23,6 @@ from torch import nn
 
 from ..nn.norm import RMSNorm
 from ..ops.selective_scan import selective_scan
-from ..quant.modules import QuantLinear
 
 __all__ = [
     "FailedMatch",
@@ -88,7 +87,7 @@ def module_of(node: fx.Node) -> nn.Module | None:
 def is_linear(node: fx.Node) -> bool:
     m = module_of(node)
     if m is not None:
-        return isinstance(m, (nn.Linear, QuantLinear))
+        return isinstance(m, nn.Linear)
     return node.op == "call_function" and node.target is F.linear
 
 

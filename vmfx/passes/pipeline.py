@@ -10,6 +10,9 @@ to bottom (:func:`ptq_passes`)::
     ptq4vm:   DetectMambaMixers -> InsertObservers(|x| stats) -> Calibrate -> SmoothQuant
               -> Calibrate (Lp grid, 2 passes) -> Convert (Lp grid weights) -> JLSS -> FoldSmoothing
 
+Every pass declares the facts it needs and establishes (:mod:`vmfx.passes.base`); a pipeline in an
+impossible order fails before it runs.
+
 Researchers reorder, swap or add passes by building their own ``Pipeline``.
 """
 
@@ -218,8 +221,8 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
         [Calibrate                 smoothing only: collect |x| per channel
          SmoothQuant(alpha)]       s per linear; observers re-armed to see x / s
         Calibrate                  ranges (one pass; two for the Lp grid search)
-        Convert                    QuantLinear: input quantizer from the observer, weight
-                                   quantizer by min-max or the per-channel Lp grid search
+        Convert                    observers -> quantizer nodes; a quantizer node on every
+                                   weight edge, by min-max or the per-channel Lp grid search
         [JLSS]                     PTQ4VM's block-wise learning of step sizes and smoothing
         [FoldSmoothing]            1/s into the preceding norm where exact
     """
@@ -228,18 +231,28 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     passes: list[Pass] = [DetectMambaMixersPass()]
     if config.smoothing is not None:
         passes += [
-            InsertObserversPass(config.activation, config.weight, config.roles, observer=AbsMaxObserver),
+            InsertObserversPass(observer=AbsMaxObserver, config=config),
             CalibratePass(),
             SmoothQuantPass(config.smoothing.alpha, observer=act_observer),
         ]
     else:
-        passes.append(InsertObserversPass(config.activation, config.weight, config.roles, observer=act_observer))
-    passes += [CalibratePass(), ConvertPass(weight_init=init.method, p=init.p, candidates=init.candidates)]
+        passes.append(InsertObserversPass(observer=act_observer, config=config))
+    static = _has_static_activations(config)
+    if static:
+        passes.append(CalibratePass())
+    passes.append(ConvertPass(weight_init=init.method, p=init.p, candidates=init.candidates,
+                              requires_calibration=static))
     if config.jlss is not None:
         passes.append(JLSSPass(config.jlss))
     if config.smoothing is not None and config.smoothing.fold:
         passes.append(FoldSmoothingPass())
     return passes
+
+
+def _has_static_activations(config: QuantConfig) -> bool:
+    """Whether any activation edge the config can quantize is static (needs calibration)."""
+    specs = [config.activation] + [r.spec for r in config.rules if r.edge == "input" and r.spec is not None]
+    return any(not s.dynamic for s in specs)
 
 
 for _name in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-official"):

@@ -12,7 +12,7 @@ across the cut. Gradients flow through a run when autograd is on, so a segment c
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -67,18 +67,25 @@ class SegmentRunner:
                 raise ValueError(f"no value for graph input '{p.name}'")
         return env
 
-    def run(self, k: int, env: dict[fx.Node, Any], keep: Sequence[fx.Node] = ()) -> dict[fx.Node, Any]:
+    def run(self, k: int, env: dict[fx.Node, Any], keep: Sequence[fx.Node] = (),
+            overrides: Mapping[fx.Node, Callable[[Any, dict], Any]] | None = None) -> dict[fx.Node, Any]:
         """Run segment ``k`` on ``env``; returns the environment after it.
 
         The result holds the values live after the segment plus those of ``keep`` (e.g. the
-        block's ``out_proj``); ``env`` itself is not modified.
+        block's ``out_proj``); ``env`` itself is not modified. ``overrides`` maps a node to
+        ``f(value, env) -> value`` applied to its computed value (e.g. to change how gradients
+        flow through it).
         """
         start, end = self.bounds[k]
         local = dict(env)
         self._interp.env = local
+        overrides = overrides or {}
         for n in self.nodes[start:end]:
             if n.op == "placeholder":
                 continue
-            local[n] = self._interp.run_node(n)
+            value = self._interp.run_node(n)
+            if n in overrides:
+                value = overrides[n](value, local)
+            local[n] = value
         keep = set(keep)
         return {n: v for n, v in local.items() if n in keep or self._last_use.get(n, -1) >= end}

@@ -1,20 +1,19 @@
-"""``SmoothQuantPass``: per-input-channel smoothing factors for every quantized linear.
+"""``SmoothQuantPass``: SmoothQuant smoothing nodes for every linear with smoothing statistics.
 
-For each observer node whose module is an :class:`~vmfx.quant.observers.AbsMaxObserver` (the
-per-channel ``max|x|`` of calibration data) and whose only user is a linear to be quantized::
+For each :class:`~vmfx.quant.observers.AbsMaxObserver` node on the input edge of a linear (the
+per-channel ``max|x|`` of calibration data)::
 
     s_j = clamp( max|x_j|^alpha / max_i |W_ij|^(1 - alpha), min=1e-5 )
           (max|x_j| clamped to >= 1e-3, max_i|W_ij| to >= 1e-5, as PTQ4VM's code does)
 
-the Linear becomes a :class:`~vmfx.quant.QuantLinear` holding ``s`` as an explicit tensor (a
-learnable parameter for JLSS; quantizers are added by ``ConvertPass``), and the observer is
-replaced by a fresh activation observer that sees ``x / s`` (``pre_scale = 1 / s``), so that the
-next calibration pass measures the range the quantizer will see.
+a :class:`~vmfx.quant.Smooth` node holding ``s`` is inserted on both edges of the linear (``x / s``
+before the observer, ``W * s`` on the weight edge; one module, two calls), and the observer is
+replaced by a fresh activation observer, which now sees ``x / s``: the next calibration pass
+measures the range the quantizer will see. ``s`` is a parameter JLSS may learn.
 
-Requires: calibrated ``AbsMaxObserver``\\ s. Invariants: the graph computes exactly the same
-function (``(x / s) @ (W * s)^T == x @ W^T`` up to rounding); node names are unchanged.
-Folding ``1 / s`` into a preceding norm happens later (:class:`FoldSmoothingPass`), after
-learning, where it is exact.
+Requires: calibrated ``AbsMaxObserver``\\ s. Invariants: the graph computes the same function
+(``(x / s) @ (W * s)^T == x @ W^T`` up to rounding); node names are unchanged; folding ``1 / s``
+into a preceding norm happens later (:class:`~vmfx.passes.FoldSmoothingPass`), after learning.
 """
 
 from __future__ import annotations
@@ -23,15 +22,16 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from ..annotations import annotate, annotation
-from ..quant.modules import QuantLinear
+from ..quant.modules import Smooth
 from ..quant.observers import AbsMaxObserver, MinMaxObserver, Observer
 from ..quant.spec import QuantSpec
 from .base import Pass, PassContext, PassResult
-from .graph_utils import replace_submodule
-from .patterns import is_linear, module_of
+from .graph_utils import insert_module_on_edge, replace_submodule, unique_submodule_name
+from .insert_observers import QUANT_PREFIX, edge_layout, make_observer
+from .linear_edges import linear_edges, served_linear
+from .patterns import module_of
 
 __all__ = ["SmoothQuantPass", "smoothing_factors"]
 
@@ -44,7 +44,7 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
 
 
 class SmoothQuantPass(Pass):
-    """Turn smoothing statistics into smoothing factors (see module docstring).
+    """Turn smoothing statistics into smoothing nodes (see module docstring).
 
     Args:
         alpha: migration strength (0.5 for Vim, 0.65 for VMamba in PTQ4VM).
@@ -52,26 +52,29 @@ class SmoothQuantPass(Pass):
             (called with the activation spec).
     """
 
+    requires_facts = ("observers_calibrated",)
+    ensures_facts = ("smoothing_factors",)
+    clears_facts = ("observers_calibrated",)
+
     def __init__(self, alpha: float = 0.5, observer: Callable[[QuantSpec], Observer] = MinMaxObserver):
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
         self.alpha = alpha
         self.observer = observer
 
     def _targets(self, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+        nodes = {n.name: n for n in gm.graph.nodes}
         out = []
         for node in gm.graph.nodes:
-            if isinstance(module_of(node), AbsMaxObserver):
-                users = list(node.users)
-                if len(users) == 1 and is_linear(users[0]) and annotation(users[0]) is not None:
-                    out.append((node, users[0]))
+            if isinstance(module_of(node), AbsMaxObserver) and served_linear(node) in nodes:
+                out.append((node, nodes[served_linear(node)]))
         return out
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         targets = self._targets(gm)
         if not targets:
             raise self.fail(
-                "no AbsMaxObserver before a linear: insert smoothing-statistics observers "
+                "no AbsMaxObserver on a linear's input: insert smoothing-statistics observers "
                 "(InsertObserversPass(observer=AbsMaxObserver)) and calibrate first"
             )
         for obs_node, _ in targets:
@@ -81,22 +84,30 @@ class SmoothQuantPass(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         for obs_node, lin_node in self._targets(gm):
             stats = module_of(obs_node)
-            linear = module_of(lin_node)
-            weight = linear.weight
+            edges = linear_edges(lin_node)
+            if edges.act_smooth is not None:
+                raise self.fail("this linear is already smoothed", lin_node)
+            weight = edges.linear_module(gm).weight
             if stats.channel_absmax.numel() != weight.shape[1]:
                 raise self.fail(
                     f"smoothing statistics have {stats.channel_absmax.numel()} channels, the linear "
                     f"{weight.shape[1]} inputs", lin_node,
                 )
-            s = smoothing_factors(stats.channel_absmax, weight, self.alpha)
-            if isinstance(linear, QuantLinear):
-                linear.smooth = nn.Parameter(s, requires_grad=False)
-                linear.smooth_input = True
-            else:
-                replace_submodule(gm, lin_node.target, QuantLinear.from_linear(linear, smooth=s))
-            observer = self.observer(stats.spec)
-            observer.pre_scale = 1.0 / s
-            replace_submodule(gm, obs_node.target, observer)
+            if not bool(torch.isfinite(stats.channel_absmax).all()):
+                raise self.fail("smoothing statistics are not finite (NaN/Inf in the model or the data)", lin_node)
+            smooth = Smooth(smoothing_factors(stats.channel_absmax, weight, self.alpha))
             ann = annotation(lin_node)
+            facts = {"block": ann.block, "direction": ann.direction, "tokens": ann.tokens, "mixer": ann.mixer}
+            path = unique_submodule_name(gm, QUANT_PREFIX, f"{lin_node.name}__smooth")
+            act_node = insert_module_on_edge(gm, obs_node, obs_node.args[0], smooth, path)
+            annotate(act_node, "smooth", **facts, extra={"quantizes": lin_node.name, "edge": "input",
+                                                         "alpha": self.alpha})
+            if edge_layout(act_node.args[0]) is not None:
+                annotation(act_node).layout = edge_layout(act_node.args[0])
+            w_node = insert_module_on_edge(gm, lin_node, edges.weight_attr, smooth, path, {"weight": True})
+            annotate(w_node, "smooth", **facts, extra={"quantizes": lin_node.name, "edge": "weight",
+                                                       "alpha": self.alpha})
+            layout = getattr(annotation(obs_node), "layout", None)
+            replace_submodule(gm, obs_node.target, make_observer(self.observer, stats.spec, layout))
             annotate(lin_node, ann.role, extra={**ann.extra, "smoothing_alpha": self.alpha})
         return PassResult(gm, True)

@@ -1,6 +1,7 @@
-"""Quantization building blocks: specs, observers and the quantized modules of converted graphs."""
+"""Quantization building blocks: specs, observers and the modules converted graphs call on their edges
+(``FakeQuantize`` quantizers and ``Smooth`` smoothing nodes)."""
 
-from .modules import FakeQuantize, QuantLinear, weight_quantizer_minmax
+from .modules import FakeQuantize, Smooth, weight_quantizer_minmax
 from .observers import MinMaxObserver, Observer, QParams, qparams_from_minmax
 from .spec import QuantSpec
 
@@ -11,6 +12,6 @@ __all__ = [
     "MinMaxObserver",
     "qparams_from_minmax",
     "FakeQuantize",
-    "QuantLinear",
+    "Smooth",
     "weight_quantizer_minmax",
 ]

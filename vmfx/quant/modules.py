@@ -1,10 +1,10 @@
-"""Quantized modules that a converted graph calls: ``FakeQuantize`` and ``QuantLinear``.
+"""The modules a converted graph calls on its edges: ``FakeQuantize`` and ``Smooth``.
 
-``FakeQuantize`` simulates quantization of one tensor with stored (static) or run-time (dynamic)
-parameters. ``QuantLinear`` is one quantized linear layer, the unit a fused integer kernel
-implements::
+Quantization is not hidden inside layers: every quantized tensor, activation or weight, passes
+through its own ``FakeQuantize`` node, and SmoothQuant's factors are a ``Smooth`` node of their own,
+so a converted linear reads::
 
-    y = linear( Q_a(x / s),  Q_w(W * s) ) + b        s: optional per-input-channel smoothing
+    x -> smooth -> quantize(act) -> F.linear( . , quantize(smooth(W, weight=True)), b)
 
 ``(x / s) @ (W * s)^T == x @ W^T``, so smoothing changes nothing in floating point; it moves
 range from the activation to the weight before both are quantized (SmoothQuant).
@@ -24,7 +24,7 @@ from ..ops.quantize import MIN_SCALE, dequantize, fake_quantize, quantize
 from .observers import QParams, qparams_from_minmax, reduce_minmax
 from .spec import QuantSpec
 
-__all__ = ["FakeQuantize", "QuantLinear", "weight_quantizer_minmax", "SMOOTH_MIN"]
+__all__ = ["FakeQuantize", "Smooth", "weight_quantizer_minmax", "SMOOTH_MIN"]
 
 #: Smoothing factors are kept at least this large (PTQ4VM's clamp), also while they are learned.
 SMOOTH_MIN = 1e-5
@@ -125,76 +125,41 @@ class FakeQuantize(nn.Module):
         return f"{self.spec.describe()}, {shape}"
 
 
-class QuantLinear(nn.Module):
-    """A linear layer with quantized input and weight and optional smoothing.
+class Smooth(nn.Module):
+    """SmoothQuant's per-input-channel factors ``s`` of one linear, as a graph node of their own.
+
+    The same module is called on two edges of the linear it smooths: on the activation edge it
+    computes ``x / s`` (``smooth(x)``), on the weight edge ``W * s`` (``smooth(W, weight=True)``,
+    ``s`` broadcast over the input columns), so that ``(x / s) @ (W * s)^T == x @ W^T`` and the
+    graph reads ``x -> smooth -> quantize -> linear(., quantize(smooth(W)))``. When the activation
+    side has been folded into the op producing ``x`` (:class:`~vmfx.passes.FoldSmoothingPass`), its
+    node is gone and ``folded_into`` names the op that now divides.
 
     Args:
-        weight: ``(out, in)`` float weight (kept in floating point; fake-quantized on use).
-        bias: ``(out,)`` or None.
-        input_quantizer: quantizer of the (smoothed) input, or None to keep it in float.
-        weight_quantizer: quantizer of the (smoothed) weight, or None.
-        smooth: per-input-channel smoothing factors ``s`` (``(in,)``), or None.
-        smooth_input: divide the input by ``s`` here; False when ``1/s`` has been folded into the
-            op that produces the input (then the input already arrives smoothed).
+        factors: ``s``, shape ``(in_features,)``, positive.
 
-    Invariant: with both quantizers disabled, the output equals ``F.linear(x, weight, bias)``
-    up to rounding, whatever ``s`` is (when ``smooth_input`` is True).
+    ``factors`` is an ``nn.Parameter`` with ``requires_grad=False``; learning passes (JLSS) switch
+    it on, and while it learns it is clamped to ``SMOOTH_MIN`` at use.
     """
 
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        input_quantizer: FakeQuantize | None = None,
-        weight_quantizer: FakeQuantize | None = None,
-        smooth: torch.Tensor | None = None,
-        smooth_input: bool = True,
-    ):
+    def __init__(self, factors: torch.Tensor):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.input_quantizer = input_quantizer
-        self.weight_quantizer = weight_quantizer
-        if smooth is not None and smooth.shape != (self.in_features,):
-            raise ConfigError(f"smoothing factors must have shape ({self.in_features},), got {tuple(smooth.shape)}")
-        self.smooth = None if smooth is None else nn.Parameter(smooth.detach().clone().float(), requires_grad=False)
-        self.smooth_input = smooth_input
+        if factors.dim() != 1:
+            raise ConfigError(f"smoothing factors must be a vector (in_features,), got shape {tuple(factors.shape)}")
+        self.factors = nn.Parameter(factors.detach().clone().float(), requires_grad=False)
+        self.folded_into: str | None = None
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "QuantLinear":
-        return cls(linear.weight, linear.bias, **kwargs)
+    def value(self) -> torch.Tensor:
+        """The factors in use (clamped to stay positive while they are learned)."""
+        return self.factors.clamp(min=SMOOTH_MIN) if self.factors.requires_grad else self.factors
 
-    def smoothing(self) -> torch.Tensor | None:
-        """The smoothing factors in use (clamped to stay positive while they are learned)."""
-        if self.smooth is None:
-            return None
-        return self.smooth.clamp(min=SMOOTH_MIN) if self.smooth.requires_grad else self.smooth
-
-    def smoothed_weight(self) -> torch.Tensor:
-        return self.weight if self.smooth is None else self.weight * self.smoothing()
-
-    def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized (smoothed) weight used in ``forward``."""
-        w = self.smoothed_weight()
-        return w if self.weight_quantizer is None else self.weight_quantizer(w)
-
-    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Smooth and fake-quantize the input as ``forward`` does."""
-        if self.smooth is not None and self.smooth_input:
-            x = x / self.smoothing().to(x.dtype)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.prepare_input(x), self.quantized_weight().to(x.dtype), self.bias)
+    def forward(self, x: torch.Tensor, weight: bool = False) -> torch.Tensor:
+        s = self.value().to(x.dtype)
+        return x * s if weight else x / s
 
     def extra_repr(self) -> str:
-        a = self.input_quantizer.spec.describe() if self.input_quantizer is not None else "float"
-        w = self.weight_quantizer.spec.describe() if self.weight_quantizer is not None else "float"
-        s = ", smoothed" if self.smooth is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, act={a}, weight={w}{s}"
+        folded = f", activation side folded into {self.folded_into}" if self.folded_into else ""
+        return f"channels={self.factors.numel()}{folded}"
 
 
 def weight_quantizer_minmax(weight: torch.Tensor, spec: QuantSpec) -> FakeQuantize:
