@@ -16,6 +16,7 @@ from .errors import (
     CalibrationDataError,
     CheckpointError,
     ConfigError,
+    InputError,
     LoweringError,
     PassError,
     SerializationError,
@@ -53,4 +54,5 @@ __all__ = [
     "PassError",
     "SerializationError",
     "LoweringError",
+    "InputError",
 ]

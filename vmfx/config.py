@@ -38,8 +38,9 @@ BIT_SETTINGS = ((8, 8), (6, 6), (4, 8), (4, 4))
 #: Upper bound of a grid search's candidate count (each candidate costs a pass over the data).
 MAX_CANDIDATES = 10_000
 
-#: The edges of a linear a rule can quantize.
-EDGES = ("input", "weight")
+#: The edges a rule can quantize: a linear's input and weight, or the output of any detected node
+#: (a conv, a SiLU, delta, the scan, ...: every user of that value reads the quantized one).
+EDGES = ("input", "weight", "output")
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,12 @@ _SUBCONFIGS = {"smoothing": SmoothingConfig, "init": InitConfig, "jlss": JLSSCon
 class QuantRule:
     """One line of a config's spec table: which edges it matches and the spec they get.
 
-    A rule matches the ``edge`` ("input" or "weight") of every linear that satisfies all of its
-    given selectors (None matches anything): its detected ``role`` (e.g. "out_proj"; both scan
-    directions), its module path against the shell-style pattern ``module`` (e.g.
-    ``"layers.1*.mixer.*"``), and its graph node name ``node``. ``spec=None`` keeps the edge in
-    floating point. Rules are applied in order after the config's defaults; the last match wins.
+    A rule matches the ``edge`` ("input" or "weight" of a linear, "output" of any annotated node)
+    of every node that satisfies all of its given selectors (None matches anything): its detected
+    ``role`` (e.g. "out_proj", "conv_act", "scan"; both scan directions), its module path against
+    the shell-style pattern ``module`` (e.g. ``"layers.1*.mixer.*"``), and its graph node name
+    ``node``. ``spec=None`` keeps the edge in floating point. Rules are applied in order after the
+    config's defaults (which quantize no outputs); the last match wins.
 
     Example::
 
@@ -299,7 +301,7 @@ class QuantConfig:
     def _check_dynamic_activations(self) -> None:
         """Dynamic activations have no calibrated range: smoothing statistics and learned step
         sizes need static ones. Say so now, not deep inside the pipeline."""
-        dynamic = [r for r in self.rules if r.edge == "input" and r.spec is not None and r.spec.dynamic]
+        dynamic = [f"a rule on {r.edge} edges" for r in self.rules if r.edge != "weight" and r.spec is not None and r.spec.dynamic]
         if self.activation.dynamic:
             dynamic.insert(0, "QuantConfig.activation")
         if not dynamic:
@@ -320,7 +322,10 @@ class QuantConfig:
         linears whose role is in ``roles``), then every matching rule in order. None: float."""
         if edge not in EDGES:
             raise ConfigError(f"edge must be one of {', '.join(EDGES)}, got {edge!r}")
-        spec = (self.weight if edge == "weight" else self.activation) if role in self.roles else None
+        if edge == "output":
+            spec = None
+        else:
+            spec = (self.weight if edge == "weight" else self.activation) if role in self.roles else None
         for rule in self.rules:
             if rule.matches(edge, role, module, node):
                 spec = rule.spec

@@ -15,6 +15,7 @@ __all__ = [
     "PassError",
     "SerializationError",
     "LoweringError",
+    "InputError",
 ]
 
 
@@ -66,3 +67,8 @@ class SerializationError(VmfxError, ValueError):
 class LoweringError(VmfxError):
     """Lowering could not take part of a quantized graph (raised in ``strict`` mode; otherwise a
     warning lists the quantized nodes left in float)."""
+
+
+class InputError(VmfxError, ValueError):
+    """An input a (quantized) model cannot take: e.g. another image size than the one it was
+    traced and calibrated for."""

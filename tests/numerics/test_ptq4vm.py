@@ -9,8 +9,17 @@ import vmfx
 from vmfx.config import InitConfig, JLSSConfig, QuantConfig, SmoothingConfig
 from vmfx.passes import Pipeline, method_passes
 from vmfx.passes.smoothquant import smoothing_factors
-from vmfx.quant import FakeQuantize, QuantLinear, QuantSpec
+from vmfx.passes.linear_edges import linear_edges
+from vmfx.quant import FakeQuantize, QuantSpec
 from vmfx.quant.observers import LpObserver, lp_search_weight, qparams_from_minmax
+
+
+def _edges(q, name):
+    return linear_edges(next(n for n in q.graph.nodes if n.name == name))
+
+
+def _scale(q, name, edge="input"):
+    return _edges(q, name).quantizer(edge).scale
 
 
 def _lp_loss_ref(x, lo, hi, bits, p):
@@ -33,14 +42,15 @@ def test_lp_observer_picks_the_best_candidate_per_token():
             obs(chunk)
     lo_all, hi_all = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))
     best = []
+    ratios = [i / 100 for i in range(1, 50)]  # the official code's clipping ratios that keep a range
     for t in range(9):
         losses = []
-        for i in range(100):
-            a = i / 200
+        for a in ratios:
             lo = lo_all[t] + a * (hi_all[t] - lo_all[t])
             hi = hi_all[t] - a * (hi_all[t] - lo_all[t])
             losses.append(float(_lp_loss_ref(x[:, t : t + 1], lo, hi, 4, 2.4)))
-        best.append(min(range(100), key=losses.__getitem__))
+        best.append(min(range(len(ratios)), key=losses.__getitem__))
+    assert obs.losses.shape[0] == len(ratios)
     assert torch.equal(obs.losses.argmin(dim=0).view(-1), torch.tensor(best))
     qp = obs.calculate_qparams()
     assert qp.scale.shape == (1, 9, 1)
@@ -72,18 +82,19 @@ def test_smoothing_factors_match_the_smoothquant_formula():
 @pytest.mark.parametrize("preset", ["smoothquant-w8a8", "pts-smooth-w4a8"])
 def test_smoothing_keeps_float_function_and_folds_into_the_norm(tiny_model, tiny_images, preset):
     qmodel = vmfx.compile(tiny_model, tiny_images, preset, check=True)
-    ql = qmodel.get_submodule("mixers.0.in_proj")
-    assert isinstance(ql, QuantLinear) and ql.smooth is not None
-    assert ql.smooth_input is False  # folded into the RMSNorm before it
-    assert qmodel.get_submodule("mixers.0.x_proj").smooth_input is True  # after SiLU: not foldable
+    in_proj = _edges(qmodel, "mixers_0_in_proj")
+    assert in_proj.smooth_module() is not None and in_proj.weight_smooth is not None
+    assert in_proj.act_smooth is None  # folded into the RMSNorm before it
+    assert in_proj.smooth_module().folded_into == "norms_0"
+    assert _edges(qmodel, "mixers_0_x_proj").act_smooth is not None  # after SiLU: not foldable
     with torch.no_grad(), vmfx.passes.quantization_disabled(qmodel):
         torch.testing.assert_close(qmodel(tiny_images), tiny_model(tiny_images), rtol=1e-4, atol=1e-5)
 
 
 def test_per_token_scales_follow_each_direction_and_fix_the_length(tiny_model, tiny_images):
     qmodel = vmfx.compile(tiny_model, tiny_images, "pts-w8a8")
-    fwd = qmodel.get_submodule("mixers.0.x_proj").input_quantizer.scale
-    bwd = qmodel.get_submodule("mixers.0.x_proj_b").input_quantizer.scale
+    fwd = _scale(qmodel, "mixers_0_x_proj")
+    bwd = _scale(qmodel, "mixers_0_x_proj_b")
     assert fwd.shape == bwd.shape == (1, 16, 1)
     # the backward branch sees the tokens reversed: its causal conv makes its *first* token (the
     # last image token) the one with the least context, like the forward branch's first token
@@ -107,13 +118,13 @@ def test_jlss_lowers_the_block_loss_and_learns_x_proj_too(tiny_model, tiny_image
     official = vmfx.compile(tiny_model, images, _cfg(learn_roles=("in_proj", "out_proj")))
     for block in learned.meta["vmfx_jlss"]["blocks"]:
         assert block["final_loss"] < block["initial_loss"]
-    scale = lambda q, path: q.get_submodule(path).input_quantizer.scale  # noqa: E731
-    assert not torch.equal(scale(learned, "mixers.0.x_proj"), scale(init_only, "mixers.0.x_proj"))
-    assert not torch.equal(scale(learned, "mixers.1.dt_proj_b"), scale(init_only, "mixers.1.dt_proj_b"))
+    scale = _scale
+    assert not torch.equal(scale(learned, "mixers_0_x_proj"), scale(init_only, "mixers_0_x_proj"))
+    assert not torch.equal(scale(learned, "mixers_1_dt_proj_b"), scale(init_only, "mixers_1_dt_proj_b"))
     # the official switch leaves x_proj / dt_proj at their initial values, in_proj learns
-    assert torch.equal(scale(official, "mixers.0.x_proj"), scale(init_only, "mixers.0.x_proj"))
-    assert torch.equal(scale(official, "mixers.1.dt_proj_b"), scale(init_only, "mixers.1.dt_proj_b"))
-    assert not torch.equal(scale(official, "mixers.0.in_proj"), scale(init_only, "mixers.0.in_proj"))
+    assert torch.equal(scale(official, "mixers_0_x_proj"), scale(init_only, "mixers_0_x_proj"))
+    assert torch.equal(scale(official, "mixers_1_dt_proj_b"), scale(init_only, "mixers_1_dt_proj_b"))
+    assert not torch.equal(scale(official, "mixers_0_in_proj"), scale(init_only, "mixers_0_in_proj"))
     assert all(not p.requires_grad for p in learned.parameters())
 
 
@@ -134,3 +145,58 @@ def test_every_method_has_all_four_bit_settings():
     for method in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-official"):
         for bits in ("w8a8", "w6a6", "w4a8", "w4a4"):
             assert f"{method}-{bits}" in names
+
+
+def test_official_gradient_path_crosses_frozen_linears_through_float_weights(tiny_model, tiny_images):
+    """frozen_gradient="float": x_proj's output stays quantized in the forward, but the gradient
+    reaching its input is dy @ W_float (the official hand-written backward), not the STE's."""
+    from vmfx.passes.jlss import _float_gradient_overrides
+
+    q = vmfx.compile(tiny_model, tiny_images, "pts-smooth-w4a4")
+    e = _edges(q, "mixers_0_x_proj")
+    module = e.linear_module(q)
+    x = (torch.randn(2, 16, module.in_features) * 3).requires_grad_(True)
+    with torch.no_grad():
+        sm = e.smooth_module()
+        quantized = torch.nn.functional.linear(e.quantizer("input")(sm(x)), e.quantizer("weight")(sm(module.weight, weight=True)))
+    override = _float_gradient_overrides(q, [e])[e.linear]
+    y = override(quantized, {e.source: x})
+    torch.testing.assert_close(y, quantized)  # forward: the quantized value
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    torch.testing.assert_close(x.grad, dy @ module.weight)  # backward: the float, unsmoothed weights
+
+
+def test_each_block_learns_on_the_quantized_output_of_the_block_before(tiny_model, tiny_images):
+    """JLSS block b must read the *quantized* stream: its inputs are block b-1's quantized output."""
+    from vmfx.passes.jlss import JLSSPass
+    from vmfx.passes.segments import SegmentRunner
+
+    seen = []
+    original = SegmentRunner.run
+
+    def spy(self, k, env, keep=(), overrides=None):
+        if keep and overrides is not None:  # a learning step
+            seen.append((k, {n.name: v.detach().clone() for n, v in env.items() if isinstance(v, torch.Tensor)}))
+        return original(self, k, env, keep, overrides)
+
+    cfg = _cfg(steps=1)
+    SegmentRunner.run = spy
+    try:
+        q = vmfx.compile(tiny_model, tiny_images, cfg)
+    finally:
+        SegmentRunner.run = original
+    step_inputs = dict(seen)
+    assert set(step_inputs) == {0, 1}
+    # replay the finished model up to block 0's end, quantized and in float
+    cuts = JLSSPass.block_ends(q)
+    runner = SegmentRunner(q, cuts)
+    env_q = runner.run(0, runner.initial_env(tiny_images[:12]))
+    with torch.no_grad(), vmfx.passes.quantization_disabled(q):
+        env_f = runner.run(0, runner.initial_env(tiny_images[:12]))
+    live = cuts[0]  # block 0's out_proj: its value crosses into block 1's segment (the residual add)
+    name = live.name
+    assert name in step_inputs[1]
+    # block 0's quantizers did not change after its own learning, so block 1 saw exactly this
+    torch.testing.assert_close(step_inputs[1][name], env_q[live].detach())
+    assert not torch.allclose(step_inputs[1][name], env_f[live])  # and not the float stream

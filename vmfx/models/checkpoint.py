@@ -107,7 +107,8 @@ def load_checkpoint(
     Raises:
         CheckpointNotFoundError: ``path`` does not exist.
         CheckpointError: the file cannot be read safely (a disallowed pickled global, or not a
-            torch checkpoint), holds no state dict under ``key``, or does not fit the model.
+            torch checkpoint), holds no state dict under ``key``, does not fit the model, or holds
+            NaN / Inf values.
     """
     path = os.fspath(path)
     obj = _safe_load(path)
@@ -122,6 +123,14 @@ def load_checkpoint(
                               model_name, strict)
         )
 
+    bad = [k for k, t in state_dict.items()
+           if isinstance(t, torch.Tensor) and torch.is_floating_point(t) and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or Inf values ({shown}); the checkpoint is damaged or "
+            "from a diverged run: use another checkpoint"
+        )
     assign = any(t.is_meta for t in chain(model.parameters(), model.buffers()))
     model.load_state_dict(state_dict, strict=strict, assign=assign)
     return LoadedCheckpoint(

@@ -6,7 +6,8 @@ Every structural edit a quantization pass makes to a traced float graph goes thr
   nodes, so that its weight is an edge a quantizer (or a smoothing node) can sit on. The node keeps
   its name and annotation.
 * :func:`insert_module_on_edge`: route one edge ``producer -> user`` through a new ``call_module``
-  node (an observer, a quantizer, a smoothing node).
+  node (an observer, a quantizer, a smoothing node); :func:`insert_module_after` puts one on a
+  node's output, for every user.
 * :func:`remove_passthrough_node`: remove a node this module inserted, rewiring its users to its
   input.
 
@@ -30,6 +31,7 @@ __all__ = [
     "unique_submodule_name",
     "insert_module_before",
     "insert_module_on_edge",
+    "insert_module_after",
     "remove_passthrough_node",
     "replace_submodule",
     "functionalize_linear",
@@ -84,6 +86,21 @@ def insert_module_on_edge(
 
 #: Kept for passes written against the earlier name.
 insert_module_before = insert_module_on_edge
+
+
+def insert_module_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str) -> fx.Node:
+    """Put a new ``call_module`` node on ``node``'s output: every user of ``node`` now reads the
+    new node's value (a quantizer on the output edge of a conv, a SiLU, the scan, ...)."""
+    gm.add_submodule(path, module)
+    users = list(node.users)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(path, (node,))
+    for user in users:
+        user.replace_input_with(node, new)
+    if "tensor_meta" in node.meta:
+        new.meta["tensor_meta"] = node.meta["tensor_meta"]
+    _log(gm, {"op": "insert_after", "node": new.name, "path": path, "input": node.name})
+    return new
 
 
 def remove_passthrough_node(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -170,6 +187,12 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
             _need(nodes, record["user"])
             new = insert_module_on_edge(gm, nodes[record["user"]], nodes[record["input"]], make_module(record),
                                         record["path"], record.get("kwargs"))
+            if new.name != record["node"]:
+                raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
+                                 f"'{record['node']}': the float model differs from the one that was saved")
+        elif op == "insert_after":
+            _need(nodes, record["input"])
+            new = insert_module_after(gm, nodes[record["input"]], make_module(record), record["path"])
             if new.name != record["node"]:
                 raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
                                  f"'{record['node']}': the float model differs from the one that was saved")

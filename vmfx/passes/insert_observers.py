@@ -9,7 +9,9 @@ an edge too; :func:`~vmfx.passes.graph_utils.functionalize_linear`), its annotat
 ``act_spec`` / ``weight_spec``, and a static activation spec gets an observer node on the input
 edge (module path ``vmfx_q.<linear>__input``), annotated with role ``observer``, the linear it
 serves (``extra["quantizes"]``), its edge and the layout of the tensor it watches. Weights are
-quantized at convert (their quantizer is computed from the weight itself).
+quantized at convert (their quantizer is computed from the weight itself). With a config, "output"
+rules put an observer on the output of any annotated node (every user reads through it), path
+``vmfx_q.<node>__output``; a dynamic spec there gets its (run-time) quantizer at once.
 
 Requires: mixers detected. Invariants: observers pass their input through unchanged, so the graph
 computes the same function; node names of the float graph are kept (functional linears take the
@@ -23,13 +25,19 @@ from typing import Callable, Iterable
 
 import torch.fx as fx
 
-from ..annotations import LINEAR_ROLES, annotate, annotation
+from ..annotations import INSERTED_ROLES, LINEAR_ROLES, annotate, annotation
 from ..config import QuantConfig
 from ..quant.observers import LpObserver, MinMaxObserver, Observer
 from ..quant.spec import QuantSpec
 from .base import Pass, PassContext, PassResult
 from .detect import detected_mixers
-from .graph_utils import functionalize_linear, insert_module_on_edge, linear_parts, unique_submodule_name
+from .graph_utils import (
+    functionalize_linear,
+    insert_module_after,
+    insert_module_on_edge,
+    linear_parts,
+    unique_submodule_name,
+)
 from .patterns import is_linear
 
 __all__ = ["InsertObserversPass", "quantized_linear_nodes", "activation_observer", "QUANT_PREFIX", "edge_layout"]
@@ -135,9 +143,35 @@ class InsertObserversPass(Pass):
                      mixer=ann.mixer, act_spec=a_spec, extra={"quantizes": node.name, "edge": "input"})
             if layout is not None:
                 annotation(obs).layout = layout
+        if self.config is not None and any(r.edge == "output" for r in self.config.rules):
+            quantized += self._insert_output_observers(gm)
+            modified = True
         if quantized == 0:
             raise self.fail(
                 "no linear gets a quantization spec: the config's roles and rules match none of the "
                 "detected linears (see vmfx.inspect.table(vmfx.trace(model)) for their roles and names)"
             )
         return PassResult(gm, modified)
+
+    def _insert_output_observers(self, gm: fx.GraphModule) -> int:
+        from ..quant.modules import FakeQuantize
+
+        count = 0
+        for node in list(gm.graph.nodes):
+            ann = annotation(node)
+            if ann is None or ann.role in INSERTED_ROLES or node.op == "output":
+                continue
+            module = node.target if node.op == "call_module" else node.meta.get("vmfx_module")
+            spec = self.config.spec_for("output", ann.role, module, node.name)
+            if spec is None:
+                continue
+            layout = edge_layout(node)
+            path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__output")
+            observer = FakeQuantize(spec) if spec.dynamic else make_observer(self.observer, spec, layout)
+            new = insert_module_after(gm, node, observer, path)
+            annotate(new, "quantizer" if spec.dynamic else "observer", block=ann.block, direction=ann.direction,
+                     tokens=ann.tokens, mixer=ann.mixer, act_spec=spec, extra={"quantizes": node.name, "edge": "output"})
+            if layout is not None:
+                annotation(new).layout = layout
+            count += 1
+        return count

@@ -26,7 +26,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..config import QuantConfig
-from ..errors import CalibrationDataError, ConfigError
+from torch.fx.node import has_side_effect
+
+from ..errors import CalibrationDataError, CheckpointError, ConfigError, InputError
 from ..frontends.adapters import canonicalize
 from ..frontends.tracer import propagate_shapes, trace
 from ..quant.observers import AbsMaxObserver
@@ -105,6 +107,15 @@ def trace_for_quantization(
     Returns:
         ``(graph_module, example_inputs)``; the user's model is never modified.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"vmfx quantizes a torch nn.Module, got {type(model).__name__}")
+    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+           if torch.is_floating_point(t) and not t.is_meta and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(
+            f"the model's {', '.join(bad[:5])}{' and more' if len(bad) > 5 else ''} hold NaN or Inf values: "
+            "calibration would give non-finite scales; load a healthy checkpoint first"
+        )
     spec = model_spec(model)
     model = canonicalize(copy.deepcopy(model)).eval()
     gm = trace(model)
@@ -123,7 +134,37 @@ def trace_for_quantization(
                 f"{type(exc).__name__}: {exc}"
             ) from exc
         gm.meta["vmfx_input_shapes"] = [list(t.shape) for t in example_inputs]
+        _insert_input_check(gm, example_inputs)
     return gm, example_inputs
+
+
+@has_side_effect
+def check_input_shape(x: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """Raise :class:`~vmfx.errors.InputError` unless ``x`` is a tensor shaped ``(N, *expected)``.
+
+    The first op of every graph vmfx traces with an example input: per-token scales, positional
+    embeddings and the patch grid all fix the image size, so another size is refused up front with
+    the sizes named, not deep inside the model."""
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"the model takes a tensor of images (N, {', '.join(map(str, expected))}), got {type(x).__name__}")
+    if tuple(x.shape[1:]) != tuple(expected):
+        want = "x".join(map(str, expected))
+        got = "x".join(map(str, x.shape[1:])) if x.dim() >= 1 else "a scalar"
+        raise InputError(
+            f"the model was traced (and quantized) for inputs of shape (N, {want}), got (N, {got}) "
+            f"(full shape {tuple(x.shape)}): resize or crop the images to that size, or quantize again "
+            "with calibration images of the new size"
+        )
+
+
+def _insert_input_check(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders or not isinstance(example_inputs[0], torch.Tensor):
+        return
+    first = placeholders[0]
+    with gm.graph.inserting_after(placeholders[-1]):
+        gm.graph.call_function(check_input_shape, (first, tuple(example_inputs[0].shape[1:])))
+    gm.recompile()
 
 
 def model_spec(model: nn.Module) -> dict | None:

@@ -31,7 +31,7 @@ from .base import Pass, PassContext, PassResult
 from .graph_utils import insert_module_on_edge, replace_submodule, unique_submodule_name
 from .insert_observers import QUANT_PREFIX, edge_layout, make_observer
 from .linear_edges import linear_edges, served_linear
-from .patterns import module_of
+from .patterns import is_linear, module_of
 
 __all__ = ["SmoothQuantPass", "smoothing_factors"]
 
@@ -63,11 +63,14 @@ class SmoothQuantPass(Pass):
         self.observer = observer
 
     def _targets(self, gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+        """(statistics observer, linear) for every AbsMaxObserver on a linear's input edge."""
         nodes = {n.name: n for n in gm.graph.nodes}
         out = []
         for node in gm.graph.nodes:
-            if isinstance(module_of(node), AbsMaxObserver) and served_linear(node) in nodes:
-                out.append((node, nodes[served_linear(node)]))
+            served = nodes.get(served_linear(node))
+            if isinstance(module_of(node), AbsMaxObserver) and served is not None and is_linear(served) \
+                    and annotation(node).extra.get("edge") == "input":
+                out.append((node, served))
         return out
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -110,4 +113,11 @@ class SmoothQuantPass(Pass):
             layout = getattr(annotation(obs_node), "layout", None)
             replace_submodule(gm, obs_node.target, make_observer(self.observer, stats.spec, layout))
             annotate(lin_node, ann.role, extra={**ann.extra, "smoothing_alpha": self.alpha})
+        # statistics observers on other edges (outputs) have nothing to smooth: re-arm them as
+        # activation observers too
+        for node in gm.graph.nodes:
+            stats = module_of(node)
+            if isinstance(stats, AbsMaxObserver):
+                layout = getattr(annotation(node), "layout", None)
+                replace_submodule(gm, node.target, make_observer(self.observer, stats.spec, layout))
         return PassResult(gm, True)

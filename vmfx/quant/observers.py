@@ -196,9 +196,11 @@ class LpObserver(MinMaxObserver):
     """Grid search of the clipping range minimising the mean ``|x - Q(x)|^p`` (PTQ4VM's init).
 
     Phase 0 records the range ``[min, max]`` of every kept position (per token, per channel or
-    per tensor). Phase 1 scores ``candidates`` ranges shrunk symmetrically toward the midpoint,
-    ``[min + a (max - min), max - a (max - min)]`` for ``a = i / (2 * candidates)``,
-    ``i = 0 .. candidates - 1`` (the full range included, no collapsed range), summing
+    per tensor). Phase 1 scores ranges shrunk symmetrically toward the midpoint,
+    ``[min + a (max - min), max - a (max - min)]`` for the clipping ratios ``a = i / candidates``,
+    ``i = 1 .. candidates``, as the official PTQ4VM code does (its ratios ``i / 100``); ratios
+    ``a >= 1/2`` would collapse the range and are skipped (the official code scores them, but
+    their clamped scale never wins), so the full range itself is not a candidate. It sums
     ``|x - Q(x)|^p`` over every batch; memory is O(candidates x kept positions). The best range is
     then widened to include 0, as the official code does, before computing the scale and zero
     point. Symmetric specs search the clip ``max|x| * i / candidates``, ``i = 1 .. candidates``.
@@ -225,7 +227,8 @@ class LpObserver(MinMaxObserver):
         x = x.float()
         reduce = tuple(d for d in range(x.dim()) if d not in self.kept_dims)
         if self.losses.numel() == 0:
-            self.losses = torch.zeros((self.candidates,) + tuple(self.min_val.shape), dtype=torch.float64)
+            count = self.candidates if self.spec.symmetric else len(self._clip_ratios())
+            self.losses = torch.zeros((count,) + tuple(self.min_val.shape), dtype=torch.float64)
         for i, (lo, hi) in enumerate(self._candidate_ranges()):
             qp = qparams_from_range(lo, hi, self.spec)
             err = (fake_quantize(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax) - x).abs_().pow_(self.p)
@@ -240,9 +243,13 @@ class LpObserver(MinMaxObserver):
                 yield -clip, clip
         else:
             width = hi - lo
-            for i in range(self.candidates):
-                a = i / (2 * self.candidates)
+            for a in self._clip_ratios():
                 yield lo + a * width, hi - a * width
+
+    def _clip_ratios(self) -> list[float]:
+        """The asymmetric search's clipping ratios (at least the full range when fewer than three
+        candidates leave no ratio below 1/2)."""
+        return [i / self.candidates for i in range(1, self.candidates + 1) if i / self.candidates < 0.5] or [0.0]
 
     def calculate_qparams(self) -> QParams:
         self._require_data()
