@@ -1,10 +1,20 @@
-"""Shared fixtures: small random Vision-Mamba-shaped models and images (fixed seeds)."""
+"""Shared fixtures: small random Vision-Mamba-shaped models and images (fixed seeds).
+
+Without a GPU the kernel tests run in Triton's CPU interpreter, which must be on before Triton is
+first imported (timm imports it): the test session switches it on here, before any test module
+imports timm. vmfx itself never sets it at import (tests/graph/test_quantized_graph.py checks).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vmfx.nn import MambaMixer, RMSNorm
 

@@ -20,6 +20,10 @@ def test_table_lists_roles_specs_and_scale_shapes(tiny_model, tiny_images):
     assert (r["role"], r["block"], r["dir"], r["tokens"]) == ("x_proj", 0, "bwd", 16)
     assert r["spec"] == "A uint8 asym per-tensor | W int4 sym per-channel"
     assert r["scale"] == "A 1x1x1 | W 18x1"  # x_proj: dt_rank 2 + 2 x d_state 8 rows
+    # its two quantizers are rows of their own, on its input and weight edges
+    assert by_node["vmfx_q_mixers_0_x_proj_b__input"]["spec"] == "uint8 asym per-tensor"
+    assert by_node["vmfx_q_mixers_0_x_proj_b__weight"]["scale"] == "18x1"
+    assert by_node["vmfx_q_mixers_0_x_proj_b__weight"]["role"] == "quantizer"
     assert len(rows(q, all_nodes=True)) == len(q.graph.nodes) > len(rows(q))
 
 

@@ -100,7 +100,12 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
     if ann is not None and is_linear(node) and (ann.act_spec is not None or ann.weight_spec is not None):
         edges = linear_edges(node)
         smooth = " +smooth" if edges.smooth_module() is not None else ""
-        return f"A {_spec_text(ann.act_spec)} | W {_spec_text(ann.weight_spec)}{smooth}", ""
+        shapes = []
+        for label, edge in (("A", "input"), ("W", "weight")):
+            q = edges.quantizer(edge)
+            shapes.append(f"{label} {_fq_text(q)[1] if isinstance(q, FakeQuantize) else ''}".rstrip())
+        scale = " | ".join(shapes) if any(len(x) > 1 for x in shapes) else ""
+        return f"A {_spec_text(ann.act_spec)} | W {_spec_text(ann.weight_spec)}{smooth}", scale
     return "", ""
 
 

@@ -143,3 +143,40 @@ def test_rules_round_trip_through_the_config_dict():
     assert vmfx.QuantConfig.from_dict(old).rules == ()
     with pytest.raises(vmfx.ConfigError, match="QuantRule.edge must be one of input, weight, output"):
         QuantRule("bias", None)
+
+
+def test_the_readme_rules_example_compiles_a_vim():
+    """The mixed-precision example of the README, on a small official-layout Vim."""
+    from vmfx.models import VisionMamba
+
+    torch.manual_seed(0)
+    model = VisionMamba(img_size=16, patch_size=4, stride=4, embed_dim=32, depth=2, num_classes=5).eval()
+    calib_images = torch.randn(8, 3, 16, 16)
+    cfg = vmfx.preset("pts-w8a8").replace(rules=(
+        QuantRule("input", QuantSpec(4, False, "token"), role="out_proj"),
+        QuantRule("weight", QuantSpec(4, True, "channel"), role="out_proj"),
+        QuantRule("output", QuantSpec(8, True, "tensor"), role="conv_act"),
+        QuantRule("weight", None, module="layers.0.*"), QuantRule("input", None, module="layers.0.*"),
+    ))
+    qmodel = vmfx.compile(model, calib_images, config=cfg)
+    rows = {r["node"]: r for r in vmfx.inspect.rows(qmodel)}
+    assert "layers_0_mixer_in_proj" not in rows or rows["layers_0_mixer_in_proj"]["spec"] == ""
+    assert rows["layers_1_mixer_in_proj"]["spec"] == "A uint8 asym per-token | W int8 sym per-channel"
+    assert rows["layers_1_mixer_out_proj"]["spec"] == "A uint4 asym per-token | W int4 sym per-channel"
+    assert sum(r["node"].endswith("__output") for r in rows.values()) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter is only chosen without a GPU")
+def test_triton_imported_before_the_interpreter_is_a_clear_error():
+    """vmfx switches the interpreter on when it defines its first kernel; if timm already imported
+    Triton with it off, a kernel cannot run, and the error says what to do."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import timm, torch, vmfx\n"
+            "from vmfx.lowering import codegen\n"
+            "try:\n    codegen.ensure_backend()\nexcept RuntimeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "Set TRITON_INTERPRET=1 in the environment before Python starts" in out.stdout
+    ok = subprocess.run([sys.executable, "-c", "import torch, vmfx\nfrom vmfx.lowering import codegen\n"
+                         "codegen.ensure_backend(); import os; print(os.environ['TRITON_INTERPRET'])"],
+                        env=env, capture_output=True, text=True, check=True)
+    assert ok.stdout.strip() == "1"  # nothing imported Triton first: vmfx switches it on itself

@@ -45,7 +45,7 @@ def test_reference_backend_matches_the_fake_quant_graph(small, preset):
         expected, got = q(images), lowered(images)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     assert all(p.backend == "reference" for p in lowered_partitions(lowered))
-    assert not any(isinstance(m, vmfx.quant.QuantLinear) for m in lowered.modules())
+    assert not any(isinstance(m, (vmfx.quant.FakeQuantize, vmfx.quant.Smooth)) for m in lowered.modules())
     with torch.no_grad():
         assert torch.equal(q(images), expected)  # the quantized model is untouched
 
@@ -74,7 +74,8 @@ def test_compile_with_a_backend_and_show(small):
     text = show(lowered, file=buf)
     assert buf.getvalue() == text + "\n"
     assert text.count("@triton.jit\ndef vmfx_") == len(lowered_partitions(lowered))
-    assert "# provenance (FX nodes):" in text and "layers_0_mixer_in_proj (call_module" in text
+    assert "# provenance (FX nodes):" in text and "layers_0_mixer_in_proj (call_function linear)" in text
+    assert "vmfx_q_layers_0_mixer_in_proj__input (call_module" in text  # the quantizer node it fused
     assert "@triton.autotune" in text
     rows = [r for r in vmfx.inspect.rows(lowered) if r["role"] == "kernel"]
     assert len(rows) == len(lowered_partitions(lowered))

@@ -99,8 +99,10 @@ def test_per_token_scales_follow_each_direction_and_fix_the_length(tiny_model, t
     # the backward branch sees the tokens reversed: its causal conv makes its *first* token (the
     # last image token) the one with the least context, like the forward branch's first token
     assert not torch.allclose(fwd, bwd)
-    with pytest.raises(ValueError, match="calibrated for 16 tokens, but this input has 25 tokens"):
+    with pytest.raises(vmfx.InputError, match=r"\(N, 3x16x16\), got \(N, 3x20x20\)"):
         qmodel(torch.randn(2, 3, 20, 20))
+    with pytest.raises(ValueError, match="calibrated for 16 tokens, but this input has 25 tokens"):
+        _edges(qmodel, "mixers_0_x_proj").quantizer("input")(torch.randn(2, 25, 64))  # the quantizer itself
 
 
 def _cfg(learn_roles=("in_proj", "x_proj", "dt_proj", "out_proj"), steps=15):

@@ -203,6 +203,14 @@ def ensure_backend() -> None:
     if torch.cuda.is_available():
         return
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if _library_compiled_for_gpu():
+        raise RuntimeError(
+            "vmfx: no CUDA device, and Triton was imported before its CPU interpreter was switched on "
+            "(importing timm or torch._dynamo imports it), so Triton's own library functions (tl.zeros, "
+            "...) cannot run in the interpreter. Set TRITON_INTERPRET=1 in the environment before "
+            "Python starts (or before importing torch / timm), or use the CPU reference backend "
+            "(backend='reference' or 'auto')."
+        )
     if not _interpret_knob():
         raise RuntimeError(
             "vmfx: no CUDA device, and Triton's interpreter is switched off (TRITON_INTERPRET="
@@ -211,6 +219,19 @@ def ensure_backend() -> None:
             "sets it to 1) or set it to 1 before vmfx defines its first kernel, or use vmfx's CPU "
             "reference backend (vmfx.lowering.reference)."
         )
+
+
+def _library_compiled_for_gpu() -> bool:
+    """True when ``triton.language`` was imported with the interpreter off: its ``@triton.jit``
+    library functions are then GPU ``JITFunction`` objects, which an interpreted kernel cannot call."""
+    import sys
+
+    lang = sys.modules.get("triton.language")
+    if lang is None:
+        return False
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(getattr(lang, "zeros", None), JITFunction)
 
 
 _MEMO: dict[str, object] = {}  # code hash -> imported module

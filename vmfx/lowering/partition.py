@@ -223,8 +223,9 @@ def _scan_partition(scan: fx.Node) -> Partition | None:
 
 
 def _merge_partition(out_proj: fx.Node) -> Partition | None:
-    """(transpose(y_f) + flip(transpose(y_b))) [/ c] feeding out_proj."""
-    node = out_proj.args[0]
+    """(transpose(y_f) + flip(transpose(y_b))) [/ c] feeding out_proj (through its smoothing and
+    quantizer nodes, when it has them)."""
+    node = linear_edges(out_proj).source if out_proj.op == "call_function" else out_proj.args[0]
     nodes, scale = [], 1.0
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (operator.truediv, operator.mul) \
             and isinstance(node.args[1], (int, float)) and _role(node) == "merge":
