@@ -24,9 +24,10 @@ paired. FP is method "fp", bits "fp32", calib "none", seed null. Trial settings 
 
 Records are merged into ``<out>/accuracy.json`` (default ``benchmarks/results``), replacing records
 with the same (model, method, bits, calib, seed); ``<out>/accuracy.md`` is rewritten from all
-records after each measurement (one record per test-set size and calibration size: keep other sizes
-in another ``--out`` folder). Records written before the seed/agree/kl fields existed still render: their seed is taken as 0 (the only seed used then, and said so in the table), missing
-cells are blank, and comparisons involving them are unpaired (marked ``u``).
+records after each measurement (the key holds no test-set or calibration size: other sizes belong in
+another ``--out`` folder). Records written before the seed/agree/kl fields existed still render:
+their seed is taken as 0 (the only seed used then, and said so in the table), missing cells are
+blank, and comparisons involving them are unpaired (marked ``u``).
 
 Every difference the tables state is computed here, with a 95 % interval:
   * two accuracies (top-1, or agreement) of records on the same test images: Agresti-Min interval
@@ -256,8 +257,7 @@ def kl_difference(a: dict, b: dict) -> Difference | None:
     if a.get("kl") is None or b.get("kl") is None or not _same_test_set(a, b):
         return None
     if "kl_images" in a and "kl_images" in b:
-        d = paired_mean_difference(a["kl_images"], b["kl_images"])
-        return Difference(a["kl"] - b["kl"], d.low, d.high, d.kind)
+        return paired_mean_difference(a["kl_images"], b["kl_images"])
     return Difference(a["kl"] - b["kl"])
 
 
@@ -383,7 +383,7 @@ def _tally(diffs: list[Difference | None], fmt: str) -> str:
     est = [d.estimate for d in ds]
     up = sum(d.significant and d.estimate > 0 for d in ds)
     down = sum(d.significant and d.estimate < 0 for d in ds)
-    spread = f" ± {format(statistics.stdev(est), fmt)}" if len(est) > 1 else ""
+    spread = f" ± {format(statistics.stdev(est), fmt.lstrip('+'))}" if len(est) > 1 else ""
     return f"{format(statistics.fmean(est), fmt)}{spread} ({up}+ {down}− of {len(ds)})"
 
 

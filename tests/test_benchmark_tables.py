@@ -199,7 +199,7 @@ def test_seed_comparison_counts_significant_seeds(accuracy):
     cells = table_cells(lines, "| m | w4a4 | ptq4vm − minmax |", "| model | bits | a − b |")
     assert cells["seeds"] == "3"
     # +5.0, +5.0, +0.2: mean 3.40, sd 2.77; two seeds significant, one not
-    assert cells["Δ top-1"] == "+3.40 ± +2.77 (2+ 0− of 3)"
+    assert cells["Δ top-1"] == "+3.40 ± 2.77 (2+ 0− of 3)"
 
 
 # ------------------------------------------------------------------------------------------ notes
@@ -255,3 +255,22 @@ def test_bad_options_are_refused(accuracy):
     with pytest.raises(SystemExit, match="pass --out"):
         accuracy.main(["--test-n", "10"])
 
+
+
+def test_the_calibration_seed_also_seeds_jlss_batch_order(accuracy, monkeypatch):
+    seen = []
+
+    class FakePipeline:
+        def __init__(self, passes):
+            seen.append(passes)
+
+        def __call__(self, model, calib, config):
+            return config
+
+    monkeypatch.setattr(accuracy, "Pipeline", FakePipeline)
+    cfg = accuracy.quantize(None, None, "ptq4vm-w4a4", 3)
+    assert cfg.method == "ptq4vm"
+    jlss = [p for p in seen[0] if isinstance(p, accuracy.JLSSPass)]
+    assert len(jlss) == 1 and jlss[0].seed == 3
+    # the rest of the pipeline is exactly the one vmfx.compile runs for the preset
+    assert [type(p) for p in seen[0]] == [type(p) for p in accuracy.method_passes(accuracy.resolve_config("ptq4vm-w4a4"))]
