@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/accuracy.py --seeds 0,1,2            # three calibration seeds
     .venv/bin/python benchmarks/accuracy.py --methods minmax --bits w8a8 --calib-n 32 --test-n 200 --out /tmp/acc
     .venv/bin/python benchmarks/accuracy.py --table-only             # re-render accuracy.md from accuracy.json
+    .venv/bin/python benchmarks/accuracy.py --compare-with before.json   # plus each record minus an earlier run's
 
 For each calibration seed, method and bit setting it quantizes the bundled proxy Vim
 (``vmfx.data.load_proxy_model``) with ``--calib-n`` (256) calibration images drawn with that seed from
@@ -435,6 +436,31 @@ def comparison_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def baseline_lines(records: list[dict], baseline: list[dict], label: str) -> list[str]:
+    """Each record minus the record with the same key in an earlier run's records (``--compare-with``)."""
+    old = {record_key(r): r for r in baseline}
+    order = {m: i for i, m in enumerate(_method_order(records))}
+    rows, significant = [], []
+    for r in sorted(records, key=lambda r: (r["model"], order.get(r["method"], 99), BITS_LABELS.index(r["bits"])
+                                            if r["bits"] in BITS_LABELS else -1, record_seed(r) or 0)):
+        b = old.get(record_key(r))
+        if b is None:
+            continue
+        diffs = {"top1": accuracy_difference(r, b, "top1"), "agree": accuracy_difference(r, b, "agree"),
+                 "kl": kl_difference(r, b)}
+        rows.append(f"| {r['model']} | {r['method']} | {r['bits']} | {_seed_cell(r)} | {_diff_cells(diffs)} |")
+        if diffs["top1"] is not None and diffs["top1"].significant:
+            significant.append(record_name(r))
+    lines = ["", f"## Against an earlier run ({label})", ""]
+    if not rows:
+        return lines + ["No record here has the same (model, method, bits, calib, seed) as a record of that run."]
+    return lines + [
+        "Each record minus the earlier run's record with the same key (points; KL in nats), 95 % intervals as above.",
+        "", "| model | method | bits | seed | Δ top-1 | Δ agree | Δ KL |", "| --- | --- | --- | ---: | --- | --- | --- |",
+        *rows, "", f"{len(significant)} of {len(rows)} top-1 differences have an interval that excludes 0"
+        + (f": {', '.join(significant)}." if significant else ".")]
+
+
 # ----------------------------------------------------------------------------------------------
 # notes: computed from the records, naming what they read
 
@@ -586,7 +612,7 @@ def notes_lines(records: list[dict], today: str | None = None) -> list[str]:
     return lines
 
 
-def write_markdown(records: list[dict], md_path: str | None = None) -> None:
+def write_markdown(records: list[dict], md_path: str | None = None, baseline: tuple[list[dict], str] | None = None) -> None:
     seeds = _seeds(records)
     machine = "; ".join(sorted({r.get("machine", MACHINE_ASSUMED) for r in records}))
     assumed = any(seed_assumed(r) for r in records)
@@ -612,6 +638,8 @@ def write_markdown(records: list[dict], md_path: str | None = None) -> None:
     lines += record_lines(records)
     lines += seed_summary_lines(records)
     lines += comparison_lines(records)
+    if baseline is not None:
+        lines += baseline_lines(records, *baseline)
     lines += ["", "## Methods", ""]
     for name, (_, text) in METHODS.items():
         lines.append(f"- **{name}**: {text}")
@@ -693,14 +721,20 @@ def main(argv=None) -> int:
     p.add_argument("--calib-n", type=int, default=256)
     p.add_argument("--test-n", type=int, default=None, help="evaluate on the first N test digits only (trial runs)")
     p.add_argument("--out", default=None, help=f"folder of accuracy.json / accuracy.md (default {RESULTS})")
+    p.add_argument("--compare-with", default=None, metavar="JSON",
+                   help="an earlier run's accuracy.json: add a table of each record minus the earlier record with the same key")
     p.add_argument("--table-only", action="store_true",
                    help="measure nothing: rewrite accuracy.md from the records in accuracy.json")
     args = p.parse_args(argv)
     json_path = os.path.join(args.out, "accuracy.json") if args.out else JSON_PATH
     md_path = os.path.join(args.out, "accuracy.md") if args.out else MD_PATH
+    baseline = None
+    if args.compare_with:
+        with open(args.compare_with) as f:
+            baseline = (json.load(f), os.path.basename(args.compare_with))
     if args.table_only:
         with open(json_path) as f:
-            write_markdown(json.load(f), md_path)
+            write_markdown(json.load(f), md_path, baseline)
         print(f"wrote {md_path}")
         return 0
     methods = [m for m in args.methods.split(",") if m]
@@ -727,7 +761,7 @@ def main(argv=None) -> int:
         merged = merge(old, records)
         with open(json_path, "w") as f:
             f.write(dumps_records(merged))
-        write_markdown(merged, md_path)
+        write_markdown(merged, md_path, baseline)
 
     run(methods, bits, seeds, args.calib_n, args.test_n, save)
     print(f"wrote {json_path} and {md_path}")

@@ -274,3 +274,22 @@ def test_the_calibration_seed_also_seeds_jlss_batch_order(accuracy, monkeypatch)
     assert len(jlss) == 1 and jlss[0].seed == 3
     # the rest of the pipeline is exactly the one vmfx.compile runs for the preset
     assert [type(p) for p in seen[0]] == [type(p) for p in accuracy.method_passes(accuracy.resolve_config("ptq4vm-w4a4"))]
+
+
+def test_compare_with_an_earlier_run(accuracy, tmp_path):
+    before = [old_record("fp", "fp32", 90.0, calib="none"), old_record("minmax", "w4a4", 40.0),
+              old_record("ptq4vm", "w4a4", 85.0)]
+    now = [new_record("fp", "fp32", range(100), calib="none"), new_record("minmax", "w4a4", range(590)),
+           new_record("ptq4vm", "w4a4", range(140)), new_record("ptq4vm", "w4a4", range(150), seed=1)]
+    lines = accuracy.baseline_lines(now, before, "before.json")
+    text = "\n".join(lines)
+    assert table_cells(lines, "| m | minmax | w4a4 | 0 |", "| model | method |")["Δ top-1"].startswith("+1.0 [")
+    ptq = table_cells(lines, "| m | ptq4vm | w4a4 | 0 |", "| model | method |")["Δ top-1"]
+    assert ptq.startswith("+1.0 [") and ptq.endswith("] u")  # the earlier record has no per-image data
+    assert "| m | ptq4vm | w4a4 | 1 |" not in text  # no seed-1 record before
+    assert "0 of 3 top-1 differences have an interval that excludes 0." in text
+    (tmp_path / "before.json").write_text(json.dumps(before))
+    with open(accuracy.JSON_PATH, "w") as f:
+        json.dump(now, f)
+    assert accuracy.main(["--table-only", "--compare-with", str(tmp_path / "before.json")]) == 0
+    assert "## Against an earlier run (before.json)" in open(accuracy.MD_PATH).read()
