@@ -474,6 +474,23 @@ def _word(d: Difference) -> str:
     return "significant" if d.significant else "not significant"
 
 
+def _say(d: Difference | None, digits: int = 1, scientific: bool = False) -> str:
+    """A difference, its interval and whether it excludes 0, in words."""
+    if d is None:
+        return "not comparable (a field is missing or the test sets differ)"
+    return f"{d.format(digits, scientific)} ({_word(d)})"
+
+
+def _say_all(a: dict, b: dict) -> str:
+    """top-1, agree and KL differences of two records, as far as both carry them."""
+    parts = [f"top-1 {_say(accuracy_difference(a, b, 'top1'))}"]
+    if accuracy_difference(a, b, "agree") is not None:
+        parts.append(f"agree {_say(accuracy_difference(a, b, 'agree'))}")
+    if kl_difference(a, b) is not None:
+        parts.append(f"KL {_say(kl_difference(a, b), scientific=True)}")
+    return ", ".join(parts)
+
+
 def note_noise(records: list[dict]):
     fps = [r for r in records if r["method"] == "fp"]
     if not fps:
@@ -496,12 +513,13 @@ def note_ordering_w4a4(records: list[dict]):
             fp = _fp(index, model)
             if fp is None or any(r is None for r in rs):
                 continue
-            drops = ", ".join(f"{m} {fp['top1'] - r['top1']:.1f}" for m, r in zip(chain, rs))
-            steps = []
-            for (ma, ra), (mb, rb) in [((chain[3], rs[3]), (chain[0], rs[0])), ((chain[4], rs[4]), (chain[3], rs[3]))]:
-                d = accuracy_difference(ra, rb)
-                steps.append(f"{ma} − {mb} {d.format(1)} ({_word(d)})")
-            parts.append(f"{model}, seed {_seed_cell(rs[0])}: drops from FP (points) {drops}; " + "; ".join(steps))
+            figures = [f"drops from FP (points) " + ", ".join(f"{m} {fp['top1'] - r['top1']:.1f}" for m, r in zip(chain, rs))]
+            if all(r.get("agree") is not None for r in rs):
+                figures.append("agree (%) " + ", ".join(f"{m} {r['agree']:.1f}" for m, r in zip(chain, rs)))
+            if all(r.get("kl") is not None for r in rs):
+                figures.append("KL " + ", ".join(f"{m} {r['kl']:.3g}" for m, r in zip(chain, rs)))
+            steps = [f"{chain[3]} − {chain[0]}: {_say_all(rs[3], rs[0])}", f"{chain[4]} − {chain[3]}: {_say_all(rs[4], rs[3])}"]
+            parts.append(f"{model}, seed {_seed_cell(rs[0])}: " + "; ".join(figures + steps))
             read += [fp, *rs]
     if not parts:
         return None
@@ -521,7 +539,7 @@ def note_w4a8(records: list[dict]):
             others = [(m, accuracy_difference(index[(model, m, "w4a8", seed)], mm))
                       for m in METHODS if m != "minmax" and (model, m, "w4a8", seed) in index]
             sig = [m for m, d in others if d is not None and d.significant]
-            parts.append(f"seed {_seed_cell(mm)}: minmax's drop from FP is {drop.format(2)} ({_word(drop)}); "
+            parts.append(f"seed {_seed_cell(mm)}: minmax's drop from FP is {_say(drop, 2)}; "
                          f"{len(sig)} of {len(others)} methods differ significantly from minmax"
                          + (f" ({', '.join(sig)})" if sig else ""))
             read += [fp, mm] + [index[(model, m, "w4a8", seed)] for m, _ in others]
@@ -530,7 +548,9 @@ def note_w4a8(records: list[dict]):
     return ("at W4A8: " + "; ".join(parts) + ".", read)
 
 
-#: A reading written by hand on the given date; printed only while ``holds(records)`` is true.
+#: A reading written by hand on the given date (by the session that wrote the first table); the note
+#: prints it only while the records support its premise (smoothquant ahead of pts at W4A4, paired,
+#: significant, in every seed measured).
 SMOOTHQUANT_READING = (
     "2026-11-29",
     "reading: the proxy's quantization error would then come more from channel outliers than from "
@@ -542,10 +562,10 @@ def note_smoothquant_vs_pts(records: list[dict]):
     rows = [(ra, rb, d) for ra, rb, d in pair_rows(records, "smoothquant", "pts") if ra["bits"] == "w4a4"]
     if not rows:
         return None
-    text = "; ".join(f"seed {_seed_cell(ra)}: smoothquant − pts at W4A4 {d['top1'].format(1)} ({_word(d['top1'])})"
-                     for ra, rb, d in rows)
+    text = "; ".join(f"seed {_seed_cell(ra)}: smoothquant − pts at W4A4: {_say_all(ra, rb)}" for ra, rb, d in rows)
     read = [r for ra, rb, _ in rows for r in (ra, rb)]
-    if all(d["top1"].kind == "paired" and d["top1"].significant and d["top1"].estimate > 0 for _, _, d in rows):
+    if all(d["top1"] is not None and d["top1"].kind == "paired" and d["top1"].significant and d["top1"].estimate > 0
+           for _, _, d in rows):
         date, reading = SMOOTHQUANT_READING
         text += f". smoothquant is ahead in every seed measured; {reading} (reading dated {date})"
     return (text + ".", read)
@@ -555,8 +575,7 @@ def note_official(records: list[dict]):
     rows = [(ra, rb, d) for ra, rb, d in pair_rows(records, "ptq4vm", "ptq4vm-official") if ra["bits"] in ("w4a8", "w4a4")]
     if not rows:
         return None
-    text = "; ".join(f"{ra['bits']} seed {_seed_cell(ra)}: ptq4vm − ptq4vm-official top-1 {d['top1'].format(1)} "
-                     f"({_word(d['top1'])})" + (f", KL {d['kl'].format(scientific=True)} ({_word(d['kl'])})" if d["kl"] else "")
+    text = "; ".join(f"{ra['bits']} seed {_seed_cell(ra)}: ptq4vm − ptq4vm-official: {_say_all(ra, rb)}"
                      for ra, rb, d in rows)
     return ("every linear learning (ptq4vm) against only in_proj/out_proj (ptq4vm-official) at 4-bit weights: " + text + ".",
             [r for ra, rb, _ in rows for r in (ra, rb)])

@@ -221,7 +221,7 @@ def test_the_dated_reading_is_printed_only_when_every_seed_supports_it(accuracy)
     supported = "\n".join(accuracy.notes_lines(rows(range(80))))
     assert "channel outliers" in supported and "reading dated 2026-11-29" in supported
     unsupported = "\n".join(accuracy.notes_lines(rows(range(31))))  # seed 1: +0.1, not significant
-    assert "smoothquant − pts at W4A4" in unsupported and "channel outliers" not in unsupported
+    assert "smoothquant − pts at W4A4: top-1 +0.1 [" in unsupported and "channel outliers" not in unsupported
     unpaired = [old_record("smoothquant", "w4a4", 97.0), old_record("pts", "w4a4", 92.0)]
     assert "channel outliers" not in "\n".join(accuracy.notes_lines(unpaired))
 
@@ -293,3 +293,17 @@ def test_compare_with_an_earlier_run(accuracy, tmp_path):
         json.dump(now, f)
     assert accuracy.main(["--table-only", "--compare-with", str(tmp_path / "before.json")]) == 0
     assert "## Against an earlier run (before.json)" in open(accuracy.MD_PATH).read()
+
+
+def test_ordering_note_reads_agree_and_kl_and_survives_mismatched_test_sets(accuracy):
+    chain = {"minmax": 300, "smoothquant": 60, "pts": 70, "pts-smooth": 40, "ptq4vm": 35}
+    rows = [new_record("fp", "fp32", range(30), calib="none")]
+    rows += [new_record(m, "w4a4", range(k), range(k - 25), [k / 1000] * N) for m, k in chain.items()]
+    text = "\n".join(accuracy.notes_lines(rows))
+    line = next(l for l in text.splitlines() if "**w4a4 ordering**" in l)
+    assert "drops from FP (points) minmax 27.0, smoothquant 3.0" in line
+    assert "agree (%) minmax 72.5" in line and "KL minmax 0.3," in line
+    assert "pts-smooth − minmax: top-1 +26.0 [" in line and "ptq4vm − pts-smooth: top-1 +0.5 [" in line
+    rows[-1] = dict(rows[-1], test_images=200)  # ptq4vm measured on another test set
+    line = next(l for l in "\n".join(accuracy.notes_lines(rows)).splitlines() if "**w4a4 ordering**" in l)
+    assert "ptq4vm − pts-smooth: top-1 not comparable" in line
