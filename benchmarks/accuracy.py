@@ -355,7 +355,8 @@ def seed_summary_lines(records: list[dict]) -> list[str]:
 
 
 def pair_rows(records: list[dict], a: str, b: str) -> list[tuple[dict, dict, dict]]:
-    """For every (model, bits, seed) with records of both methods: (record a, record b, differences)."""
+    """For every (model, bits, seed) with records of both methods calibrated on as many images:
+    (record a, record b, differences)."""
     index = _index(records)
     rows = []
     for (model, method, bits, seed), ra in sorted(index.items(), key=lambda kv: (kv[0][0], BITS_LABELS.index(kv[0][2])
@@ -363,7 +364,7 @@ def pair_rows(records: list[dict], a: str, b: str) -> list[tuple[dict, dict, dic
         if method != a:
             continue
         rb = index.get((model, b, bits, seed))
-        if rb is None:
+        if rb is None or rb["calib_images"] != ra["calib_images"]:
             continue
         rows.append((ra, rb, {"top1": accuracy_difference(ra, rb, "top1"), "agree": accuracy_difference(ra, rb, "agree"),
                               "kl": kl_difference(ra, rb)}))
@@ -411,7 +412,7 @@ def comparison_lines(records: list[dict]) -> list[str]:
     """Each method minus min-max at the same bits and seed, then the other pairs the notes read."""
     methods = [m for m in _method_order(records) if m not in ("fp", "minmax")]
     lines = ["", "## Against min-max", "",
-             "Each method minus `minmax` at the same bits and calibration seed, computed from the records above: "
+             "Each method minus `minmax` at the same bits, calibration seed and calibration size, computed from the records above: "
              "top-1 and agree in points, KL in nats, with 95 % intervals (see the script's docstring); "
              "`*` marks an interval that excludes 0, `u` an unpaired interval (a record without per-image data).", "",
              "| model | bits | seed | method | Δ top-1 | Δ agree | Δ KL |", "| --- | --- | ---: | --- | --- | --- | --- |"]

@@ -162,6 +162,8 @@ def test_no_comparison_across_seeds_or_test_sets(accuracy):
     assert "| m | w4a4 | 0 | ptq4vm |" not in "\n".join(lines)  # the only minmax w4a4 has seed 1
     cells = table_cells(lines, "| m | w8a8 | 0 | ptq4vm |")
     assert cells["Δ top-1"] == cells["Δ agree"] == cells["Δ KL"] == ""  # 200 vs 1000 test images
+    fewer = [new_record("ptq4vm", "w6a6", range(5)), dict(new_record("minmax", "w6a6", range(9)), calib_images=16)]
+    assert "| m | w6a6 |" not in "\n".join(accuracy.comparison_lines(fewer))  # 8 vs 16 calibration images
 
 
 def test_old_records_render_with_blank_cells_and_assumed_seed(accuracy):
