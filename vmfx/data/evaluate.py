@@ -1,4 +1,9 @@
-"""Top-1 / top-5 evaluation with a progress bar."""
+"""Top-1 / top-5 evaluation with a progress bar, and comparison of a model's outputs with a reference's.
+
+:func:`evaluate` gives accuracy. :func:`collect_logits` runs a model once over a labelled set and
+keeps its logits; :func:`compare_logits` then compares them with a reference model's logits on the
+same images (top-1 agreement, KL divergence) without running either model again, so one forward of
+the float model serves every quantized model compared with it."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import CalibrationDataError
 
-__all__ = ["EvalResult", "evaluate", "predictions"]
+__all__ = ["EvalResult", "evaluate", "predictions", "collect_logits", "AgreementResult", "compare_logits"]
 
 
 @dataclass(frozen=True)
@@ -84,3 +89,92 @@ def predictions(model: nn.Module, images: torch.Tensor, batch_size: int = 100) -
     """Arg-max class of every image (used to compare two backends prediction by prediction)."""
     model.eval()
     return torch.cat([model(images[i : i + batch_size]).argmax(-1) for i in range(0, images.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def collect_logits(
+    model: nn.Module, data: Any, *, batch_size: int = 100, num_workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass of ``model`` over ``data``: ``(logits, labels)``, float32 on the CPU, in the
+    order of ``data`` (``data`` as for :func:`evaluate`)."""
+    model.eval()
+    outs, labels = [], []
+    for images, y in _batches(data, batch_size, num_workers):
+        outs.append(model(images).detach().float().cpu())
+        labels.append(torch.as_tensor(y).cpu())
+    if not outs:
+        raise CalibrationDataError("evaluation data is empty")
+    return torch.cat(outs), torch.cat(labels)
+
+
+def _top1(logits: torch.Tensor) -> torch.Tensor:
+    # the same rule as evaluate(): first index of topk, so ties break the same way
+    return logits.topk(1, dim=-1).indices[:, 0]
+
+
+@dataclass(frozen=True)
+class AgreementResult:
+    """A model's outputs on a labelled set compared with the labels and with a reference model's.
+
+    Percentages are over ``images``. Per-image fields are 1-D tensors of length ``images`` in the
+    order of the data.
+
+    Attributes:
+        top1, top5: accuracy (percent), computed as :func:`evaluate` does.
+        agree: percent of images whose top-1 class equals the reference's top-1 class.
+        kl: mean over images of ``KL(p_ref || p)``, the softmaxes of the reference's and this
+            model's logits (nats; computed in float64, each image's value clamped at 0).
+        correct: per image, top-1 equals the label (bool).
+        agrees: per image, top-1 equals the reference's top-1 (bool).
+        kl_per_image: per image KL (float64).
+    """
+
+    top1: float
+    top5: float
+    agree: float
+    kl: float
+    images: int
+    correct: torch.Tensor
+    agrees: torch.Tensor
+    kl_per_image: torch.Tensor
+
+    def __str__(self) -> str:
+        return (f"top-1 {self.top1:.2f}%  top-5 {self.top5:.2f}%  agree {self.agree:.2f}%  "
+                f"KL {self.kl:.3g}  ({self.images} images)")
+
+
+def compare_logits(reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> AgreementResult:
+    """Compare ``logits`` (N, classes) with ``reference_logits`` (same shape, same images) and with
+    ``labels`` (N,). Runs no model: pass the outputs of :func:`collect_logits`.
+
+    Invariants: comparing a model with itself gives ``agree == 100`` and ``kl == 0``; ``top1`` and
+    ``top5`` equal :func:`evaluate`'s on the same outputs.
+    """
+    if reference_logits.shape != logits.shape or logits.dim() != 2:
+        raise CalibrationDataError(
+            f"logits of shape {tuple(logits.shape)} cannot be compared with reference logits of shape "
+            f"{tuple(reference_logits.shape)}: both must be (images, classes) over the same images"
+        )
+    if labels.shape != (logits.shape[0],):
+        raise CalibrationDataError(f"{logits.shape[0]} logits but labels of shape {tuple(labels.shape)}")
+    if logits.shape[0] == 0:
+        raise CalibrationDataError("evaluation data is empty")
+    n = logits.shape[0]
+    k = min(5, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    hit = top == labels.view(-1, 1)
+    correct = hit[:, 0]
+    agrees = _top1(logits) == _top1(reference_logits)
+    log_p = torch.log_softmax(reference_logits.double(), dim=-1)
+    log_q = torch.log_softmax(logits.double(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+    return AgreementResult(
+        top1=100.0 * int(correct.sum()) / n,
+        top5=100.0 * int(hit.any(dim=1).sum()) / n,
+        agree=100.0 * int(agrees.sum()) / n,
+        kl=float(kl.mean()),
+        images=n,
+        correct=correct,
+        agrees=agrees,
+        kl_per_image=kl,
+    )
