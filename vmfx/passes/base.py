@@ -131,7 +131,8 @@ class Pass:
     def __repr__(self) -> str:
         """``Name(arg=value, ...)``: the pass's public settings (its attributes not starting with
         an underscore), so that ``print(pipeline)`` shows how every pass is configured."""
-        args = ", ".join(f"{k}={_short(v)}" for k, v in vars(self).items() if not k.startswith("_"))
+        args = ", ".join(f"{k}={_short(v)}" for k, v in vars(self).items()
+                         if not k.startswith("_") and not k.endswith("_facts"))
         return f"{self.name}({args})"
 
 
@@ -140,7 +141,7 @@ def _short(value) -> str:
     if hasattr(value, "func") and hasattr(value, "keywords"):  # functools.partial of an observer class
         kw = ", ".join(f"{k}={v!r}" for k, v in value.keywords.items())
         text = f"{getattr(value.func, '__name__', value.func)}({kw})"
-    return text if len(text) <= 120 else text[:117] + "..."
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def _target_name(node: fx.Node) -> str:
