@@ -14,6 +14,7 @@ from .api import calibrate, compile, convert, prepare, trace
 from .config import PRESETS, QuantConfig, preset_names
 from .errors import (
     CalibrationDataError,
+    CalibrationDataWarning,
     CheckpointError,
     ConfigError,
     PassError,
@@ -46,6 +47,7 @@ __all__ = [
     "TraceError",
     "ConfigError",
     "CalibrationDataError",
+    "CalibrationDataWarning",
     "CheckpointError",
     "PassError",
     "SerializationError",

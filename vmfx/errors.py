@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "PassError",
     "SerializationError",
+    "CalibrationDataWarning",
 ]
 
 
@@ -60,3 +61,8 @@ class PassError(VmfxError):
 
 class SerializationError(VmfxError, ValueError):
     """A saved quantized model that is truncated, tampered with or of an unknown version."""
+
+
+class CalibrationDataWarning(UserWarning):
+    """Calibration data that can be used but probably should not be: values far outside what a
+    normalized image holds (see :data:`vmfx.passes.calibrate.NORMALIZED_ABS_LIMIT`)."""
