@@ -19,6 +19,7 @@ without gradients; observers keep reductions only, so memory does not grow with 
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -276,9 +277,10 @@ class CalibratePass(Pass):
         if ctx.progress:
             from tqdm.auto import tqdm
 
-            what = "" if total is None else f": {total} batches" + ("" if size is None else f", {size} images")
+            what = "" if total is None else f": {total} batch{'' if total == 1 else 'es'}"
+            what += "" if total is None or size is None else f", {size} images"
             passes = "" if phases == 1 else f", {phases} passes over the data (grid search)"
-            tqdm.write(f"calibrating{' ' + name if name else ''}{what}{passes}")
+            tqdm.write(f"calibrating{' ' + name if name else ''}{what}{passes}", file=sys.stderr)
         was_training = gm.training
         gm.eval()
         images = batches = 0
