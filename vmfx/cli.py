@@ -104,15 +104,7 @@ def _workload(args, need_calib: bool) -> Workload:
         calib, n = None, 0
         if need_calib:
             if args.calib_dir:
-                folder = vdata.image_folder(args.calib_dir, transform=transform)
-                if args.calib_n > len(folder):
-                    raise CalibrationDataError(
-                        f"--calib-n {args.calib_n}: the calibration folder {args.calib_dir!r} holds only "
-                        f"{len(folder)} images"
-                    )
-                calib = vdata.calibration_loader(args.calib_dir, args.calib_n, args.calib_seed, args.batch_size,
-                                                 transform=transform)
-                n = len(calib.dataset)
+                calib, n = _calibration_folder(args, transform)
             else:
                 train, _ = vdata.load_digits("train")
                 if args.calib_n > train.shape[0]:
@@ -135,17 +127,23 @@ def _workload(args, need_calib: bool) -> Workload:
                 "--calib-dir is required with --data and --config: calibrate on training images, never on "
                 "the images you evaluate on"
             )
-        from torch.utils.data import DataLoader
-
-        calib_folder = vdata.image_folder(args.calib_dir, transform=transform)
-        if args.calib_n > len(calib_folder):
-            raise CalibrationDataError(
-                f"--calib-n {args.calib_n}: the calibration folder {args.calib_dir!r} holds only {len(calib_folder)} images"
-            )
-        calib_set = vdata.calibration_subset(calib_folder, args.calib_n, args.calib_seed)
-        calib = DataLoader(calib_set, batch_size=args.batch_size, shuffle=False)
-        n = len(calib_set)
+        calib, n = _calibration_folder(args, transform)
     return Workload(name, model, dataset, calib, n, desc)
+
+
+def _calibration_folder(args, transform):
+    """A DataLoader over ``--calib-n`` seeded images of ``--calib-dir``, and their number."""
+    from torch.utils.data import DataLoader
+
+    from . import data as vdata
+
+    folder = vdata.image_folder(args.calib_dir, transform=transform)
+    if args.calib_n > len(folder):
+        raise CalibrationDataError(
+            f"--calib-n {args.calib_n}: the calibration folder {args.calib_dir!r} holds only {len(folder)} images"
+        )
+    subset = vdata.calibration_subset(folder, args.calib_n, args.calib_seed)
+    return DataLoader(subset, batch_size=args.batch_size, shuffle=False), len(subset)
 
 
 def _announce(progress: bool, text: str) -> None:
