@@ -12,8 +12,9 @@ Run it from the repository root::
     .venv/bin/python benchmarks/scan.py                      # batch 8, L 197, dim 384, N 16
     .venv/bin/python benchmarks/scan.py --batch 2 --repeat 50
 
-mamba-ssm imports its CUDA extension unconditionally; an empty ``selective_scan_cuda`` module is
-registered first so that its pure-PyTorch ``selective_scan_ref`` imports on a CPU-only machine. If
+mamba-ssm imports its CUDA extension unconditionally;
+:func:`vmfx.frontends.enable_mamba_ssm_on_cpu` makes its pure-PyTorch ``selective_scan_ref``
+import on a CPU-only machine. If
 mamba-ssm still cannot be imported, the script says so and exits with status 2. It exits with
 status 1 if the two implementations disagree.
 """
@@ -27,7 +28,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 
 import torch
 
@@ -38,13 +38,15 @@ ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 def import_reference():
     """mamba-ssm's selective_scan_ref, or None with the reason printed."""
-    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    from vmfx.frontends import enable_mamba_ssm_on_cpu
+
     try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-    except Exception as exc:  # ImportError, or one of its own imports failing
-        print(f"mamba-ssm is not importable ({type(exc).__name__}: {exc}); install it with `make setup` "
-              "(mamba-ssm==2.3.2.post1 built without CUDA) to run this benchmark.", file=sys.stderr)
+        enable_mamba_ssm_on_cpu()
+    except ImportError as exc:
+        print(f"{exc}; needed to run this benchmark (`make setup` installs it).", file=sys.stderr)
         return None
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
+
     return selective_scan_ref
 
 

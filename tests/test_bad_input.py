@@ -71,3 +71,57 @@ def test_batches_of_another_kind(tiny_model):
 def test_model_that_fails_on_the_calibration_shape(tiny_model):
     with pytest.raises(vmfx.CalibrationDataError, match=r"fails on an input of shape \(1, 3, 2, 2\)"):
         vmfx.compile(tiny_model, torch.randn(2, 3, 2, 2))  # smaller than one 4x4 patch
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_images_of_another_float_dtype_are_refused_by_name(tiny_model, tiny_images, dtype):
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(vmfx.CalibrationDataError, match=f"batch 0: expected float32 images, got {name}.*images.to"):
+        vmfx.compile(tiny_model, tiny_images.to(dtype))
+
+
+def test_a_later_batch_of_another_dtype_is_named(tiny_model, tiny_images):
+    with pytest.raises(vmfx.CalibrationDataError, match="batch 1: expected float32 images, got float64"):
+        vmfx.compile(tiny_model, [tiny_images[:6], tiny_images[6:].double()])
+
+
+@pytest.mark.parametrize(
+    "factor,what", [(1e30, r"max \|x\| = \d\.\d+e\+30, above the 100"), (300.0, r"max \|x\| = 1\d\d\d, above"),
+                    (1e-6, r"their root-mean-square is [\d.]+e-06, where")]
+)
+def test_images_far_from_normalized_warn(tiny_model, tiny_images, factor, what):
+    with pytest.warns(vmfx.CalibrationDataWarning, match=f"do not look normalized: {what}"):
+        vmfx.compile(tiny_model, tiny_images * factor)
+
+
+def test_raw_pixel_range_is_named(tiny_model):
+    pixels = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0)).float()
+    with pytest.warns(vmfx.CalibrationDataWarning, match=r"raw 0-255 pixels\?"):
+        vmfx.compile(tiny_model, pixels)
+
+
+def test_normalized_images_do_not_warn(tiny_model, tiny_images):
+    import warnings
+
+    from vmfx.data import load_digits
+
+    digits, _ = load_digits("test")  # the bundled, normalized proxy images: the bound's reference
+    assert 2.0 < float(digits.abs().max()) < vmfx.passes.calibrate.NORMALIZED_ABS_LIMIT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vmfx.CalibrationDataWarning)
+        vmfx.compile(tiny_model, tiny_images)
+        vmfx.compile(tiny_model, tiny_images * 20)  # |x| up to ~70: a low-contrast set, still plausible
+
+
+def test_calibrating_twice_counts_every_image(tiny_model, tiny_images):
+    gm = vmfx.prepare(tiny_model, "minmax-w8a8", tiny_images)
+    gm = vmfx.calibrate(gm, tiny_images[:8])
+    assert gm.meta["vmfx_calibration"]["images"] == 8
+    gm = vmfx.calibrate(gm, tiny_images[:8])
+    assert (gm.meta["vmfx_calibration"]["images"], gm.meta["vmfx_calibration"]["batches"]) == (16, 2)
+
+
+def test_recalibrating_fresh_observers_does_not_double_count(tiny_model, tiny_images):
+    # SmoothQuant calibrates, then replaces the observers by fresh ones and calibrates again.
+    q = vmfx.compile(tiny_model, tiny_images, "smoothquant-w8a8")
+    assert q.meta["vmfx_calibration"]["images"] == 12

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 
+import pytest
 import torch
 
 import vmfx
@@ -65,3 +67,44 @@ def test_compare_matches_direct_computation(tiny_model, tiny_images):
     cos = (a * b).sum() / (a.norm() * b.norm())
     assert abs(report.output.sqnr_db - float(sqnr)) < 1e-6
     assert abs(report.output.cosine - float(cos)) < 1e-9
+
+
+def test_table_of_a_float_module_traces_it(tiny_model, tiny_images):
+    by_node = {r["node"]: r for r in rows(tiny_model)}
+    assert by_node["mixers_1_in_proj"]["role"] == "in_proj" and by_node["mixers_1_in_proj"]["shape"] == ""
+    with_shapes = {r["node"]: r for r in rows(tiny_model, example_inputs=tiny_images[:1])}
+    assert with_shapes["mixers_0_x_proj_b"]["tokens"] == 16 and with_shapes["mixers_0_x_proj_b"]["shape"] == "1x16x18"
+    assert table(tiny_model).splitlines()[0].split()[:4] == ["node", "op", "target", "role"]
+    assert not any(isinstance(m, vmfx.quant.QuantLinear) for m in tiny_model.modules())  # not modified
+
+
+def test_table_of_something_else_says_what_to_pass():
+    with pytest.raises(vmfx.ConfigError, match="expected a vmfx graph .* or a float nn.Module, got str"):
+        table("model.pth")
+
+
+def test_activation_stats_of_a_missing_block_is_a_config_error(tiny_model, tiny_images):
+    from vmfx.inspect import activation_stats
+
+    with pytest.raises(vmfx.ConfigError, match=r"block 99; the graph has blocks \[0, 1\]"):
+        activation_stats(tiny_model, tiny_images, 99)
+
+
+def test_long_tail_plot_has_a_panel_per_linear_on_its_own_range(tiny_model, tiny_images, tmp_path, monkeypatch):
+    import vmfx.inspect as vinspect
+
+    panels = {}
+    save = vinspect._save
+
+    def keep(fig, path):
+        panels[os.path.basename(path)] = [(ax.get_title(), ax.get_xlim()) for ax in fig.axes]
+        return save(fig, path)
+
+    monkeypatch.setattr(vinspect, "_save", keep)
+    vinspect.plot_distributions(tiny_model, tiny_images, str(tmp_path), block=1)
+    stats = vinspect.activation_stats(tiny_model, tiny_images, 1)
+    assert len(panels["long_tail.png"]) == len(stats) >= 4
+    for (title, xlim), s in zip(panels["long_tail.png"], stats):
+        assert title.startswith(s.name)
+        assert xlim == pytest.approx((float(s.hist_edges[0]), float(s.hist_edges[-1])))
+    assert len({xlim for _, xlim in panels["long_tail.png"]}) > 1

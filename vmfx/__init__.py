@@ -14,6 +14,7 @@ from .api import calibrate, compile, convert, prepare, trace
 from .config import PRESETS, QuantConfig, QuantRule, preset, preset_names
 from .errors import (
     CalibrationDataError,
+    CalibrationDataWarning,
     CheckpointError,
     ConfigError,
     InputError,
@@ -50,6 +51,7 @@ __all__ = [
     "TraceError",
     "ConfigError",
     "CalibrationDataError",
+    "CalibrationDataWarning",
     "CheckpointError",
     "PassError",
     "SerializationError",

@@ -10,13 +10,21 @@
     vmfx inspect --plot plots/ --block 3       # activation distributions of block 3, as PNGs
 
 Without ``--data`` the bundled proxy set and checkpoint are used. Every error a user can cause is
-printed as one line naming the problem (exit status 2), not a traceback.
+printed as one line naming the problem (exit status 2), not a traceback; an unexpected internal
+error keeps its traceback. Every argument is checked before any model is built or evaluated:
+numbers and ranges by the parser, then presets, input files and folders, and that every output
+path can be written (:func:`validate`). Errors that only the data can reveal (an unreadable
+image, more calibration images asked for than there are, a block the model does not have) come
+as soon as the data or model is read, still before any evaluation, except an unreadable image,
+which is found when its batch is read. With progress on, a line on stderr announces each stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,9 +33,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .errors import VmfxError
+from .errors import CalibrationDataError, ConfigError, VmfxError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "validate"]
 
 PROXY = "vim-proxy-digits"
 
@@ -96,11 +104,13 @@ def _workload(args, need_calib: bool) -> Workload:
         calib, n = None, 0
         if need_calib:
             if args.calib_dir:
-                calib = vdata.calibration_loader(args.calib_dir, args.calib_n, args.calib_seed, args.batch_size,
-                                                 transform=transform)
-                n = len(calib.dataset)
+                calib, n = _calibration_folder(args, transform)
             else:
                 train, _ = vdata.load_digits("train")
+                if args.calib_n > train.shape[0]:
+                    raise CalibrationDataError(
+                        f"--calib-n {args.calib_n}: the bundled training split holds only {train.shape[0]} images"
+                    )
                 idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.calib_seed))
                 calib = train[idx[: args.calib_n]]
                 n = calib.shape[0]
@@ -117,19 +127,35 @@ def _workload(args, need_calib: bool) -> Workload:
                 "--calib-dir is required with --data and --config: calibrate on training images, never on "
                 "the images you evaluate on"
             )
-        from torch.utils.data import DataLoader
-
-        calib_set = vdata.calibration_subset(
-            vdata.image_folder(args.calib_dir, transform=transform), args.calib_n, args.calib_seed
-        )
-        calib = DataLoader(calib_set, batch_size=args.batch_size, shuffle=False)
-        n = len(calib_set)
+        calib, n = _calibration_folder(args, transform)
     return Workload(name, model, dataset, calib, n, desc)
+
+
+def _calibration_folder(args, transform):
+    """A DataLoader over ``--calib-n`` seeded images of ``--calib-dir``, and their number."""
+    from torch.utils.data import DataLoader
+
+    from . import data as vdata
+
+    folder = vdata.image_folder(args.calib_dir, transform=transform)
+    if args.calib_n > len(folder):
+        raise CalibrationDataError(
+            f"--calib-n {args.calib_n}: the calibration folder {args.calib_dir!r} holds only {len(folder)} images"
+        )
+    subset = vdata.calibration_subset(folder, args.calib_n, args.calib_seed)
+    return DataLoader(subset, batch_size=args.batch_size, shuffle=False), len(subset)
+
+
+def _announce(progress: bool, text: str) -> None:
+    """One line on stderr per stage (with progress on), so stdout keeps only the results."""
+    if progress:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _quantize(work: Workload, preset: str, progress: bool):
     import vmfx
 
+    _announce(progress, f"quantizing {work.name} with {preset} (calibration on {work.calib_images} images)")
     start = time.perf_counter()
     qmodel = vmfx.compile(work.model, work.calib_data, config=preset, progress=progress)
     return qmodel, time.perf_counter() - start
@@ -143,12 +169,14 @@ def cmd_eval(args) -> int:
 
     work = _workload(args, need_calib=bool(args.config))
     progress = not args.no_progress
-    print(f"model: {work.name}\ndata:  {work.description}")
-    fp = evaluate(work.model, work.eval_data, batch_size=args.batch_size, progress=progress, desc="fp32")
+    print(f"model: {work.name}\ndata:  {work.description}", flush=True)
+    _announce(progress, "evaluating fp32")
+    fp = evaluate(work.model, work.eval_data, batch_size=args.batch_size, progress=progress, desc="eval fp32")
     rows = [{"method": "fp32", "top1": fp.top1, "top5": fp.top5, "drop": 0.0, "calib_seconds": None, "calib_images": 0}]
     for preset in args.config or []:
         qmodel, seconds = _quantize(work, preset, progress)
-        res = evaluate(qmodel, work.eval_data, batch_size=args.batch_size, progress=progress, desc=preset)
+        _announce(progress, f"evaluating {preset}")
+        res = evaluate(qmodel, work.eval_data, batch_size=args.batch_size, progress=progress, desc=f"eval {preset}")
         rows.append({"method": preset, "top1": res.top1, "top5": res.top5, "drop": fp.top1 - res.top1,
                      "calib_seconds": seconds, "calib_images": work.calib_images})
     print(f"\n{'method':<16} {'top-1':>7} {'top-5':>7} {'drop':>6} {'calibration':>22}")
@@ -172,36 +200,160 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _mixer_count(model: nn.Module) -> int:
+    from .nn import MambaMixer
+
+    return sum(isinstance(m, MambaMixer) for m in model.modules())
+
+
 def cmd_inspect(args) -> int:
     import vmfx
 
     from . import inspect as vinspect
 
+    progress = not args.no_progress
+    work = None
+    if args.plot:
+        work = _workload(args, need_calib=bool(args.config) and not args.quantized)
+        blocks = _mixer_count(work.model)
+        if blocks and args.block >= blocks:
+            raise ConfigError(f"--block {args.block}: {work.name} has {blocks} blocks (0 to {blocks - 1})")
     if args.quantized:
         gm = vmfx.load(args.quantized)
-        work = None
     else:
-        work = _workload(args, need_calib=bool(args.config))
+        if work is None:
+            work = _workload(args, need_calib=bool(args.config))
         if args.config:
-            gm, _ = _quantize(work, args.config, not args.no_progress)
+            gm, _ = _quantize(work, args.config, progress)
         else:
             example = work.eval_data[0][:1] if isinstance(work.eval_data, tuple) else work.eval_data[0][0][None]
             gm = vmfx.trace(work.model, (example,))
-    print(vinspect.table(gm, all_nodes=args.all_nodes))
+    if args.table or not (args.plot or args.dot):
+        print(vinspect.table(gm, all_nodes=args.all_nodes))
+        print()
     s = vinspect.summary(gm)
-    print(f"\n{s['mixers']} mixers, {s['scans']} scans, {s['quantized_linears']} quantized linears, {s['nodes']} nodes")
+    print(f"{s['mixers']} mixers, {s['scans']} scans, {s['quantized_linears']} quantized linears, {s['nodes']} nodes")
     if args.dot:
         vinspect.draw(gm, args.dot)
         print(f"wrote {args.dot}")
     if args.plot:
-        if work is None:
-            work = _workload(args, need_calib=False)
         images = work.eval_data[0] if isinstance(work.eval_data, tuple) else torch.stack(
             [work.eval_data[i][0] for i in range(min(len(work.eval_data), args.plot_images))]
         )
+        _announce(progress, f"plotting the activations of block {args.block} on {min(len(images), args.plot_images)} images")
         paths = vinspect.plot_distributions(work.model, images[: args.plot_images], args.plot, block=args.block)
         print("wrote " + ", ".join(paths))
     return 0
+
+
+# -- argument checks ------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _crop_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(
+            f"must be in (0, 1], the share of the resized image the center crop keeps; got {text}"
+        )
+    return value
+
+
+def _check_input_file(path: str | None, flag: str) -> None:
+    if path is not None and not os.path.isfile(path):
+        what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"{flag} {path!r} {what}")
+
+
+def _check_input_dir(path: str | None, flag: str) -> None:
+    if path is not None and not os.path.isdir(path):
+        what = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+        raise ConfigError(f"{flag} {path!r} {what}; give an ImageNet-layout folder (one sub-folder per class)")
+
+
+def _check_output_file(path: str | None, flag: str, example: str) -> None:
+    """``path`` can be created or overwritten: tried by opening it for appending (then removing
+    it again if it did not exist), which also holds for root, for whom permission bits do not."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a directory; give a file path such as {os.path.join(path, example)!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path!r}: the folder {parent!r} does not exist")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path!r} cannot be written: {exc.strerror or exc}") from None
+    if not existed:
+        os.remove(path)
+
+
+def _check_output_dir(path: str | None, flag: str) -> None:
+    """``path`` is (or can be made) a folder that files can be written into; it is created now."""
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path!r} is a file; give a folder to write the plots into")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".vmfx-write-test")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path!r} cannot be written: {exc.strerror or exc}") from None
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check every argument the parser could not, before any model is built or evaluated.
+
+    Raises:
+        ConfigError: an unknown preset, a missing input file or folder, an output path that
+            cannot be written, or arguments that contradict each other.
+    """
+    from .config import resolve_config
+
+    configs = args.config if isinstance(args.config, list) else [args.config] if args.config else []
+    for name in configs:
+        resolve_config(name)  # an unknown preset: ConfigError listing the known ones
+    _check_input_file(args.checkpoint, "--checkpoint")
+    _check_input_dir(args.data, "--data")
+    _check_input_dir(args.calib_dir, "--calib-dir")
+    if args.command == "eval":
+        _check_output_file(args.json, "--json", "results.json")
+    elif args.command == "quantize":
+        _check_output_file(args.output, "--output", "model.safetensors")
+    elif args.command == "inspect":
+        if args.quantized and args.config:
+            raise ConfigError("give --quantized (a saved model) or --config (quantize now), not both")
+        _check_input_file(args.quantized, "--quantized")
+        _check_output_file(args.dot, "--dot", "graph.dot")
+        _check_output_dir(args.plot, "--plot")
 
 
 # -- parser ---------------------------------------------------------------------------------------
@@ -210,19 +362,28 @@ def cmd_inspect(args) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"{PROXY!r} (default: the bundled proxy) or a timm model name")
     p.add_argument("--checkpoint", default=None, help="official Vim checkpoint (.pth) or a bare state_dict")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of a timm model (default: timm's)")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help="classes of a timm model (default: timm's)")
     p.add_argument("--data", default=None, help="ImageNet-layout evaluation folder (default: the proxy test set)")
     p.add_argument("--calib-dir", default=None, help="ImageNet-layout folder to draw calibration images from")
-    p.add_argument("--calib-n", type=int, default=256, help="number of calibration images (default 256)")
-    p.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration draw")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--crop-pct", type=float, default=None, help="resize to img_size / crop_pct, then crop")
-    p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many images")
+    p.add_argument("--calib-n", type=_positive_int, default=256,
+                   help="number of calibration images (default 256; at most what the training data holds)")
+    p.add_argument("--calib-seed", type=_non_negative_int, default=0, help="seed of the calibration draw")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--crop-pct", type=_crop_fraction, default=None,
+                   help="in (0, 1]: resize to img_size / crop_pct, then center-crop img_size")
+    p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most this many images")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (the full usage is in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vmfx", description="Post-training quantization for Vision Mamba models.")
+    parser = _Parser(prog="vmfx", description="Post-training quantization for Vision Mamba models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="FP and quantized top-1/top-5 accuracy")
@@ -244,18 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-nodes", action="store_true", help="include nodes without a vmfx role")
     p.add_argument("--dot", default=None, help="write the graph as Graphviz DOT to this path")
     p.add_argument("--plot", default=None, metavar="DIR", help="draw activation distributions into DIR")
-    p.add_argument("--block", type=int, default=0, help="the block to plot")
-    p.add_argument("--plot-images", type=int, default=256, help="images used for the plots")
+    p.add_argument("--table", action="store_true", help="print the per-node table also with --plot / --dot")
+    p.add_argument("--block", type=_non_negative_int, default=0, help="the block to plot")
+    p.add_argument("--plot-images", type=_positive_int, default=256, help="images used for the plots")
     p.set_defaults(func=cmd_inspect)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command; returns the exit status (0, or 2 for a user error, printed as one line)."""
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        validate(args)
         return args.func(args)
     except VmfxError as exc:
-        print(f"vmfx {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"vmfx {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "SerializationError",
     "LoweringError",
     "InputError",
+    "CalibrationDataWarning",
 ]
 
 
@@ -72,3 +73,8 @@ class LoweringError(VmfxError):
 class InputError(VmfxError, ValueError):
     """An input a (quantized) model cannot take: e.g. another image size than the one it was
     traced and calibrated for."""
+
+
+class CalibrationDataWarning(UserWarning):
+    """Calibration data that can be used but probably should not be: values far outside what a
+    normalized image holds (see :data:`vmfx.passes.calibrate.NORMALIZED_ABS_LIMIT`)."""

@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from .annotations import annotation
+from .errors import ConfigError
 from .passes.calibrate import iter_calibration_batches
 from .passes.detect import DetectMambaMixersPass
 from .passes.manager import PassManager
@@ -109,14 +110,33 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
     return "", ""
 
 
-def rows(gm: fx.GraphModule, all_nodes: bool = False) -> list[dict[str, Any]]:
+def _as_graph(model: Any, example_inputs: Any = None) -> fx.GraphModule:
+    """A graph to inspect: ``model`` itself if it is one, else a float ``nn.Module`` traced (a
+    copy; the model is not modified) with its Mamba patterns detected."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"expected a vmfx graph (from vmfx.trace / vmfx.compile) or a float nn.Module, got {type(model).__name__}"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    gm, _ = trace_for_quantization(model, example_inputs=example_inputs)
+    return PassManager([DetectMambaMixersPass()])(gm).graph_module
+
+
+def rows(gm: fx.GraphModule | nn.Module, all_nodes: bool = False, example_inputs: Any = None) -> list[dict[str, Any]]:
     """One dict per node: name, op, target, role, block, direction, tokens, shape, spec, scale.
 
     Args:
-        gm: a vmfx graph (traced, prepared or converted).
+        gm: a vmfx graph (traced, prepared or converted), or a float ``nn.Module``, which is
+            traced here (as :func:`vmfx.trace` does) so its patterns can be listed.
         all_nodes: include nodes without a vmfx role (views, casts, ...); default: annotated
             nodes and quantization modules only.
+        example_inputs: for an ``nn.Module``: an image batch (or tuple) to propagate shapes
+            with, which fills the shape and tokens columns (empty without it).
     """
+    gm = _as_graph(gm, example_inputs)
     out = []
     for node in gm.graph.nodes:
         ann = annotation(node)
@@ -140,9 +160,9 @@ def rows(gm: fx.GraphModule, all_nodes: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def table(gm: fx.GraphModule, all_nodes: bool = False) -> str:
-    """The per-node table as text (see :func:`rows`)."""
-    data = rows(gm, all_nodes)
+def table(gm: fx.GraphModule | nn.Module, all_nodes: bool = False, example_inputs: Any = None) -> str:
+    """The per-node table as text (see :func:`rows`; a float ``nn.Module`` is traced first)."""
+    data = rows(gm, all_nodes, example_inputs)
     headers = ["node", "op", "target", "role", "block", "dir", "tokens", "shape", "spec", "scale"]
     return _format_table(headers, [[str(r[h]) for h in headers] for r in data])
 
@@ -455,7 +475,7 @@ def activation_stats(
             targets[node.name] = ann.role + (f" ({ann.direction})" if ann.direction else "")
     if not targets:
         blocks = sorted({m["block"] for m in gm.meta.get("vmfx_mixers", [])})
-        raise ValueError(f"no linear with roles {roles} in block {block}; the graph has blocks {blocks}")
+        raise ConfigError(f"no linear with roles {roles} in block {block}; the graph has blocks {blocks}")
     runner = _InputStats(gm, targets, bins)
     with torch.no_grad():
         for x in _chain(first, batches):
@@ -476,7 +496,8 @@ def plot_distributions(
 
     * ``token_variance.png``: variance of each token position (token-wise variance);
     * ``channel_max.png``: max |x| of each channel (channel-wise outliers);
-    * ``long_tail.png``: histogram of the values on a log scale (long tail).
+    * ``long_tail.png``: histogram of the values on a log scale (long tail), one panel per
+      linear on its own value range, so one wide range does not squeeze the others.
 
     Returns:
         The paths of the three PNG files written to ``out_dir``.
@@ -510,13 +531,16 @@ def plot_distributions(
     fig.suptitle(f"block {block}: per-channel maxima (outliers)")
     paths.append(_save(fig, os.path.join(out_dir, "channel_max.png")))
 
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for s in stats:
+    fig, axes = plt.subplots(len(stats), 1, figsize=(9, 1.8 * len(stats)), squeeze=False)
+    for ax, s in zip(axes[:, 0], stats):  # one panel each: every linear on its own value range
         centres = ((s.hist_edges[1:] + s.hist_edges[:-1]) / 2).numpy()
-        ax.plot(centres, s.hist_counts.clamp(min=0.5).numpy(), label=s.name, linewidth=1)
-    ax.set_yscale("log")
-    ax.set(title=f"block {block}: value histogram (long tail)", xlabel="activation value", ylabel="count (log)")
-    ax.legend(fontsize=8)
+        ax.plot(centres, s.hist_counts.clamp(min=0.5).numpy(), linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlim(float(s.hist_edges[0]), float(s.hist_edges[-1]))
+        ax.set_ylabel("count (log)", fontsize=8)
+        ax.set_title(f"{s.name}: max |x| = {float(s.channel_absmax.max()):.3g}", fontsize=9)
+    axes[-1, 0].set_xlabel("activation value (each panel on its own range)")
+    fig.suptitle(f"block {block}: value histograms (long tail)")
     paths.append(_save(fig, os.path.join(out_dir, "long_tail.png")))
     return paths
 

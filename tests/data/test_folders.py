@@ -72,3 +72,46 @@ def test_folder_errors(tmp_path):
     ds = image_folder(root, transform=vim_eval_transform(28, crop_pct=1.0, channels=1))
     with pytest.raises(CalibrationDataError, match="holds only 10"):
         calibration_subset(ds, 11)
+
+
+def write_corrupt_image(root: str, name: str = "broken.png", content: bytes = b"this is not a PNG") -> str:
+    """Add a file with an image extension that PIL cannot read to the first class folder."""
+    first = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))[0]
+    path = os.path.join(root, first, name)
+    with open(path, "wb") as f:
+        f.write(content)
+    return path
+
+
+def _truncated_png(tmp_path) -> bytes:
+    from PIL import Image
+
+    noise = (torch.rand(28, 28, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(noise, mode="L").save(tmp_path / "whole.png")  # noise: the pixel data spans many bytes
+    whole = (tmp_path / "whole.png").read_bytes()
+    return whole[: len(whole) // 2]
+
+
+@pytest.mark.parametrize("kind", ["not an image", "truncated"])
+def test_an_unreadable_image_is_named(tmp_path, kind):
+    import vmfx
+    from tests.conftest import TinyVimLike
+
+    root = write_digit_folder(str(tmp_path / "train"), per_class=1, split="train")
+    content = b"this is not a PNG" if kind == "not an image" else _truncated_png(tmp_path)
+    bad = write_corrupt_image(root, content=content)
+    ds = image_folder(root, transform=vim_eval_transform(28, crop_pct=1.0, channels=1))
+    index = [path for path, _ in ds.samples].index(bad)
+    with pytest.raises(CalibrationDataError, match=f"cannot read the image '{bad}'.*remove or replace the file"):
+        ds[index]
+    loader = calibration_loader(root, n=11, batch_size=4, img_size=28, channels=1)
+    with pytest.raises(CalibrationDataError, match="cannot read the image .*broken.png"):
+        vmfx.compile(TinyVimLike(channels=1).eval(), loader)
+
+
+@pytest.mark.parametrize("crop_pct", [0.0, -0.5, 1.5])
+def test_crop_pct_outside_0_1_is_refused(crop_pct):
+    import vmfx
+
+    with pytest.raises(vmfx.ConfigError, match=r"crop_pct must be in \(0, 1\]"):
+        vim_eval_transform(224, crop_pct=crop_pct)

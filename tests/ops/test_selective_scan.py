@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-import types
 
 import pytest
 import torch
@@ -240,13 +239,9 @@ def test_softplus_matches_torch_to_a_few_ulp():
 
 
 def _selective_scan_ref():
-    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
-    except Exception as exc:  # ImportError, or one of its own imports (einops, triton) failing
-        pytest.skip(f"upstream mamba-ssm is not importable ({type(exc).__name__}: {exc}); install it "
-                    "with `make setup` (mamba-ssm==2.3.2.post1, built without CUDA)")
-    return selective_scan_ref
+    from tests.upstream import import_mamba_ssm
+
+    return import_mamba_ssm()[1]
 
 
 @pytest.mark.parametrize("batch,dim,length,b_form,c_form", [

@@ -7,6 +7,7 @@ the float model serves every quantized model compared with it."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -50,6 +51,18 @@ def _batches(data: Any, batch_size: int, num_workers: int) -> Iterable[tuple[tor
 
 
 
+def _batch_total(data: Any, batch_size: int) -> int | None:
+    """How many batches :func:`_batches` will yield, where known without reading the data."""
+    try:
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+            return math.ceil(data[0].shape[0] / batch_size)
+        if isinstance(data, Dataset):
+            return math.ceil(len(data) / batch_size)
+        return len(data)
+    except TypeError:
+        return None
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: Any, *, batch_size: int = 100, progress: bool = False, num_workers: int = 0,
@@ -61,7 +74,8 @@ def evaluate(
         model: any module mapping images to logits (a float model or a vmfx quantized graph).
         data: ``(images, labels)`` tensors, a ``Dataset`` of pairs or a ``DataLoader``.
         batch_size: for tensors and datasets.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (with the number of batches and an ETA where the
+            data's length is known).
     """
     model.eval()
     correct1 = correct5 = seen = 0
@@ -70,7 +84,7 @@ def evaluate(
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=None, desc=desc, unit="batch")
+        batches = tqdm(batches, total=_batch_total(data, batch_size), desc=desc, unit="batch")
     for images, labels in batches:
         logits = model(images)
         k = min(5, logits.shape[-1])

@@ -1,4 +1,5 @@
-"""Front end: canonicalization adapters for third-party modules, and the tracer."""
+"""Front end: canonicalization adapters for third-party modules, the tracer, and
+:func:`enable_mamba_ssm_on_cpu` (upstream mamba_ssm importable without its CUDA extension)."""
 
 from .adapters import adapters, canonicalize, qualified_name, register_adapter
 from .tracer import (
@@ -10,6 +11,7 @@ from .tracer import (
     register_leaf_module,
     trace,
 )
+from .upstream import enable_mamba_ssm_on_cpu
 
 __all__ = [
     "adapters",
@@ -23,4 +25,5 @@ __all__ = [
     "register_leaf_function",
     "leaf_module_types",
     "leaf_functions",
+    "enable_mamba_ssm_on_cpu",
 ]

@@ -3,8 +3,14 @@
 Also home of the calibration-data checks every entry point uses (:func:`iter_calibration_batches`):
 the data may be one tensor ``(N, C, H, W)`` (split into batches) or any iterable of batches —
 tensors, ``(images, labels)`` pairs (a ``DataLoader``), or dicts with an ``"image"`` key. Empty
-data, a batch of the wrong rank or channel count, a non-float batch and NaN/Inf values are
+data, a batch of the wrong rank or channel count, a non-float batch, a float batch of another
+dtype than the model's weights (float64 images for a float32 model: refused, not converted, so
+nothing changes the user's numbers behind their back) and NaN/Inf values are
 :class:`~vmfx.errors.CalibrationDataError`\\ s that name the batch and the way out.
+
+Images far outside what a normalized image looks like get a
+:class:`~vmfx.errors.CalibrationDataWarning` (see :data:`NORMALIZED_ABS_LIMIT`): the
+quantization ranges would fit those images, not the ones the model is evaluated on.
 
 Invariants: the graph is not modified (``modified`` is False); the graph runs in eval mode
 without gradients; observers keep reductions only, so memory does not grow with the data.
@@ -12,19 +18,41 @@ without gradients; observers keep reductions only, so memory does not grow with 
 
 from __future__ import annotations
 
+import math
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
 
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, CalibrationDataWarning
 from ..quant.observers import Observer
 from .base import Pass, PassContext, PassResult
 from .patterns import module_of, walk_back
 
-__all__ = ["CalibratePass", "InputExpectation", "input_expectation", "iter_calibration_batches", "first_example"]
+__all__ = [
+    "CalibratePass",
+    "InputExpectation",
+    "input_expectation",
+    "iter_calibration_batches",
+    "first_example",
+    "NORMALIZED_ABS_LIMIT",
+    "NORMALIZED_RMS_FLOOR",
+]
+
+#: Largest |x| a normalized image plausibly holds. A normalized pixel is ``(p - mean) / std`` with
+#: ``p`` in [0, 1], so ``|x| <= 1 / std``; 100 admits a per-channel std down to 0.01, far below
+#: any real image set's (ImageNet's are 0.22-0.23; vmfx.data's transforms give |x| <= 2.8).
+#: Raw 0-255 pixels (max 255) and images scaled up by mistake exceed it.
+NORMALIZED_ABS_LIMIT = 100.0
+#: Smallest root-mean-square a normalized image set plausibly has: normalization makes each
+#: channel's variance over the data set 1, so the RMS over all values is about 1; below 0.01 the
+#: images were scaled down by mistake (or are constant). Images in [0, 1] that were never
+#: normalized pass both bounds: they cannot be told from a model trained on such inputs.
+NORMALIZED_RMS_FLOOR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -34,6 +62,7 @@ class InputExpectation:
     rank: int | None = None
     channels: int | None = None
     source: str = "model"
+    dtype: torch.dtype | None = None
 
     def describe(self) -> str:
         parts = []
@@ -45,20 +74,22 @@ class InputExpectation:
 
 
 def input_expectation(gm: fx.GraphModule) -> InputExpectation:
-    """Read the expected input rank / channels from the patch-embedding conv reading the input,
-    else from the first placeholder's propagated shape."""
+    """Read the expected input rank / channels / dtype from the patch-embedding conv reading the
+    input, else the rank from the first placeholder's propagated shape and the dtype from the
+    first floating-point parameter."""
     for node in gm.graph.nodes:
         m = module_of(node)
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) and node.args and _reads_input(node.args[0]):
             rank = 4 if isinstance(m, torch.nn.Conv2d) else 5
-            return InputExpectation(rank, m.in_channels, f"the patch embedding '{node.target}'")
+            return InputExpectation(rank, m.in_channels, f"the patch embedding '{node.target}'", m.weight.dtype)
+    dtype = next((p.dtype for p in gm.parameters() if p.is_floating_point()), None)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             meta = node.meta.get("tensor_meta")
             if meta is not None and hasattr(meta, "shape"):
-                return InputExpectation(len(meta.shape), None, "the traced example input")
+                return InputExpectation(len(meta.shape), None, "the traced example input", dtype)
             break
-    return InputExpectation()
+    return InputExpectation(dtype=dtype)
 
 
 def _reads_input(node) -> bool:
@@ -89,6 +120,12 @@ def _check_batch(x: torch.Tensor, index: int, expect: InputExpectation) -> None:
             f"calibration batch {index} has dtype {x.dtype}; convert images to float and normalize them "
             "as for evaluation (e.g. vmfx.data transforms)"
         )
+    if expect.dtype is not None and x.dtype != expect.dtype:
+        want, got = _dtype_name(expect.dtype), _dtype_name(x.dtype)
+        raise CalibrationDataError(
+            f"calibration batch {index}: expected {want} images, got {got} (the model's weights are {want}); "
+            f"convert them with images.to(torch.{want})"
+        )
     if expect.rank is not None and x.dim() != expect.rank:
         hint = " (a single image? add the batch dimension with x.unsqueeze(0))" if x.dim() == expect.rank - 1 else ""
         raise CalibrationDataError(
@@ -110,8 +147,47 @@ def _check_batch(x: torch.Tensor, index: int, expect: InputExpectation) -> None:
         )
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class _ScaleCheck:
+    """Running max |x| and sum of squares of the calibration values (float64: no overflow)."""
+
+    def __init__(self) -> None:
+        self.abs_max = 0.0
+        self.sum_sq = 0.0
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        self.abs_max = max(self.abs_max, float(x.abs().max()))
+        self.sum_sq += float((x * x).sum())
+        self.count += x.numel()
+
+    def warn_if_far_from_normalized(self) -> None:
+        if self.count == 0:
+            return
+        rms = math.sqrt(self.sum_sq / self.count)
+        if self.abs_max > NORMALIZED_ABS_LIMIT:
+            found = f"max |x| = {self.abs_max:.4g}, above the {NORMALIZED_ABS_LIMIT:g} a normalized image stays within"
+            if self.abs_max <= 255.0 and rms > 1.0:
+                found += " (raw 0-255 pixels?)"
+        elif rms < NORMALIZED_RMS_FLOOR:
+            found = f"their root-mean-square is {rms:.3g}, where normalized images have about 1"
+        else:
+            return
+        warnings.warn(
+            f"the calibration images do not look normalized: {found}. Normalize them as the evaluation "
+            "transform does (e.g. vmfx.data.vim_eval_transform); calibrating on them fits the quantization "
+            "ranges to other values than the model sees at evaluation",
+            CalibrationDataWarning,
+            stacklevel=3,
+        )
+
+
 def iter_calibration_batches(
-    data: Any, batch_size: int = 32, expect: InputExpectation = InputExpectation()
+    data: Any, batch_size: int = 32, expect: InputExpectation = InputExpectation(), *, check_scale: bool = True
 ) -> Iterator[torch.Tensor]:
     """Yield validated calibration batches.
 
@@ -119,6 +195,9 @@ def iter_calibration_batches(
         data: a tensor ``(N, ...)`` or an iterable of batches (see the module docstring).
         batch_size: split size when ``data`` is one tensor.
         expect: the input the model expects (from :func:`input_expectation`).
+        check_scale: once every batch was yielded, warn (:class:`~vmfx.errors.CalibrationDataWarning`)
+            if the values are far from normalized images: max |x| above
+            :data:`NORMALIZED_ABS_LIMIT` or root-mean-square below :data:`NORMALIZED_RMS_FLOOR`.
 
     Raises:
         CalibrationDataError: no data, or a batch that cannot be used (the message names it).
@@ -139,18 +218,23 @@ def iter_calibration_batches(
                 f"calibration data must be a tensor or an iterable of batches, got {type(data).__name__}"
             ) from None
     count = 0
+    scale = _ScaleCheck() if check_scale else None
     for index, batch in enumerate(batches):
         x = _extract_tensor(batch, index)
         _check_batch(x, index, expect)
+        if scale is not None:
+            scale.update(x)
         count += 1
         yield x
     if count == 0:
         raise CalibrationDataError("calibration data is empty: the iterable yielded no batch")
+    if scale is not None:
+        scale.warn_if_far_from_normalized()
 
 
 def first_example(data: Any, expect: InputExpectation = InputExpectation()) -> torch.Tensor:
     """One validated image (with its batch dimension) from the calibration data."""
-    for batch in iter_calibration_batches(data, 1, expect):
+    for batch in iter_calibration_batches(data, 1, expect, check_scale=False):
         return batch[:1]
     raise CalibrationDataError("calibration data is empty")
 
@@ -159,8 +243,12 @@ class CalibratePass(Pass):
     """Run ``ctx.calib_data`` through the graph (eval mode, no grad) to feed its observers.
 
     The data is run once per observer phase (``max(observer.num_phases)``: two for grid-search
-    observers). Records ``gm.meta["vmfx_calibration"] = {"images", "batches", "seconds"}``
-    (seconds accumulate over every calibration pass of a pipeline).
+    observers). Records ``gm.meta["vmfx_calibration"] = {"images", "batches", "seconds"}``:
+    ``images`` and ``batches`` count the data the observers' statistics cover, so calibrating an
+    already calibrated graph again adds to them (8 + 8 images: 16), while a pass whose observers
+    are fresh (e.g. re-armed by SmoothQuant) starts them anew; ``seconds`` accumulate over every
+    calibration pass. With ``ctx.progress`` a line announces the calibration (method, bits,
+    images) and a bar per phase shows batches done of the total, with its ETA.
     """
 
     needs_data = True
@@ -179,12 +267,22 @@ class CalibratePass(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         expect = input_expectation(gm)
         observers = [m for m in gm.modules() if isinstance(m, Observer)]
+        resumed = all(o.num_batches > 0 for o in observers)  # statistics continue: counts add up
         phases = max(o.num_phases for o in observers)
         if phases > 1 and _is_one_shot(ctx.calib_data):
             raise CalibrationDataError(
                 f"calibration needs {phases} passes over the data (grid-search observers); pass a tensor, "
                 "a list of batches or a DataLoader, not a one-shot iterator"
             )
+        total, size = _batch_count(ctx.calib_data, ctx.calib_batch_size)
+        name = _method_name(ctx.config)
+        if ctx.progress:
+            from tqdm.auto import tqdm
+
+            what = "" if total is None else f": {total} batch{'' if total == 1 else 'es'}"
+            what += "" if total is None or size is None else f", {size} images"
+            passes = "" if phases == 1 else f", {phases} passes over the data (grid search)"
+            tqdm.write(f"calibrating{' ' + name if name else ''}{what}{passes}", file=sys.stderr)
         was_training = gm.training
         gm.eval()
         images = batches = 0
@@ -193,11 +291,12 @@ class CalibratePass(Pass):
             for phase in range(phases):
                 for obs in observers:
                     obs.phase = phase
-                data = iter_calibration_batches(ctx.calib_data, ctx.calib_batch_size, expect)
+                data = iter_calibration_batches(ctx.calib_data, ctx.calib_batch_size, expect, check_scale=phase == 0)
                 if ctx.progress:
                     from tqdm.auto import tqdm
 
-                    data = tqdm(data, desc=f"calibrate ({phase + 1}/{phases})", unit="batch")
+                    label = "calibrate" + (f" {name}" if name else "") + (f" ({phase + 1}/{phases})" if phases > 1 else "")
+                    data = tqdm(data, desc=label, total=total, unit="batch")
                 for x in data:
                     gm(x)
                     if phase == 0:
@@ -207,12 +306,43 @@ class CalibratePass(Pass):
             obs.phase = 0
         gm.train(was_training)
         previous = gm.meta.get("vmfx_calibration") or {}
+        if resumed:
+            images += previous.get("images", 0)
+            batches += previous.get("batches", 0)
         gm.meta["vmfx_calibration"] = {
             "images": images,
             "batches": batches,
             "seconds": previous.get("seconds", 0.0) + time.perf_counter() - start,
         }
         return PassResult(gm, False)
+
+
+def _method_name(config: Any) -> str:
+    """``"minmax w8a8"`` from a QuantConfig (empty when the run has none)."""
+    if config is None:
+        return ""
+    method = getattr(config, "method", "")
+    try:
+        return f"{method} w{config.weight.bits}a{config.activation.bits}"
+    except AttributeError:
+        return str(method)
+
+
+def _batch_count(data: Any, batch_size: int) -> tuple[int | None, int | None]:
+    """(batches, images) the calibration data will yield, where known without iterating it."""
+    if isinstance(data, torch.Tensor):
+        n = data.shape[0] if data.dim() else 0
+        return math.ceil(n / batch_size), n
+    try:
+        batches = len(data)
+    except TypeError:
+        return None, None
+    dataset = getattr(data, "dataset", None)
+    try:
+        images = len(dataset) if dataset is not None else None
+    except TypeError:
+        images = None
+    return batches, images
 
 
 def _is_one_shot(data: Any) -> bool:
