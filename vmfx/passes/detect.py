@@ -16,7 +16,7 @@ Token layouts (:mod:`vmfx.passes.layouts`): every node from ``in_proj`` to ``out
 ``annotation(node).layout`` for annotated nodes): its token dims, channel dim and the permutation
 from the canonical token order to the order it holds. A scan's order is its ``u``'s; its
 ``direction`` label is derived from it: "forward" (identity), "backward" (reversed), or
-``"order<i>"`` (any other permutation, ``i`` its index in the mixer), so 1, 2, 4 or 8 directions
+``"order<i>"`` (any other permutation, ``i`` its index among the mixer's scans in graph order), so 1, 2, 4 or 8 directions
 are the same code. Without propagated shapes the label falls back to flip parity (an odd number
 of flips between ``in_proj`` and the conv: "backward"). Scans sharing an ``in_proj`` form one
 mixer; mixers are numbered (``block``) in graph order. The norm feeding ``in_proj`` gets role ``norm``; Conv2d/3d nodes reading the graph input
@@ -284,11 +284,14 @@ def _propagate_layouts(gm: fx.GraphModule, scans: list[ScanMatch]) -> list[tuple
 
 
 def _label_directions(m: "MixerMatch") -> None:
-    """Give every scan of a mixer a distinct direction label ("order<i>" for permutations)."""
+    """Give every scan of a mixer a distinct direction label: "order<i>" for a permutation,
+    ``i`` the scan's index among the mixer's scans in graph order."""
+    position = {n: i for i, n in enumerate(m.in_proj.graph.nodes)}
+    in_graph_order = sorted(m.scans, key=lambda s: position[s.scan])
     used: set[str] = set()
-    for i, s in enumerate(m.scans):
+    for s in m.scans:
         if s.direction is None or s.direction in used:
-            s.direction = f"order{i}"
+            s.direction = f"order{in_graph_order.index(s)}"
         used.add(s.direction)
 
 

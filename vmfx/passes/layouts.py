@@ -192,6 +192,8 @@ def _static(arg, probes):
         return type(arg)(_static(a, probes) for a in arg)
     if isinstance(arg, dict):
         return {k: _static(v, probes) for k, v in arg.items()}
+    if isinstance(arg, slice):
+        return slice(_static(arg.start, probes), _static(arg.stop, probes), _static(arg.step, probes))
     if not isinstance(arg, fx.Node):
         return arg
     if arg.op == "call_function" and arg.target is getattr and arg.args[1] == "shape":

@@ -46,11 +46,11 @@ log = logging.getLogger("vmfx.patterns")
 
 _TRANSPARENT_METHODS = {
     "transpose", "permute", "view", "reshape", "contiguous", "float", "half", "bfloat16", "double",
-    "to", "type_as", "clone", "flip", "squeeze", "unsqueeze", "flatten", "chunk", "split",
+    "to", "type_as", "clone", "flip", "squeeze", "unsqueeze", "flatten", "unflatten", "movedim", "chunk", "split",
 }
 _TRANSPARENT_FUNCTIONS = {
     operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.flip, torch.flatten,
-    torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.clone,
+    torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.clone, torch.unflatten, torch.movedim,
 }
 _SILU = {F.silu, torch.nn.functional.silu}
 _SOFTPLUS = {F.softplus, torch._C._nn.softplus}
