@@ -208,7 +208,9 @@ def token_kept_dims(layout: TokenLayout, ndim: int, *, dynamic: bool, what: str 
 
 
 def _varying_dims(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(d for d in range(p.dim()) if p.shape[d] > 1 and not bool((p == p.narrow(d, 0, 1)).all()))
+    """The dims along which ``p`` takes more than one value (a stride-0, i.e. expanded, dim never does)."""
+    return tuple(d for d in range(p.dim())
+                 if p.shape[d] > 1 and p.stride(d) != 0 and not bool((p == p.narrow(d, 0, 1)).all()))
 
 
 def layout_from_probes(batch: torch.Tensor, token: torch.Tensor, channel: torch.Tensor) -> TokenLayout | str:

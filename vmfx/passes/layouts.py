@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import LAYOUT_META, LAYOUT_WHY_META, TokenLayout, layout_from_probes
+from ..layout import LAYOUT_META, LAYOUT_WHY_META, TokenLayout, _varying_dims, layout_from_probes
 from ..ops.selective_scan import selective_scan
 from .patterns import is_depthwise_conv1d, is_linear, module_of
 
@@ -329,4 +329,4 @@ def _scan(node, probes) -> _Probes:
 
 
 def _varying(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(d for d in range(p.dim()) if p.shape[d] > 1 and not bool((p == p.narrow(d, 0, 1)).all()))
+    return _varying_dims(p)
