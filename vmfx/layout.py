@@ -40,6 +40,7 @@ from .errors import LayoutError
 __all__ = [
     "LAYOUT_META",
     "LAYOUT_WHY_META",
+    "PRESERVES_LAYOUT",
     "TokenLayout",
     "layout_of",
     "layout_from_probes",
@@ -50,6 +51,10 @@ __all__ = [
 LAYOUT_META = "vmfx_layout"
 #: ``node.meta`` key of the reason a mixer node's layout is unknown.
 LAYOUT_WHY_META = "vmfx_layout_why"
+#: Class attribute of a module that maps a tensor to one of the same shape element by element (a
+#: quantizer, a smoothing node): set it True and detection walks through the module and layouts
+#: propagate through it (observers and ``FakeQuantize`` are treated so already).
+PRESERVES_LAYOUT = "vmfx_preserves_layout"
 
 
 @dataclass(frozen=True)

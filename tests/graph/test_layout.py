@@ -366,3 +366,15 @@ def test_backward_scan_statistics_at_step_t_are_those_of_token_L_minus_1_minus_t
     x_fwd(values[linears[("x_proj", "forward")]])
     assert bool((x_fwd.max_val.flatten().diff() > 0).all())
     assert math.isfinite(float(x_fwd.max_val.max()))
+
+
+def test_layouts_propagate_through_observers_and_marked_modules(tiny_model, tiny_images):
+    """Detection re-run on a prepared graph (observers inserted) still finds every layout."""
+    from vmfx.passes import DetectMambaMixersPass, PassManager
+
+    prepared = vmfx.prepare(tiny_model, "pts-w8a8", tiny_images[:2])
+    assert any(annotation(n) is not None and annotation(n).role == "observer" for n in prepared.graph.nodes)
+    gm = PassManager([DetectMambaMixersPass()])(prepared).graph_module
+    assert gm.meta["vmfx_layout_unknown"] == []
+    backward = [n for n in _scans(gm) if annotation(n).direction == "backward"]
+    assert backward and all(layout_of(n).is_reversed for n in backward)

@@ -8,8 +8,9 @@ its canonical token index and its channel index. A shape op (transpose, permute,
 view, reshape, flatten, split, cat, ...) is simply run on the probes of its input, so any
 composition of them is understood without a rule per combination; a Linear keeps batch and
 tokens and gives fresh channels; a depthwise conv1d keeps them (its padded tail holds no token);
-elementwise ops keep them and check that their tensor inputs agree in token order (a direction
-merge of a branch left un-flipped is found here); the selective scan keeps ``u``'s and checks
+elementwise ops (observers, ``FakeQuantize`` and any module whose class sets
+``vmfx_preserves_layout = True`` count as elementwise) keep them and check that their tensor inputs
+agree in token order (a direction merge of a branch left un-flipped is found here); the selective scan keeps ``u``'s and checks
 ``delta``, ``B``, ``C`` and ``z`` against it. :func:`vmfx.layout.layout_from_probes` then reads
 the layout off the probes.
 
@@ -31,8 +32,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import LAYOUT_META, LAYOUT_WHY_META, TokenLayout, _varying_dims, layout_from_probes
+from ..layout import LAYOUT_META, LAYOUT_WHY_META, PRESERVES_LAYOUT, TokenLayout, _varying_dims, layout_from_probes
 from ..ops.selective_scan import selective_scan
+from ..quant.modules import FakeQuantize
+from ..quant.observers import Observer
 from .patterns import is_depthwise_conv1d, is_linear, module_of
 
 __all__ = ["propagate_token_layouts"]
@@ -171,7 +174,8 @@ def _is_elementwise(node) -> bool:
         return node.target in _ELEMENTWISE_FUNCTIONS
     if node.op == "call_method":
         return node.target in _ELEMENTWISE_METHODS
-    return isinstance(module_of(node), _ELEMENTWISE_MODULES)
+    m = module_of(node)
+    return isinstance(m, _ELEMENTWISE_MODULES + (Observer, FakeQuantize)) or getattr(m, PRESERVES_LAYOUT, False)
 
 
 def _is_shape_op(node) -> bool:
