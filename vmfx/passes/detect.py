@@ -16,12 +16,13 @@ Token layouts (:mod:`vmfx.passes.layouts`): every node from ``in_proj`` to ``out
 ``annotation(node).layout`` for annotated nodes): its token dims, channel dim and the permutation
 from the canonical token order to the order it holds. A scan's order is its ``u``'s; its
 ``direction`` label is derived from it: "forward" (identity), "backward" (reversed), or
-``"order<i>"`` (any other permutation, ``i`` its index among the mixer's scans in graph order), so 1, 2, 4 or 8 directions
-are the same code. Without propagated shapes the label falls back to flip parity (an odd number
-of flips between ``in_proj`` and the conv: "backward"). Scans sharing an ``in_proj`` form one
-mixer; mixers are numbered (``block``) in graph order. The norm feeding ``in_proj`` gets role ``norm``; Conv2d/3d nodes reading the graph input
-are ``patch_embed``; unannotated Linears and norms after the last mixer are ``head`` / ``norm``.
-Token lengths come from shape propagation (``meta["tensor_meta"]``) when it was run.
+``"order<i>"`` (any other permutation, ``i`` its index among the mixer's scans in graph order), so
+1, 2, 4 or 8 directions are the same code. Without propagated shapes the label falls back to flip
+parity (an odd number of flips between ``in_proj`` and the conv: "backward"). Scans sharing an
+``in_proj`` form one mixer; mixers are numbered (``block``) in graph order. The norm feeding
+``in_proj`` gets role ``norm``; Conv2d/3d nodes reading the graph input are ``patch_embed``;
+unannotated Linears and norms after the last mixer are ``head`` / ``norm``. Token lengths come from
+shape propagation (``meta["tensor_meta"]``) when it was run.
 
 Invariants: the graph is not modified (``modified`` is always False); every annotated node gets
 a :class:`vmfx.annotations.NodeAnnotation`; ``gm.meta["vmfx_mixers"]`` lists the mixers found

@@ -1,18 +1,18 @@
 """Token layouts of a mixer's edges, by running its shape ops on integer probes.
 
-:func:`propagate_token_layouts` starts at ``in_proj``'s output, whose layout is canonical
-(``(B, *tokens, C)``, identity order, :meth:`TokenLayout.token_major`), and walks the nodes that
-depend on it, in graph order, up to ``out_proj``. Each node gets three *probes*: integer tensors
-of its output's shape (from ``meta["tensor_meta"]``) holding, at every element, its sample index,
-its canonical token index and its channel index. A shape op (transpose, permute, flip, slice,
-view, reshape, flatten, split, cat, ...) is simply run on the probes of its input, so any
-composition of them is understood without a rule per combination; a Linear keeps batch and
-tokens and gives fresh channels; a depthwise conv1d keeps them (its padded tail holds no token);
-elementwise ops (observers, ``FakeQuantize`` and any module whose class sets
-``vmfx_preserves_layout = True`` count as elementwise) keep them and check that their tensor inputs
-agree in token order (a direction merge of a branch left un-flipped is found here); the selective scan keeps ``u``'s and checks
-``delta``, ``B``, ``C`` and ``z`` against it. :func:`vmfx.layout.layout_from_probes` then reads
-the layout off the probes.
+:func:`propagate_token_layouts` starts at ``in_proj``'s output, whose layout is canonical (``(B,
+*tokens, C)``, identity order, :meth:`TokenLayout.token_major`), and walks the nodes that depend on
+it, in graph order, up to ``out_proj``. Each node gets three *probes*: integer tensors of its
+output's shape (from ``meta["tensor_meta"]``) holding, at every element, its sample index, its
+canonical token index and its channel index. A shape op (transpose, permute, flip, slice, view,
+reshape, flatten, split, cat, ...) is simply run on the probes of its input, so any composition of
+them is understood without a rule per combination; a Linear keeps batch and tokens and gives fresh
+channels; a depthwise conv1d keeps them (its padded tail holds no token); elementwise ops
+(observers, ``FakeQuantize`` and any module whose class sets ``vmfx_preserves_layout = True`` count
+as elementwise) keep them and check that their tensor inputs agree in token order (a direction merge
+of a branch left un-flipped is found here); the selective scan keeps ``u``'s and checks ``delta``,
+``B``, ``C`` and ``z`` against it. :func:`vmfx.layout.layout_from_probes` then reads the layout off
+the probes.
 
 Shape arguments that are computed in the graph (``h.shape[1]``, ``x.size(0) * L``) are evaluated
 from ``tensor_meta``. A node no rule covers gets no layout and a reason

@@ -2,8 +2,8 @@
 
 Matching follows use-def edges, not names. "Transparent" nodes (views, transposes, flips, slices,
 dtype casts, ``getitem`` of a split; observers, fake-quantizers and modules marked
-``vmfx_preserves_layout``) do not change which token a value belongs to, so walks step over them; flips are counted, because a flip on the token axis is what makes
-a scan run backward.
+``vmfx_preserves_layout``) do not change which token a value belongs to, so walks step over them;
+flips are counted, because a flip on the token axis is what makes a scan run backward.
 
 A failed match is a :class:`FailedMatch`: falsy, with its reason built lazily. Set
 ``VMFX_PATTERN_DEBUG=<node name>`` to log why that node did or did not match.
