@@ -5,7 +5,10 @@ What it measures: on the same random float32 inputs (a Vision-Mamba-like S6 call
 the two implementations agree (output and the gradients of all eight inputs), then times a forward
 call and a backward call (``out.backward(grad)``) of each, side by side in one process: one warm-up
 run, then the median of ``--repeat`` runs for vmfx and of ``--ref-repeat`` runs for the (much slower)
-reference. It prints a table of the forward, backward and forward+backward medians and the ratios.
+reference. It prints a table of the forward, backward and forward+backward medians and the ratios,
+then the cost of the state hooks: vmfx with a no-op ``state_reader`` (one call per work piece) and
+with a ``state_hook`` that fake-quantizes the state to int8 at every step (one call per time step,
+also during the backward's recomputation).
 
 Run it from the repository root::
 
@@ -73,25 +76,35 @@ def leaves(inputs):
     return {k: v.clone().requires_grad_() for k, v in inputs.items()}
 
 
-def run_once(fn, inputs, grad_out):
+def run_once(fn, inputs, grad_out, **extra):
     """One forward and one backward; returns (forward s, backward s, out, grads)."""
     args = leaves(inputs)
     t0 = time.perf_counter()
-    out = fn(**args, delta_softplus=True)
+    out = fn(**args, delta_softplus=True, **extra)
     t1 = time.perf_counter()
     out.backward(grad_out)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, out.detach(), {k: args[k].grad for k in ARG_NAMES}
 
 
-def timings(fn, inputs, grad_out, repeat):
-    run_once(fn, inputs, grad_out)  # warm-up
-    runs = [run_once(fn, inputs, grad_out)[:2] for _ in range(repeat)]
+def timings(fn, inputs, grad_out, repeat, **extra):
+    run_once(fn, inputs, grad_out, **extra)  # warm-up
+    runs = [run_once(fn, inputs, grad_out, **extra)[:2] for _ in range(repeat)]
     fwd = statistics.median(r[0] for r in runs)
     bwd = statistics.median(r[1] for r in runs)
     total = statistics.median(r[0] + r[1] for r in runs)
     best = min(r[0] + r[1] for r in runs)
     return fwd, bwd, total, best
+
+
+def int8_state_hook(dim):
+    """A per-step state hook: symmetric int8 fake-quantization with a fixed per-channel step."""
+    step = torch.full((dim, 1), 0.05)
+
+    def hook(h, t0, t1, b0, b1):
+        return torch.clamp(torch.round(h / step), -127, 127).mul_(step)
+
+    return hook
 
 
 def rel_diff(a, b):
@@ -155,6 +168,15 @@ def main(argv=None):
     say(f"{'speed-up (ref / vmfx)':<32}{r[0] / v[0]:>11.1f}x{r[1] / v[1]:>12.1f}x{r[2] / v[2]:>11.1f}x"
           f"{r[3] / v[3]:>9.1f}x")
     say("(medians of the timed runs after one warm-up; best = fastest single fwd+bwd)")
+    say("")
+    say("state hooks (vmfx; same inputs):")
+    say(head)
+    say("-" * len(head))
+    for name, extra in (("no hook", {}),
+                        ("state_reader (no-op)", {"state_reader": lambda h, t0, t1, b0, b1: None}),
+                        ("state_hook (int8 every step)", {"state_hook": int8_state_hook(args.dim)})):
+        ms = [x * 1e3 for x in timings(selective_scan, inputs, grad_out, args.repeat, **extra)]
+        say(f"{name:<32}{ms[0]:>12.1f}{ms[1]:>13.1f}{ms[2]:>12.1f}{ms[3]:>10.1f}{args.repeat:>6}")
     if args.write:
         os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
         command = "python benchmarks/scan.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))

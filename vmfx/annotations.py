@@ -61,10 +61,14 @@ class NodeAnnotation:
     Attributes:
         role: one of :data:`ROLES`.
         block: index of the Mamba block (0-based, in graph order), None outside blocks.
-        direction: "forward" or "backward" for per-direction nodes of a mixer, else None.
+        direction: "forward" or "backward" for per-direction nodes of a mixer ("order<i>" for a
+            scan order that is neither the identity nor the reversal), else None; a label derived
+            from ``layout.order`` where the layout is known.
         tokens: sequence length the node sees (from shape propagation), when known.
         mixer: qualified name of the mixer module the node belongs to, when known.
         matched_by: "structure", or "name" when only the module name decided the role.
+        layout: the :class:`vmfx.layout.TokenLayout` of the node's output (token dims, channel
+            dim, token order), when detection could infer it; None otherwise.
         act_spec / weight_spec: the specs a quantization pass chose for this node (a linear's
             input and weight edges).
         extra: free-form facts of later passes (kept JSON-friendly). Nodes inserted on an edge
@@ -78,6 +82,7 @@ class NodeAnnotation:
     tokens: int | None = None
     mixer: str | None = None
     matched_by: str = "structure"
+    layout: Any = None
     act_spec: Any = None
     weight_spec: Any = None
     extra: dict = field(default_factory=dict)

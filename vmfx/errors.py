@@ -17,6 +17,7 @@ __all__ = [
     "LoweringError",
     "InputError",
     "CalibrationDataWarning",
+    "LayoutError",
 ]
 
 
@@ -78,3 +79,8 @@ class InputError(VmfxError, ValueError):
 class CalibrationDataWarning(UserWarning):
     """Calibration data that can be used but probably should not be: values far outside what a
     normalized image holds (see :data:`vmfx.passes.calibrate.NORMALIZED_ABS_LIMIT`)."""
+class LayoutError(VmfxError, ValueError):
+    """The token layout of a tensor is unknown or does not fit what was asked of it: a per-token
+    spec on an edge whose token dims detection could not infer, a tensor whose shape does not match
+    its recorded :class:`vmfx.layout.TokenLayout`, or static per-token scales on a merged
+    ``(batch * tokens)`` dim. The message names the tensor (node or shape) and the way out."""

@@ -37,8 +37,12 @@ FORMS = ("const", "shared", "grouped")  # B/C of shape (dim, N), (batch, N, L), 
 # ------------------------------------------------------------------------------------ oracle
 
 
-def scan_loop_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """float64, one time step at a time. Returns (out, last_state)."""
+def scan_loop_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                  state_fn=None, states=None):
+    """float64, one time step at a time. Returns (out, last_state).
+
+    ``state_fn(h, t)``, if given, replaces the state after step t (straight-through: the
+    replacement's gradient is the identity); ``states``, a list, receives every state h[t]."""
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
     batch, dim, length = u.shape
     n = A.shape[1]
@@ -60,6 +64,10 @@ def scan_loop_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_soft
     for t in range(length):
         dt = delta[:, :, t].unsqueeze(-1)
         h = torch.exp(dt * A) * h + dt * at(B, t) * u[:, :, t].unsqueeze(-1)
+        if state_fn is not None:
+            h = h + (state_fn(h, t) - h).detach()
+        if states is not None:
+            states.append(h.detach())
         ys.append((h * at(C, t)).sum(-1))
     out = torch.stack(ys, dim=-1)
     if D is not None:
@@ -428,3 +436,133 @@ def test_bad_u_and_empty_sequence():
     empty = make_inputs(0, 2, 4, 3, 0)
     with pytest.raises(ValueError, match="L .* must be >= 1"):
         selective_scan(**empty)
+
+
+# ----------------------------------------------------------------------------- state hooks
+
+
+def fake_quant_state(h, t, steps):
+    """Symmetric int8 fake-quantization of a (.., dim, N) state with a per-(step, channel) scale
+    ``steps[t % len(steps)]`` of shape (dim,): coarse enough to round and clip."""
+    s = steps[t % len(steps)].to(h.dtype).unsqueeze(-1)
+    return torch.clamp(torch.round(h / s), -127, 127) * s
+
+
+def make_steps(seed, dim, count=3):
+    g = torch.Generator().manual_seed(seed)
+    return 1e-3 * 10 ** (2 * torch.rand(count, dim, generator=g, dtype=torch.float64))  # 1e-3 .. 1e-1
+
+
+class FakeQuantHook:
+    """The vmfx state hook of :func:`fake_quant_state`; checks the piece it is given."""
+
+    def __init__(self, steps, batch, in_place=False):
+        self.steps, self.batch, self.in_place = steps, batch, in_place
+        self.calls = 0
+        self.covered = set()
+
+    def __call__(self, h, t0, t1, b0, b1):
+        assert t1 == t0 + 1 and h.shape[0] == 1 and h.shape[1] == b1 - b0 and 0 <= b0 < b1 <= self.batch
+        self.calls += 1
+        self.covered.update((b, t0) for b in range(b0, b1))
+        q = fake_quant_state(h, t0, self.steps)
+        if self.in_place:
+            h.copy_(q)
+            return None
+        return q
+
+
+def hooked(hook=None, reader=None):
+    def fn(**kw):
+        return selective_scan(**kw, return_last_state=True, state_hook=hook, state_reader=reader)
+    return fn
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=scan_cases(), kind=st.sampled_from(["same", "none", "clone"]))
+def test_identity_state_hook_is_bit_for_bit_no_hook(case, kind):
+    piece = case.pop("piece")
+    inputs = make_inputs(**case)
+    identity = {"same": lambda h, *_: h, "none": lambda h, *_: None, "clone": lambda h, *_: h.clone()}[kind]
+    with piece_bytes(piece):
+        for dtype in (torch.float64, torch.float32):
+            plain = run_with_grads(vmfx_scan, inputs, dtype, case["seed"], case["softplus"])
+            hook = run_with_grads(hooked(identity), inputs, dtype, case["seed"], case["softplus"])
+            assert torch.equal(plain[0], hook[0]) and torch.equal(plain[1], hook[1])
+            assert plain[2].keys() == hook[2].keys()
+            for name in plain[2]:
+                assert torch.equal(plain[2][name], hook[2][name]), name
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=scan_cases(), in_place=st.booleans())
+def test_per_step_fake_quantized_state_matches_a_per_step_loop_with_straight_through_gradients(case, in_place):
+    piece = case.pop("piece")
+    inputs = make_inputs(**case)
+    steps = make_steps(case["seed"], case["dim"])
+    hook = FakeQuantHook(steps, case["batch"], in_place)
+
+    def ref(**kw):
+        return scan_loop_ref(**kw, state_fn=lambda h, t: fake_quant_state(h, t, steps))
+
+    ref_out, ref_last, ref_grads = run_with_grads(ref, inputs, torch.float64, case["seed"] + 1, case["softplus"])
+    with piece_bytes(piece):
+        out, last, grads = run_with_grads(hooked(hook), inputs, torch.float64, case["seed"] + 1,
+                                          case["softplus"])
+    # called on every step of every sequence
+    assert hook.covered == {(b, t) for b in range(case["batch"]) for t in range(case["length"])}
+    # the state is on the quantization grid at every step: the hook's result fed the next step
+    assert_close(out, ref_out, 1e-11, "out")
+    assert_close(last, ref_last, 1e-11, "last_state")
+    grid = last / steps[(case["length"] - 1) % len(steps)].unsqueeze(-1)
+    assert torch.allclose(grid, grid.round(), atol=1e-6)
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], 1e-10, f"grad of {name}")
+
+
+def test_quantized_state_differs_from_the_float_scan():
+    """The hook is not a no-op in the fixtures above: coarse steps change the output."""
+    inputs = make_inputs(3, 2, 4, 3, 30)
+    hook = FakeQuantHook(make_steps(3, 4) * 20, 2)
+    plain = selective_scan(**inputs, delta_softplus=True)
+    quant = selective_scan(**inputs, delta_softplus=True, state_hook=hook)
+    assert float((plain - quant).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("piece", [None, 1, 8 * 4 * 3 * 3], ids=["whole", "one-step", "time-chunks"])
+def test_state_reader_sees_every_state_once_in_the_forward_only(piece):
+    inputs = make_inputs(5, 3, 4, 3, 11, "grouped", "shared", groups=2)
+    steps = make_steps(5, 4)
+    for hook in (None, FakeQuantHook(steps, 3)):
+        expected = []
+        scan_loop_ref(**inputs, delta_softplus=True, states=expected,
+                      state_fn=None if hook is None else (lambda h, t: fake_quant_state(h, t, steps)))
+        expected = torch.stack(expected, dim=2)  # (batch, dim, L, N)
+        rec = scan_module.StateRecorder()
+        calls = []
+
+        def reader(h, t0, t1, b0, b1):
+            calls.append((t0, t1, b0, b1))
+            assert h.shape[:2] == (t1 - t0, b1 - b0)
+            rec(h, t0, t1, b0, b1)
+
+        leaves = {k: v.clone().requires_grad_() if v is not None else None for k, v in inputs.items()}
+        with piece_bytes(piece):
+            out = selective_scan(**leaves, delta_softplus=True, state_hook=hook, state_reader=reader)
+            n_forward = len(calls)
+            out.sum().backward()
+        assert len(calls) == n_forward  # not called again by the backward
+        covered = sorted((b, t) for t0, t1, b0, b1 in calls for b in range(b0, b1) for t in range(t0, t1))
+        assert covered == [(b, t) for b in range(3) for t in range(11)]
+        assert rec.states.shape == (3, 4, 11, 3)
+        assert_close(rec.states, expected, 1e-11, "recorded states")
+
+
+def test_bad_state_hooks_are_refused():
+    inputs = make_inputs(1, 1, 2, 2, 4)
+    with pytest.raises(ValueError, match="state_hook must be callable"):
+        selective_scan(**inputs, state_hook=3)
+    with pytest.raises(ValueError, match=r"state_hook must return None or a tensor of the state's shape \(1, 1, 2, 2\)"):
+        selective_scan(**inputs, state_hook=lambda h, *_: h[..., :1])
+    with pytest.raises(ValueError, match="recorded nothing"):
+        scan_module.StateRecorder().states

@@ -69,6 +69,28 @@ memory is therefore about 3 x 8 MiB plus a few (T, p, dim) slabs, whatever the i
 the outputs. On the CPU the three buffers are kept between calls (per thread): freshly allocated
 multi-MiB tensors are page-faulted in on every call, which costs about as much as the arithmetic.
 
+State hooks
+-----------
+Two optional callables see the hidden states ``h`` (in the compute dtype, time-major pieces of
+the work buffer, each call's ``t0:t1`` global time steps and ``b0:b1`` batch elements):
+
+* ``state_hook(h, t0, t1, b0, b1) -> Tensor | None`` may read *and replace* states: it is called
+  once per time step (``h`` is (1, p, dim, N), ``t1 = t0 + 1``) right after ``h[t]`` is computed
+  and before ``h[t+1] = exp(delta A) h[t] + delta B u`` reads it, so that the state every later
+  step and ``y[t] = sum_n h[t] C[t]`` use is the one the hook returned (or wrote in place):
+  quantizing the state at every step is exact, as in a per-step loop. This costs one Python call
+  per step (the no-hook path is unchanged: the recurrence loop is the only per-step Python work).
+  The hook must be a pure function of its arguments: the backward recomputes the states and calls
+  it again (an observer belongs in ``state_reader``). Gradients are straight-through: the
+  hook's replacement is treated as the identity (``dh_hooked / dh = I``), every gradient is read
+  off the replaced states (``dC[t] = sum_d h_hooked[t] dy[t]``, ``q[t] = g[t] exp(delta A)
+  h_hooked[t-1]``, ...), and no gradient reaches tensors the hook uses (e.g. learned step sizes).
+* ``state_reader(h, t0, t1, b0, b1) -> None`` only reads: it is called once per work piece with its
+  (T, p, dim, N) states (after the hook), in the forward only, so it stays vectorized. The buffer
+  is reused after the call: copy what you keep. :class:`StateRecorder` assembles the full
+  (batch, dim, L, N) states (data-free calibration); a reduction (say a running per-channel
+  max of ``|h|``) is a one-line reader.
+
 Backward
 --------
 The forward saves only its inputs, ``y + D u`` when ``z`` is given, and, when time is cut into
@@ -96,7 +118,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["selective_scan"]
+__all__ = ["selective_scan", "StateRecorder"]
 
 # Upper bound, in bytes, of each of the (at most three) big (T, p, dim, N) work buffers of a piece.
 _PIECE_BYTES = 8 * 2**20
@@ -108,7 +130,7 @@ _LOG2_E = 1.4426950408889634  # 1 / ln 2
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False):
+                   return_last_state=False, state_hook=None, state_reader=None):
     """Run the selective scan of Mamba (the S6 recurrence), as mamba-ssm's ``selective_scan_fn``.
 
     Differentiable with respect to every tensor argument (hand-written backward); under
@@ -125,6 +147,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_bias: optional bias added to ``delta``, (dim,).
         delta_softplus: apply softplus (threshold 20) to ``delta`` (after the bias).
         return_last_state: also return the state after the last time step.
+        state_hook: optional ``state_hook(h, t0, t1, b0, b1) -> Tensor | None`` that may read and
+            replace the hidden states (e.g. fake-quantize them), see "State hooks" in the module
+            docstring. Called once per time step with the state ``h[t]`` of batch elements
+            ``b0:b1`` as a (1, p, dim, N) time-major tensor (``t1 = t0 + 1``), before ``h[t+1]`` is
+            computed from it; what it returns (or writes into ``h``) is the state ``y[t]`` and
+            ``h[t+1]`` use. Gradients pass straight through it.
+        state_reader: optional read-only ``state_reader(h, t0, t1, b0, b1) -> None`` called once per
+            work piece with the (T, p, dim, N) time-major states of time steps ``t0:t1`` and batch
+            elements ``b0:b1`` (after ``state_hook``), in the forward only (see
+            :class:`StateRecorder` for the full (batch, dim, L, N) states).
 
     Returns:
         ``out`` of shape (batch, dim, L) in ``u``'s dtype, or, if ``return_last_state``, the tuple
@@ -137,14 +169,51 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             or L is 0.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    for name, fn in (("state_hook", state_hook), ("state_reader", state_reader)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"selective_scan: {name} must be callable (h, t0, t1, b0, b1), got "
+                             f"{type(fn).__name__}")
+    hooks = _Hooks(state_hook, state_reader) if state_hook is not None or state_reader is not None else None
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         out, last_state = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias,
-                                                 bool(delta_softplus))
+                                                 bool(delta_softplus), hooks)
     else:
         out, last_state, _, _ = _forward(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                         save=False)
+                                         save=False, hooks=hooks)
     return (out, last_state) if return_last_state else out
+
+
+class StateRecorder:
+    """A ``state_reader`` that keeps every hidden state of one call.
+
+    Example::
+
+        rec = StateRecorder()
+        out = selective_scan(u, delta, A, B, C, state_reader=rec)
+        rec.states  # (batch, dim, L, N), h[b, d, t, n], in the compute dtype
+
+    Memory is batch x dim x L x N elements: meant for calibration batches, not for inference.
+    Reusing the recorder for another call replaces what it holds.
+    """
+
+    def __init__(self):
+        self._pieces: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, h, t0, t1, b0, b1):
+        if (b0, t0) == (0, 0):  # the first piece of a call: forget the previous call
+            self._pieces = {}
+        self._pieces[(b0, t0)] = h.permute(1, 2, 0, 3).clone()  # (p, dim, T, N)
+
+    @property
+    def states(self) -> torch.Tensor:
+        """The recorded states, (batch, dim, L, N)."""
+        if not self._pieces:
+            raise ValueError("StateRecorder has recorded nothing: pass it as selective_scan(..., state_reader=rec)")
+        rows = {}
+        for (b0, t0) in sorted(self._pieces):
+            rows.setdefault(b0, []).append(self._pieces[(b0, t0)])
+        return torch.cat([torch.cat(chunks, dim=2) for _, chunks in sorted(rows.items())], dim=0)
 
 
 # --------------------------------------------------------------------------------------- checks
@@ -390,9 +459,10 @@ class _Buffer:
         return v
 
 
-def _states(P, d_s, du_s, B_s, h0, E, es, H, hs):
+def _states(P, d_s, du_s, B_s, h0, E, es, H, hs, hook=None, where=(0, 0, 0)):
     """Fill E with exp(delta A) and H with the states of one piece (T, p, dim, N), starting from
-    the state h0 (None: zeros)."""
+    the state h0 (None: zeros). With a ``hook`` (a :class:`_Hooks` with a state hook), it is
+    applied to every ``H[t]`` before ``H[t+1]`` is computed; ``where`` = (t0, b0, b1) of the piece."""
     torch.mul(d_s.unsqueeze(-1), P.A_exp, out=E)
     if P.use_exp2:
         E.exp2_()
@@ -401,8 +471,41 @@ def _states(P, d_s, du_s, B_s, h0, E, es, H, hs):
     _expand_mul(du_s, B_s, P.B_var, H)  # H[t] = delta B u, then the recurrence in place:
     if h0 is not None:
         hs[0].addcmul_(es[0], h0)
+    if hook is None or hook.state_hook is None:
+        for t in range(1, len(hs)):
+            hs[t].addcmul_(es[t], hs[t - 1])
+        return
+    t0, b0, b1 = where
+    hook.apply(H, 0, t0, b0, b1)
     for t in range(1, len(hs)):
         hs[t].addcmul_(es[t], hs[t - 1])
+        hook.apply(H, t, t0, b0, b1)
+
+
+class _Hooks:
+    """The state hook and the state reader of one call (see :func:`selective_scan`)."""
+
+    def __init__(self, state_hook, state_reader):
+        self.state_hook = state_hook
+        self.state_reader = state_reader
+
+    def apply(self, H, t, t0, b0, b1):
+        """Run the state hook on ``H[t]`` (global step ``t0 + t``) and store what it returns."""
+        h = H[t : t + 1]
+        with torch.no_grad():
+            r = self.state_hook(h, t0 + t, t0 + t + 1, b0, b1)
+        if r is not None and r is not h:
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != tuple(h.shape):
+                raise ValueError(
+                    f"selective_scan: state_hook must return None or a tensor of the state's shape "
+                    f"{tuple(h.shape)}, got {tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}"
+                )
+            h.copy_(r)
+
+    def read(self, H, t0, t1, b0, b1):
+        if self.state_reader is not None:
+            with torch.no_grad():
+                self.state_reader(H, t0, t1, b0, b1)
 
 
 def _no_autocast(device):
@@ -411,15 +514,15 @@ def _no_autocast(device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, save):
+def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks=None):
     """Returns (out, last_state, checkpoints, pre_gate); see :func:`selective_scan`. With
     ``save``, ``checkpoints`` holds the state before every time chunk but the first (keyed by
     (b0, t0)) and ``pre_gate`` is ``y + D u`` when ``z`` is given (else None)."""
     with _no_autocast(u.device):
-        return _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save)
+        return _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks)
 
 
-def _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save):
+def _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks):
     P = _Scan(u, delta, A, B, C, D, delta_bias, softplus)
     d, n, L, ct = P.dim, P.n, P.length, P.ct
     out = torch.empty(P.batch, d, L, dtype=u.dtype, device=P.device)
@@ -435,7 +538,10 @@ def _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save):
             E, es = E_buf.get(t1 - t0, b1 - b0)
             H, hs = H_buf.get(t1 - t0, b1 - b0)
             u_s, _, d_s = P.piece_inputs(u, delta, b0, b1, t0, t1)
-            _states(P, d_s, d_s * u_s, P.bc_slab(P.B, P.B_var, b0, b1, t0, t1), h0, E, es, H, hs)
+            _states(P, d_s, d_s * u_s, P.bc_slab(P.B, P.B_var, b0, b1, t0, t1), h0, E, es, H, hs,
+                    hooks, (t0, b0, b1))
+            if hooks is not None:
+                hooks.read(H, t0, t1, b0, b1)
             y = _contract_n(H, P.bc_slab(P.C, P.C_var, b0, b1, t0, t1), P.C_var, E)  # E is free
             if P.D is not None:
                 y.addcmul_(u_s, P.D)
@@ -453,14 +559,15 @@ class _SelectiveScanFn(torch.autograd.Function):
     """autograd wrapper: saves the inputs (and chunk checkpoints), recomputes states in backward."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, hooks):
         out, last, checkpoints, pre_gate = _forward(u, delta, A, B, C, D, z, delta_bias, softplus,
-                                                    save=True)
+                                                    save=True, hooks=hooks)
         keys = list(checkpoints)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, pre_gate,
                               *(checkpoints[k] for k in keys))
         ctx.checkpoint_keys = keys
         ctx.softplus = softplus
+        ctx.hooks = hooks
         ctx.set_materialize_grads(False)
         return out, last
 
@@ -508,8 +615,8 @@ def _backward(ctx, dout, dlast):
             u_s, raw_s, d_s = P.piece_inputs(u, delta, b0, b1, t0, t1)
             du_s = d_s * u_s
             B_s = P.bc_slab(P.B, P.B_var, b0, b1, t0, t1)
-            if need_h:
-                _states(P, d_s, du_s, B_s, h0, E, es, H, hs)
+            if need_h:  # the states as the forward used them: the state hook runs again
+                _states(P, d_s, du_s, B_s, h0, E, es, H, hs, ctx.hooks, (t0, b0, b1))
 
             # The gate and D: out = (y + D u) silu(z).
             if dout is None:
@@ -585,4 +692,4 @@ def _backward(ctx, dout, dlast):
             dD.to(D.dtype) if need_D else None,
             dz,
             dbias.to(delta_bias.dtype) if need_bias else None,
-            None)
+            None, None)

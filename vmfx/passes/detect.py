@@ -11,15 +11,24 @@ they only label Linear nodes that structure left unexplained inside a matched mi
 * then forward through transparent ops and the direction merge (``merge``: add, divide, concat)
   to the Linear that reads the result (``out_proj``)
 
-The scan's direction is "backward" when an odd number of flips lies between ``in_proj`` and the
-conv. Scans sharing an ``in_proj`` form one mixer; mixers are numbered (``block``) in graph
-order. The norm feeding ``in_proj`` gets role ``norm``; Conv2d/3d nodes reading the graph input
-are ``patch_embed``; unannotated Linears and norms after the last mixer are ``head`` / ``norm``.
-Token lengths come from shape propagation (``meta["tensor_meta"]``) when it was run.
+Token layouts (:mod:`vmfx.passes.layouts`): every node from ``in_proj`` to ``out_proj`` gets the
+:class:`~vmfx.layout.TokenLayout` of its output (``node.meta[LAYOUT_META]``, and
+``annotation(node).layout`` for annotated nodes): its token dims, channel dim and the permutation
+from the canonical token order to the order it holds. A scan's order is its ``u``'s; its
+``direction`` label is derived from it: "forward" (identity), "backward" (reversed), or
+``"order<i>"`` (any other permutation, ``i`` its index among the mixer's scans in graph order), so
+1, 2, 4 or 8 directions are the same code. Without propagated shapes the label falls back to flip
+parity (an odd number of flips between ``in_proj`` and the conv: "backward"). Scans sharing an
+``in_proj`` form one mixer; mixers are numbered (``block``) in graph order. The norm feeding
+``in_proj`` gets role ``norm``; Conv2d/3d nodes reading the graph input are ``patch_embed``;
+unannotated Linears and norms after the last mixer are ``head`` / ``norm``. Token lengths come from
+shape propagation (``meta["tensor_meta"]``) when it was run.
 
 Invariants: the graph is not modified (``modified`` is always False); every annotated node gets
 a :class:`vmfx.annotations.NodeAnnotation`; ``gm.meta["vmfx_mixers"]`` lists the mixers found
-and ``gm.meta["vmfx_detect_failures"]`` the scans that did not match, with the reason.
+and ``gm.meta["vmfx_detect_failures"]`` the scans that did not match, with the reason;
+``gm.meta["vmfx_layout_unknown"]`` lists ``(node name, reason)`` for mixer nodes whose token layout
+could not be inferred.
 """
 
 from __future__ import annotations
@@ -33,8 +42,10 @@ import torch
 import torch.fx as fx
 
 from ..annotations import VMFX_META, annotate, annotation
+from ..layout import LAYOUT_META, LAYOUT_WHY_META, TokenLayout, layout_of
 from ..ops.selective_scan import selective_scan
 from .base import Pass, PassContext, PassResult
+from .layouts import propagate_token_layouts
 from .patterns import (
     FailedMatch,
     debug_match,
@@ -73,6 +84,8 @@ class ScanMatch:
     gate: list[fx.Node]
     out_proj: fx.Node
     merge: list[fx.Node] = field(default_factory=list)
+    #: the layout of the scan's u (and output): ``layout.order`` is this direction's token order
+    layout: TokenLayout | None = None
 
 
 @dataclass
@@ -118,6 +131,8 @@ class DetectMambaMixersPass(Pass):
         graph = gm.graph
         for node in graph.nodes:
             node.meta.pop(VMFX_META, None)
+            node.meta.pop(LAYOUT_META, None)
+            node.meta.pop(LAYOUT_WHY_META, None)
         scans: list[ScanMatch] = []
         failures: list[tuple[str, str]] = []
         for node in graph.nodes:
@@ -135,13 +150,20 @@ class DetectMambaMixersPass(Pass):
                 raise self.fail(f"selective-scan nodes that do not form a Mamba mixer: {text}")
             warnings.warn(f"vmfx detection skipped scan nodes it could not match: {text}", stacklevel=2)
 
+        unknown = _propagate_layouts(gm, scans)
         mixers = _group_into_mixers(graph, scans)
         for mixer in mixers:
+            _label_directions(mixer)
             _annotate_mixer(mixer)
         _annotate_names_inside_mixers(gm, mixers)
         _annotate_outside_mixers(graph, mixers)
+        for node in graph.nodes:
+            ann = annotation(node)
+            if ann is not None and node.meta.get(LAYOUT_META) is not None:
+                ann.layout = node.meta[LAYOUT_META]
         gm.meta["vmfx_mixers"] = [m.summary() for m in mixers]
         gm.meta["vmfx_detect_failures"] = failures
+        gm.meta["vmfx_layout_unknown"] = unknown
         return PassResult(gm, False)
 
 
@@ -242,6 +264,40 @@ def _follow_to_out_proj(node: fx.Node):
     return FailedMatch("no out_proj within 64 nodes of the scan"), []
 
 
+# -- token layouts --------------------------------------------------------------------------------
+
+
+def _propagate_layouts(gm: fx.GraphModule, scans: list[ScanMatch]) -> list[tuple[str, str]]:
+    """Layouts of every mixer node; sets each scan's ``layout`` and, where it is known, its
+    ``direction`` from it. Returns the (node, reason) pairs of nodes left without a layout."""
+    unknown: list[tuple[str, str]] = []
+    done = set()
+    for s in scans:
+        if s.in_proj in done:
+            continue
+        done.add(s.in_proj)
+        for node, layout in propagate_token_layouts(gm, s.in_proj, s.out_proj).items():
+            if not isinstance(layout, TokenLayout):
+                unknown.append((node.name, layout))
+    for s in scans:
+        s.layout = layout_of(s.scan)
+        if s.layout is not None:
+            s.direction = s.layout.direction  # None for a permutation: labelled per mixer
+    return unknown
+
+
+def _label_directions(m: "MixerMatch") -> None:
+    """Give every scan of a mixer a distinct direction label: "order<i>" for a permutation,
+    ``i`` the scan's index among the mixer's scans in graph order."""
+    position = {n: i for i, n in enumerate(m.in_proj.graph.nodes)}
+    in_graph_order = sorted(m.scans, key=lambda s: position[s.scan])
+    used: set[str] = set()
+    for s in m.scans:
+        if s.direction is None or s.direction in used:
+            s.direction = f"order{in_graph_order.index(s)}"
+        used.add(s.direction)
+
+
 # -- grouping and annotating ----------------------------------------------------------------------
 
 
@@ -252,7 +308,8 @@ def _group_into_mixers(graph: fx.Graph, scans: list[ScanMatch]) -> list[MixerMat
         by_in_proj.setdefault(s.in_proj, []).append(s)
     mixers = []
     for block, in_proj in enumerate(sorted(by_in_proj, key=order.__getitem__)):
-        group = sorted(by_in_proj[in_proj], key=lambda s: (s.direction != "forward", order[s.scan]))
+        group = sorted(by_in_proj[in_proj], key=lambda s: (s.direction != "forward", s.direction != "backward",
+                                                           order[s.scan]))
         out_projs = {s.out_proj for s in group}
         if len(out_projs) != 1:
             raise RuntimeError(

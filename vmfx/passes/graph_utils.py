@@ -26,6 +26,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..layout import LAYOUT_META
+
 __all__ = [
     "EDITS_META",
     "unique_submodule_name",
@@ -61,6 +63,13 @@ def _has_submodule(gm: nn.Module, path: str) -> bool:
         return False
 
 
+def _copy_value_meta(source: fx.Node, new: fx.Node) -> None:
+    """An inserted node passes ``source``'s value through (same shape, dtype and token layout)."""
+    for key in ("tensor_meta", LAYOUT_META):
+        if key in source.meta:
+            new.meta[key] = source.meta[key]
+
+
 def _log(gm: fx.GraphModule, record: dict) -> None:
     gm.meta.setdefault(EDITS_META, []).append(record)
 
@@ -77,8 +86,7 @@ def insert_module_on_edge(
     with gm.graph.inserting_before(user):
         new = gm.graph.call_module(path, (arg,), dict(kwargs or {}))
     user.replace_input_with(arg, new)
-    if "tensor_meta" in arg.meta:
-        new.meta["tensor_meta"] = arg.meta["tensor_meta"]
+    _copy_value_meta(arg, new)
     _log(gm, {"op": "insert", "node": new.name, "path": path, "input": arg.name, "user": user.name,
               "kwargs": dict(kwargs or {})})
     return new
@@ -97,8 +105,7 @@ def insert_module_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, pa
         new = gm.graph.call_module(path, (node,))
     for user in users:
         user.replace_input_with(node, new)
-    if "tensor_meta" in node.meta:
-        new.meta["tensor_meta"] = node.meta["tensor_meta"]
+    _copy_value_meta(node, new)
     _log(gm, {"op": "insert_after", "node": new.name, "path": path, "input": node.name})
     return new
 

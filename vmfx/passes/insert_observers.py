@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from ..annotations import INSERTED_ROLES, LINEAR_ROLES, annotate, annotation
 from ..config import QuantConfig
+from ..layout import layout_of
 from ..quant.observers import LpObserver, MinMaxObserver, Observer
 from ..quant.spec import QuantSpec
 from .base import Pass, PassContext, PassResult
@@ -63,8 +64,7 @@ def activation_observer(method: str = "minmax", p: float = 2.4, candidates: int 
 
 def edge_layout(node: fx.Node):
     """The token layout detection recorded for the value ``node`` produces (None if unknown)."""
-    ann = annotation(node)
-    return getattr(ann, "layout", None) if ann is not None else None
+    return layout_of(node)
 
 
 def make_observer(factory: Callable[..., Observer], spec: QuantSpec, layout) -> Observer:

@@ -1,9 +1,9 @@
 """Structural predicates and walks over fx graphs, shared by detection and later passes.
 
 Matching follows use-def edges, not names. "Transparent" nodes (views, transposes, flips, slices,
-dtype casts, ``getitem`` of a split) do not change which values a tensor holds, only where they
-sit, so walks step over them; flips are counted, because a flip on the token axis is what makes
-a scan run backward.
+dtype casts, ``getitem`` of a split; observers, fake-quantizers and modules marked
+``vmfx_preserves_layout``) do not change which token a value belongs to, so walks step over them;
+flips are counted, because a flip on the token axis is what makes a scan run backward.
 
 A failed match is a :class:`FailedMatch`: falsy, with its reason built lazily. Set
 ``VMFX_PATTERN_DEBUG=<node name>`` to log why that node did or did not match.
@@ -23,6 +23,9 @@ from torch import nn
 
 from ..nn.norm import RMSNorm
 from ..ops.selective_scan import selective_scan
+from ..layout import PRESERVES_LAYOUT
+from ..quant.modules import FakeQuantize, Smooth
+from ..quant.observers import Observer
 
 __all__ = [
     "FailedMatch",
@@ -45,11 +48,11 @@ log = logging.getLogger("vmfx.patterns")
 
 _TRANSPARENT_METHODS = {
     "transpose", "permute", "view", "reshape", "contiguous", "float", "half", "bfloat16", "double",
-    "to", "type_as", "clone", "flip", "squeeze", "unsqueeze", "flatten", "chunk", "split",
+    "to", "type_as", "clone", "flip", "squeeze", "unsqueeze", "flatten", "unflatten", "movedim", "chunk", "split",
 }
 _TRANSPARENT_FUNCTIONS = {
     operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.flip, torch.flatten,
-    torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.clone,
+    torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.clone, torch.unflatten, torch.movedim,
 }
 _SILU = {F.silu, torch.nn.functional.silu}
 _SOFTPLUS = {F.softplus, torch._C._nn.softplus}
@@ -143,7 +146,8 @@ def is_transparent(node: fx.Node) -> bool:
         return node.target in _TRANSPARENT_METHODS
     if node.op == "call_function":
         return node.target in _TRANSPARENT_FUNCTIONS
-    return False
+    m = module_of(node)  # observers, quantizers and modules marked as keeping their input's layout
+    return isinstance(m, (Observer, FakeQuantize)) or bool(getattr(m, PRESERVES_LAYOUT, False))
 
 
 def walk_back(node, stop: Callable[[fx.Node], bool] | None = None) -> tuple[fx.Node | None, int]:

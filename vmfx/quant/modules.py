@@ -38,15 +38,19 @@ class FakeQuantize(nn.Module):
         qparams: static scale and zero point (shaped to broadcast against the input); ``None``
             for a dynamic spec.
         is_weight: the tensor is a weight (``channel`` means dim 0).
+        layout: the activation's :class:`~vmfx.layout.TokenLayout`: which dims a dynamic
+            per-token spec keeps, and which dims are tokens in shape errors (see
+            :meth:`QuantSpec.kept_dims`).
 
     Static per-token parameters fix the token length: an input of another length raises a
     ``ValueError`` naming both lengths.
     """
 
-    def __init__(self, spec: QuantSpec, qparams: QParams | None = None, is_weight: bool = False):
+    def __init__(self, spec: QuantSpec, qparams: QParams | None = None, is_weight: bool = False, layout=None):
         super().__init__()
         self.spec = spec
         self.is_weight = is_weight
+        self.layout = layout
         self.enabled = True
         if spec.dynamic:
             if qparams is not None:
@@ -73,7 +77,9 @@ class FakeQuantize(nn.Module):
             return QParams(self.scale, self.zero_point, self.qmin, self.qmax)
         if x is None:
             raise ValueError("a dynamic FakeQuantize needs the input to compute its parameters")
-        kept = self.spec.kept_dims(x.dim(), is_weight=self.is_weight)
+        if self.layout is not None and not self.is_weight:
+            self.layout.check_shape(x.shape, f"the input of shape {tuple(x.shape)} of a dynamic FakeQuantize")
+        kept = self.spec.kept_dims(x.dim(), is_weight=self.is_weight, layout=self.layout)
         lo, hi = reduce_minmax(x.detach().float(), kept)
         return qparams_from_minmax(lo, hi, self.spec)
 
@@ -108,7 +114,8 @@ class FakeQuantize(nn.Module):
             )
         for d in range(x.dim()):
             if s.shape[d] != 1 and s.shape[d] != x.shape[d]:
-                if self.spec.granularity == "token":
+                token_dims = self.layout.token_dims if self.layout is not None else (x.dim() - 2,)
+                if self.spec.granularity == "token" and d in token_dims:
                     raise ValueError(
                         f"per-token static scales were calibrated for {s.shape[d]} tokens, but this input "
                         f"has {x.shape[d]} tokens (shape {tuple(x.shape)}). Per-token static quantization "
@@ -141,6 +148,9 @@ class Smooth(nn.Module):
     ``factors`` is an ``nn.Parameter`` with ``requires_grad=False``; learning passes (JLSS) switch
     it on, and while it learns it is clamped to ``SMOOTH_MIN`` at use.
     """
+
+    #: x / s keeps the shape and token layout of x (detection and layouts walk through it)
+    vmfx_preserves_layout = True
 
     def __init__(self, factors: torch.Tensor):
         super().__init__()

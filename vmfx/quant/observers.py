@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, LayoutError
 from ..ops.quantize import MIN_SCALE, fake_quantize
 from .spec import QuantSpec
 
@@ -77,18 +77,28 @@ class Observer(nn.Module):
     Args:
         spec: the quantization spec the statistics are for.
         is_weight: the observed tensor is a weight (``channel`` means dim 0).
+        layout: the observed activation's :class:`~vmfx.layout.TokenLayout` (detection records it
+            per edge: ``annotation(node).layout``). Per-token statistics follow its token dims and
+            per-channel ones its channel dim; they are kept in the tensor's own position order
+            (``layout.order[p]`` is the canonical token at position ``p``). Without a layout a
+            per-token spec raises :class:`~vmfx.errors.LayoutError` unless the tensor is 3-D
+            (a transition fallback: ``(B, L, C)``).
 
     Attributes:
         pre_scale: optional per-channel factor applied before observing (``x * pre_scale``): a
             smoothed linear quantizes ``x / s``, so its observer sees ``x`` scaled by ``1 / s``.
+        name: what the observer watches (e.g. the node name), used in error messages; set by
+            the pass that inserts it.
     """
 
     num_phases = 1
 
-    def __init__(self, spec: QuantSpec, is_weight: bool = False):
+    def __init__(self, spec: QuantSpec, is_weight: bool = False, layout=None):
         super().__init__()
         self.spec = spec
         self.is_weight = is_weight
+        self.layout = layout
+        self.name: str | None = None
         self.kept_dims: tuple[int, ...] | None = None
         self.num_batches = 0
         self.phase = 0
@@ -108,6 +118,23 @@ class Observer(nn.Module):
     def _observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError  # implemented by every concrete observer below
 
+    def _what(self, x: torch.Tensor) -> str:
+        where = f" at {self.name}" if self.name else ""
+        return f"the tensor{where} of shape {tuple(x.shape)}"
+
+    def _kept_dims_for(self, x: torch.Tensor) -> tuple[int, ...]:
+        """The spec's kept dims on ``x``, checked against the layout; a LayoutError names the
+        tensor (its node when ``name`` is set, and its shape)."""
+        what = self._what(x)
+        try:
+            if self.layout is not None and not self.is_weight:
+                self.layout.check_shape(x.shape, what)
+            return self.spec.kept_dims(x.dim(), is_weight=self.is_weight, layout=self.layout)
+        except LayoutError as exc:
+            if what in str(exc):
+                raise
+            raise LayoutError(f"{type(self).__name__} on {what}: {exc}") from None
+
     def calculate_qparams(self) -> QParams:
         raise NotImplementedError  # implemented by every concrete observer below
 
@@ -124,8 +151,8 @@ class MinMaxObserver(Observer):
     :class:`~vmfx.errors.CalibrationDataError` naming both shapes.
     """
 
-    def __init__(self, spec: QuantSpec, is_weight: bool = False):
-        super().__init__(spec, is_weight)
+    def __init__(self, spec: QuantSpec, is_weight: bool = False, layout=None):
+        super().__init__(spec, is_weight, layout)
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
 
@@ -133,7 +160,9 @@ class MinMaxObserver(Observer):
         if self.phase != 0:
             return
         if self.kept_dims is None:
-            self.kept_dims = self.spec.kept_dims(x.dim(), is_weight=self.is_weight)
+            self.kept_dims = self._kept_dims_for(x)
+        elif self.layout is not None:
+            self.layout.check_shape(x.shape, self._what(x))
         lo, hi = reduce_minmax(x.float(), self.kept_dims)
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = lo, hi
@@ -160,19 +189,26 @@ class MinMaxObserver(Observer):
 
 
 class AbsMaxObserver(Observer):
-    """Running per-channel maximum of ``|x|`` (the last dimension): SmoothQuant's statistic.
+    """Running per-channel maximum of ``|x|``: SmoothQuant's statistic. The channels are the
+    layout's channel dim when a layout is given, else the last dimension.
 
     ``calculate_qparams`` gives the min-max parameters of the spec over the same data only when
     the spec is per-tensor or per-channel; use it for smoothing statistics, then re-observe.
     """
 
-    def __init__(self, spec: QuantSpec, is_weight: bool = False):
-        super().__init__(spec, is_weight)
+    def __init__(self, spec: QuantSpec, is_weight: bool = False, layout=None):
+        super().__init__(spec, is_weight, layout)
         self.register_buffer("channel_absmax", torch.empty(0))
 
     def _observe(self, x: torch.Tensor) -> None:
         if self.phase != 0:
             return
+        if self.layout is not None:
+            self.layout.check_shape(x.shape, self._what(x))
+            if self.layout.channel_dim is None:
+                raise LayoutError(f"AbsMaxObserver on {self._what(x)}: its layout "
+                                  f"({self.layout.describe()}) has no channel dim to keep")
+            x = x.movedim(self.layout.channel_dim, -1)
         amax = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
         if self.channel_absmax.numel() == 0:
             self.channel_absmax = amax
@@ -209,12 +245,14 @@ class LpObserver(MinMaxObserver):
         spec: the activation spec (static).
         p: the norm (2.4 in PTQ4VM).
         candidates: number of candidate ranges (100 in PTQ4VM).
+        layout: the activation's token layout (see :class:`Observer`).
     """
 
     num_phases = 2
 
-    def __init__(self, spec: QuantSpec, is_weight: bool = False, p: float = 2.4, candidates: int = 100):
-        super().__init__(spec, is_weight)
+    def __init__(self, spec: QuantSpec, is_weight: bool = False, p: float = 2.4, candidates: int = 100,
+                 layout=None):
+        super().__init__(spec, is_weight, layout)
         self.p = float(p)
         self.candidates = int(candidates)
         self.register_buffer("losses", torch.empty(0))

@@ -14,19 +14,30 @@ channel     one per channel (the    one per channel per call
             activation, dim 0 of a
             weight)
 token       one per token position  one per (sample, token): the usual "per-token
-            (dim -2 of ``(B, L,     dynamic" of LLM quantization
-            C)``), shared by every
+            (the token dims of the  dynamic" of LLM quantization
+            tensor's layout),
+            shared by every
             sample and channel:
             PTQ4VM's PTS
 =========== ======================= ===================================================
+
+Which dims are tokens comes from the tensor's :class:`~vmfx.layout.TokenLayout`; without one a
+per-token spec raises :class:`~vmfx.errors.LayoutError`, except (for now) on a 3-D tensor, taken as
+``(B, L, C)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import ConfigError
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError, LayoutError
+from ..layout import token_kept_dims
 from ..ops.quantize import qrange
+
+if TYPE_CHECKING:
+    from ..layout import TokenLayout
 
 __all__ = ["QuantSpec", "GRANULARITIES", "MIN_BITS", "MAX_BITS"]
 
@@ -78,26 +89,49 @@ class QuantSpec:
     def qmax(self) -> int:
         return qrange(self.bits, self.symmetric)[1]
 
-    def kept_dims(self, ndim: int, *, is_weight: bool = False) -> tuple[int, ...]:
+    def kept_dims(self, ndim: int, *, is_weight: bool = False, layout: "TokenLayout | None" = None) -> tuple[int, ...]:
         """The dimensions of an ``ndim``-dimensional tensor that keep their own scale.
 
         Args:
             ndim: rank of the tensor to quantize.
             is_weight: the tensor is a weight ``(out, in, ...)``: "channel" means dim 0.
+            layout: the activation's :class:`~vmfx.layout.TokenLayout` (from detection:
+                ``annotation(node).layout`` or :func:`vmfx.layout.layout_of`). "token" keeps its
+                token dims (static) or every dim but its channel dim (dynamic); "channel" keeps its
+                channel dim.
 
         Returns:
             Sorted non-negative dimension indices; every other dimension is reduced over.
+
+        Raises:
+            LayoutError: a per-token spec without a layout on a tensor that is not 3-D, a layout
+                of another rank, static per-token scales on a merged ``(b l)`` dim, or a
+                per-channel spec on a layout without a channel dim.
         """
         if self.granularity == "tensor":
             return ()
         if self.granularity == "channel":
-            return (0,) if is_weight else (ndim - 1,)
-        # token: activations laid out (..., L, C)
-        if ndim < 2:
-            raise ConfigError(f"per-token quantization needs a (..., tokens, channels) tensor, got rank {ndim}")
-        if self.dynamic:
-            return tuple(range(ndim - 1))
-        return (ndim - 2,)
+            if is_weight:
+                return (0,)
+            if layout is None:
+                return (ndim - 1,)
+            if layout.channel_dim is None:
+                raise LayoutError(f"per-channel quantization of a rank-{ndim} tensor whose layout "
+                                  f"({layout.describe()}) has no channel dim; use per-tensor here")
+            return (layout.channel_dim,)
+        if layout is not None:
+            return token_kept_dims(layout, ndim, dynamic=self.dynamic)
+        if ndim == 3:
+            # TRANSITION FALLBACK, removed once every observer and quantizer receives a layout:
+            # a 3-D activation without a layout is taken as (B, L, C), tokens on dim 1 (dim -2).
+            return (0, 1) if self.dynamic else (1,)
+        raise LayoutError(
+            f"per-token quantization of a rank-{ndim} tensor needs its token layout (which dims "
+            "index tokens), and none was given; vmfx does not guess the axis. Way out: pass "
+            "layout=annotation(node).layout (recorded by DetectMambaMixersPass for every edge of a "
+            "mixer; see vmfx.layout) to the observer or quantizer, or give this edge a per-tensor "
+            "or per-channel spec"
+        )
 
     def describe(self) -> str:
         """A short human-readable form, e.g. ``"int8 sym per-channel"``, ``"uint4 asym per-token dyn"``."""
