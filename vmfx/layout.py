@@ -164,17 +164,19 @@ class TokenLayout:
         """Raise :class:`LayoutError` unless a tensor of ``shape`` fits this layout (same rank,
         token dims spanning ``tokens`` positions, or ``k * tokens`` rows when merged)."""
         shape = tuple(int(s) for s in shape)
+        if f"of shape {shape}" not in what:
+            what = f"{what} of shape {shape}"
         if len(shape) != self.ndim:
-            raise LayoutError(f"{what} of shape {shape} has rank {len(shape)}, but its token layout "
+            raise LayoutError(f"{what} has rank {len(shape)}, but its token layout "
                               f"({self.describe()}) is for rank {self.ndim}")
         positions = prod(shape[d] for d in self.token_dims)
         if self.merged_batch:
             if positions % self.tokens:
-                raise LayoutError(f"{what} of shape {shape}: dim {self.token_dims[0]} should hold "
+                raise LayoutError(f"{what}: dim {self.token_dims[0]} should hold "
                                   f"batch x {self.tokens} tokens, but {positions} is not a multiple")
         elif positions != self.tokens:
             raise LayoutError(
-                f"{what} of shape {shape} has {positions} positions on its token dims {self.token_dims}, "
+                f"{what} has {positions} positions on its token dims {self.token_dims}, "
                 f"but its token layout was recorded for {self.tokens} tokens. If dim {self.token_dims[0]} "
                 "merges batch and tokens (a '(b l) d' reshape traced with batch 1), trace with a batch "
                 "of at least 2 so that detection can see it; otherwise run at the traced token count"

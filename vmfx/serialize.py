@@ -79,7 +79,8 @@ def _describe_module(m: nn.Module, path: str) -> dict:
         )
     if isinstance(m, FakeQuantize):
         return {"kind": "FakeQuantize", "spec": m.spec.to_dict(), "is_weight": m.is_weight,
-                "scale_shape": None if m.scale is None else list(m.scale.shape), "enabled": m.enabled}
+                "scale_shape": None if m.scale is None else list(m.scale.shape), "enabled": m.enabled,
+                "layout": _encode(getattr(m, "layout", None))}
     if isinstance(m, Smooth):
         return {"kind": "Smooth", "channels": m.factors.numel(), "folded_into": m.folded_into}
     raise SerializationError(f"cannot save the inserted module '{path}' of type {type(m).__name__}")
@@ -89,12 +90,13 @@ def _build_module(entry: dict) -> nn.Module:
     kind = entry.get("kind")
     if kind == "FakeQuantize":
         spec = QuantSpec.from_dict(entry["spec"])
+        layout = _decode(entry.get("layout"))
         if spec.dynamic:
-            fq = FakeQuantize(spec, None, is_weight=bool(entry["is_weight"]))
+            fq = FakeQuantize(spec, None, is_weight=bool(entry["is_weight"]), layout=layout)
         else:
             shape = tuple(int(d) for d in entry["scale_shape"])
             fq = FakeQuantize(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax),
-                              bool(entry["is_weight"]))
+                              bool(entry["is_weight"]), layout=layout)
         fq.enabled = bool(entry.get("enabled", True))
         return fq
     if kind == "Smooth":

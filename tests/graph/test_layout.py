@@ -191,9 +191,12 @@ def test_per_token_without_a_layout_is_an_error_not_a_guess(shape):
         FakeQuantize(DYNAMIC_TOKEN)(torch.randn(shape))
 
 
-def test_3d_without_a_layout_keeps_the_transition_fallback():
-    assert STATIC_TOKEN.kept_dims(3) == (1,)
-    assert DYNAMIC_TOKEN.kept_dims(3) == (0, 1)
+def test_3d_without_a_layout_is_an_error_too():
+    # (B, L, C) and (B, E, L) are both 3-D: the rank says nothing about where the tokens are
+    with pytest.raises(LayoutError, match="needs its token layout"):
+        STATIC_TOKEN.kept_dims(3)
+    with pytest.raises(LayoutError, match="needs its token layout"):
+        DYNAMIC_TOKEN.kept_dims(3)
 
 
 def test_a_tensor_that_does_not_fit_its_layout_is_refused():

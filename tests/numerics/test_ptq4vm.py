@@ -9,6 +9,7 @@ import vmfx
 from vmfx.config import InitConfig, JLSSConfig, QuantConfig, SmoothingConfig
 from vmfx.passes import Pipeline, method_passes
 from vmfx.passes.smoothquant import smoothing_factors
+from vmfx.layout import TokenLayout
 from vmfx.passes.linear_edges import linear_edges
 from vmfx.quant import FakeQuantize, QuantSpec
 from vmfx.quant.observers import LpObserver, lp_search_weight, qparams_from_minmax
@@ -35,7 +36,7 @@ def test_lp_observer_picks_the_best_candidate_per_token():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 9, 32, generator=g, dtype=torch.float64) * torch.linspace(0.2, 5, 9, dtype=torch.float64).view(1, 9, 1)
     x[0, 4, 0] = 60.0  # an outlier: clipping it pays off
-    obs = LpObserver(QuantSpec(4, False, "token"), p=2.4, candidates=100)
+    obs = LpObserver(QuantSpec(4, False, "token"), p=2.4, candidates=100, layout=TokenLayout.token_major(x.shape))
     for phase in (0, 1):
         obs.phase = phase
         for chunk in x.float().split(2):  # statistics accumulate over batches

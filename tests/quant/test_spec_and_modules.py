@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.reference import fake_quant_ref
-from vmfx.errors import CalibrationDataError, ConfigError
+from vmfx.errors import CalibrationDataError, ConfigError, LayoutError
+from vmfx.layout import TokenLayout
 from vmfx.quant import FakeQuantize, MinMaxObserver, QuantSpec, Smooth, weight_quantizer_minmax
 
 
@@ -26,8 +27,11 @@ def test_kept_dims():
     assert QuantSpec(granularity="tensor").kept_dims(3) == ()
     assert QuantSpec(granularity="channel").kept_dims(3) == (2,)
     assert QuantSpec(granularity="channel").kept_dims(2, is_weight=True) == (0,)
-    assert QuantSpec(granularity="token").kept_dims(3) == (1,)
-    assert QuantSpec(granularity="token", dynamic=True).kept_dims(3) == (0, 1)
+    layout = TokenLayout.token_major((2, 7, 5))
+    assert QuantSpec(granularity="token").kept_dims(3, layout=layout) == (1,)
+    assert QuantSpec(granularity="token", dynamic=True).kept_dims(3, layout=layout) == (0, 1)
+    with pytest.raises(LayoutError, match="needs its token layout"):  # never a guessed axis
+        QuantSpec(granularity="token").kept_dims(3)
 
 
 def test_spec_round_trips_through_dict():
@@ -39,7 +43,8 @@ def test_spec_round_trips_through_dict():
 def test_minmax_observer_matches_direct_reduction(granularity, reduce):
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(3, 7, 5, generator=g) * (i + 1) for i in range(4)]
-    obs = MinMaxObserver(QuantSpec(8, symmetric=False, granularity=granularity))
+    layout = TokenLayout.token_major((3, 7, 5)) if granularity == "token" else None
+    obs = MinMaxObserver(QuantSpec(8, symmetric=False, granularity=granularity), layout=layout)
     for b in batches:
         assert obs(b) is b
     full = torch.cat(batches)
@@ -53,9 +58,9 @@ def test_minmax_observer_matches_direct_reduction(granularity, reduce):
 
 
 def test_observer_rejects_a_change_of_token_length():
-    obs = MinMaxObserver(QuantSpec(8, False, "token"))
+    obs = MinMaxObserver(QuantSpec(8, False, "token"), layout=TokenLayout.token_major((2, 197, 4)))
     obs(torch.randn(2, 197, 4))
-    with pytest.raises(CalibrationDataError, match="token length"):
+    with pytest.raises(LayoutError, match="has 50 positions .* recorded for 197 tokens"):
         obs(torch.randn(2, 50, 4))
 
 
@@ -65,7 +70,7 @@ def test_observer_without_data_cannot_give_qparams():
 
 
 def test_per_token_static_scales_refuse_another_length_naming_both():
-    obs = MinMaxObserver(QuantSpec(8, False, "token"))
+    obs = MinMaxObserver(QuantSpec(8, False, "token"), layout=TokenLayout.token_major((2, 197, 4)))
     obs(torch.randn(2, 197, 4))
     fq = FakeQuantize(obs.spec, obs.calculate_qparams())
     assert fq(torch.randn(5, 197, 4)).shape == (5, 197, 4)
@@ -74,7 +79,7 @@ def test_per_token_static_scales_refuse_another_length_naming_both():
 
 
 def test_dynamic_per_token_uses_each_rows_range():
-    fq = FakeQuantize(QuantSpec(8, True, "token", dynamic=True))
+    fq = FakeQuantize(QuantSpec(8, True, "token", dynamic=True), layout=TokenLayout.token_major((2, 6, 16)))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 6, 16, generator=g) * torch.tensor([1e-3, 1.0, 1e3]).repeat(2)[None, :, None]
     y = fq(x)

@@ -76,7 +76,9 @@ class ConvertPass(Pass):
                 self._quantize_weight(gm, node, edges, ann.weight_spec)
                 modified = True
             if ann.act_spec is not None and ann.act_spec.dynamic and edges.act_quant is None:
-                self._insert_quantizer(gm, node, node.args[0], FakeQuantize(ann.act_spec), "input")
+                layout = edge_layout(node.args[0])
+                fq = FakeQuantize(ann.act_spec) if layout is None else FakeQuantize(ann.act_spec, layout=layout)
+                self._insert_quantizer(gm, node, node.args[0], fq, "input")
                 modified = True
         gm.delete_all_unused_submodules()
         return PassResult(gm, modified)

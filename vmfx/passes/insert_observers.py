@@ -67,9 +67,13 @@ def edge_layout(node: fx.Node):
     return layout_of(node)
 
 
-def make_observer(factory: Callable[..., Observer], spec: QuantSpec, layout) -> Observer:
-    """``factory(spec)``, passing the edge's token layout when there is one."""
-    return factory(spec) if layout is None else factory(spec, layout=layout)
+def make_observer(factory: Callable[..., Observer], spec: QuantSpec, layout, name: str | None = None) -> Observer:
+    """``factory(spec)``, passing the edge's token layout when there is one; ``name`` (what it
+    watches) goes into its error messages."""
+    observer = factory(spec) if layout is None else factory(spec, layout=layout)
+    if name is not None and hasattr(observer, "name"):
+        observer.name = name
+    return observer
 
 
 class InsertObserversPass(Pass):
@@ -138,7 +142,8 @@ class InsertObserversPass(Pass):
             source = node.args[0]
             layout = edge_layout(source)
             path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__input")
-            obs = insert_module_on_edge(gm, node, source, make_observer(self.observer, a_spec, layout), path)
+            watched = f"'{source.name}' (the input of {node.name})"
+            obs = insert_module_on_edge(gm, node, source, make_observer(self.observer, a_spec, layout, watched), path)
             annotate(obs, "observer", block=ann.block, direction=ann.direction, tokens=ann.tokens,
                      mixer=ann.mixer, act_spec=a_spec, extra={"quantizes": node.name, "edge": "input"})
             if layout is not None:
@@ -167,7 +172,10 @@ class InsertObserversPass(Pass):
                 continue
             layout = edge_layout(node)
             path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__output")
-            observer = FakeQuantize(spec) if spec.dynamic else make_observer(self.observer, spec, layout)
+            if spec.dynamic:
+                observer = FakeQuantize(spec) if layout is None else FakeQuantize(spec, layout=layout)
+            else:
+                observer = make_observer(self.observer, spec, layout, f"'{node.name}' (its output)")
             new = insert_module_after(gm, node, observer, path)
             annotate(new, "quantizer" if spec.dynamic else "observer", block=ann.block, direction=ann.direction,
                      tokens=ann.tokens, mixer=ann.mixer, act_spec=spec, extra={"quantizes": node.name, "edge": "output"})

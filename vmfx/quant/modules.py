@@ -78,7 +78,7 @@ class FakeQuantize(nn.Module):
         if x is None:
             raise ValueError("a dynamic FakeQuantize needs the input to compute its parameters")
         if self.layout is not None and not self.is_weight:
-            self.layout.check_shape(x.shape, f"the input of shape {tuple(x.shape)} of a dynamic FakeQuantize")
+            self.layout.check_shape(x.shape, "the input of a dynamic FakeQuantize")
         kept = self.spec.kept_dims(x.dim(), is_weight=self.is_weight, layout=self.layout)
         lo, hi = reduce_minmax(x.detach().float(), kept)
         return qparams_from_minmax(lo, hi, self.spec)

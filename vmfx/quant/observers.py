@@ -81,8 +81,7 @@ class Observer(nn.Module):
             per edge: ``annotation(node).layout``). Per-token statistics follow its token dims and
             per-channel ones its channel dim; they are kept in the tensor's own position order
             (``layout.order[p]`` is the canonical token at position ``p``). Without a layout a
-            per-token spec raises :class:`~vmfx.errors.LayoutError` unless the tensor is 3-D
-            (a transition fallback: ``(B, L, C)``).
+            per-token spec raises :class:`~vmfx.errors.LayoutError`: vmfx never guesses the axis.
 
     Attributes:
         pre_scale: optional per-channel factor applied before observing (``x * pre_scale``): a

@@ -22,8 +22,7 @@ token       one per token position  one per (sample, token): the usual "per-toke
 =========== ======================= ===================================================
 
 Which dims are tokens comes from the tensor's :class:`~vmfx.layout.TokenLayout`; without one a
-per-token spec raises :class:`~vmfx.errors.LayoutError`, except (for now) on a 3-D tensor, taken as
-``(B, L, C)``.
+per-token spec raises :class:`~vmfx.errors.LayoutError`: vmfx never guesses the token axis.
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ class QuantSpec:
             Sorted non-negative dimension indices; every other dimension is reduced over.
 
         Raises:
-            LayoutError: a per-token spec without a layout on a tensor that is not 3-D, a layout
+            LayoutError: a per-token spec without a layout, a layout
                 of another rank, static per-token scales on a merged ``(b l)`` dim, or a
                 per-channel spec on a layout without a channel dim.
         """
@@ -121,10 +120,6 @@ class QuantSpec:
             return (layout.channel_dim,)
         if layout is not None:
             return token_kept_dims(layout, ndim, dynamic=self.dynamic)
-        if ndim == 3:
-            # TRANSITION FALLBACK, removed once every observer and quantizer receives a layout:
-            # a 3-D activation without a layout is taken as (B, L, C), tokens on dim 1 (dim -2).
-            return (0, 1) if self.dynamic else (1,)
         raise LayoutError(
             f"per-token quantization of a rank-{ndim} tensor needs its token layout (which dims "
             "index tokens), and none was given; vmfx does not guess the axis. Way out: pass "
