@@ -36,11 +36,14 @@ same activation formula.
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops.selective_scan import selective_scan as _selective_scan
 
@@ -53,6 +56,10 @@ __all__ = [
     "unshift_codes",
     "dequantize_act",
     "qlinear",
+    "QLinearPlan",
+    "qlinear_plan",
+    "set_fast_path",
+    "fast_path_enabled",
     "apply_epilogue",
     "causal_conv1d_silu",
     "selective_scan",
@@ -250,6 +257,8 @@ def quantize_act(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
         int8 codes of ``x``'s shape.
     """
     x2 = _rows(x, act.tokens, "x").float()
+    if _fast_ok(x2):
+        return (_quantize_float(x2, act) if x2.numel() else x2).to(torch.int8).reshape(x.shape)
     tok = _token_params(act, x2.shape[0])
     v = x2 * act.inv_smooth if act.inv_smooth is not None else x2
     v = v * act.inv_scale[tok][:, None]
@@ -324,6 +333,8 @@ def qlinear(x: torch.Tensor, weight: QWeight, act: ActQuant, bias: torch.Tensor 
     Returns:
         ``y`` (…, N) float32, or ``(y, acc)`` with ``acc`` (…, N) int32.
     """
+    if _fast_ok(x):
+        return _qlinear_fast(x, weight, act, bias, epilogue, epilogue_inputs, return_acc)
     codes = x if x.dtype == torch.int8 else quantize_act(x, act)
     c2 = _rows(codes, act.tokens, "x")
     m, k = c2.shape
@@ -344,6 +355,210 @@ def qlinear(x: torch.Tensor, weight: QWeight, act: ActQuant, bias: torch.Tensor 
     out_shape = tuple(codes.shape[:-1]) + (n,)
     y = y.reshape(out_shape)
     return (y, acc.to(torch.int32).reshape(out_shape)) if return_acc else y
+
+
+# ------------------------------------------------------------------------------ fast path
+#
+# The CPU fast path computes exactly what the slow path above computes (bit for bit: same codes,
+# same int32 accumulator, same float32 roundings), with less work per call:
+#
+# * activation codes are made with broadcasting over the (batch, token) rows instead of gathered
+#   per row, and stay float32 (small integers, exact) when they feed the GEMM;
+# * the GEMM runs in float32 on the integer codes. A float32 sum of integers is exact while every
+#   partial sum stays below 2^24 in magnitude; the partial sums of ``sum_k c[r,k] Wq[n,k]`` with
+#   ``|c| <= 2^(b-1)`` are bounded by ``2^(b-1) * max_n sum_k |Wq[n,k]|``, a bound of the weight
+#   alone, proved once per (weight, activation parameters) by :func:`qlinear_plan` (the
+#   worst case is the issue's ``K 2^(a-1) 2^(w-1) < 2^24``). Where it does not hold, K is split
+#   into chunks for which it does and the chunks are summed in float64 (exact below 2^53);
+# * the zero-point correction ``(2^(b-1) - z_a[t]) wsum[n]`` and the dequantization scale
+#   ``s_a[t] s_w[n]`` are (T, N) tables made once per plan and applied in place by broadcasting;
+# * the int32 overflow check runs only where the proved bound ``max_n sum_k |Wq[n,k]| *
+#   max_t max(z_t - qmin, qmax - z_t)`` does not already exclude an overflow.
+#
+# It is used for CPU tensors when float32 matmuls run at full precision
+# (``torch.get_float32_matmul_precision() == "highest"``: other settings may use bf16/TF32);
+# ``set_fast_path(False)`` or ``VMFX_REFERENCE_SLOW=1`` selects the slow path (the oracle the fast
+# path is tested against).
+
+_FAST_PATH = os.environ.get("VMFX_REFERENCE_SLOW", "").lower() not in ("1", "true", "yes")
+_EXACT_F32 = 2**24  # every integer of magnitude <= 2^24 is a float32
+_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def set_fast_path(enabled: bool) -> bool:
+    """Turn the reference's CPU fast path on or off (process-wide); returns the previous setting."""
+    global _FAST_PATH
+    previous, _FAST_PATH = _FAST_PATH, bool(enabled)
+    return previous
+
+
+def fast_path_enabled() -> bool:
+    """Whether the CPU fast path is on (default; ``VMFX_REFERENCE_SLOW=1`` turns it off)."""
+    return _FAST_PATH
+
+
+def _fast_ok(x: torch.Tensor) -> bool:
+    return _FAST_PATH and x.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+
+
+def _by_token(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(M, C) rows ordered (batch, token) -> a (M / T, T, C) view (T = 1: (M, 1, C))."""
+    return t.view(-1, tokens, t.shape[-1])
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape, dtype=torch.float32) -> torch.Tensor:
+    """A per-thread work buffer called ``name``, reused between calls (never returned to callers).
+
+    Freshly allocated multi-MiB CPU tensors are page-faulted in on every call, which costs more
+    than the elementwise operation done in them (as for the scan's workspace in
+    :mod:`vmfx.ops.selective_scan`)."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(name, dtype)] = torch.empty(max(numel, 1), dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _quantize_float(x2: torch.Tensor, act: ActQuant, name: str = "codes") -> torch.Tensor:
+    """``q - 2^(b-1)`` of (M, K) float32 rows as float32 (exact small integers), by broadcasting:
+    the same float32 operations, in the same order, as :func:`quantize_act`. The result lives in
+    the scratch buffer ``name`` (valid until the next call that uses it)."""
+    v = _scratch(name, x2.shape)
+    if act.inv_smooth is not None:
+        torch.mul(x2, act.inv_smooth, out=v)
+    else:
+        v.copy_(x2)
+    v3 = _by_token(v, act.tokens)
+    v3.mul_(act.inv_scale.view(-1, 1))
+    v3.round_()
+    v3.add_(act.zero_point.view(-1, 1))
+    v.clamp_(act.qmin, act.qmax).sub_(act.offset)
+    return v
+
+
+@dataclass(frozen=True, eq=False)
+class QLinearPlan:
+    """What the fast path of :func:`qlinear` prepares once per (weight, activation parameters).
+
+    Attributes:
+        chunks: ((k0, k1, W^T[k0:k1] float32 (k1-k0, N)), ...): one chunk when the float32 GEMM
+            on the codes is exact over the whole K, else the K ranges for which it is.
+        corr: (T, N) ``(2^(b-1) - z_a[t]) * wsum[n]``, float32 if ``acc_in_f32`` else float64.
+        scale: (T, N) float32 ``s_a[t] * s_w[n]`` (the slow path's product, same rounding).
+        acc_in_f32: the whole accumulator (GEMM + correction) is exact in float32.
+        check_overflow: the bound does not exclude an int32 overflow: check each call.
+        bound: the proved bound on ``|acc|``.
+        keep: the tensors the plan was made from (kept alive so that the cache key stays valid).
+    """
+
+    chunks: tuple
+    corr: torch.Tensor
+    scale: torch.Tensor
+    acc_in_f32: bool
+    check_overflow: bool
+    bound: int
+    keep: tuple
+
+
+def _plan_key(weight: QWeight, act: ActQuant) -> tuple:
+    ts = (weight.scale, weight.wsum, act.scale, act.zero_point)
+    return (weight.codes._version, act.bits) + tuple((id(t), t._version) for t in ts)
+
+
+def qlinear_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
+    """The fast path's prepared tables and proved bounds for ``weight`` and ``act`` (cached on the
+    weight's codes tensor; made again when any of the tensors is modified in place)."""
+    per_weight = _PLANS.get(weight.codes)
+    if per_weight is None:
+        per_weight = _PLANS[weight.codes] = {}
+    key = _plan_key(weight, act)
+    plan = per_weight.get(key)
+    if plan is None:
+        plan = per_weight[key] = _make_plan(weight, act)
+    return plan
+
+
+def _make_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
+    codes = weight.codes.to(torch.int64)
+    n, k = codes.shape
+    off = act.offset
+    absw = codes.abs()
+    row_abs = int(absw.sum(1).max()) if codes.numel() else 0
+    z = act.zero_point.to(torch.float64)
+    # |acc| = |sum_k (q - z_t) Wq| <= max_n sum_k |Wq| * max_t max(z_t - qmin, qmax - z_t)
+    spread = int(torch.maximum(z - act.qmin, act.qmax - z).max())
+    bound = row_abs * spread
+    # exact (|.| < 2^53); "+ 0.0" turns -0 into +0, so that acc + corr is never -0 (the slow path's
+    # int64 round trip gives +0 for a zero accumulator)
+    corr64 = (off - z)[:, None] * weight.wsum.to(torch.float64)[None, :] + 0.0
+    corr_max = int(corr64.abs().max()) if corr64.numel() else 0
+    wt = weight.codes.t().float()
+    # chunks of K whose GEMM partial sums stay exact in float32: off * max_n sum_{chunk} |Wq| < 2^24
+    chunks, start = [], 0
+    if off * row_abs < _EXACT_F32:
+        chunks.append((0, k, wt.contiguous()))
+    else:
+        cums = torch.cat([torch.zeros(n, 1, dtype=torch.int64), absw.cumsum(1)], 1)  # (N, K + 1)
+        while start < k:
+            widths = (cums[:, start + 1:] - cums[:, start:start + 1]).max(0).values * off  # chunk [start, end)
+            fits = int((widths < _EXACT_F32).sum())  # widths grow with the end: a prefix fits
+            end = start + max(1, fits)  # one column always fits: 2^(b-1) * 127 < 2^24
+            chunks.append((start, end, wt[start:end].contiguous()))
+            start = end
+    acc_in_f32 = len(chunks) == 1 and bound < _EXACT_F32 and corr_max < _EXACT_F32
+    return QLinearPlan(
+        chunks=tuple(chunks),
+        corr=corr64.float() if acc_in_f32 else corr64,
+        scale=act.scale[:, None] * weight.scale[None, :],
+        acc_in_f32=acc_in_f32,
+        check_overflow=bound >= 2**31,
+        bound=bound,
+        keep=(weight.codes, weight.scale, weight.wsum, act.scale, act.zero_point),
+    )
+
+
+def _qlinear_fast(x, weight, act, bias, epilogue, epilogue_inputs, return_acc):
+    """:func:`qlinear` on the CPU fast path (see the section comment); same results, bit for bit."""
+    prequantized = x.dtype == torch.int8
+    c2 = _rows(x, act.tokens, "x")
+    m, k = c2.shape
+    n, kw = weight.codes.shape
+    if k != kw:
+        raise ValueError(f"x has K={k} but the weight is {tuple(weight.codes.shape)}")
+    out_shape = tuple(x.shape[:-1]) + (n,)
+    if m == 0:
+        y = torch.zeros(out_shape)
+        return (y, torch.zeros(out_shape, dtype=torch.int32)) if return_acc else y
+    plan = qlinear_plan(weight, act)
+    c = _scratch("codes", c2.shape).copy_(c2) if prequantized else _quantize_float(c2.float(), act)
+    t = act.tokens
+    if plan.acc_in_f32:
+        k0, k1, wt = plan.chunks[0]
+        acc = torch.mm(c, wt)
+        _by_token(acc, t).add_(plan.corr)
+    else:
+        acc = None
+        for k0, k1, wt in plan.chunks:
+            part = torch.mm(c[:, k0:k1] if len(plan.chunks) > 1 else c, wt).double()
+            acc = part if acc is None else acc.add_(part)
+        _by_token(acc, t).add_(plan.corr)
+        if plan.check_overflow and float(acc.abs().max()) >= 2**31:
+            raise OverflowError("the int32 accumulator would overflow (K too large)")
+    acc_int = acc.to(torch.int32).reshape(out_shape) if return_acc else None
+    y = acc if acc.dtype == torch.float32 else acc.float()
+    _by_token(y, t).mul_(plan.scale)
+    if bias is not None:
+        y.add_(bias.float()[None, :])
+    y = apply_epilogue(y, epilogue, epilogue_inputs).reshape(out_shape)
+    return (y, acc_int) if return_acc else y
 
 
 # ------------------------------------------------------------------------------ mamba pieces
@@ -374,6 +589,8 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     w = weight.reshape(weight.shape[0], -1).float()
     bsz, e, length = x.shape
     width = w.shape[1]
+    if _fast_ok(x) and x.dim() == 3:
+        return _conv_fast(x, w, bias, act)
     xp = F.pad(x, (width - 1, 0))
     acc = torch.zeros_like(x)
     for j in range(width):
@@ -385,6 +602,49 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return out
     return out, quantize_act(out.transpose(1, 2).reshape(bsz * length, e), act)
 
+
+def _conv_fast(x, w, bias, act):
+    """:func:`causal_conv1d_silu` on the CPU fast path, bit for bit the slow path's result.
+
+    No padded copy: tap ``j`` adds ``x[l - (W-1) + j] * w[j]`` only where ``l - (W-1) + j >= 0``.
+    The slow path adds ``0 * w[j]`` (a signed zero) elsewhere; its accumulator starts at +0 and so
+    never holds -0, and adding a zero to +0 or to a non-zero value leaves it unchanged, so skipping
+    those adds changes no bit. Products, SiLU's denominator and the codes are made in scratch
+    buffers, in the slow path's order of float32 operations; the codes are made in the (B, E, L)
+    layout (per-channel smoothing along E, per-token parameters along L) and transposed as int8.
+    """
+    bsz, e, length = x.shape
+    width = w.shape[1]
+    xc = x if x.is_contiguous() else _scratch("conv_x", x.shape).copy_(x)
+    prod = _scratch("conv_prod", x.shape)
+    acc = torch.zeros_like(xc)
+    for j in range(width):
+        s = width - 1 - j
+        if s < length:
+            p = prod[..., s:]
+            torch.mul(xc[..., : length - s], w[:, j, None], out=p)
+            acc[..., s:].add_(p)
+    if bias is not None:
+        acc.add_(bias.float()[:, None])
+    den = torch.neg(acc, out=prod).exp_().add_(1.0)
+    out = acc.div_(den)
+    if act is None:
+        return out
+    v = prod  # the denominator is no longer needed
+    if act.inv_smooth is not None:
+        torch.mul(out, act.inv_smooth[:, None], out=v)
+    else:
+        v.copy_(out)
+    if act.per_token:
+        if act.tokens != length:
+            raise ValueError(f"conv output has {length} tokens but the per-token parameters have {act.tokens}")
+        v.mul_(act.inv_scale[None, None, :]).round_().add_(act.zero_point[None, None, :])
+    else:
+        v.mul_(act.inv_scale).round_().add_(act.zero_point)
+    v.clamp_(act.qmin, act.qmax).sub_(act.offset)
+    c8 = _scratch("conv_codes", v.shape, torch.int8).copy_(v)
+    codes = torch.empty((bsz, length, e), dtype=torch.int8).copy_(c8.transpose(1, 2))
+    return out, codes.view(bsz * length, e)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    flip_z: bool = False):
