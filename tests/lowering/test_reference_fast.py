@@ -160,3 +160,39 @@ def test_fast_conv_is_bit_identical_to_the_slow_path(seed, batch, e, length, wid
         assert s.dtype == f.dtype and s.shape == f.shape
         assert torch.equal(s.view(torch.int8) if s.dtype == torch.int8 else s.view(torch.int32),
                            f.view(torch.int8) if f.dtype == torch.int8 else f.view(torch.int32))  # bits, signed zeros too
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), e=st.integers(1, 12), length=st.integers(1, 9),
+       backward=st.booleans(), scale=st.sampled_from([0.5, 1.0, 0.3]), quant=st.sampled_from([None, "token", "tensor"]),
+       smooth=st.booleans(), bits=st.integers(2, 8))
+def test_fast_merge_is_bit_identical_to_the_slow_path(seed, batch, e, length, backward, scale, quant, smooth, bits):
+    g = torch.Generator().manual_seed(seed)
+    y_f, y_b = torch.randn(batch, e, length, generator=g), torch.randn(batch, e, length, generator=g)
+    act = None
+    if quant is not None:
+        t = length if quant == "token" else 1
+        act = R.make_act_quant(torch.rand(t, generator=g) * 0.05 + 0.01,
+                               torch.randint(0, 2**bits, (t,), generator=g).float(), bits,
+                               smooth=torch.rand(e, generator=g) + 0.5 if smooth else None)
+    slow, fast = _both(lambda: R.merge_quantize(y_f, y_b if backward else None, scale, act))
+    if act is None:
+        slow, fast = (slow,), (fast,)
+    for s, f in zip(slow, fast):
+        assert s.dtype == f.dtype and s.shape == f.shape
+        assert torch.equal(s.view(torch.int8) if s.dtype == torch.int8 else s.view(torch.int32),
+                           f.view(torch.int8) if f.dtype == torch.int8 else f.view(torch.int32))
+
+
+@pytest.mark.parametrize("epilogue", [[("silu",)], [("softplus",)], [("add", "res"), ("mul", 0.5)],
+                                      [("mul", "gamma", "channel"), ("rsub", 1.0), ("rdiv", "res"), ("div", 3.0),
+                                       ("sub", "res"), ("add", "gamma", "channel")]])
+def test_fast_epilogues_match_the_slow_path(epilogue):
+    x, act, w = _case(9, 2, 7, 50, 12, 8, 8, True, True, False)
+    g = torch.Generator().manual_seed(1)
+    inputs = {"res": torch.randn(2, 7, 12, generator=g), "gamma": torch.randn(12, generator=g)}
+    b = torch.randn(12, generator=g)
+    (y_s, a_s), (y_f, a_f) = _both(lambda: R.qlinear(x, w, act, b, epilogue, inputs, return_acc=True))
+    assert torch.equal(a_s, a_f)
+    assert torch.equal(y_s.view(torch.int32), y_f.view(torch.int32))
+    assert torch.equal(inputs["res"], torch.randn(2, 7, 12, generator=torch.Generator().manual_seed(1)))  # untouched

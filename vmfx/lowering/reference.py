@@ -283,7 +283,7 @@ def dequantize_act(codes: torch.Tensor, act: ActQuant) -> torch.Tensor:
 
 
 def apply_epilogue(y: torch.Tensor, ops: Sequence[Sequence] | None,
-                   inputs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                   inputs: Mapping[str, torch.Tensor] | None = None, *, inplace: bool = False) -> torch.Tensor:
     """Apply epilogue ops (see :func:`vmfx.lowering.codegen.render_epilogue`) in torch.
 
     Args:
@@ -291,6 +291,8 @@ def apply_epilogue(y: torch.Tensor, ops: Sequence[Sequence] | None,
         ops: e.g. ``[("silu",), ("add", "residual"), ("mul", 0.5), ("mul", "gamma", "channel")]``.
         inputs: the extra tensors by name: ``"full"`` ones shaped like ``y`` (any leading shape
             with the same number of elements), ``"channel"`` ones (N,).
+        inplace: overwrite ``y`` where an op allows it (same operations, same roundings; the CPU
+            fast path uses it on its own output).
     """
     from .codegen import Epilogue  # light module; imports triton lazily only
 
@@ -298,9 +300,19 @@ def apply_epilogue(y: torch.Tensor, ops: Sequence[Sequence] | None,
     inputs = dict(inputs or {})
     fns = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
            "rsub": lambda a, b: torch.sub(b, a), "rdiv": lambda a, b: torch.div(b, a)}
+    inplace_fns = {"add": torch.Tensor.add_, "sub": torch.Tensor.sub_, "mul": torch.Tensor.mul_,
+                   "div": torch.Tensor.div_}
     for op in ep.ops:
         name = op[0]
-        if name == "silu":
+        if inplace and name == "silu":
+            y = F.silu(y, inplace=True)
+        elif inplace and name in inplace_fns:
+            rhs = op[1]
+            if isinstance(rhs, str):
+                t = inputs[rhs].float()
+                rhs = t.reshape(1, y.shape[-1]) if ep.layout(rhs) == "channel" else t.reshape(y.shape)
+            y = inplace_fns[name](y, rhs)
+        elif name == "silu":
             y = F.silu(y)
         elif name == "softplus":
             y = F.softplus(y)  # threshold 20
@@ -557,7 +569,7 @@ def _qlinear_fast(x, weight, act, bias, epilogue, epilogue_inputs, return_acc):
     _by_token(y, t).mul_(plan.scale)
     if bias is not None:
         y.add_(bias.float()[None, :])
-    y = apply_epilogue(y, epilogue, epilogue_inputs).reshape(out_shape)
+    y = apply_epilogue(y, epilogue, epilogue_inputs, inplace=True).reshape(out_shape)
     return (y, acc_int) if return_acc else y
 
 
@@ -679,6 +691,8 @@ def merge_quantize(y_f: torch.Tensor, y_b: torch.Tensor | None = None, scale: fl
     Returns:
         ``m`` (B, L, E) float32, or ``(m, codes)``.
     """
+    if _fast_ok(y_f) and y_f.dim() == 3:
+        return _merge_fast(y_f, y_b, scale, act)
     m = y_f.float()
     if y_b is not None:
         m = m + y_b.float().flip(-1)
@@ -686,3 +700,19 @@ def merge_quantize(y_f: torch.Tensor, y_b: torch.Tensor | None = None, scale: fl
     if act is None:
         return m
     return m, quantize_act(m.reshape(-1, m.shape[-1]), act)
+
+
+def _merge_fast(y_f, y_b, scale, act):
+    """:func:`merge_quantize` on the CPU fast path: the same float32 operations, in scratch
+    buffers; the codes come from the fast quantize. Bit for bit the slow path's result."""
+    m = _scratch("merge", y_f.shape)
+    if y_b is not None:
+        torch.add(y_f.float(), torch.flip(y_b.float(), (-1,)), out=m)
+    else:
+        m.copy_(y_f)
+    m.mul_(torch.tensor(scale, dtype=torch.float32))
+    out = m.transpose(1, 2).contiguous()
+    if act is None:
+        return out
+    codes = _quantize_float(out.view(-1, out.shape[-1]), act).to(torch.int8)
+    return out, codes

@@ -59,7 +59,14 @@ AUTOTUNE_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    # larger tiles for Hopper-class GPUs (int8 wgmma tiles; more operand reuse per byte loaded)
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
 ]
+
+#: Output dtypes the kernel can write (the float32 result of the epilogue, rounded once at the store).
+OUT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def render_qlinear(
@@ -73,6 +80,7 @@ def render_qlinear(
     store_acc: bool = False,
     autotune: bool = False,
     provenance: Sequence[str] = (),
+    out_dtype: str = "float32",
 ) -> str:
     """Render the source of one ``qlinear`` kernel.
 
@@ -87,10 +95,14 @@ def render_qlinear(
         autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`; otherwise the block
             sizes are ``tl.constexpr`` arguments the launcher passes.
         provenance: the FX nodes this kernel implements (written in the header).
+        out_dtype: "float32", "float16" or "bfloat16": the dtype of ``out`` (the float32 result is
+            rounded once, at the store).
 
     Returns:
         The module source; the kernel is called :data:`KERNEL_NAME`.
     """
+    if out_dtype not in OUT_DTYPES.values():
+        raise ValueError(f"out_dtype must be one of {sorted(OUT_DTYPES.values())}, got {out_dtype!r}")
     if prequantized and smooth:
         raise ValueError("pre-quantized input is already smoothed: smooth must be False")
     if not 2 <= act_bits <= 8:
@@ -100,7 +112,7 @@ def render_qlinear(
     buf = IndentedBuffer()
     render_header(buf, "qlinear", provenance, dict(
         per_token=per_token, smooth=smooth, bias=bias, prequantized=prequantized, act_bits=act_bits,
-        epilogue=ep.ops, store_acc=store_acc, autotune=autotune))
+        epilogue=ep.ops, store_acc=store_acc, autotune=autotune, out_dtype=out_dtype))
     render_helpers(buf, (() if prequantized else ("_vmfx_quantize",)) + ep.helpers)
     if autotune:
         render_autotune(buf, AUTOTUNE_CONFIGS, ["M", "N", "K"])
@@ -191,7 +203,10 @@ def render_qlinear(
         buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)")
         buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
         render_epilogue(buf, ep, acc="y", offsets="offs_out", mask="mask_out")
-        buf.writeline("tl.store(out_ptr + offs_out, y, mask=mask_out)")
+        if out_dtype == "float32":
+            buf.writeline("tl.store(out_ptr + offs_out, y, mask=mask_out)")
+        else:
+            buf.writeline(f"tl.store(out_ptr + offs_out, y.to(tl.{out_dtype}), mask=mask_out)")
         if store_acc:
             buf.writeline("tl.store(acc_ptr + offs_out, acc, mask=mask_out)")
     return buf.getvalue()
@@ -208,6 +223,7 @@ class _Spec:
     store_acc: bool
     autotune: bool
     provenance: tuple
+    out_dtype: str = "float32"
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,11 +249,13 @@ def qlinear(
     block: Mapping[str, int] | None = None,
     provenance: Sequence[str] = (),
     return_acc: bool = False,
+    out_dtype: torch.dtype | None = None,
+    quantize_once: bool | None = None,
 ):
     """Launch the fused quantized linear layer.
 
     Args:
-        x: (…, K) float32 activations, or int8 codes ``q - 2^(b-1)`` from an upstream kernel
+        x: (…, K) float32 / float16 / bfloat16 activations, or int8 codes ``q - 2^(b-1)`` from an upstream kernel
             (the pre-quantized variant is chosen by dtype). Rows are (batch, token) pairs: for
             per-token parameters the second-to-last dimension (3-D input) must be L, and a 2-D
             input must have a multiple of L rows. Any strides.
@@ -254,15 +272,32 @@ def qlinear(
             under the interpreter.
         provenance: FX node names, for the generated source's header.
         return_acc: also return the int32 accumulator (…, N).
+        out_dtype: float32, float16 or bfloat16; default: ``x``'s dtype when it is float16 or
+            bfloat16 (the model's dtype), else float32.
+        quantize_once: for float ``x``, first quantize it with the standalone :func:`quantize`
+            kernel and run the GEMM on the codes, instead of quantizing inside the GEMM's K loop
+            (which redoes it once per column of output tiles). Same codes, same results. Default:
+            on a GPU (measured on an H200 at the Vim-B in_proj shape: 0.53 ms against 1.73 ms
+            fused, ``benchmarks/results/kernels.md``); fused under the interpreter.
 
     Returns:
-        ``y`` (…, N) float32, or ``(y, acc)``.
+        ``y`` (…, N) in ``out_dtype``, or ``(y, acc)``.
 
     Raises:
         ValueError: wrong shapes, dtypes or devices (the message names the argument).
     """
+    check_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16, torch.int8))
+    if out_dtype is None:
+        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)}, got {out_dtype}")
+    if quantize_once is None:
+        quantize_once = not interpreting()
+    if quantize_once and x.dtype != torch.int8 and x.dim() >= 2 and x.shape[-1] == weight.codes.shape[1]:
+        from .act_quantize import quantize
+
+        x = quantize(x, act, provenance=provenance)
     prequantized = x.dtype == torch.int8
-    check_tensor(x, "x", (torch.float32, torch.int8))
     if x.dim() < 2:
         raise ValueError(f"x must be (…, K) with rows and channels, got {tuple(x.shape)}")
     dev = x.device
@@ -294,10 +329,10 @@ def qlinear(
     if missing:
         raise ValueError(f"epilogue inputs {sorted(missing)} not given")
 
-    out = torch.empty((m, n), dtype=torch.float32, device=dev)
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, n), dtype=torch.int32, device=dev) if return_acc else None
     spec = _Spec(t > 1, smooth, bias is not None, prequantized, act.bits, ep.ops, return_acc,
-                 block is None and not interpreting(), tuple(str(p) for p in provenance))
+                 block is None and not interpreting(), tuple(str(p) for p in provenance), OUT_DTYPES[out_dtype])
     kernel = _kernel(spec)
 
     args = dict(x_ptr=x2, w_ptr=weight.codes, wsum_ptr=weight.wsum, w_scale_ptr=weight.scale,
@@ -312,7 +347,7 @@ def qlinear(
     if bias is not None:
         args["bias_ptr"] = bias
     for name in ep.inputs:
-        e = check_tensor(inputs[name], f"epilogue input {name!r}", torch.float32, device=dev, contiguous=True)
+        e = check_tensor(inputs[name], f"epilogue input {name!r}", tuple(OUT_DTYPES), device=dev, contiguous=True)
         if ep.layout(name) == "channel":
             if tuple(e.shape) != (n,):
                 raise ValueError(f"per-channel epilogue input {name!r} must be ({n},), got {tuple(e.shape)}")
