@@ -181,6 +181,16 @@ def scan_rows(rep: Report, quick: bool) -> None:
             rep.failure(f"scan {name}")
 
 
+def _share_kernels(lowered) -> None:
+    """Drop each lowered partition's provenance, so that partitions of the same form share one
+    compiled kernel (the provenance is part of the generated source's header: with it, every layer
+    compiles and autotunes its own copy, hundreds for a 24-block Vim)."""
+    from vmfx.lowering import lowered_partitions
+
+    for p in lowered_partitions(lowered):
+        p.provenance = []
+
+
 def _quantize_model(model, calib, config):
     """Calibrate on the GPU if the pipeline allows, else on the CPU. Returns (lowered, where, seconds)."""
     import vmfx
@@ -188,12 +198,14 @@ def _quantize_model(model, calib, config):
     t0 = time.time()
     try:
         lowered = vmfx.compile(model.cuda(), calib.cuda(), config, backend="triton")
+        _share_kernels(lowered)
         return lowered.cuda(), "GPU", time.time() - t0
     except Exception:
         print("calibration on the GPU failed; falling back to the CPU:\n" + traceback.format_exc(),
               file=sys.stderr, flush=True)
     t0 = time.time()
     lowered = vmfx.compile(model.cpu(), calib.cpu(), config, backend="triton")
+    _share_kernels(lowered)
     return lowered.cuda(), "CPU", time.time() - t0
 
 
@@ -223,8 +235,16 @@ def _triton_scan_in(module):
     return ctx()
 
 
-def end_to_end_rows(rep: Report, quick: bool, calib_n: int, config: str) -> None:
+def end_to_end_rows(rep: Report, quick: bool, calib_n: int, config: str, models=tuple(NAMES),
+                    gemm_configs: str = "") -> None:
     import timm
+
+    from vmfx.lowering.kernels import linear as linear_module
+
+    if gemm_configs:  # kernels rendered from now on autotune over these configs only
+        chosen = [linear_module.AUTOTUNE_CONFIGS[int(i)] for i in gemm_configs.split(",")]
+        linear_module.AUTOTUNE_CONFIGS[:] = chosen
+        rep.add("", f"(End-to-end qlinear kernels autotuned over {chosen}.)")
 
     import vmfx.models  # noqa: F401  (registers the Vim models with timm)
     import vmfx.nn.mamba as mamba_module
@@ -237,7 +257,8 @@ def end_to_end_rows(rep: Report, quick: bool, calib_n: int, config: str) -> None
             "| model | FP16 + Triton scan ms | FP32 + Triton scan ms | lowered W8A8 (Triton) ms | vs FP16 | vs FP32 | "
             "calibrated on (s) |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |")
     eager_note = ""
-    for name, timm_name in NAMES.items():
+    for name in models:
+        timm_name = NAMES[name]
         try:
             torch.manual_seed(0)
             model = timm.create_model(timm_name).eval()
@@ -333,6 +354,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=4, help="calibration images for the end-to-end models")
     ap.add_argument("--config", default="pts-w8a8", help="vmfx preset for the end-to-end models")
     ap.add_argument("--out", default=RESULTS, help="results file (markdown), rewritten after every row")
+    ap.add_argument("--models", default=",".join(NAMES), help="end-to-end models, in this order")
+    ap.add_argument("--e2e-gemm-configs", default="0,5",
+                    help="indices of qlinear's autotune configs the end-to-end models use ('' = all): "
+                         "every config of every kernel form compiles once")
     ap.add_argument("--roofline", action="store_true", help="print the roofline table alone (no GPU needed)")
     args = ap.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
@@ -350,11 +375,11 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0)
     rep = Report(args.out, [
         "# Kernel benchmarks", "",
-        f"Produced by `python benchmarks/kernels.py --sections {','.join(sections)}"
-        f"{' --quick' if args.quick else ''}` on {gpu} (torch {torch.__version__}, triton {triton.__version__}); "
+        f"Produced by `python benchmarks/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {gpu} (torch {torch.__version__}, triton {triton.__version__}); "
         "medians of `triton.testing.do_bench`.", ""])
     runners = {"linear": lambda: linear_rows(rep, args.quick), "scan": lambda: scan_rows(rep, args.quick),
-               "e2e": lambda: end_to_end_rows(rep, args.quick, args.calib, args.config),
+               "e2e": lambda: end_to_end_rows(rep, args.quick, args.calib, args.config, args.models.split(","),
+                                              args.e2e_gemm_configs),
                "compile": lambda: compile_rows(rep, args.quick)}
     for s in sections:
         t0 = time.time()
