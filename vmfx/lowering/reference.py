@@ -23,7 +23,8 @@ A quantized linear layer of the converted graph computes, in float32,
   reciprocal multiplies, a code can differ by one from the graph's ``round(x / s / s_a)`` when
   ``x / s / s_a`` lies within an ulp or two of a rounding tie (the graph divides).
 * **weights**: per-output-channel symmetric codes ``Wq`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` (int8
-  storage also for 4 bits), step ``s_w`` (N,), ``wsum[n] = sum_k Wq[n, k]`` (int32).
+  storage; 4-bit codes may also be packed two per byte for the GPU, :func:`pack_int4`), step
+  ``s_w`` (N,), ``wsum[n] = sum_k Wq[n, k]`` (int32).
 * **GEMM**: ``acc[r, n] = sum_k (q[r,k] - off) * Wq[n,k] + (off - z_a[t]) * wsum[n]``
   ``= sum_k (q[r,k] - z_a[t]) * Wq[n,k]`` exactly in int32 (``off = 2^(b-1)``).
 * **dequantize**: ``y = float32(acc) * (s_a[t] * s_w[n])``, then ``+ bias[n]``, then the
@@ -32,6 +33,14 @@ A quantized linear layer of the converted graph computes, in float32,
 The other kernels (causal conv + SiLU, selective scan, merge of the two scan directions) produce
 float outputs and, where they feed a quantized linear, the codes of that linear's input by the
 same activation formula.
+
+Two paths, one result
+---------------------
+On CPU tensors a fast path (see the section "fast path" below: float32 GEMMs on the codes where
+a per-weight bound proves them exact, K split where it does not, tables prepared once per
+weight, overflow excluded by the bound instead of checked per call, scratch buffers) gives the
+slow path's results bit for bit (``tests/lowering/test_reference_fast.py``); ``set_fast_path(False)``
+or ``VMFX_REFERENCE_SLOW=1`` selects the slow path, the straightforward oracle.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from ..ops.selective_scan import selective_scan as _selective_scan
 __all__ = [
     "ActQuant",
     "QWeight",
+    "pack_int4",
+    "unpack_int4",
     "make_act_quant",
     "rint",
     "quantize_act",
@@ -167,13 +178,33 @@ class QWeight:
         codes: (N, K) int8, symmetric codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
         scale: ``s_w``, (N,) float32.
         wsum: ``sum_k codes[n, k]``, (N,) int32 (for the zero-point correction).
-        bits: weight bit width (8 or 4 in practice; storage is always one int8 per code).
+        bits: weight bit width (8 or 4 in practice).
+        packed: for 4-bit (or narrower) codes, optionally the same codes packed two per byte,
+            (N, ceil(K / 2)) int8 (see :func:`pack_int4`); the Triton GEMM reads this when present
+            (half the weight bytes). ``codes`` stays the reference's unpacked view.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     wsum: torch.Tensor
     bits: int
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> "QWeight":
+        """A copy whose codes are also packed two per byte (:func:`pack_int4`).
+
+        Raises:
+            ValueError: codes wider than 4 bits.
+        """
+        if self.bits > 4:
+            raise ValueError(f"only codes of at most 4 bits can be packed two per byte; these have {self.bits}")
+        return QWeight(self.codes, self.scale, self.wsum, self.bits, pack_int4(self.codes))
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, k: int, scale: torch.Tensor, bits: int = 4) -> "QWeight":
+        """Rebuild a packed weight of K columns from its packed bytes (and unpack the codes)."""
+        w = cls.from_codes(unpack_int4(packed, k), scale, bits)
+        return QWeight(w.codes, w.scale, w.wsum, w.bits, packed.contiguous())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -219,6 +250,36 @@ class QWeight:
         s = torch.as_tensor(scale, dtype=torch.float32, device=w.device).reshape(-1, 1)
         codes = torch.clamp(torch.round(w / s), -q, q)
         return cls.from_codes(codes, s, bits)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack signed 4-bit codes (N, K) in [-8, 7] two per byte: (N, Kh) int8, ``Kh = ceil(K / 2)``.
+
+    Byte ``(n, j)`` holds column ``j`` in its low nibble and column ``j + Kh`` in its high nibble
+    (two's complement nibbles; an odd K pads the last high nibble with 0). This "two halves"
+    layout lets a GEMM unpack a (BLOCK_K, BLOCK_N) tile into two tiles of contiguous columns.
+
+    Raises:
+        ValueError: codes outside [-8, 7] or not 2-D.
+    """
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be (N, K), got {tuple(codes.shape)}")
+    c = codes.to(torch.int16)
+    if c.numel() and bool(((c < -8) | (c > 7)).any()):
+        raise ValueError("only codes in [-8, 7] fit in 4 bits")
+    n, k = c.shape
+    kh = (k + 1) // 2
+    c = F.pad(c, (0, 2 * kh - k))
+    lo, hi = c[:, :kh] & 0xF, c[:, kh:] & 0xF
+    return ((hi << 4) | lo).to(torch.uint8).view(torch.int8).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The (N, K) int8 codes of :func:`pack_int4`'s bytes (sign-extended nibbles)."""
+    p = packed.to(torch.int16) & 0xFF
+    lo, hi = p & 0xF, p >> 4
+    c = torch.cat([lo, hi], dim=1)[:, :k]
+    return torch.where(c >= 8, c - 16, c).to(torch.int8).contiguous()
 
 
 # ------------------------------------------------------------------------------ quantize
