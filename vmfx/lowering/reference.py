@@ -23,7 +23,8 @@ A quantized linear layer of the converted graph computes, in float32,
   reciprocal multiplies, a code can differ by one from the graph's ``round(x / s / s_a)`` when
   ``x / s / s_a`` lies within an ulp or two of a rounding tie (the graph divides).
 * **weights**: per-output-channel symmetric codes ``Wq`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` (int8
-  storage also for 4 bits), step ``s_w`` (N,), ``wsum[n] = sum_k Wq[n, k]`` (int32).
+  storage; 4-bit codes may also be packed two per byte for the GPU, :func:`pack_int4`), step
+  ``s_w`` (N,), ``wsum[n] = sum_k Wq[n, k]`` (int32).
 * **GEMM**: ``acc[r, n] = sum_k (q[r,k] - off) * Wq[n,k] + (off - z_a[t]) * wsum[n]``
   ``= sum_k (q[r,k] - z_a[t]) * Wq[n,k]`` exactly in int32 (``off = 2^(b-1)``).
 * **dequantize**: ``y = float32(acc) * (s_a[t] * s_w[n])``, then ``+ bias[n]``, then the
@@ -32,27 +33,44 @@ A quantized linear layer of the converted graph computes, in float32,
 The other kernels (causal conv + SiLU, selective scan, merge of the two scan directions) produce
 float outputs and, where they feed a quantized linear, the codes of that linear's input by the
 same activation formula.
+
+Two paths, one result
+---------------------
+On CPU tensors a fast path (see the section "fast path" below: float32 GEMMs on the codes where
+a per-weight bound proves them exact, K split where it does not, tables prepared once per
+weight, overflow excluded by the bound instead of checked per call, scratch buffers) gives the
+slow path's results bit for bit (``tests/lowering/test_reference_fast.py``); ``set_fast_path(False)``
+or ``VMFX_REFERENCE_SLOW=1`` selects the slow path, the straightforward oracle.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops.selective_scan import selective_scan as _selective_scan
 
 __all__ = [
     "ActQuant",
     "QWeight",
+    "pack_int4",
+    "unpack_int4",
     "make_act_quant",
     "rint",
     "quantize_act",
     "unshift_codes",
     "dequantize_act",
     "qlinear",
+    "QLinearPlan",
+    "qlinear_plan",
+    "set_fast_path",
+    "fast_path_enabled",
     "apply_epilogue",
     "causal_conv1d_silu",
     "selective_scan",
@@ -160,13 +178,33 @@ class QWeight:
         codes: (N, K) int8, symmetric codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
         scale: ``s_w``, (N,) float32.
         wsum: ``sum_k codes[n, k]``, (N,) int32 (for the zero-point correction).
-        bits: weight bit width (8 or 4 in practice; storage is always one int8 per code).
+        bits: weight bit width (8 or 4 in practice).
+        packed: for 4-bit (or narrower) codes, optionally the same codes packed two per byte,
+            (N, ceil(K / 2)) int8 (see :func:`pack_int4`); the Triton GEMM reads this when present
+            (half the weight bytes). ``codes`` stays the reference's unpacked view.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     wsum: torch.Tensor
     bits: int
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> "QWeight":
+        """A copy whose codes are also packed two per byte (:func:`pack_int4`).
+
+        Raises:
+            ValueError: codes wider than 4 bits.
+        """
+        if self.bits > 4:
+            raise ValueError(f"only codes of at most 4 bits can be packed two per byte; these have {self.bits}")
+        return QWeight(self.codes, self.scale, self.wsum, self.bits, pack_int4(self.codes))
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, k: int, scale: torch.Tensor, bits: int = 4) -> "QWeight":
+        """Rebuild a packed weight of K columns from its packed bytes (and unpack the codes)."""
+        w = cls.from_codes(unpack_int4(packed, k), scale, bits)
+        return QWeight(w.codes, w.scale, w.wsum, w.bits, packed.contiguous())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -214,6 +252,36 @@ class QWeight:
         return cls.from_codes(codes, s, bits)
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Pack signed 4-bit codes (N, K) in [-8, 7] two per byte: (N, Kh) int8, ``Kh = ceil(K / 2)``.
+
+    Byte ``(n, j)`` holds column ``j`` in its low nibble and column ``j + Kh`` in its high nibble
+    (two's complement nibbles; an odd K pads the last high nibble with 0). This "two halves"
+    layout lets a GEMM unpack a (BLOCK_K, BLOCK_N) tile into two tiles of contiguous columns.
+
+    Raises:
+        ValueError: codes outside [-8, 7] or not 2-D.
+    """
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be (N, K), got {tuple(codes.shape)}")
+    c = codes.to(torch.int16)
+    if c.numel() and bool(((c < -8) | (c > 7)).any()):
+        raise ValueError("only codes in [-8, 7] fit in 4 bits")
+    n, k = c.shape
+    kh = (k + 1) // 2
+    c = F.pad(c, (0, 2 * kh - k))
+    lo, hi = c[:, :kh] & 0xF, c[:, kh:] & 0xF
+    return ((hi << 4) | lo).to(torch.uint8).view(torch.int8).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The (N, K) int8 codes of :func:`pack_int4`'s bytes (sign-extended nibbles)."""
+    p = packed.to(torch.int16) & 0xFF
+    lo, hi = p & 0xF, p >> 4
+    c = torch.cat([lo, hi], dim=1)[:, :k]
+    return torch.where(c >= 8, c - 16, c).to(torch.int8).contiguous()
+
+
 # ------------------------------------------------------------------------------ quantize
 
 
@@ -250,6 +318,8 @@ def quantize_act(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
         int8 codes of ``x``'s shape.
     """
     x2 = _rows(x, act.tokens, "x").float()
+    if _fast_ok(x2):
+        return (_quantize_float(x2, act) if x2.numel() else x2).to(torch.int8).reshape(x.shape)
     tok = _token_params(act, x2.shape[0])
     v = x2 * act.inv_smooth if act.inv_smooth is not None else x2
     v = v * act.inv_scale[tok][:, None]
@@ -274,7 +344,7 @@ def dequantize_act(codes: torch.Tensor, act: ActQuant) -> torch.Tensor:
 
 
 def apply_epilogue(y: torch.Tensor, ops: Sequence[Sequence] | None,
-                   inputs: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+                   inputs: Mapping[str, torch.Tensor] | None = None, *, inplace: bool = False) -> torch.Tensor:
     """Apply epilogue ops (see :func:`vmfx.lowering.codegen.render_epilogue`) in torch.
 
     Args:
@@ -282,6 +352,8 @@ def apply_epilogue(y: torch.Tensor, ops: Sequence[Sequence] | None,
         ops: e.g. ``[("silu",), ("add", "residual"), ("mul", 0.5), ("mul", "gamma", "channel")]``.
         inputs: the extra tensors by name: ``"full"`` ones shaped like ``y`` (any leading shape
             with the same number of elements), ``"channel"`` ones (N,).
+        inplace: overwrite ``y`` where an op allows it (same operations, same roundings; the CPU
+            fast path uses it on its own output).
     """
     from .codegen import Epilogue  # light module; imports triton lazily only
 
@@ -289,9 +361,19 @@ def apply_epilogue(y: torch.Tensor, ops: Sequence[Sequence] | None,
     inputs = dict(inputs or {})
     fns = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
            "rsub": lambda a, b: torch.sub(b, a), "rdiv": lambda a, b: torch.div(b, a)}
+    inplace_fns = {"add": torch.Tensor.add_, "sub": torch.Tensor.sub_, "mul": torch.Tensor.mul_,
+                   "div": torch.Tensor.div_}
     for op in ep.ops:
         name = op[0]
-        if name == "silu":
+        if inplace and name == "silu":
+            y = F.silu(y, inplace=True)
+        elif inplace and name in inplace_fns:
+            rhs = op[1]
+            if isinstance(rhs, str):
+                t = inputs[rhs].float()
+                rhs = t.reshape(1, y.shape[-1]) if ep.layout(rhs) == "channel" else t.reshape(y.shape)
+            y = inplace_fns[name](y, rhs)
+        elif name == "silu":
             y = F.silu(y)
         elif name == "softplus":
             y = F.softplus(y)  # threshold 20
@@ -324,6 +406,8 @@ def qlinear(x: torch.Tensor, weight: QWeight, act: ActQuant, bias: torch.Tensor 
     Returns:
         ``y`` (…, N) float32, or ``(y, acc)`` with ``acc`` (…, N) int32.
     """
+    if _fast_ok(x):
+        return _qlinear_fast(x, weight, act, bias, epilogue, epilogue_inputs, return_acc)
     codes = x if x.dtype == torch.int8 else quantize_act(x, act)
     c2 = _rows(codes, act.tokens, "x")
     m, k = c2.shape
@@ -344,6 +428,210 @@ def qlinear(x: torch.Tensor, weight: QWeight, act: ActQuant, bias: torch.Tensor 
     out_shape = tuple(codes.shape[:-1]) + (n,)
     y = y.reshape(out_shape)
     return (y, acc.to(torch.int32).reshape(out_shape)) if return_acc else y
+
+
+# ------------------------------------------------------------------------------ fast path
+#
+# The CPU fast path computes exactly what the slow path above computes (bit for bit: same codes,
+# same int32 accumulator, same float32 roundings), with less work per call:
+#
+# * activation codes are made with broadcasting over the (batch, token) rows instead of gathered
+#   per row, and stay float32 (small integers, exact) when they feed the GEMM;
+# * the GEMM runs in float32 on the integer codes. A float32 sum of integers is exact while every
+#   partial sum stays below 2^24 in magnitude; the partial sums of ``sum_k c[r,k] Wq[n,k]`` with
+#   ``|c| <= 2^(b-1)`` are bounded by ``2^(b-1) * max_n sum_k |Wq[n,k]|``, a bound of the weight
+#   alone, proved once per (weight, activation parameters) by :func:`qlinear_plan` (the
+#   worst case is the issue's ``K 2^(a-1) 2^(w-1) < 2^24``). Where it does not hold, K is split
+#   into chunks for which it does and the chunks are summed in float64 (exact below 2^53);
+# * the zero-point correction ``(2^(b-1) - z_a[t]) wsum[n]`` and the dequantization scale
+#   ``s_a[t] s_w[n]`` are (T, N) tables made once per plan and applied in place by broadcasting;
+# * the int32 overflow check runs only where the proved bound ``max_n sum_k |Wq[n,k]| *
+#   max_t max(z_t - qmin, qmax - z_t)`` does not already exclude an overflow.
+#
+# It is used for CPU tensors when float32 matmuls run at full precision
+# (``torch.get_float32_matmul_precision() == "highest"``: other settings may use bf16/TF32);
+# ``set_fast_path(False)`` or ``VMFX_REFERENCE_SLOW=1`` selects the slow path (the oracle the fast
+# path is tested against).
+
+_FAST_PATH = os.environ.get("VMFX_REFERENCE_SLOW", "").lower() not in ("1", "true", "yes")
+_EXACT_F32 = 2**24  # every integer of magnitude <= 2^24 is a float32
+_PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def set_fast_path(enabled: bool) -> bool:
+    """Turn the reference's CPU fast path on or off (process-wide); returns the previous setting."""
+    global _FAST_PATH
+    previous, _FAST_PATH = _FAST_PATH, bool(enabled)
+    return previous
+
+
+def fast_path_enabled() -> bool:
+    """Whether the CPU fast path is on (default; ``VMFX_REFERENCE_SLOW=1`` turns it off)."""
+    return _FAST_PATH
+
+
+def _fast_ok(x: torch.Tensor) -> bool:
+    return _FAST_PATH and x.device.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+
+
+def _by_token(t: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(M, C) rows ordered (batch, token) -> a (M / T, T, C) view (T = 1: (M, 1, C))."""
+    return t.view(-1, tokens, t.shape[-1])
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape, dtype=torch.float32) -> torch.Tensor:
+    """A per-thread work buffer called ``name``, reused between calls (never returned to callers).
+
+    Freshly allocated multi-MiB CPU tensors are page-faulted in on every call, which costs more
+    than the elementwise operation done in them (as for the scan's workspace in
+    :mod:`vmfx.ops.selective_scan`)."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(name, dtype)] = torch.empty(max(numel, 1), dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _quantize_float(x2: torch.Tensor, act: ActQuant, name: str = "codes") -> torch.Tensor:
+    """``q - 2^(b-1)`` of (M, K) float32 rows as float32 (exact small integers), by broadcasting:
+    the same float32 operations, in the same order, as :func:`quantize_act`. The result lives in
+    the scratch buffer ``name`` (valid until the next call that uses it)."""
+    v = _scratch(name, x2.shape)
+    if act.inv_smooth is not None:
+        torch.mul(x2, act.inv_smooth, out=v)
+    else:
+        v.copy_(x2)
+    v3 = _by_token(v, act.tokens)
+    v3.mul_(act.inv_scale.view(-1, 1))
+    v3.round_()
+    v3.add_(act.zero_point.view(-1, 1))
+    v.clamp_(act.qmin, act.qmax).sub_(act.offset)
+    return v
+
+
+@dataclass(frozen=True, eq=False)
+class QLinearPlan:
+    """What the fast path of :func:`qlinear` prepares once per (weight, activation parameters).
+
+    Attributes:
+        chunks: ((k0, k1, W^T[k0:k1] float32 (k1-k0, N)), ...): one chunk when the float32 GEMM
+            on the codes is exact over the whole K, else the K ranges for which it is.
+        corr: (T, N) ``(2^(b-1) - z_a[t]) * wsum[n]``, float32 if ``acc_in_f32`` else float64.
+        scale: (T, N) float32 ``s_a[t] * s_w[n]`` (the slow path's product, same rounding).
+        acc_in_f32: the whole accumulator (GEMM + correction) is exact in float32.
+        check_overflow: the bound does not exclude an int32 overflow: check each call.
+        bound: the proved bound on ``|acc|``.
+        keep: the tensors the plan was made from (kept alive so that the cache key stays valid).
+    """
+
+    chunks: tuple
+    corr: torch.Tensor
+    scale: torch.Tensor
+    acc_in_f32: bool
+    check_overflow: bool
+    bound: int
+    keep: tuple
+
+
+def _plan_key(weight: QWeight, act: ActQuant) -> tuple:
+    ts = (weight.scale, weight.wsum, act.scale, act.zero_point)
+    return (weight.codes._version, act.bits) + tuple((id(t), t._version) for t in ts)
+
+
+def qlinear_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
+    """The fast path's prepared tables and proved bounds for ``weight`` and ``act`` (cached on the
+    weight's codes tensor; made again when any of the tensors is modified in place)."""
+    per_weight = _PLANS.get(weight.codes)
+    if per_weight is None:
+        per_weight = _PLANS[weight.codes] = {}
+    key = _plan_key(weight, act)
+    plan = per_weight.get(key)
+    if plan is None:
+        plan = per_weight[key] = _make_plan(weight, act)
+    return plan
+
+
+def _make_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
+    codes = weight.codes.to(torch.int64)
+    n, k = codes.shape
+    off = act.offset
+    absw = codes.abs()
+    row_abs = int(absw.sum(1).max()) if codes.numel() else 0
+    z = act.zero_point.to(torch.float64)
+    # |acc| = |sum_k (q - z_t) Wq| <= max_n sum_k |Wq| * max_t max(z_t - qmin, qmax - z_t)
+    spread = int(torch.maximum(z - act.qmin, act.qmax - z).max())
+    bound = row_abs * spread
+    # exact (|.| < 2^53); "+ 0.0" turns -0 into +0, so that acc + corr is never -0 (the slow path's
+    # int64 round trip gives +0 for a zero accumulator)
+    corr64 = (off - z)[:, None] * weight.wsum.to(torch.float64)[None, :] + 0.0
+    corr_max = int(corr64.abs().max()) if corr64.numel() else 0
+    wt = weight.codes.t().float()
+    # chunks of K whose GEMM partial sums stay exact in float32: off * max_n sum_{chunk} |Wq| < 2^24
+    chunks, start = [], 0
+    if off * row_abs < _EXACT_F32:
+        chunks.append((0, k, wt.contiguous()))
+    else:
+        cums = torch.cat([torch.zeros(n, 1, dtype=torch.int64), absw.cumsum(1)], 1)  # (N, K + 1)
+        while start < k:
+            widths = (cums[:, start + 1:] - cums[:, start:start + 1]).max(0).values * off  # chunk [start, end)
+            fits = int((widths < _EXACT_F32).sum())  # widths grow with the end: a prefix fits
+            end = start + max(1, fits)  # one column always fits: 2^(b-1) * 127 < 2^24
+            chunks.append((start, end, wt[start:end].contiguous()))
+            start = end
+    acc_in_f32 = len(chunks) == 1 and bound < _EXACT_F32 and corr_max < _EXACT_F32
+    return QLinearPlan(
+        chunks=tuple(chunks),
+        corr=corr64.float() if acc_in_f32 else corr64,
+        scale=act.scale[:, None] * weight.scale[None, :],
+        acc_in_f32=acc_in_f32,
+        check_overflow=bound >= 2**31,
+        bound=bound,
+        keep=(weight.codes, weight.scale, weight.wsum, act.scale, act.zero_point),
+    )
+
+
+def _qlinear_fast(x, weight, act, bias, epilogue, epilogue_inputs, return_acc):
+    """:func:`qlinear` on the CPU fast path (see the section comment); same results, bit for bit."""
+    prequantized = x.dtype == torch.int8
+    c2 = _rows(x, act.tokens, "x")
+    m, k = c2.shape
+    n, kw = weight.codes.shape
+    if k != kw:
+        raise ValueError(f"x has K={k} but the weight is {tuple(weight.codes.shape)}")
+    out_shape = tuple(x.shape[:-1]) + (n,)
+    if m == 0:
+        y = torch.zeros(out_shape)
+        return (y, torch.zeros(out_shape, dtype=torch.int32)) if return_acc else y
+    plan = qlinear_plan(weight, act)
+    c = _scratch("codes", c2.shape).copy_(c2) if prequantized else _quantize_float(c2.float(), act)
+    t = act.tokens
+    if plan.acc_in_f32:
+        k0, k1, wt = plan.chunks[0]
+        acc = torch.mm(c, wt)
+        _by_token(acc, t).add_(plan.corr)
+    else:
+        acc = None
+        for k0, k1, wt in plan.chunks:
+            part = torch.mm(c[:, k0:k1] if len(plan.chunks) > 1 else c, wt).double()
+            acc = part if acc is None else acc.add_(part)
+        _by_token(acc, t).add_(plan.corr)
+        if plan.check_overflow and float(acc.abs().max()) >= 2**31:
+            raise OverflowError("the int32 accumulator would overflow (K too large)")
+    acc_int = acc.to(torch.int32).reshape(out_shape) if return_acc else None
+    y = acc if acc.dtype == torch.float32 else acc.float()
+    _by_token(y, t).mul_(plan.scale)
+    if bias is not None:
+        y.add_(bias.float()[None, :])
+    y = apply_epilogue(y, epilogue, epilogue_inputs, inplace=True).reshape(out_shape)
+    return (y, acc_int) if return_acc else y
 
 
 # ------------------------------------------------------------------------------ mamba pieces
@@ -374,6 +662,8 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     w = weight.reshape(weight.shape[0], -1).float()
     bsz, e, length = x.shape
     width = w.shape[1]
+    if _fast_ok(x) and x.dim() == 3:
+        return _conv_fast(x, w, bias, act)
     xp = F.pad(x, (width - 1, 0))
     acc = torch.zeros_like(x)
     for j in range(width):
@@ -385,6 +675,49 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         return out
     return out, quantize_act(out.transpose(1, 2).reshape(bsz * length, e), act)
 
+
+def _conv_fast(x, w, bias, act):
+    """:func:`causal_conv1d_silu` on the CPU fast path, bit for bit the slow path's result.
+
+    No padded copy: tap ``j`` adds ``x[l - (W-1) + j] * w[j]`` only where ``l - (W-1) + j >= 0``.
+    The slow path adds ``0 * w[j]`` (a signed zero) elsewhere; its accumulator starts at +0 and so
+    never holds -0, and adding a zero to +0 or to a non-zero value leaves it unchanged, so skipping
+    those adds changes no bit. Products, SiLU's denominator and the codes are made in scratch
+    buffers, in the slow path's order of float32 operations; the codes are made in the (B, E, L)
+    layout (per-channel smoothing along E, per-token parameters along L) and transposed as int8.
+    """
+    bsz, e, length = x.shape
+    width = w.shape[1]
+    xc = x if x.is_contiguous() else _scratch("conv_x", x.shape).copy_(x)
+    prod = _scratch("conv_prod", x.shape)
+    acc = torch.zeros_like(xc)
+    for j in range(width):
+        s = width - 1 - j
+        if s < length:
+            p = prod[..., s:]
+            torch.mul(xc[..., : length - s], w[:, j, None], out=p)
+            acc[..., s:].add_(p)
+    if bias is not None:
+        acc.add_(bias.float()[:, None])
+    den = torch.neg(acc, out=prod).exp_().add_(1.0)
+    out = acc.div_(den)
+    if act is None:
+        return out
+    v = prod  # the denominator is no longer needed
+    if act.inv_smooth is not None:
+        torch.mul(out, act.inv_smooth[:, None], out=v)
+    else:
+        v.copy_(out)
+    if act.per_token:
+        if act.tokens != length:
+            raise ValueError(f"conv output has {length} tokens but the per-token parameters have {act.tokens}")
+        v.mul_(act.inv_scale[None, None, :]).round_().add_(act.zero_point[None, None, :])
+    else:
+        v.mul_(act.inv_scale).round_().add_(act.zero_point)
+    v.clamp_(act.qmin, act.qmax).sub_(act.offset)
+    c8 = _scratch("conv_codes", v.shape, torch.int8).copy_(v)
+    codes = torch.empty((bsz, length, e), dtype=torch.int8).copy_(c8.transpose(1, 2))
+    return out, codes.view(bsz * length, e)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    flip_z: bool = False):
@@ -419,6 +752,8 @@ def merge_quantize(y_f: torch.Tensor, y_b: torch.Tensor | None = None, scale: fl
     Returns:
         ``m`` (B, L, E) float32, or ``(m, codes)``.
     """
+    if _fast_ok(y_f) and y_f.dim() == 3:
+        return _merge_fast(y_f, y_b, scale, act)
     m = y_f.float()
     if y_b is not None:
         m = m + y_b.float().flip(-1)
@@ -426,3 +761,19 @@ def merge_quantize(y_f: torch.Tensor, y_b: torch.Tensor | None = None, scale: fl
     if act is None:
         return m
     return m, quantize_act(m.reshape(-1, m.shape[-1]), act)
+
+
+def _merge_fast(y_f, y_b, scale, act):
+    """:func:`merge_quantize` on the CPU fast path: the same float32 operations, in scratch
+    buffers; the codes come from the fast quantize. Bit for bit the slow path's result."""
+    m = _scratch("merge", y_f.shape)
+    if y_b is not None:
+        torch.add(y_f.float(), torch.flip(y_b.float(), (-1,)), out=m)
+    else:
+        m.copy_(y_f)
+    m.mul_(torch.tensor(scale, dtype=torch.float32))
+    out = m.transpose(1, 2).contiguous()
+    if act is None:
+        return out
+    codes = _quantize_float(out.view(-1, out.shape[-1]), act).to(torch.int8)
+    return out, codes

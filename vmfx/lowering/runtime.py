@@ -136,7 +136,12 @@ class LoweredQLinear(LoweredPartition):
         self.takes_codes = takes_codes
 
     def _weight(self) -> ref.QWeight:
-        return ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits)
+        packed = None
+        if self.w_bits <= 4 and self.backend == "triton":  # the GEMM reads 4-bit codes two per byte
+            packed = getattr(self, "_w_packed", None)
+            if packed is None or packed.device != self.w_codes.device:
+                packed = self._w_packed = ref.pack_int4(self.w_codes)
+        return ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits, packed)
 
     def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         if self.takes_codes and x.dim() == 2:

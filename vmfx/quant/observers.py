@@ -265,7 +265,8 @@ class LpObserver(MinMaxObserver):
         reduce = tuple(d for d in range(x.dim()) if d not in self.kept_dims)
         if self.losses.numel() == 0:
             count = self.candidates if self.spec.symmetric else len(self._clip_ratios())
-            self.losses = torch.zeros((count,) + tuple(self.min_val.shape), dtype=torch.float64)
+            self.losses = torch.zeros((count,) + tuple(self.min_val.shape), dtype=torch.float64,
+                                      device=self.min_val.device)
         for i, (lo, hi) in enumerate(self._candidate_ranges()):
             qp = qparams_from_range(lo, hi, self.spec)
             err = (fake_quantize(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax) - x).abs_().pow_(self.p)

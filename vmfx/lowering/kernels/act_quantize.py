@@ -118,7 +118,7 @@ def quantize(x: torch.Tensor, act: ActQuant, *, block: Mapping[str, int] | None 
     """Launch the activation quantizer.
 
     Args:
-        x: (…, K) float32, any strides; rows are (batch, token) pairs (3-D: (B, L, K)).
+        x: (…, K) float32, float16 or bfloat16, any strides; rows are (batch, token) pairs (3-D: (B, L, K)).
         act: the parameters (per-token T = L or per-tensor; optional smoothing (K,)).
         block: fixed ``BLOCK_M`` / ``BLOCK_K`` (optional ``num_warps``); default: autotuned on
             the GPU, one large tile under the interpreter.
@@ -127,7 +127,7 @@ def quantize(x: torch.Tensor, act: ActQuant, *, block: Mapping[str, int] | None 
     Returns:
         int8 codes ``q - 2^(b-1)``, contiguous, shaped like ``x``.
     """
-    check_tensor(x, "x", torch.float32)
+    check_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16))
     if x.dim() < 2:
         raise ValueError(f"x must be (…, K), got {tuple(x.shape)}")
     dev, k, t = x.device, x.shape[-1], act.tokens

@@ -9,19 +9,28 @@ rows ``r`` of a (M, K) activation (``t = r % T``; T = 1 per-tensor, T = L per-to
 
 ``acc`` equals ``sum_k (q - z_a) * Wq`` exactly: shifting the unsigned codes to int8 lets the
 product run on int8 tensor cores (``tl.dot`` of int8 tiles into int32), and the zero point is
-folded back with one rank-1 correction per output tile. 4-bit weights are int8 codes in
-[-7, 7]; 4-bit activations are codes in [-8, 7]: both use the same kernel. With
-``prequantized=True`` the kernel reads int8 codes (``q - 2^(b-1)``, written by an upstream
-kernel's epilogue, e.g. ``conv`` or ``merge_quantize``) instead of float ``x``.
+folded back with one rank-1 correction per output tile. 4-bit weights are codes in [-7, 7],
+stored one per int8 byte or, with ``packed=True`` (:meth:`~vmfx.lowering.reference.QWeight.pack`),
+two per byte and unpacked in registers (half the weight bytes); 4-bit activations are codes in
+[-8, 7]. With ``prequantized=True`` the kernel reads int8 codes (``q - 2^(b-1)``, written by an
+upstream kernel's epilogue, e.g. ``conv`` or ``merge_quantize``) instead of float ``x``.
+
+Input and output dtypes: float ``x`` may be float32, float16 or bfloat16 (converted to float32 in
+registers); ``out`` is float32, float16 or bfloat16 (the float32 result rounded once at the store).
 
 Blocking (Triton tutorial 03): one program per (BLOCK_M, BLOCK_N) output tile, in grouped order
 (GROUP_M row tiles share each column of weight tiles, for L2 reuse); a loop over K in BLOCK_K
-steps loads a float (BLOCK_M, BLOCK_K) activation tile, quantizes it in registers and multiplies
-it with an int8 (BLOCK_K, BLOCK_N) weight tile.
+steps loads an int8 (or float, quantized in registers) (BLOCK_M, BLOCK_K) activation tile and
+multiplies it with an int8 (BLOCK_K, BLOCK_N) weight tile.
 
-Memory traffic: reads 4 M K bytes of activations (1 M K for codes) once per column of output
-tiles (N / BLOCK_N times, mostly from L2), N K bytes of weights once per row of tiles, O(N + T + K)
-parameters; writes 4 M N bytes (plus 4 M N for ``store_acc``, a debugging output).
+Quantize once: quantizing float ``x`` inside the K loop redoes it once per column of output tiles
+(N / BLOCK_N times). On a GPU the launcher therefore runs the standalone ``quantize`` kernel first
+and the GEMM on its codes (``quantize_once``; measured 3.6x faster at the Vim-B in_proj shape on an
+H200, ``benchmarks/results/kernels.md``); the fused form stays for the interpreter and the tests.
+
+Memory traffic: reads M K bytes of codes (or 2-4 M K bytes of floats) once per column of output
+tiles (mostly from L2), N K (N K / 2 packed) bytes of weights once per row of tiles, O(N + T + K)
+parameters; writes 2 or 4 M N bytes (plus 4 M N for ``store_acc``, a debugging output).
 """
 
 from __future__ import annotations
@@ -59,7 +68,14 @@ AUTOTUNE_CONFIGS = [
     {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
     {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    # larger tiles for Hopper-class GPUs (int8 wgmma tiles; more operand reuse per byte loaded)
+    {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3},
 ]
+
+#: Output dtypes the kernel can write (the float32 result of the epilogue, rounded once at the store).
+OUT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def render_qlinear(
@@ -73,6 +89,8 @@ def render_qlinear(
     store_acc: bool = False,
     autotune: bool = False,
     provenance: Sequence[str] = (),
+    out_dtype: str = "float32",
+    packed: bool = False,
 ) -> str:
     """Render the source of one ``qlinear`` kernel.
 
@@ -87,10 +105,19 @@ def render_qlinear(
         autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`; otherwise the block
             sizes are ``tl.constexpr`` arguments the launcher passes.
         provenance: the FX nodes this kernel implements (written in the header).
+        out_dtype: "float32", "float16" or "bfloat16": the dtype of ``out`` (the float32 result is
+            rounded once, at the store).
+        packed: the weight is 4-bit codes packed two per byte (:meth:`QWeight.pack`): byte
+            ``(n, j)`` holds column ``j`` in its low nibble and column ``j + Kh`` in its high nibble
+            (``Kh = ceil(K / 2)``); the loop runs over ``Kh``, unpacks both nibbles in registers
+            (sign-extending shifts) and does two dots per step, against the activation columns
+            ``j`` and ``j + Kh``. Half the weight bytes of the int8 layout.
 
     Returns:
         The module source; the kernel is called :data:`KERNEL_NAME`.
     """
+    if out_dtype not in OUT_DTYPES.values():
+        raise ValueError(f"out_dtype must be one of {sorted(OUT_DTYPES.values())}, got {out_dtype!r}")
     if prequantized and smooth:
         raise ValueError("pre-quantized input is already smoothed: smooth must be False")
     if not 2 <= act_bits <= 8:
@@ -100,7 +127,7 @@ def render_qlinear(
     buf = IndentedBuffer()
     render_header(buf, "qlinear", provenance, dict(
         per_token=per_token, smooth=smooth, bias=bias, prequantized=prequantized, act_bits=act_bits,
-        epilogue=ep.ops, store_acc=store_acc, autotune=autotune))
+        epilogue=ep.ops, store_acc=store_acc, autotune=autotune, out_dtype=out_dtype, packed=packed))
     render_helpers(buf, (() if prequantized else ("_vmfx_quantize",)) + ep.helpers)
     if autotune:
         render_autotune(buf, AUTOTUNE_CONFIGS, ["M", "N", "K"])
@@ -156,24 +183,31 @@ def render_qlinear(
             buf.writeline("za = tl.load(za_ptr)")
         buf.newline()
         buf.writeline("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)")
-        buf.writeline("for k0 in range(0, K, BLOCK_K):")
-        with buf.indent():
-            buf.writeline("offs_k = k0 + tl.arange(0, BLOCK_K)")
-            buf.writeline("mask_k = offs_k < K")
-            buf.writeline("x_mask = mask_m[:, None] & mask_k[None, :]")
-            buf.writeline("x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk")
-            if prequantized:
-                buf.writeline("a = tl.load(x_ptrs, mask=x_mask, other=0)  # int8 codes q - OFFSET")
-            else:
-                buf.writeline("# read 4 BLOCK_M BLOCK_K bytes; quantize in registers (padding: w is 0 there)")
-                buf.writeline("x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)")
-                if smooth:
-                    buf.writeline("x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]")
-                buf.writeline(
-                    f"a = _vmfx_quantize(x, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
-            buf.writeline("w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn")
-            buf.writeline("w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)")
-            buf.writeline("acc = tl.dot(a, w, acc, out_dtype=tl.int32)")
+        if packed:
+            buf.writeline("KH = (K + 1) // 2  # packed columns: low nibble column j, high nibble column j + KH")
+            buf.writeline("for k0 in range(0, KH, BLOCK_K):")
+            with buf.indent():
+                buf.writeline("offs_j = k0 + tl.arange(0, BLOCK_K)")
+                buf.writeline("mask_j = offs_j < KH")
+                buf.writeline("w_ptrs = w_ptr + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn")
+                buf.writeline("p = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0)")
+                buf.writeline("p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)")
+                buf.writeline("w_lo = ((p32 << 28) >> 28).to(tl.int8)  # low nibble: column j")
+                buf.writeline("w_hi = ((p32 << 24) >> 28).to(tl.int8)  # high nibble: column j + KH")
+                for half, offs in (("lo", "offs_j"), ("hi", "offs_j + KH")):
+                    buf.writeline(f"offs_k = {offs}")
+                    buf.writeline("mask_k = mask_j & (offs_k < K)")
+                    _render_act_tile(buf, prequantized, smooth, qmax, off)
+                    buf.writeline(f"acc = tl.dot(a, w_{half}, acc, out_dtype=tl.int32)")
+        else:
+            buf.writeline("for k0 in range(0, K, BLOCK_K):")
+            with buf.indent():
+                buf.writeline("offs_k = k0 + tl.arange(0, BLOCK_K)")
+                buf.writeline("mask_k = offs_k < K")
+                _render_act_tile(buf, prequantized, smooth, qmax, off)
+                buf.writeline("w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn")
+                buf.writeline("w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)")
+                buf.writeline("acc = tl.dot(a, w, acc, out_dtype=tl.int32)")
         buf.newline()
         buf.writeline(f"# zero point: acc += ({off} - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly")
         buf.writeline("wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)")
@@ -191,10 +225,27 @@ def render_qlinear(
         buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)")
         buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
         render_epilogue(buf, ep, acc="y", offsets="offs_out", mask="mask_out")
-        buf.writeline("tl.store(out_ptr + offs_out, y, mask=mask_out)")
+        if out_dtype == "float32":
+            buf.writeline("tl.store(out_ptr + offs_out, y, mask=mask_out)")
+        else:
+            buf.writeline(f"tl.store(out_ptr + offs_out, y.to(tl.{out_dtype}), mask=mask_out)")
         if store_acc:
             buf.writeline("tl.store(acc_ptr + offs_out, acc, mask=mask_out)")
     return buf.getvalue()
+
+
+def _render_act_tile(buf: IndentedBuffer, prequantized: bool, smooth: bool, qmax: int, off: int) -> None:
+    """The (BLOCK_M, BLOCK_K) int8 activation tile ``a`` at columns ``offs_k`` (mask ``mask_k``)."""
+    buf.writeline("x_mask = mask_m[:, None] & mask_k[None, :]")
+    buf.writeline("x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk")
+    if prequantized:
+        buf.writeline("a = tl.load(x_ptrs, mask=x_mask, other=0)  # int8 codes q - OFFSET")
+    else:
+        buf.writeline("# read a float BLOCK_M x BLOCK_K tile; quantize in registers (padding: w is 0 there)")
+        buf.writeline("x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)")
+        if smooth:
+            buf.writeline("x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]")
+        buf.writeline(f"a = _vmfx_quantize(x, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
 
 
 @dataclass(frozen=True)
@@ -208,6 +259,8 @@ class _Spec:
     store_acc: bool
     autotune: bool
     provenance: tuple
+    out_dtype: str = "float32"
+    packed: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,15 +286,18 @@ def qlinear(
     block: Mapping[str, int] | None = None,
     provenance: Sequence[str] = (),
     return_acc: bool = False,
+    out_dtype: torch.dtype | None = None,
+    quantize_once: bool | None = None,
 ):
     """Launch the fused quantized linear layer.
 
     Args:
-        x: (…, K) float32 activations, or int8 codes ``q - 2^(b-1)`` from an upstream kernel
+        x: (…, K) float32 / float16 / bfloat16 activations, or int8 codes ``q - 2^(b-1)`` from an upstream kernel
             (the pre-quantized variant is chosen by dtype). Rows are (batch, token) pairs: for
             per-token parameters the second-to-last dimension (3-D input) must be L, and a 2-D
             input must have a multiple of L rows. Any strides.
-        weight: the prepared int8 weight (N, K).
+        weight: the prepared weight (N, K); when it carries packed 4-bit codes
+            (:meth:`QWeight.pack`) the GEMM reads those (half the bytes).
         act: activation parameters (per-token or per-tensor; smoothing ignored for codes).
         bias: optional (N,) float32.
         epilogue: ops on the float output (``("silu",)``, ``("add", "res")``, ``("mul", 0.5)``,
@@ -254,22 +310,44 @@ def qlinear(
             under the interpreter.
         provenance: FX node names, for the generated source's header.
         return_acc: also return the int32 accumulator (…, N).
+        out_dtype: float32, float16 or bfloat16; default: ``x``'s dtype when it is float16 or
+            bfloat16 (the model's dtype), else float32.
+        quantize_once: for float ``x``, first quantize it with the standalone :func:`quantize`
+            kernel and run the GEMM on the codes, instead of quantizing inside the GEMM's K loop
+            (which redoes it once per column of output tiles). Same codes, same results. Default:
+            on a GPU (measured on an H200 at the Vim-B in_proj shape: 0.53 ms against 1.73 ms
+            fused, ``benchmarks/results/kernels.md``); fused under the interpreter.
 
     Returns:
-        ``y`` (…, N) float32, or ``(y, acc)``.
+        ``y`` (…, N) in ``out_dtype``, or ``(y, acc)``.
 
     Raises:
         ValueError: wrong shapes, dtypes or devices (the message names the argument).
     """
+    check_tensor(x, "x", (torch.float32, torch.float16, torch.bfloat16, torch.int8))
+    if out_dtype is None:
+        out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)}, got {out_dtype}")
+    if quantize_once is None:
+        quantize_once = not interpreting()
+    if quantize_once and x.dtype != torch.int8 and x.dim() >= 2 and x.shape[-1] == weight.codes.shape[1]:
+        from .act_quantize import quantize
+
+        x = quantize(x, act, provenance=provenance)
     prequantized = x.dtype == torch.int8
-    check_tensor(x, "x", (torch.float32, torch.int8))
     if x.dim() < 2:
         raise ValueError(f"x must be (…, K) with rows and channels, got {tuple(x.shape)}")
     dev = x.device
     n, k = weight.codes.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]} channels but the weight is {tuple(weight.codes.shape)}")
-    check_tensor(weight.codes, "weight.codes", torch.int8, device=dev)
+    packed = weight.packed is not None and weight.bits <= 4
+    if packed:
+        kh = (k + 1) // 2
+        check_tensor(weight.packed, "weight.packed", torch.int8, (n, kh), dev)
+    else:
+        check_tensor(weight.codes, "weight.codes", torch.int8, device=dev)
     check_tensor(weight.wsum, "weight.wsum", torch.int32, (n,), dev, True)
     check_tensor(weight.scale, "weight.scale", torch.float32, (n,), dev, True)
     t = act.tokens
@@ -294,17 +372,19 @@ def qlinear(
     if missing:
         raise ValueError(f"epilogue inputs {sorted(missing)} not given")
 
-    out = torch.empty((m, n), dtype=torch.float32, device=dev)
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, n), dtype=torch.int32, device=dev) if return_acc else None
     spec = _Spec(t > 1, smooth, bias is not None, prequantized, act.bits, ep.ops, return_acc,
-                 block is None and not interpreting(), tuple(str(p) for p in provenance))
+                 block is None and not interpreting(), tuple(str(p) for p in provenance), OUT_DTYPES[out_dtype],
+                 packed)
     kernel = _kernel(spec)
 
-    args = dict(x_ptr=x2, w_ptr=weight.codes, wsum_ptr=weight.wsum, w_scale_ptr=weight.scale,
+    w_store = weight.packed if packed else weight.codes
+    args = dict(x_ptr=x2, w_ptr=w_store, wsum_ptr=weight.wsum, w_scale_ptr=weight.scale,
                 sa_ptr=act.scale, za_ptr=act.zero_point, out_ptr=out,
                 M=m, N=n, K=k, L=t,
                 stride_xm=x2.stride(0), stride_xk=x2.stride(1),
-                stride_wn=weight.codes.stride(0), stride_wk=weight.codes.stride(1))
+                stride_wn=w_store.stride(0), stride_wk=w_store.stride(1))
     if not prequantized:
         args["inv_sa_ptr"] = act.inv_scale
     if smooth:
@@ -312,7 +392,7 @@ def qlinear(
     if bias is not None:
         args["bias_ptr"] = bias
     for name in ep.inputs:
-        e = check_tensor(inputs[name], f"epilogue input {name!r}", torch.float32, device=dev, contiguous=True)
+        e = check_tensor(inputs[name], f"epilogue input {name!r}", tuple(OUT_DTYPES), device=dev, contiguous=True)
         if ep.layout(name) == "channel":
             if tuple(e.shape) != (n,):
                 raise ValueError(f"per-channel epilogue input {name!r} must be ({n},), got {tuple(e.shape)}")
