@@ -189,6 +189,7 @@ class JLSSPass(Pass):
         record["initial_loss"] = self._loss(runner, segment, out_node, q_envs, targets)
         order = []
         losses = []
+        loop_start = time.perf_counter()
         for step in range(cfg.steps):
             if not order:
                 order = torch.randperm(len(q_envs), generator=generator).tolist()
@@ -205,6 +206,7 @@ class JLSSPass(Pass):
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
+        record["step_seconds"] = round((time.perf_counter() - loop_start) / cfg.steps, 4)
         for p in params:
             p.requires_grad_(False)
         for p in s_params:
