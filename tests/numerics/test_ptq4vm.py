@@ -203,3 +203,9 @@ def test_each_block_learns_on_the_quantized_output_of_the_block_before(tiny_mode
     # block 0's quantizers did not change after its own learning, so block 1 saw exactly this
     torch.testing.assert_close(step_inputs[1][name], env_q[live].detach())
     assert not torch.allclose(step_inputs[1][name], env_f[live])  # and not the float stream
+
+def test_jlss_progress_shows_blocks_and_steps_with_a_total(tiny_model, tiny_images, capsys):
+    vmfx.compile(tiny_model, tiny_images, _cfg(steps=3), progress=True)
+    err = capsys.readouterr().err
+    assert "ptq4vm: JLSS block 1/2" in err and "ptq4vm: JLSS block 2/2" in err
+    assert "/6 [" in err  # a total: 3 steps x 2 blocks, with elapsed / remaining time
