@@ -18,6 +18,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     InputError,
+    LayoutError,
     LoweringError,
     PassError,
     SerializationError,
@@ -57,4 +58,5 @@ __all__ = [
     "SerializationError",
     "LoweringError",
     "InputError",
+    "LayoutError",
 ]
