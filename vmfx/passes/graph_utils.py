@@ -31,13 +31,11 @@ from ..layout import LAYOUT_META
 __all__ = [
     "EDITS_META",
     "unique_submodule_name",
-    "insert_module_before",
     "insert_module_on_edge",
     "insert_module_after",
     "remove_passthrough_node",
     "replace_submodule",
     "functionalize_linear",
-    "linear_parts",
     "replay_edits",
 ]
 
@@ -90,10 +88,6 @@ def insert_module_on_edge(
     _log(gm, {"op": "insert", "node": new.name, "path": path, "input": arg.name, "user": user.name,
               "kwargs": dict(kwargs or {})})
     return new
-
-
-#: Kept for passes written against the earlier name.
-insert_module_before = insert_module_on_edge
 
 
 def insert_module_after(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str) -> fx.Node:
@@ -152,23 +146,6 @@ def functionalize_linear(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     name = node.name
     _log(gm, {"op": "functional_linear", "node": name})
     return node
-
-
-def linear_parts(node: fx.Node, through: Callable[[fx.Node], bool]) -> tuple[str | None, fx.Node | None]:
-    """For a linear node: its module path and the ``get_attr`` node of its weight, walking back
-    the weight edge through the nodes ``through`` accepts (quantizers, smoothing).
-
-    A ``call_module`` linear gives ``(target, None)``; a functional one whose weight does not come
-    from a ``get_attr`` gives ``(None, None)``.
-    """
-    if node.op == "call_module":
-        return node.target, None
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    while isinstance(weight, fx.Node) and weight.op == "call_module" and through(weight):
-        weight = weight.args[0]
-    if isinstance(weight, fx.Node) and weight.op == "get_attr" and weight.target.endswith(".weight"):
-        return weight.target[: -len(".weight")], weight
-    return node.meta.get("vmfx_module"), None
 
 
 def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[dict], nn.Module]) -> None:

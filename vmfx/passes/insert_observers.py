@@ -36,7 +36,6 @@ from .graph_utils import (
     functionalize_linear,
     insert_module_after,
     insert_module_on_edge,
-    linear_parts,
     unique_submodule_name,
 )
 from .patterns import is_linear
@@ -127,7 +126,7 @@ class InsertObserversPass(Pass):
         quantized = 0
         for node in [n for n in gm.graph.nodes if is_linear(n) and annotation(n) is not None]:
             ann = annotation(node)
-            module, _ = linear_parts(node, lambda n: False)
+            module = node.target if node.op == "call_module" else node.meta.get("vmfx_module")
             a_spec = self.spec_for("input", ann.role, module, node.name)
             w_spec = self.spec_for("weight", ann.role, module, node.name)
             if a_spec is None and w_spec is None:
