@@ -445,7 +445,7 @@ def baseline_lines(records: list[dict], baseline: list[dict], label: str) -> lis
     for r in sorted(records, key=lambda r: (r["model"], order.get(r["method"], 99), BITS_LABELS.index(r["bits"])
                                             if r["bits"] in BITS_LABELS else -1, record_seed(r) or 0)):
         b = old.get(record_key(r))
-        if b is None:
+        if b is None or b == r:  # no earlier record, or the very same one (not re-measured)
             continue
         diffs = {"top1": accuracy_difference(r, b, "top1"), "agree": accuracy_difference(r, b, "agree"),
                  "kl": kl_difference(r, b)}
