@@ -65,8 +65,9 @@ FORMAT_VERSION = 2
 
 def _known_builders() -> dict[str, Any]:
     from .models.vim import VisionMamba
+    from .models.localmamba import LocalVim  # LocalMamba (issue 12)
 
-    return {f"{VisionMamba.__module__}.{VisionMamba.__qualname__}": VisionMamba}
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in (VisionMamba, LocalVim)}
 
 
 # -- modules and annotations as JSON --------------------------------------------------------------

@@ -486,8 +486,9 @@ class LocalVim(nn.Module):
         bimamba_type: accepted; unused by MultiMamba.
         if_cls_token, use_middle_cls_token: a class token in the middle of the sequence, whose
             feature is returned (a class token at the front cannot be scanned in 2D: ConfigError).
-        directions: per block, its list of scan directions; None for the search supernet (all eight
-            directions in every block, merged by learned weights).
+        directions: per block, its list of scan directions (at least ``depth`` lists; block i uses
+            the i-th); None for the search supernet (all eight directions in every block, merged by
+            learned weights).
         mamba_cls: the mixer class; only :class:`MultiMamba` (or None) is supported.
         **kwargs: swallowed like the official constructor does; kept in ``self.ignored_kwargs``.
     """
@@ -586,8 +587,8 @@ class LocalVim(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
         if directions is None:
             directions = [None] * depth
-        if len(directions) != depth:
-            raise ConfigError(f"directions lists {len(directions)} layers, but depth={depth}")
+        if len(directions) < depth:  # the official code reads directions[i] for i < depth: extra ones are unused
+            raise ConfigError(f"directions lists {len(directions)} layers, but depth={depth}: give one list per block")
         ssm_cfg = dict(ssm_cfg or {})
         self.layers = nn.ModuleList()
         for i in range(depth):

@@ -8,8 +8,9 @@ they only label Linear nodes that structure left unexplained inside a matched mi
   whose input is the same SiLU output as ``u``; ``B`` and ``C`` are slices of the same ``x_proj``
 * gate (optional): the scan output times SiLU (``gate``) of a slice of the same ``in_proj`` (or
   ``z=`` given to the scan op); ungated mixers (MambaVision concatenates the z branch) match too
-* then forward through transparent ops and the direction merge (``merge``: add, divide, concat)
-  to the Linear that reads the result (``out_proj``)
+* then forward through transparent ops, channel attentions (a value read by several branches that
+  meet again in one node, e.g. ``x * gate(pool(x))``) and the direction merge (``merge``: add,
+  divide, concat) to the Linear that reads the result (``out_proj``)
 
 Token layouts (:mod:`vmfx.passes.layouts`): every node from ``in_proj`` to ``out_proj`` gets the
 :class:`~vmfx.layout.TokenLayout` of its output (``node.meta[LAYOUT_META]``, and
@@ -249,6 +250,11 @@ def _follow_to_out_proj(node: fx.Node):
     merge = []
     for _ in range(64):
         user = single_user(node)
+        if user is None and len(node.users) > 1:
+            user = _reconvergence(node)  # a channel attention: x * gate(pool(x))
+            if user is not None:
+                node = user
+                continue
         if user is None:
             return FailedMatch("{} has {} users before reaching out_proj", node, len(node.users)), []
         if is_linear(user):
@@ -262,6 +268,32 @@ def _follow_to_out_proj(node: fx.Node):
             continue
         return FailedMatch("the path from the scan to out_proj meets {} ({})", user, user.target), []
     return FailedMatch("no out_proj within 64 nodes of the scan"), []
+
+
+def _reconvergence(node: fx.Node, limit: int = 64) -> fx.Node | None:
+    """The node where all of ``node``'s branches meet again (its nearest post-dominator), if they
+    do within ``limit`` nodes without passing a scan or the graph output; else None.
+
+    A channel attention (squeeze-excitation, LocalMamba's ``BiAttn``: ``x * sigmoid(fc(gelu(fc(
+    mean(norm(x))))))``) reads a direction's output twice and multiplies the two branches back
+    together: the path to ``out_proj`` goes through that multiply. Nodes are visited in graph
+    (topological) order, so when the only pending user is the next one reached, every branch ends
+    in it.
+    """
+    pending = set(node.users)
+    current = node.next
+    for _ in range(limit):
+        if current.op in ("output", "root"):
+            return None
+        if current in pending:
+            if len(pending) == 1:
+                return current
+            if is_scan(current):
+                return None
+            pending.discard(current)
+            pending.update(current.users)
+        current = current.next
+    return None
 
 
 # -- token layouts --------------------------------------------------------------------------------

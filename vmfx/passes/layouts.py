@@ -5,9 +5,9 @@
 it, in graph order, up to ``out_proj``. Each node gets three *probes*: integer tensors of its
 output's shape (from ``meta["tensor_meta"]``) holding, at every element, its sample index, its
 canonical token index and its channel index. A shape op (transpose, permute, flip, slice, view,
-reshape, flatten, split, cat, ...) is simply run on the probes of its input, so any composition of
+reshape, flatten, split, cat, index_select with a constant index, ...) is simply run on the probes of its input, so any composition of
 them is understood without a rule per combination; a Linear keeps batch and tokens and gives fresh
-channels; a depthwise conv1d keeps them (its padded tail holds no token); elementwise ops
+channels; a depthwise conv1d keeps them (its padded tail holds no token), and so does a constant ``F.pad``; elementwise ops
 (observers, ``FakeQuantize`` and any module whose class sets ``vmfx_preserves_layout = True`` count
 as elementwise) keep them and check that their tensor inputs agree in token order (a direction merge
 of a branch left un-flipped is found here); the selective scan keeps ``u``'s and checks ``delta``,
@@ -61,6 +61,9 @@ _SHAPE_FUNCTIONS = {
     torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.movedim, torch.narrow,
     torch.cat, torch.concat, torch.stack, torch.unflatten,
 }
+# Token gathers with a constant index (LocalMamba's scan orders); the index is a get_attr buffer.
+_SHAPE_METHODS |= {"index_select"}
+_SHAPE_FUNCTIONS |= {torch.index_select}
 _SIZE_OPS = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg}
 
 _Probes = tuple  # (batch, token, channel): int32 tensors of the node's shape, or tuples of them
@@ -162,6 +165,8 @@ def _propagate(node: fx.Node, probes: dict) -> _Probes:
         return _linear(node, probes)
     if is_depthwise_conv1d(node):
         return _conv1d(node, probes)
+    if node.op == "call_function" and node.target is F.pad:
+        return _pad(node, probes)
     if _is_elementwise(node):
         return _elementwise(node, probes)
     if _is_shape_op(node):
@@ -200,6 +205,11 @@ def _static(arg, probes):
         return slice(_static(arg.start, probes), _static(arg.stop, probes), _static(arg.step, probes))
     if not isinstance(arg, fx.Node):
         return arg
+    if arg.op == "get_attr":  # a constant of the model (e.g. a gather's index buffer)
+        value = arg.graph.owning_module
+        for part in arg.target.split("."):
+            value = getattr(value, part)
+        return value
     if arg.op == "call_function" and arg.target is getattr and arg.args[1] == "shape":
         shape = _shape(arg.args[0])
         if shape is not None:
@@ -280,6 +290,25 @@ def _conv1d(node, probes) -> _Probes:
     keep = min(length, t.shape[2])
     tok[..., :keep] = t[..., :keep]
     return b[..., :1].expand(shape), tok, c[..., :1].expand(shape)
+
+
+def _pad(node, probes) -> _Probes:
+    """Constant ``F.pad``: padded positions hold no token (token probe ``-1``); the batch and
+    channel probes must not vary along a padded dim and are extended along it."""
+    b, t, c = _probes_of(node.args[0], probes)
+    pad = _static(node.args[1] if len(node.args) > 1 else node.kwargs["pad"], probes)
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    if mode != "constant":
+        raise _Unknown(f"F.pad with mode {mode!r} copies tokens into the padding")
+    padded = [t.dim() - 1 - i // 2 for i in range(len(pad)) if pad[i]]
+    token = F.pad(t, tuple(pad), value=-1)
+    out = [None, token, None]
+    for k, p in ((0, b), (2, c)):
+        if any(d in _varying(p) for d in padded):
+            raise _Unknown("F.pad pads a dim that holds the batch or the channels")
+        index = tuple(slice(0, 1) if d in padded else slice(None) for d in range(p.dim()))
+        out[k] = p[index].expand(token.shape)
+    return tuple(out)
 
 
 def _elementwise(node, probes) -> _Probes:

@@ -1,7 +1,7 @@
 """Structural predicates and walks over fx graphs, shared by detection and later passes.
 
 Matching follows use-def edges, not names. "Transparent" nodes (views, transposes, flips, slices,
-dtype casts, ``getitem`` of a split; observers, fake-quantizers and modules marked
+token gathers (``index_select``) and padding (``F.pad``), dtype casts, ``getitem`` of a split; observers, fake-quantizers and modules marked
 ``vmfx_preserves_layout``) do not change which token a value belongs to, so walks step over them;
 flips are counted, because a flip on the token axis is what makes a scan run backward.
 
@@ -54,6 +54,12 @@ _TRANSPARENT_FUNCTIONS = {
     operator.getitem, torch.transpose, torch.permute, torch.reshape, torch.flip, torch.flatten,
     torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.clone, torch.unflatten, torch.movedim,
 }
+# Token gathers and token padding (LocalMamba's scan orders: a constant-index ``index_select`` on the
+# token dim, after ``F.pad`` appends a zero token for windows that do not divide the grid): they move
+# tokens or add positions holding none, never mix them, so walks step over them like over a flip.
+_TRANSPARENT_METHODS |= {"index_select"}
+_TRANSPARENT_FUNCTIONS |= {torch.index_select, F.pad}
+
 _SILU = {F.silu, torch.nn.functional.silu}
 _SOFTPLUS = {F.softplus, torch._C._nn.softplus}
 _NORM_FUNCTIONS = {F.layer_norm, F.rms_norm} if hasattr(F, "rms_norm") else {F.layer_norm}
