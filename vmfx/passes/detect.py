@@ -271,8 +271,9 @@ def _follow_to_out_proj(node: fx.Node):
 
 
 def _reconvergence(node: fx.Node, limit: int = 64) -> fx.Node | None:
-    """The node where all of ``node``'s branches meet again (its nearest post-dominator), if they
-    do within ``limit`` nodes without passing a scan or the graph output; else None.
+    """The multiply where all of ``node``'s branches meet again (its nearest post-dominator), if
+    they do within ``limit`` nodes without passing a scan or the graph output and the multiply reads
+    ``node`` itself (``x * gate(x)``); else None.
 
     A channel attention (squeeze-excitation, LocalMamba's ``BiAttn``: ``x * sigmoid(fc(gelu(fc(
     mean(norm(x))))))``) reads a direction's output twice and multiplies the two branches back
@@ -286,8 +287,11 @@ def _reconvergence(node: fx.Node, limit: int = 64) -> fx.Node | None:
         if current.op in ("output", "root"):
             return None
         if current in pending:
-            if len(pending) == 1:
-                return current
+            if len(pending) == 1:  # every branch ends here: accept a gate of node by its own branch
+                is_mul = current.op == "call_function" and current.target in (operator.mul, torch.mul)
+                reads_node = any(walk_back(a, stop=lambda n: n is node)[0] is node
+                                 for a in current.args if isinstance(a, fx.Node))
+                return current if is_mul and reads_node else None
             if is_scan(current):
                 return None
             pending.discard(current)

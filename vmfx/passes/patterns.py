@@ -1,9 +1,10 @@
 """Structural predicates and walks over fx graphs, shared by detection and later passes.
 
 Matching follows use-def edges, not names. "Transparent" nodes (views, transposes, flips, slices,
-token gathers (``index_select``) and padding (``F.pad``), dtype casts, ``getitem`` of a split; observers, fake-quantizers and modules marked
-``vmfx_preserves_layout``) do not change which token a value belongs to, so walks step over them;
-flips are counted, because a flip on the token axis is what makes a scan run backward.
+token gathers (``index_select``) and padding (``F.pad``), dtype casts, ``getitem`` of a split;
+observers, fake-quantizers and modules marked ``vmfx_preserves_layout``) do not change which token
+a value belongs to, so walks step over them; flips are counted, because a flip on the token axis is
+what makes a scan run backward (other token orders are read from the layouts, not from walks).
 
 A failed match is a :class:`FailedMatch`: falsy, with its reason built lazily. Set
 ``VMFX_PATTERN_DEBUG=<node name>`` to log why that node did or did not match.
