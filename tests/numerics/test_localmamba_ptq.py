@@ -99,3 +99,14 @@ def test_save_and_load_round_trip(images, tmp_path):
     loaded = vmfx.load(tmp_path / "q.vmfx")
     with torch.no_grad():
         assert torch.equal(loaded(images[8:]), q(images[8:]))
+
+
+def test_reference_lowering_matches_the_fake_quant_graph(images):
+    from vmfx.lowering import lower
+
+    q = vmfx.compile(_model(), images[:8], "minmax-w8a8")
+    lowered = lower(q, "reference")
+    assert lowered.meta["vmfx_lowered"]["left_float"] == []
+    with torch.no_grad():
+        expected, got = q(images[8:]), lowered(images[8:])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
