@@ -611,7 +611,7 @@ METHODS["kscaled"] = ("kscaled", "k-scaled ViM PTQ (Shi et al.) on linear/conv o
                       "k-means (k=4) token-wise clusters with power-of-two ratios at out_proj and scan outputs, "
                       "channel-wise clusters at conv1d (pow2) / SiLU outputs, per-tensor at norm/in_proj/x_proj/dt_proj "
                       "outputs; per-tensor symmetric weights; cosine-similarity search (3 rounds, 101 candidates "
-                      "0.01x..1.2x, on the first 32 calibration images); linear inputs, conv1d weights and the "
+                      "0.01x..1.2x, on the first 8 calibration images); linear inputs, conv1d weights and the "
                       "hidden state stay float")
 
 #: The reading of the k-scaled records against the paper's claims (dated; written from the records).
