@@ -151,3 +151,26 @@ def test_cluster_spec_validation_and_round_trip():
 
     with pytest.raises(ConfigError, match="cluster"):
         QuantRule("weight", spec)
+
+
+def test_token_clusters_follow_the_layout_not_a_guessed_axis():
+    """(B, D, L) with tokens on dim 2 (a scan output): token clusters are per position of dim 2,
+    channel clusters per dim 1; the loud positions land in the last (largest) cluster."""
+    from vmfx.errors import LayoutError
+
+    g = torch.Generator().manual_seed(0)
+    B, D, L = 2, 5, 9
+    x = torch.randn(B, D, L, generator=g)
+    x[:, :, [1, 4]] *= 100.0
+    layout = TokenLayout(3, (2,), 1, L, tuple(reversed(range(L))))  # a backward scan's positions
+    obs = MinMaxObserver(QuantSpec(8, True, "cluster", cluster_axis="token", clusters=2), layout=layout)
+    obs(x)
+    qp = obs.calculate_qparams()
+    assert tuple(qp.scale.shape) == (1, 1, L)
+    ids = obs.cluster_ids.reshape(-1)
+    assert set(torch.nonzero(ids == 1).flatten().tolist()) == {1, 4}
+    obs_c = MinMaxObserver(QuantSpec(8, True, "cluster", cluster_axis="channel"), layout=layout)
+    obs_c(x)
+    assert tuple(obs_c.calculate_qparams().scale.shape) == (1, D, 1)
+    with pytest.raises(LayoutError, match="token layout"):
+        MinMaxObserver(QuantSpec(8, True, "cluster"))(x)
