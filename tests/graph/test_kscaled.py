@@ -177,3 +177,23 @@ def test_lowering_lists_cluster_quantizers_as_float(kscaled_vim):
     assert clusters <= left
     with torch.no_grad():
         assert torch.allclose(lowered(images), q(images), atol=1e-5)
+
+
+def test_per_channel_weights_are_searched_channel_by_channel():
+    torch.manual_seed(1)
+    model = VisionMamba(img_size=16, patch_size=4, stride=4, embed_dim=16, depth=1, num_classes=3).eval()
+    images = torch.randn(6, 3, 16, 16)
+    search = SimilaritySearchConfig(rounds=1, candidates=11, images=4)
+    cfg = preset("kscaled-w4a8").replace(weight=QuantSpec(4, True, "channel"), search=search)
+    q = vmfx.compile(model, images, cfg)
+    mults = candidate_multipliers(search)
+    node = [n for n in q.graph.nodes if n.name.endswith("in_proj__weight")][0]
+    fq = q.get_submodule(node.target)
+    w = q.get_submodule("layers.0.mixer.in_proj").weight.detach()
+    base = w.abs().amax(dim=1, keepdim=True) / fq.qmax
+    ratio = (fq.scale.detach() / base).reshape(-1)
+    assert fq.scale.shape == (w.shape[0], 1)
+    # every channel took one of the candidates, and not all the same one
+    assert torch.isclose(ratio[:, None], mults[None, :], rtol=1e-5).any(dim=1).all()
+    assert ratio.unique().numel() > 1
+    assert node.name in q.meta["vmfx_search"]["weights"]

@@ -220,15 +220,6 @@ def _quantizer(fq: FakeQuantize, node: fx.Node) -> _Quantizer:
     return q
 
 
-def _output_quantizer_of(node: fx.Node) -> fx.Node | None:
-    for user in node.users:
-        ann = annotation(user)
-        if (isinstance(module_of(user), FakeQuantize) and ann is not None and ann.extra.get("edge") == "output"
-                and ann.extra.get("quantizes") == node.name):
-            return user
-    return None
-
-
 def find_targets(gm: fx.GraphModule, search_weights: bool = True) -> tuple[dict, list]:
     """``({node: _Target}, [(quantizer node name, why skipped)])``."""
     targets: dict[fx.Node, _Target] = {}
@@ -283,7 +274,7 @@ def _rows(t: torch.Tensor, cd: int) -> torch.Tensor:
     return t.movedim(cd, -1).reshape(-1, t.shape[cd])
 
 
-def _ids_view(q: _Quantizer, shape, cd: int, rows: int) -> _Ids:
+def _ids_view(q: _Quantizer, shape, cd: int) -> _Ids:
     if q.coords == 1:
         return _Ids("tensor", 1)
     full = _rows(q.ids_full(shape), cd)  # (R, C)
@@ -380,7 +371,7 @@ def _score_output(t: _Target, args, kwargs, ref: torch.Tensor, mults: torch.Tens
         elif x is not args[0]:
             y = F.linear(x, w, b)
     ref2, y2 = _rows(ref, cd), _rows(y, cd)
-    ids = _ids_view(q, ref.shape, cd, ref2.shape[0])
+    ids = _ids_view(q, ref.shape, cd)
     base = _rows(q.base[q.ids_full(ref.shape)], cd)
     current = _fq(y2, _scale_rows(q.fq, ref.shape, cd), q.fq.qmin, q.fq.qmax)
 
