@@ -355,6 +355,19 @@ class QuantConfig:
         if self.init is None:
             raise ConfigError("QuantConfig.init must be an InitConfig")
         self._check_dynamic_activations()
+        self._check_clusters_not_learned()
+
+    def _check_clusters_not_learned(self) -> None:
+        """JLSS learns a linear's input step sizes position by position: it would break k-scaled
+        clusters (one shared scale per cluster). Refuse the combination up front."""
+        if self.jlss is None:
+            return
+        specs = [self.activation] + [r.spec for r in self.rules if r.edge == "input" and r.spec is not None]
+        if any(s.granularity == "cluster" for s in specs):
+            raise ConfigError(
+                "JLSS cannot learn 'cluster' (k-scaled) input scales: it learns one step size per position. "
+                "Use cluster specs on output edges (JLSS leaves those alone) or another input granularity"
+            )
 
     def _check_dynamic_activations(self) -> None:
         """Dynamic activations have no calibrated range: smoothing statistics and learned step

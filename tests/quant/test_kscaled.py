@@ -174,3 +174,12 @@ def test_token_clusters_follow_the_layout_not_a_guessed_axis():
     assert tuple(obs_c.calculate_qparams().scale.shape) == (1, D, 1)
     with pytest.raises(LayoutError, match="token layout"):
         MinMaxObserver(QuantSpec(8, True, "cluster"))(x)
+
+
+def test_jlss_refuses_cluster_input_specs():
+    from vmfx.config import JLSSConfig, QuantConfig, QuantRule
+
+    cluster = QuantSpec(8, True, "cluster")
+    with pytest.raises(ConfigError, match="JLSS cannot learn 'cluster'"):
+        QuantConfig(rules=(QuantRule("input", cluster, role="out_proj"),), jlss=JLSSConfig())
+    QuantConfig(rules=(QuantRule("output", cluster, role="scan"),), jlss=JLSSConfig())  # outputs: fine
