@@ -60,3 +60,8 @@ __all__ = [
     "InputError",
     "LayoutError",
 ]
+
+# k-scaled ViM PTQ (Shi et al.): the similarity search's config
+from .config import SimilaritySearchConfig  # noqa: E402
+
+__all__ += ["SimilaritySearchConfig"]

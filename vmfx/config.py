@@ -25,11 +25,13 @@ __all__ = [
     "SmoothingConfig",
     "InitConfig",
     "JLSSConfig",
+    "SimilaritySearchConfig",
     "PRESETS",
     "preset",
     "preset_names",
     "resolve_config",
     "BIT_SETTINGS",
+    "kscaled_rules",
 ]
 
 #: The weight/activation bit settings every method is evaluated at.
@@ -154,7 +156,57 @@ class JLSSConfig:
                 raise ConfigError(f"JLSSConfig.{name} must be positive, got {getattr(self, name)!r}")
 
 
+# -- k-scaled ViM PTQ (Shi et al.): similarity-based scale search -----------------------------------
+
+
+@dataclass(frozen=True)
+class SimilaritySearchConfig:
+    """k-scaled ViM PTQ's (PTQ4ViT-style) search of static scales by cosine similarity.
+
+    Every static symmetric output quantizer, and every static symmetric weight quantizer of a
+    linear, starts from its max-based scale ``s0`` (per cluster, channel or tensor) and takes the
+    candidate ``m * s0``, ``m`` in ``candidates`` evenly spaced values from ``low`` to ``high``, with
+    the best mean cosine similarity between the float layer output and the quantized one (along
+    the channel dim). ``rounds`` rounds alternate weights, then outputs.
+
+    Args:
+        rounds: weight / output rounds (official: 3).
+        candidates: candidate multipliers (official: 101, 0.01 to 1.2).
+        low, high: the smallest and largest multiplier.
+        images: calibration images the search scores on (the first ones; None: all of them, as
+            the official code does). The statistics (cluster assignment, max-based scales) use all
+            calibration images. 8 by default: the search costs about 1.5 CPU-seconds per output
+            quantizer per 32 images of the proxy Vim and phase (101 candidates), so all 256
+            proxy calibration images would take far beyond the 10-minute calibration budget.
+        weights: search the weight scales too (False: outputs only).
+    """
+
+    rounds: int = 3
+    candidates: int = 101
+    low: float = 0.01
+    high: float = 1.2
+    images: int | None = 8
+    weights: bool = True
+
+    def __post_init__(self):
+        for name in ("rounds", "candidates"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > MAX_CANDIDATES:
+                raise ConfigError(f"SimilaritySearchConfig.{name} must be an integer from 1 to {MAX_CANDIDATES}, got {value!r}")
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"SimilaritySearchConfig.{name} must be a positive number, got {value!r}")
+        if self.low > self.high:
+            raise ConfigError(f"SimilaritySearchConfig.low ({self.low}) must not exceed high ({self.high})")
+        if self.images is not None and (isinstance(self.images, bool) or not isinstance(self.images, int) or self.images < 1):
+            raise ConfigError(f"SimilaritySearchConfig.images must be a positive integer or None (all), got {self.images!r}")
+        if not isinstance(self.weights, bool):
+            raise ConfigError(f"SimilaritySearchConfig.weights must be a boolean, got {self.weights!r}")
+
+
 _SUBCONFIGS = {"smoothing": SmoothingConfig, "init": InitConfig, "jlss": JLSSConfig}
+_SUBCONFIGS["search"] = SimilaritySearchConfig  # k-scaled
 
 
 @dataclass(frozen=True)
@@ -226,9 +278,12 @@ def _check_weight_spec(spec: QuantSpec, what: str) -> None:
         raise ConfigError(f"weights are quantized once, offline: {what} cannot be dynamic")
     if spec.granularity == "token":
         raise ConfigError(f"weights have no tokens: use granularity 'channel' or 'tensor' for {what}")
+    if spec.granularity == "cluster":  # k-scaled clusters are an activation granularity
+        raise ConfigError(f"'cluster' scales cluster an activation's tokens or channels: use granularity "
+                          f"'channel' or 'tensor' for {what}")
 
 #: Methods whose passes need static activation ranges (calibrated observers, smoothing, learning).
-_STATIC_ONLY_FEATURES = ("smoothing", "jlss")
+_STATIC_ONLY_FEATURES = ("smoothing", "jlss", "search")
 
 
 @dataclass(frozen=True)
@@ -248,6 +303,8 @@ class QuantConfig:
         rules: :class:`QuantRule` entries applied after the defaults above (``weight`` / ``activation``
             on the linears of ``roles``), in order, the last match winning: mixed precision,
             per-module bits, linears kept in float. :meth:`spec_for` resolves one edge.
+        search: k-scaled ViM PTQ's similarity search of static scales after conversion
+            (:class:`SimilaritySearchConfig`; None: off).
 
     Example::
 
@@ -271,6 +328,7 @@ class QuantConfig:
     smoothing: SmoothingConfig | None = None
     jlss: JLSSConfig | None = None
     rules: tuple[QuantRule, ...] = ()
+    search: SimilaritySearchConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
@@ -297,6 +355,19 @@ class QuantConfig:
         if self.init is None:
             raise ConfigError("QuantConfig.init must be an InitConfig")
         self._check_dynamic_activations()
+        self._check_clusters_not_learned()
+
+    def _check_clusters_not_learned(self) -> None:
+        """JLSS learns a linear's input step sizes position by position: it would break k-scaled
+        clusters (one shared scale per cluster). Refuse the combination up front."""
+        if self.jlss is None:
+            return
+        specs = [self.activation] + [r.spec for r in self.rules if r.edge == "input" and r.spec is not None]
+        if any(s.granularity == "cluster" for s in specs):
+            raise ConfigError(
+                "JLSS cannot learn 'cluster' (k-scaled) input scales: it learns one step size per position. "
+                "Use cluster specs on output edges (JLSS leaves those alone) or another input granularity"
+            )
 
     def _check_dynamic_activations(self) -> None:
         """Dynamic activations have no calibrated range: smoothing statistics and learned step
@@ -434,6 +505,46 @@ _RECIPES = {
 PRESETS: dict[str, QuantConfig] = {
     f"{name}-w{w}a{a}": recipe(w, a) for name, recipe in _RECIPES.items() for w, a in BIT_SETTINGS
 }
+
+
+# -- k-scaled ViM PTQ (Shi et al.) ------------------------------------------------------------------
+
+
+def kscaled_rules(abits: int, k: int = 4) -> tuple[QuantRule, ...]:
+    """The official k-scaled ("PTQ4ViM") assignment at ``abits``-bit activations: layer *outputs*
+    are quantized, linear inputs are not. Token-wise clusters with power-of-two ratios at the
+    out_proj and SSM (scan) outputs; channel-wise clusters at the conv1d output (power-of-two),
+    the SiLU output (``conv_act``) and the softplus / delta output (``dt_act``, where the softplus
+    is a node of its own: Vim fuses it into the scan, so there only dt_proj's output is quantized);
+    plain per-tensor scales at the norm, in_proj, x_proj and dt_proj outputs. Every spec is static
+    and symmetric."""
+    tensor = QuantSpec(abits, True, "tensor")
+
+    def cluster(axis: str, pow2: bool) -> QuantSpec:
+        return QuantSpec(abits, True, "cluster", cluster_axis=axis, clusters=k, pow2=pow2)
+
+    return (
+        *(QuantRule("input", None, role=r) for r in LINEAR_ROLES),
+        *(QuantRule("output", tensor, role=r) for r in ("norm", "in_proj", "x_proj", "dt_proj")),
+        QuantRule("output", cluster("channel", True), role="conv1d"),
+        QuantRule("output", cluster("channel", False), role="conv_act"),
+        QuantRule("output", cluster("channel", False), role="dt_act"),
+        QuantRule("output", cluster("token", True), role="scan"),
+        QuantRule("output", cluster("token", True), role="out_proj"),
+    )
+
+
+def _kscaled_recipe(wbits: int, abits: int) -> QuantConfig:
+    """k-scaled ViM PTQ on the linears and convs' outputs (the paper's Table I setting): per-tensor
+    symmetric weights (the official config), :func:`kscaled_rules` activations, min-max init then
+    the similarity search (3 rounds, 101 candidates from 0.01x to 1.2x)."""
+    return QuantConfig(method="kscaled", weight=QuantSpec(wbits, True, "tensor"),
+                       activation=QuantSpec(abits, True, "tensor"), rules=kscaled_rules(abits),
+                       search=SimilaritySearchConfig())
+
+
+_RECIPES["kscaled"] = _kscaled_recipe
+PRESETS.update({f"kscaled-w{w}a{a}": _kscaled_recipe(w, a) for w, a in BIT_SETTINGS})
 
 
 def preset_names() -> list[str]:

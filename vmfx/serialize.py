@@ -96,8 +96,9 @@ def _build_module(entry: dict) -> nn.Module:
             fq = FakeQuantize(spec, None, is_weight=bool(entry["is_weight"]), layout=layout)
         else:
             shape = tuple(int(d) for d in entry["scale_shape"])
+            clusters = {"cluster_ids": torch.zeros(shape, dtype=torch.long)} if spec.granularity == "cluster" else {}
             fq = FakeQuantize(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax),
-                              bool(entry["is_weight"]), layout=layout)
+                              bool(entry["is_weight"]), layout=layout, **clusters)
         fq.enabled = bool(entry.get("enabled", True))
         return fq
     if kind == "Smooth":

@@ -48,3 +48,8 @@ __all__ = [
     "split_stages",
     "trace_for_quantization",
 ]
+
+# k-scaled ViM PTQ (Shi et al.): scales by cosine similarity of layer outputs
+from .similarity_search import SimilaritySearchPass  # noqa: E402
+
+__all__ += ["SimilaritySearchPass"]

@@ -42,6 +42,7 @@ FACTS = {
     "quantizers_calibrated": "observers became calibrated quantizer nodes (ConvertPass)",
     "learning_done": "step sizes and smoothing factors were learned block by block (JLSSPass)",
     "smoothing_folded": "smoothing factors were folded into the ops producing the inputs (FoldSmoothingPass)",
+    "scales_searched": "static scales were chosen by cosine similarity of layer outputs (SimilaritySearchPass)",
 }
 
 

@@ -97,7 +97,9 @@ class ConvertPass(Pass):
                 "values here); check the checkpoint and the calibration images", node,
             )
         layout = getattr(obs, "layout", None)
-        fq = FakeQuantize(obs.spec, qparams) if layout is None else FakeQuantize(obs.spec, qparams, layout=layout)
+        clusters = {"cluster_ids": getattr(obs, "cluster_ids", None)} if obs.spec.granularity == "cluster" else {}  # k-scaled
+        fq = (FakeQuantize(obs.spec, qparams, **clusters) if layout is None
+              else FakeQuantize(obs.spec, qparams, layout=layout, **clusters))
         replace_submodule(gm, node.target, fq)
         ann = annotation(node)
         if ann is None:

@@ -264,6 +264,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
         Calibrate                  ranges (one pass; two for the Lp grid search)
         Convert                    observers -> quantizer nodes; a quantizer node on every
                                    weight edge, by min-max or the per-channel Lp grid search
+        [SimilaritySearch]         k-scaled: scales by cosine similarity of layer outputs
         [JLSS]                     PTQ4VM's block-wise learning of step sizes and smoothing
         [FoldSmoothing]            1/s into the preceding norm where exact
     """
@@ -283,6 +284,10 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
         passes.append(CalibratePass())
     passes.append(ConvertPass(weight_init=init.method, p=init.p, candidates=init.candidates,
                               requires_calibration=static))
+    if config.search is not None:  # k-scaled ViM PTQ: scales by cosine similarity
+        from .similarity_search import SimilaritySearchPass
+
+        passes.append(SimilaritySearchPass(config.search))
     if config.jlss is not None:
         passes.append(JLSSPass(config.jlss))
     if config.smoothing is not None and config.smoothing.fold:
@@ -292,9 +297,13 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
 
 def _has_static_activations(config: QuantConfig) -> bool:
     """Whether any activation edge the config can quantize is static (needs calibration)."""
-    specs = [config.activation] + [r.spec for r in config.rules if r.edge == "input" and r.spec is not None]
+    specs = [config.activation] + [r.spec for r in config.rules if r.edge in ("input", "output") and r.spec is not None]
     return any(not s.dynamic for s in specs)
 
 
 for _name in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-official"):
     register_method(_name)(ptq_passes)
+
+# k-scaled ViM PTQ (Shi et al.): min-max observers on layer outputs (clusters by k-means), then the
+# similarity search; the config's rules and ``search`` say what (vmfx.config.kscaled_rules)
+register_method("kscaled")(ptq_passes)

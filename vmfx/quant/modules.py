@@ -41,12 +41,17 @@ class FakeQuantize(nn.Module):
         layout: the activation's :class:`~vmfx.layout.TokenLayout`: which dims a dynamic
             per-token spec keeps, and which dims are tokens in shape errors (see
             :meth:`QuantSpec.kept_dims`).
+        cluster_ids: for a "cluster" spec (k-scaled), the cluster of every position, shaped like
+            the scale (a ``cluster_ids`` buffer). The scale stays the expanded per-position
+            vector (what the forward, the inspector and the lowering read); ``cluster_scales`` /
+            ``set_cluster_scales`` read and write it per cluster.
 
     Static per-token parameters fix the token length: an input of another length raises a
     ``ValueError`` naming both lengths.
     """
 
-    def __init__(self, spec: QuantSpec, qparams: QParams | None = None, is_weight: bool = False, layout=None):
+    def __init__(self, spec: QuantSpec, qparams: QParams | None = None, is_weight: bool = False, layout=None,
+                 cluster_ids: torch.Tensor | None = None):
         super().__init__()
         self.spec = spec
         self.is_weight = is_weight
@@ -62,6 +67,42 @@ class FakeQuantize(nn.Module):
                 raise ConfigError(f"a static FakeQuantize ({spec.describe()}) needs qparams from calibration")
             self.scale = nn.Parameter(qparams.scale.detach().clone().float(), requires_grad=False)
             self.register_buffer("zero_point", qparams.zero_point.detach().clone().float())
+        self._init_clusters(cluster_ids)
+
+    # -- k-scaled clusters ----------------------------------------------------------------------
+
+    def _init_clusters(self, cluster_ids: torch.Tensor | None) -> None:
+        if self.spec.granularity != "cluster":
+            if cluster_ids is not None:
+                raise ConfigError(f"cluster_ids are for 'cluster' specs, not {self.spec.describe()}")
+            self.register_buffer("cluster_ids", None)
+            return
+        if cluster_ids is None:
+            raise ConfigError(f"a {self.spec.describe()} FakeQuantize needs the cluster of every position "
+                              "(cluster_ids, from the observer's calibration)")
+        ids = cluster_ids.detach().clone().long()
+        if tuple(ids.shape) != tuple(self.scale.shape):
+            raise ConfigError(f"cluster_ids of shape {tuple(ids.shape)} do not match the scale's {tuple(self.scale.shape)}")
+        self.register_buffer("cluster_ids", ids)
+
+    @property
+    def num_clusters(self) -> int:
+        """Clusters in use (0 for a spec that is not "cluster")."""
+        return 0 if self.cluster_ids is None else int(self.cluster_ids.max()) + 1
+
+    def cluster_scales(self) -> torch.Tensor:
+        """The scale of every cluster, ``(num_clusters,)`` (read off the expanded scale)."""
+        if self.cluster_ids is None:
+            raise ConfigError(f"{self.spec.describe()} has no clusters")
+        ids = self.cluster_ids.reshape(-1)
+        return torch.zeros(self.num_clusters).scatter_(0, ids, self.scale.detach().reshape(-1).float())
+
+    def set_cluster_scales(self, scales: torch.Tensor) -> None:
+        """Write one scale per cluster into the expanded scale (in place, no gradient)."""
+        if self.cluster_ids is None:
+            raise ConfigError(f"{self.spec.describe()} has no clusters")
+        with torch.no_grad():
+            self.scale.copy_(scales.to(self.scale)[self.cluster_ids])
 
     @property
     def qmin(self) -> int:
@@ -115,7 +156,7 @@ class FakeQuantize(nn.Module):
         for d in range(x.dim()):
             if s.shape[d] != 1 and s.shape[d] != x.shape[d]:
                 token_dims = self.layout.token_dims if self.layout is not None else (x.dim() - 2,)
-                if self.spec.granularity == "token" and d in token_dims:
+                if self.spec.expanded().granularity == "token" and d in token_dims:
                     raise ValueError(
                         f"per-token static scales were calibrated for {s.shape[d]} tokens, but this input "
                         f"has {x.shape[d]} tokens (shape {tuple(x.shape)}). Per-token static quantization "
@@ -129,7 +170,8 @@ class FakeQuantize(nn.Module):
 
     def extra_repr(self) -> str:
         shape = "dynamic" if self.scale is None else f"scale{tuple(self.scale.shape)}"
-        return f"{self.spec.describe()}, {shape}"
+        clusters = f", {self.num_clusters} clusters" if self.cluster_ids is not None else ""
+        return f"{self.spec.describe()}, {shape}{clusters}"
 
 
 class Smooth(nn.Module):

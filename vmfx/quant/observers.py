@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..errors import CalibrationDataError, LayoutError
+from ..errors import CalibrationDataError, ConfigError, LayoutError
 from ..ops.quantize import MIN_SCALE, fake_quantize
 from .spec import QuantSpec
 
@@ -184,7 +184,27 @@ class MinMaxObserver(Observer):
 
     def calculate_qparams(self) -> QParams:
         self._require_data()
+        if self.spec.granularity == "cluster":
+            return self._cluster_qparams()
         return qparams_from_minmax(self.min_val, self.max_val, self.spec)
+
+    # -- k-scaled clusters (granularity "cluster") ------------------------------------------------
+
+    #: seed of the k-means initialisation of "cluster" specs
+    cluster_seed = 0
+
+    def _cluster_qparams(self) -> QParams:
+        """k-means over the per-position absmax (token positions or channels, as the spec's
+        ``cluster_axis`` says), one max-based symmetric scale per cluster, expanded to the
+        per-position scale; the cluster of every position is kept in ``cluster_ids``."""
+        from .kscaled import cluster_scales, expand
+
+        absmax = torch.maximum(self.min_val.abs(), self.max_val.abs())
+        ids, scales = cluster_scales(absmax, self.spec.clusters, self.spec.qmax, pow2=self.spec.pow2,
+                                     seed=self.cluster_seed)
+        self.cluster_ids = ids
+        scale = expand(scales, ids)
+        return QParams(scale, torch.zeros_like(scale), self.spec.qmin, self.spec.qmax)
 
 
 class AbsMaxObserver(Observer):
@@ -252,6 +272,12 @@ class LpObserver(MinMaxObserver):
     def __init__(self, spec: QuantSpec, is_weight: bool = False, p: float = 2.4, candidates: int = 100,
                  layout=None):
         super().__init__(spec, is_weight, layout)
+        if spec.granularity == "cluster":
+            raise ConfigError(
+                f"the Lp grid search does not calibrate '{spec.describe()}' scales; k-scaled clusters are "
+                "calibrated by min-max (MinMaxObserver) and refined by the similarity search "
+                "(QuantConfig(init=InitConfig('minmax'), search=SimilaritySearchConfig()), the 'kscaled' presets)"
+            )
         self.p = float(p)
         self.candidates = int(candidates)
         self.register_buffer("losses", torch.empty(0))

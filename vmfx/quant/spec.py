@@ -19,6 +19,14 @@ token       one per token position  one per (sample, token): the usual "per-toke
             shared by every
             sample and channel:
             PTQ4VM's PTS
+cluster     k static scales, one per    (static only) k-scaled quantization (Shi et al.):
+            cluster of token          k-means over the calibration absmax of every token
+            positions                 position (``cluster_axis="token"``) or channel
+            (``cluster_axis="token"``) (``"channel"``); each cluster gets one symmetric
+            or of channels             scale, optionally the first cluster's scale times a
+                                      power of two (``pow2``). Stored expanded: a
+                                      per-token or per-channel scale vector holding at
+                                      most ``clusters`` distinct values
 =========== ======================= ===================================================
 
 Which dims are tokens comes from the tensor's :class:`~vmfx.layout.TokenLayout`; without one a
@@ -38,9 +46,12 @@ from ..ops.quantize import qrange
 if TYPE_CHECKING:
     from ..layout import TokenLayout
 
-__all__ = ["QuantSpec", "GRANULARITIES", "MIN_BITS", "MAX_BITS"]
+__all__ = ["QuantSpec", "GRANULARITIES", "CLUSTER_AXES", "MIN_BITS", "MAX_BITS"]
 
-GRANULARITIES = ("tensor", "channel", "token")
+GRANULARITIES = ("tensor", "channel", "token", "cluster")
+#: The axes a "cluster" spec can cluster.
+CLUSTER_AXES = ("token", "channel")
+_CLUSTER_FIELDS = ("cluster_axis", "clusters", "pow2")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -52,8 +63,16 @@ class QuantSpec:
         bits: bit width, 2..8.
         symmetric: signed restricted range ``[-(2^(b-1)-1), 2^(b-1)-1]`` with zero point 0 if True;
             unsigned ``[0, 2^b-1]`` with a zero point if False.
-        granularity: "tensor", "channel" or "token" (see the module docstring).
+        granularity: "tensor", "channel", "token" or "cluster" (see the module docstring).
         dynamic: compute the range from each input at run time instead of from calibration.
+        cluster_axis: for "cluster": cluster the token positions ("token") or the channels
+            ("channel"); the expanded scale is per-token or per-channel.
+        clusters: for "cluster": the number of clusters k (k-scaled ViM PTQ: 4).
+        pow2: for "cluster": every cluster's scale is the first (smallest) cluster's scale
+            times a power of two, so moving between cluster scales is a shift.
+
+    A "cluster" spec is static and symmetric; the cluster fields keep their defaults for the
+    other granularities (and are left out of ``to_dict`` there).
 
     Example::
 
@@ -65,6 +84,9 @@ class QuantSpec:
     symmetric: bool = True
     granularity: str = "tensor"
     dynamic: bool = False
+    cluster_axis: str = "token"
+    clusters: int = 4
+    pow2: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -79,6 +101,26 @@ class QuantSpec:
             )
         if not isinstance(self.symmetric, bool) or not isinstance(self.dynamic, bool):
             raise ConfigError("QuantSpec.symmetric and QuantSpec.dynamic must be booleans")
+        self._check_cluster_fields()
+
+    def _check_cluster_fields(self) -> None:
+        if self.granularity != "cluster":
+            changed = [f for f in _CLUSTER_FIELDS if getattr(self, f) != _CLUSTER_DEFAULTS[f]]
+            if changed:
+                raise ConfigError(f"QuantSpec.{', '.join(changed)} only apply to granularity 'cluster', "
+                                  f"not {self.granularity!r}")
+            return
+        if self.cluster_axis not in CLUSTER_AXES:
+            raise ConfigError(f"QuantSpec.cluster_axis must be one of {', '.join(CLUSTER_AXES)}, got {self.cluster_axis!r}")
+        if isinstance(self.clusters, bool) or not isinstance(self.clusters, int) or self.clusters < 1:
+            raise ConfigError(f"QuantSpec.clusters must be a positive integer (k-scaled ViM PTQ uses 4), got {self.clusters!r}")
+        if not isinstance(self.pow2, bool):
+            raise ConfigError(f"QuantSpec.pow2 must be a boolean, got {self.pow2!r}")
+        if self.dynamic or not self.symmetric:
+            raise ConfigError(
+                "a 'cluster' spec is static and symmetric (one calibrated scale per cluster, zero point 0): "
+                "use dynamic=False, symmetric=True, or another granularity"
+            )
 
     @property
     def qmin(self) -> int:
@@ -109,6 +151,8 @@ class QuantSpec:
         """
         if self.granularity == "tensor":
             return ()
+        if self.granularity == "cluster":  # the expanded scale: per token or per channel
+            return self.expanded().kept_dims(ndim, is_weight=is_weight, layout=layout)
         if self.granularity == "channel":
             if is_weight:
                 return (0,)
@@ -128,18 +172,35 @@ class QuantSpec:
             "or per-channel spec"
         )
 
+    def expanded(self) -> "QuantSpec":
+        """The plain per-token / per-channel spec a "cluster" spec's scale is stored as (itself
+        for the other granularities)."""
+        if self.granularity != "cluster":
+            return self
+        return QuantSpec(self.bits, self.symmetric, self.cluster_axis, self.dynamic)
+
     def describe(self) -> str:
-        """A short human-readable form, e.g. ``"int8 sym per-channel"``, ``"uint4 asym per-token dyn"``."""
+        """A short human-readable form, e.g. ``"int8 sym per-channel"``, ``"uint4 asym per-token dyn"``,
+        ``"int8 sym per-cluster(token,k=4,pow2)"``."""
         kind = f"{'int' if self.symmetric else 'uint'}{self.bits}"
         text = f"{kind} {'sym' if self.symmetric else 'asym'} per-{self.granularity}"
+        if self.granularity == "cluster":
+            text += f"({self.cluster_axis},k={self.clusters}{',pow2' if self.pow2 else ''})"
         return text + (" dyn" if self.dynamic else "")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.granularity != "cluster":
+            for name in _CLUSTER_FIELDS:
+                d.pop(name)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        unknown = set(d) - {"bits", "symmetric", "granularity", "dynamic"}
+        unknown = set(d) - {"bits", "symmetric", "granularity", "dynamic", *_CLUSTER_FIELDS}
         if unknown:
             raise ConfigError(f"unknown QuantSpec fields {sorted(unknown)}")
         return cls(**d)
+
+
+_CLUSTER_DEFAULTS = {"cluster_axis": "token", "clusters": 4, "pow2": False}
