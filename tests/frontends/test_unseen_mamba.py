@@ -247,3 +247,16 @@ class _RootBranches(nn.Module):
 def test_untraceable_root_forward_is_still_a_trace_error():
     with pytest.raises(vmfx.TraceError, match="control flow"):
         trace_with_fallback(_RootBranches())
+
+
+def test_save_and_load_round_trip_with_the_leaf_scan(tmp_path):
+    torch.manual_seed(0)
+    model = TinySSMNet(loop_scan).eval()
+    calib, test = _images()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        qmodel = vmfx.compile(model, calib, "minmax-w8a8")
+        path = vmfx.save(qmodel, str(tmp_path / "scratch.safetensors"))
+        loaded = vmfx.load(path, model=model)  # re-traced around the same leaf, edits replayed
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(test), qmodel(test), rtol=0, atol=0)
