@@ -8,6 +8,9 @@ STAMP := $(VENV)/.vmfx-installed
 # Upstream mamba-ssm is an optional extra, built without CUDA, for the adapter tests and the scan
 # benchmark; --no-deps keeps it from pulling ~0.6 GB of GPU-only packages.
 MAMBA_SSM := mamba-ssm==2.3.2.post1
+# MambaVision (NVlabs) is an optional extra too, for its adapter and compile tests; --no-deps so it
+# cannot pull torch or a CUDA mamba-ssm (it needs timm, einops and the mamba-ssm above).
+MAMBAVISION := mambavision==1.2.0
 
 .PHONY: setup demo test bench-scan clean
 
@@ -16,6 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements-dev.txt
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
 		$(BIN)/pip install -q --no-build-isolation --no-deps $(MAMBA_SSM)
+	$(BIN)/pip install -q --no-deps $(MAMBAVISION)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

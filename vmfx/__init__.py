@@ -28,6 +28,9 @@ from .errors import (
 from .passes import Pipeline
 from .quant import QuantSpec
 from .serialize import load, save
+# issue 12 (unseen code, coverage): warnings of the tracing fallback and of partial quantization
+from .coverage import CoverageWarning
+from .frontends.fallback import FallbackWarning
 
 __version__ = "0.1.0"
 
@@ -59,6 +62,8 @@ __all__ = [
     "LoweringError",
     "InputError",
     "LayoutError",
+    "CoverageWarning",
+    "FallbackWarning",
 ]
 
 # k-scaled ViM PTQ (Shi et al.): the similarity search's config

@@ -17,6 +17,8 @@ __all__ = [
     "VMFX_META",
     "ROLES",
     "LINEAR_ROLES",
+    "GENERIC_LINEAR_ROLE",
+    "QUANTIZABLE_ROLES",
     "INSERTED_ROLES",
     "NodeAnnotation",
     "annotation",
@@ -45,6 +47,8 @@ ROLES = (
     "quantizer",
     "smooth",
     "kernel",
+    # any other linear (attention, MLP, a hybrid model's extra layers): quantized like any linear
+    "linear",
 )
 
 #: Roles of the nodes quantization passes insert on edges (not part of the float graph).
@@ -52,6 +56,13 @@ INSERTED_ROLES = ("observer", "quantizer", "smooth")
 
 #: Roles of the linear layers inside a Mamba mixer.
 LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+#: Role of a linear outside every mixer that is not the classifier head (attention and MLP
+#: linears of hybrid models, a user's extra layers): quantized by default like the mixer linears.
+GENERIC_LINEAR_ROLE = "linear"
+
+#: The roles a :class:`vmfx.config.QuantConfig` quantizes by default (``roles``).
+QUANTIZABLE_ROLES = LINEAR_ROLES + (GENERIC_LINEAR_ROLE,)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from .config import QuantConfig, resolve_config
+from .coverage import warn_if_partial
 from .errors import ConfigError
 from .lowering import lower, resolve_backend
 from .passes.detect import DetectMambaMixersPass
@@ -51,7 +52,9 @@ def compile(
             Triton kernels on a GPU, the exact integer reference on a CPU.
 
     Returns:
-        The quantized model: a ``torch.fx.GraphModule`` in which every quantized tensor passes
+        The quantized model (a :class:`~vmfx.coverage.CoverageWarning` says how many layers
+        stayed float although the method would quantize them, see
+        :func:`vmfx.inspect.coverage`): a ``torch.fx.GraphModule`` in which every quantized tensor passes
         through its own quantizer node (``smooth -> quantize(act) -> F.linear(., quantize(W))``;
         with a backend, lowered kernel calls); ``qmodel.meta["vmfx_config"]`` holds the config.
 
@@ -66,6 +69,7 @@ def compile(
     qmodel = Pipeline(method_passes(cfg), check=check)(
         model, calib_data, config=cfg, example_inputs=example_inputs, progress=progress
     )
+    warn_if_partial(qmodel)  # never a silent partial quantization (vmfx.coverage)
     return qmodel if backend is None else lower(qmodel, backend)
 
 

@@ -8,6 +8,7 @@
     vmfx quantize --config minmax-w8a8 --output proxy-w8a8.safetensors
     vmfx inspect --config minmax-w8a8          # per-node table of the quantized graph
     vmfx inspect --plot plots/ --block 3       # activation distributions of block 3, as PNGs
+    vmfx inspect --config minmax-w8a8 --coverage   # every linear/conv/scan: quantized or float, and why
 
 Without ``--data`` the bundled proxy set and checkpoint are used. Every error a user can cause is
 printed as one line naming the problem (exit status 2), not a traceback; an unexpected internal
@@ -228,7 +229,10 @@ def cmd_inspect(args) -> int:
         else:
             example = work.eval_data[0][:1] if isinstance(work.eval_data, tuple) else work.eval_data[0][0][None]
             gm = vmfx.trace(work.model, (example,))
-    if args.table or not (args.plot or args.dot):
+    if args.coverage:
+        print(vinspect.coverage(gm))
+        print()
+    if args.table or not (args.plot or args.dot or args.coverage):
         print(vinspect.table(gm, all_nodes=args.all_nodes))
         print()
     s = vinspect.summary(gm)
@@ -405,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-nodes", action="store_true", help="include nodes without a vmfx role")
     p.add_argument("--dot", default=None, help="write the graph as Graphviz DOT to this path")
     p.add_argument("--plot", default=None, metavar="DIR", help="draw activation distributions into DIR")
-    p.add_argument("--table", action="store_true", help="print the per-node table also with --plot / --dot")
+    p.add_argument("--table", action="store_true", help="print the per-node table also with --plot / --dot / --coverage")
+    p.add_argument("--coverage", action="store_true",
+                   help="list every linear, conv and scan, quantized or float, and why")
     p.add_argument("--block", type=_non_negative_int, default=0, help="the block to plot")
     p.add_argument("--plot-images", type=_positive_int, default=256, help="images used for the plots")
     p.set_defaults(func=cmd_inspect)

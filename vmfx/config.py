@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar
 
-from .annotations import LINEAR_ROLES, ROLES
+from .annotations import LINEAR_ROLES, QUANTIZABLE_ROLES, ROLES
 from .errors import ConfigError
 from .quant.spec import QuantSpec
 
@@ -295,7 +295,8 @@ class QuantConfig:
         weight: spec of the weights of every quantized linear (per-output-channel symmetric by
             default).
         activation: spec of the inputs of every quantized linear.
-        roles: which linears of the mixers to quantize (both scan directions of each role).
+        roles: which linears to quantize: mixer roles (both scan directions of each) and
+            ``"linear"``, every other linear except the classifier head (attention, MLPs).
         calib_batch_size: batch size for calibration when the data is one tensor.
         init: how static step sizes are initialised (min-max or Lp grid search).
         smoothing: SmoothQuant smoothing (None: off).
@@ -322,7 +323,7 @@ class QuantConfig:
     method: str = "minmax"
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=True, granularity="channel"))
     activation: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=False, granularity="tensor"))
-    roles: tuple[str, ...] = LINEAR_ROLES
+    roles: tuple[str, ...] = QUANTIZABLE_ROLES
     calib_batch_size: int = 32
     init: InitConfig = field(default_factory=InitConfig)
     smoothing: SmoothingConfig | None = None
@@ -342,9 +343,9 @@ class QuantConfig:
                 raise ConfigError(f"QuantConfig.rules must hold QuantRule instances, got {type(rule).__name__}")
         object.__setattr__(self, "rules", rules)
         roles = tuple(self.roles)
-        unknown = [r for r in roles if r not in LINEAR_ROLES]
+        unknown = [r for r in roles if r not in QUANTIZABLE_ROLES]
         if unknown or not roles:
-            raise ConfigError(f"QuantConfig.roles must be a non-empty subset of {LINEAR_ROLES}, got {self.roles!r}")
+            raise ConfigError(f"QuantConfig.roles must be a non-empty subset of {QUANTIZABLE_ROLES}, got {self.roles!r}")
         object.__setattr__(self, "roles", roles)
         if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
             raise ConfigError(f"QuantConfig.calib_batch_size must be a positive integer, got {self.calib_batch_size!r}")

@@ -3,6 +3,7 @@
 * :func:`table` / :func:`rows`: ``print_tabular`` plus vmfx's columns (role, block, direction,
   tokens, quantization spec, scale shape).
 * :func:`summary`: counts of roles, mixers and quantized layers.
+* :func:`coverage`: every linear, conv and scan, quantized or float, and why (:mod:`vmfx.coverage`).
 * :func:`to_networkx`, :func:`to_dot`, :func:`draw`: the graph as a networkx ``DiGraph`` or DOT
   text, nodes labelled and coloured by role.
 * :func:`compare`: run a float and a quantized graph on the same images and report SQNR and
@@ -22,6 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from .annotations import annotation
+from .coverage import CoverageReport, coverage
 from .errors import ConfigError
 from .passes.calibrate import iter_calibration_batches
 from .passes.detect import DetectMambaMixersPass
@@ -34,6 +36,8 @@ from .quant.modules import FakeQuantize, Smooth
 from .quant.observers import Observer
 
 __all__ = [
+    "coverage",
+    "CoverageReport",
     "rows",
     "table",
     "summary",

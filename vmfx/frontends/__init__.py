@@ -12,6 +12,8 @@ from .tracer import (
     trace,
 )
 from .upstream import enable_mamba_ssm_on_cpu
+from .mambavision import enable_mambavision_on_cpu
+from .fallback import FallbackWarning, trace_with_fallback
 
 __all__ = [
     "adapters",
@@ -26,4 +28,7 @@ __all__ = [
     "leaf_module_types",
     "leaf_functions",
     "enable_mamba_ssm_on_cpu",
+    "enable_mambavision_on_cpu",
+    "trace_with_fallback",
+    "FallbackWarning",
 ]

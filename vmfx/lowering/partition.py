@@ -200,6 +200,8 @@ def _conv_partition(conv: fx.Node) -> Partition | None:
 
 def _scan_partition(scan: fx.Node) -> Partition | None:
     """selective_scan -> mul by silu(z) (the gate)."""
+    if annotation(scan).extra.get("structural"):  # a scan vmfx does not know stays in PyTorch
+        return None
     gate_mul = single_user(scan)
     if gate_mul is None or _role(gate_mul) != "gate" or gate_mul.target is not operator.mul:
         return None

@@ -2,5 +2,6 @@
 
 from .mamba import MambaMixer
 from .norm import RMSNorm
+from .mambavision import ConcatMambaMixer, WindowedStage
 
-__all__ = ["MambaMixer", "RMSNorm"]
+__all__ = ["MambaMixer", "RMSNorm", "ConcatMambaMixer", "WindowedStage"]

@@ -151,6 +151,9 @@ class DetectMambaMixersPass(Pass):
                 raise self.fail(f"selective-scan nodes that do not form a Mamba mixer: {text}")
             warnings.warn(f"vmfx detection skipped scan nodes it could not match: {text}", stacklevel=2)
 
+        from .structural import annotate_structural, match_structural_scans  # hook: scans vmfx does not know
+
+        scans.extend(match_structural_scans(gm, scans))
         unknown = _propagate_layouts(gm, scans)
         mixers = _group_into_mixers(graph, scans)
         for mixer in mixers:
@@ -158,6 +161,7 @@ class DetectMambaMixersPass(Pass):
             _annotate_mixer(mixer)
         _annotate_names_inside_mixers(gm, mixers)
         _annotate_outside_mixers(graph, mixers)
+        annotate_structural(gm)
         for node in graph.nodes:
             ann = annotation(node)
             if ann is not None and node.meta.get(LAYOUT_META) is not None:

@@ -116,6 +116,10 @@ class InsertObserversPass(Pass):
         if not detected_mixers(gm):
             failures = gm.meta.get("vmfx_detect_failures") or []
             why = "; ".join(f"{n}: {r}" for n, r in failures) or "no selective_scan node in the graph"
+            opaque = [d for d in gm.meta.get("vmfx_fallback") or [] if d.get("kind") == "float_module"]
+            if opaque:  # vmfx.frontends.trace_with_fallback kept untraceable modules whole
+                why += "; these modules could not be traced and stay opaque: " + ", ".join(
+                    f"'{d['module']}' ({d['module_type']}: {d['cause']})" for d in opaque)
             raise self.fail(
                 f"no Mamba mixer was detected ({why}). Run DetectMambaMixersPass first; if the model "
                 "uses a third-party mixer, register an adapter (vmfx.frontends.register_adapter)"

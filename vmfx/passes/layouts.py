@@ -161,6 +161,13 @@ def _read_layout(node, p: _Probes) -> TokenLayout | str:
 def _propagate(node: fx.Node, probes: dict) -> _Probes:
     if node.op == "call_function" and node.target is selective_scan:
         return _scan(node, probes)
+    if node.meta.get("vmfx_structural"):  # a scan vmfx does not know: holds its u's tokens
+        from .structural import structural_scan_input
+
+        u = structural_scan_input(node)
+        if u is None:
+            raise _Unknown("a scan vmfx does not know, with no input shaped like its output")
+        return _probes_of(u, probes)
     if is_linear(node):
         return _linear(node, probes)
     if is_depthwise_conv1d(node):

@@ -30,7 +30,8 @@ from torch.fx.node import has_side_effect
 
 from ..errors import CalibrationDataError, CheckpointError, ConfigError, InputError
 from ..frontends.adapters import canonicalize
-from ..frontends.tracer import propagate_shapes, trace
+from ..frontends.fallback import trace_with_fallback
+from ..frontends.tracer import propagate_shapes
 from ..quant.observers import AbsMaxObserver
 from .base import Pass, PassContext
 from .calibrate import CalibratePass, first_example, input_expectation
@@ -118,7 +119,7 @@ def trace_for_quantization(
         )
     spec = model_spec(model)
     model = canonicalize(copy.deepcopy(model)).eval()
-    gm = trace(model)
+    gm = trace_with_fallback(model)  # untraceable code: a leaf function, else that module in float
     gm.meta["vmfx_model_spec"] = spec
     if example_inputs is None and calib_data is not None:
         example_inputs = (first_example(calib_data, input_expectation(gm)),)
