@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="pts-w8a8")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--no-slow-timing", action="store_true",
+                    help="time only float and the fast path (the slow path still runs once, for the bit-identity check)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -65,6 +67,10 @@ def main(argv=None) -> int:
 
     runs = {"float model": run_float, "lowered, reference fast path": run_fast,
             "lowered, reference slow path": run_slow}
+    if args.no_slow_timing:
+        del runs["lowered, reference slow path"]
+    load_before = os.getloadavg()
+    t_start = time.time()
     times: dict[str, list[float]] = {k: [] for k in runs}
     with torch.no_grad():
         same = torch.equal(run_fast(), run_slow())
@@ -72,24 +78,31 @@ def main(argv=None) -> int:
             fn()
         names = list(runs)
         for i in range(args.reps):
-            for name in names[i % 3:] + names[: i % 3]:
+            r = i % len(names)
+            for name in names[r:] + names[:r]:
                 t0 = time.perf_counter()
                 runs[name]()
                 times[name].append(time.perf_counter() - t0)
 
+    load_after = os.getloadavg()
     base = statistics.median(times["float model"])
     cmd = (f"python benchmarks/cpu.py --threads {args.threads} --batch {args.batch} --config {args.config} "
-           f"--reps {args.reps}")
+           f"--reps {args.reps}" + (" --no-slow-timing" if args.no_slow_timing else ""))
+    fmt = lambda la: ", ".join(f"{v:.2f}" for v in la)  # noqa: E731
     lines = ["# CPU: lowered proxy model (reference backend) against the float model", "",
              f"Produced by `{cmd}` on {platform.processor() or platform.machine()} "
              f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, "
              f"`torch.set_num_threads({args.threads})`; batch {args.batch} test digits of the bundled proxy Vim "
-             f"({args.config}, calibrated on 64 training digits); {args.reps} interleaved repetitions.", "",
+             f"({args.config}, calibrated on 64 training digits); {args.reps} interleaved repetitions "
+             f"({time.time() - t_start:.0f} s). Load average (1, 5, 15 min) before: {fmt(load_before)}; "
+             f"after: {fmt(load_after)}.", "",
              "| model | median ms | min ms | vs float (median) |", "| --- | ---: | ---: | ---: |"]
     for name, ts in times.items():
         med = statistics.median(ts)
         lines.append(f"| {name} | {1e3 * med:.1f} | {1e3 * min(ts):.1f} | {base / med:.2f}x |")
-    lines += ["", f"Fast and slow reference paths bit-identical on this batch: {same}."]
+    lines += ["", f"Fast and slow reference paths bit-identical on this batch: {same}.",
+              f"Per-repetition ratio float / fast path (same repetition): median "
+              f"{statistics.median(f / q for f, q in zip(times['float model'], times['lowered, reference fast path'])):.2f}x."]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

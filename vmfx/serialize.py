@@ -14,13 +14,19 @@ a JSON record of how to rebuild the graph:
 * ``modules``: how to build each inserted module (a quantizer's spec and parameter shapes, a
   smoothing node's channel count);
 * ``annotations``: every node's vmfx annotation (roles, specs, the edge an inserted node sits on);
-* ``lowered``: for a lowered model, the backend: the file holds the quantized model it was lowered
-  from and :func:`load` lowers it again;
+* ``lowered``: for a lowered model, its backend and ``"state": "lowered"``: the tensors are the
+  lowered model's own state (:mod:`vmfx.lowering.runtime`): integer weight codes, 4-bit ones packed
+  two per byte (``"weight_packing"``, see :func:`vmfx.lowering.reference.pack_int4`), scales, zero
+  points, and the float tensors of the nodes left unlowered; the float weights of lowered linears
+  are not in the file. :func:`load` rebuilds the graph from the edit log, lowers it (structure
+  only) and loads that state strictly, so the packed bytes round-trip bit for bit;
 * ``sha256``: a digest of the header and every tensor's bytes.
 
 ``load(path)`` re-traces the float architecture from trusted code, replays the recorded edits,
 restores the annotations and loads the tensors (strictly): nothing in the file is executed. Files
-of format version 1 (quantization inside ``QuantLinear`` modules) are migrated on load. A
+of format version 1 (quantization inside ``QuantLinear`` modules) are migrated on load; lowered
+models of format version 2 (which held the quantized model's float tensors, lowered again on load)
+still load that way. A
 truncated file, a file that is not a vmfx save, a digest mismatch (tampering or corruption), a
 header with missing or mistyped fields, non-finite quantization parameters, or tensors that do not
 fit the recorded structure raise :class:`~vmfx.errors.SerializationError`. The digest detects
@@ -58,9 +64,15 @@ from .quant.spec import QuantSpec
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "vmfx-quantized"
-#: 2: quantizers and smoothing are graph nodes (an edit log); 1: ``QuantLinear`` modules (read,
-#: migrated on load).
-FORMAT_VERSION = 2
+#: 3: as 2, and a lowered model is saved as its lowered state (integer codes, 4-bit weights packed
+#: two per byte); 2: quantizers and smoothing are graph nodes (an edit log), a lowered model saved as
+#: the quantized model it came from; 1: ``QuantLinear`` modules (read, migrated on load).
+FORMAT_VERSION = 3
+#: How a version-3 lowered file stores 4-bit weight codes (``LoweredQLinear.w_packed``).
+WEIGHT_PACKING = "int4-two-per-byte: byte (n, j) = column j (low nibble) | column j + ceil(K/2) (high nibble)"
+#: Header meta kept on a lowered model loaded from its lowered state (it has no float model to
+#: take the structure from when it is saved again).
+STRUCTURE_META = "vmfx_saved_structure"
 
 
 def _known_builders() -> dict[str, Any]:
@@ -187,6 +199,37 @@ def _digest(header_json: str, tensors: dict[str, torch.Tensor]) -> str:
 # -- save -----------------------------------------------------------------------------------------
 
 
+def _structure(qmodel: fx.GraphModule) -> dict:
+    """The header fields that describe how to rebuild a quantized (unlowered) graph."""
+    if not qmodel.meta.get("vmfx_input_shapes"):
+        raise SerializationError("the model has no recorded input shape (it was traced without an example input)")
+    edits = list(qmodel.meta.get(EDITS_META) or [])
+    modules = {}
+    for record in edits:
+        if record.get("op") in ("insert", "insert_after") and record["path"] not in modules:
+            try:
+                m = qmodel.get_submodule(record["path"])
+            except AttributeError:
+                continue  # inserted, then removed again
+            modules[record["path"]] = _describe_module(m, record["path"])
+    for node in qmodel.graph.nodes:
+        if isinstance(module_of(node), Observer):
+            raise SerializationError(
+                f"node '{node.name}' is still an observer: convert the model (vmfx.convert) before saving"
+            )
+    return {
+        "model": qmodel.meta.get("vmfx_model_spec"),
+        "source_type": qmodel.meta["vmfx_source_type"],
+        "input_shapes": qmodel.meta["vmfx_input_shapes"],
+        "config": qmodel.meta.get("vmfx_config"),
+        "calibration": qmodel.meta.get("vmfx_calibration"),
+        "facts": sorted(qmodel.meta.get(FACTS_META) or []),
+        "edits": edits,
+        "modules": modules,
+        "annotations": _annotations(qmodel),
+    }
+
+
 def save(qmodel: fx.GraphModule, path: str) -> str:
     """Write ``qmodel`` (from :func:`vmfx.compile`, lowered or not) to ``path`` (``.safetensors``).
 
@@ -203,52 +246,35 @@ def save(qmodel: fx.GraphModule, path: str) -> str:
     if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
         raise SerializationError("vmfx.save expects a quantized model returned by vmfx.compile / vmfx.convert")
     lowered = qmodel.meta.get("vmfx_lowered")
-    if lowered:
-        source = qmodel.meta.get("vmfx_unlowered")
-        if not isinstance(source, fx.GraphModule):
-            raise SerializationError(
-                "this lowered model does not keep the quantized model it was lowered from: save the model "
-                "vmfx.compile returns without a backend, and lower it again after vmfx.load"
-            )
-        qmodel = source
-    if not qmodel.meta.get("vmfx_input_shapes"):
-        raise SerializationError("the model has no recorded input shape (it was traced without an example input)")
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise SerializationError(f"vmfx.save needs a file path, got {path!r}")
     path = os.fspath(path)
     if os.path.isdir(path):
         raise SerializationError(f"{path!r} is a directory: give a file name, e.g. {os.path.join(path, 'model.safetensors')!r}")
-    edits = list(qmodel.meta.get(EDITS_META) or [])
-    modules = {}
-    for record in edits:
-        if record.get("op") in ("insert", "insert_after") and record["path"] not in modules:
-            try:
-                m = qmodel.get_submodule(record["path"])
-            except AttributeError:
-                continue  # inserted, then removed again
-            modules[record["path"]] = _describe_module(m, record["path"])
-    for node in qmodel.graph.nodes:
-        if isinstance(module_of(node), Observer):
+    if lowered:
+        source = qmodel.meta.get("vmfx_unlowered")
+        if isinstance(source, fx.GraphModule):
+            structure = _structure(source)
+        elif isinstance(qmodel.meta.get(STRUCTURE_META), dict):
+            structure = qmodel.meta[STRUCTURE_META]
+        else:
             raise SerializationError(
-                f"node '{node.name}' is still an observer: convert the model (vmfx.convert) before saving"
+                "this lowered model keeps neither the quantized model it was lowered from nor a loaded file's "
+                "structure: save the model vmfx.compile returns without a backend, and lower it after vmfx.load"
             )
+        state = qmodel
+    else:
+        structure, state = _structure(qmodel), qmodel
     header = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "vmfx_version": __version__,
-        "model": qmodel.meta.get("vmfx_model_spec"),
-        "source_type": qmodel.meta["vmfx_source_type"],
-        "input_shapes": qmodel.meta["vmfx_input_shapes"],
-        "config": qmodel.meta.get("vmfx_config"),
-        "calibration": qmodel.meta.get("vmfx_calibration"),
-        "facts": sorted(qmodel.meta.get(FACTS_META) or []),
-        "edits": edits,
-        "modules": modules,
-        "annotations": _annotations(qmodel),
-        "lowered": {"backend": lowered["backend"]} if lowered else None,
+        **structure,
+        "lowered": {"backend": lowered["backend"], "state": "lowered", "weight_packing": WEIGHT_PACKING}
+        if lowered else None,
     }
     header_json = json.dumps(header, sort_keys=True)
-    tensors = {k: v.detach().clone().contiguous() for k, v in qmodel.state_dict().items()}
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.state_dict().items()}
     metadata = {"vmfx": header_json, "vmfx_sha256": _digest(header_json, tensors)}
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -298,6 +324,7 @@ def _read(path: str) -> tuple[dict, str, dict[str, torch.Tensor], str]:
 _REQUIRED = {1: {"format": str, "version": int, "input_shapes": list, "modules": list, "source_type": str},
              2: {"format": str, "version": int, "input_shapes": list, "modules": dict, "source_type": str,
                  "edits": list, "annotations": dict}}
+_REQUIRED[3] = _REQUIRED[2]
 
 
 def _check_header(header: dict, path: str) -> None:
@@ -365,8 +392,11 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
             f"{path!r} holds a quantized {saved_type.rsplit('.', 1)[-1]}, but the model given to vmfx.load is a "
             f"{type(model).__name__}: pass the float architecture that was quantized"
         )
+    lowered = _lowered_entry(header, path)
     try:
         gm, tensors = _rebuild(model, header, tensors)
+        if lowered is not None and lowered.get("state") == "lowered":
+            gm = _lower_structure(gm, lowered["backend"], header)
         gm.load_state_dict(tensors, strict=True)
     except SerializationError:
         raise
@@ -378,12 +408,42 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
     _check_finite(gm, path)
     gm.recompile()
     gm.eval()
-    lowered = header.get("lowered")
-    if lowered:
+    if lowered is not None and lowered.get("state") != "lowered":  # format 2: lower the quantized model again
         from .lowering import lower
 
         return lower(gm, lowered["backend"])
     return gm
+
+
+def _lowered_entry(header: dict, path: str) -> dict | None:
+    """The header's ``lowered`` record, checked (None for a model saved unlowered)."""
+    lowered = header.get("lowered")
+    if not lowered:
+        return None
+    if not isinstance(lowered, dict) or not isinstance(lowered.get("backend"), str):
+        raise SerializationError(f"{path!r} has a damaged vmfx header: bad 'lowered' record {lowered!r}")
+    state = lowered.get("state")
+    if state not in (None, "lowered") or (state == "lowered" and header["version"] < 3):
+        raise SerializationError(f"{path!r} has a damaged vmfx header: unknown lowered state {state!r} "
+                                 f"for format version {header['version']}")
+    if state == "lowered" and lowered.get("weight_packing", WEIGHT_PACKING) != WEIGHT_PACKING:
+        raise SerializationError(f"{path!r} packs its 4-bit weights as {lowered.get('weight_packing')!r}, which this "
+                                 "vmfx does not read (a newer vmfx wrote it?)")
+    return lowered
+
+
+def _lower_structure(gm: fx.GraphModule, backend: str, header: dict) -> fx.GraphModule:
+    """Lower a rebuilt graph whose tensors are not loaded yet (placeholder weights and unit
+    quantization parameters): only the structure of the result counts, its state is then loaded
+    from the file. The placeholder quantized model is not kept (``vmfx_unlowered`` is None); the
+    header's structure fields are, so that the loaded model can be saved again."""
+    from .lowering import lower
+
+    lowered = lower(gm, backend)
+    lowered.meta["vmfx_unlowered"] = None
+    lowered.meta[STRUCTURE_META] = {k: header.get(k) for k in (
+        "model", "source_type", "input_shapes", "config", "calibration", "facts", "edits", "modules", "annotations")}
+    return lowered
 
 
 def _rebuild(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]):

@@ -60,7 +60,7 @@ def _case(seed, per_token, a_bits, k=101, n=70):
 
 def _dev(w):
     return R.QWeight(*(t.to(DEVICE) if isinstance(t, torch.Tensor) else t
-                       for t in (w.codes, w.scale, w.wsum, w.bits, w.packed)))
+                       for t in (w.codes, w.scale, w.wsum, w.bits, w.packed, w.in_features)))
 
 
 @pytest.mark.parametrize("a_bits", [8, 4], ids=["w4a8", "w4a4"])
@@ -81,6 +81,13 @@ def test_packed_qlinear_matches_the_reference(a_bits, per_token, inp):
     y_ref, acc_ref = R.qlinear(xin, w, act, bias, return_acc=True)
     assert torch.equal(acc.cpu(), acc_ref) and torch.equal(acc_unpacked.cpu(), acc_ref)
     assert torch.equal(y, y_unpacked)
+    # stored packed only (the lowered model's form): the kernel and the reference unpack it
+    only = w.pack(keep_codes=False)
+    assert only.codes is None and only.shape == w.shape
+    y_only, acc_only = K.qlinear(xin.to(DEVICE), _dev(only), act_d, bias.to(DEVICE), return_acc=True)
+    assert torch.equal(acc_only.cpu(), acc_ref) and torch.equal(y_only, y)
+    y_ref_only, acc_ref_only = R.qlinear(xin, only, act, bias, return_acc=True)
+    assert torch.equal(acc_ref_only, acc_ref) and torch.equal(y_ref_only, y_ref)
     assert torch.equal(y.cpu().float(), y_ref.to(y.dtype).float())
 
 
@@ -89,6 +96,23 @@ def test_from_packed_rebuilds_the_weight():
     wp = w.pack()
     back = R.QWeight.from_packed(wp.packed, 33, w.scale, 4)
     assert torch.equal(back.codes, w.codes) and torch.equal(back.wsum, w.wsum) and torch.equal(back.packed, wp.packed)
+
+
+def test_packed_only_weight_needs_its_k():
+    _, _, w = _case(4, True, 8, k=33)
+    only = R.QWeight.from_packed(w.pack().packed, 33, w.scale, 4, keep_codes=False)
+    assert only.codes is None and torch.equal(only.unpacked(), w.codes) and torch.equal(only.wsum, w.wsum)
+    with pytest.raises(ValueError, match="in_features"):
+        R.QWeight(None, w.scale, w.wsum, 4, only.packed)
+    with pytest.raises(ValueError, match="K=40"):
+        R.QWeight(None, w.scale, w.wsum, 4, only.packed, 40)
+    # the slow reference path (the oracle) reads the packed-only weight too
+    x, act, _ = _case(4, True, 8, k=33)
+    previous = R.set_fast_path(False)
+    try:
+        assert torch.equal(R.qlinear(x, only, act), R.qlinear(x, w, act))
+    finally:
+        R.set_fast_path(previous)
 
 
 def test_packed_source_unpacks_two_nibbles():

@@ -196,3 +196,42 @@ def test_fast_epilogues_match_the_slow_path(epilogue):
     assert torch.equal(a_s, a_f)
     assert torch.equal(y_s.view(torch.int32), y_f.view(torch.int32))
     assert torch.equal(inputs["res"], torch.randn(2, 7, 12, generator=torch.Generator().manual_seed(1)))  # untouched
+
+
+def test_all_zero_accumulator_is_a_positive_zero():
+    """Codes equal to the zero point against negative weights: every product of the GEMM (the
+    zero-point column's included) is -0; the fast path's accumulator must still be +0, as the
+    slow path's integer round trip gives."""
+    for m, k, n in [(3, 5, 4), (200, 96, 64), (1, 1, 1)]:
+        act = R.make_act_quant(0.1, 128.0, 8)
+        w = R.QWeight.from_codes(-torch.ones(n, k), torch.ones(n), 8)
+        assert R.qlinear_plan(w, act).w_aug is not None  # the correction rides in the GEMM
+        (y_s, a_s), (y_f, a_f) = _both(lambda: R.qlinear(torch.zeros(m, k), w, act, return_acc=True))
+        assert torch.equal(y_s.view(torch.int32), y_f.view(torch.int32)) and not torch.signbit(y_f).any()
+
+
+def test_correction_outside_the_gemm_where_the_bound_needs_it():
+    """K = 1100 at 8 bits and extreme codes: the GEMM alone is exact in float32 but not with the
+    correction column added, so the plan keeps the correction as a separate table."""
+    x, act, w = _case(11, 2, 3, 1000, 6, 8, 8, True, False, True)
+    plan = R.qlinear_plan(w, act)
+    assert plan.w_aug is None
+    (y_s, a_s), (y_f, a_f) = _both(lambda: R.qlinear(x, w, act, return_acc=True))
+    assert torch.equal(a_s, a_f) and torch.equal(y_s.view(torch.int32), y_f.view(torch.int32))
+
+
+@pytest.mark.parametrize("preset", ["pts-w8a8", "smoothquant-w4a8"])
+def test_lowered_model_fast_path_is_bit_identical_to_the_slow_path(preset):
+    """A whole lowered Vim (two bidirectional blocks, L = 17) on the reference backend: every
+    partition on the fast path against the slow path, bit for bit."""
+    import vmfx
+    from vmfx.lowering import lower
+    from vmfx.models import VisionMamba
+
+    torch.manual_seed(0)
+    model = VisionMamba(img_size=16, patch_size=4, stride=4, embed_dim=32, depth=2, num_classes=5).eval()
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    lowered = lower(vmfx.compile(model, images[:4], preset), "reference")
+    with torch.no_grad():
+        slow, fast = _both(lambda: lowered(images))
+    assert torch.equal(slow.view(torch.int32), fast.view(torch.int32))

@@ -23,7 +23,8 @@ A quantized linear layer of the converted graph computes, in float32,
   reciprocal multiplies, a code can differ by one from the graph's ``round(x / s / s_a)`` when
   ``x / s / s_a`` lies within an ulp or two of a rounding tie (the graph divides).
 * **weights**: per-output-channel symmetric codes ``Wq`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` (int8
-  storage; 4-bit codes may also be packed two per byte for the GPU, :func:`pack_int4`), step
+  storage; 4-bit codes are packed two per byte in lowered models, :func:`pack_int4`, and unpacked
+  by the GEMM in registers or by this reference, :meth:`QWeight.unpacked`), step
   ``s_w`` (N,), ``wsum[n] = sum_k Wq[n, k]`` (int32).
 * **GEMM**: ``acc[r, n] = sum_k (q[r,k] - off) * Wq[n,k] + (off - z_a[t]) * wsum[n]``
   ``= sum_k (q[r,k] - z_a[t]) * Wq[n,k]`` exactly in int32 (``off = 2^(b-1)``).
@@ -175,40 +176,70 @@ class QWeight:
     """A quantized weight prepared for the integer GEMM.
 
     Attributes:
-        codes: (N, K) int8, symmetric codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+        codes: (N, K) int8, symmetric codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``; None for a weight
+            stored packed only (:meth:`pack` with ``keep_codes=False``, the lowered model's form
+            of 4-bit weights: the reference unpacks them, :meth:`unpacked`).
         scale: ``s_w``, (N,) float32.
         wsum: ``sum_k codes[n, k]``, (N,) int32 (for the zero-point correction).
         bits: weight bit width (8 or 4 in practice).
         packed: for 4-bit (or narrower) codes, optionally the same codes packed two per byte,
             (N, ceil(K / 2)) int8 (see :func:`pack_int4`); the Triton GEMM reads this when present
-            (half the weight bytes). ``codes`` stays the reference's unpacked view.
+            (half the weight bytes).
+        in_features: K; needed (and checked) when ``codes`` is None, since an odd K cannot be
+            read off the packed bytes.
+
+    Invariant: ``codes`` or ``packed`` is set; when both are, they hold the same codes.
     """
 
-    codes: torch.Tensor
+    codes: torch.Tensor | None
     scale: torch.Tensor
     wsum: torch.Tensor
     bits: int
     packed: torch.Tensor | None = None
+    in_features: int | None = None
 
-    def pack(self) -> "QWeight":
-        """A copy whose codes are also packed two per byte (:func:`pack_int4`).
+    def __post_init__(self):
+        if self.codes is None:
+            if self.packed is None or self.in_features is None:
+                raise ValueError("a QWeight without unpacked codes needs its packed codes and in_features (K)")
+            if self.packed.dim() != 2 or self.packed.shape[1] != (self.in_features + 1) // 2:
+                raise ValueError(f"packed codes {tuple(self.packed.shape)} do not hold K={self.in_features} columns")
+
+    def pack(self, keep_codes: bool = True) -> "QWeight":
+        """A copy whose codes are packed two per byte (:func:`pack_int4`), also kept unpacked
+        unless ``keep_codes=False`` (then the reference unpacks them when it needs them).
 
         Raises:
             ValueError: codes wider than 4 bits.
         """
         if self.bits > 4:
             raise ValueError(f"only codes of at most 4 bits can be packed two per byte; these have {self.bits}")
-        return QWeight(self.codes, self.scale, self.wsum, self.bits, pack_int4(self.codes))
+        packed = self.packed if self.packed is not None else pack_int4(self.codes)
+        return QWeight(self.codes if keep_codes else None, self.scale, self.wsum, self.bits, packed, self.shape[1])
 
     @classmethod
-    def from_packed(cls, packed: torch.Tensor, k: int, scale: torch.Tensor, bits: int = 4) -> "QWeight":
-        """Rebuild a packed weight of K columns from its packed bytes (and unpack the codes)."""
+    def from_packed(cls, packed: torch.Tensor, k: int, scale: torch.Tensor, bits: int = 4,
+                    keep_codes: bool = True) -> "QWeight":
+        """Rebuild a packed weight of K columns from its packed bytes (codes unpacked and
+        checked; kept unless ``keep_codes=False``)."""
         w = cls.from_codes(unpack_int4(packed, k), scale, bits)
-        return QWeight(w.codes, w.scale, w.wsum, w.bits, packed.contiguous())
+        return QWeight(w.codes if keep_codes else None, w.scale, w.wsum, w.bits, packed.contiguous(), k)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        """(N, K)."""
+        if self.codes is not None:
+            return tuple(self.codes.shape)
+        return (self.packed.shape[0], self.in_features)
+
+    @property
+    def store(self) -> torch.Tensor:
+        """The tensor the weight is stored in: the packed bytes when there are no unpacked codes."""
+        return self.codes if self.codes is not None else self.packed
+
+    def unpacked(self) -> torch.Tensor:
+        """The (N, K) int8 codes (unpacked from ``packed`` when only those are stored)."""
+        return self.codes if self.codes is not None else unpack_int4(self.packed, self.in_features)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, bits: int = 8) -> "QWeight":
@@ -411,12 +442,12 @@ def qlinear(x: torch.Tensor, weight: QWeight, act: ActQuant, bias: torch.Tensor 
     codes = x if x.dtype == torch.int8 else quantize_act(x, act)
     c2 = _rows(codes, act.tokens, "x")
     m, k = c2.shape
-    n, kw = weight.codes.shape
+    n, kw = weight.shape
     if k != kw:
-        raise ValueError(f"x has K={k} but the weight is {tuple(weight.codes.shape)}")
+        raise ValueError(f"x has K={k} but the weight is {weight.shape}")
     tok = _token_params(act, m)
     # float64 products and sums of integers below 2^53 are exact
-    acc = (c2.double() @ weight.codes.double().T)
+    acc = (c2.double() @ weight.unpacked().double().T)
     acc = acc + (act.offset - act.zero_point[tok].double())[:, None] * weight.wsum.double()[None, :]
     if acc.numel() and float(acc.abs().max()) >= 2**31:
         raise OverflowError("the int32 accumulator would overflow (K too large)")
@@ -500,11 +531,14 @@ def _scratch(name: str, shape, dtype=torch.float32) -> torch.Tensor:
     return buf[:numel].view(shape)
 
 
-def _quantize_float(x2: torch.Tensor, act: ActQuant, name: str = "codes") -> torch.Tensor:
+def _quantize_float(x2: torch.Tensor, act: ActQuant, name: str = "codes", out: torch.Tensor | None = None) -> torch.Tensor:
     """``q - 2^(b-1)`` of (M, K) float32 rows as float32 (exact small integers), by broadcasting:
-    the same float32 operations, in the same order, as :func:`quantize_act`. The result lives in
-    the scratch buffer ``name`` (valid until the next call that uses it)."""
-    v = _scratch(name, x2.shape)
+    the same float32 operations, in the same order, as :func:`quantize_act`, except that adding
+    ``z_a`` and subtracting ``2^(b-1)`` are one add of ``z_a - 2^(b-1)`` before a clamp to the
+    shifted range (the same result: below 2^24 - 2^8 in magnitude both are exact integer sums, and
+    above it both clamp to the same bound). The result lives in ``out`` (an (M, K) view, possibly
+    strided) or else in the scratch buffer ``name`` (valid until the next call that uses it)."""
+    v = _scratch(name, x2.shape) if out is None else out
     if act.inv_smooth is not None:
         torch.mul(x2, act.inv_smooth, out=v)
     else:
@@ -512,8 +546,8 @@ def _quantize_float(x2: torch.Tensor, act: ActQuant, name: str = "codes") -> tor
     v3 = _by_token(v, act.tokens)
     v3.mul_(act.inv_scale.view(-1, 1))
     v3.round_()
-    v3.add_(act.zero_point.view(-1, 1))
-    v.clamp_(act.qmin, act.qmax).sub_(act.offset)
+    v3.add_((act.zero_point - act.offset).view(-1, 1))
+    v.clamp_(act.qmin - act.offset, act.qmax - act.offset)
     return v
 
 
@@ -527,6 +561,11 @@ class QLinearPlan:
         corr: (T, N) ``(2^(b-1) - z_a[t]) * wsum[n]``, float32 if ``acc_in_f32`` else float64.
         scale: (T, N) float32 ``s_a[t] * s_w[n]`` (the slow path's product, same rounding).
         acc_in_f32: the whole accumulator (GEMM + correction) is exact in float32.
+        w_aug: ``[W^T; wsum]`` (K + 1, N) float32 when the correction can ride in the GEMM: the
+            codes get one more column holding ``2^(b-1) - z_a[t]``, and one GEMM gives the whole
+            accumulator, exactly (every partial sum, in any order, is an integer of magnitude at most
+            ``2^(b-1) max_n sum_k |Wq[n,k]| + max |corr| < 2^24``); else None.
+        z_col: (T,) float32 ``2^(b-1) - z_a[t]``, the extra column (with ``w_aug``).
         check_overflow: the bound does not exclude an int32 overflow: check each call.
         bound: the proved bound on ``|acc|``.
         keep: the tensors the plan was made from (kept alive so that the cache key stays valid).
@@ -539,19 +578,21 @@ class QLinearPlan:
     check_overflow: bool
     bound: int
     keep: tuple
+    w_aug: torch.Tensor | None = None
+    z_col: torch.Tensor | None = None
 
 
 def _plan_key(weight: QWeight, act: ActQuant) -> tuple:
     ts = (weight.scale, weight.wsum, act.scale, act.zero_point)
-    return (weight.codes._version, act.bits) + tuple((id(t), t._version) for t in ts)
+    return (weight.store._version, act.bits) + tuple((id(t), t._version) for t in ts)
 
 
 def qlinear_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
     """The fast path's prepared tables and proved bounds for ``weight`` and ``act`` (cached on the
-    weight's codes tensor; made again when any of the tensors is modified in place)."""
-    per_weight = _PLANS.get(weight.codes)
+    weight's stored codes, packed or not; made again when any of the tensors is modified in place)."""
+    per_weight = _PLANS.get(weight.store)
     if per_weight is None:
-        per_weight = _PLANS[weight.codes] = {}
+        per_weight = _PLANS[weight.store] = {}
     key = _plan_key(weight, act)
     plan = per_weight.get(key)
     if plan is None:
@@ -560,7 +601,8 @@ def qlinear_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
 
 
 def _make_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
-    codes = weight.codes.to(torch.int64)
+    unpacked = weight.unpacked()
+    codes = unpacked.to(torch.int64)
     n, k = codes.shape
     off = act.offset
     absw = codes.abs()
@@ -573,7 +615,7 @@ def _make_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
     # int64 round trip gives +0 for a zero accumulator)
     corr64 = (off - z)[:, None] * weight.wsum.to(torch.float64)[None, :] + 0.0
     corr_max = int(corr64.abs().max()) if corr64.numel() else 0
-    wt = weight.codes.t().float()
+    wt = unpacked.t().float()
     # chunks of K whose GEMM partial sums stay exact in float32: off * max_n sum_{chunk} |Wq| < 2^24
     chunks, start = [], 0
     if off * row_abs < _EXACT_F32:
@@ -587,14 +629,20 @@ def _make_plan(weight: QWeight, act: ActQuant) -> QLinearPlan:
             chunks.append((start, end, wt[start:end].contiguous()))
             start = end
     acc_in_f32 = len(chunks) == 1 and bound < _EXACT_F32 and corr_max < _EXACT_F32
+    w_aug = z_col = None
+    if acc_in_f32 and off * row_abs + corr_max < _EXACT_F32:
+        w_aug = torch.cat([wt, weight.wsum.float()[None, :]]).contiguous()
+        z_col = (off - z).float()
     return QLinearPlan(
+        w_aug=w_aug,
+        z_col=z_col,
         chunks=tuple(chunks),
         corr=corr64.float() if acc_in_f32 else corr64,
         scale=act.scale[:, None] * weight.scale[None, :],
         acc_in_f32=acc_in_f32,
         check_overflow=bound >= 2**31,
         bound=bound,
-        keep=(weight.codes, weight.scale, weight.wsum, act.scale, act.zero_point),
+        keep=(weight.store, weight.scale, weight.wsum, act.scale, act.zero_point),
     )
 
 
@@ -603,21 +651,32 @@ def _qlinear_fast(x, weight, act, bias, epilogue, epilogue_inputs, return_acc):
     prequantized = x.dtype == torch.int8
     c2 = _rows(x, act.tokens, "x")
     m, k = c2.shape
-    n, kw = weight.codes.shape
+    n, kw = weight.shape
     if k != kw:
-        raise ValueError(f"x has K={k} but the weight is {tuple(weight.codes.shape)}")
+        raise ValueError(f"x has K={k} but the weight is {weight.shape}")
     out_shape = tuple(x.shape[:-1]) + (n,)
     if m == 0:
         y = torch.zeros(out_shape)
         return (y, torch.zeros(out_shape, dtype=torch.int32)) if return_acc else y
     plan = qlinear_plan(weight, act)
-    c = _scratch("codes", c2.shape).copy_(c2) if prequantized else _quantize_float(c2.float(), act)
     t = act.tokens
-    if plan.acc_in_f32:
+    if plan.w_aug is not None:
+        # codes and the zero-point column side by side: one exact GEMM is the whole accumulator
+        buf = _scratch("codes_aug", (m, k + 1))
+        c = buf[:, :k]
+        if prequantized:
+            c.copy_(c2)
+        else:
+            _quantize_float(c2.float(), act, out=c)
+        _by_token(buf, t)[:, :, k].copy_(plan.z_col.view(1, -1).expand(m // t, t))
+        acc = torch.mm(buf, plan.w_aug)
+    elif plan.acc_in_f32:
+        c = _scratch("codes", c2.shape).copy_(c2) if prequantized else _quantize_float(c2.float(), act)
         k0, k1, wt = plan.chunks[0]
         acc = torch.mm(c, wt)
         _by_token(acc, t).add_(plan.corr)
     else:
+        c = _scratch("codes", c2.shape).copy_(c2) if prequantized else _quantize_float(c2.float(), act)
         acc = None
         for k0, k1, wt in plan.chunks:
             part = torch.mm(c[:, k0:k1] if len(plan.chunks) > 1 else c, wt).double()
@@ -670,7 +729,7 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         acc = acc + xp[..., j:j + length] * w[:, j, None]
     if bias is not None:
         acc = acc + bias.float()[:, None]
-    out = acc / (1.0 + torch.exp(-acc))
+    out = F.silu(acc)
     if act is None:
         return out
     return out, quantize_act(out.transpose(1, 2).reshape(bsz * length, e), act)
@@ -682,9 +741,11 @@ def _conv_fast(x, w, bias, act):
     No padded copy: tap ``j`` adds ``x[l - (W-1) + j] * w[j]`` only where ``l - (W-1) + j >= 0``.
     The slow path adds ``0 * w[j]`` (a signed zero) elsewhere; its accumulator starts at +0 and so
     never holds -0, and adding a zero to +0 or to a non-zero value leaves it unchanged, so skipping
-    those adds changes no bit. Products, SiLU's denominator and the codes are made in scratch
-    buffers, in the slow path's order of float32 operations; the codes are made in the (B, E, L)
-    layout (per-channel smoothing along E, per-token parameters along L) and transposed as int8.
+    those adds changes no bit. Products and the codes are made in scratch buffers, in the slow
+    path's order of float32 operations; SiLU is the same ``F.silu`` kernel, in place, on a
+    contiguous tensor of the same shape (so the same elements take its vector and scalar loops);
+    the codes are made in the (B, E, L) layout (per-channel smoothing along E, per-token parameters
+    along L) and converted to int8 in the same pass that transposes them.
     """
     bsz, e, length = x.shape
     width = w.shape[1]
@@ -699,11 +760,10 @@ def _conv_fast(x, w, bias, act):
             acc[..., s:].add_(p)
     if bias is not None:
         acc.add_(bias.float()[:, None])
-    den = torch.neg(acc, out=prod).exp_().add_(1.0)
-    out = acc.div_(den)
+    out = F.silu(acc, inplace=True)  # the slow path's F.silu, on a tensor of the same shape and layout
     if act is None:
         return out
-    v = prod  # the denominator is no longer needed
+    v = prod  # free again
     if act.inv_smooth is not None:
         torch.mul(out, act.inv_smooth[:, None], out=v)
     else:
@@ -711,12 +771,11 @@ def _conv_fast(x, w, bias, act):
     if act.per_token:
         if act.tokens != length:
             raise ValueError(f"conv output has {length} tokens but the per-token parameters have {act.tokens}")
-        v.mul_(act.inv_scale[None, None, :]).round_().add_(act.zero_point[None, None, :])
+        v.mul_(act.inv_scale[None, None, :]).round_().add_((act.zero_point - act.offset)[None, None, :])
     else:
-        v.mul_(act.inv_scale).round_().add_(act.zero_point)
-    v.clamp_(act.qmin, act.qmax).sub_(act.offset)
-    c8 = _scratch("conv_codes", v.shape, torch.int8).copy_(v)
-    codes = torch.empty((bsz, length, e), dtype=torch.int8).copy_(c8.transpose(1, 2))
+        v.mul_(act.inv_scale).round_().add_(act.zero_point - act.offset)
+    v.clamp_(act.qmin - act.offset, act.qmax - act.offset)  # as in _quantize_float
+    codes = torch.empty((bsz, length, e), dtype=torch.int8).copy_(v.transpose(1, 2))  # exact integers
     return out, codes.view(bsz * length, e)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -771,8 +830,8 @@ def _merge_fast(y_f, y_b, scale, act):
         torch.add(y_f.float(), torch.flip(y_b.float(), (-1,)), out=m)
     else:
         m.copy_(y_f)
-    m.mul_(torch.tensor(scale, dtype=torch.float32))
-    out = m.transpose(1, 2).contiguous()
+    out = torch.empty((m.shape[0], m.shape[2], m.shape[1]))
+    torch.mul(m.transpose(1, 2), torch.tensor(scale, dtype=torch.float32), out=out)  # scale and transpose in one pass
     if act is None:
         return out
     codes = _quantize_float(out.view(-1, out.shape[-1]), act).to(torch.int8)

@@ -117,6 +117,11 @@ class LoweredQLinear(LoweredPartition):
         token_shape: the input's dims between batch and channels (e.g. ``(L,)``), used to
             reshape 2-D codes from a producer back to ``(B, L, N)``.
         takes_codes: the input is int8 codes from a producer partition.
+
+    Buffers: ``w_codes`` (N, K) int8 for weights of more than 4 bits, or ``w_packed``
+    (N, ceil(K / 2)) int8, two 4-bit codes per byte (:func:`~vmfx.lowering.reference.pack_int4`),
+    for 4-bit weights (the other one is None); ``w_scale``, ``w_sum``, ``bias`` and the
+    activation parameters ``a_*``. They are the lowered model's state, which ``vmfx.save`` writes.
     """
 
     kind = "qlinear"
@@ -125,10 +130,16 @@ class LoweredQLinear(LoweredPartition):
         super().__init__(name, provenance, backend)
         wq = linear.weight_quantizer
         weight = ref.QWeight.from_float(linear.weight, wq.scale, wq.spec.bits, smooth=linear.smoothing())
-        self.register_buffer("w_codes", weight.codes)
+        self.w_bits = weight.bits
+        self.in_features = weight.shape[1]
+        if weight.bits <= 4:  # stored packed two per byte (half the bytes); nothing keeps the unpacked codes
+            self.register_buffer("w_codes", None)
+            self.register_buffer("w_packed", ref.pack_int4(weight.codes))
+        else:
+            self.register_buffer("w_codes", weight.codes)
+            self.register_buffer("w_packed", None)
         self.register_buffer("w_scale", weight.scale)
         self.register_buffer("w_sum", weight.wsum)
-        self.w_bits = weight.bits
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         _act_buffers(self, "a", input_act_quant(linear))
         self.epilogue = [tuple(op) for op in epilogue]
@@ -136,12 +147,9 @@ class LoweredQLinear(LoweredPartition):
         self.takes_codes = takes_codes
 
     def _weight(self) -> ref.QWeight:
-        packed = None
-        if self.w_bits <= 4 and self.backend == "triton":  # the GEMM reads 4-bit codes two per byte
-            packed = getattr(self, "_w_packed", None)
-            if packed is None or packed.device != self.w_codes.device:
-                packed = self._w_packed = ref.pack_int4(self.w_codes)
-        return ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits, packed)
+        """The stored weight: 8-bit codes, or 4-bit codes packed two per byte (the GEMM unpacks
+        them in registers, the reference once per plan or per call on its slow path)."""
+        return ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits, self.w_packed, self.in_features)
 
     def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         if self.takes_codes and x.dim() == 2:

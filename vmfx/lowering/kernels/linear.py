@@ -331,7 +331,7 @@ def qlinear(
         raise ValueError(f"out_dtype must be one of {list(OUT_DTYPES)}, got {out_dtype}")
     if quantize_once is None:
         quantize_once = not interpreting()
-    if quantize_once and x.dtype != torch.int8 and x.dim() >= 2 and x.shape[-1] == weight.codes.shape[1]:
+    if quantize_once and x.dtype != torch.int8 and x.dim() >= 2 and x.shape[-1] == weight.shape[1]:
         from .act_quantize import quantize
 
         x = quantize(x, act, provenance=provenance)
@@ -339,10 +339,12 @@ def qlinear(
     if x.dim() < 2:
         raise ValueError(f"x must be (…, K) with rows and channels, got {tuple(x.shape)}")
     dev = x.device
-    n, k = weight.codes.shape
+    n, k = weight.shape
     if x.shape[-1] != k:
-        raise ValueError(f"x has K={x.shape[-1]} channels but the weight is {tuple(weight.codes.shape)}")
+        raise ValueError(f"x has K={x.shape[-1]} channels but the weight is {weight.shape}")
     packed = weight.packed is not None and weight.bits <= 4
+    if weight.codes is None and not packed:
+        raise ValueError("the weight has neither unpacked codes nor 4-bit packed ones")
     if packed:
         kh = (k + 1) // 2
         check_tensor(weight.packed, "weight.packed", torch.int8, (n, kh), dev)
