@@ -595,6 +595,25 @@ def note_calibration_time(records: list[dict]):
             f"records: {', '.join(parts)}; the longest is {record_name(slowest)}.", timed)
 
 
+def note_synthetic(records: list[dict]):
+    """Data-free calibration (OuroMamba-Gen): each method on synthetic images minus the same method
+    on real ones (same model, bits and seed)."""
+    real = {(r["model"], r["method"], r["bits"], record_seed(r)): r for r in records if r["calib"] == "real"}
+    parts, read = [], []
+    for r in records:
+        if r["calib"] != "synthetic":
+            continue
+        base = real.get((r["model"], r["method"], r["bits"], record_seed(r)))
+        if base is None:
+            continue
+        parts.append(f"{r['method']} {r['bits']}: {r['top1']:.1f} on {r['calib_images']} synthetic vs "
+                     f"{base['top1']:.1f} on {base['calib_images']} real images ({_say(accuracy_difference(r, base))})")
+        read += [r, base]
+    if not parts:
+        return None
+    return "top-1 calibrated on images synthesized from the model (OuroMamba-Gen) against real digits: " + "; ".join(parts) + ".", read
+
+
 NOTES: dict[str, Note] = {
     "noise": note_noise,
     "w4a4 ordering": note_ordering_w4a4,
@@ -603,6 +622,7 @@ NOTES: dict[str, Note] = {
     "ptq4vm-official": note_official,
     "calibration time": note_calibration_time,
 }
+NOTES["synthetic vs real calibration"] = note_synthetic  # OuroMamba-Gen
 
 
 def _reads(rs: list[dict]) -> str:
