@@ -391,6 +391,8 @@ def _validate_calibration_source(args: argparse.Namespace) -> None:
         if args.calib_dir:
             raise ConfigError("--calib synthetic makes its own images from the model; drop --calib-dir (real images) "
                               "or use --calib real")
+        if args.command in ("eval", "inspect") and not args.config:
+            raise ConfigError("--calib synthetic makes calibration images for a quantized model: add --config PRESET")
         _check_output_dir(args.save_synthetic, "--save-synthetic")
     else:
         for flag, value in (("--save-synthetic", getattr(args, "save_synthetic", None)),

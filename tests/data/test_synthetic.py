@@ -266,10 +266,17 @@ def test_cli_refuses_contradicting_calibration_options(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_cli_synthetic_images_need_a_preset(capsys):
+    from vmfx.cli import main
+
+    assert main(["eval", "--calib", "synthetic", "--no-progress"]) == 2
+    assert "add --config PRESET" in capsys.readouterr().err
+
+
 def test_cli_default_calibration_sizes():
     from vmfx.cli import build_parser, validate
 
     for calib, n in (("real", 256), ("synthetic", 128)):
-        args = build_parser().parse_args(["eval", "--calib", calib])
+        args = build_parser().parse_args(["eval", "--calib", calib, "--config", "minmax-w8a8"])
         validate(args)
         assert args.calib_n == n
