@@ -38,8 +38,8 @@ Differences from the paper and the released code (``data_gen/`` of georgia-tech-
 ICCV-OuroMamba ships only the patched scan): the optimiser, learning rate, temperature and the
 output loss are not released; the choices here are Adam with a cosine-decayed learning rate, tau =
 0.2, and cross-entropy plus priors. The released code min-max normalises the delta weights across
-the *batch* for every token; here they are normalised within each image, so an image does not
-depend on the others it is optimised with (only on the seed and its index). The paper reports 1000
+the *batch* for every token; here they are normalised within each image, so the images optimised
+together do not interact (each image's losses are its own). The paper reports 1000
 iterations; the default here is fewer (:data:`DEFAULT_STEPS`) so that 128 images for the proxy model
 take minutes on a CPU (``benchmarks/results/synthetic.md``).
 
