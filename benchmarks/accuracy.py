@@ -595,6 +595,25 @@ def note_calibration_time(records: list[dict]):
             f"records: {', '.join(parts)}; the longest is {record_name(slowest)}.", timed)
 
 
+def note_synthetic(records: list[dict]):
+    """Data-free calibration (OuroMamba-Gen): each method on synthetic images minus the same method
+    on real ones (same model, bits and seed)."""
+    real = {(r["model"], r["method"], r["bits"], record_seed(r)): r for r in records if r["calib"] == "real"}
+    parts, read = [], []
+    for r in records:
+        if r["calib"] != "synthetic":
+            continue
+        base = real.get((r["model"], r["method"], r["bits"], record_seed(r)))
+        if base is None:
+            continue
+        parts.append(f"{r['method']} {r['bits']}: {r['top1']:.1f} on {r['calib_images']} synthetic vs "
+                     f"{base['top1']:.1f} on {base['calib_images']} real images ({_say(accuracy_difference(r, base))})")
+        read += [r, base]
+    if not parts:
+        return None
+    return "top-1 calibrated on images synthesized from the model (OuroMamba-Gen) against real digits: " + "; ".join(parts) + ".", read
+
+
 NOTES: dict[str, Note] = {
     "noise": note_noise,
     "w4a4 ordering": note_ordering_w4a4,
@@ -603,6 +622,7 @@ NOTES: dict[str, Note] = {
     "ptq4vm-official": note_official,
     "calibration time": note_calibration_time,
 }
+NOTES["synthetic vs real calibration"] = note_synthetic  # OuroMamba-Gen
 
 
 # -- k-scaled ViM PTQ (Shi et al.) ------------------------------------------------------------------
@@ -712,6 +732,38 @@ def write_markdown(records: list[dict], md_path: str | None = None, baseline: tu
 # measuring
 
 
+# -- data-free calibration (OuroMamba-Gen) ----------------------------------------------------------
+
+#: Synthetic calibration images per seed (OuroMamba synthesizes 128).
+SYNTHETIC_CALIB_N = 128
+
+
+def synthetic_calibration_images(model, n: int, seed: int, cache: str | None) -> torch.Tensor:
+    """``n`` images synthesized from ``model`` with ``seed`` and the default settings
+    (:func:`vmfx.data.synthesize`), read from / written to ``cache`` when given."""
+    from vmfx.data.synthetic import SynthesisConfig, synthesize_with_log
+
+    config = SynthesisConfig()
+    path = None
+    if cache:
+        from synthesis import cache_path  # benchmarks/synthesis.py writes the same files
+
+        path = cache_path(cache, n, seed, config)
+        if os.path.exists(path):
+            saved = torch.load(path)
+            if saved.get("config") == config.to_dict():
+                print(f"synthetic images: reusing {path}", flush=True)
+                return saved["images"]
+    start_cpu, start = time.process_time(), time.perf_counter()
+    result = synthesize_with_log(model, n, seed=seed, config=config, progress=False)
+    print(json.dumps({"synthesized": n, "seed": seed, "steps": config.steps, "wall_s": round(time.perf_counter() - start, 1),
+                      "cpu_s": round(time.process_time() - start_cpu, 1), "final": result.log[-1][-1]}), flush=True)
+    if path:
+        os.makedirs(cache, exist_ok=True)
+        torch.save({"images": result.images, "config": config.to_dict()}, path)
+    return result.images
+
+
 def calibration_images(n: int, seed: int) -> torch.Tensor:
     train, _ = load_digits("train")
     idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -729,7 +781,8 @@ def quantize(model, calib: torch.Tensor, preset: str, seed: int):
     return Pipeline(passes)(model, calib, config=cfg)
 
 
-def run(methods: list[str], bits: list[str], seeds: list[int], calib_n: int, test_n: int | None, save) -> list[dict]:
+def run(methods: list[str], bits: list[str], seeds: list[int], calib_n: int, test_n: int | None, save,
+        calib_kind: str = "real", synthetic_cache: str | None = None) -> list[dict]:
     """Measure FP once, then every (seed, method, bit setting); ``save(records)`` is called after each
     record, so an interrupted run keeps what it measured."""
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
@@ -743,7 +796,10 @@ def run(methods: list[str], bits: list[str], seeds: list[int], calib_n: int, tes
     records = [make_record("fp", "fp32", "none", None, 0, fp.top1, fp, 0.0, machine)]
     save(records)
     for seed in seeds:
-        calib = calibration_images(calib_n, seed)
+        if calib_kind == "synthetic":
+            calib = synthetic_calibration_images(model, calib_n, seed, synthetic_cache)
+        else:
+            calib = calibration_images(calib_n, seed)
         for method in methods:
             prefix, _ = METHODS[method]
             for b in bits:
@@ -755,7 +811,7 @@ def run(methods: list[str], bits: list[str], seeds: list[int], calib_n: int, tes
                 seconds = time.perf_counter() - start
                 q_logits, _ = collect_logits(qmodel, (test_x, test_y))
                 res = compare_logits(fp_logits, q_logits, labels)
-                rec = make_record(method, b, "real", seed, int(calib.shape[0]), fp.top1, res, seconds, machine)
+                rec = make_record(method, b, calib_kind, seed, int(calib.shape[0]), fp.top1, res, seconds, machine)
                 print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, list)}), flush=True)
                 records.append(rec)
                 save(records)
@@ -778,13 +834,20 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default=",".join(BITS_LABELS), help=f"comma-separated subset of {', '.join(BITS_LABELS)}")
     p.add_argument("--seeds", default="0", help="comma-separated calibration seeds (draw of the calibration images "
                    "and JLSS batch order), e.g. 0,1,2")
-    p.add_argument("--calib-n", type=int, default=256)
+    p.add_argument("--calib-n", type=int, default=None,
+                   help="calibration images (default 256 real, 128 synthetic)")
     p.add_argument("--test-n", type=int, default=None, help="evaluate on the first N test digits only (trial runs)")
     p.add_argument("--out", default=None, help=f"folder of accuracy.json / accuracy.md (default {RESULTS})")
     p.add_argument("--compare-with", default=None, metavar="JSON",
                    help="an earlier run's accuracy.json: add a table of each record minus the earlier record with the same key")
     p.add_argument("--table-only", action="store_true",
                    help="measure nothing: rewrite accuracy.md from the records in accuracy.json")
+    # data-free calibration (OuroMamba-Gen): records with "calib": "synthetic"
+    p.add_argument("--calib", choices=("real", "synthetic"), default="real",
+                   help="calibrate on real training digits (default) or on images synthesized from the model "
+                        "(vmfx.data.synthesize, default settings, the seed of --seeds)")
+    p.add_argument("--synthetic-cache", default=os.path.join("/tmp", "vmfx-synthetic"), metavar="DIR",
+                   help="keep synthesized images here (per n, seed and settings) so that a later run reuses them")
     args = p.parse_args(argv)
     json_path = os.path.join(args.out, "accuracy.json") if args.out else JSON_PATH
     md_path = os.path.join(args.out, "accuracy.md") if args.out else MD_PATH
@@ -806,10 +869,13 @@ def main(argv=None) -> int:
     if bad_bits:
         raise SystemExit(f"unknown bit settings {bad_bits}; known: {', '.join(BITS_LABELS)}")
     seeds = _int_list(args.seeds, "seeds")
+    default_n = SYNTHETIC_CALIB_N if args.calib == "synthetic" else 256
+    explicit_n = args.calib_n is not None and args.calib_n != default_n
+    args.calib_n = default_n if args.calib_n is None else args.calib_n
     if args.calib_n < 1 or (args.test_n is not None and args.test_n < 1):
         raise SystemExit("--calib-n and --test-n must be positive")
-    if (args.test_n is not None or args.calib_n != 256) and args.out is None:
-        raise SystemExit("--test-n and a --calib-n other than 256 are for trial runs: pass --out DIR so the "
+    if (args.test_n is not None or explicit_n) and args.out is None:
+        raise SystemExit(f"--test-n and a --calib-n other than {default_n} are for trial runs: pass --out DIR so the "
                          f"records do not replace the full ones in {RESULTS}")
     os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
     old = []
@@ -823,7 +889,7 @@ def main(argv=None) -> int:
             f.write(dumps_records(merged))
         write_markdown(merged, md_path, baseline)
 
-    run(methods, bits, seeds, args.calib_n, args.test_n, save)
+    run(methods, bits, seeds, args.calib_n, args.test_n, save, args.calib, args.synthetic_cache)
     print(f"wrote {json_path} and {md_path}")
     return 0
 

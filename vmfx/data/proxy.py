@@ -45,9 +45,14 @@ def build_proxy_model(**overrides) -> torch.nn.Module:
     """An untrained proxy Vim with the recorded constructor arguments (``overrides`` win)."""
     from ..models.vim import VisionMamba
 
+    from .digits import DIGITS_MEAN, DIGITS_STD
+
     kwargs = dict(proxy_metadata()["model_kwargs"])
     kwargs.update(overrides)
-    return VisionMamba(**kwargs)
+    model = VisionMamba(**kwargs)
+    # the input normalisation, where timm models keep theirs (read by vmfx.data.input_normalization)
+    model.pretrained_cfg = model.default_cfg = {"mean": (DIGITS_MEAN,), "std": (DIGITS_STD,)}
+    return model
 
 
 def load_proxy_model() -> torch.nn.Module:
