@@ -48,3 +48,8 @@ __all__ = [
     "split_stages",
     "trace_for_quantization",
 ]
+
+# OuroMamba-Quant (issue 11)
+from .ouromamba import outlier_observer  # noqa: E402
+
+__all__ += ["outlier_observer"]

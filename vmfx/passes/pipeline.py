@@ -266,9 +266,17 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
                                    weight edge, by min-max or the per-channel Lp grid search
         [JLSS]                     PTQ4VM's block-wise learning of step sizes and smoothing
         [FoldSmoothing]            1/s into the preceding norm where exact
+
+    With ``config.outliers`` (OuroMamba) the activation observers are
+    :class:`~vmfx.quant.mixed.OutlierLpObserver`\ s and convert to mixed-precision quantizers
+    (:mod:`vmfx.passes.ouromamba`).
     """
     init = config.init
     act_observer = activation_observer(init.method, init.p, init.candidates)
+    if config.outliers is not None:  # OuroMamba (issue 11): mixed-precision activation quantizers
+        from .ouromamba import outlier_observer
+
+        act_observer = outlier_observer(config.outliers, init.p, init.candidates)
     passes: list[Pass] = [DetectMambaMixersPass()]
     if config.smoothing is not None:
         passes += [
@@ -298,3 +306,6 @@ def _has_static_activations(config: QuantConfig) -> bool:
 
 for _name in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-official"):
     register_method(_name)(ptq_passes)
+
+# OuroMamba-Quant (issue 11): PTQ4VM's passes with mixed-precision activation observers
+register_method("ouromamba")(ptq_passes)
