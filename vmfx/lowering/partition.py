@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from ..annotations import annotation
 from ..passes.linear_edges import linear_edges
 from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
+from ..quant.mixed import MixedPrecisionQuantize
 from ..quant.modules import FakeQuantize, Smooth
 
 __all__ = ["Partition", "QuantizedLinear", "find_partitions", "unlowered_quantizers", "EPILOGUE_OPS"]
@@ -124,6 +125,8 @@ def _static_quantlinear(node: fx.Node) -> QuantizedLinear | None:
     if not isinstance(iq, FakeQuantize) or not isinstance(wq, FakeQuantize) or edges.weight_attr is None:
         return None
     if not iq.enabled or not wq.enabled:
+        return None
+    if isinstance(iq, MixedPrecisionQuantize):  # OuroMamba's dynamic outliers: not this kernel's numerics
         return None
     if iq.spec.dynamic or iq.spec.symmetric or iq.spec.granularity not in ("token", "tensor"):
         return None

@@ -268,7 +268,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
         [FoldSmoothing]            1/s into the preceding norm where exact
 
     With ``config.outliers`` (OuroMamba) the activation observers are
-    :class:`~vmfx.quant.mixed.OutlierLpObserver`\ s and convert to mixed-precision quantizers
+    :class:`~vmfx.quant.mixed.OutlierLpObserver` observers and convert to mixed-precision quantizers
     (:mod:`vmfx.passes.ouromamba`).
     """
     init = config.init

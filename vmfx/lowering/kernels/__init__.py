@@ -53,3 +53,8 @@ __all__ = [
     "render_scan",
     "render_merge",
 ]
+
+# OuroMamba (issue 11): the mixed-precision linear (inlier GEMM + outlier-column GEMM)
+from .mixed_linear import mixed_qlinear, render_mixed_qlinear  # noqa: E402
+
+__all__ += ["mixed_qlinear", "render_mixed_qlinear"]
