@@ -2,7 +2,7 @@
 d_state 16, bidirectional v2, middle class token) but 2 blocks and 17 tokens compiles with both
 presets (JLSS shortened to 2 steps per block to keep the test small); the graph holds a
 mixed-precision quantizer on the inputs of in_proj, x_proj, dt_proj, out_proj and on delta; JLSS
-learns delta's step size; vmfx.save / vmfx.load round-trips bit for bit; the outlier sets can be
+learns delta's step size; the lowering runs the mixed linears as integer kernels; vmfx.save / vmfx.load round-trips bit for bit; the outlier sets can be
 listed and plotted, and `vmfx inspect --outliers` prints and draws them."""
 
 from __future__ import annotations
@@ -89,12 +89,21 @@ def test_save_load_round_trip(vim_q, tmp_path):
     assert loaded.meta["vmfx_config"]["outliers"] == {"bits": 8, "sigma": 3.0, "sigma_asym": 4.0, "refresh": 10}
 
 
-def test_lowering_leaves_mixed_linears_in_fake_quant(vim_q):
-    from vmfx.lowering import lower
+def test_lowering_runs_the_mixed_linears_as_integer_kernels(vim_q):
+    from vmfx.lowering import lower, lowered_partitions
 
     model, images, q = vim_q
-    with pytest.raises(vmfx.LoweringError):
+    with pytest.raises(vmfx.LoweringError, match="dt_proj__output"):  # delta's quantizer feeds the scan: simulated
         lower(q, "reference", strict=True)
+    with pytest.warns(UserWarning, match="dt_proj__output"):
+        lowered = lower(q, "reference")
+    kinds = [p.kind for p in lowered_partitions(lowered)]
+    assert kinds.count("mixed_qlinear") == 2 * (2 + 2 * 2)  # in_proj, out_proj, x_proj and dt_proj of each direction
+    assert not [n for n in lowered.meta["vmfx_lowered"]["left_float"] if "__output" not in n]
+    with torch.no_grad():
+        y, y_fake = lowered(images), q(images)
+    # the same codes up to rounding ties; the float parts to float32 rounding
+    torch.testing.assert_close(y, y_fake, rtol=1e-3, atol=1e-3 * float(y_fake.abs().max()))
 
 
 def test_outlier_sets_are_listed_and_plotted(vim_q, tmp_path):

@@ -19,6 +19,8 @@ template           module           launcher
 ``scan``           ``scan``         :func:`selective_scan`: selective scan, D skip, SiLU(z) gate
 ``merge_quantize`` ``merge``        :func:`merge_quantize`: (y_f + flip(y_b)) * c, token-major
                                     (+ codes)
+``mixed_qlinear``  ``mixed_linear`` :func:`mixed_qlinear`: OuroMamba's inlier int8 GEMM + the
+                                    per-tile outlier columns' int8 GEMM, summed in the epilogue
 =================  ===============  =========================================================
 
 (The modules are not named after the launchers they hold, so that ``kernels.qlinear`` is always
