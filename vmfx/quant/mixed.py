@@ -271,9 +271,10 @@ class MixedPrecisionQuantize(FakeQuantize):
 
     def quantize_parts(self, x: torch.Tensor) -> dict:
         """The integer form of ``x`` in the (samples, steps, channels) view, for the integer kernels:
-        ``mask`` (bool), inlier ``codes_in`` (0 at outlier channels' place is *not* implied: they
-        are the codes of 0), ``scale_in`` / ``zero_in`` (1, P, 1), outlier ``codes_out`` (the codes of
-        0 at inlier channels), ``scale_out`` / ``zero_out`` (S, P, 1), and the ranges."""
+        ``mask`` (bool), inlier ``codes_in`` (the codes of 0 at outlier positions), ``scale_in`` /
+        ``zero_in`` (1, P, 1), outlier ``codes_out`` (the codes of 0 at inlier positions),
+        ``scale_out`` / ``zero_out`` (S, P, 1), and the two integer ranges. Dequantizing each part
+        where the mask selects it gives :meth:`forward`'s output."""
         with torch.no_grad():
             x3 = to_steps(x, self.layout).float()
             scale, zero_point = self._inlier_params()
