@@ -88,6 +88,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "ptq4vm-official": ("ptq4vm-official", "PTQ4VM as the official code runs JLSS: only in_proj/out_proj learn; "
                         "x_proj/dt_proj keep their initial step sizes and smoothing factors and stay quantized"),
 }
+# OuroMamba-Quant (issue 11)
+METHODS["ouromamba"] = ("ouromamba", "OuroMamba-Quant: per-token static inliers + dynamic outlier channels "
+                        "(mean+3sd, delta mean+4sd asymmetric; reset every 10 tokens) at 2x the activation bits "
+                        "(W4A4O8, W4A8O16), Lp weights, block-wise step-size learning (100 steps/block, AdamW 5e-4)")
 
 #: Pairs of methods (a, b) whose difference a - b the notes read, besides each method against minmax.
 PAIRS: tuple[tuple[str, str], ...] = (

@@ -16,7 +16,9 @@ Measured with ``triton.testing.do_bench`` (median of repeated runs after warm-up
 3. ``e2e``: Vim-T/S/B end to end (random weights, batch 64): FP16 eager and FP32 eager against the
    model quantized with ``pts-w8a8`` (calibrated on a few random images, on the GPU when the
    pipeline allows, else on the CPU) and lowered to Triton;
-4. ``compile``: FP16 ``torch.compile`` of Vim-T/S/B end to end (slow to compile; last).
+4. ``compile``: FP16 ``torch.compile`` of Vim-T/S/B end to end (slow to compile; last);
+5. ``mixed`` (``--sections mixed``): OuroMamba's mixed-precision linear (int8 inlier GEMM + outlier
+   columns) at the official harness's shape, W4A4O8 and W4A8O16, against FP16 cuBLAS.
 
 Every section runs in its own ``try``: a failure is recorded in the results with its traceback
 and the next section runs. The results file is rewritten after every row, so a run stopped by a
@@ -49,7 +51,7 @@ NAMES = {
     "Vim-B": "vim_base_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_middle_cls_token_div2",
 }
 TOKENS = 197
-SECTIONS = ("linear", "scan", "e2e", "compile")
+SECTIONS = ("linear", "scan", "e2e", "compile", "mixed")  # mixed: OuroMamba (issue 11), not in the default run
 
 #: Published dense peaks (NVIDIA datasheets, SXM parts; sparsity doubles the tensor-core figures
 #: and is not used here): HBM bandwidth in bytes/s, int8 tensor-core ops/s, fp16 tensor-core
@@ -346,6 +348,90 @@ def roofline_linear_lines() -> list[str]:
     return lines
 
 
+# -- OuroMamba's mixed-precision linear (issue 11) ---------------------------------------------------
+
+#: The official OuroMamba harness's shape (system/test_submission.py): weight 12288 x 3072, 64 x 788
+#: activation rows, 20% outliers. Here: rows M = 64 * 788 tokens, K = 3072 input channels, N = 12288
+#: output channels, 20% of the K columns outliers in every row tile (the worst case of the per-tile lists).
+MIXED_SHAPE = (64 * 788, 3072, 12288)
+MIXED_OUTLIER_FRACTION = 0.2
+
+
+def mixed_traffic(m: int, k: int, n: int, j: int, out_bytes_per_code: float, w_bytes: float,
+                  with_quantize: bool) -> float:
+    """Compulsory bytes of the mixed linear: int8 inlier codes (M K), the J gathered outlier columns of
+    codes (1 or 2 bytes), the weight once (the gathered rows are rows of the same weight), fp16 out, the
+    per-row / per-token scales; with the quantize kernel before it: fp16 x read, codes written."""
+    b = m * k * 1 + m * j * out_bytes_per_code + n * k * w_bytes + m * n * 2 + m * 8
+    if with_quantize:
+        b += m * k * 2 + m * k * 1 + m * j * out_bytes_per_code
+    return b
+
+
+def roofline_mixed_lines() -> list[str]:
+    """The roofline of the mixed-precision linear at the paper's shape (no GPU needed)."""
+    m, k, n = MIXED_SHAPE
+    j = int(round(MIXED_OUTLIER_FRACTION * k))
+    lines = ["## Roofline of OuroMamba's mixed-precision linear (published dense peaks, compulsory traffic)", "",
+             f"Shape of the official harness: M = {m} rows (64 x 788 tokens), K = {k}, N = {n}, J = {j} outlier "
+             f"columns ({100 * MIXED_OUTLIER_FRACTION:.0f}% of K) in every row tile. FP16: 2-byte in / weight / out, "
+             "2 M N K on fp16 tensor cores. Mixed: int8 inlier codes, gathered outlier codes (1 B at O8, 2 B at "
+             "O16), int4 weights packed (0.5 B; the vmfx kernel reads them unpacked, 1 B: the second figure), "
+             "fp16 out; 2 M N K inlier ops + 2 M N J outlier ops (x2 at O16: two int8 planes) on int8 tensor "
+             "cores. *+quantize*: the activation's quantize kernel before it (fp16 read, codes written).", "",
+             "| form | GOP | MB | A100 ms | H100 ms | vs FP16 (A100 / H100) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    fp_ops = 2.0 * m * n * k
+    fp_b = linear_traffic(m, k, n, 2, 2, 2)
+    fp = {g: roofline_ms(fp_b, fp_ops, g, "fp16") for g in ROOFLINE}
+    lines.append(f"| FP16 | {fp_ops / 1e9:.0f} | {fp_b / 1e6:.0f} | {fp['A100']:.2f} | {fp['H100']:.2f} | 1.00x / 1.00x |")
+    for label, ob, planes in (("W4A4O8", 1, 1), ("W4A8O16", 2, 2)):
+        for wb in (0.5, 1.0):
+            for quant in (False, True):
+                ops = 2.0 * m * n * k + planes * 2.0 * m * n * j
+                b = mixed_traffic(m, k, n, j, ob, wb, quant)
+                t = {g: roofline_ms(b, ops, g, "int8") for g in ROOFLINE}
+                lines.append(f"| {label}, {'packed' if wb == 0.5 else 'int8'} weights{' +quantize' if quant else ''} | "
+                             f"{ops / 1e9:.0f} | {b / 1e6:.0f} | {t['A100']:.2f} | {t['H100']:.2f} | "
+                             f"{fp['A100'] / t['A100']:.2f}x / {fp['H100'] / t['H100']:.2f}x |")
+    return lines
+
+
+def mixed_rows(rep: Report, quick: bool) -> None:
+    """Time the generated mixed-precision linear against FP16 cuBLAS at the paper's shape (GPU)."""
+    import torch.nn.functional as F
+
+    from vmfx.lowering import kernels
+    from vmfx.lowering.reference import MixedCodes, QWeight
+
+    m, k, n = MIXED_SHAPE
+    if quick:
+        m = 16 * 788
+    j = int(round(MIXED_OUTLIER_FRACTION * k))
+    rep.add("## OuroMamba mixed-precision linear", "",
+            "| M x K x N | outlier columns | FP16 cuBLAS ms | W4A4O8 ms | W4A8O16 ms | O8 vs FP16 | O16 vs FP16 |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xh = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
+    wh = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g)
+    res = {"fp16": bench(lambda: F.linear(xh, wh), quick)}
+    cols = torch.randperm(k, device="cuda", generator=g)[:j]
+    mask = torch.zeros(m, k, dtype=torch.bool, device="cuda")
+    mask[:, cols] = True
+    weight = QWeight.from_float(wh.float(), wh.float().abs().amax(1) / 7, 4)
+    for key, bits, dtype in (("o8", 4, torch.int8), ("o16", 8, torch.int16)):
+        qi = torch.randint(-7, 8, (m, k), dtype=torch.int8, device="cuda").masked_fill_(mask, 0)
+        hi = 127 if dtype == torch.int8 else 32767
+        qo = torch.randint(-hi, hi + 1, (m, k), dtype=torch.int32, device="cuda").to(dtype).masked_fill_(~mask, 0)
+        codes = MixedCodes(qi, torch.full((1,), 0.1, device="cuda"), qo, torch.full((m,), 0.01, device="cuda"), mask,
+                           bits, 8 if dtype == torch.int8 else 16)
+        res[key] = bench(lambda: kernels.mixed_qlinear(codes, weight, block={"BLOCK_M": 128, "BLOCK_N": 128,
+                                                                             "BLOCK_K": 64, "BLOCK_J": 64,
+                                                                             "num_warps": 8, "num_stages": 3}), quick)
+    rep.add(f"| {m} x {k} x {n} | {j} | {res['fp16']:.3f} | {res['o8']:.3f} | {res['o16']:.3f} | "
+            f"{res['fp16'] / res['o8']:.2f}x | {res['fp16'] / res['o16']:.2f}x |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sections", default="linear,scan,e2e,compile",
@@ -369,6 +455,7 @@ def main(argv=None) -> int:
             print("No CUDA GPU here: nothing measured (the kernels' correctness is tested on the CPU by "
                   "tests/lowering); the roofline alone:\n")
         print("\n".join(roofline_linear_lines()))
+        print("\n" + "\n".join(roofline_mixed_lines()))
         return 0
     import triton
 
@@ -380,7 +467,8 @@ def main(argv=None) -> int:
     runners = {"linear": lambda: linear_rows(rep, args.quick), "scan": lambda: scan_rows(rep, args.quick),
                "e2e": lambda: end_to_end_rows(rep, args.quick, args.calib, args.config, args.models.split(","),
                                               args.e2e_gemm_configs),
-               "compile": lambda: compile_rows(rep, args.quick)}
+               "compile": lambda: compile_rows(rep, args.quick),
+               "mixed": lambda: mixed_rows(rep, args.quick)}  # OuroMamba (issue 11)
     for s in sections:
         t0 = time.time()
         try:
@@ -389,6 +477,7 @@ def main(argv=None) -> int:
             rep.failure(f"section {s}")
         print(f"[section {s}: {time.time() - t0:.0f} s]", flush=True)
     rep.add("", *roofline_linear_lines(), echo=False)
+    rep.add("", *roofline_mixed_lines(), echo=False)
     print(f"wrote {args.out}")
     return 0
 

@@ -10,6 +10,7 @@
     vmfx inspect --plot plots/ --block 3       # activation distributions of block 3, as PNGs
     vmfx inspect --config minmax-w8a8 --coverage   # every linear/conv/scan: quantized or float, and why
     vmfx eval --config ptq4vm-w4a4 --calib synthetic --save-synthetic synth/   # data-free calibration
+    vmfx inspect --config ouromamba-w4a4 --outliers plots/   # OuroMamba's outlier channel sets
 
 Without ``--data`` the bundled proxy set and checkpoint are used. Every error a user can cause is
 printed as one line naming the problem (exit status 2), not a traceback; an unexpected internal
@@ -240,7 +241,7 @@ def cmd_inspect(args) -> int:
 
     progress = not args.no_progress
     work = None
-    if args.plot:
+    if args.plot or args.outliers:
         work = _workload(args, need_calib=bool(args.config) and not args.quantized)
         blocks = _mixer_count(work.model)
         if blocks and args.block >= blocks:
@@ -258,7 +259,7 @@ def cmd_inspect(args) -> int:
     if args.coverage:
         print(vinspect.coverage(gm))
         print()
-    if args.table or not (args.plot or args.dot or args.coverage):
+    if args.table or not (args.plot or args.dot or args.coverage or args.outliers):
         print(vinspect.table(gm, all_nodes=args.all_nodes))
         print()
     s = vinspect.summary(gm)
@@ -273,7 +274,28 @@ def cmd_inspect(args) -> int:
         _announce(progress, f"plotting the activations of block {args.block} on {min(len(images), args.plot_images)} images")
         paths = vinspect.plot_distributions(work.model, images[: args.plot_images], args.plot, block=args.block)
         print("wrote " + ", ".join(paths))
+    if args.outliers:  # OuroMamba (issue 11): the outlier sets of the mixed-precision quantizers
+        _inspect_outliers(vinspect, gm, work, args, progress)
     return 0
+
+
+def _inspect_outliers(vinspect, gm, work, args, progress: bool) -> None:
+    """List the outlier sets per block and quantizer (``vmfx inspect --outliers DIR``) and plot them."""
+    images = work.eval_data[0] if isinstance(work.eval_data, tuple) else torch.stack(
+        [work.eval_data[i][0] for i in range(min(len(work.eval_data), args.plot_images))]
+    )
+    images = images[: args.plot_images]
+    _announce(progress, f"recording the outlier sets on {len(images)} images")
+    sets = vinspect.outlier_sets(gm, images)
+    print("block  dir  quantizes                 edge    mean/step  max/step  distinct  grows@%  top channels (freq)")
+    for s in sets:
+        d = s.summary()
+        top = ", ".join(f"{c}({f:.2f})" for c, f in d["top_channels"][:4])
+        print(f"{d['block'] if d['block'] is not None else '-':>5}  {(d['direction'] or '-')[:3]:3}  "
+              f"{(d['quantizes'] or '-')[-24:]:24}  {d['edge'] or '-':6}  {d['mean_outliers_per_step']:9.2f}  "
+              f"{d['max_outliers_per_step']:8d}  {d['distinct_channels']:8d}  {100 * d['change_rate']:6.1f}  {top}")
+    paths = vinspect.plot_outliers(sets, args.outliers, block=args.block)
+    print("wrote " + ", ".join(paths))
 
 
 # -- argument checks ------------------------------------------------------------------------------
@@ -385,6 +407,10 @@ def validate(args: argparse.Namespace) -> None:
         _check_input_file(args.quantized, "--quantized")
         _check_output_file(args.dot, "--dot", "graph.dot")
         _check_output_dir(args.plot, "--plot")
+        _check_output_dir(args.outliers, "--outliers")
+        if args.outliers and not (args.config or args.quantized):
+            raise ConfigError("--outliers lists the outlier sets of a quantized model: give --config "
+                              "(an ouromamba-* preset) or --quantized")
 
 
 def _validate_calibration_source(args: argparse.Namespace) -> None:
@@ -463,9 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-nodes", action="store_true", help="include nodes without a vmfx role")
     p.add_argument("--dot", default=None, help="write the graph as Graphviz DOT to this path")
     p.add_argument("--plot", default=None, metavar="DIR", help="draw activation distributions into DIR")
-    p.add_argument("--table", action="store_true", help="print the per-node table also with --plot / --dot / --coverage")
+    p.add_argument("--table", action="store_true", help="print the per-node table also with --plot / --dot / --coverage / --outliers")
     p.add_argument("--coverage", action="store_true",
                    help="list every linear, conv and scan, quantized or float, and why")
+    p.add_argument("--outliers", default=None, metavar="DIR",
+                   help="OuroMamba: list the outlier channel sets per block and step and plot them into DIR")
     p.add_argument("--block", type=_non_negative_int, default=0, help="the block to plot")
     p.add_argument("--plot-images", type=_positive_int, default=256, help="images used for the plots")
     p.set_defaults(func=cmd_inspect)

@@ -32,6 +32,7 @@ __all__ = [
     "resolve_config",
     "BIT_SETTINGS",
     "kscaled_rules",
+    "OutlierConfig",
 ]
 
 #: The weight/activation bit settings every method is evaluated at.
@@ -118,6 +119,8 @@ class JLSSConfig:
             (through their quantized weights, straight-through the quantizers' rounding and
             clipping) or "float" (through their float, unsmoothed weights, ignoring their quantizers:
             the official code's hand-written backward of x_proj / dt_proj).
+        learn_outputs: also learn the static step sizes of the block's quantizers on node outputs
+            (OuroMamba's delta quantizer on ``dt_proj``'s output), in the activation group.
     """
 
     steps: int = 100
@@ -129,6 +132,7 @@ class JLSSConfig:
     batch_size: int | None = 64
     learn_roles: tuple[str, ...] = LINEAR_ROLES
     frozen_gradient: str = "ste"
+    learn_outputs: bool = False
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -141,6 +145,8 @@ class JLSSConfig:
             )
         if self.frozen_gradient not in ("ste", "float"):
             raise ConfigError(f"JLSSConfig.frozen_gradient must be 'ste' or 'float', got {self.frozen_gradient!r}")
+        if not isinstance(self.learn_outputs, bool):
+            raise ConfigError(f"JLSSConfig.learn_outputs must be a boolean, got {self.learn_outputs!r}")
         roles = tuple(self.learn_roles)
         if not roles or any(r not in LINEAR_ROLES for r in roles):
             raise ConfigError(f"JLSSConfig.learn_roles must be a non-empty subset of {LINEAR_ROLES}, got {self.learn_roles!r}")
@@ -207,6 +213,44 @@ class SimilaritySearchConfig:
 
 _SUBCONFIGS = {"smoothing": SmoothingConfig, "init": InitConfig, "jlss": JLSSConfig}
 _SUBCONFIGS["search"] = SimilaritySearchConfig  # k-scaled
+# -- OuroMamba (issue 11) ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutlierConfig:
+    """OuroMamba's mixed-precision activations (:class:`vmfx.quant.mixed.MixedPrecisionQuantize`):
+    static per-token inliers at the activation spec's bits, and per time step the channels past
+    ``mean + sigma * std`` of ``|x|`` join an outlier set quantized dynamically at ``bits``, the set
+    emptied every ``refresh`` steps.
+
+    Args:
+        bits: bits of the outlier channels, 2..16 (W4A4O8: 8; W4A8O16: 16).
+        sigma: the threshold of the symmetric quantizers on the linears' inputs (3).
+        sigma_asym: the threshold of the asymmetric variant (delta, ``dt_proj``'s output) (4).
+        refresh: window length in time steps (10).
+    """
+
+    bits: int = 8
+    sigma: float = 3.0
+    sigma_asym: float = 4.0
+    refresh: int = 10
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ConfigError(f"OutlierConfig.bits must be an integer from 2 to 16, got {self.bits!r}")
+        for name in ("sigma", "sigma_asym"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"OutlierConfig.{name} must be a non-negative number of standard deviations, got {v!r}")
+        if isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 1:
+            raise ConfigError(f"OutlierConfig.refresh must be a positive number of time steps, got {self.refresh!r}")
+
+    def sigma_for(self, spec: QuantSpec) -> float:
+        """The threshold of a quantizer with inlier ``spec``: ``sigma_asym`` for asymmetric ones."""
+        return self.sigma if spec.symmetric else self.sigma_asym
+
+
+_SUBCONFIGS["outliers"] = OutlierConfig  # OuroMamba (issue 11)
 
 
 @dataclass(frozen=True)
@@ -306,6 +350,8 @@ class QuantConfig:
             per-module bits, linears kept in float. :meth:`spec_for` resolves one edge.
         search: k-scaled ViM PTQ's similarity search of static scales after conversion
             (:class:`SimilaritySearchConfig`; None: off).
+        outliers: OuroMamba's mixed-precision activations (None: off): every static activation
+            quantizer becomes a :class:`~vmfx.quant.mixed.MixedPrecisionQuantize`.
 
     Example::
 
@@ -330,6 +376,7 @@ class QuantConfig:
     jlss: JLSSConfig | None = None
     rules: tuple[QuantRule, ...] = ()
     search: SimilaritySearchConfig | None = None
+    outliers: OutlierConfig | None = None  # OuroMamba (issue 11): mixed-precision activations
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
@@ -546,6 +593,28 @@ def _kscaled_recipe(wbits: int, abits: int) -> QuantConfig:
 
 _RECIPES["kscaled"] = _kscaled_recipe
 PRESETS.update({f"kscaled-w{w}a{a}": _kscaled_recipe(w, a) for w, a in BIT_SETTINGS})
+# -- OuroMamba presets (issue 11) -------------------------------------------------------------------
+
+
+def _ouromamba_recipe(w: int, a: int) -> QuantConfig:
+    """OuroMamba-Quant: 4-bit (w) per-channel weights by the Lp (p = 2.4) grid; symmetric per-token
+    inliers at ``a`` bits on the inputs of every mixer linear, and the asymmetric variant on delta
+    (``dt_proj``'s output); outlier channels at ``min(2a, 16)`` bits (W4A4O8, W4A8O16); block-wise
+    step-size learning (AdamW 5e-4 for weights and activations, 1 - cosine, gradient clip 2.0), the
+    delta quantizer learning too. No smoothing."""
+    return QuantConfig(
+        method="ouromamba",
+        weight=QuantSpec(w, symmetric=True, granularity="channel"),
+        activation=QuantSpec(a, symmetric=True, granularity="token"),
+        init=_LP,
+        jlss=JLSSConfig(lr_weight=5e-4, lr_act=5e-4, grad_clip=2.0, learn_outputs=True),
+        outliers=OutlierConfig(bits=min(2 * a, 16)),
+        rules=(QuantRule("output", QuantSpec(a, symmetric=False, granularity="token"), role="dt_proj"),),
+    )
+
+
+_RECIPES["ouromamba"] = _ouromamba_recipe
+PRESETS.update({f"ouromamba-w{w}a{a}": _ouromamba_recipe(w, a) for w, a in BIT_SETTINGS})
 
 
 def preset_names() -> list[str]:

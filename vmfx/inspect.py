@@ -32,6 +32,7 @@ from .passes.patterns import module_of
 from .passes.pipeline import trace_for_quantization
 from .passes.linear_edges import linear_edges, quantized_linears
 from .passes.patterns import is_linear
+from .quant.mixed import MixedPrecisionQuantize
 from .quant.modules import FakeQuantize, Smooth
 from .quant.observers import Observer
 
@@ -50,6 +51,9 @@ __all__ = [
     "ActivationStats",
     "activation_stats",
     "plot_distributions",
+    "OutlierSets",
+    "outlier_sets",
+    "plot_outliers",
 ]
 
 _ROLE_COLOURS = {
@@ -83,6 +87,8 @@ def _fq_text(fq: FakeQuantize | None) -> tuple[str, str]:
     if fq is None:
         return "float", ""
     shape = "dynamic" if fq.scale is None else "x".join(str(d) for d in fq.scale.shape) or "scalar"
+    if isinstance(fq, MixedPrecisionQuantize):  # OuroMamba: inliers + dynamic outlier channels
+        return fq.describe(), shape
     return fq.spec.describe(), shape
 
 
@@ -110,7 +116,9 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
             q = edges.quantizer(edge)
             shapes.append(f"{label} {_fq_text(q)[1] if isinstance(q, FakeQuantize) else ''}".rstrip())
         scale = " | ".join(shapes) if any(len(x) > 1 for x in shapes) else ""
-        return f"A {_spec_text(ann.act_spec)} | W {_spec_text(ann.weight_spec)}{smooth}", scale
+        iq = edges.quantizer("input")
+        a_text = iq.describe() if isinstance(iq, MixedPrecisionQuantize) else _spec_text(ann.act_spec)
+        return f"A {a_text} | W {_spec_text(ann.weight_spec)}{smooth}", scale
     return "", ""
 
 
@@ -556,3 +564,159 @@ def _save(fig, path: str) -> str:
 
     plt.close(fig)
     return path
+
+
+# -- OuroMamba's outlier sets (issue 11) ----------------------------------------------------------
+
+
+@dataclass
+class OutlierSets:
+    """The outlier channels one mixed-precision quantizer selected on some images.
+
+    Attributes:
+        node: the quantizer node's name; ``quantizes`` / ``edge``: the linear (or node) it serves
+            and on which edge; ``block``, ``direction``: from its annotation.
+        mask: (images, steps, channels) bool, True where a channel was an outlier at a step.
+        refresh: the quantizer's window length in steps.
+    """
+
+    node: str
+    quantizes: str | None
+    edge: str | None
+    block: int | None
+    direction: str | None
+    mask: torch.Tensor
+    refresh: int
+
+    @property
+    def count_per_step(self) -> torch.Tensor:
+        """(steps,) mean number of outlier channels per step over the images."""
+        return self.mask.float().sum(-1).mean(0)
+
+    @property
+    def channel_frequency(self) -> torch.Tensor:
+        """(channels,) fraction of (image, step) pairs in which each channel is an outlier."""
+        return self.mask.float().mean((0, 1))
+
+    def channels(self, min_frequency: float = 0.0) -> list[int]:
+        """The channels that are outliers in more than ``min_frequency`` of (image, step) pairs."""
+        return torch.nonzero(self.channel_frequency > min_frequency).flatten().tolist()
+
+    @property
+    def change_rate(self) -> float:
+        """Fraction of steps, inside windows (window starts excluded: the set is reset there),
+        at which the set grows, averaged over images: how often it changes."""
+        s, p, _ = self.mask.shape
+        if p < 2:
+            return 0.0
+        grew = (self.mask[:, 1:] & ~self.mask[:, :-1]).any(-1)  # (S, P-1): step t+1 added channels
+        inside = (torch.arange(1, p) % self.refresh) != 0
+        return float(grew[:, inside].float().mean()) if bool(inside.any()) else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        freq = self.channel_frequency
+        top = torch.argsort(freq, descending=True)[:8]
+        return {"node": self.node, "quantizes": self.quantizes, "edge": self.edge, "block": self.block,
+                "direction": self.direction, "steps": int(self.mask.shape[1]), "channels": int(self.mask.shape[2]),
+                "mean_outliers_per_step": round(float(self.count_per_step.mean()), 3),
+                "max_outliers_per_step": int(self.mask.sum(-1).max()) if self.mask.numel() else 0,
+                "distinct_channels": len(self.channels()), "change_rate": round(self.change_rate, 4),
+                "top_channels": [(int(c), round(float(freq[c]), 4)) for c in top if freq[c] > 0]}
+
+
+def outlier_sets(qmodel: fx.GraphModule, images: torch.Tensor, batch_size: int = 32) -> list[OutlierSets]:
+    """Run ``images`` through ``qmodel`` and list the outlier sets of every
+    :class:`~vmfx.quant.mixed.MixedPrecisionQuantize` node (OuroMamba), in graph order, per
+    block and step (see :class:`OutlierSets`; ``.summary()`` for a line each).
+
+    Raises:
+        ConfigError: the model has no mixed-precision quantizer (quantize with an ``ouromamba-*``
+            preset first).
+    """
+    from .errors import ConfigError
+
+    nodes = [(n, qmodel.get_submodule(n.target)) for n in qmodel.graph.nodes
+             if n.op == "call_module" and isinstance(qmodel.get_submodule(n.target), MixedPrecisionQuantize)]
+    if not nodes:
+        raise ConfigError("the model has no mixed-precision (OuroMamba) quantizer: quantize it with an "
+                          "'ouromamba-*' preset (or a config with outliers=OutlierConfig(...)) first")
+    masks: dict[str, list[torch.Tensor]] = {n.name: [] for n, _ in nodes}
+    try:
+        for _, m in nodes:
+            m.record = True
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                qmodel(images[start:start + batch_size])
+                for n, m in nodes:
+                    masks[n.name].append(m.last_mask)
+    finally:
+        for _, m in nodes:
+            m.record, m.last_mask = False, None
+    out = []
+    for n, m in nodes:
+        ann = annotation(n)
+        extra = ann.extra if ann is not None else {}
+        out.append(OutlierSets(n.name, extra.get("quantizes"), extra.get("edge"), ann.block if ann else None,
+                               ann.direction if ann else None, torch.cat(masks[n.name]), m.refresh))
+    return out
+
+
+def plot_outliers(sets: list[OutlierSets], out_dir: str, block: int | None = None) -> list[str]:
+    """Draw the outlier sets of one block (all blocks' summary when ``block`` is None):
+
+    * ``outliers_count_block<b>.png``: mean number of outlier channels per step, per quantizer;
+    * ``outliers_channels_block<b>.png``: per quantizer, which channels are outliers at which step
+      (fraction of images, a step x channel heat map; the window boundaries marked);
+    * ``outliers_blocks.png``: per block and quantizer, the mean set size and how often it changes.
+
+    Returns:
+        The paths written.
+    """
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    if block is not None:
+        chosen = [s for s in sets if s.block == block]
+        if not chosen:
+            raise ValueError(f"no mixed-precision quantizer in block {block}; blocks with one: "
+                             f"{sorted({s.block for s in sets if s.block is not None})}")
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for s in chosen:
+            ax.plot(s.count_per_step.numpy(), label=f"{s.quantizes} {s.edge}" + (f" ({s.direction})" if s.direction else ""),
+                    linewidth=1)
+        ax.set(title=f"block {block}: outlier channels per step (mean over images)",
+               xlabel="step (the tensor's own scan order)", ylabel="outlier channels")
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, os.path.join(out_dir, f"outliers_count_block{block}.png")))
+
+        fig, axes = plt.subplots(len(chosen), 1, figsize=(9, 2.2 * len(chosen)), squeeze=False)
+        for ax, s in zip(axes[:, 0], chosen):
+            freq = s.mask.float().mean(0).T.numpy()  # (channels, steps)
+            ax.imshow(freq, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+            for b in range(s.refresh, s.mask.shape[1], s.refresh):
+                ax.axvline(b - 0.5, color="white", linewidth=0.3)
+            ax.set_title(f"{s.quantizes} {s.edge}: {len(s.channels())} distinct channels, "
+                         f"set grows at {100 * s.change_rate:.1f}% of steps", fontsize=8)
+            ax.set_ylabel("channel", fontsize=7)
+        axes[-1, 0].set_xlabel("step (windows of refresh steps marked)")
+        fig.suptitle(f"block {block}: which channels are outliers (fraction of images)")
+        paths.append(_save(fig, os.path.join(out_dir, f"outliers_channels_block{block}.png")))
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    kinds = sorted({(s.quantizes or "").split("_")[-1] + f" {s.edge}" for s in sets})
+    for kind in kinds:
+        rows = [s for s in sets if (s.quantizes or "").split("_")[-1] + f" {s.edge}" == kind]
+        xs = [s.block if s.block is not None else -1 for s in rows]
+        ax1.plot(xs, [float(s.count_per_step.mean()) for s in rows], "o", label=kind, markersize=3)
+        ax2.plot(xs, [100 * s.change_rate for s in rows], "o", label=kind, markersize=3)
+    ax1.set(title="mean outlier channels per step", xlabel="block", ylabel="channels")
+    ax2.set(title="steps at which the set grows (%)", xlabel="block", ylabel="% of steps in windows")
+    ax1.legend(fontsize=7)
+    paths.append(_save(fig, os.path.join(out_dir, "outliers_blocks.png")))
+    return paths

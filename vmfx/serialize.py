@@ -58,6 +58,7 @@ from .passes.manager import PassManager
 from .passes.patterns import module_of
 from .passes.pipeline import trace_for_quantization
 from .quant.modules import FakeQuantize, Smooth
+from .quant.mixed import MixedPrecisionQuantize  # OuroMamba (issue 11)
 from .quant.observers import Observer, QParams
 from .quant.spec import QuantSpec
 
@@ -90,6 +91,10 @@ def _describe_module(m: nn.Module, path: str) -> dict:
         raise SerializationError(
             f"'{path}' is still an observer: convert the model (vmfx.convert) before saving"
         )
+    if isinstance(m, MixedPrecisionQuantize):  # OuroMamba (issue 11); before its base class
+        return {"kind": "MixedPrecisionQuantize", "spec": m.spec.to_dict(), "scale_shape": list(m.scale.shape),
+                "enabled": m.enabled, "layout": _encode(m.layout), "outlier_bits": m.outlier_bits,
+                "sigma": m.sigma, "refresh": m.refresh}
     if isinstance(m, FakeQuantize):
         return {"kind": "FakeQuantize", "spec": m.spec.to_dict(), "is_weight": m.is_weight,
                 "scale_shape": None if m.scale is None else list(m.scale.shape), "enabled": m.enabled,
@@ -117,6 +122,14 @@ def _build_module(entry: dict) -> nn.Module:
         smooth = Smooth(torch.ones(int(entry["channels"])))
         smooth.folded_into = entry.get("folded_into")
         return smooth
+    if kind == "MixedPrecisionQuantize":  # OuroMamba (issue 11)
+        spec = QuantSpec.from_dict(entry["spec"])
+        shape = tuple(int(d) for d in entry["scale_shape"])
+        fq = MixedPrecisionQuantize(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax),
+                                    _decode(entry.get("layout")), int(entry["outlier_bits"]), float(entry["sigma"]),
+                                    int(entry["refresh"]))
+        fq.enabled = bool(entry.get("enabled", True))
+        return fq
     raise SerializationError(f"unknown module kind {kind!r} in the saved model")
 
 

@@ -1,6 +1,8 @@
 """``partition``: group a converted (quantized) graph into the fused subgraphs vmfx lowers.
 
-Four kinds of partition, found by structure on the annotated graph:
+Five kinds of partition, found by structure on the annotated graph (the fifth, ``mixed_qlinear``,
+is OuroMamba's mixed-precision linear: its input quantizer, weight quantizer and the linear, run
+as the inlier GEMM + outlier-column GEMM of :mod:`vmfx.lowering.kernels.mixed_linear`):
 
 * ``qlinear``: the pattern ``[smooth] -> quantize(act) -> F.linear(., quantize([smooth](W)), b)``
   (producer -> quantize -> consumer), with a static asymmetric per-token or per-tensor activation
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from ..annotations import annotation
 from ..passes.linear_edges import linear_edges
 from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
+from ..quant.mixed import MixedPrecisionQuantize
 from ..quant.modules import FakeQuantize, Smooth
 
 __all__ = ["Partition", "QuantizedLinear", "find_partitions", "unlowered_quantizers", "EPILOGUE_OPS"]
@@ -124,6 +127,8 @@ def _static_quantlinear(node: fx.Node) -> QuantizedLinear | None:
     if not isinstance(iq, FakeQuantize) or not isinstance(wq, FakeQuantize) or edges.weight_attr is None:
         return None
     if not iq.enabled or not wq.enabled:
+        return None
+    if isinstance(iq, MixedPrecisionQuantize):  # OuroMamba's dynamic outliers: not this kernel's numerics
         return None
     if iq.spec.dynamic or iq.spec.symmetric or iq.spec.granularity not in ("token", "tensor"):
         return None
@@ -259,6 +264,38 @@ def _merge_partition(out_proj: fx.Node) -> Partition | None:
     return Partition("merge", nodes[-1].name, nodes, [sources[0][0], sources[1][0]], nodes[-1], {"scale": scale})
 
 
+# -- mixed_qlinear (OuroMamba, issue 11) ----------------------------------------------------------
+
+
+def _mixed_partition(node: fx.Node) -> Partition | None:
+    """``mixed quantize(act) -> F.linear(., quantize(W), b)`` with a symmetric
+    :class:`~vmfx.quant.mixed.MixedPrecisionQuantize` on the input (no smoothing), a static
+    symmetric per-channel weight quantizer, and an input whose (sample, step) rows are its
+    ``reshape(-1, K)`` rows (batch first, token dims next, channels last)."""
+    if not (node.op == "call_function" and node.target is F.linear):
+        return None
+    edges = linear_edges(node)
+    iq, wq = edges.quantizer("input"), edges.quantizer("weight")
+    if not isinstance(iq, MixedPrecisionQuantize) or not iq.enabled or not iq.spec.symmetric:
+        return None
+    if not isinstance(wq, FakeQuantize) or not wq.enabled or wq.spec.granularity != "channel" or not wq.spec.symmetric:
+        return None
+    if edges.act_smooth is not None or edges.weight_smooth is not None or edges.weight_attr is None:
+        return None
+    if len(edges.act_quant.users) != 1:
+        return None
+    lay = iq.layout
+    nd = lay.ndim
+    if lay.channel_dim != nd - 1 or not (lay.merged_batch or (lay.batch_dim == 0 and lay.token_dims == tuple(range(1, nd - 1)))):
+        return None
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return None
+    module = edges.linear_module(node.graph.owning_module)
+    info = {"quantizer": iq, "weight_quantizer": wq, "weight": module.weight, "bias": module.bias, "node": node}
+    return Partition("mixed_qlinear", node.name, [edges.act_quant, edges.weight_quant, node], [edges.source], node, info)
+
+
 # -- driver ---------------------------------------------------------------------------------------
 
 
@@ -306,6 +343,9 @@ def find_partitions(gm: fx.GraphModule) -> list[Partition]:
             producer.info["consumer"] = node
         add(Partition("qlinear", node.name, module.nodes + [node] + epi_nodes, inputs + extra,
                       (epi_nodes or [node])[-1], info))
+    for node in gm.graph.nodes:  # OuroMamba (issue 11): the mixed-precision linears
+        if node not in taken:
+            add(_mixed_partition(node))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for p in parts:
         p.nodes.sort(key=order.__getitem__)

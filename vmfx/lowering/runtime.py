@@ -255,6 +255,39 @@ class LoweredMerge(LoweredPartition):
         )
 
 
+class LoweredMixedQLinear(LoweredPartition):
+    """OuroMamba's mixed-precision linear: the input quantizer's outlier selection and codes
+    (:func:`~vmfx.lowering.reference.mixed_codes`), then the inlier GEMM + outlier-column GEMM
+    (reference or the generated kernel), bias."""
+
+    kind = "mixed_qlinear"
+
+    def __init__(self, name, provenance, backend, info: dict):
+        super().__init__(name, provenance, backend)
+        wq = info["weight_quantizer"]
+        weight = ref.QWeight.from_float(info["weight"], wq.scale, wq.spec.bits)
+        self.register_buffer("w_codes", weight.codes)
+        self.register_buffer("w_scale", weight.scale)
+        self.register_buffer("w_sum", weight.wsum)
+        self.w_bits = weight.bits
+        self.register_buffer("bias", None if info["bias"] is None else info["bias"].detach().float().clone())
+        self.quantizer = info["quantizer"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = ref.mixed_codes(x.float(), self.quantizer)
+        weight = ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits)
+        if self.backend == "triton":
+            y = _kernels().mixed_qlinear(codes, weight, self.bias, provenance=self.provenance)
+        else:
+            y = ref.mixed_qlinear(codes, weight, self.bias)
+        return y.reshape(tuple(x.shape[:-1]) + (weight.codes.shape[0],))
+
+    def source(self) -> str:
+        return _kernels().render_mixed_qlinear(bias=self.bias is not None,
+                                               wide_outliers=self.quantizer.outlier_bits > 8,
+                                               provenance=tuple(self.provenance))
+
+
 # -- the transform --------------------------------------------------------------------------------
 
 
@@ -274,6 +307,8 @@ def _build(gm: fx.GraphModule, p: Partition, backend: str, linears: dict[fx.Node
     if p.kind == "merge":
         only_consumer = consumer is not None and set(p.output.users) == {consumer}
         return LoweredMerge(p.name, p.provenance, backend, p.info["scale"], consumer_module, not only_consumer)
+    if p.kind == "mixed_qlinear":  # OuroMamba (issue 11)
+        return LoweredMixedQLinear(p.name, p.provenance, backend, p.info)
     raise ValueError(f"unknown partition kind {p.kind!r}")
 
 

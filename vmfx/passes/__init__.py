@@ -53,3 +53,7 @@ __all__ = [
 from .similarity_search import SimilaritySearchPass  # noqa: E402
 
 __all__ += ["SimilaritySearchPass"]
+# OuroMamba-Quant (issue 11)
+from .ouromamba import outlier_observer  # noqa: E402
+
+__all__ += ["outlier_observer"]

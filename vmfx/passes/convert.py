@@ -2,7 +2,8 @@
 
 * Every observer node becomes a :class:`~vmfx.quant.FakeQuantize` node in its place (same node,
   same module path): static parameters from the observer's ``calculate_qparams()``, role
-  ``quantizer``.
+  ``quantizer``. An observer with a ``build_quantizer(qparams)`` method builds its own quantizer
+  module (a ``FakeQuantize`` subclass: OuroMamba's mixed-precision quantizer).
 * Every linear whose annotation has a ``weight_spec`` gets a quantizer node on its weight edge
   (after the weight-side smoothing node, if any), its parameters computed from the (smoothed)
   weight by min-max or PTQ4VM's per-channel Lp grid search.
@@ -97,9 +98,12 @@ class ConvertPass(Pass):
                 "values here); check the checkpoint and the calibration images", node,
             )
         layout = getattr(obs, "layout", None)
-        clusters = {"cluster_ids": getattr(obs, "cluster_ids", None)} if obs.spec.granularity == "cluster" else {}  # k-scaled
-        fq = (FakeQuantize(obs.spec, qparams, **clusters) if layout is None
-              else FakeQuantize(obs.spec, qparams, layout=layout, **clusters))
+        if hasattr(obs, "build_quantizer"):  # an observer that converts to its own quantizer kind
+            fq = obs.build_quantizer(qparams)
+        else:
+            clusters = {"cluster_ids": getattr(obs, "cluster_ids", None)} if obs.spec.granularity == "cluster" else {}  # k-scaled
+            fq = (FakeQuantize(obs.spec, qparams, **clusters) if layout is None
+                  else FakeQuantize(obs.spec, qparams, layout=layout, **clusters))
         replace_submodule(gm, node.target, fq)
         ann = annotation(node)
         if ann is None:

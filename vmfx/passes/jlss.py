@@ -14,6 +14,9 @@ For every mixer, in graph order:
 4. run the block quantized on the quantized stream: the next block learns on the outputs of the
    already-quantized blocks, so it sees (and compensates) their error.
 
+With ``learn_outputs``, the block's static quantizers on node outputs (OuroMamba's delta) learn
+their step sizes in the activation group too.
+
 Unlike the official code, ``x_proj`` and ``dt_proj`` learn too by default: vmfx's scan op is
 differentiable, so their step sizes and smoothing factors get real gradients. ``learn_roles=
 ("in_proj", "out_proj")`` reproduces the official behaviour (their parameters keep their initial
@@ -170,6 +173,10 @@ class JLSSPass(Pass):
             smooth = e.smooth_module()
             if smooth is not None and not any(smooth.factors is p for p in s_params):
                 s_params.append(smooth.factors)
+        if cfg.learn_outputs:
+            for q in _block_output_quantizers(gm, block):
+                if not any(q.scale is p for p in a_params):
+                    a_params.append(q.scale)
         params = w_params + a_params + s_params
         overrides = _float_gradient_overrides(gm, frozen) if cfg.frozen_gradient == "float" else {}
         record = {"block": block, "learned_tensors": len(params), "steps": 0}
@@ -227,6 +234,19 @@ class JLSSPass(Pass):
                 total += float((1 - F.cosine_similarity(target.float(), out.float(), dim=-1)).sum())
                 count += target.shape[0] * target.shape[1] if target.dim() > 2 else target.shape[0]
         return total / max(count, 1)
+
+
+def _block_output_quantizers(gm: fx.GraphModule, block: int) -> list[FakeQuantize]:
+    """The static quantizers on node outputs (annotation ``extra["edge"] == "output"``) of ``block``."""
+    out = []
+    for node in gm.graph.nodes:
+        ann = annotation(node)
+        if ann is None or ann.block != block or ann.extra.get("edge") != "output" or node.op != "call_module":
+            continue
+        q = gm.get_submodule(node.target)
+        if isinstance(q, FakeQuantize) and q.scale is not None:
+            out.append(q)
+    return out
 
 
 def _float_gradient_overrides(gm: fx.GraphModule, frozen: list[LinearEdges]) -> dict:

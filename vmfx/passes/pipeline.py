@@ -268,9 +268,17 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
         [SimilaritySearch]         k-scaled: scales by cosine similarity of layer outputs
         [JLSS]                     PTQ4VM's block-wise learning of step sizes and smoothing
         [FoldSmoothing]            1/s into the preceding norm where exact
+
+    With ``config.outliers`` (OuroMamba) the activation observers are
+    :class:`~vmfx.quant.mixed.OutlierLpObserver` observers and convert to mixed-precision quantizers
+    (:mod:`vmfx.passes.ouromamba`).
     """
     init = config.init
     act_observer = activation_observer(init.method, init.p, init.candidates)
+    if config.outliers is not None:  # OuroMamba (issue 11): mixed-precision activation quantizers
+        from .ouromamba import outlier_observer
+
+        act_observer = outlier_observer(config.outliers, init.p, init.candidates)
     passes: list[Pass] = [DetectMambaMixersPass()]
     if config.smoothing is not None:
         passes += [
@@ -308,3 +316,5 @@ for _name in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-of
 # k-scaled ViM PTQ (Shi et al.): min-max observers on layer outputs (clusters by k-means), then the
 # similarity search; the config's rules and ``search`` say what (vmfx.config.kscaled_rules)
 register_method("kscaled")(ptq_passes)
+# OuroMamba-Quant (issue 11): PTQ4VM's passes with mixed-precision activation observers
+register_method("ouromamba")(ptq_passes)

@@ -19,6 +19,8 @@ template           module           launcher
 ``scan``           ``scan``         :func:`selective_scan`: selective scan, D skip, SiLU(z) gate
 ``merge_quantize`` ``merge``        :func:`merge_quantize`: (y_f + flip(y_b)) * c, token-major
                                     (+ codes)
+``mixed_qlinear``  ``mixed_linear`` :func:`mixed_qlinear`: OuroMamba's inlier int8 GEMM + the
+                                    per-tile outlier columns' int8 GEMM, summed in the epilogue
 =================  ===============  =========================================================
 
 (The modules are not named after the launchers they hold, so that ``kernels.qlinear`` is always
@@ -53,3 +55,8 @@ __all__ = [
     "render_scan",
     "render_merge",
 ]
+
+# OuroMamba (issue 11): the mixed-precision linear (inlier GEMM + outlier-column GEMM)
+from .mixed_linear import mixed_qlinear, render_mixed_qlinear  # noqa: E402
+
+__all__ += ["mixed_qlinear", "render_mixed_qlinear"]
