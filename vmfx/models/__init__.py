@@ -1,6 +1,7 @@
 """Model definitions with the official checkpoint layouts, and their timm registration.
 
-Importing this package registers the five official Vim names in timm's model registry, so that
+Importing this package registers the five official Vim names and the nine VMamba builder names
+(``vanilla_vmamba_tiny``, ``vmamba_tiny_s1l8``, ...) in timm's model registry, so that
 ``timm.create_model("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
 num_classes=10)`` works. The registration is idempotent: importing (or reloading) the package again
 does not duplicate entries or warn. No weights are downloaded: ``pretrained=True`` raises and points
@@ -20,6 +21,7 @@ import warnings
 
 from .checkpoint import CheckpointNotFoundError, LoadedCheckpoint, load_checkpoint
 from .vim import VIM_ENTRYPOINTS, VIM_VARIANTS, VisionMamba
+from .vmamba import VMAMBA_ENTRYPOINTS, VMAMBA_VARIANTS, VSSM  # vmamba
 
 __all__ = [
     "VisionMamba",
@@ -28,6 +30,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "VIM_VARIANTS",
     "register_timm_models",
+    # vmamba
+    "VSSM",
+    "VMAMBA_VARIANTS",
 ]
 
 
@@ -41,7 +46,7 @@ def register_timm_models() -> None:
     """
     from timm.models import is_model, model_entrypoint, register_model
 
-    for fn in VIM_ENTRYPOINTS:
+    for fn in VIM_ENTRYPOINTS + VMAMBA_ENTRYPOINTS:
         name = fn.__name__
         if is_model(name):
             current = model_entrypoint(name)
