@@ -186,6 +186,53 @@ def test_load_checkpoint_reads_an_official_style_file(tmp_path):
         load_checkpoint(small_model("v2-ln2d"), tmp_path / "bad.pth")
 
 
+_FAKE_YACS = """
+class CfgNode(dict):
+    def __init__(self, init=None):
+        init = dict(init or {})
+        for k, v in init.items():
+            if isinstance(v, dict):
+                init[k] = CfgNode(v)
+        super().__init__(init)
+        self.__dict__["__immutable__"] = True
+        self.__dict__["__deprecated_keys__"] = set()
+        self.__dict__["__new_allowed__"] = False
+
+    def __getattr__(self, name):
+        if name in self:
+            return self[name]
+        raise AttributeError(name)
+
+    def __setstate__(self, state):  # would run if the loader unpickled the real class
+        raise RuntimeError("yacs code ran during the load")
+"""
+
+
+def test_official_files_with_a_yacs_config_load_weights_only(tmp_path, monkeypatch):
+    """The released files pickle their yacs config (a dict subclass) next to the weights: it is
+    read as a plain mapping, without importing yacs or running its code."""
+    import sys
+
+    pkg = tmp_path / "fakepkgs" / "yacs"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "config.py").write_text(_FAKE_YACS)
+    monkeypatch.syspath_prepend(str(tmp_path / "fakepkgs"))
+    from yacs.config import CfgNode  # the stand-in, only to write the file
+
+    model = small_model("v0", depths=(1, 1))
+    sd = randomized_official_state_dict(model, seed=4)
+    cfg = CfgNode({"MODEL": {"TYPE": "vssm", "VSSM": {"DEPTHS": [1, 1], "EMBED_DIM": 16}}})
+    torch.save({"model": sd, "config": cfg, "epoch": 292, "max_accuracy": 82.2}, tmp_path / "vssm.pth")
+    for name in ("yacs", "yacs.config"):
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "fakepkgs" not in p])
+    record = load_checkpoint(model, tmp_path / "vssm.pth")
+    assert record.epoch == 292 and "yacs" not in sys.modules
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, sd[k])
+
+
 def test_timm_registration_and_no_downloads():
     import timm
 
