@@ -66,7 +66,12 @@ FORMAT_VERSION = 2
 def _known_builders() -> dict[str, Any]:
     from .models.vim import VisionMamba
 
-    return {f"{VisionMamba.__module__}.{VisionMamba.__qualname__}": VisionMamba}
+    builders = {f"{VisionMamba.__module__}.{VisionMamba.__qualname__}": VisionMamba}
+    # vmamba
+    from .models.vmamba import VSSM
+
+    builders[f"{VSSM.__module__}.{VSSM.__qualname__}"] = VSSM
+    return builders
 
 
 # -- modules and annotations as JSON --------------------------------------------------------------

@@ -480,6 +480,9 @@ class VSSM(nn.Module):
         **kwargs,
     ):
         super().__init__()
+        # the constructor arguments, so that vmfx.load rebuilds a saved quantized model without pickles
+        self.init_kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in locals().items()
+                            if k not in ("self", "kwargs", "__class__")}
         if norm_layer.lower() not in _NORM_LAYERS:
             raise ConfigError(f"VSSM norm_layer={norm_layer!r}: use 'ln' (channel-last) or 'ln2d' (channel-first)")
         for name, value in (("ssm_act_layer", ssm_act_layer), ("mlp_act_layer", mlp_act_layer)):
