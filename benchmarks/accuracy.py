@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/accuracy.py --methods minmax --bits w8a8 --calib-n 32 --test-n 200 --out /tmp/acc
     .venv/bin/python benchmarks/accuracy.py --table-only             # re-render accuracy.md from accuracy.json
     .venv/bin/python benchmarks/accuracy.py --compare-with before.json   # plus each record minus an earlier run's
+    .venv/bin/python benchmarks/accuracy.py --model vmamba-proxy-digits --methods minmax,ptq4vm   # the VMamba proxy
 
 For each calibration seed, method and bit setting it quantizes the bundled proxy Vim
 (``vmfx.data.load_proxy_model``) with ``--calib-n`` (256) calibration images drawn with that seed from
@@ -64,6 +65,13 @@ from vmfx.data.evaluate import collect_logits, compare_logits  # noqa: E402
 from vmfx.data.proxy import PROXY_MODEL_NAME  # noqa: E402
 from vmfx.passes import JLSSPass  # noqa: E402
 from vmfx.passes.pipeline import Pipeline, method_passes  # noqa: E402
+
+# -- vmamba: the bundled proxies by model name (the records' model column) --
+from vmfx.data.proxy_vmamba import VMAMBA_PROXY_MODEL_NAME, load_proxy_vmamba  # noqa: E402
+from vmfx.models.hints import config_for_model  # noqa: E402
+
+MODELS: dict[str, Callable] = {PROXY_MODEL_NAME: lambda: load_proxy_model(), VMAMBA_PROXY_MODEL_NAME: load_proxy_vmamba}
+# -- end vmamba --
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 JSON_PATH = os.path.join(RESULTS, "accuracy.json")
@@ -715,6 +723,10 @@ def write_markdown(records: list[dict], md_path: str | None = None, baseline: tu
         "section 7): this table compares methods on the proxy; it does not check the paper's figures.",
         "",
     ]
+    if any(r["model"] == VMAMBA_PROXY_MODEL_NAME for r in records):  # vmamba
+        lines += ["Model `vmamba-proxy-digits`: the bundled VMamba proxy (`vmfx.data.proxy_vmamba.load_proxy_vmamba`,",
+                  "`vmfx.models.VSSM` in the v2v layout, 3 stages on 8x8 / 4x4 / 2x2 token grids, four-direction",
+                  "cross-scan; trained by `benchmarks/train_proxy_vmamba.py`); its PTQ4VM rows smooth with alpha 0.65.", ""]
     if assumed:
         lines += ["† a record written before the seed / test_images fields existed: seed 0 and the 1000-image test "
                   f"split assumed (the only ones used then), timed on {MACHINE_ASSUMED}; its agree and KL were not "
@@ -777,7 +789,7 @@ def calibration_images(n: int, seed: int) -> torch.Tensor:
 def quantize(model, calib: torch.Tensor, preset: str, seed: int):
     """What ``vmfx.compile(model, calib, preset)`` runs, with JLSS's batch-order seed set to ``seed``
     (the config does not carry that seed; JLSSPass defaults to 0, so seed 0 is exactly vmfx.compile)."""
-    cfg = resolve_config(preset)
+    cfg = config_for_model(model, preset, resolve_config(preset))  # vmamba: the model's preset defaults
     passes = method_passes(cfg)
     for p in passes:
         if isinstance(p, JLSSPass):
@@ -786,18 +798,19 @@ def quantize(model, calib: torch.Tensor, preset: str, seed: int):
 
 
 def run(methods: list[str], bits: list[str], seeds: list[int], calib_n: int, test_n: int | None, save,
-        calib_kind: str = "real", synthetic_cache: str | None = None) -> list[dict]:
+        calib_kind: str = "real", synthetic_cache: str | None = None,
+        model_name: str = PROXY_MODEL_NAME) -> list[dict]:
     """Measure FP once, then every (seed, method, bit setting); ``save(records)`` is called after each
     record, so an interrupted run keeps what it measured."""
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
-    model = load_proxy_model()
+    model = MODELS[model_name]()
     test_x, test_y = load_digits("test")
     if test_n is not None:
         test_x, test_y = test_x[:test_n], test_y[:test_n]
     fp_logits, labels = collect_logits(model, (test_x, test_y))
     fp = compare_logits(fp_logits, fp_logits, labels)
     print(f"fp32: {fp}", flush=True)
-    records = [make_record("fp", "fp32", "none", None, 0, fp.top1, fp, 0.0, machine)]
+    records = [make_record("fp", "fp32", "none", None, 0, fp.top1, fp, 0.0, machine, model=model_name)]
     save(records)
     for seed in seeds:
         if calib_kind == "synthetic":
@@ -815,7 +828,8 @@ def run(methods: list[str], bits: list[str], seeds: list[int], calib_n: int, tes
                 seconds = time.perf_counter() - start
                 q_logits, _ = collect_logits(qmodel, (test_x, test_y))
                 res = compare_logits(fp_logits, q_logits, labels)
-                rec = make_record(method, b, calib_kind, seed, int(calib.shape[0]), fp.top1, res, seconds, machine)
+                rec = make_record(method, b, calib_kind, seed, int(calib.shape[0]), fp.top1, res, seconds, machine,
+                                  model=model_name)
                 print(json.dumps({k: v for k, v in rec.items() if not isinstance(v, list)}), flush=True)
                 records.append(rec)
                 save(records)
@@ -840,6 +854,8 @@ def main(argv=None) -> int:
                    "and JLSS batch order), e.g. 0,1,2")
     p.add_argument("--calib-n", type=int, default=None,
                    help="calibration images (default 256 real, 128 synthetic)")
+    p.add_argument("--model", default=PROXY_MODEL_NAME, choices=sorted(MODELS),
+                   help="which bundled proxy to quantize (the records' model column)")  # vmamba
     p.add_argument("--test-n", type=int, default=None, help="evaluate on the first N test digits only (trial runs)")
     p.add_argument("--out", default=None, help=f"folder of accuracy.json / accuracy.md (default {RESULTS})")
     p.add_argument("--compare-with", default=None, metavar="JSON",
@@ -893,7 +909,8 @@ def main(argv=None) -> int:
             f.write(dumps_records(merged))
         write_markdown(merged, md_path, baseline)
 
-    run(methods, bits, seeds, args.calib_n, args.test_n, save, args.calib, args.synthetic_cache)
+    run(methods, bits, seeds, args.calib_n, args.test_n, save, args.calib, args.synthetic_cache,
+        model_name=args.model)
     print(f"wrote {json_path} and {md_path}")
     return 0
 

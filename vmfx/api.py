@@ -66,6 +66,10 @@ def compile(
         print(vmfx.inspect.table(qmodel))
     """
     cfg = resolve_config(config)
+    # vmamba: a preset name gets the model's declared defaults (PTQ4VM's alpha 0.65 for VMamba)
+    from .models.hints import config_for_model
+
+    cfg = config_for_model(model, config, cfg)
     if backend is not None:
         resolve_backend(backend)  # a bad name fails before calibration, not after
     # data-free calibration (OuroMamba-Gen): "synthetic" / vmfx.data.Synthetic -> images from the model

@@ -80,7 +80,12 @@ def _known_builders() -> dict[str, Any]:
     from .models.vim import VisionMamba
     from .models.localmamba import LocalVim  # LocalMamba (issue 12)
 
-    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in (VisionMamba, LocalVim)}
+    builders = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in (VisionMamba, LocalVim)}
+    # vmamba
+    from .models.vmamba import VSSM
+
+    builders[f"{VSSM.__module__}.{VSSM.__qualname__}"] = VSSM
+    return builders
 
 
 # -- modules and annotations as JSON --------------------------------------------------------------

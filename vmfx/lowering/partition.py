@@ -132,6 +132,10 @@ def _static_quantlinear(node: fx.Node) -> QuantizedLinear | None:
         return None
     if iq.spec.dynamic or iq.spec.symmetric or iq.spec.granularity not in ("token", "tensor"):
         return None
+    layout = getattr(iq, "layout", None)  # the kernels read (batch, tokens, K): one token dim just before K
+    if iq.spec.granularity == "token" and layout is not None and (
+            layout.token_dims != (layout.ndim - 2,) or layout.merged_batch):
+        return None  # e.g. a (B, H, W, C) token grid (VMamba's in_proj): stays a fake-quant torch op
     if wq.spec.granularity != "channel" or not wq.spec.symmetric:
         return None
     for inserted in (edges.act_quant, edges.act_smooth):

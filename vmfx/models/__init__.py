@@ -1,6 +1,7 @@
 """Model definitions with the official checkpoint layouts, and their timm registration.
 
-Importing this package registers the five official Vim names (and LocalMamba's five LocalVim names) in timm's model registry, so that
+Importing this package registers the five official Vim names, LocalMamba's five LocalVim names and
+the nine VMamba builder names (``vanilla_vmamba_tiny``, ``vmamba_tiny_s1l8``, ...) in timm's model registry, so that
 ``timm.create_model("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
 num_classes=10)`` works. The registration is idempotent: importing (or reloading) the package again
 does not duplicate entries or warn. No weights are downloaded: ``pretrained=True`` raises and points
@@ -22,6 +23,7 @@ from .checkpoint import CheckpointNotFoundError, LoadedCheckpoint, load_checkpoi
 from .vim import VIM_ENTRYPOINTS, VIM_VARIANTS, VisionMamba
 # LocalMamba (issue 12)
 from .localmamba import LOCAL_VIM_ENTRYPOINTS, LOCAL_VIM_VARIANTS, LocalVim
+from .vmamba import VMAMBA_ENTRYPOINTS, VMAMBA_VARIANTS, VSSM  # vmamba
 
 __all__ = [
     "VisionMamba",
@@ -33,6 +35,9 @@ __all__ = [
     # LocalMamba (issue 12)
     "LocalVim",
     "LOCAL_VIM_VARIANTS",
+    # vmamba
+    "VSSM",
+    "VMAMBA_VARIANTS",
 ]
 
 
@@ -46,7 +51,7 @@ def register_timm_models() -> None:
     """
     from timm.models import is_model, model_entrypoint, register_model
 
-    for fn in VIM_ENTRYPOINTS + LOCAL_VIM_ENTRYPOINTS:
+    for fn in VIM_ENTRYPOINTS + LOCAL_VIM_ENTRYPOINTS + VMAMBA_ENTRYPOINTS:
         name = fn.__name__
         if is_model(name):
             current = model_entrypoint(name)

@@ -45,6 +45,13 @@ _MAX_LISTED = 10
 #: Pickled globals allowed on top of torch's weights-only defaults.
 _ALLOWED_GLOBALS = (argparse.Namespace,)
 _ALLOWED_GLOBAL_NAMES = {"argparse.Namespace"}
+# vmamba: the official VMamba files pickle their yacs training config (``config``, a dict subclass).
+# It is read as a plain ``collections.OrderedDict`` (its keys, and its attributes in ``__dict__``):
+# yacs is not imported and no code from the file runs.
+from collections import OrderedDict as _OrderedDict  # noqa: E402
+
+_ALLOWED_GLOBALS = _ALLOWED_GLOBALS + ((_OrderedDict, "yacs.config.CfgNode"),)
+_ALLOWED_GLOBAL_NAMES = _ALLOWED_GLOBAL_NAMES | {"yacs.config.CfgNode"}
 
 _OFFICIAL_FILES = (
     "vim_t_midclstok_76p1acc.pth, vim_t_midclstok_ft_78p3acc.pth (stride 8), "
@@ -163,7 +170,8 @@ def _safe_load(path: str) -> Any:
             raise CheckpointError(
                 f"Refusing to load {path!r}: it pickles {_join(disallowed)}, which vmfx does not "
                 "allow. vmfx reads checkpoints with torch.load(weights_only=True) and allows only "
-                "argparse.Namespace (the 'args' of official Vim files), because unpickling any "
+                "argparse.Namespace (the 'args' of official Vim files) and yacs CfgNode (the 'config' "
+                "of official VMamba files, read as a plain dict), because unpickling any "
                 "other global would run code from the downloaded file, and vmfx will not run code "
                 "from a downloaded file. Way out: if you trust the file, extract its state dict "
                 "with a trusted tool in a separate process (for example "

@@ -3,14 +3,17 @@
 What it finds, per selective-scan node, by following use-def edges (names never decide a match;
 they only label Linear nodes that structure left unexplained inside a matched mixer):
 
-* ``u``      <- SiLU (``conv_act``) <- causal depthwise conv1d (``conv1d``) <- ... <- ``in_proj``
+* ``u``      <- ... <- SiLU (``conv_act``) <- depthwise token conv (``conv1d``: a causal conv1d over
+  a sequence, or a depthwise Conv2d over a 2D token grid, as in VMamba) <- ... <- ``in_proj``
 * ``delta``  <- [softplus (``dt_act``)] <- Linear (``dt_proj``) <- slice <- Linear (``x_proj``),
   whose input is the same SiLU output as ``u``; ``B`` and ``C`` are slices of the same ``x_proj``
 * gate (optional): the scan output times SiLU (``gate``) of a slice of the same ``in_proj`` (or
   ``z=`` given to the scan op); ungated mixers (MambaVision concatenates the z branch) match too
 * then forward through transparent ops, channel attentions (a value read by several branches that
-  meet again in one node, e.g. ``x * gate(pool(x))``) and the direction merge (``merge``: add,
-  divide, concat) to the Linear that reads the result (``out_proj``)
+  meet again in one node, e.g. ``x * gate(pool(x))``), the direction merge (``merge``: add, divide,
+  concat), a norm of the merged output (``norm``, VMamba's ``out_norm``) and a gate applied after the
+  merge (``gate``: times SiLU of a slice of the same ``in_proj``) to the Linear that reads the result
+  (``out_proj``)
 
 Token layouts (:mod:`vmfx.passes.layouts`): every node from ``in_proj`` to ``out_proj`` gets the
 :class:`~vmfx.layout.TokenLayout` of its output (``node.meta[LAYOUT_META]``, and
@@ -50,7 +53,7 @@ from .layouts import propagate_token_layouts
 from .patterns import (
     FailedMatch,
     debug_match,
-    is_depthwise_conv1d,
+    is_depthwise_conv,
     is_linear,
     is_norm,
     is_patch_conv,
@@ -85,6 +88,8 @@ class ScanMatch:
     gate: list[fx.Node]
     out_proj: fx.Node
     merge: list[fx.Node] = field(default_factory=list)
+    #: nodes after the merge, shared by all directions: (node, role) with role "norm" or "gate"
+    post: list[tuple[fx.Node, str]] = field(default_factory=list)
     #: the layout of the scan's u (and output): ``layout.order`` is this direction's token order
     layout: TokenLayout | None = None
 
@@ -99,6 +104,8 @@ class MixerMatch:
     scans: list[ScanMatch]
     norm: fx.Node | None = None
     tokens: int | None = None
+    #: the nodes after the direction merge (out_norm, a post-merge gate), with their roles
+    post: list[tuple[fx.Node, str]] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
@@ -191,11 +198,11 @@ def _match_scan(scan: fx.Node):
     if conv_act is None or not is_silu(conv_act):
         return FailedMatch("u does not come from a SiLU (found {})", conv_act)
     conv, _ = walk_back(conv_act.args[0])
-    if conv is None or not is_depthwise_conv1d(conv):
-        return FailedMatch("the SiLU before u does not read a depthwise conv1d (found {})", conv)
+    if conv is None or not is_depthwise_conv(conv):
+        return FailedMatch("the SiLU before u does not read a depthwise conv1d or conv2d (found {})", conv)
     in_proj, x_flips = walk_back(conv.args[0])
     if in_proj is None or not is_linear(in_proj):
-        return FailedMatch("the conv1d input does not come from a Linear (found {})", in_proj)
+        return FailedMatch("the token conv's input does not come from a Linear (found {})", in_proj)
 
     dt_act = None
     dt_proj, _ = walk_back(args["delta"])
@@ -218,11 +225,12 @@ def _match_scan(scan: fx.Node):
     gate_nodes, tail = _match_gate(scan, args, in_proj)
     if isinstance(gate_nodes, FailedMatch):
         return gate_nodes
-    out_proj, merge = _follow_to_out_proj(tail)
+    out_proj, merge, post = _follow_to_out_proj(tail, in_proj)
     if isinstance(out_proj, FailedMatch):
         return out_proj
     direction = "backward" if x_flips % 2 else "forward"
-    return ScanMatch(scan, direction, in_proj, conv, conv_act, x_proj, dt_proj, dt_act, gate_nodes, out_proj, merge)
+    return ScanMatch(scan, direction, in_proj, conv, conv_act, x_proj, dt_proj, dt_act, gate_nodes, out_proj, merge,
+                     post)
 
 
 def _match_gate(scan: fx.Node, args: dict, in_proj: fx.Node):
@@ -249,9 +257,24 @@ def _match_gate(scan: fx.Node, args: dict, in_proj: fx.Node):
     return [gate_act, user], user
 
 
-def _follow_to_out_proj(node: fx.Node):
-    """Follow single users through transparent ops and the direction merge to a Linear."""
-    merge = []
+def _post_merge_gate(user: fx.Node, node: fx.Node, in_proj: fx.Node) -> fx.Node | None:
+    """The SiLU of a gate multiply ``node * silu(z)`` (z a slice of ``in_proj``), else None."""
+    if user.op != "call_function" or user.target is not operator.mul:
+        return None
+    other = [a for a in user.args if isinstance(a, fx.Node) and a is not node]
+    if len(other) != 1:
+        return None
+    act, _ = walk_back(other[0])
+    if act is None or not is_silu(act):
+        return None
+    z_src, _ = walk_back(act.args[0])
+    return act if z_src is in_proj else None
+
+
+def _follow_to_out_proj(node: fx.Node, in_proj: fx.Node):
+    """Follow single users through transparent ops, the direction merge, a norm and a gate to a
+    Linear. Returns (out_proj or FailedMatch, merge nodes, [(node, role)] after the merge)."""
+    merge, post = [], []
     for _ in range(64):
         user = single_user(node)
         if user is None and len(node.users) > 1:
@@ -260,18 +283,27 @@ def _follow_to_out_proj(node: fx.Node):
                 node = user
                 continue
         if user is None:
-            return FailedMatch("{} has {} users before reaching out_proj", node, len(node.users)), []
+            return FailedMatch("{} has {} users before reaching out_proj", node, len(node.users)), [], []
         if is_linear(user):
-            return user, merge
+            return user, merge, post
         if is_transparent(user):
+            node = user
+            continue
+        gate_act = _post_merge_gate(user, node, in_proj)
+        if gate_act is not None:
+            post += [(gate_act, "gate"), (user, "gate")]
+            node = user
+            continue
+        if is_norm(user):
+            post.append((user, "norm"))
             node = user
             continue
         if user.op == "call_function" and (user.target in _MERGE_OPS or user.target in _CONCAT):
             merge.append(user)
             node = user
             continue
-        return FailedMatch("the path from the scan to out_proj meets {} ({})", user, user.target), []
-    return FailedMatch("no out_proj within 64 nodes of the scan"), []
+        return FailedMatch("the path from the scan to out_proj meets {} ({})", user, user.target), [], []
+    return FailedMatch("no out_proj within 64 nodes of the scan"), [], []
 
 
 def _reconvergence(node: fx.Node, limit: int = 64) -> fx.Node | None:
@@ -365,12 +397,28 @@ def _group_into_mixers(graph: fx.Graph, scans: list[ScanMatch]) -> list[MixerMat
                 scans=group,
                 norm=norm if norm is not None and is_norm(norm) else None,
                 tokens=_token_length(in_proj),
+                post=_unique_post(group),
             )
         )
     return mixers
 
 
+def _unique_post(group: list[ScanMatch]) -> list[tuple[fx.Node, str]]:
+    seen, out = set(), []
+    for s in group:
+        for node, role in s.post:
+            if node not in seen:
+                seen.add(node)
+                out.append((node, role))
+    return out
+
+
 def _token_length(in_proj: fx.Node) -> int | None:
+    """Tokens per sample: from the token layout (any number of token dims, e.g. an (H, W) grid),
+    else the second-to-last dim of the shape."""
+    layout = layout_of(in_proj)
+    if layout is not None and not layout.merged_batch:
+        return int(layout.tokens)
     meta = in_proj.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape") or len(meta.shape) < 2:
         return None
@@ -403,6 +451,8 @@ def _annotate_mixer(m: MixerMatch) -> None:
         for node in s.merge:
             if annotation(node) is None:
                 annotate(node, "merge", **common)
+    for node, role in m.post:
+        annotate(node, role, **common)
 
 
 def _annotate_names_inside_mixers(gm: fx.GraphModule, mixers: list[MixerMatch]) -> None:
@@ -425,8 +475,14 @@ def _annotate_names_inside_mixers(gm: fx.GraphModule, mixers: list[MixerMatch]) 
 
 
 def _annotate_outside_mixers(graph: fx.Graph, mixers: list[MixerMatch]) -> None:
+    """Patch-embedding convs, and after the last mixer the head (a Linear no other Linear reads,
+    directly or not: an MLP after the last mixer is not the head) and norms."""
     nodes = list(graph.nodes)
     last = max((nodes.index(m.out_proj) for m in mixers), default=-1)
+    feeds_linear: set[fx.Node] = set()  # nodes whose value reaches a Linear
+    for node in reversed(nodes):
+        if any(is_linear(u) or u in feeds_linear for u in node.users):
+            feeds_linear.add(node)
     for i, node in enumerate(nodes):
         if annotation(node) is not None:
             continue
@@ -434,7 +490,7 @@ def _annotate_outside_mixers(graph: fx.Graph, mixers: list[MixerMatch]) -> None:
             source, _ = walk_back(node.args[0])
             if source is not None and source.op == "placeholder":
                 annotate(node, "patch_embed")
-        elif i > last >= 0 and is_linear(node):
+        elif i > last >= 0 and is_linear(node) and node not in feeds_linear:
             annotate(node, "head")
         elif i > last >= 0 and is_norm(node):
             annotate(node, "norm")

@@ -7,7 +7,9 @@ output's shape (from ``meta["tensor_meta"]``) holding, at every element, its sam
 canonical token index and its channel index. A shape op (transpose, permute, flip, slice, view,
 reshape, flatten, split, cat, index_select with a constant index, ...) is simply run on the probes of its input, so any composition of
 them is understood without a rule per combination; a Linear keeps batch and tokens and gives fresh
-channels; a depthwise conv1d keeps them (its padded tail holds no token), and so does a constant ``F.pad``; elementwise ops
+channels; a depthwise conv1d keeps them (its padded tail holds no token), and so does a constant
+``F.pad`` and a depthwise Conv2d over a (B, C, H, W) token grid with stride 1 and "same" padding; a
+norm over the last dim (LayerNorm, RMSNorm) keeps them when that dim holds the channels; elementwise ops
 (observers, ``FakeQuantize`` and any module whose class sets ``vmfx_preserves_layout = True`` count
 as elementwise) keep them and check that their tensor inputs agree in token order (a direction merge
 of a branch left un-flipped is found here); the selective scan keeps ``u``'s and checks ``delta``,
@@ -36,7 +38,7 @@ from ..layout import LAYOUT_META, LAYOUT_WHY_META, PRESERVES_LAYOUT, TokenLayout
 from ..ops.selective_scan import selective_scan
 from ..quant.modules import FakeQuantize
 from ..quant.observers import Observer
-from .patterns import is_depthwise_conv1d, is_linear, module_of
+from .patterns import is_depthwise_conv, is_depthwise_conv1d, is_linear, is_norm, module_of
 
 __all__ = ["propagate_token_layouts"]
 
@@ -174,6 +176,10 @@ def _propagate(node: fx.Node, probes: dict) -> _Probes:
         return _conv1d(node, probes)
     if node.op == "call_function" and node.target is F.pad:
         return _pad(node, probes)
+    if is_depthwise_conv(node):
+        return _conv2d(node, probes)
+    if is_norm(node):
+        return _norm(node, probes)
     if _is_elementwise(node):
         return _elementwise(node, probes)
     if _is_shape_op(node):
@@ -316,6 +322,39 @@ def _pad(node, probes) -> _Probes:
         index = tuple(slice(0, 1) if d in padded else slice(None) for d in range(p.dim()))
         out[k] = p[index].expand(token.shape)
     return tuple(out)
+
+
+def _conv2d(node, probes) -> _Probes:
+    """A depthwise Conv2d on (B, C, H, W) with stride 1, no dilation and "same" padding: output
+    pixel (h, w) is aligned with input pixel (h, w), so token positions are kept."""
+    b, t, c = _probes_of(node.args[0], probes)
+    m = module_of(node)
+    pad = m.padding
+    same = pad == "same" or (isinstance(pad, tuple) and all(p == (k - 1) // 2 and k % 2 == 1
+                                                           for p, k in zip(pad, m.kernel_size)))
+    if m.stride != (1, 1) or m.dilation != (1, 1) or not same or m.padding_mode != "zeros":
+        raise _Unknown(f"conv2d with kernel {m.kernel_size}, stride {m.stride}, dilation {m.dilation}, "
+                       f"padding {pad} does not keep token positions aligned")
+    if t.dim() != 4 or any(d not in (2, 3) for d in _varying(t)) or any(d != 1 for d in _varying(c)):
+        raise _Unknown("the conv2d input is not (batch, channels, height, width) with tokens on the grid")
+    shape = _shape(node)
+    if shape is None or tuple(shape) != tuple(t.shape):
+        raise _Unknown("the conv2d output shape differs from its input's")
+    return b[:, :1].expand(shape), t[:, :1].expand(shape), c
+
+
+def _norm(node, probes) -> _Probes:
+    """A norm over the last dim keeps positions when the last dim holds the channels (and only
+    they)."""
+    b, t, c = _probes_of(node.args[0], probes)
+    if _varying(c) not in ((c.dim() - 1,), ()) or (c.dim() - 1) in _varying(t) or (c.dim() - 1) in _varying(b):
+        raise _Unknown("the norm's input does not hold its channels (only) in the last dim")
+    if node.op == "call_function":  # F.layer_norm(x, normalized_shape, ...): over the last dim only
+        normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        normalized = _static(normalized, probes)
+        if len(tuple(normalized)) != 1:
+            raise _Unknown(f"a norm over {len(tuple(normalized))} trailing dims mixes tokens")
+    return b, t, c
 
 
 def _elementwise(node, probes) -> _Probes:

@@ -34,6 +34,7 @@ __all__ = [
     "module_of",
     "is_linear",
     "is_depthwise_conv1d",
+    "is_depthwise_conv",
     "is_patch_conv",
     "is_silu",
     "is_softplus",
@@ -109,6 +110,15 @@ def is_depthwise_conv1d(node: fx.Node) -> bool:
         groups = node.kwargs.get("groups", node.args[6] if len(node.args) > 6 else 1)
         return isinstance(groups, int) and groups > 1
     return False
+
+
+def is_depthwise_conv(node: fx.Node) -> bool:
+    """A depthwise token convolution: a depthwise conv1d over a sequence (Mamba, Vim) or a
+    depthwise ``nn.Conv2d`` over a 2D token grid (VMamba's SS2D)."""
+    if is_depthwise_conv1d(node):
+        return True
+    m = module_of(node)
+    return isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.groups > 1
 
 
 def is_patch_conv(node: fx.Node) -> bool:
