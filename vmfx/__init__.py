@@ -60,3 +60,8 @@ __all__ = [
     "InputError",
     "LayoutError",
 ]
+
+# -- the scan's quantized hidden state (issue 10 parts 3-5) --
+from .config import ScanStateConfig  # noqa: E402
+
+__all__ += ["ScanStateConfig"]

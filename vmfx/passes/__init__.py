@@ -22,6 +22,7 @@ from .pipeline import (
 )
 from .segments import SegmentRunner
 from .smoothquant import SmoothQuantPass
+from .scan_state import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 
 __all__ = [
     "Pass",
@@ -47,4 +48,7 @@ __all__ = [
     "register_method",
     "split_stages",
     "trace_for_quantization",
+    "ReparameterizeScanPass",
+    "QuantizeScanStatePass",
+    "scan_state_passes",
 ]
