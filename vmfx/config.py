@@ -176,6 +176,8 @@ class ScanStateConfig:
             ``max|h[t]| / qmax`` (the official code: 101 candidates from 0.01 to 1.2).
         search_samples: calibration images whose scan inputs are kept for the step-by-step search
             (memory: about samples x dim x L x 4 floats per scan).
+        lookahead: also score each candidate by ``y`` of the next ``lookahead`` steps (its
+            quantized state carried on in float); 0 scores ``y[t]`` alone.
     """
 
     bits: int = 8
@@ -185,6 +187,7 @@ class ScanStateConfig:
     lo: float = 0.01
     hi: float = 1.2
     search_samples: int = 32
+    lookahead: int = 0
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -205,6 +208,8 @@ class ScanStateConfig:
             raise ConfigError(f"ScanStateConfig.lo ({self.lo}) must not exceed hi ({self.hi})")
         if isinstance(self.search_samples, bool) or not isinstance(self.search_samples, int) or self.search_samples < 1:
             raise ConfigError(f"ScanStateConfig.search_samples must be a positive integer, got {self.search_samples!r}")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 0:
+            raise ConfigError(f"ScanStateConfig.lookahead must be a non-negative integer, got {self.lookahead!r}")
 
 
 _SUBCONFIGS["scan_state"] = ScanStateConfig

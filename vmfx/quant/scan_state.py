@@ -137,10 +137,23 @@ def _per_channel(M: torch.Tensor, dim: int) -> torch.Tensor:
     return M.repeat_interleave(dim // M.shape[1], dim=1)
 
 
+def _step_E(delta, A, step, t):
+    E = torch.exp(delta[:, :, t, None] * A)
+    return E.mul_(step[t]) if step is not None else E
+
+
+def _step_x(delta, u, Bc, t):
+    return (delta[:, :, t] * u[:, :, t])[..., None] * Bc[..., t]
+
+
+def _weighted(y, w):
+    return y * w if w is not None else y
+
+
 @torch.no_grad()
 def search_state_scales(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                         factors=None, bits: int = 8, candidates: int = 101, lo: float = 0.01,
-                        hi: float = 1.2, chunk_elements: int = 2**24) -> torch.Tensor:
+                        hi: float = 1.2, lookahead: int = 0, chunk_elements: int = 2**24) -> torch.Tensor:
     """Per-step state step sizes of one scan, searched step by step (see the module docstring).
 
     Args:
@@ -151,6 +164,9 @@ def search_state_scales(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
         bits: state bit width.
         candidates, lo, hi: the candidate grid, ``linspace(lo, hi, candidates)`` times
             ``max|h[t]| / qmax``.
+        lookahead: also score ``y[t+1] .. y[t+lookahead]``, computed from the candidate's
+            quantized ``h[t]`` carried forward in float (the error a clipped state leaves in later
+            steps); the score is the mean cosine over the ``1 + lookahead`` steps.
         chunk_elements: bound on the (candidates x batch x dim x N) work tensor.
 
     Returns:
@@ -176,29 +192,32 @@ def search_state_scales(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     h_q = torch.zeros_like(h_f)
     scales = torch.empty(length, dtype=ct)
     for t in range(length):
-        E = torch.exp(delta[:, :, t, None] * A)
-        if step is not None:
-            E.mul_(step[t])
-        x = (delta[:, :, t] * u[:, :, t])[..., None] * Bc[..., t]
+        E = _step_E(delta, A, step, t)
+        x = _step_x(delta, u, Bc, t)
         h_f = E * h_f + x
         h = E * h_q + x
-        Ct = Cc[..., t]
-        y_f = (h_f * Ct).sum(-1)
-        if out_w is not None:
-            y_f = y_f * out_w
         base = float(h.abs().max()) / qmax
         if not base > 0:
             scales[t] = 1.0
             h_q = h
             continue
+        # the float ys of steps t .. t+lookahead (the float state carried on)
+        ahead = range(t, min(length, t + 1 + lookahead))
+        y_fs, hf = [], h_f
+        for k in ahead:
+            if k > t:
+                hf = _step_E(delta, A, step, k) * hf + _step_x(delta, u, Bc, k)
+            y_fs.append(_weighted((hf * Cc[..., k]).sum(-1), out_w))
         best, best_s = -float("inf"), base
         for c0 in range(0, candidates, per):
             cand = (grid[c0 : c0 + per] * base).view(-1, 1, 1, 1)
             hq = (h.unsqueeze(0) / cand).round_().clamp_(-qmax, qmax).mul_(cand)
-            y = (hq * Ct.unsqueeze(0)).sum(-1)
-            if out_w is not None:
-                y = y * out_w
-            sim = F.cosine_similarity(y, y_f.unsqueeze(0).expand_as(y), dim=-1).mean(-1)
+            sim = 0
+            for k, y_f in zip(ahead, y_fs):
+                if k > t:
+                    hq = _step_E(delta, A, step, k) * hq + _step_x(delta, u, Bc, k)
+                y = _weighted((hq * Cc[..., k].unsqueeze(0)).sum(-1), out_w)
+                sim = sim + F.cosine_similarity(y, y_f.unsqueeze(0).expand_as(y), dim=-1).mean(-1)
             k = int(sim.argmax())
             if float(sim[k]) > best:
                 best, best_s = float(sim[k]), float(cand.view(-1)[k])
