@@ -91,6 +91,18 @@ the work buffer, each call's ``t0:t1`` global time steps and ``b0:b1`` batch ele
   (batch, dim, L, N) states (data-free calibration); a reduction (say a running per-channel
   max of ``|h|``) is a one-line reader.
 
+Reparameterization and a quantized state
+----------------------------------------
+``step_scale`` (L,) multiplies ``exp(delta[t] A)`` at step ``t``; ``out_scale`` (dim,) multiplies
+``y + D u`` before the gate; together with :func:`reparameterize` (which folds factors ``r_C``,
+``r_L``, ``r_D`` into ``u``, ``B``, ``C``) the scan carries ``h / (r_C r_L r_D)`` and computes the
+same output (Shi et al.'s hidden-state reparameterization). ``state_scales`` (L,) fake-quantizes
+the state symmetrically at every step, inline in the recurrence loop (three more in-place ops
+per step on a (p, dim, N) slab, no Python call), with straight-through gradients exactly like a
+``state_hook`` doing the same. ``state_quant`` (a :class:`vmfx.quant.scan_state.ScanStateQuant`)
+sets all of them from its factors and scales: it is how a graph's scan node carries its
+quantized state. Without these arguments the code path is the plain one above.
+
 Backward
 --------
 The forward saves only its inputs, ``y + D u`` when ``z`` is given, and, when time is cut into

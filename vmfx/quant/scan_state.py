@@ -16,7 +16,9 @@ Three pieces, used by :mod:`vmfx.passes.scan_state` and the lowering:
   chosen scales) is quantized with each candidate ``c * max|h[t]| / qmax``, ``c`` in
   ``linspace(lo, hi, candidates)``, and the candidate whose ``y[t] = sum_n Q(h[t]) C[t]`` has the
   best cosine similarity (over channels, averaged over the batch) with the float scan's ``y[t]``
-  is kept.
+  is kept; with ``lookahead`` k, the cosines of ``y[t+1] .. y[t+k]`` (the candidate's state carried
+  on in float) are averaged in. (Greedy: on random scans it is sometimes worse than max-based
+  per-step scales for the whole output at 4 bits; at 8 bits both are within 1e-4 in cosine.)
 
 Invariants: a :class:`ScanStateQuant` without factors (``reparameterized=False``) leaves the
 scan's float computation unchanged; with factors, the float scan computes the same output up to
