@@ -104,14 +104,15 @@ PAIRS: tuple[tuple[str, str], ...] = (
 #: method name -> the ScanStateConfig its preset carries (orthogonal to the preset: any method's
 #: preset with a scan_state; e.g. a later "kscaled-ssm" row is ("kscaled", ...) plus ScanStateConfig()).
 METHOD_SCAN_STATE: dict[str, ScanStateConfig] = {
-    "pts-ssm": ScanStateConfig(bits=8, reparameterize=True),
-    "pts-ssm-norep": ScanStateConfig(bits=8, reparameterize=False),
-    "pts-ssm-h4": ScanStateConfig(bits=4, reparameterize=True),
-    "pts-ssm-h4-norep": ScanStateConfig(bits=4, reparameterize=False),
+    "pts-ssm": ScanStateConfig(bits=8, reparameterize=True, search_samples=16),
+    "pts-ssm-norep": ScanStateConfig(bits=8, reparameterize=False, search_samples=16),
+    "pts-ssm-h4": ScanStateConfig(bits=4, reparameterize=True, search_samples=16),
+    "pts-ssm-h4-norep": ScanStateConfig(bits=4, reparameterize=False, search_samples=16),
 }
 METHODS.update({
     "pts-ssm": ("pts", "pts plus the scan's hidden state quantized to 8 bits, static per-step scales searched step by "
-                "step (cosine of y, 101 candidates 0.01-1.2x max), on the reparameterized state (r_C, r_L, r_D)"),
+                "step (cosine of y; 101-point grid 0.01-1.2x max searched coarse to fine; the first 16 calibration "
+                "images), on the reparameterized state (r_C, r_L, r_D)"),
     "pts-ssm-norep": ("pts", "pts-ssm without the reparameterization: per-step 8-bit scales on the raw state"),
     "pts-ssm-h4": ("pts", "pts-ssm with a 4-bit hidden state"),
     "pts-ssm-h4-norep": ("pts", "pts-ssm-norep with a 4-bit hidden state"),

@@ -178,6 +178,8 @@ class ScanStateConfig:
             (memory: about samples x dim x L x 4 floats per scan).
         lookahead: also score each candidate by ``y`` of the next ``lookahead`` steps (its
             quantized state carried on in float); 0 scores ``y[t]`` alone.
+        exhaustive: score all candidates at every step (as the official code); False (default)
+            searches the same grid coarse to fine (29 of 101 candidates scored, 3.5x faster).
     """
 
     bits: int = 8
@@ -188,11 +190,12 @@ class ScanStateConfig:
     hi: float = 1.2
     search_samples: int = 32
     lookahead: int = 0
+    exhaustive: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise ConfigError(f"ScanStateConfig.bits must be an integer in 2..16 (the paper: 8), got {self.bits!r}")
-        for name in ("reparameterize", "quantize"):
+        for name in ("reparameterize", "quantize", "exhaustive"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ScanStateConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if not (self.reparameterize or self.quantize):

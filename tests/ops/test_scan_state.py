@@ -198,7 +198,7 @@ def test_state_search_is_greedy_best_of_the_grid():
     x, _ = _inputs(7, 4, dim, length, n, dtype=torch.float32)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
     scales = search_state_scales(*args, delta_bias=x["delta_bias"], delta_softplus=True, bits=bits,
-                                 candidates=41, lo=0.2, hi=1.2)
+                                 candidates=41, lo=0.2, hi=1.2, exhaustive=True)
     assert scales.shape == (length,) and bool((scales > 0).all())
     # step 0 by hand
     delta = F.softplus(x["delta"] + x["delta_bias"][:, None])

@@ -239,7 +239,8 @@ class QuantizeScanStatePass(Pass):
             scales = search_state_scales(
                 a["u"], a["delta"], a["A"], a["B"], a["C"], delta_bias=a.get("delta_bias"),
                 delta_softplus=bool(a.get("delta_softplus", False)), factors=module.factors(),
-                bits=cfg.bits, candidates=cfg.candidates, lo=cfg.lo, hi=cfg.hi, lookahead=cfg.lookahead)
+                bits=cfg.bits, candidates=cfg.candidates, lo=cfg.lo, hi=cfg.hi, lookahead=cfg.lookahead,
+                exhaustive=cfg.exhaustive)
             module.scales.copy_(scales)
         _record(gm, "scan_state_seconds", seconds + time.perf_counter() - start)
         return PassResult(gm, True)
