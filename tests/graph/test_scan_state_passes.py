@@ -118,3 +118,24 @@ def test_state_without_reparameterization(small_vim, images):
     q = vmfx.compile(small_vim, images, config=cfg)
     states = [scan_state_of(n) for n in scan_nodes(q)]
     assert all(s.quantize and not s.reparameterized and s.bits == 6 and s.factors() is None for s in states)
+
+
+def test_quantizers_on_the_scan_inputs_compose_with_the_state(small_vim, images, tmp_path):
+    """Output quantizers on u (conv + SiLU) and delta (softplus input) by QuantRule, plus the
+    quantized state: the scan reads the quantized inputs, the search sees them, save/load keeps all."""
+    from vmfx import QuantRule, QuantSpec
+
+    cfg = vmfx.preset("minmax-w8a8").replace(
+        rules=(QuantRule("output", QuantSpec(8, True, "tensor"), role="conv_act"),
+               QuantRule("output", QuantSpec(8, False, "tensor"), role="dt_proj")),
+        scan_state=ScanStateConfig(search_samples=4, candidates=11))
+    q = vmfx.compile(small_vim, images, config=cfg)
+    for scan in scan_nodes(q):
+        u = scan.args[0]
+        assert u.op == "call_module" and "__output" in u.target  # a quantizer on the u edge
+        assert scan_state_of(scan).quantize
+    with torch.no_grad():
+        out = q(images)
+    loaded = vmfx.load(vmfx.save(q, tmp_path / "q.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(images), out)
