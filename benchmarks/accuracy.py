@@ -60,6 +60,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from vmfx.config import BIT_SETTINGS, preset_names, resolve_config  # noqa: E402
+from vmfx.config import ScanStateConfig  # noqa: E402
 from vmfx.data import load_digits, load_proxy_model  # noqa: E402
 from vmfx.data.evaluate import collect_logits, compare_logits  # noqa: E402
 from vmfx.data.proxy import PROXY_MODEL_NAME  # noqa: E402
@@ -110,6 +111,26 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("ptq4vm", "ptq4vm-official"),
 )
 
+
+# -- methods that also quantize the selective scan's hidden state (QuantConfig.scan_state) ---------
+#: method name -> the ScanStateConfig its preset carries (orthogonal to the preset: any method's
+#: preset with a scan_state; e.g. a later "kscaled-ssm" row is ("kscaled", ...) plus ScanStateConfig()).
+METHOD_SCAN_STATE: dict[str, ScanStateConfig] = {
+    "pts-ssm": ScanStateConfig(bits=8, reparameterize=True, search_samples=16),
+    "pts-ssm-norep": ScanStateConfig(bits=8, reparameterize=False, search_samples=16),
+    "pts-ssm-h4": ScanStateConfig(bits=4, reparameterize=True, search_samples=16),
+    "pts-ssm-h4-norep": ScanStateConfig(bits=4, reparameterize=False, search_samples=16),
+}
+METHODS.update({
+    "pts-ssm": ("pts", "pts plus the scan's hidden state quantized to 8 bits, static per-step scales searched step by "
+                "step (cosine of y; 101-point grid 0.01-1.2x max searched coarse to fine; the first 16 calibration "
+                "images), on the reparameterized state (r_C, r_L, r_D)"),
+    "pts-ssm-norep": ("pts", "pts-ssm without the reparameterization: per-step 8-bit scales on the raw state"),
+    "pts-ssm-h4": ("pts", "pts-ssm with a 4-bit hidden state"),
+    "pts-ssm-h4-norep": ("pts", "pts-ssm-norep with a 4-bit hidden state"),
+})
+PAIRS += (("pts-ssm", "pts"), ("pts-ssm-norep", "pts"), ("pts-ssm", "pts-ssm-norep"),
+          ("pts-ssm-h4", "pts-ssm-h4-norep"))
 
 def bits_label(w: int, a: int) -> str:
     return f"w{w}a{a}"
@@ -786,10 +807,13 @@ def calibration_images(n: int, seed: int) -> torch.Tensor:
     return train[idx[:n]]
 
 
-def quantize(model, calib: torch.Tensor, preset: str, seed: int):
+def quantize(model, calib: torch.Tensor, preset: str, seed: int, scan_state: ScanStateConfig | None = None):
     """What ``vmfx.compile(model, calib, preset)`` runs, with JLSS's batch-order seed set to ``seed``
-    (the config does not carry that seed; JLSSPass defaults to 0, so seed 0 is exactly vmfx.compile)."""
+    (the config does not carry that seed; JLSSPass defaults to 0, so seed 0 is exactly vmfx.compile)
+    and, if given, the preset carrying ``scan_state``."""
     cfg = config_for_model(model, preset, resolve_config(preset))  # vmamba: the model's preset defaults
+    if scan_state is not None:
+        cfg = cfg.replace(scan_state=scan_state)
     passes = method_passes(cfg)
     for p in passes:
         if isinstance(p, JLSSPass):
@@ -824,7 +848,7 @@ def run(methods: list[str], bits: list[str], seeds: list[int], calib_n: int, tes
                 if preset not in preset_names():
                     raise SystemExit(f"no preset {preset!r} for method {method!r}")
                 start = time.perf_counter()
-                qmodel = quantize(model, calib, preset, seed)
+                qmodel = quantize(model, calib, preset, seed, METHOD_SCAN_STATE.get(method))
                 seconds = time.perf_counter() - start
                 q_logits, _ = collect_logits(qmodel, (test_x, test_y))
                 res = compare_logits(fp_logits, q_logits, labels)

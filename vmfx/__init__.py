@@ -70,3 +70,8 @@ __all__ = [
 from .config import SimilaritySearchConfig  # noqa: E402
 
 __all__ += ["SimilaritySearchConfig"]
+
+# -- the scan's quantized hidden state (issue 10 parts 3-5) --
+from .config import ScanStateConfig  # noqa: E402
+
+__all__ += ["ScanStateConfig"]

@@ -26,6 +26,7 @@ __all__ = [
     "InitConfig",
     "JLSSConfig",
     "SimilaritySearchConfig",
+    "ScanStateConfig",
     "PRESETS",
     "preset",
     "preset_names",
@@ -253,6 +254,66 @@ class OutlierConfig:
 _SUBCONFIGS["outliers"] = OutlierConfig  # OuroMamba (issue 11)
 
 
+# -- scan state (quantized hidden state of the selective scan; issue 10 parts 3-5) ------------------
+
+
+@dataclass(frozen=True)
+class ScanStateConfig:
+    """Quantize the selective scan's hidden state (Shi et al.): static per-step scales, optionally
+    on the reparameterized state. Orthogonal to the rest of the config: any preset can carry it
+    (``vmfx.preset("pts-w8a8").replace(scan_state=ScanStateConfig())``).
+
+    Args:
+        bits: state bit width (symmetric, one static scale per time step; the paper: 8).
+        reparameterize: fold the factors r_C, r_L, r_D from calibration statistics of |h| into
+            the scan first (:class:`vmfx.passes.ReparameterizeScanPass`).
+        quantize: quantize the state; False keeps only the (float-exact) reparameterization.
+        candidates, lo, hi: the per-step search grid, ``linspace(lo, hi, candidates)`` times
+            ``max|h[t]| / qmax`` (the official code: 101 candidates from 0.01 to 1.2).
+        search_samples: calibration images whose scan inputs are kept for the step-by-step search
+            (memory: about samples x dim x L x 4 floats per scan).
+        lookahead: also score each candidate by ``y`` of the next ``lookahead`` steps (its
+            quantized state carried on in float); 0 scores ``y[t]`` alone.
+        exhaustive: score all candidates at every step (as the official code); False (default)
+            searches the same grid coarse to fine (29 of 101 candidates scored, 3.5x faster).
+    """
+
+    bits: int = 8
+    reparameterize: bool = True
+    quantize: bool = True
+    candidates: int = 101
+    lo: float = 0.01
+    hi: float = 1.2
+    search_samples: int = 32
+    lookahead: int = 0
+    exhaustive: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise ConfigError(f"ScanStateConfig.bits must be an integer in 2..16 (the paper: 8), got {self.bits!r}")
+        for name in ("reparameterize", "quantize", "exhaustive"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"ScanStateConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if not (self.reparameterize or self.quantize):
+            raise ConfigError("ScanStateConfig with reparameterize=False and quantize=False does nothing; "
+                              "use scan_state=None")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ConfigError(f"ScanStateConfig.candidates must be an integer from 1 to {MAX_CANDIDATES}, got {self.candidates!r}")
+        for name in ("lo", "hi"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v > 0:
+                raise ConfigError(f"ScanStateConfig.{name} must be a positive number, got {v!r}")
+        if not self.lo <= self.hi:
+            raise ConfigError(f"ScanStateConfig.lo ({self.lo}) must not exceed hi ({self.hi})")
+        if isinstance(self.search_samples, bool) or not isinstance(self.search_samples, int) or self.search_samples < 1:
+            raise ConfigError(f"ScanStateConfig.search_samples must be a positive integer, got {self.search_samples!r}")
+        if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or self.lookahead < 0:
+            raise ConfigError(f"ScanStateConfig.lookahead must be a non-negative integer, got {self.lookahead!r}")
+
+
+_SUBCONFIGS["scan_state"] = ScanStateConfig
+
+
 @dataclass(frozen=True)
 class QuantRule:
     """One line of a config's spec table: which edges it matches and the spec they get.
@@ -345,6 +406,8 @@ class QuantConfig:
         init: how static step sizes are initialised (min-max or Lp grid search).
         smoothing: SmoothQuant smoothing (None: off).
         jlss: PTQ4VM's block-wise learning of step sizes and smoothing (None: off).
+        scan_state: quantize the selective scan's hidden state, optionally reparameterized
+            (:class:`ScanStateConfig`; None: the state stays float).
         rules: :class:`QuantRule` entries applied after the defaults above (``weight`` / ``activation``
             on the linears of ``roles``), in order, the last match winning: mixed precision,
             per-module bits, linears kept in float. :meth:`spec_for` resolves one edge.
@@ -377,6 +440,7 @@ class QuantConfig:
     rules: tuple[QuantRule, ...] = ()
     search: SimilaritySearchConfig | None = None
     outliers: OutlierConfig | None = None  # OuroMamba (issue 11): mixed-precision activations
+    scan_state: ScanStateConfig | None = None  # the scan's quantized hidden state (ScanStateConfig)
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:

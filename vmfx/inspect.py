@@ -33,6 +33,7 @@ from .passes.pipeline import trace_for_quantization
 from .passes.linear_edges import linear_edges, quantized_linears
 from .passes.patterns import is_linear
 from .quant.mixed import MixedPrecisionQuantize
+from .quant.scan_state import scan_state_of
 from .quant.modules import FakeQuantize, Smooth
 from .quant.observers import Observer
 
@@ -107,6 +108,9 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
     if isinstance(m, Smooth):
         side = "W * s" if node.kwargs.get("weight") else "x / s"
         return f"smooth {side}", "x".join(str(d) for d in m.factors.shape)
+    state = scan_state_of(node) if node.op == "call_function" else None
+    if state is not None:  # a scan with a quantized (or reparameterized) hidden state
+        return state.describe(), f"h {state.length}" if state.quantize else ""
     ann = annotation(node)
     if ann is not None and is_linear(node) and (ann.act_spec is not None or ann.weight_spec is not None):
         edges = linear_edges(node)

@@ -59,6 +59,7 @@ from .passes.patterns import module_of
 from .passes.pipeline import trace_for_quantization
 from .quant.modules import FakeQuantize, Smooth
 from .quant.mixed import MixedPrecisionQuantize  # OuroMamba (issue 11)
+from .quant.scan_state import ScanStateQuant
 from .quant.observers import Observer, QParams
 from .quant.spec import QuantSpec
 
@@ -106,6 +107,8 @@ def _describe_module(m: nn.Module, path: str) -> dict:
                 "layout": _encode(getattr(m, "layout", None))}
     if isinstance(m, Smooth):
         return {"kind": "Smooth", "channels": m.factors.numel(), "folded_into": m.folded_into}
+    if isinstance(m, ScanStateQuant):
+        return {"kind": "ScanStateQuant", **m.to_dict()}
     raise SerializationError(f"cannot save the inserted module '{path}' of type {type(m).__name__}")
 
 
@@ -135,6 +138,11 @@ def _build_module(entry: dict) -> nn.Module:
                                     int(entry["refresh"]))
         fq.enabled = bool(entry.get("enabled", True))
         return fq
+    if kind == "ScanStateQuant":
+        try:
+            return ScanStateQuant.from_dict(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SerializationError(f"the saved scan-state module is malformed: {exc}") from exc
     raise SerializationError(f"unknown module kind {kind!r} in the saved model")
 
 
@@ -224,7 +232,7 @@ def _structure(qmodel: fx.GraphModule) -> dict:
     edits = list(qmodel.meta.get(EDITS_META) or [])
     modules = {}
     for record in edits:
-        if record.get("op") in ("insert", "insert_after") and record["path"] not in modules:
+        if record.get("op") in ("insert", "insert_after", "scan_state") and record["path"] not in modules:
             try:
                 m = qmodel.get_submodule(record["path"])
             except AttributeError:
@@ -493,7 +501,7 @@ def _rebuild(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]):
 def _live_edits(edits: list[dict], modules: dict) -> list[dict]:
     """The edit log without the insertions of modules that were removed before saving (and
     their removals): those left nothing behind."""
-    dead = {r["node"] for r in edits if r.get("op") in ("insert", "insert_after") and r["path"] not in modules}
+    dead = {r["node"] for r in edits if r.get("op") in ("insert", "insert_after", "scan_state") and r["path"] not in modules}
     return [r for r in edits if r.get("node") not in dead]
 
 

@@ -40,6 +40,7 @@ from ..passes.linear_edges import linear_edges
 from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
 from ..quant.mixed import MixedPrecisionQuantize
 from ..quant.modules import FakeQuantize, Smooth
+from ..quant.scan_state import scan_state_of
 
 __all__ = ["Partition", "QuantizedLinear", "find_partitions", "unlowered_quantizers", "EPILOGUE_OPS"]
 
@@ -229,7 +230,8 @@ def _scan_partition(scan: fx.Node) -> Partition | None:
     if has_d:
         inputs.append(bound["D"])
     inputs.append(gate_act.args[0])  # z, before its SiLU
-    info = {"softplus": bool(bound.get("delta_softplus")), "has_D": has_d}
+    info = {"softplus": bool(bound.get("delta_softplus")), "has_D": has_d,
+            "state": scan_state_of(scan)}  # the quantized hidden state (None: float state)
     return Partition("scan", scan.name, [scan, gate_act, gate_mul], inputs, gate_mul, info)
 
 
@@ -360,4 +362,7 @@ def find_partitions(gm: fx.GraphModule) -> list[Partition]:
 def unlowered_quantizers(gm: fx.GraphModule, parts: list[Partition]) -> list[fx.Node]:
     """The quantizer and smoothing nodes of ``gm`` that no partition in ``parts`` takes."""
     taken = {n for p in parts for n in p.nodes}
-    return [n for n in gm.graph.nodes if n not in taken and isinstance(module_of(n), (FakeQuantize, Smooth))]
+    left = [n for n in gm.graph.nodes if n not in taken and isinstance(module_of(n), (FakeQuantize, Smooth))]
+    # a scan with a quantized hidden state that no scan partition takes stays a fake-quant float op
+    left += [n for n in gm.graph.nodes if n not in taken and n.op == "call_function" and scan_state_of(n) is not None]
+    return left

@@ -779,22 +779,28 @@ def _conv_fast(x, w, bias, act):
     return out, codes.view(bsz * length, e)
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   flip_z: bool = False):
+                   flip_z: bool = False, *, step_scale=None, out_scale=None, state_scales=None,
+                   state_bits: int = 8):
     """``out = (y + D u) * silu(z)`` of the selective scan (see :mod:`vmfx.ops.selective_scan`).
 
     Args:
         u, delta, z: (B, E, L); A: (E, N); B, C: (B, N, L); D, delta_bias: (E,).
         delta_softplus: apply softplus (threshold 20) to ``delta (+ delta_bias)``.
         flip_z: gate with ``z.flip(-1)`` (the backward direction's gate, read reversed).
+        step_scale, out_scale, state_scales, state_bits: the quantized hidden state of a
+            (reparameterized) scan, as :func:`vmfx.ops.selective_scan` takes them (u, B, C
+            already reparameterized): the state is fake-quantized per step in float32, the exact
+            semantics the Triton kernel follows.
 
     Returns:
         (B, E, L) float32.
     """
     if z is not None and flip_z:
         z = z.flip(-1)
+    f = lambda t: None if t is None else t.float()  # noqa: E731
     return _selective_scan(u.float(), delta.float(), A.float(), B.float(), C.float(),
-                           None if D is None else D.float(), None if z is None else z.float(),
-                           None if delta_bias is None else delta_bias.float(), delta_softplus)
+                           f(D), f(z), f(delta_bias), delta_softplus, step_scale=f(step_scale),
+                           out_scale=f(out_scale), state_scales=f(state_scales), state_bits=state_bits)
 
 
 def merge_quantize(y_f: torch.Tensor, y_b: torch.Tensor | None = None, scale: float = 0.5,

@@ -34,6 +34,8 @@ from torch import nn
 
 from ..annotations import annotate, annotation
 from ..errors import ConfigError, LoweringError
+from ..ops.selective_scan import reparameterize
+from ..quant.scan_state import scan_state_of
 from . import reference as ref
 from .partition import Partition, QuantizedLinear, find_partitions, unlowered_quantizers
 
@@ -201,25 +203,48 @@ class LoweredConv(LoweredPartition):
 
 
 class LoweredScan(LoweredPartition):
-    """Selective scan + D skip + SiLU(z) gate."""
+    """Selective scan + D skip + SiLU(z) gate; with a :class:`~vmfx.quant.scan_state.ScanStateQuant`
+    (``state``), the reparameterization factors are folded into u, B, C (:func:`vmfx.ops.reparameterize`)
+    and the kernel takes the step ratio, the output factor ``r_C`` and the per-step state step
+    sizes (buffers ``r_C``, ``r_L``, ``r_D``, ``state_scales``)."""
 
     kind = "scan"
 
-    def __init__(self, name, provenance, backend, softplus: bool, has_D: bool):
+    def __init__(self, name, provenance, backend, softplus: bool, has_D: bool, state=None):
         super().__init__(name, provenance, backend)
         self.softplus, self.has_D = softplus, has_D
+        self.reparameterized = state is not None and state.reparameterized
+        self.quant_state = state is not None and state.quantize
+        self.state_bits = state.bits if state is not None else 8
+        if self.reparameterized:
+            for name_ in ("r_C", "r_L", "r_D"):
+                self.register_buffer(name_, getattr(state, name_).detach().float().clone())
+        if self.quant_state:
+            self.register_buffer("state_scales", state.scales.detach().float().clone())
+
+    def _state_args(self, u, B, C):
+        extra = {}
+        if self.reparameterized:
+            u, B, C, step, out_scale = reparameterize(u.float(), B.float(), C.float(), self.r_C, self.r_L, self.r_D)
+            extra.update(step_scale=step.contiguous(), out_scale=out_scale)
+        if self.quant_state:
+            extra.update(state_scales=self.state_scales, state_bits=self.state_bits)
+        return u, B, C, extra
 
     def forward(self, u, delta, A, B, C, *rest):
         D, z = (rest[0], rest[1]) if self.has_D else (None, rest[0])
+        u, B, C, extra = self._state_args(u, B, C)
         if self.backend == "triton":
             f = lambda t: None if t is None else t.float()  # noqa: E731
             return _kernels().selective_scan(f(u), f(delta), f(A), f(B), f(C), f(D), f(z),
-                                             delta_softplus=self.softplus, provenance=self.provenance)
-        return ref.selective_scan(u, delta, A, B, C, D, z, delta_softplus=self.softplus)
+                                             delta_softplus=self.softplus, provenance=self.provenance, **extra)
+        return ref.selective_scan(u, delta, A, B, C, D, z, delta_softplus=self.softplus, **extra)
 
     def source(self) -> str:
         return _kernels().render_scan(has_D=self.has_D, has_z=True, delta_softplus=self.softplus,
-                                      autotune=True, provenance=tuple(self.provenance))
+                                      autotune=True, provenance=tuple(self.provenance),
+                                      step_scale=self.reparameterized, out_scale=self.reparameterized,
+                                      quant_state=self.quant_state, state_bits=self.state_bits)
 
 
 class LoweredMerge(LoweredPartition):
@@ -303,7 +328,7 @@ def _build(gm: fx.GraphModule, p: Partition, backend: str, linears: dict[fx.Node
     if p.kind == "conv":
         return LoweredConv(p.name, p.provenance, backend, p.info["module"], consumer_module)
     if p.kind == "scan":
-        return LoweredScan(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"])
+        return LoweredScan(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"], p.info.get("state"))
     if p.kind == "merge":
         only_consumer = consumer is not None and set(p.output.users) == {consumer}
         return LoweredMerge(p.name, p.provenance, backend, p.info["scale"], consumer_module, not only_consumer)
@@ -386,6 +411,9 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
 
 
 def _describe_left(node: fx.Node) -> str:
+    state = scan_state_of(node) if node.op == "call_function" else None
+    if state is not None:
+        return f"{node.name} [scan with {state.describe()}: no scan partition matched]"
     ann = annotation(node)
     module = node.graph.owning_module.get_submodule(node.target)
     spec = getattr(module, "spec", None)

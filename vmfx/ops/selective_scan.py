@@ -91,6 +91,18 @@ the work buffer, each call's ``t0:t1`` global time steps and ``b0:b1`` batch ele
   (batch, dim, L, N) states (data-free calibration); a reduction (say a running per-channel
   max of ``|h|``) is a one-line reader.
 
+Reparameterization and a quantized state
+----------------------------------------
+``step_scale`` (L,) multiplies ``exp(delta[t] A)`` at step ``t``; ``out_scale`` (dim,) multiplies
+``y + D u`` before the gate; together with :func:`reparameterize` (which folds factors ``r_C``,
+``r_L``, ``r_D`` into ``u``, ``B``, ``C``) the scan carries ``h / (r_C r_L r_D)`` and computes the
+same output (Shi et al.'s hidden-state reparameterization). ``state_scales`` (L,) fake-quantizes
+the state symmetrically at every step, inline in the recurrence loop (three more in-place ops
+per step on a (p, dim, N) slab, no Python call), with straight-through gradients exactly like a
+``state_hook`` doing the same. ``state_quant`` (a :class:`vmfx.quant.scan_state.ScanStateQuant`)
+sets all of them from its factors and scales: it is how a graph's scan node carries its
+quantized state. Without these arguments the code path is the plain one above.
+
 Backward
 --------
 The forward saves only its inputs, ``y + D u`` when ``z`` is given, and, when time is cut into
@@ -118,7 +130,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["selective_scan", "StateRecorder"]
+__all__ = ["selective_scan", "StateRecorder", "reparameterize"]
 
 # Upper bound, in bytes, of each of the (at most three) big (T, p, dim, N) work buffers of a piece.
 _PIECE_BYTES = 8 * 2**20
@@ -130,7 +142,8 @@ _LOG2_E = 1.4426950408889634  # 1 / ln 2
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, state_hook=None, state_reader=None):
+                   return_last_state=False, state_hook=None, state_reader=None, *, step_scale=None,
+                   out_scale=None, state_scales=None, state_bits=8, state_quant=None):
     """Run the selective scan of Mamba (the S6 recurrence), as mamba-ssm's ``selective_scan_fn``.
 
     Differentiable with respect to every tensor argument (hand-written backward); under
@@ -157,11 +170,28 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             work piece with the (T, p, dim, N) time-major states of time steps ``t0:t1`` and batch
             elements ``b0:b1`` (after ``state_hook``), in the forward only (see
             :class:`StateRecorder` for the full (batch, dim, L, N) states).
+        step_scale: optional (L,) factors multiplying ``exp(delta[t] A)`` at step ``t`` (the step
+            ratio ``r_L[t-1] / r_L[t]`` of a reparameterized scan, see :func:`reparameterize`).
+        out_scale: optional (dim,) factors multiplying ``y + D u`` (before the gate).
+        state_scales: optional (L,) positive static step sizes: the state ``h[t]`` is
+            fake-quantized symmetrically to ``state_bits`` bits (``round(h / s[t])`` clamped to
+            ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, times ``s[t]``; round half to even) right after it
+            is computed, before ``y[t]`` and ``h[t+1]`` read it, with straight-through gradients
+            (like a ``state_hook``, but inline: no Python call per step).
+        state_bits: bit width of the state quantization (2..16).
+        state_quant: optional quantized-state description (a
+            :class:`vmfx.quant.scan_state.ScanStateQuant`, or any object with ``factors()`` ->
+            ``(r_C, r_L, r_D)`` or None, ``state_scales()`` -> (L,) tensor or None and ``bits``):
+            the scan is reparameterized by the factors (:func:`reparameterize`) and its state
+            quantized with the scales; exclusive with ``step_scale``, ``out_scale`` and
+            ``state_scales``. No gradient reaches ``step_scale``, ``out_scale``, ``state_scales``
+            or the factors.
 
     Returns:
         ``out`` of shape (batch, dim, L) in ``u``'s dtype, or, if ``return_last_state``, the tuple
         ``(out, last_state)`` with ``last_state`` of shape (batch, dim, N) in the compute dtype
-        (float32, or float64 for float64 inputs).
+        (float32, or float64 for float64 inputs); in a reparameterized scan it is the
+        reparameterized state ``h / (r_C r_L[L-1] r_D)``.
 
     Raises:
         ValueError: ``A`` is complex, an argument has the wrong number of dimensions or a shape
@@ -174,13 +204,16 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             raise ValueError(f"selective_scan: {name} must be callable (h, t0, t1, b0, b1), got "
                              f"{type(fn).__name__}")
     hooks = _Hooks(state_hook, state_reader) if state_hook is not None or state_reader is not None else None
+    extras = None
+    if state_quant is not None or step_scale is not None or out_scale is not None or state_scales is not None:
+        u, B, C, extras = _extras(u, B, C, step_scale, out_scale, state_scales, state_bits, state_quant)
     tensors = (u, delta, A, B, C, D, z, delta_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         out, last_state = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias,
-                                                 bool(delta_softplus), hooks)
+                                                 bool(delta_softplus), hooks, extras)
     else:
         out, last_state, _, _ = _forward(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                         save=False, hooks=hooks)
+                                         save=False, hooks=hooks, extras=extras)
     return (out, last_state) if return_last_state else out
 
 
@@ -214,6 +247,75 @@ class StateRecorder:
         for (b0, t0) in sorted(self._pieces):
             rows.setdefault(b0, []).append(self._pieces[(b0, t0)])
         return torch.cat([torch.cat(chunks, dim=2) for _, chunks in sorted(rows.items())], dim=0)
+
+
+def reparameterize(u, B, C, r_C, r_L, r_D):
+    """Fold hidden-state factors into the scan's inputs (Shi et al.'s reparameterization).
+
+    The reparameterized scan carries ``h'[t, d, n] = h[t, d, n] / (r_C[d] r_L[t] r_D[n])``: with
+    ``u' = u / r_C``, ``B'[t, n] = B[t, n] / (r_D[n] r_L[t])``, ``C'[t, n] = C[t, n] r_D[n] r_L[t]``,
+    ``exp(delta[t] A)`` times ``step[t] = r_L[t-1] / r_L[t]`` (``step[0] = 1``: ``h[-1] = 0``) and
+    the output ``(y' + D u')`` times ``r_C``,
+    ``selective_scan(u', delta, A, B', C', D, z, ..., step_scale=step, out_scale=r_C)`` equals
+    ``selective_scan(u, delta, A, B, C, D, z, ...)`` in exact arithmetic (up to rounding in float).
+
+    Args:
+        u: (batch, dim, L). B, C: (batch, N, L) or (batch, G, N, L) (time-varying: a
+            time-invariant (dim, N) B or C cannot take the per-step factor ``r_L``).
+        r_C: (dim,), r_L: (L,), r_D: (N,): positive factors.
+
+    Returns:
+        ``(u', B', C', step_scale, out_scale)``.
+    """
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() < 3:
+            raise ValueError(f"reparameterize: {name} must be time-varying, (batch, N, L) or (batch, G, N, L), "
+                             f"to take the per-step factor r_L; got {tuple(t.shape)}")
+    dim, length, n = u.shape[1], u.shape[2], B.shape[-2]
+    for name, t, size in (("r_C", r_C, dim), ("r_L", r_L, length), ("r_D", r_D, n)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (size,):
+            raise ValueError(f"reparameterize: {name} must be a ({size},) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    f = r_D.to(B.dtype)[:, None] * r_L.to(B.dtype)[None, :]  # (N, L)
+    step = torch.cat([r_L.new_ones(1), r_L[:-1] / r_L[1:]])
+    return u / r_C.to(u.dtype)[:, None], B / f, C * f.to(C.dtype), step, r_C
+
+
+class _Extras:
+    """The inline extras of one call: per-step factor on exp(delta A), output factor, per-step
+    state quantization (see :func:`selective_scan`)."""
+
+    def __init__(self, step_scale, out_scale, state_scales, state_bits):
+        self.step_scale = step_scale
+        self.out_scale = out_scale
+        self.state_scales = state_scales
+        self.qmax = 2 ** (state_bits - 1) - 1
+
+
+def _extras(u, B, C, step_scale, out_scale, state_scales, state_bits, state_quant):
+    """Validate the extras; with ``state_quant`` fold its factors into u, B, C. Returns
+    (u, B, C, _Extras)."""
+    if state_quant is not None:
+        if step_scale is not None or out_scale is not None or state_scales is not None:
+            raise ValueError("selective_scan: state_quant already sets step_scale, out_scale and state_scales; "
+                             "pass either state_quant or those")
+        factors = state_quant.factors()
+        if factors is not None:
+            u, B, C, step_scale, out_scale = reparameterize(u, B, C, *factors)
+        state_scales = state_quant.state_scales()
+        state_bits = state_quant.bits
+    if isinstance(state_bits, bool) or not isinstance(state_bits, int) or not 2 <= state_bits <= 16:
+        raise ValueError(f"selective_scan: state_bits must be an integer in 2..16, got {state_bits!r}")
+    dim, length = u.shape[1], u.shape[2]
+    for name, t, size in (("step_scale", step_scale, length), ("out_scale", out_scale, dim),
+                          ("state_scales", state_scales, length)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (size,)):
+            raise ValueError(f"selective_scan: {name} must be a ({size},) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if state_scales is not None and not bool((state_scales > 0).all() and torch.isfinite(state_scales).all()):
+        raise ValueError("selective_scan: state_scales must be positive and finite (calibrate the scan's state "
+                         "quantizer first)")
+    return u, B, C, _Extras(step_scale, out_scale, state_scales, state_bits)
 
 
 # --------------------------------------------------------------------------------------- checks
@@ -366,7 +468,7 @@ class _Scan:
     ``D`` and ``delta_bias`` in compute dtype, the piece plan, and how to cut (T, p, dim) slabs
     out of, and back into, the (batch, dim, L) tensors."""
 
-    def __init__(self, u, delta, A, B, C, D, delta_bias, softplus):
+    def __init__(self, u, delta, A, B, C, D, delta_bias, softplus, extras=None):
         self.ct = ct = _compute_dtype(u, delta, A, B, C)
         self.batch, self.dim, self.length = u.shape
         self.n = A.shape[1]
@@ -384,6 +486,17 @@ class _Scan:
         self.D = D.to(ct) if D is not None else None
         self.delta_bias = delta_bias.to(ct) if delta_bias is not None else None
         self.p, self.T = _plan(self.batch, self.dim, self.length, self.n, torch.finfo(ct).bits // 8)
+        # extras: a per-step factor on exp(delta A), an output factor, per-step state step sizes
+        self.step_scale = self.out_scale = self.state_scales = None
+        if extras is not None:
+            if extras.step_scale is not None:
+                self.step_scale = extras.step_scale.detach().to(ct)
+            if extras.out_scale is not None:
+                self.out_scale = extras.out_scale.detach().to(ct)
+            if extras.state_scales is not None:
+                # Python numbers of the compute dtype's values: one in-place op per step each
+                self.state_scales = extras.state_scales.detach().to(ct).tolist()
+                self.qmax = extras.qmax
 
     def pieces(self):
         """[(b0, b1, [(t0, t1), ...])] in forward order."""
@@ -468,17 +581,31 @@ def _states(P, d_s, du_s, B_s, h0, E, es, H, hs, hook=None, where=(0, 0, 0)):
         E.exp2_()
     else:
         E.exp_()
+    t0, b0, b1 = where
+    if P.step_scale is not None:  # exp(delta[t] A) step[t]
+        E.mul_(P.step_scale[t0 : t0 + E.shape[0]].view(-1, 1, 1, 1))
     _expand_mul(du_s, B_s, P.B_var, H)  # H[t] = delta B u, then the recurrence in place:
     if h0 is not None:
         hs[0].addcmul_(es[0], h0)
-    if hook is None or hook.state_hook is None:
+    quant = P.state_scales is not None
+    if not quant and (hook is None or hook.state_hook is None):
         for t in range(1, len(hs)):
             hs[t].addcmul_(es[t], hs[t - 1])
         return
-    t0, b0, b1 = where
+    if quant:
+        scales, q = P.state_scales, P.qmax
+        hs[0].div_(scales[t0]).round_().clamp_(-q, q).mul_(scales[t0])
+    if hook is None or hook.state_hook is None:
+        for t in range(1, len(hs)):
+            s = scales[t0 + t]
+            hs[t].addcmul_(es[t], hs[t - 1]).div_(s).round_().clamp_(-q, q).mul_(s)
+        return
     hook.apply(H, 0, t0, b0, b1)
     for t in range(1, len(hs)):
         hs[t].addcmul_(es[t], hs[t - 1])
+        if quant:
+            s = scales[t0 + t]
+            hs[t].div_(s).round_().clamp_(-q, q).mul_(s)
         hook.apply(H, t, t0, b0, b1)
 
 
@@ -514,16 +641,16 @@ def _no_autocast(device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks=None):
+def _forward(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks=None, extras=None):
     """Returns (out, last_state, checkpoints, pre_gate); see :func:`selective_scan`. With
     ``save``, ``checkpoints`` holds the state before every time chunk but the first (keyed by
     (b0, t0)) and ``pre_gate`` is ``y + D u`` when ``z`` is given (else None)."""
     with _no_autocast(u.device):
-        return _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks)
+        return _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks, extras)
 
 
-def _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks):
-    P = _Scan(u, delta, A, B, C, D, delta_bias, softplus)
+def _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks, extras):
+    P = _Scan(u, delta, A, B, C, D, delta_bias, softplus, extras)
     d, n, L, ct = P.dim, P.n, P.length, P.ct
     out = torch.empty(P.batch, d, L, dtype=u.dtype, device=P.device)
     last = torch.empty(P.batch, d, n, dtype=ct, device=P.device)
@@ -545,6 +672,8 @@ def _forward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, save, hooks):
             y = _contract_n(H, P.bc_slab(P.C, P.C_var, b0, b1, t0, t1), P.C_var, E)  # E is free
             if P.D is not None:
                 y.addcmul_(u_s, P.D)
+            if P.out_scale is not None:
+                y.mul_(P.out_scale)
             if pre_gate is not None:
                 P.put(pre_gate, y, b0, b1, t0, t1)
             if z is not None:
@@ -559,15 +688,16 @@ class _SelectiveScanFn(torch.autograd.Function):
     """autograd wrapper: saves the inputs (and chunk checkpoints), recomputes states in backward."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, hooks):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, hooks, extras):
         out, last, checkpoints, pre_gate = _forward(u, delta, A, B, C, D, z, delta_bias, softplus,
-                                                    save=True, hooks=hooks)
+                                                    save=True, hooks=hooks, extras=extras)
         keys = list(checkpoints)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, pre_gate,
                               *(checkpoints[k] for k in keys))
         ctx.checkpoint_keys = keys
         ctx.softplus = softplus
         ctx.hooks = hooks
+        ctx.extras = extras
         ctx.set_materialize_grads(False)
         return out, last
 
@@ -582,7 +712,7 @@ def _backward(ctx, dout, dlast):
     """The backward of :class:`_SelectiveScanFn` (see the module docstring)."""
     u, delta, A, B, C, D, z, delta_bias, pre_gate, *saved_states = ctx.saved_tensors
     checkpoints = dict(zip(ctx.checkpoint_keys, saved_states))
-    P = _Scan(u, delta, A, B, C, D, delta_bias, ctx.softplus)
+    P = _Scan(u, delta, A, B, C, D, delta_bias, ctx.softplus, ctx.extras)
     ct, d, n, dev = P.ct, P.dim, P.n, P.device
     need = ctx.needs_input_grad
     need_u, need_delta, need_A, need_B, need_C, need_D, need_z, need_bias = need[:8]
@@ -631,6 +761,8 @@ def _backward(ctx, dout, dlast):
                     g_z = z_s.sub_(silu).add_(1).mul_(sz).mul_(dy)
                     P.put(dz, g_z.mul_(P.slab(pre_gate, b0, b1, t0, t1)), b0, b1, t0, t1)
                 dy.mul_(silu)
+            if P.out_scale is not None:  # out = out_scale (y + D u) silu(z)
+                dy.mul_(P.out_scale)
             if need_D:
                 dD += (dy * u_s).sum((0, 1))
 
@@ -692,4 +824,4 @@ def _backward(ctx, dout, dlast):
             dD.to(D.dtype) if need_D else None,
             dz,
             dbias.to(delta_bias.dtype) if need_bias else None,
-            None, None)
+            None, None, None)

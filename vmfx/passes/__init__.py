@@ -22,6 +22,7 @@ from .pipeline import (
 )
 from .segments import SegmentRunner
 from .smoothquant import SmoothQuantPass
+from .scan_state import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 
 __all__ = [
     "Pass",
@@ -47,6 +48,9 @@ __all__ = [
     "register_method",
     "split_stages",
     "trace_for_quantization",
+    "ReparameterizeScanPass",
+    "QuantizeScanStatePass",
+    "scan_state_passes",
 ]
 
 # k-scaled ViM PTQ (Shi et al.): scales by cosine similarity of layer outputs

@@ -37,6 +37,7 @@ __all__ = [
     "replace_submodule",
     "functionalize_linear",
     "replay_edits",
+    "attach_scan_state",
 ]
 
 #: The key of the edit log in ``gm.meta``.
@@ -148,6 +149,23 @@ def functionalize_linear(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
+def attach_scan_state(gm: fx.GraphModule, scan: fx.Node, module: nn.Module, path: str) -> fx.Node:
+    """Give a selective-scan node a quantized-state module: ``module`` goes to ``path`` and the
+    scan reads it through its ``state_quant=`` keyword (a ``get_attr`` node inserted before it).
+    A scan that already reads one is re-pointed (the old module is deleted when unused)."""
+    old = scan.kwargs.get("state_quant")
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_before(scan):
+        ref = gm.graph.get_attr(path)
+    scan.update_kwarg("state_quant", ref)
+    if isinstance(old, fx.Node) and not old.users:
+        gm.graph.erase_node(old)
+        if old.target != path and not any(n.op == "get_attr" and n.target == old.target for n in gm.graph.nodes):
+            gm.delete_submodule(old.target)
+    _log(gm, {"op": "scan_state", "node": ref.name, "path": path, "scan": scan.name})
+    return ref
+
+
 def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[dict], nn.Module]) -> None:
     """Apply an edit log recorded by the functions above to a fresh trace of the same float model.
 
@@ -183,6 +201,12 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
         elif op == "remove":
             _need(nodes, record["node"])
             remove_passthrough_node(gm, nodes[record["node"]])
+        elif op == "scan_state":
+            _need(nodes, record["scan"])
+            new = attach_scan_state(gm, nodes[record["scan"]], make_module(record), record["path"])
+            if new.name != record["node"]:
+                raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
+                                 f"'{record['node']}': the float model differs from the one that was saved")
         else:
             raise ValueError(f"unknown graph edit {op!r}")
 

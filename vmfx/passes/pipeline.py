@@ -42,6 +42,7 @@ from .insert_observers import InsertObserversPass, activation_observer
 from .jlss import JLSSPass
 from .manager import PassManager
 from .smoothquant import SmoothQuantPass
+from .scan_state import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 
 __all__ = [
     "Pipeline",
@@ -79,7 +80,11 @@ def method_passes(config: QuantConfig) -> list[Pass]:
         builder = _METHODS[config.method]
     except KeyError:
         raise ConfigError(f"unknown method {config.method!r}; known methods: {', '.join(methods())}") from None
-    return builder(config)
+    passes = builder(config)
+    # config.scan_state is orthogonal to the method: any method's pipeline gets its passes (once)
+    if not any(isinstance(p, (ReparameterizeScanPass, QuantizeScanStatePass)) for p in passes):
+        passes = list(passes) + scan_state_passes(config)
+    return passes
 
 
 def split_stages(passes: Sequence[Pass]) -> tuple[list[Pass], list[Pass], list[Pass]]:
@@ -272,6 +277,8 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     With ``config.outliers`` (OuroMamba) the activation observers are
     :class:`~vmfx.quant.mixed.OutlierLpObserver` observers and convert to mixed-precision quantizers
     (:mod:`vmfx.passes.ouromamba`).
+        [ReparameterizeScan]       config.scan_state: |h| statistics -> factors r_C, r_L, r_D
+        [QuantizeScanState]        config.scan_state: per-step state scales, searched step by step
     """
     init = config.init
     act_observer = activation_observer(init.method, init.p, init.candidates)
@@ -301,6 +308,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
         passes.append(JLSSPass(config.jlss))
     if config.smoothing is not None and config.smoothing.fold:
         passes.append(FoldSmoothingPass())
+    passes += scan_state_passes(config)  # [ReparameterizeScan] [QuantizeScanState] (config.scan_state)
     return passes
 
 

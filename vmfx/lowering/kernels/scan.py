@@ -12,6 +12,14 @@ What it computes (the semantics of :func:`vmfx.ops.selective_scan` with input-de
 computes log1p with Goldberg's trick. With ``flip_z`` the gate reads ``z`` reversed along L (the
 backward direction of a Vim block, whose ``z`` is the forward ``z`` flipped).
 
+Quantized hidden state (Shi et al.; :func:`vmfx.ops.selective_scan`'s ``step_scale``,
+``out_scale``, ``state_scales``): with ``step_scale`` ``exp(dt A)`` is multiplied by
+``step[t]`` (the step ratio of a reparameterized scan, whose u, B, C arrive already divided /
+multiplied by the factors); with ``quant_state`` the state is fake-quantized in registers right after
+each update, ``h = rint(h / s[t])`` clamped to ``[-QMAX, QMAX]`` times ``s[t]`` (one static scale
+per step, read from an (L,) tensor), before ``y[t]`` and ``h[t+1]`` read it; with ``out_scale``
+``y + D u`` is multiplied by ``r_C[e]`` before the gate.
+
 One program per (batch, BLOCK_E channels): the (BLOCK_E, N) state lives in registers and a
 sequential loop runs over L, each step loading one column of u, delta, z (BLOCK_E values each,
 any strides, so transposed views of the producers' (B, L, E) outputs can be passed) and of B, C
@@ -57,7 +65,8 @@ _LOG2E = 1.4426950408889634
 
 def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = False,
                 delta_softplus: bool = True, flip_z: bool = False, autotune: bool = False,
-                provenance: Sequence[str] = ()) -> str:
+                provenance: Sequence[str] = (), step_scale: bool = False, out_scale: bool = False,
+                quant_state: bool = False, state_bits: int = 8) -> str:
     """Render the source of one ``scan`` kernel.
 
     Args:
@@ -66,6 +75,10 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
         delta_bias: add a (E,) bias to delta.
         delta_softplus: apply softplus to delta (after the bias).
         flip_z: read ``z`` reversed along L.
+        step_scale: multiply ``exp(dt A)`` by an (L,) per-step factor.
+        out_scale: multiply ``y + D u`` by an (E,) factor.
+        quant_state: fake-quantize the state at every step with an (L,) tensor of step sizes.
+        state_bits: the state's bit width (symmetric, ``QMAX = 2^(bits-1) - 1``).
         autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
         provenance: FX nodes, for the header.
 
@@ -75,8 +88,10 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
     buf = IndentedBuffer()
     render_header(buf, "scan", provenance, dict(
         has_D=has_D, has_z=has_z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-        flip_z=flip_z, autotune=autotune))
-    helpers = (["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
+        flip_z=flip_z, autotune=autotune, step_scale=step_scale, out_scale=out_scale,
+        quant_state=quant_state, state_bits=state_bits))
+    helpers = ((["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
+               + (["_vmfx_rint"] if quant_state else []))
     render_helpers(buf, helpers)
     if autotune:
         render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "N", "L"])
@@ -87,6 +102,11 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
         buf.writeline("u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr,"
                       + (" D_ptr," if has_D else "") + (" z_ptr," if has_z else "")
                       + (" db_ptr," if delta_bias else ""))
+        extra = ((" step_ptr," if step_scale else "") + (" os_ptr," if out_scale else "")
+                 + (" hs_ptr," if quant_state else ""))
+        if extra:
+            buf.writeline("# quantized state: step (L,), r_C (E,), state step sizes (L,)")
+            buf.writeline(extra.strip())
         buf.writeline("out_ptr,")
         buf.writeline("# dimensions")
         buf.writeline("E, N, L,")
@@ -113,6 +133,8 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
             buf.writeline("D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0)")
         if delta_bias:
             buf.writeline("db = tl.load(db_ptr + offs_e, mask=mask_e, other=0.0)")
+        if out_scale:
+            buf.writeline("rc = tl.load(os_ptr + offs_e, mask=mask_e, other=0.0)")
         buf.splice("""
             u_base = u_ptr + pid_b * stride_ub + offs_e * stride_ue
             d_base = delta_ptr + pid_b * stride_db + offs_e * stride_de
@@ -137,11 +159,19 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
                 Bt = tl.load(B_base + t * stride_Bl, mask=mask_n, other=0.0).to(tl.float32)
                 Ct = tl.load(C_base + t * stride_Cl, mask=mask_n, other=0.0).to(tl.float32)
                 dA = tl.exp2(dt[:, None] * A2)
-                h = dA * h + (dt * u)[:, None] * Bt[None, :]
-                y = tl.sum(h * Ct[None, :], axis=1)
             """)
+            if step_scale:
+                buf.writeline("dA = dA * tl.load(step_ptr + t)")
+            buf.writeline("h = dA * h + (dt * u)[:, None] * Bt[None, :]")
+            if quant_state:
+                qmax = float(2 ** (state_bits - 1) - 1)
+                buf.writeline("hs = tl.load(hs_ptr + t)")
+                buf.writeline(f"h = tl.minimum(tl.maximum(_vmfx_rint(h / hs), {-qmax!r}), {qmax!r}) * hs")
+            buf.writeline("y = tl.sum(h * Ct[None, :], axis=1)")
             if has_D:
                 buf.writeline("y = y + D * u")
+            if out_scale:
+                buf.writeline("y = y * rc")
             if has_z:
                 tz = "L - 1 - t" if flip_z else "t"
                 buf.writeline(f"z = tl.load(z_base + ({tz}) * stride_zl, mask=mask_e, other=0.0).to(tl.float32)")
@@ -169,6 +199,10 @@ def selective_scan(
     flip_z: bool = False,
     block: Mapping[str, int] | None = None,
     provenance: Sequence[str] = (),
+    step_scale: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    state_scales: torch.Tensor | None = None,
+    state_bits: int = 8,
 ) -> torch.Tensor:
     """Launch the selective scan.
 
@@ -181,6 +215,11 @@ def selective_scan(
         delta_bias: optional (E,) float32.
         delta_softplus: apply softplus to delta.
         flip_z: read ``z`` reversed along L.
+        step_scale: optional (L,) float32 factor on ``exp(dt A)`` per step.
+        out_scale: optional (E,) float32 factor on ``y + D u``.
+        state_scales: optional (L,) float32 positive step sizes: the state is quantized to
+            ``state_bits`` bits at every step.
+        state_bits: bit width of the state quantization.
         block: fixed ``BLOCK_E`` (optional ``num_warps``); default: autotuned on the GPU, one
             block of all channels (at most 64) under the interpreter.
         provenance: FX node names, for the header.
@@ -214,10 +253,21 @@ def selective_scan(
         args.update(z_ptr=z, stride_zb=z.stride(0), stride_ze=z.stride(1), stride_zl=z.stride(2))
     if delta_bias is not None:
         args["db_ptr"] = check_tensor(delta_bias, "delta_bias", torch.float32, (e,), dev, True)
+    if step_scale is not None:
+        args["step_ptr"] = check_tensor(step_scale, "step_scale", torch.float32, (length,), dev, True)
+    if out_scale is not None:
+        args["os_ptr"] = check_tensor(out_scale, "out_scale", torch.float32, (e,), dev, True)
+    if state_scales is not None:
+        args["hs_ptr"] = check_tensor(state_scales, "state_scales", torch.float32, (length,), dev, True)
+        if isinstance(state_bits, bool) or not isinstance(state_bits, int) or not 2 <= state_bits <= 16:
+            raise ValueError(f"state_bits must be an integer in 2..16, got {state_bits!r}")
     autotune = block is None and not interpreting()
     kernel = _kernel(has_D=D is not None, has_z=z is not None, delta_bias=delta_bias is not None,
                      delta_softplus=bool(delta_softplus), flip_z=flip_z and z is not None,
-                     autotune=autotune, provenance=tuple(str(p) for p in provenance))
+                     autotune=autotune, provenance=tuple(str(p) for p in provenance),
+                     step_scale=step_scale is not None, out_scale=out_scale is not None,
+                     quant_state=state_scales is not None,
+                     state_bits=int(state_bits) if state_scales is not None else 8)
     bn = max(2, next_power_of_2(n))
     if autotune:
         grid = lambda meta: (bsz, -(-e // meta["BLOCK_E"]))  # noqa: E731
