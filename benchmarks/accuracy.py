@@ -697,6 +697,24 @@ def note_kscaled(records: list[dict]):
 
 NOTES["kscaled vs paper"] = note_kscaled
 
+# k-scaled with the quantized hidden state (the paper's full setting), and the combination of
+# PTQ4VM on the linears with the reparameterized quantized scan (issue 10, part 6)
+METHOD_SCAN_STATE.update({
+    "kscaled-ssm": ScanStateConfig(bits=8, reparameterize=True, search_samples=16),
+    "kscaled-ssm-norep": ScanStateConfig(bits=8, reparameterize=False, search_samples=16),
+    "ptq4vm-ssm": ScanStateConfig(bits=8, reparameterize=True, search_samples=16),
+})
+METHODS.update({
+    "kscaled-ssm": ("kscaled", "kscaled plus the scan's hidden state quantized to 8 bits (static per-step scales "
+                    "searched step by step on the first 16 calibration images) on the reparameterized state "
+                    "(r_C, r_L, r_D): the paper's full setting"),
+    "kscaled-ssm-norep": ("kscaled", "kscaled-ssm without the reparameterization: per-step 8-bit scales on the raw state"),
+    "ptq4vm-ssm": ("ptq4vm", "a combination: PTQ4VM (PTS + smoothing + JLSS) on the linears, then the reparameterized "
+                   "scan with its hidden state quantized to 8 bits as in kscaled-ssm"),
+})
+PAIRS += (("kscaled-ssm", "kscaled"), ("kscaled-ssm", "kscaled-ssm-norep"), ("ptq4vm-ssm", "ptq4vm"),
+          ("ptq4vm-ssm", "kscaled-ssm"))
+
 
 def _reads(rs: list[dict]) -> str:
     names, seen = [], set()

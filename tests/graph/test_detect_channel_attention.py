@@ -59,7 +59,9 @@ def test_channel_attention_and_padded_gather_are_walked_through():
     gm = vmfx.trace(model, (torch.randn(2, 6, 16),))
     assert gm.meta["vmfx_detect_failures"] == []
     roles = {n.target: annotation(n).role for n in gm.graph.nodes if n.op == "call_module" and annotation(n)}
-    assert roles == {"in_proj": "in_proj", "conv": "conv1d", "xp": "x_proj", "dt": "dt_proj", "out": "out_proj"}
+    # the channel attention's linear is not a mixer linear: the generic role, quantized like any linear
+    assert roles == {"in_proj": "in_proj", "conv": "conv1d", "xp": "x_proj", "dt": "dt_proj", "out": "out_proj",
+                     "se": "linear"}
     scan = next(n for n in gm.graph.nodes if annotation(n) is not None and annotation(n).role == "scan")
     assert layout_of(scan).order == (2, 0, -1, 1, 3, 4, 5)  # the gather's order, -1 the padding
     assert annotation(scan).direction == "order0"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vmfx
-from vmfx.annotations import annotation
+from vmfx.annotations import LINEAR_ROLES, annotation
 from vmfx.models import LocalVim
 from vmfx.models.localmamba import scan_order
 from vmfx.passes.linear_edges import quantized_linears
@@ -38,7 +38,13 @@ def _check_every_mixer_linear_is_quantized_in_its_scan_order(model: LocalVim, q)
     mixers = q.meta["vmfx_mixers"]
     assert len(mixers) == len(model.layers)
     assert all(len(m["directions"]) == 4 for m in mixers)
-    edges = {e.module: e for e in quantized_linears(q)}
+    every = {e.module: e for e in quantized_linears(q)}
+    edges = {name: e for name, e in every.items() if annotation(e.linear).role in LINEAR_ROLES}
+    # the channel-attention merge's linears are not mixer linears: quantized with the generic role
+    others = {name for name in every if name not in edges}
+    assert others == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                      and ".attn." in n}, others
+    assert {annotation(every[name].linear).role for name in others} <= {"linear"}
     grid = model.token_size
     cls = model.token_position
     expected = set()

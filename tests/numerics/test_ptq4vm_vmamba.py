@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vmfx
-from vmfx.annotations import annotation
+from vmfx.annotations import LINEAR_ROLES, annotation
 from vmfx.config import JLSSConfig, preset
 from vmfx.layout import layout_of
 from vmfx.models import VSSM
@@ -55,10 +55,18 @@ def test_ptq4vm_w8a8_quantizes_every_mixer_linear_with_per_direction_token_scale
     monkeypatch.setitem(vmfx.config.PRESETS, "ptq4vm-w8a8", quick("ptq4vm-w8a8"))
     q = vmfx.compile(model, images(8, 1), "ptq4vm-w8a8")
     assert q.meta["vmfx_config"]["smoothing"]["alpha"] == 0.65
-    edges = quantized_linears(q)
+    every = quantized_linears(q)
+    edges = [e for e in every if annotation(e.linear).role in LINEAR_ROLES]
     assert len(edges) == 3 * 10  # in_proj, 4 x_proj, 4 dt_proj, out_proj per block
     roles = {annotation(e.linear).role for e in edges}
     assert roles == {"in_proj", "x_proj", "dt_proj", "out_proj"}
+    # every other linear but the head (v2: the MLPs' fc1 / fc2; v0: the patch merges' reductions) is
+    # quantized too, with the generic "linear" role
+    others = sorted(e.module for e in every if annotation(e.linear).role not in LINEAR_ROLES)
+    assert others == sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                            and ".op." not in n and n != "classifier.head")
+    assert len(others) == {"v2": 6, "v0": 2}[kind]
+    assert {annotation(e.linear).role for e in every} - roles == {"linear"}
     assert all(annotation(e.linear).extra.get("smoothing_alpha") == 0.65 for e in edges)
     # static per-token input scales: one per token of the stage, held in each direction's scan order
     by_block = {}
@@ -87,7 +95,7 @@ def test_ptq4vm_w4a8_and_minmax_run_on_vmamba():
     assert torch.isfinite(out4).all()
     assert cosine(ref, out8) >= 0.99
     assert cosine(ref, out4) > 0.5  # 4-bit weights on random weights: only that it is not garbage
-    assert len(quantized_linears(q4)) == len(quantized_linears(mm)) == 30
+    assert len(quantized_linears(q4)) == len(quantized_linears(mm)) == 30 + 6  # mixer linears + MLP fc1/fc2
 
 
 def test_quantized_vmamba_saves_loads_and_lowers(tmp_path):

@@ -186,8 +186,10 @@ def test_disabled_quantizer_is_the_identity():
 
 
 def test_observer_ignores_outlier_channels():
-    x = torch.randn(8, 20, 32)
-    x[..., 3] *= 50.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 20, 32, generator=g)
+    # channel 3 an outlier at every token: magnitude 50..~200, random sign (|randn| alone can be ~0)
+    x[..., 3] = torch.sign(x[..., 3]) * 50.0 * (1.0 + torch.randn(8, 20, generator=g).abs())
     lay = TokenLayout.token_major(x.shape)
     plain_spec = QuantSpec(4, True, "token")
     obs = OutlierLpObserver(plain_spec, layout=lay, candidates=20)
@@ -195,7 +197,8 @@ def test_observer_ignores_outlier_channels():
         obs.phase = phase
         obs(x)
     scale = obs.calculate_qparams().scale
-    assert float(scale.max()) < float(x[..., 3].abs().min(dim=0).values.min())  # fitted to the inliers
+    # fitted to the inliers: every token's 4-bit range ends far below the outlier channel (>= 50)
+    assert float(scale.max()) * plain_spec.qmax < 10.0
     q = obs.build_quantizer(obs.calculate_qparams())
     assert isinstance(q, MixedPrecisionQuantize) and q.outlier_bits == 8
     assert bool(q.outlier_mask(x)[..., 3].float().mean() > 0.9)
