@@ -48,7 +48,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--workers", type=int, default=1,
+                   help="batches optimised at once, one thread each (vmfx.data.synthesize(workers=...))")
     p.add_argument("--steps", type=int, default=None, help="default: SynthesisConfig().steps")
     p.add_argument("--cache", default=os.path.join("/tmp", "vmfx-synthetic"))
     p.add_argument("--save", default=None, metavar="DIR", help="also write the images as PNGs")
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     model = load_proxy_model()
     before = load1()
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    result = synthesize_with_log(model, args.n, seed=args.seed, config=config, progress=True)
+    result = synthesize_with_log(model, args.n, seed=args.seed, config=config, progress=True, workers=args.workers)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     after = load1()
     with torch.no_grad():
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
         "n": args.n, "seed": args.seed, "steps": config.steps, "batch_size": config.batch_size,
         "blocks": list(config.blocks) if config.blocks is not None else None,
-        "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+        "threads": torch.get_num_threads(), "workers": args.workers, "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load1_before": before, "load1_after": after,
         "loss_first": first, "loss_last": last, "target_hits": hits,
     }
@@ -97,12 +99,12 @@ def main(argv=None) -> int:
         "before and after is given); CPU time is the process's user+system time, summed over its threads.",
         "Losses are batch means at the first and last step; hits: images the float model assigns to their target class.",
         "",
-        "| measured (UTC) | n | steps | blocks | threads | wall s | CPU s | load before / after | contrastive first -> last | CE first -> last | hits |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| measured (UTC) | n | steps | blocks | threads | workers | wall s | CPU s | load before / after | contrastive first -> last | CE first -> last | hits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['measured']} | {r['n']} | {r['steps']} | {r['blocks']} | {r['threads']} | {r['wall_s']} | {r['cpu_s']} | "
+            f"| {r['measured']} | {r['n']} | {r['steps']} | {r['blocks']} | {r['threads']} | {r.get('workers', 1)} | {r['wall_s']} | {r['cpu_s']} | "
             f"{r['load1_before']:.1f} / {r['load1_after']:.1f} | {r['loss_first']['contrastive']} -> {r['loss_last']['contrastive']} | "
             f"{r['loss_first']['output']} -> {r['loss_last']['output']} | {r['target_hits']}/{r['n']} |"
         )

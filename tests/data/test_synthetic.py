@@ -165,6 +165,16 @@ def test_same_seed_same_images_other_seed_other_images(tiny_vim):
     assert a.min() >= -2.0 - 1e-6 and a.max() <= 2.0 + 1e-6  # clamped to the valid pixel range
 
 
+def test_batches_in_parallel_threads_give_the_same_images(tiny_vim):
+    cfg = S.SynthesisConfig(steps=3, batch_size=2, blocks=None)
+    one = S.synthesize_with_log(tiny_vim, 5, seed=3, config=cfg, progress=False, log_every=1)
+    three = S.synthesize_with_log(tiny_vim, 5, seed=3, config=cfg, progress=False, log_every=1, workers=3)
+    assert torch.equal(one.images, three.images)  # 3 batches (2, 2, 1 images) at once: bit for bit the same
+    assert one.log == three.log
+    with pytest.raises(ConfigError, match="workers"):
+        S.synthesize(tiny_vim, 2, workers=0, progress=False)
+
+
 def test_the_losses_decrease(tiny_vim):
     cfg = S.SynthesisConfig(steps=20, batch_size=4, lr=0.1, blocks=None)
     result = S.synthesize_with_log(tiny_vim, 4, seed=2, config=cfg, progress=False, log_every=19)
