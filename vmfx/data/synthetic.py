@@ -158,12 +158,15 @@ class Synthetic:
         seed: seed of the noise, the target classes and the optimisation.
         config: a :class:`SynthesisConfig` (steps, learning rate, loss weights, ...).
         save_dir: also write the images as PNGs into this folder (:func:`save_images`).
+        workers: batches optimised at once, one thread each (:func:`synthesize`); the images do
+            not depend on it.
     """
 
     n: int = 128
     seed: int = 0
     config: SynthesisConfig = field(default_factory=SynthesisConfig)
     save_dir: str | None = None
+    workers: int = 1
 
     def __post_init__(self):
         if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
@@ -172,9 +175,12 @@ class Synthetic:
             raise ConfigError(f"Synthetic.seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.config, SynthesisConfig):
             raise ConfigError(f"Synthetic.config must be a SynthesisConfig, got {type(self.config).__name__}")
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
+            raise ConfigError(f"Synthetic.workers must be a positive number of threads, got {self.workers!r}")
 
     def generate(self, model: nn.Module, *, progress: bool = False) -> torch.Tensor:
-        images = synthesize(model, self.n, seed=self.seed, config=self.config, progress=progress)
+        images = synthesize(model, self.n, seed=self.seed, config=self.config, progress=progress,
+                            workers=self.workers)
         if self.save_dir is not None:
             save_images(images, self.save_dir, normalization=input_normalization(model))
         return images
