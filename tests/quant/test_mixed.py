@@ -127,7 +127,10 @@ def _reference(x, q):
         y_out = (torch.clamp(torch.round(xo / so) + zo, 0, oqmax) - zo) * so
         ratio_o = xo / so
     ratio_in = torch.where(mask, 0.0, xd) / s_in
-    tie = torch.where(mask, (ratio_o - ratio_o.floor() - 0.5).abs(), (ratio_in - ratio_in.floor() - 0.5).abs()) < 1e-4
+    # a code the float32 quantizer may round the other way: x / s within float32's precision of a
+    # half-integer (16-bit outlier codes reach 65535, where that is ~1e-2 of a step, not 1e-4)
+    ratio = torch.where(mask, ratio_o, ratio_in)
+    tie = (ratio - ratio.floor() - 0.5).abs() < 1e-4 + ratio.abs() * 2.0**-21
     step = torch.where(mask, so.expand_as(xd), s_in.expand_as(xd))
     return torch.where(mask, y_out, y_in), mask, tie, step, s_in, z_in, so
 
@@ -149,7 +152,9 @@ def test_forward_matches_float64_and_stays_in_bounds(seed, p, c, bits, symmetric
     inl = ~mask
     assert bool(((codes - codes.round()).abs()[inl] < 1e-3).all())
     assert bool((codes.round()[inl] >= q.qmin).all() and (codes.round()[inl] <= q.qmax).all())
-    assert bool(((y.double() - x.double()).abs()[mask] <= (so / 2 * 1.0001 + 1e-6).expand_as(x)[mask]).all())
+    # (plus float32's rounding of x / s: ~4e-3 of a step at the 16-bit codes' 65535)
+    slack = (so / 2 * 1.0001 + 1e-6).expand_as(x) + x.double().abs() * 2.0**-21
+    assert bool(((y.double() - x.double()).abs()[mask] <= slack[mask]).all())
     # the integer form dequantizes to the same values
     parts = q.quantize_parts(x)
     deq = (parts["codes_in"].double() - parts["zero_in"].double()) * parts["scale_in"].double()
