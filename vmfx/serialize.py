@@ -86,6 +86,9 @@ def _known_builders() -> dict[str, Any]:
     from .models.vmamba import VSSM
 
     builders[f"{VSSM.__module__}.{VSSM.__qualname__}"] = VSSM
+    from .models.local_vmamba import LocalVSSM  # LocalMamba's LocalVSSM (issue 12 part 2)
+
+    builders[f"{LocalVSSM.__module__}.{LocalVSSM.__qualname__}"] = LocalVSSM
     return builders
 
 

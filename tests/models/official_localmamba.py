@@ -14,6 +14,10 @@ module names so that the installed ``mamba_ssm`` is left alone:
 * ``rms_norm_fn`` / ``layer_norm_fn`` (Triton) -> the bundled ``rms_norm_ref`` / ``layer_norm_ref``
   (``upcast=True``: fp32 math, as the kernels do);
 * ``register_model`` is made a no-op while importing, so timm's registry keeps vmfx's entry points.
+
+``local_vmamba.py`` (:func:`import_official_local_vmamba`) needs two more stand-ins: its CUDA scan
+``selective_scan_cuda_core.fwd`` -> the bundled ``selective_scan_ref`` (grouped B / C as the kernel
+takes them), and ``fvcore.nn`` (FLOP counting only; the forward never calls it) -> empty names.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 _MIRROR = "/work/.mirror/hunto+LocalMamba/repo"
 _FILES = {
     "lm_official/local_vim.py": "classification/lib/models/local_vim.py",
+    "lm_official/local_vmamba.py": "classification/lib/models/local_vmamba.py",
     "lm_official/mamba/__init__.py": "classification/lib/models/mamba/__init__.py",
     "lm_official/mamba/multi_mamba.py": "classification/lib/models/mamba/multi_mamba.py",
     "lm_official/mamba/local_scan.py": "classification/lib/models/mamba/local_scan.py",
@@ -117,3 +122,24 @@ def import_official_local_vim(tmp_path: Path, monkeypatch) -> types.ModuleType:
     local_vim.rms_norm_fn = fused(norms.rms_norm_ref)
     local_vim.layer_norm_fn = fused(norms.layer_norm_ref)
     return local_vim
+
+
+def import_official_local_vmamba(tmp_path: Path, monkeypatch) -> types.ModuleType:
+    """The official ``local_vmamba`` module, runnable on a CPU (see the module docstring), or skip."""
+    import_official_local_vim(tmp_path, monkeypatch)  # the shared stand-ins and the materialised files
+    ssi = sys.modules["lm_bundled_selective_scan_interface"]
+
+    def fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, nrows):
+        out = ssi.selective_scan_ref(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
+        return out, None
+
+    core = types.ModuleType("selective_scan_cuda_core")
+    core.fwd = fwd
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda_core", core)
+    fvcore, fvcore_nn = types.ModuleType("fvcore"), types.ModuleType("fvcore.nn")
+    for name in ("FlopCountAnalysis", "flop_count_str", "flop_count", "parameter_count"):
+        setattr(fvcore_nn, name, None)
+    fvcore.nn = fvcore_nn
+    monkeypatch.setitem(sys.modules, "fvcore", fvcore)
+    monkeypatch.setitem(sys.modules, "fvcore.nn", fvcore_nn)
+    return importlib.import_module("lm_official.local_vmamba")

@@ -1,6 +1,6 @@
 """Model definitions with the official checkpoint layouts, and their timm registration.
 
-Importing this package registers the five official Vim names, LocalMamba's five LocalVim names and
+Importing this package registers the five official Vim names, LocalMamba's five LocalVim and four LocalVSSM names and
 the nine VMamba builder names (``vanilla_vmamba_tiny``, ``vmamba_tiny_s1l8``, ...) in timm's model registry, so that
 ``timm.create_model("vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
 num_classes=10)`` works. The registration is idempotent: importing (or reloading) the package again
@@ -24,6 +24,8 @@ from .vim import VIM_ENTRYPOINTS, VIM_VARIANTS, VisionMamba
 # LocalMamba (issue 12)
 from .localmamba import LOCAL_VIM_ENTRYPOINTS, LOCAL_VIM_VARIANTS, LocalVim
 from .vmamba import VMAMBA_ENTRYPOINTS, VMAMBA_VARIANTS, VSSM  # vmamba
+# LocalMamba's LocalVSSM (issue 12 part 2)
+from .local_vmamba import LOCAL_VSSM_ENTRYPOINTS, LOCAL_VSSM_VARIANTS, LocalVSSM
 
 __all__ = [
     "VisionMamba",
@@ -38,6 +40,9 @@ __all__ = [
     # vmamba
     "VSSM",
     "VMAMBA_VARIANTS",
+    # LocalMamba's LocalVSSM (issue 12 part 2)
+    "LocalVSSM",
+    "LOCAL_VSSM_VARIANTS",
 ]
 
 
@@ -51,7 +56,7 @@ def register_timm_models() -> None:
     """
     from timm.models import is_model, model_entrypoint, register_model
 
-    for fn in VIM_ENTRYPOINTS + LOCAL_VIM_ENTRYPOINTS + VMAMBA_ENTRYPOINTS:
+    for fn in VIM_ENTRYPOINTS + LOCAL_VIM_ENTRYPOINTS + VMAMBA_ENTRYPOINTS + LOCAL_VSSM_ENTRYPOINTS:
         name = fn.__name__
         if is_model(name):
             current = model_entrypoint(name)

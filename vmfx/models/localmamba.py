@@ -166,8 +166,8 @@ class MultiScan(nn.Module):
         self.tokens = tokens
         self.orders = []
         self._kinds = []
-        if device is not None and torch.device(device).type == "meta":
-            device = None  # the scan orders are computed, never loaded: keep them real
+        if (torch.device(device) if device is not None else torch.empty(0).device).type == "meta":
+            device = "cpu"  # the scan orders are computed, never loaded: keep them real (also under torch.device("meta"))
         for k, direction in enumerate(self.choices):
             order = scan_order(direction, self.token_size, cls_position)
             self.orders.append(order)
@@ -181,7 +181,7 @@ class MultiScan(nn.Module):
             padded = any(i < 0 for i in order)
             index = torch.tensor([tokens if i < 0 else i for i in order], dtype=torch.long, device=device)
             inverse = torch.empty(tokens, dtype=torch.long, device=device)
-            inverse[torch.tensor([i for i in order if i >= 0], dtype=torch.long)] = torch.tensor(
+            inverse[torch.tensor([i for i in order if i >= 0], dtype=torch.long, device=device)] = torch.tensor(
                 [p for p, i in enumerate(order) if i >= 0], dtype=torch.long, device=device)
             self.register_buffer(f"scan_index_{k}", index, persistent=False)
             self.register_buffer(f"reverse_index_{k}", inverse, persistent=False)

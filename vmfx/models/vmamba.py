@@ -232,9 +232,11 @@ class SS2D(nn.Module):
         initialize: str = "v0",
         forward_type: str = "v2",
         channel_first: bool = False,
+        k_group: int = 4,
         **kwargs,
     ):
         super().__init__()
+        self.k_group = int(k_group)  # the number of scan directions (4 here; LocalVSSM's mixers choose theirs)
         if forward_type in _V0_TYPES:
             if channel_first:
                 raise ConfigError("SS2D forward_type='v0' is channel-last only (use norm_layer='ln')")
@@ -270,7 +272,7 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(d, self.d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0.0 else nn.Identity()
         self._register_state_dict_hook(_stack_direction_params)
-        self._register_load_state_dict_pre_hook(_split_direction_params)
+        self._register_load_state_dict_pre_hook(_split_direction_params, with_module=True)
 
     def _init_dt_A_D(self, initialize, dt_scale, dt_init, dt_min, dt_max, dt_init_floor) -> None:
         d, R, N, K = self.d_inner, self.dt_rank, self.d_state, self.k_group
@@ -353,14 +355,14 @@ def _stack_direction_params(module: SS2D, state_dict: dict, prefix: str, local_m
     # to loading, so the dict order is left as written
 
 
-def _split_direction_params(state_dict: dict, prefix: str, *args) -> None:
+def _split_direction_params(module: SS2D, state_dict: dict, prefix: str, *args) -> None:
     """Load pre-hook: official stacked tensors are split into the per-direction linears. A stacked
     tensor whose first dim is not the number of directions is left for the size check to report."""
     for stacked, group, param in _STACKED:
         value = state_dict.get(prefix + stacked)
-        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == SS2D.k_group:
+        if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == module.k_group:
             del state_dict[prefix + stacked]
-            for k in range(SS2D.k_group):
+            for k in range(module.k_group):
                 state_dict[f"{prefix}{group}.{k}.{param}"] = value[k]
     for name in ("in_proj", "out_proj"):
         _load_linear2d(state_dict, f"{prefix}{name}.weight")
@@ -396,6 +398,8 @@ class VSSBlock(nn.Module):
         gmlp: bool = False,
         use_checkpoint: bool = False,
         post_norm: bool = False,
+        op_cls: type = None,
+        op_kwargs: dict = None,
         **kwargs,
     ):
         super().__init__()
@@ -406,10 +410,11 @@ class VSSBlock(nn.Module):
         self.post_norm = post_norm
         if self.ssm_branch:
             self.norm = norm_layer(hidden_dim)
-            self.op = SS2D(
+            # op_cls / op_kwargs: another SS2D kind and its extra arguments (LocalVSSM's LocalSS2D)
+            self.op = (op_cls or SS2D)(
                 d_model=hidden_dim, d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank,
                 act_layer=ssm_act_layer, d_conv=ssm_conv, conv_bias=ssm_conv_bias, dropout=ssm_drop_rate,
-                initialize=ssm_init, forward_type=forward_type, channel_first=channel_first,
+                initialize=ssm_init, forward_type=forward_type, channel_first=channel_first, **(op_kwargs or {}),
             )
         self.drop_path = DropPath(drop_path)
         if self.mlp_branch:
@@ -521,7 +526,8 @@ class VSSM(nn.Module):
             else:
                 downsample = nn.Identity()
             blocks = [
-                VSSBlock(
+                self._make_block(
+                    i, sum(depths[:i]) + j, kwargs,
                     hidden_dim=self.dims[i], drop_path=dpr[sum(depths[:i]) + j], norm_layer=norm,
                     channel_first=self.channel_first, ssm_d_state=ssm_d_state, ssm_ratio=ssm_ratio,
                     ssm_dt_rank=ssm_dt_rank, ssm_act_layer=ssm_act, ssm_conv=ssm_conv, ssm_conv_bias=ssm_conv_bias,
@@ -541,6 +547,12 @@ class VSSM(nn.Module):
         ))
         self._init_weights()
 
+    def _make_block(self, stage: int, block: int, extra: dict, **block_kwargs) -> VSSBlock:
+        """Block ``block`` (counted over all stages) of stage ``stage``. ``extra`` holds the keyword
+        arguments VSSM does not take itself: subclasses override this to build their blocks from
+        them (LocalVSSM's per-block scan directions); VSSM ignores them."""
+        return VSSBlock(**block_kwargs)
+
     def _init_weights(self) -> None:
         """The official init: linears trunc-normal(0.02) with zero bias, LayerNorms (1, 0). The
         per-direction ``x_projs`` / ``dt_projs`` are raw stacked parameters in the official code,
@@ -556,8 +568,9 @@ class VSSM(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:  # (LocalVSSM's search norms are not)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
                 nn.init.constant_(m.weight, 1.0)
 
     @staticmethod
