@@ -19,7 +19,7 @@ from torch import nn
 
 import vmfx
 from vmfx.annotations import LINEAR_ROLES, annotation
-from vmfx.config import JLSSConfig, preset
+from vmfx.config import InitConfig, JLSSConfig, preset
 from vmfx.frontends import canonicalize
 
 try:
@@ -120,15 +120,17 @@ def test_attention_linears_left_float_by_config(model, images):
 
 
 @pytest.mark.slow
-# W8A8: the floor. W4A8 (4-bit weights, random weights, 5 JLSS steps per block): a check that
-# the result is not garbage, set below the 0.899 worst-image cosine measured on this fixture.
-@pytest.mark.parametrize("name,floor", [("ptq4vm-w8a8", 0.99), ("ptq4vm-w4a8", 0.85)])
+# W8A8: the floor. W4A8 (4-bit weights, random weights, 8 images, 2 JLSS steps per block): a
+# check that the result is not garbage, set below the 0.865 worst-image cosine measured on this fixture
+# (W8A8: 0.998).
+@pytest.mark.parametrize("name,floor", [("ptq4vm-w8a8", 0.99), ("ptq4vm-w4a8", 0.8)])
 def test_ptq4vm(model, images, name, floor):
     calib, test = images
-    cfg = preset(name).replace(jlss=JLSSConfig(steps=5, batch_size=8))  # the preset, with short learning
-    qmodel = vmfx.compile(model, calib, cfg)
+    # the preset on 8 images, with short learning and a 20-point Lp grid (the test's cost is JLSS and the grid)
+    cfg = preset(name).replace(jlss=JLSSConfig(steps=2, batch_size=8), init=InitConfig("lp", 2.4, 20))
+    qmodel = vmfx.compile(model, calib[:8], cfg)
     cosine = _cosine(model, qmodel, test)
-    print(f"MambaVision-T {IMAGE}px {name} (JLSS 5 steps/block): worst logits cosine {cosine:.5f}")
+    print(f"MambaVision-T {IMAGE}px {name} (8 images, JLSS 2 steps/block): worst logits cosine {cosine:.5f}")
     assert qmodel.meta["vmfx_jlss"]["blocks"] and len(qmodel.meta["vmfx_jlss"]["blocks"]) == 6
     granularity = {annotation(n).act_spec.granularity for n in qmodel.graph.nodes
                    if annotation(n) is not None and annotation(n).role == "linear" and annotation(n).act_spec}
