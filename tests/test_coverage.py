@@ -135,3 +135,54 @@ def test_cli_inspect_coverage(capsys):
 def test_coverage_rejects_other_objects():
     with pytest.raises(vmfx.ConfigError, match="coverage expects"):
         vmfx.inspect.coverage("model.pth")
+
+
+# -- every backbone: the report lists every linear and conv call and every scan ----------------------
+
+
+def _backbones():
+    from vmfx.models import VSSM, LocalVim, LocalVSSM, VisionMamba
+
+    dirs = [("h", "h_flip", "w2", "w2_flip"), ("v", "v_flip", "w2", "w7_flip")]
+    return {  # name -> (model builder, image size, scans)
+        "vim": (lambda: VisionMamba(img_size=32, patch_size=8, stride=8, embed_dim=16, depth=2, num_classes=5), 32, 2 * 2),
+        "vmamba-v2": (lambda: VSSM(depths=[1, 1, 1], dims=16, num_classes=6, ssm_d_state=1, ssm_ratio=1.0,
+                                   forward_type="v05_noz", mlp_ratio=2.0, norm_layer="ln2d", downsample_version="v3",
+                                   patchembed_version="v2"), 32, 3 * 4),
+        "vmamba-v0": (lambda: VSSM(depths=[1, 1, 1], dims=16, num_classes=6, ssm_d_state=4, forward_type="v0",
+                                   mlp_ratio=0.0, norm_layer="ln", downsample_version="v1", patchembed_version="v1"),
+                      32, 3 * 4),
+        "local-vim": (lambda: LocalVim(img_size=32, patch_size=8, depth=2, embed_dim=16, num_classes=5, rms_norm=True,
+                                       residual_in_fp32=True, fused_add_norm=True, final_pool_type="mean",
+                                       if_abs_pos_embed=True, bimamba_type="v2", directions=[list(d) for d in dirs]),
+                      32, 2 * 4),
+        "local-vssm": (lambda: LocalVSSM(depths=[1, 1], dims=8, num_classes=5, ssm_d_state=4, img_size=32,
+                                         directions=[list(d) for d in dirs]), 32, 2 * 4),
+    }
+
+
+@pytest.mark.parametrize("name", list(_backbones()))
+def test_every_layer_of_every_backbone_is_listed(name):
+    build, size, scans = _backbones()[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    calls = {nn.Linear: 0, nn.Conv1d: 0, nn.Conv2d: 0}
+
+    def count(module, args, out):  # every call of a layer, counted outside vmfx's tracing
+        calls[type(module)] += 1
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if type(m) in calls]
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    report = vmfx.inspect.coverage(model, "minmax-w8a8", example_inputs=x)
+    counts = report.counts()
+    assert sum(counts["linear"].values()) == calls[nn.Linear]
+    assert sum(counts["conv"].values()) == calls[nn.Conv1d] + calls[nn.Conv2d]
+    assert counts["scan"] == {"quantized": 0, "float": scans}
+    assert not report.unsupported
+    float_linears = [layer for layer in report.float_layers if layer.kind == "linear"]
+    assert len(float_linears) == 1 and float_linears[0].category == "config"  # only the classifier head
+    assert all(layer.reason for layer in report.float_layers)  # every float layer says why
