@@ -38,7 +38,7 @@ TINY = dict(depths=[1, 2, 1], dims=16, num_classes=7, drop_path_rate=0.0)
 # non-square, odd grids: v1 36x52 -> 9x13 -> 5x7 -> 3x4 (PatchMerging pads); v2 -> 9x13 -> 5x7 -> 3x4
 SIZES = ((36, 52), (32, 32))
 
-# Measured (these weights and images, float32, one thread; the larger of the two sizes): relative
+# Measured (these weights and images, float32, one thread; the worse of the two image sizes): relative
 # differences 9.1e-7 (v0), 6.1e-7 (v2), 3.1e-7 (v2v), 2.8e-7 (v2v-ln), 6.1e-7 (v2-v3_noz), with
 # logits of std 0.3 to 0.8. The bound is the 1e-4.
 RTOL = 1e-4
