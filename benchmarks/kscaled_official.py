@@ -306,10 +306,10 @@ def _row(side, method, bits, res, timing, settings) -> dict:
 
 
 def _quantizer_kinds(q: nn.Module) -> list[str]:
-    """The vmfx quantizer modules of ``q`` with layer numbers folded (``mixers_N_in_proj__output``)."""
+    """The vmfx quantizer modules of ``q`` with layer numbers folded (``layers_N_mixer_in_proj__output``)."""
     import re
     names = [n.split(".", 1)[1] for n, _ in q.named_modules() if n.startswith("vmfx_q.")]
-    return sorted({re.sub(r"\d+", "N", n) for n in names})
+    return sorted({re.sub(r"(?<=_)\d+(?=_)", "N", n) for n in names})
 
 
 def run(args, save=lambda result: None) -> dict:
@@ -339,7 +339,7 @@ def run(args, save=lambda result: None) -> dict:
         result["official_commit"] = None
     sides = args.sides.split(",")
     with tempfile.TemporaryDirectory(prefix="kscaled-official-") as tmp:
-        if "official" in sides:
+        if "official" in sides or "check" in sides:
             src_dir = materialise(Path(tmp))
             mods = import_official(src_dir)
             off_float = build_official(mods, float_model)
@@ -349,6 +349,11 @@ def run(args, save=lambda result: None) -> dict:
                                      "official_top1": round(compare_logits(fp_logits, off_logits, labels).top1, 2)}
             print(f"float check: official vs vmfx logits max |diff| {diff:.3g} "
                   f"(relative {result['float_check']['max_rel_diff']:.3g})", flush=True)
+            save(result)
+            if "official" not in sides:  # "check": the float check only
+                _purge_official_modules()
+                sys.path.remove(str(src_dir))
+                return result
             factors, timing_f = _timed(lambda: write_xproj_factors(mods, float_model, calib, src_dir, args.xproj_rd))
             result["xproj_rd"] = {"how": args.xproj_rd, "seconds": timing_f["wall_s"],
                                   "range": [min(min(v) for v in factors.values()),
@@ -404,29 +409,30 @@ DIFFERENCES = [
     "hard-coded (:76) and the files exist only for Vim-T/Vim-S. vmfx computes the factors once from calibration "
     "and folds them into the scan only; x_proj's output quantizer sees unscaled B, C.",
     "**Output scale search of the SSM compares unlike tensors.** `batching_quant_calib` records the SSM output "
-    "in `raw` mode (`y + D x`, QuantSSM.py:517-519, quant_calib.py:250-259), but `_search_best_o_interval` "
+    "in `raw` mode (`y + D x`, QuantSSM.py:517-519, quant_calib.py:252-261), but `_search_best_o_interval` "
     "(QuantSSM.py:434-490) scores the quantized `y * r_C` *without* `D x` against it. vmfx scores like with like.",
     "**Scan-state search inputs.** Official `_search_best_h_interval` (QuantSSM.py:354-432) runs on float "
     "upstream inputs (sequential=False: every layer calibrates on raw inputs, quantization.py:28-31, "
-    "quant_calib.py:205-209) and on all calibration images, scoring all candidates exhaustively; vmfx's "
+    "quant_calib.py:212-215) and on all calibration images, scoring all candidates exhaustively; vmfx's "
     "QuantizeScanStatePass sees the quantized upstream layers' scan inputs, keeps `search_samples` (32) "
     "images and searches coarse to fine by default.",
     "**Which edges are quantized.** Official PTQ4ViM config (src/quant_configs/PTQ4ViM.py) also quantizes the "
     "patch-embedding conv (weight + output, min-max), every RMSNorm (weight + output, min-max), the head "
     "(weight + output), the gate SiLU `act_z` output (k-scaled channel-wise, one module shared by both "
     "directions, mamba.py:62,145,170) and the softplus (delta) output after dt_proj's own output; vmfx's "
-    "kscaled preset quantizes dt_proj's output but not a separate softplus output (the softplus is fused into "
-    "the scan), and not the gate SiLU.",
-    "**Power-of-two ratios at conv1d are not applied.** The config asks for them (PTQ4ViM.py:57) but "
+    "kscaled preset (vmfx/config.py `kscaled_rules`) quantizes dt_proj's output but not a separate softplus "
+    "output (the softplus is fused into the scan), nor (no rule names it) the gate SiLU, nor the patch "
+    "embedding or the head (see the quantizer lists above; rows measured before a naming fix show conv1d as `convNd`).",
+    "**Power-of-two ratios at conv1d are not applied.** The config asks for them (PTQ4ViM.py:65) but "
     "`QuantConv1d._search_best_o_interval` (QuantConv1d.py:245-289) has no power-of-two step (QuantLinear.py:"
     "278-280 and QuantSSM.py:492-494 have one); vmfx rounds conv1d's clusters to powers of two.",
     "**conv1d weights.** Official quantizes them (per-tensor 8-bit, min-max, not searched: `qmode=\"minmax\"`, "
-    "PTQ4ViM.py:37); vmfx's kscaled preset quantizes the weights of the linears only (see the quantizer list "
-    "below).",
+    "PTQ4ViM.py:37); vmfx's kscaled preset quantizes the weights of the linears only (see the quantizer lists "
+    "above).",
     "**Where the SSM output is quantized.** Official quantizes the scan's `y` in the reparameterized domain, "
     "before `r_C` is multiplied back and before the `D x` skip (QuantSSM.py:604-615), then the gate SiLU's "
     "output separately (`act_z`); vmfx's `scan` output quantizer reads the scan's output `y + D u` (vmfx/nn/"
-    "mamba.py:187-190: the scan carries D), before the gate `* silu(z)`, which stays float.",
+    "mamba.py:187-190: the scan carries D), before the gate `* silu(z)`.",
     "**Candidates.** Official candidate grids hold 101 values but the search loops "
     "`range(0, eq_n, parallel_eq_n)` with `p_ed = min(eq_n, ...)` evaluate only the first 100 (0.01x..1.188x; "
     "1.2x never scored, e.g. QuantLinear.py:201-202); vmfx scores all 101.",
@@ -469,6 +475,11 @@ def _reading(result) -> list[str]:
                            f"({'within' if within else 'outside'} ±1 point; 95 % paired interval "
                            f"[{d.low:+.1f}, {d.high:+.1f}]), agreement {a.format()}, KL ratio vmfx/official "
                            f"{ratio:.2f}.")
+    if not out:
+        missing = sorted({"official", "vmfx"} - {r["side"] for r in rows})
+        out.append(f"- No comparison yet: no {' and no '.join(missing)} rows with these settings (run the "
+                   f"command above with `--sides {','.join(missing)}`; rows of the same calibration / test "
+                   "settings are merged).")
     return out
 
 
@@ -503,6 +514,10 @@ def render(result) -> str:
     for r in result["rows"]:
         lines.append(f"- {r['side']} {r['method']} {r['bits']}: {r['settings']}. Load before: "
                      f"`{r['load_before']}`; after: `{r['load_after']}`.")
+    for r in result["rows"]:
+        if r.get("quantizers"):
+            lines += ["", f"vmfx {r['method']} {r['bits']} quantizer modules (layer numbers as N): "
+                      + ", ".join(f"`{q}`" for q in r["quantizers"]) + "."]
     lines += ["", "## Reading", ""] + _reading(result)
     lines += result.get("notes", [])
     lines += ["", "## Differences in method (official code at commit d6fc957 vs vmfx)", ""]
@@ -513,7 +528,7 @@ def render(result) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bits", default="w8a8", help="comma-separated subset of w8a8, w6a6, w4a8, w4a4")
-    p.add_argument("--sides", default="official,vmfx", help="official, vmfx or both")
+    p.add_argument("--sides", default="official,vmfx", help="official, vmfx or both; check (alone): the float check only")
     p.add_argument("--calib-n", type=int, default=32, help="calibration images (both sides)")
     p.add_argument("--seed", type=int, default=0, help="calibration draw (and the official k-means seed + 1)")
     p.add_argument("--test-n", type=int, default=None, help="first N test digits only (the results file says how many)")
@@ -522,6 +537,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--out", default=None, help=f"folder of kscaled_official.json / .md (default {RESULTS})")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
+    p.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="with --render-only: add a line to the results file's reading (kept in the .json)")
     args = p.parse_args(argv)
     out = args.out or RESULTS
     os.makedirs(out, exist_ok=True)
@@ -536,7 +553,7 @@ def main(argv=None) -> int:
                 done = {(r["side"], r["method"], r["bits"]) for r in result["rows"]}
                 result["rows"] = [r for r in old["rows"] if (r["side"], r["method"], r["bits"]) not in done] \
                     + result["rows"]
-                for k in ("float_check", "xproj_rd", "official_commit"):
+                for k in ("float_check", "xproj_rd", "official_commit", "notes"):
                     if result.get(k) is None and old.get(k) is not None:
                         result[k] = old[k]
                 if result["command"] not in old.get("command", ""):
@@ -551,6 +568,10 @@ def main(argv=None) -> int:
     if args.render_only:
         with open(json_path) as f:
             result = json.load(f)
+        if args.note:
+            result["notes"] = result.get("notes", []) + [f"- {n}" for n in args.note]
+            with open(json_path, "w") as f:
+                json.dump(result, f, indent=1)
         with open(md_path, "w") as f:
             f.write(render(result))
     else:
