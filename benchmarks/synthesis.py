@@ -44,6 +44,29 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+def write_markdown(rows: list[dict], md_path: str) -> None:
+    """synthesis.md from the rows of synthesis.json."""
+    lines = [
+        "# OuroMamba-Gen: synthesis time on the proxy model",
+        "",
+        "Produced by `python benchmarks/synthesis.py` (do not edit by hand); raw rows in `synthesis.json`.",
+        "Wall time depends on the machine's load (a shared 2-core machine: the 1-minute load average",
+        "before and after is given); CPU time is the process's user+system time, summed over its threads.",
+        "Losses are batch means at the first and last step; hits: images the float model assigns to their target class.",
+        "",
+        "| measured (UTC) | n | steps | blocks | threads | workers | wall s | CPU s | load before / after | contrastive first -> last | CE first -> last | hits |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['measured']} | {r['n']} | {r['steps']} | {r['blocks']} | {r['threads']} | {r.get('workers', 1)} | {r['wall_s']} | {r['cpu_s']} | "
+            f"{r['load1_before']:.1f} / {r['load1_after']:.1f} | {r['loss_first']['contrastive']} -> {r['loss_last']['contrastive']} | "
+            f"{r['loss_first']['output']} -> {r['loss_last']['output']} | {r['target_hits']}/{r['n']} |"
+        )
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=128)
@@ -91,25 +114,7 @@ def main(argv=None) -> int:
     rows.append(row)
     with open(json_path, "w") as f:
         json.dump(rows, f, indent=1)
-    lines = [
-        "# OuroMamba-Gen: synthesis time on the proxy model",
-        "",
-        "Produced by `python benchmarks/synthesis.py` (do not edit by hand); raw rows in `synthesis.json`.",
-        "Wall time depends on the machine's load (a shared 2-core machine: the 1-minute load average",
-        "before and after is given); CPU time is the process's user+system time, summed over its threads.",
-        "Losses are batch means at the first and last step; hits: images the float model assigns to their target class.",
-        "",
-        "| measured (UTC) | n | steps | blocks | threads | workers | wall s | CPU s | load before / after | contrastive first -> last | CE first -> last | hits |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['measured']} | {r['n']} | {r['steps']} | {r['blocks']} | {r['threads']} | {r.get('workers', 1)} | {r['wall_s']} | {r['cpu_s']} | "
-            f"{r['load1_before']:.1f} / {r['load1_after']:.1f} | {r['loss_first']['contrastive']} -> {r['loss_last']['contrastive']} | "
-            f"{r['loss_first']['output']} -> {r['loss_last']['output']} | {r['target_hits']}/{r['n']} |"
-        )
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_markdown(rows, md_path)
     print(f"wrote {md_path}")
     return 0
 
