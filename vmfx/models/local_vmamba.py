@@ -49,8 +49,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, InputError
-from .localmamba import ALL_DIRECTIONS, BiAttn, MultiScan, _parse_direction
+from ..errors import ConfigError, InputError
+from .localmamba import ALL_DIRECTIONS, BiAttn, MultiScan, _parse_direction, create_variant
 from .vmamba import SS2D, VSSM, VSSBlock
 
 __all__ = [
@@ -329,8 +329,6 @@ _SMALL_DIRECTIONS = (
     ("h", "v", "w7", "w7_flip"),
 )
 
-_RELEASE = "https://github.com/hunto/LocalMamba/releases/tag/v1.0.0"
-
 #: name -> (constructor arguments, official checkpoint file or None)
 LOCAL_VSSM_VARIANTS = {
     "local_vssm_tiny_search": (dict(dims=[32, 64, 128, 256], depths=[2, 2, 9, 2], drop_path_rate=0.1), None),
@@ -347,22 +345,10 @@ _PRETRAINED_CFG = {
     "interpolation": "bicubic", "fixed_input_size": False, "mean": (0.485, 0.456, 0.406),
     "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.0", "classifier": "classifier.head",
 }
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _create(name: str, pretrained: bool, kwargs: dict) -> LocalVSSM:
-    args, ckpt = LOCAL_VSSM_VARIANTS[name]
-    if pretrained:
-        where = f"download {ckpt} from {_RELEASE}" if ckpt else "no official checkpoint is published for it"
-        raise CheckpointError(
-            f"{name}: pretrained=True cannot download weights (vmfx downloads nothing); {where}, then: "
-            f"model = timm.create_model({name!r}); vmfx.models.load_checkpoint(model, PATH)"
-        )
-    for k in _TIMM_ONLY_KWARGS:
-        kwargs.pop(k, None)
-    model = LocalVSSM(**dict(args, **kwargs))
-    model.pretrained_cfg = model.default_cfg = dict(_PRETRAINED_CFG, architecture=name, checkpoint_file=ckpt)
-    return model
+    return create_variant(LocalVSSM, LOCAL_VSSM_VARIANTS, _PRETRAINED_CFG, name, pretrained, kwargs)
 
 
 def local_vssm_tiny_search(pretrained: bool = False, **kwargs) -> LocalVSSM:

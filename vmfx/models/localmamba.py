@@ -704,8 +704,12 @@ _PRETRAINED_CFG = {
 _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
-def _create(name: str, pretrained: bool, kwargs: dict) -> LocalVim:
-    args, ckpt = LOCAL_VIM_VARIANTS[name]
+def create_variant(cls: type, variants: dict, pretrained_cfg: dict, name: str, pretrained: bool, kwargs: dict):
+    """``cls`` built with the published arguments of variant ``name`` (``variants[name] = (args,
+    checkpoint file)``) updated by ``kwargs``, its timm ``pretrained_cfg`` set; ``pretrained=True`` is
+    refused, naming the release to download the checkpoint from (vmfx downloads nothing). Shared by
+    the LocalMamba families (LocalVim, LocalVSSM)."""
+    args, ckpt = variants[name]
     if pretrained:
         where = f"download {ckpt} from {_RELEASE}" if ckpt else "no official checkpoint is published for it"
         raise CheckpointError(
@@ -714,9 +718,13 @@ def _create(name: str, pretrained: bool, kwargs: dict) -> LocalVim:
         )
     for k in _TIMM_ONLY_KWARGS:
         kwargs.pop(k, None)
-    model = LocalVim(**dict(args, **kwargs))
-    model.pretrained_cfg = model.default_cfg = dict(_PRETRAINED_CFG, architecture=name, checkpoint_file=ckpt)
+    model = cls(**dict(args, **kwargs))
+    model.pretrained_cfg = model.default_cfg = dict(pretrained_cfg, architecture=name, checkpoint_file=ckpt)
     return model
+
+
+def _create(name: str, pretrained: bool, kwargs: dict) -> LocalVim:
+    return create_variant(LocalVim, LOCAL_VIM_VARIANTS, _PRETRAINED_CFG, name, pretrained, kwargs)
 
 
 def local_vim_tiny_search(pretrained: bool = False, **kwargs) -> LocalVim:
