@@ -540,8 +540,8 @@ def synthesize(model: nn.Module, n: int = 128, *, seed: int = 0, steps: int | No
         progress: show a tqdm progress bar (on stderr) with the current losses.
         workers: batches (``config.batch_size`` images each) optimised at the same time, one
             thread each. The batches are independent, so the images are the same for any number
-            of workers. On a CPU, ``torch.set_num_threads(1)`` with one worker per core uses the
-            cores far better than torch's intra-op threads on one batch.
+            of workers. On a CPU, ``torch.set_num_threads(1)`` with one worker per core is an
+            alternative to torch's intra-op threads, which divide small ops poorly.
         **geometry: ``image_size``, ``channels``, ``grid`` (patch grid) and ``class_tokens``
             (canonical positions of the class tokens), for models that do not expose them the
             way Vim does (``patch_embed.img_size``, ``patch_embed.grid_size``, ``token_position``).
