@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..annotations import annotation
 from ..config import SimilaritySearchConfig
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, ConfigError
 from ..quant.kscaled import round_pow2_ratios
 from ..quant.modules import FakeQuantize
 from .base import Pass, PassContext, PassResult
@@ -286,7 +286,10 @@ def _ids_view(q: _Quantizer, shape, cd: int) -> _Ids:
     row = full[:, 0]
     if bool((full == row[:, None]).all()):
         return _Ids("row", q.coords, F.one_hot(row, q.coords).float(), per_row=row)
-    raise NotImplementedError("a quantizer whose coordinates vary along both rows and the channel dim")
+    raise ConfigError(
+        f"SimilaritySearchPass searches scales that vary along the tokens or along the channels, not both "
+        f"(a {tuple(shape)} tensor's scale varies along both); give this edge a per-tensor, per-token, "
+        f"per-channel or cluster spec, or turn the search off (QuantConfig(search=None))")
 
 
 def _valid_rows(t: _Target, y: torch.Tensor) -> torch.Tensor | None:
