@@ -66,6 +66,45 @@ def test_triton_kernels_run_the_whole_model_like_the_reference(small):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_lowered_model_runs_in_half_precision(small, dtype):
+    """``lowered.to(half)``: the float ops run in half, every partition keeps its float32
+    parameters, reads and writes half activations, and the model predicts like in float32."""
+    model, images = small
+    q = vmfx.compile(model, images, "pts-w8a8")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = images[:2].to(device)
+    with torch.no_grad():
+        y32 = lower(q, "triton").to(device)(x)
+    seen = {}
+    for backend in ("triton", "reference"):
+        half = lower(q, backend).to(device=device, dtype=dtype)
+        parts = lowered_partitions(half)
+        assert parts and all(p.io_dtype == dtype for p in parts)
+        assert not any(b.dtype in (torch.float16, torch.bfloat16) for p in parts for b in p.buffers())
+        for p in parts:  # the activation each partition reads: the model's half ones (or int8 codes)
+            p.register_forward_pre_hook(lambda m, args: seen.setdefault(m.kind, set()).add(args[0].dtype))
+        with torch.no_grad():
+            y = half(x.to(dtype))
+        assert y.dtype == dtype
+        assert seen["scan"] == {dtype} and seen["merge"] == {dtype} and seen["conv"] == {dtype}
+        assert seen["qlinear"] <= {dtype, torch.int8}
+        cos = torch.nn.functional.cosine_similarity(y.float(), y32, dim=-1)
+        assert float(cos.min()) > (0.999 if dtype == torch.float16 else 0.99), (backend, cos)
+        assert bool((y.float().argmax(-1) == y32.argmax(-1)).all())
+
+
+def test_a_lowered_model_runs_with_grad_enabled_and_refuses_double(small):
+    model, images = small
+    q = vmfx.compile(model, images, "minmax-w8a8")
+    lowered = lower(q, "reference")
+    y = lowered(images[:2])  # gradients enabled: the partitions compute without autograd
+    with torch.no_grad():
+        assert torch.equal(y.detach(), lowered(images[:2]))
+    with pytest.raises(vmfx.errors.ConfigError, match="float32, float16 or bfloat16"):
+        lowered.double()
+
+
 def test_compile_with_a_backend_and_show(small):
     model, images = small
     lowered = vmfx.compile(model, images, "minmax-w8a8", backend="reference")

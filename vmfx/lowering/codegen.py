@@ -79,6 +79,9 @@ __all__ = [
     "next_power_of_2",
     "launch_options",
     "check_tensor",
+    "FLOAT_IO",
+    "output_dtype",
+    "store_value",
     "codes_epilogue_args",
     "render_autotune",
 ]
@@ -567,6 +570,29 @@ def launch_options(num_warps: int | None = None, num_stages: int | None = None) 
     if num_stages is not None:
         opts["num_stages"] = num_stages
     return opts
+
+
+#: The float dtypes kernels read and write, with their Triton names. Float inputs are converted to
+#: float32 in registers (exact for all three); results are computed in float32 (or int32) and rounded
+#: once, at the store, to the output's dtype.
+FLOAT_IO: dict[torch.dtype, str] = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def output_dtype(out_dtype: torch.dtype | None, like: torch.dtype) -> torch.dtype:
+    """The dtype a launcher writes: ``out_dtype`` if given, else ``like`` (its float input's dtype,
+    the model's); ``ValueError`` naming the choices for any other dtype."""
+    dtype = like if out_dtype is None else out_dtype
+    if dtype not in FLOAT_IO:
+        raise ValueError(f"out_dtype must be one of {list(FLOAT_IO)}, got {dtype}")
+    return dtype
+
+
+def store_value(value: str, out_dtype: str) -> str:
+    """The expression a kernel stores: ``value`` (float32 in registers) rounded to ``out_dtype``
+    (a :data:`FLOAT_IO` name)."""
+    if out_dtype not in FLOAT_IO.values():
+        raise ValueError(f"out_dtype must be one of {sorted(FLOAT_IO.values())}, got {out_dtype!r}")
+    return value if out_dtype == "float32" else f"{value}.to(tl.{out_dtype})"
 
 
 def check_tensor(t, name: str, dtype: torch.dtype | Sequence[torch.dtype], shape: Sequence[int] | None = None,

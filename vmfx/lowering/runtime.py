@@ -16,6 +16,16 @@ A producer partition that feeds a quantized linear (the conv feeding ``x_proj``,
 Nodes in no partition stay torch ops. Every partition can render its Triton source
 (:func:`show`), whatever the backend.
 
+Dtypes: the lowered model runs in the dtype it is cast to. ``lowered.half()`` (or
+``.to(torch.bfloat16)``) casts the float ops left in the graph as usual, while every lowered
+partition keeps its quantization parameters in float32 and records the cast as its
+``io_dtype``: its activations come in and go out in that dtype, the kernels convert them in
+registers and compute in float32 / int32 (the reference backend computes on the inputs converted
+to float32 and rounds its outputs to ``io_dtype``).
+
+A lowered model is for inference: the partitions compute without autograd (integer kernels have
+no gradient), so calling it with gradients enabled works, and no gradient flows through them.
+
 Invariants: the quantized model passed in is not modified; the lowered graph computes what the
 fake-quant graph computes up to the documented rounding differences (an activation code may
 differ by one step within an ulp of a rounding tie); node names outside partitions are kept.
@@ -71,8 +81,13 @@ def _kernels():
     return kernels
 
 
+#: The activation dtypes a lowered partition reads and writes (the kernels' float I/O dtypes).
+IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class LoweredPartition(nn.Module):
-    """Base class: one partition, its provenance and the backend it runs on."""
+    """Base class: one partition, its provenance, the backend it runs on and ``io_dtype``, the
+    dtype of its activations (float32 until the model is cast; see the module docstring)."""
 
     kind = "partition"
 
@@ -81,6 +96,29 @@ class LoweredPartition(nn.Module):
         self.partition_name = name
         self.provenance = list(provenance)
         self.backend = backend
+        self.io_dtype = torch.float32
+
+    def _apply(self, fn, recurse=True):
+        """Device moves reach the parameters; dtype casts do not: the float32 quantization
+        parameters stay float32 (the kernels read them so, and a half-precision step size would
+        change the codes) and the cast becomes ``io_dtype``. A cast to another dtype than the
+        kernels' I/O dtypes (e.g. ``.double()``) is refused by name."""
+        cast = fn(torch.zeros((), dtype=torch.float32)).dtype
+        if cast != torch.float32:
+            if cast not in IO_DTYPES:
+                raise ConfigError(f"a lowered model runs in float32, float16 or bfloat16, not {cast}; "
+                                  "cast the quantized model before lowering it, or lower it again")
+            self.io_dtype = cast
+
+        def keep_dtype(t):
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(device=moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+    def _out(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """A reference-backend output (float32) in ``io_dtype``."""
+        return y if y is None or y.dtype == self.io_dtype else y.to(self.io_dtype)
 
     def source(self) -> str:
         """The generated Triton source of this partition's kernel."""
@@ -153,17 +191,17 @@ class LoweredQLinear(LoweredPartition):
         them in registers, the reference once per plan or per call on its slow path)."""
         return ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits, self.w_packed, self.in_features)
 
+    @torch.no_grad()
     def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         if self.takes_codes and x.dim() == 2:
             x = x.reshape((-1,) + self.token_shape + (x.shape[-1],))
-        elif not self.takes_codes:
-            x = x.float()
         inputs = {f"extra{i}": e.float().contiguous() for i, e in enumerate(extras)}
         act, weight = _act(self, "a"), self._weight()
-        if self.backend == "triton":
+        if self.backend == "triton":  # float input in the model's dtype, converted in registers
             return _kernels().qlinear(x, weight, act, self.bias, epilogue=self.epilogue, epilogue_inputs=inputs,
-                                      provenance=self.provenance)
-        return ref.qlinear(x, weight, act, self.bias, epilogue=self.epilogue, epilogue_inputs=inputs)
+                                      provenance=self.provenance, out_dtype=self.io_dtype)
+        x = x if self.takes_codes else x.float()
+        return self._out(ref.qlinear(x, weight, act, self.bias, epilogue=self.epilogue, epilogue_inputs=inputs))
 
     def source(self) -> str:
         act = _act(self, "a")
@@ -187,11 +225,14 @@ class LoweredConv(LoweredPartition):
         if consumer is not None:
             _act_buffers(self, "a", input_act_quant(consumer))
 
+    @torch.no_grad()
     def forward(self, x: torch.Tensor):
         act = _act(self, "a") if self.emits_codes else None
         if self.backend == "triton":
-            return _kernels().causal_conv1d_silu(x.float(), self.weight, self.bias, act=act, provenance=self.provenance)
-        return ref.causal_conv1d_silu(x, self.weight, self.bias, act=act)
+            return _kernels().causal_conv1d_silu(x, self.weight, self.bias, act=act, provenance=self.provenance,
+                                                 out_dtype=self.io_dtype)
+        out = ref.causal_conv1d_silu(x.float(), self.weight, self.bias, act=act)
+        return self._out(out) if act is None else (self._out(out[0]), out[1])
 
     def source(self) -> str:
         act = _act(self, "a") if self.emits_codes else None
@@ -231,14 +272,16 @@ class LoweredScan(LoweredPartition):
             extra.update(state_scales=self.state_scales, state_bits=self.state_bits)
         return u, B, C, extra
 
+    @torch.no_grad()
     def forward(self, u, delta, A, B, C, *rest):
         D, z = (rest[0], rest[1]) if self.has_D else (None, rest[0])
         u, B, C, extra = self._state_args(u, B, C)
-        if self.backend == "triton":
-            f = lambda t: None if t is None else t.float()  # noqa: E731
-            return _kernels().selective_scan(f(u), f(delta), f(A), f(B), f(C), f(D), f(z),
-                                             delta_softplus=self.softplus, provenance=self.provenance, **extra)
-        return ref.selective_scan(u, delta, A, B, C, D, z, delta_softplus=self.softplus, **extra)
+        f = lambda t: None if t is None else t.float()  # noqa: E731
+        if self.backend == "triton":  # activations in the model's dtype; A and D in float32
+            return _kernels().selective_scan(u, delta, f(A), B, C, f(D), z, delta_softplus=self.softplus,
+                                             provenance=self.provenance, out_dtype=self.io_dtype, **extra)
+        return self._out(ref.selective_scan(f(u), f(delta), f(A), f(B), f(C), f(D), f(z),
+                                            delta_softplus=self.softplus, **extra))
 
     def source(self) -> str:
         return _kernels().render_scan(has_D=self.has_D, has_z=True, delta_softplus=self.softplus,
@@ -260,16 +303,16 @@ class LoweredMerge(LoweredPartition):
         if consumer is not None:
             _act_buffers(self, "a", input_act_quant(consumer))
 
+    @torch.no_grad()
     def forward(self, y_f, y_b):
         act = _act(self, "a") if self.emits_codes else None
         if self.backend == "triton":
-            out = _kernels().merge_quantize(y_f.float(), y_b.float(), self.scale, act,
-                                            write_float=self.write_float, provenance=self.provenance)
-        else:
-            out = ref.merge_quantize(y_f, y_b, self.scale, act)
-            if act is not None and not self.write_float:
-                out = (None, out[1])
-        return out
+            return _kernels().merge_quantize(y_f, y_b, self.scale, act, write_float=self.write_float,
+                                             provenance=self.provenance, out_dtype=self.io_dtype)
+        out = ref.merge_quantize(y_f.float(), y_b.float(), self.scale, act)
+        if act is None:
+            return self._out(out)
+        return (self._out(out[0]) if self.write_float else None, out[1])
 
     def source(self) -> str:
         act = _act(self, "a") if self.emits_codes else None
@@ -298,13 +341,14 @@ class LoweredMixedQLinear(LoweredPartition):
         self.register_buffer("bias", None if info["bias"] is None else info["bias"].detach().float().clone())
         self.quantizer = info["quantizer"]
 
+    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = ref.mixed_codes(x.float(), self.quantizer)
         weight = ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits)
         if self.backend == "triton":
-            y = _kernels().mixed_qlinear(codes, weight, self.bias, provenance=self.provenance)
+            y = _kernels().mixed_qlinear(codes, weight, self.bias, provenance=self.provenance, out_dtype=self.io_dtype)
         else:
-            y = ref.mixed_qlinear(codes, weight, self.bias)
+            y = self._out(ref.mixed_qlinear(codes, weight, self.bias))
         return y.reshape(tuple(x.shape[:-1]) + (weight.codes.shape[0],))
 
     def source(self) -> str:

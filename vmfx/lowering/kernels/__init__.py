@@ -23,6 +23,11 @@ template           module           launcher
                                     per-tile outlier columns' int8 GEMM, summed in the epilogue
 =================  ===============  =========================================================
 
+Every launcher reads float activations in float32, float16 or bfloat16 (converted in registers)
+and writes ``out_dtype`` (default: its float input's dtype; float32 for linears that read codes),
+computing in float32 / int32 and rounding once at the store
+(:data:`vmfx.lowering.codegen.FLOAT_IO`); quantization parameters are float32.
+
 (The modules are not named after the launchers they hold, so that ``kernels.qlinear`` is always
 the function and ``kernels.linear`` the module.)
 

@@ -3,12 +3,15 @@
 What it computes, for x (B, E, L), weight (E, W), bias (E,)::
 
     acc[b, e, l] = sum_{j=0..W-1} x[b, e, l - (W-1) + j] * w[e, j]      (zero left padding)
-    out[b, e, l] = silu(acc + bias[e])                                     float32, (B, E, L)
+    out[b, e, l] = silu(acc + bias[e])                                     (B, E, L)
 
 i.e. ``silu(F.conv1d(x, w[:, None], b, padding=W-1, groups=E)[..., :L])``, the taps accumulated in
 order. With ``flip=True`` the kernel reads ``x`` reversed along L (``x.flip(-1)``, the backward
 scan direction of a bidirectional Vim block) without materializing the flip. ``x`` may have any
-strides, e.g. the transposed (B, L, E) slice of ``in_proj``'s output.
+strides, e.g. the transposed (B, L, E) slice of ``in_proj``'s output. ``x`` is float32, float16 or
+bfloat16 (converted to float32 in registers; the weight and bias are float32); ``out`` is written in
+``out_dtype`` (default ``x``'s dtype), the float32 result rounded once at the store. The codes are
+those of the float32 result, as the reference computes them from the same (exactly converted) input.
 
 With ``emit_codes=True`` it also writes the activation codes of ``out`` transposed, (B*L, E)
 int8, row ``b*L + l``, by the contract of :mod:`vmfx.lowering.reference` with the *next*
@@ -16,8 +19,8 @@ linear's (``x_proj``'s) smoothing (E,) and per-token (L) or per-tensor parameter
 runs ``qlinear(..., prequantized)`` and never reads the float tensor.
 
 One program per (batch, BLOCK_E channels, BLOCK_L positions) tile; the W taps are W shifted loads
-of the same tile (hits in L1/L2). Memory traffic: reads 4 B E L bytes (plus a W-1 halo per tile),
-writes 4 B E L bytes, plus B L E bytes of codes.
+of the same tile (hits in L1/L2). Memory traffic: reads s B E L bytes (plus a W-1 halo per tile),
+writes s B E L bytes (s = 4 for float32, 2 for half precision), plus B L E bytes of codes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..codegen import (
+    FLOAT_IO,
     IndentedBuffer,
     check_tensor,
     codes_epilogue_args,
@@ -36,9 +40,11 @@ from ..codegen import (
     launch_options,
     load_kernel,
     next_power_of_2,
+    output_dtype,
     render_autotune,
     render_header,
     render_helpers,
+    store_value,
 )
 from ..reference import ActQuant
 
@@ -57,7 +63,7 @@ AUTOTUNE_CONFIGS = [
 
 def render_conv(*, width: int, bias: bool = True, flip: bool = False, emit_codes: bool = False,
                 per_token: bool = True, smooth: bool = False, act_bits: int = 8,
-                autotune: bool = False, provenance: Sequence[str] = ()) -> str:
+                autotune: bool = False, provenance: Sequence[str] = (), out_dtype: str = "float32") -> str:
     """Render the source of one ``conv`` kernel.
 
     Args:
@@ -68,6 +74,7 @@ def render_conv(*, width: int, bias: bool = True, flip: bool = False, emit_codes
         per_token, smooth, act_bits: that quantization (ignored without ``emit_codes``).
         autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
         provenance: FX nodes, for the header.
+        out_dtype: the dtype of ``out`` ("float32", "float16" or "bfloat16").
 
     Returns:
         The module source; the kernel is :data:`KERNEL_NAME`.
@@ -76,10 +83,13 @@ def render_conv(*, width: int, bias: bool = True, flip: bool = False, emit_codes
         raise ValueError(f"width must be >= 1, got {width}")
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
     buf = IndentedBuffer()
+    stored = store_value("out", out_dtype)  # checks out_dtype
     params = dict(width=width, bias=bias, flip=flip, emit_codes=emit_codes)
     if emit_codes:
         params.update(per_token=per_token, smooth=smooth, act_bits=act_bits)
     params["autotune"] = autotune
+    if out_dtype != "float32":
+        params["out_dtype"] = out_dtype
     render_header(buf, "conv", provenance, params)
     render_helpers(buf, ["_vmfx_silu"] + (["_vmfx_quantize"] if emit_codes else []))
     if autotune:
@@ -122,8 +132,8 @@ def render_conv(*, width: int, bias: bool = True, flip: bool = False, emit_codes
         buf.splice("""
             out = _vmfx_silu(acc)
             mask = mask_e[:, None] & mask_l[None, :]
-            tl.store(out_ptr + pid_b * E * L + offs_e[:, None] * L + offs_l[None, :], out, mask=mask)
         """)
+        buf.writeline(f"tl.store(out_ptr + pid_b * E * L + offs_e[:, None] * L + offs_l[None, :], {stored}, mask=mask)")
         if emit_codes:
             buf.writeline("# next linear's quantize of out^T: row b*L + l (token l), channel e")
             if smooth:
@@ -155,11 +165,12 @@ def causal_conv1d_silu(
     act: ActQuant | None = None,
     block: Mapping[str, int] | None = None,
     provenance: Sequence[str] = (),
+    out_dtype: torch.dtype | None = None,
 ):
     """Launch the causal depthwise conv + SiLU (and the next linear's quantize).
 
     Args:
-        x: (B, E, L) float32, any strides.
+        x: (B, E, L) float32, float16 or bfloat16, any strides.
         weight: (E, W) or (E, 1, W) float32 (the ``nn.Conv1d`` weight).
         bias: optional (E,) float32.
         flip: read ``x`` reversed along L.
@@ -168,11 +179,13 @@ def causal_conv1d_silu(
         block: fixed ``BLOCK_E`` / ``BLOCK_L`` (optional ``num_warps``); default: autotuned on the
             GPU, one large tile under the interpreter.
         provenance: FX node names, for the header.
+        out_dtype: the dtype of ``out``: float32, float16 or bfloat16; default ``x``'s.
 
     Returns:
-        ``out`` (B, E, L) float32 contiguous, or ``(out, codes)`` with codes (B*L, E) int8.
+        ``out`` (B, E, L) contiguous, or ``(out, codes)`` with codes (B*L, E) int8.
     """
-    check_tensor(x, "x", torch.float32)
+    check_tensor(x, "x", tuple(FLOAT_IO))
+    out_dtype = output_dtype(out_dtype, x.dtype)
     if x.dim() != 3:
         raise ValueError(f"x must be (B, E, L), got {tuple(x.shape)}")
     bsz, e, length = x.shape
@@ -185,7 +198,7 @@ def causal_conv1d_silu(
     width = w.shape[1]
     if bias is not None:
         check_tensor(bias, "bias", torch.float32, (e,), dev, True)
-    out = torch.empty((bsz, e, length), dtype=torch.float32, device=dev)
+    out = torch.empty((bsz, e, length), dtype=out_dtype, device=dev)
     args = dict(x_ptr=x, w_ptr=w, out_ptr=out, E=e, L=length,
                 stride_xb=x.stride(0), stride_xe=x.stride(1), stride_xl=x.stride(2))
     if bias is not None:
@@ -194,7 +207,7 @@ def causal_conv1d_silu(
     autotune = block is None and not interpreting()
     kernel = _kernel(width=width, bias=bias is not None, flip=flip, emit_codes=act is not None,
                      per_token=per_token, smooth=smooth, act_bits=bits, autotune=autotune,
-                     provenance=tuple(str(p) for p in provenance))
+                     provenance=tuple(str(p) for p in provenance), out_dtype=FLOAT_IO[out_dtype])
     if autotune:
         grid = lambda meta: (bsz, -(-e // meta["BLOCK_E"]), -(-length // meta["BLOCK_L"]))  # noqa: E731
         kernel[grid](**args, WIDTH=width, **launch_options())

@@ -42,6 +42,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..codegen import (
+    FLOAT_IO,
     Epilogue,
     IndentedBuffer,
     check_tensor,
@@ -75,7 +76,7 @@ AUTOTUNE_CONFIGS = [
 ]
 
 #: Output dtypes the kernel can write (the float32 result of the epilogue, rounded once at the store).
-OUT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+OUT_DTYPES = FLOAT_IO
 
 
 def render_qlinear(

@@ -2,18 +2,20 @@
 
 What it computes, for scan outputs y_f, y_b (B, E, L) (y_b in its own, reversed, time order)::
 
-    m[b, l, e] = (y_f[b, e, l] + y_b[b, e, L-1-l]) * c       float32, (B, L, E)
+    m[b, l, e] = (y_f[b, e, l] + y_b[b, e, L-1-l]) * c       (B, L, E)
 
 (``y_f * c`` for one-directional models; ``c = 0.5`` for Vim's divided output, which equals the
 graph's ``/ 2`` exactly), and optionally the activation codes of ``m`` for the next linear
 (``out_proj``), (B*L, E) int8, row ``b*L + l`` (token ``l``), by the contract of
 :mod:`vmfx.lowering.reference`. The float output can be switched off when only the codes are
-needed.
+needed. y_f and y_b may be float32, float16 or bfloat16 (converted to float32 in registers); ``m``
+is computed in float32 and written in ``out_dtype`` (default ``y_f``'s dtype), rounded once at the
+store; the codes are those of the float32 ``m``.
 
 One program per (batch, BLOCK_L positions, BLOCK_E channels) tile. The reads are along L (y_f,
 y_b are channel-major) and the writes along E (token-major): choose tiles with both sides >= 32
-for coalescing on the GPU. Memory traffic: reads 4 B E L bytes per direction, writes 4 B L E
-bytes of ``m`` and B L E bytes of codes.
+for coalescing on the GPU. Memory traffic: reads s B E L bytes per direction, writes s B L E
+bytes of ``m`` (s = 4 for float32, 2 for half precision) and B L E bytes of codes.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..codegen import (
+    FLOAT_IO,
     IndentedBuffer,
     check_tensor,
     codes_epilogue_args,
@@ -32,9 +35,11 @@ from ..codegen import (
     launch_options,
     load_kernel,
     next_power_of_2,
+    output_dtype,
     render_autotune,
     render_header,
     render_helpers,
+    store_value,
 )
 from ..reference import ActQuant
 
@@ -52,7 +57,7 @@ AUTOTUNE_CONFIGS = [
 
 def render_merge(*, backward: bool = True, write_float: bool = True, emit_codes: bool = False,
                  per_token: bool = True, smooth: bool = False, act_bits: int = 8,
-                 autotune: bool = False, provenance: Sequence[str] = ()) -> str:
+                 autotune: bool = False, provenance: Sequence[str] = (), out_dtype: str = "float32") -> str:
     """Render the source of one ``merge_quantize`` kernel.
 
     Args:
@@ -62,6 +67,7 @@ def render_merge(*, backward: bool = True, write_float: bool = True, emit_codes:
         per_token, smooth, act_bits: that quantization (ignored without ``emit_codes``).
         autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
         provenance: FX nodes, for the header.
+        out_dtype: the dtype of ``m`` ("float32", "float16" or "bfloat16").
 
     Returns:
         The module source; the kernel is :data:`KERNEL_NAME`.
@@ -74,6 +80,9 @@ def render_merge(*, backward: bool = True, write_float: bool = True, emit_codes:
     if emit_codes:
         params.update(per_token=per_token, smooth=smooth, act_bits=act_bits)
     params["autotune"] = autotune
+    stored = store_value("m", out_dtype)  # checks out_dtype
+    if out_dtype != "float32" and write_float:
+        params["out_dtype"] = out_dtype
     render_header(buf, "merge_quantize", provenance, params)
     if emit_codes:
         render_helpers(buf, ["_vmfx_quantize"])
@@ -111,7 +120,7 @@ def render_merge(*, backward: bool = True, write_float: bool = True, emit_codes:
         buf.writeline("m = y * c")
         buf.writeline("rows = pid_b * L + offs_l  # token-major (B*L, E)")
         if write_float:
-            buf.writeline("tl.store(out_ptr + rows[:, None] * E + offs_e[None, :], m, mask=mask)")
+            buf.writeline(f"tl.store(out_ptr + rows[:, None] * E + offs_e[None, :], {stored}, mask=mask)")
         if emit_codes:
             buf.writeline("# next linear's quantize: token l, channel e")
             if smooth:
@@ -142,12 +151,13 @@ def merge_quantize(
     write_float: bool = True,
     block: Mapping[str, int] | None = None,
     provenance: Sequence[str] = (),
+    out_dtype: torch.dtype | None = None,
 ):
     """Launch the merge of the scan directions (and the next linear's quantize).
 
     Args:
-        y_f: (B, E, L) float32, any strides.
-        y_b: optional (B, E, L) float32, any strides, in reversed time order.
+        y_f: (B, E, L) float32, float16 or bfloat16, any strides.
+        y_b: optional (B, E, L) float32, float16 or bfloat16, any strides, in reversed time order.
         scale: ``c`` (a Python float, passed as a float32 kernel argument).
         act: if given, also emit codes for the next linear (smoothing (E,), per-token (L,) or
             per-tensor).
@@ -155,12 +165,14 @@ def merge_quantize(
         block: fixed ``BLOCK_L`` / ``BLOCK_E`` (optional ``num_warps``); default: autotuned on
             the GPU, one large tile under the interpreter.
         provenance: FX node names, for the header.
+        out_dtype: the dtype of ``m``: float32, float16 or bfloat16; default ``y_f``'s.
 
     Returns:
-        ``m`` (B, L, E) float32; ``(m, codes)`` with codes (B*L, E) int8 when ``act`` is given;
+        ``m`` (B, L, E); ``(m, codes)`` with codes (B*L, E) int8 when ``act`` is given;
         ``(None, codes)`` when ``write_float`` is False.
     """
-    check_tensor(y_f, "y_f", torch.float32)
+    check_tensor(y_f, "y_f", tuple(FLOAT_IO))
+    out_dtype = output_dtype(out_dtype, y_f.dtype)
     if y_f.dim() != 3:
         raise ValueError(f"y_f must be (B, E, L), got {tuple(y_f.shape)}")
     bsz, e, length = y_f.shape
@@ -170,16 +182,17 @@ def merge_quantize(
     args = dict(yf_ptr=y_f, c=float(scale), E=e, L=length,
                 stride_fb=y_f.stride(0), stride_fe=y_f.stride(1), stride_fl=y_f.stride(2))
     if y_b is not None:
-        check_tensor(y_b, "y_b", torch.float32, (bsz, e, length), dev)
+        check_tensor(y_b, "y_b", tuple(FLOAT_IO), (bsz, e, length), dev)
         args.update(yb_ptr=y_b, stride_bb=y_b.stride(0), stride_be=y_b.stride(1), stride_bl=y_b.stride(2))
-    out = torch.empty((bsz, length, e), dtype=torch.float32, device=dev) if write_float else None
+    out = torch.empty((bsz, length, e), dtype=out_dtype, device=dev) if write_float else None
     if out is not None:
         args["out_ptr"] = out
     codes, smooth, per_token, bits = codes_epilogue_args(act, bsz, length, e, dev, args)
     autotune = block is None and not interpreting()
     kernel = _kernel(backward=y_b is not None, write_float=write_float, emit_codes=act is not None,
                      per_token=per_token, smooth=smooth, act_bits=bits, autotune=autotune,
-                     provenance=tuple(str(p) for p in provenance))
+                     provenance=tuple(str(p) for p in provenance),
+                     out_dtype=FLOAT_IO[out_dtype] if write_float else "float32")
     if autotune:
         grid = lambda meta: (bsz, -(-length // meta["BLOCK_L"]), -(-e // meta["BLOCK_E"]))  # noqa: E731
         kernel[grid](**args, **launch_options())

@@ -18,7 +18,9 @@ exact in int32 while ``2^(o-1) max_n sum_k |Wq[n, k]| < 2^31`` (checked by the l
 
 The index list is per row tile (the union of the outlier sets of the tile's rows; a row whose own
 set lacks a column has code 0 there): :func:`~vmfx.lowering.reference.tile_outlier_columns` builds
-it for the launch's BLOCK_M, so the results do not depend on the tiling.
+it for the launch's BLOCK_M, so the results do not depend on the tiling. ``y`` is computed in
+float32 and written in ``out_dtype`` (float32, float16 or bfloat16: the model's dtype), rounded once
+at the store.
 
 Memory traffic: M K int8 inlier codes and N K weight bytes as the plain GEMM, plus per row tile
 J gathered columns of outlier codes (1 or 2 bytes) and J gathered weight rows.
@@ -32,7 +34,18 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ..codegen import IndentedBuffer, check_tensor, interpreting, launch_options, load_kernel, next_power_of_2, render_header
+from ..codegen import (
+    FLOAT_IO,
+    IndentedBuffer,
+    check_tensor,
+    interpreting,
+    launch_options,
+    load_kernel,
+    next_power_of_2,
+    output_dtype,
+    render_header,
+    store_value,
+)
 from ..reference import MixedCodes, QWeight, tile_outlier_columns
 
 __all__ = ["KERNEL_NAME", "render_mixed_qlinear", "mixed_qlinear"]
@@ -41,7 +54,7 @@ KERNEL_NAME = "vmfx_mixed_qlinear"
 
 
 def render_mixed_qlinear(*, bias: bool = True, wide_outliers: bool = False, store_acc: bool = False,
-                         provenance: Sequence[str] = ()) -> str:
+                         provenance: Sequence[str] = (), out_dtype: str = "float32") -> str:
     """Render the source of one ``mixed_qlinear`` kernel.
 
     Args:
@@ -49,9 +62,14 @@ def render_mixed_qlinear(*, bias: bool = True, wide_outliers: bool = False, stor
         wide_outliers: outlier codes are int16 (9..16 bits), split into two int8 planes.
         store_acc: also write the two int32 accumulators (tests, debugging).
         provenance: the FX nodes this kernel implements (written in the header).
+        out_dtype: the dtype of ``y`` ("float32", "float16" or "bfloat16").
     """
+    stored = store_value("y", out_dtype)  # checks out_dtype
     buf = IndentedBuffer()
-    render_header(buf, "mixed_qlinear", provenance, dict(bias=bias, wide_outliers=wide_outliers, store_acc=store_acc))
+    params = dict(bias=bias, wide_outliers=wide_outliers, store_acc=store_acc)
+    if out_dtype != "float32":
+        params["out_dtype"] = out_dtype
+    render_header(buf, "mixed_qlinear", provenance, params)
     buf.writeline("@triton.jit")
     buf.writeline(f"def {KERNEL_NAME}(")
     with buf.indent():
@@ -123,7 +141,7 @@ def render_mixed_qlinear(*, bias: bool = True, wide_outliers: bool = False, stor
             buf.writeline("y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
         buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]")
         buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
-        buf.writeline("tl.store(out_ptr + offs_out, y, mask=mask_out)")
+        buf.writeline(f"tl.store(out_ptr + offs_out, {stored}, mask=mask_out)")
         if store_acc:
             buf.writeline("tl.store(acc_i_ptr + offs_out, acc_i, mask=mask_out)")
             buf.writeline("tl.store(acc_o_ptr + offs_out, acc_o, mask=mask_out)")
@@ -136,12 +154,14 @@ class _Spec:
     wide_outliers: bool
     store_acc: bool
     provenance: tuple
+    out_dtype: str = "float32"
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(spec: _Spec):
     return load_kernel(render_mixed_qlinear(bias=spec.bias, wide_outliers=spec.wide_outliers,
-                                            store_acc=spec.store_acc, provenance=spec.provenance), KERNEL_NAME)
+                                            store_acc=spec.store_acc, provenance=spec.provenance,
+                                            out_dtype=spec.out_dtype), KERNEL_NAME)
 
 
 def _default_blocks(m: int, n: int, k: int) -> dict:
@@ -150,7 +170,8 @@ def _default_blocks(m: int, n: int, k: int) -> dict:
 
 
 def mixed_qlinear(codes: MixedCodes, weight: QWeight, bias: torch.Tensor | None = None, *,
-                  block: Mapping[str, int] | None = None, provenance: Sequence[str] = (), return_acc: bool = False):
+                  block: Mapping[str, int] | None = None, provenance: Sequence[str] = (), return_acc: bool = False,
+                  out_dtype: torch.dtype = torch.float32):
     """Launch the mixed-precision linear on :class:`MixedCodes` (M, K); the reference is
     :func:`vmfx.lowering.reference.mixed_qlinear`.
 
@@ -161,14 +182,16 @@ def mixed_qlinear(codes: MixedCodes, weight: QWeight, bias: torch.Tensor | None 
         block: BLOCK_M / BLOCK_N / BLOCK_K / BLOCK_J (and num_warps, num_stages); default: large
             tiles (the interpreter) or 64 x 128 x 64, J 32 on a GPU.
         return_acc: also return the two int32 accumulators.
+        out_dtype: the dtype of ``y``: float32 (default), float16 or bfloat16.
 
     Returns:
-        ``y`` (M, N) float32, or ``(y, acc_in, acc_out)``.
+        ``y`` (M, N) in ``out_dtype``, or ``(y, acc_in, acc_out)``.
 
     Raises:
         ValueError: shapes, dtypes or devices that do not fit (named), or outlier codes wide enough
             to overflow the int32 accumulator.
     """
+    out_dtype = output_dtype(out_dtype, torch.float32)
     dev = codes.codes_in.device
     m, k = codes.codes_in.shape
     n = weight.codes.shape[0]
@@ -191,8 +214,8 @@ def mixed_qlinear(codes: MixedCodes, weight: QWeight, bias: torch.Tensor | None 
     blk = {**_default_blocks(m, n, k), **dict(block or {})}
     opts = launch_options(blk.pop("num_warps", 4), blk.pop("num_stages", 2))
     columns, counts = tile_outlier_columns(codes.mask, blk["BLOCK_M"])
-    out = torch.empty((m, n), dtype=torch.float32, device=dev)
-    spec = _Spec(bias is not None, wide, return_acc, tuple(str(p) for p in provenance))
+    out = torch.empty((m, n), dtype=out_dtype, device=dev)
+    spec = _Spec(bias is not None, wide, return_acc, tuple(str(p) for p in provenance), FLOAT_IO[out_dtype])
     args = dict(qi_ptr=codes.codes_in, qo_ptr=codes.codes_out, si_ptr=codes.scale_in, so_ptr=codes.scale_out,
                 cols_ptr=columns, counts_ptr=counts, w_ptr=weight.codes, w_scale_ptr=weight.scale, out_ptr=out,
                 M=m, N=n, K=k, L=t, J=columns.shape[1],

@@ -23,9 +23,13 @@ per step, read from an (L,) tensor), before ``y[t]`` and ``h[t+1]`` read it; wit
 One program per (batch, BLOCK_E channels): the (BLOCK_E, N) state lives in registers and a
 sequential loop runs over L, each step loading one column of u, delta, z (BLOCK_E values each,
 any strides, so transposed views of the producers' (B, L, E) outputs can be passed) and of B, C
-(N values, shared by all channels of the batch element). Memory traffic: reads 4 B E L bytes for
-each of u, delta, z once, 2 x 4 B N L bytes of B and C once per channel block, writes 4 B E L
-bytes; the (B, E, L, N) states never touch memory. The parallelism is B x E / BLOCK_E programs,
+(N values, shared by all channels of the batch element). Memory traffic: reads s B E L bytes for
+each of u, delta, z once, 2 x s B N L bytes of B and C once per channel block, writes s B E L
+bytes (s = 4 for float32, 2 for half precision); the (B, E, L, N) states never touch memory.
+
+u, delta, B, C and z may each be float32, float16 or bfloat16 (converted to float32 in registers;
+A, D, delta_bias and the state's factors are float32); the state and every step run in float32,
+and ``out`` is written in ``out_dtype`` (default ``u``'s dtype), rounded once at the store. The parallelism is B x E / BLOCK_E programs,
 so small BLOCK_E (16-32) keeps a GPU busy at Vim sizes (E = 384..768).
 """
 
@@ -37,15 +41,18 @@ from typing import Mapping, Sequence
 import torch
 
 from ..codegen import (
+    FLOAT_IO,
     IndentedBuffer,
     check_tensor,
     interpreting,
     launch_options,
     load_kernel,
     next_power_of_2,
+    output_dtype,
     render_autotune,
     render_header,
     render_helpers,
+    store_value,
 )
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_scan", "selective_scan"]
@@ -66,7 +73,7 @@ _LOG2E = 1.4426950408889634
 def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = False,
                 delta_softplus: bool = True, flip_z: bool = False, autotune: bool = False,
                 provenance: Sequence[str] = (), step_scale: bool = False, out_scale: bool = False,
-                quant_state: bool = False, state_bits: int = 8) -> str:
+                quant_state: bool = False, state_bits: int = 8, out_dtype: str = "float32") -> str:
     """Render the source of one ``scan`` kernel.
 
     Args:
@@ -79,17 +86,21 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
         out_scale: multiply ``y + D u`` by an (E,) factor.
         quant_state: fake-quantize the state at every step with an (L,) tensor of step sizes.
         state_bits: the state's bit width (symmetric, ``QMAX = 2^(bits-1) - 1``).
+        out_dtype: the dtype of ``out`` ("float32", "float16" or "bfloat16").
         autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
         provenance: FX nodes, for the header.
 
     Returns:
         The module source; the kernel is :data:`KERNEL_NAME`.
     """
+    stored = store_value("y", out_dtype)  # checks out_dtype
     buf = IndentedBuffer()
-    render_header(buf, "scan", provenance, dict(
-        has_D=has_D, has_z=has_z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-        flip_z=flip_z, autotune=autotune, step_scale=step_scale, out_scale=out_scale,
-        quant_state=quant_state, state_bits=state_bits))
+    params = dict(has_D=has_D, has_z=has_z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                  flip_z=flip_z, autotune=autotune, step_scale=step_scale, out_scale=out_scale,
+                  quant_state=quant_state, state_bits=state_bits)
+    if out_dtype != "float32":
+        params["out_dtype"] = out_dtype
+    render_header(buf, "scan", provenance, params)
     helpers = ((["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
                + (["_vmfx_rint"] if quant_state else []))
     render_helpers(buf, helpers)
@@ -176,7 +187,7 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
                 tz = "L - 1 - t" if flip_z else "t"
                 buf.writeline(f"z = tl.load(z_base + ({tz}) * stride_zl, mask=mask_e, other=0.0).to(tl.float32)")
                 buf.writeline("y = y * _vmfx_silu(z)")
-            buf.writeline("tl.store(out_base + t, y, mask=mask_e)")
+            buf.writeline(f"tl.store(out_base + t, {stored}, mask=mask_e)")
     return buf.getvalue()
 
 
@@ -203,15 +214,16 @@ def selective_scan(
     out_scale: torch.Tensor | None = None,
     state_scales: torch.Tensor | None = None,
     state_bits: int = 8,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Launch the selective scan.
 
     Args:
-        u, delta: (B, E, L) float32, any strides.
+        u, delta: (B, E, L) float32, float16 or bfloat16, any strides.
         A: (E, N) float32 (real; ``-exp(A_log)``).
-        B, C: (B, N, L) float32, any strides.
+        B, C: (B, N, L) float32, float16 or bfloat16, any strides.
         D: optional (E,) float32.
-        z: optional (B, E, L) float32 gate, any strides.
+        z: optional (B, E, L) float32, float16 or bfloat16 gate, any strides.
         delta_bias: optional (E,) float32.
         delta_softplus: apply softplus to delta.
         flip_z: read ``z`` reversed along L.
@@ -223,24 +235,27 @@ def selective_scan(
         block: fixed ``BLOCK_E`` (optional ``num_warps``); default: autotuned on the GPU, one
             block of all channels (at most 64) under the interpreter.
         provenance: FX node names, for the header.
+        out_dtype: the dtype of ``out``: float32, float16 or bfloat16; default ``u``'s.
 
     Returns:
-        ``out`` (B, E, L) float32, contiguous.
+        ``out`` (B, E, L), contiguous.
     """
-    check_tensor(u, "u", torch.float32)
+    io = tuple(FLOAT_IO)
+    check_tensor(u, "u", io)
+    out_dtype = output_dtype(out_dtype, u.dtype)
     if u.dim() != 3:
         raise ValueError(f"u must be (B, E, L), got {tuple(u.shape)}")
     bsz, e, length = u.shape
     dev = u.device
-    check_tensor(delta, "delta", torch.float32, (bsz, e, length), dev)
+    check_tensor(delta, "delta", io, (bsz, e, length), dev)
     check_tensor(A, "A", torch.float32, device=dev)
     if A.dim() != 2 or A.shape[0] != e:
         raise ValueError(f"A must be (E, N) with E={e}, got {tuple(A.shape)}")
     n = A.shape[1]
     A = A.contiguous()
-    check_tensor(B, "B", torch.float32, (bsz, n, length), dev)
-    check_tensor(C, "C", torch.float32, (bsz, n, length), dev)
-    out = torch.empty((bsz, e, length), dtype=torch.float32, device=dev)
+    check_tensor(B, "B", io, (bsz, n, length), dev)
+    check_tensor(C, "C", io, (bsz, n, length), dev)
+    out = torch.empty((bsz, e, length), dtype=out_dtype, device=dev)
     args = dict(u_ptr=u, delta_ptr=delta, A_ptr=A, B_ptr=B, C_ptr=C, out_ptr=out, E=e, N=n, L=length,
                 stride_ub=u.stride(0), stride_ue=u.stride(1), stride_ul=u.stride(2),
                 stride_db=delta.stride(0), stride_de=delta.stride(1), stride_dl=delta.stride(2),
@@ -249,7 +264,7 @@ def selective_scan(
     if D is not None:
         args["D_ptr"] = check_tensor(D, "D", torch.float32, (e,), dev, True)
     if z is not None:
-        check_tensor(z, "z", torch.float32, (bsz, e, length), dev)
+        check_tensor(z, "z", io, (bsz, e, length), dev)
         args.update(z_ptr=z, stride_zb=z.stride(0), stride_ze=z.stride(1), stride_zl=z.stride(2))
     if delta_bias is not None:
         args["db_ptr"] = check_tensor(delta_bias, "delta_bias", torch.float32, (e,), dev, True)
@@ -267,7 +282,8 @@ def selective_scan(
                      autotune=autotune, provenance=tuple(str(p) for p in provenance),
                      step_scale=step_scale is not None, out_scale=out_scale is not None,
                      quant_state=state_scales is not None,
-                     state_bits=int(state_bits) if state_scales is not None else 8)
+                     state_bits=int(state_bits) if state_scales is not None else 8,
+                     out_dtype=FLOAT_IO[out_dtype])
     bn = max(2, next_power_of_2(n))
     if autotune:
         grid = lambda meta: (bsz, -(-e // meta["BLOCK_E"]))  # noqa: E731
