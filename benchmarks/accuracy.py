@@ -657,6 +657,42 @@ NOTES: dict[str, Note] = {
 }
 NOTES["synthetic vs real calibration"] = note_synthetic  # OuroMamba-Gen
 
+#: The reading of the OuroMamba records against the paper's claim (dated; written from the records,
+#: None until they exist).
+OUROMAMBA_READING: tuple[str, str] | None = None
+
+
+def note_ouromamba(records: list[dict]):
+    """OuroMamba against PTQ4VM, separating what the data brings from what the quantizer brings:
+    data-free OuroMamba minus data-driven PTQ4VM (the paper's claim at W4A4), OuroMamba minus
+    PTQ4VM on the same synthetic images (the mixed-precision quantizer), OuroMamba on synthetic
+    minus on real images (the data)."""
+    by_key = {record_key(r): r for r in records}
+    parts, read = [], []
+    ouro = [r for r in records if r["method"] == "ouromamba" and r["calib"] == "synthetic"]
+    ouro.sort(key=lambda r: (r["model"], BITS_LABELS.index(r["bits"]) if r["bits"] in BITS_LABELS else 99,
+                             record_seed(r) or 0))
+    for r in ouro:
+        def other(method, calib):
+            return by_key.get((r["model"], method, r["bits"], calib, record_seed(r)))
+
+        for label, b in (("ouromamba synthetic − ptq4vm real (data-free vs data-driven)", other("ptq4vm", "real")),
+                         ("ouromamba synthetic − ptq4vm synthetic (the quantizer, same images)", other("ptq4vm", "synthetic")),
+                         ("ouromamba synthetic − ouromamba real (the data)", other("ouromamba", "real"))):
+            if b is not None:
+                parts.append(f"{r['bits']} seed {_seed_cell(r)}: {label}: {_say_all(r, b)}")
+                read += [r, b]
+    if not parts:
+        return None
+    text = "; ".join(parts) + "."
+    if OUROMAMBA_READING is not None:
+        date, reading = OUROMAMBA_READING
+        text += f" The paper claims data-free OuroMamba beats data-driven PTQ4VM at W4A4 (Vim-S 75.93 vs 69.60); {reading} (reading dated {date})."
+    return text, read
+
+
+NOTES["ouromamba vs ptq4vm"] = note_ouromamba
+
 
 # -- k-scaled ViM PTQ (Shi et al.) ------------------------------------------------------------------
 

@@ -228,6 +228,20 @@ def test_the_dated_reading_is_printed_only_when_every_seed_supports_it(accuracy)
     assert "channel outliers" not in "\n".join(accuracy.notes_lines(unpaired))
 
 
+def test_ouromamba_note_separates_data_and_quantizer(accuracy):
+    rows = [new_record("ouromamba", "w4a4", range(40), calib="synthetic"),
+            new_record("ptq4vm", "w4a4", range(70)),  # data-driven, real images
+            new_record("ptq4vm", "w4a4", range(90), calib="synthetic")]
+    text = "\n".join(accuracy.notes_lines(rows))
+    line = next(t for t in text.splitlines() if t.startswith("- **ouromamba vs ptq4vm**"))
+    assert "ouromamba synthetic − ptq4vm real (data-free vs data-driven): top-1 +3.0 [" in line
+    assert "ouromamba synthetic − ptq4vm synthetic (the quantizer, same images): top-1 +5.0 [" in line
+    assert "ouromamba synthetic − ouromamba real" not in line  # that record is absent
+    assert "[reads: ouromamba w4a4 seed 0, ptq4vm w4a4 seed 0" in line
+    without = [new_record("ptq4vm", "w4a4", range(70)), new_record("ptq4vm", "w4a4", range(90), calib="synthetic")]
+    assert "ouromamba vs ptq4vm" not in "\n".join(accuracy.notes_lines(without))
+
+
 # ------------------------------------------------------------------------------------ command line
 
 
