@@ -746,6 +746,28 @@ def note_kscaled(records: list[dict]):
 
 NOTES["kscaled vs paper"] = note_kscaled
 
+
+def note_hidden_state(records: list[dict]):
+    """What quantizing the scan's hidden state costs and what the reparameterization and the
+    combination change: paired differences at every setting both methods were measured at."""
+    comparisons = (("kscaled-ssm", "kscaled", "quantizing h, k-scaled"),
+                   ("kscaled-ssm", "kscaled-ssm-norep", "the reparameterization"),
+                   ("ptq4vm-ssm", "ptq4vm", "quantizing h, PTQ4VM with the reparameterization"),
+                   ("ptq4vm-ssm", "kscaled-ssm", "the combination against k-scaled, both with h quantized"))
+    parts, read = [], []
+    for a, b, label in comparisons:
+        rows = pair_rows(records, a, b)
+        if rows:
+            parts.append(f"{a} − {b} ({label}): "
+                         + "; ".join(f"{ra['bits']} seed {_seed_cell(ra)}: {_say_all(ra, rb)}" for ra, rb, _ in rows))
+            read += [r for ra, rb, _ in rows for r in (ra, rb)]
+    if not parts:
+        return None
+    return "; ".join(parts) + ".", read
+
+
+NOTES["hidden state"] = note_hidden_state
+
 # k-scaled with the quantized hidden state (the paper's full setting), and the combination of
 # PTQ4VM on the linears with the reparameterized quantized scan (issue 10, part 6)
 METHOD_SCAN_STATE.update({

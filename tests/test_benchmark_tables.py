@@ -242,6 +242,15 @@ def test_ouromamba_note_separates_data_and_quantizer(accuracy):
     assert "ouromamba vs ptq4vm" not in "\n".join(accuracy.notes_lines(without))
 
 
+def test_hidden_state_note_pairs_each_method_with_its_baseline(accuracy):
+    rows = [new_record("kscaled", "w8a8", range(30)), new_record("kscaled-ssm", "w8a8", range(32)),
+            new_record("ptq4vm", "w4a4", range(30)), new_record("ptq4vm-ssm", "w4a4", range(45))]
+    line = next(t for t in accuracy.notes_lines(rows) if t.startswith("- **hidden state**"))
+    assert "kscaled-ssm − kscaled (quantizing h, k-scaled): w8a8 seed 0: top-1 -0.2 [" in line
+    assert "ptq4vm-ssm − ptq4vm (quantizing h, PTQ4VM with the reparameterization): w4a4 seed 0: top-1 -1.5 [" in line
+    assert "kscaled-ssm-norep" not in line and "ptq4vm-ssm − kscaled-ssm" not in line  # no such pairs
+
+
 # ------------------------------------------------------------------------------------ command line
 
 
