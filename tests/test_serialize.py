@@ -200,3 +200,44 @@ def test_save_to_a_directory_or_an_unwritable_path(small_vim_q, tmp_path):
     blocker.write_text("x")
     with pytest.raises(vmfx.SerializationError, match="cannot write"):
         vmfx.save(small_vim_q[2], str(blocker / "q.safetensors"))
+
+
+def _pickled(q, tmp_path):
+    """``torch.save`` / ``torch.load`` of the whole module (pickle; fx re-traces the generated code)."""
+    path = tmp_path / "q.pt"
+    torch.save(q, str(path))
+    return torch.load(str(path), weights_only=False)
+
+
+@pytest.mark.parametrize("variant", ["simulated", "lowered"])
+def test_torch_save_of_a_quantized_model_loads_and_computes_the_same(small_vim_q, tmp_path, variant):
+    """A user's first way of keeping a model: pickling re-traces the code, which used to call the
+    input check with an fx Proxy and fail with "got Proxy"."""
+    _, images, q = small_vim_q
+    if variant == "lowered":
+        q = vmfx.lowering.lower(q, "reference")
+    loaded = _pickled(q, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), q(images))
+    with pytest.raises(vmfx.InputError, match="traced \\(and quantized\\) for inputs of shape"):
+        loaded(images[:, :, :8])  # the input check is still the graph's first op
+    # fx pickles only the code: vmfx's metadata is gone, and the functions that need it say so
+    with pytest.raises(vmfx.SerializationError, match="torch.save / pickle .* vmfx.save"):
+        vmfx.save(loaded, str(tmp_path / "again.safetensors"))
+    if variant == "simulated":
+        with pytest.raises(vmfx.ConfigError, match="torch.save / pickle"):
+            vmfx.lowering.lower(loaded, "reference")
+    with pytest.warns(UserWarning, match="no roles, blocks or layouts.*vmfx.load"):
+        vmfx.inspect.table(loaded)
+
+
+def test_torch_save_of_the_scan_state_and_outlier_methods(tiny_model, tiny_images, tmp_path):
+    from vmfx.config import ScanStateConfig
+
+    configs = [vmfx.preset("kscaled-w8a8").replace(scan_state=ScanStateConfig(bits=8, search_samples=4)),
+               vmfx.preset("ouromamba-w4a4").replace(jlss=JLSSConfig(steps=1))]
+    for cfg in configs:
+        q = vmfx.compile(tiny_model, tiny_images, cfg)
+        loaded = _pickled(q, tmp_path)
+        with torch.no_grad():
+            assert torch.equal(loaded(tiny_images), q(tiny_images)), cfg.method

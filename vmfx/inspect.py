@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -130,6 +131,11 @@ def _as_graph(model: Any, example_inputs: Any = None) -> fx.GraphModule:
     """A graph to inspect: ``model`` itself if it is one, else a float ``nn.Module`` traced (a
     copy; the model is not modified) with its Mamba patterns detected."""
     if isinstance(model, fx.GraphModule):
+        from .serialize import lost_metadata_hint
+
+        hint = lost_metadata_hint(model)
+        if hint:  # roles, blocks and token layouts are gone: say so rather than print a bare table
+            warnings.warn("vmfx.inspect: the table has no roles, blocks or layouts" + hint, stacklevel=3)
         return model
     if not isinstance(model, nn.Module):
         raise ConfigError(

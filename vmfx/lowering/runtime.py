@@ -400,7 +400,10 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
     """
     backend = resolve_backend(backend)
     if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
-        raise ConfigError("vmfx.lowering.lower expects a quantized model from vmfx.compile / vmfx.convert")
+        from ..serialize import lost_metadata_hint
+
+        raise ConfigError("vmfx.lowering.lower expects a quantized model from vmfx.compile / vmfx.convert"
+                          + lost_metadata_hint(qmodel))
     if qmodel.meta.get("vmfx_lowered"):
         raise ConfigError("this model is already lowered; lower the quantized model returned by vmfx.compile "
                           "without a backend")

@@ -150,7 +150,12 @@ def check_input_shape(x: torch.Tensor, expected: tuple[int, ...]) -> None:
 
     The first op of every graph vmfx traces with an example input: per-token scales, positional
     embeddings and the patch grid all fix the image size, so another size is refused up front with
-    the sizes named, not deep inside the model."""
+    the sizes named, not deep inside the model.
+
+    Traced again (``torch.load`` of a pickled GraphModule re-traces its code), it records itself
+    as the same node instead of running."""
+    if isinstance(x, fx.Proxy):
+        return x.tracer.create_proxy("call_function", check_input_shape, (x, tuple(expected)), {})
     if not isinstance(x, torch.Tensor):
         raise InputError(f"the model takes a tensor of images (N, {', '.join(map(str, expected))}), got {type(x).__name__}")
     if tuple(x.shape[1:]) != tuple(expected):
