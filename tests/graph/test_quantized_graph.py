@@ -82,6 +82,8 @@ def test_another_image_size_is_a_clear_error(tiny_model, tiny_images):
     q = vmfx.compile(tiny_model, tiny_images, "minmax-w8a8")
     with pytest.raises(vmfx.InputError, match=r"inputs of shape \(N, 3x16x16\), got \(N, 3x20x20\)"):
         q(torch.randn(2, 3, 20, 20))
+    with pytest.raises(vmfx.InputError, match=r"got one image of shape \(3, 16, 16\).*unsqueeze\(0\)"):
+        q(tiny_images[0])
 
 
 def test_nan_weights_are_refused_before_calibration(tiny_model, tiny_images):

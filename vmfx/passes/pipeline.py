@@ -158,6 +158,11 @@ def check_input_shape(x: torch.Tensor, expected: tuple[int, ...]) -> None:
         return x.tracer.create_proxy("call_function", check_input_shape, (x, tuple(expected)), {})
     if not isinstance(x, torch.Tensor):
         raise InputError(f"the model takes a tensor of images (N, {', '.join(map(str, expected))}), got {type(x).__name__}")
+    if tuple(x.shape) == tuple(expected):
+        raise InputError(
+            f"the model takes a batch of images (N, {', '.join(map(str, expected))}), got one image of shape "
+            f"{tuple(x.shape)}: add the batch dimension with x.unsqueeze(0)"
+        )
     if tuple(x.shape[1:]) != tuple(expected):
         want = "x".join(map(str, expected))
         got = "x".join(map(str, x.shape[1:])) if x.dim() >= 1 else "a scalar"
