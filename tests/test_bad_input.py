@@ -125,3 +125,22 @@ def test_recalibrating_fresh_observers_does_not_double_count(tiny_model, tiny_im
     # SmoothQuant calibrates, then replaces the observers by fresh ones and calibrates again.
     q = vmfx.compile(tiny_model, tiny_images, "smoothquant-w8a8")
     assert q.meta["vmfx_calibration"]["images"] == 12
+
+
+def test_a_quantized_model_is_not_quantized_again(tiny_model, tiny_images):
+    """compile / prepare take the float model: a compiled, prepared or lowered one would be
+    quantized twice (and a compiled GraphModule used to be edited in place before failing)."""
+    q = vmfx.compile(tiny_model, tiny_images, "minmax-w8a8")
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    prepared = vmfx.prepare(tiny_model, "minmax-w8a8", example_inputs=tiny_images[:1])
+    for model in (q, prepared, vmfx.lowering.lower(q, "reference")):
+        for stage in (vmfx.compile, vmfx.prepare):
+            with pytest.raises(vmfx.ConfigError, match=f"vmfx.{stage.__name__} takes the float model.*already holds"):
+                stage(model, tiny_images, "pts-w8a8") if stage is vmfx.compile else stage(model, "pts-w8a8")
+    assert all(torch.equal(before[k], v) for k, v in q.state_dict().items()) and len(before) == len(q.state_dict())
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "convert"])
+def test_staged_calls_on_a_float_model_name_the_first_stage(tiny_model, tiny_images, stage):
+    with pytest.raises(vmfx.ConfigError, match=f"vmfx.{stage} takes the graph vmfx.prepare returns.*TinyVimLike"):
+        vmfx.calibrate(tiny_model, tiny_images) if stage == "calibrate" else vmfx.convert(tiny_model)

@@ -65,6 +65,7 @@ def compile(
         qmodel = vmfx.compile(model, calib_images, config="minmax-w8a8")
         print(vmfx.inspect.table(qmodel))
     """
+    _refuse_quantized_model(model, "compile")
     cfg = resolve_config(config)
     # vmamba: a preset name gets the model's declared defaults (PTQ4VM's alpha 0.65 for VMamba)
     from .models.hints import config_for_model
@@ -98,6 +99,12 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, detect: bool
     return gm
 
 
+def _require_prepared(gm: Any, stage: str) -> None:
+    if not isinstance(gm, fx.GraphModule):
+        raise ConfigError(f"vmfx.{stage} takes the graph vmfx.prepare returns, got a {type(gm).__name__}; "
+                          "start with gm = vmfx.prepare(model, config, example_inputs=...)")
+
+
 def _stage(gm: fx.GraphModule, index: int) -> list:
     config = gm.meta.get("vmfx_config")
     if config is None:
@@ -115,6 +122,7 @@ def prepare(
     """Stage 1: trace a copy of ``model`` and run the method's passes that need no data
     (detection, observer insertion). ``calib_data`` (or ``example_inputs``) only supplies the
     example image for shape propagation."""
+    _refuse_quantized_model(model, "prepare")
     cfg = resolve_config(config)
     _refuse_named_data(calib_data, "prepare")
     gm, example_inputs = trace_for_quantization(model, calib_data, example_inputs)
@@ -126,6 +134,7 @@ def prepare(
 def calibrate(gm: fx.GraphModule, calib_data: Any, *, progress: bool = False) -> fx.GraphModule:
     """Stage 2: run the method's data passes (observer statistics and, for learning methods,
     everything up to the last pass that reads data) on ``calib_data``."""
+    _require_prepared(gm, "calibrate")
     _refuse_named_data(calib_data, "calibrate")
     cfg = QuantConfig.from_dict(gm.meta.get("vmfx_config") or {})
     return Pipeline(_stage(gm, 1))(gm, calib_data, config=cfg, progress=progress)
@@ -133,8 +142,28 @@ def calibrate(gm: fx.GraphModule, calib_data: Any, *, progress: bool = False) ->
 
 def convert(gm: fx.GraphModule) -> fx.GraphModule:
     """Stage 3: the method's remaining passes (observers become quantization parameters)."""
+    _require_prepared(gm, "convert")
     cfg = QuantConfig.from_dict(gm.meta.get("vmfx_config") or {})
     return Pipeline(_stage(gm, 2))(gm, config=cfg)
+
+
+def _refuse_quantized_model(model: Any, stage: str) -> None:
+    """``compile`` / ``prepare`` take a float model: one that already holds vmfx quantizers (a
+    compiled, prepared or lowered model) would be quantized twice, or edited in place."""
+    from .lowering.runtime import LoweredPartition
+    from .quant.modules import FakeQuantize, Smooth
+    from .quant.observers import Observer
+
+    if not isinstance(model, nn.Module):
+        return
+    found = next((name for name, m in model.named_modules()
+                  if isinstance(m, (FakeQuantize, Smooth, Observer, LoweredPartition))), None)
+    if found is not None:
+        raise ConfigError(
+            f"vmfx.{stage} takes the float model, but this one already holds vmfx quantization modules "
+            f"(e.g. {found!r}): it was prepared, compiled or lowered before; quantize the original float "
+            "model with the new config (or continue a prepared graph with vmfx.calibrate / vmfx.convert)"
+        )
 
 
 def _refuse_named_data(calib_data: Any, stage: str) -> None:
