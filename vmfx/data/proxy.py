@@ -1,8 +1,8 @@
 """The bundled proxy model: a small Vim trained here on the bundled digits.
 
 ``benchmarks/train_proxy.py`` trains it (official Vim architecture: bidirectional v2 mixers,
-middle class token, absolute position embedding, RMSNorm residual stream; 28x28 one-channel images
-in 2x2 patches, so 197 tokens) and writes two files next to this module:
+middle class token, absolute position embedding, RMSNorm residual stream; 30x30 one-channel images
+in 4x4 patches at stride 2, so 14x14 = 196 patches and 197 tokens) and writes two files next to this module:
 
 * ``proxy/vim_proxy_digits.safetensors``: the float32 weights (official state_dict keys);
 * ``proxy/vim_proxy_digits.json``: the constructor arguments, the training recipe and log, and the
