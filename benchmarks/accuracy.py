@@ -573,7 +573,7 @@ def note_w4a8(records: list[dict]):
             others = [(m, accuracy_difference(index[(model, m, "w4a8", seed)], mm))
                       for m in METHODS if m != "minmax" and (model, m, "w4a8", seed) in index]
             sig = [m for m, d in others if d is not None and d.significant]
-            parts.append(f"seed {_seed_cell(mm)}: minmax's drop from FP is {_say(drop, 2)}; "
+            parts.append(f"{model}, seed {_seed_cell(mm)}: minmax's drop from FP is {_say(drop, 2)}; "
                          f"{len(sig)} of {len(others)} methods differ significantly from minmax"
                          + (f" ({', '.join(sig)})" if sig else ""))
             read += [fp, mm] + [index[(model, m, "w4a8", seed)] for m, _ in others]

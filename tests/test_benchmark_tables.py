@@ -213,6 +213,7 @@ def test_notes_name_their_records_and_skip_missing_ones(accuracy):
     assert "## Notes (computed 2026-11-30" in text
     assert "**noise**" in text and "96.9 %" in text and "0.55 points" in text  # sqrt(.969 * .031 / 1000)
     assert "**w4a8**" in text and "[reads: fp fp32, minmax w4a8 seed 0]" in text
+    assert "at W4A8: m, seed 0: minmax's drop" in text  # each group names its model
     assert "w4a4 ordering" not in text and "smoothquant vs pts" not in text  # their records are absent
 
 
