@@ -113,6 +113,10 @@ class JLSSConfig:
         grad_clip: gradient-norm clip (2.0).
         batch_size: images per step; steps cycle through the calibration set in batches of this
             size. None: every calibration image in every step, as the official code does.
+        micro_batch: images per forward / backward pass inside a step (None: the whole batch in one
+            pass). The passes' gradients add up to the batch's, so a step is the same up to rounding
+            while the memory held for backward scales with this instead of the batch (quantizers
+            compute no statistics across images).
         learn_roles: the linears whose parameters learn. All four by default; the official code's
             behaviour (only ``in_proj`` and ``out_proj`` get gradients; ``x_proj`` / ``dt_proj``
             keep their initial values) is ``("in_proj", "out_proj")``.
@@ -131,6 +135,7 @@ class JLSSConfig:
     weight_decay: float = 1e-5
     grad_clip: float = 2.0
     batch_size: int | None = 64
+    micro_batch: int | None = None
     learn_roles: tuple[str, ...] = LINEAR_ROLES
     frozen_gradient: str = "ste"
     learn_outputs: bool = False
@@ -143,6 +148,13 @@ class JLSSConfig:
         ):
             raise ConfigError(
                 f"JLSSConfig.batch_size must be a positive integer or None (all images), got {self.batch_size!r}"
+            )
+        if self.micro_batch is not None and (
+            isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int) or self.micro_batch < 1
+        ):
+            raise ConfigError(
+                f"JLSSConfig.micro_batch must be a positive integer or None (the whole batch in one pass), "
+                f"got {self.micro_batch!r}"
             )
         if self.frozen_gradient not in ("ste", "float"):
             raise ConfigError(f"JLSSConfig.frozen_gradient must be 'ste' or 'float', got {self.frozen_gradient!r}")

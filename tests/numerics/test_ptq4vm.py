@@ -209,3 +209,48 @@ def test_jlss_progress_shows_blocks_and_steps_with_a_total(tiny_model, tiny_imag
     err = capsys.readouterr().err
     assert "ptq4vm: JLSS block 1/2" in err and "ptq4vm: JLSS block 2/2" in err
     assert "/6 [" in err  # a total: 3 steps x 2 blocks, with elapsed / remaining time
+
+
+def _learned_tensors(q) -> list[torch.Tensor]:
+    """Every step size and smoothing factor of the model, in module order."""
+    from vmfx.quant.modules import Smooth
+
+    out = []
+    for m in q.modules():
+        if isinstance(m, FakeQuantize) and m.scale is not None:
+            out.append(m.scale.detach())
+        elif isinstance(m, Smooth):
+            out.append(m.factors.detach())
+    return out
+
+
+@pytest.mark.parametrize("batch_size, micro_batch", [(None, 5), (16, 3)])
+def test_micro_batches_take_the_same_steps_as_whole_batches(tiny_model, tiny_images, batch_size, micro_batch):
+    """A step run as several passes (gradients accumulated) equals the step run in one pass, up to
+    rounding: the same losses (so each pass's share is normalised by the whole batch) and the same
+    learned step sizes and smoothing factors. Official gradient path, uneven last passes."""
+    images = torch.cat([tiny_images, tiny_images.flip(-1)])  # 24 images
+
+    def cfg(micro):
+        return _cfg(learn_roles=("in_proj", "out_proj"), steps=4).replace(jlss=JLSSConfig(
+            steps=4, batch_size=batch_size, micro_batch=micro, learn_roles=("in_proj", "out_proj"),
+            frozen_gradient="float"))
+
+    whole = vmfx.compile(tiny_model, images, cfg(None))
+    parts = vmfx.compile(tiny_model, images, cfg(micro_batch))
+    init = vmfx.compile(tiny_model, images, cfg(None).replace(jlss=JLSSConfig(steps=0)))
+    assert parts.meta["vmfx_jlss"]["micro_batch"] == micro_batch
+    for a, b in zip(whole.meta["vmfx_jlss"]["blocks"], parts.meta["vmfx_jlss"]["blocks"]):
+        assert a["train_losses"] and a["train_losses"] == pytest.approx(b["train_losses"], rel=1e-4, abs=1e-6)
+    learned_whole, learned_parts = _learned_tensors(whole), _learned_tensors(parts)
+    assert len(learned_whole) == len(learned_parts) > 0
+    for a, b in zip(learned_whole, learned_parts):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+    # and the steps did move them (the comparison is not between two initial states)
+    assert any(not torch.allclose(a, c) for a, c in zip(learned_whole, _learned_tensors(init)))
+
+
+def test_micro_batch_must_be_a_positive_integer():
+    for bad in (0, -4, 2.5, True, "64"):
+        with pytest.raises(vmfx.ConfigError, match="micro_batch must be a positive integer or None"):
+            JLSSConfig(micro_batch=bad)

@@ -23,7 +23,8 @@ differentiable, so their step sizes and smoothing factors get real gradients. ``
 values), and ``frozen_gradient="float"`` its backward: gradients cross the frozen linears through
 their float, unsmoothed weights, with no straight-through estimator through their quantizers (the
 forward stays quantized). ``batch_size=None`` uses every calibration image in every step, as the
-official code does.
+official code does; ``micro_batch`` splits each step's batch into passes of that many images whose
+gradients add up to the batch's gradient (the same step, up to rounding, in less memory).
 
 The learnable tensors are found from the graph: the quantizer and smoothing nodes whose annotation
 names a linear of the block (``extra["quantizes"]``); the block's end is its ``out_proj`` node
@@ -122,12 +123,18 @@ class JLSSPass(Pass):
         runner = SegmentRunner(gm, cuts)
         batches = list(iter_calibration_batches(ctx.calib_data, cfg.batch_size or 256, input_expectation(gm)))
         batches = _rebatch(batches, cfg.batch_size)
+        # each step's batch runs as one or more passes (micro-batches); steps pick a group of passes
+        step_passes, passes = [], []
+        for x in batches:
+            chunks = [x] if cfg.micro_batch is None else list(x.split(cfg.micro_batch))
+            step_passes.append(list(range(len(passes), len(passes) + len(chunks))))
+            passes += chunks
         was_training = gm.training
         gm.eval()
         for p in gm.parameters():
             p.requires_grad_(False)
 
-        fp_envs = [runner.initial_env(x) for x in batches]
+        fp_envs = [runner.initial_env(x) for x in passes]
         q_envs = [dict(env) for env in fp_envs]
         generator = torch.Generator().manual_seed(self.seed)
         history = []
@@ -146,7 +153,7 @@ class JLSSPass(Pass):
             with torch.no_grad(), quantization_disabled(gm):
                 fp_envs = [runner.run(segment, env, keep=[out_node]) for env in fp_envs]
             targets = [env[out_node] for env in fp_envs]
-            record = self._learn_block(gm, runner, segment, out_node, b, q_envs, targets, generator, progress)
+            record = self._learn_block(gm, runner, segment, out_node, b, q_envs, targets, step_passes, generator, progress)
             history.append(record)
             with torch.no_grad():
                 q_envs = [runner.run(segment, env) for env in q_envs]
@@ -155,10 +162,11 @@ class JLSSPass(Pass):
         gm.train(was_training)
         gm.meta["vmfx_jlss"] = {"blocks": history, "seconds": time.perf_counter() - start,
                                 "images": sum(x.shape[0] for x in batches),
-                                "batch_size": cfg.batch_size, "frozen_gradient": cfg.frozen_gradient}
+                                "batch_size": cfg.batch_size, "micro_batch": cfg.micro_batch,
+                                "frozen_gradient": cfg.frozen_gradient}
         return PassResult(gm, True)
 
-    def _learn_block(self, gm, runner, segment, out_node, block, q_envs, targets, generator, progress) -> dict:
+    def _learn_block(self, gm, runner, segment, out_node, block, q_envs, targets, step_passes, generator, progress) -> dict:
         cfg = self.config
         w_params, a_params, s_params = [], [], []
         frozen: list[LinearEdges] = []
@@ -199,20 +207,19 @@ class JLSSPass(Pass):
         loop_start = time.perf_counter()
         for step in range(cfg.steps):
             if not order:
-                order = torch.randperm(len(q_envs), generator=generator).tolist()
-            i = order.pop()
-            out = runner.run(segment, q_envs[i], keep=[out_node], overrides=overrides)[out_node]
-            loss = (1 - F.cosine_similarity(targets[i].float(), out.float(), dim=-1)).mean()
-            if not math.isfinite(loss.item()):
-                raise self.fail(f"the loss of block {block} became {loss.item()} at step {step}; lower the learning rates")
+                order = torch.randperm(len(step_passes), generator=generator).tolist()
+            group = step_passes[order.pop()]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._backward_batch(runner, segment, out_node, [q_envs[i] for i in group],
+                                        [targets[i] for i in group], overrides)
+            if not math.isfinite(loss):
+                raise self.fail(f"the loss of block {block} became {loss} at step {step}; lower the learning rates")
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}")
+                progress.set_postfix(loss=f"{loss:.4f}")
         record["step_seconds"] = round((time.perf_counter() - loop_start) / cfg.steps, 4)
         for p in params:
             p.requires_grad_(False)
@@ -224,6 +231,27 @@ class JLSSPass(Pass):
         record["train_losses"] = [round(v, 6) for v in losses[:: max(1, cfg.steps // 10)]]
         record["final_loss"] = self._loss(runner, segment, out_node, q_envs, targets)
         return record
+
+    @staticmethod
+    def _backward_batch(runner, segment, out_node, envs, targets, overrides) -> float:
+        """Accumulate into ``.grad`` the gradient of one step's loss, ``mean(1 - cosine)`` over every
+        token of the batch, running the batch as ``len(envs)`` passes (micro-batches); returns the loss.
+
+        Each pass backpropagates its share (its sum over the batch's token count), so the
+        accumulated gradient is the batch's gradient up to rounding. One pass is the plain mean."""
+        if len(envs) == 1:
+            out = runner.run(segment, envs[0], keep=[out_node], overrides=overrides)[out_node]
+            loss = (1 - F.cosine_similarity(targets[0].float(), out.float(), dim=-1)).mean()
+            loss.backward()
+            return loss.item()
+        count = sum(t[..., 0].numel() for t in targets)
+        total = 0.0
+        for env, target in zip(envs, targets):
+            out = runner.run(segment, env, keep=[out_node], overrides=overrides)[out_node]
+            share = (1 - F.cosine_similarity(target.float(), out.float(), dim=-1)).sum() / count
+            share.backward()
+            total += share.item()
+        return total
 
     @staticmethod
     def _loss(runner, segment, out_node, q_envs, targets) -> float:
