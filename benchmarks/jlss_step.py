@@ -53,14 +53,21 @@ def time_step(gm, cfg, jlss, calib, steps: int, micro_batch: int | None) -> floa
     return statistics.mean(b["step_seconds"] for b in out.meta["vmfx_jlss"]["blocks"])
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="ptq4vm-official-w4a4")
-    p.add_argument("--images", type=int, default=256, help="calibration images (accuracy.py's draw)")
-    p.add_argument("--micro-batch", type=int, nargs="+", default=[64], help="micro-batch sizes to compare")
-    p.add_argument("--steps", type=int, default=1, help="JLSS steps per block in each timing")
-    p.add_argument("--repeat", type=int, default=2, help="interleaved rounds")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--images", type=positive_int, default=256, help="calibration images (accuracy.py's draw)")
+    p.add_argument("--micro-batch", type=positive_int, nargs="+", default=[64], help="micro-batch sizes to compare")
+    p.add_argument("--steps", type=positive_int, default=1, help="JLSS steps per block in each timing")
+    p.add_argument("--repeat", type=positive_int, default=2, help="interleaved rounds")
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--out", help="append the table to this Markdown file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
