@@ -153,6 +153,26 @@ def test_lowered_model_round_trips(small_vim_q, tmp_path):
         assert torch.equal(loaded(images), lowered(images))
 
 
+def test_lowered_files_keep_their_lowering_form(small_vim_q, tmp_path):
+    """An optimized lowering (folded constants, both directions in one launch) is saved as such;
+    a file from before the rewrites (its header records no "optimized") is rebuilt without them."""
+    _, images, q = small_vim_q
+    kinds = lambda m: sorted(p.kind for p in vmfx.lowering.lowered_partitions(m))  # noqa: E731
+    optimized, plain = vmfx.lowering.lower(q, "reference"), vmfx.lowering.lower(q, "reference", optimize=False)
+    for lowered in (optimized, plain):
+        path = vmfx.save(lowered, str(tmp_path / "lowered.safetensors"))
+        loaded = vmfx.load(path)
+        assert kinds(loaded) == kinds(lowered)
+        with torch.no_grad():
+            assert torch.equal(loaded(images), lowered(images))
+    assert "scan_merge" in kinds(optimized) and "scan" in kinds(plain)
+    _resave(path, edit_header=lambda h: h["lowered"].pop("optimized"))  # the plain file, as an older vmfx wrote it
+    loaded = vmfx.load(path)
+    assert kinds(loaded) == kinds(plain) and not loaded.meta["vmfx_lowered"]["optimized"]
+    with torch.no_grad():
+        assert torch.equal(loaded(images), plain(images))
+
+
 def test_nan_quantization_parameters_are_refused(small_vim_q, tmp_path):
     path = vmfx.save(small_vim_q[2], str(tmp_path / "q.safetensors"))
 

@@ -315,7 +315,8 @@ def save(qmodel: fx.GraphModule, path: str) -> str:
         "version": FORMAT_VERSION,
         "vmfx_version": __version__,
         **structure,
-        "lowered": {"backend": lowered["backend"], "state": "lowered", "weight_packing": WEIGHT_PACKING}
+        "lowered": {"backend": lowered["backend"], "state": "lowered", "weight_packing": WEIGHT_PACKING,
+                    "optimized": bool(lowered.get("optimized", False))}
         if lowered else None,
     }
     header_json = json.dumps(header, sort_keys=True)
@@ -441,7 +442,7 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
     try:
         gm, tensors = _rebuild(model, header, tensors)
         if lowered is not None and lowered.get("state") == "lowered":
-            gm = _lower_structure(gm, lowered["backend"], header)
+            gm = _lower_structure(gm, lowered["backend"], header, bool(lowered.get("optimized", False)))
         gm.load_state_dict(tensors, strict=True)
     except SerializationError:
         raise
@@ -477,14 +478,16 @@ def _lowered_entry(header: dict, path: str) -> dict | None:
     return lowered
 
 
-def _lower_structure(gm: fx.GraphModule, backend: str, header: dict) -> fx.GraphModule:
+def _lower_structure(gm: fx.GraphModule, backend: str, header: dict, optimized: bool) -> fx.GraphModule:
     """Lower a rebuilt graph whose tensors are not loaded yet (placeholder weights and unit
     quantization parameters): only the structure of the result counts, its state is then loaded
-    from the file. The placeholder quantized model is not kept (``vmfx_unlowered`` is None); the
+    from the file. ``optimized``: the file was written by a lowering that ran the graph rewrites
+    (folded constants, absorbed flips; files written before them record none and are lowered
+    without). The placeholder quantized model is not kept (``vmfx_unlowered`` is None); the
     header's structure fields are, so that the loaded model can be saved again."""
     from .lowering import lower
 
-    lowered = lower(gm, backend)
+    lowered = lower(gm, backend, optimize=optimized)
     lowered.meta["vmfx_unlowered"] = None
     lowered.meta[STRUCTURE_META] = {k: header.get(k) for k in (
         "model", "source_type", "input_shapes", "config", "calibration", "facts", "edits", "modules", "annotations")}

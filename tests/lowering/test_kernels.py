@@ -387,13 +387,19 @@ def test_indented_buffer():
 
 def test_provenance_header_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VMFX_CACHE_DIR", str(tmp_path))
+    codegen.clear_memo()  # other tests may have loaded this kernel (from another cache directory)
     prov = ["in_proj (call_module)", f"unique {tmp_path.name}"]
     src = K.render_quantize(per_token=False, provenance=prov)
     assert src.startswith("# vmfx generated kernel: template=quantize\n# provenance (FX nodes):\n")
     assert "#   in_proj (call_module)\n" in src
     fn = codegen.load_kernel(src, "vmfx_quantize")
-    path = tmp_path / f"{codegen.code_hash(src)}.py"
-    assert path.read_text() == src and [p.name for p in tmp_path.iterdir()] == [path.name]
+    shared, labels = codegen.split_provenance(src)  # the compiled source: every layer's the same
+    assert labels == prov and "in_proj" not in shared
+    path = tmp_path / f"{codegen.code_hash(shared)}.py"
+    assert path.read_text() == shared and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert codegen.kernel_provenance(codegen.code_hash(shared))[-2:] == prov
+    other = K.render_quantize(per_token=False, provenance=["out_proj (call_module)"])
+    assert codegen.load_kernel(other, "vmfx_quantize") is fn  # another layer, the same kernel
     before = path.stat()
     assert codegen.load_kernel(src, "vmfx_quantize") is fn  # memoized: same function object
     codegen.clear_memo()  # a fresh process: re-imported, but the file is not rewritten

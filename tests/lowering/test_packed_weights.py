@@ -26,6 +26,7 @@ import vmfx
 from vmfx.lowering import lower, lowered_partitions
 from vmfx.lowering import reference as R
 from vmfx.lowering.partition import find_partitions
+from vmfx.lowering.runtime import LoweredQLinear
 from vmfx.models import VisionMamba
 
 
@@ -43,22 +44,39 @@ def w4(tiny):
     return vmfx.compile(model, images, "pts-w4a8")
 
 
-def _weight_buffers(lowered) -> dict[str, torch.Tensor]:
-    out = {}
+def _lowered_linears(lowered):
+    """The lowered GEMMs: qlinear partitions and the members of grouped ones."""
     for p in lowered_partitions(lowered):
         if p.kind == "qlinear":
+            yield p
+        elif p.kind == "qlinear_group":
+            yield from p.groups
+
+
+def _weight_buffers(lowered) -> dict[str, torch.Tensor]:
+    """Every lowered GEMM's weight buffer, by its state_dict key."""
+    out = {}
+    for path, p in lowered.named_modules():
+        if isinstance(p, LoweredQLinear):
             for name in ("w_codes", "w_packed"):
                 t = getattr(p, name)
                 if t is not None:
-                    out[f"{p.partition_name}.{name}"] = t
+                    out[f"{path}.{name}"] = t
     return out
 
 
 def test_lowered_w4_weights_are_stored_packed(w4):
     lowered = lower(w4, "reference")
     linears = {p.name: p.info["module"] for p in find_partitions(w4) if p.kind == "qlinear"}
-    parts = [p for p in lowered_partitions(lowered) if p.kind == "qlinear"]
-    assert parts and {p.partition_name for p in parts} == set(linears)
+    parts = list(_lowered_linears(lowered))
+    # dt_proj runs inside the scan, from its 4-bit codes kept unpacked (E x dt_rank bytes)
+    fused = [p for p in lowered_partitions(lowered) if p.kind == "scan_merge" and p.fused_dt_proj]
+    dt_names = {n for n in linears if "dt_proj" in n}
+    assert fused and len(dt_names) == 2 * len(fused)
+    for p in fused:
+        for d in "fb":
+            assert getattr(p, f"dt_{d}_w_codes").dtype == torch.int8 and getattr(p, f"dt_{d}_w_bits") == 4
+    assert parts and {p.partition_name for p in parts} == set(linears) - dt_names
     for p in parts:
         lin = linears[p.partition_name]
         codes = R.QWeight.from_float(lin.weight, lin.weight_quantizer.scale, 4, smooth=lin.smoothing()).codes
@@ -76,7 +94,7 @@ def test_packed_weights_round_trip_bit_for_bit(w4, tiny, tmp_path):
     packed = {k: v for k, v in stored.items() if k.endswith(".w_packed")}
     assert packed and not any(k.endswith(".w_codes") for k in stored)
     for name, t in _weight_buffers(lowered).items():  # the file holds the packed bytes themselves
-        key = f"vmfx_lowered.{name}"
+        key = name
         assert stored[key].dtype == torch.int8 and torch.equal(stored[key], t)
     # the float weights of lowered linears are not in the file
     assert not any(k.endswith(("in_proj.weight", "x_proj.weight", "out_proj.weight")) for k in stored)

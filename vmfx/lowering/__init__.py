@@ -15,6 +15,7 @@ plus its own epilogue, cached by hash, :mod:`~vmfx.lowering.codegen`) -> :mod:`~
 # Triton's CPU interpreter on a machine without CUDA) is chosen when the first generated kernel is
 # defined (vmfx.lowering.codegen.ensure_backend), before Triton is imported.
 from .partition import Partition, find_partitions, unlowered_quantizers
+from .plan import Launch, LaunchPlan, launch_plan
 from .runtime import BACKENDS, LoweredPartition, lower, lowered_partitions, resolve_backend, show
 
 __all__ = [
@@ -27,4 +28,7 @@ __all__ = [
     "lowered_partitions",
     "resolve_backend",
     "show",
+    "Launch",
+    "LaunchPlan",
+    "launch_plan",
 ]

@@ -239,6 +239,29 @@ def _library_compiled_for_gpu() -> bool:
 
 _MEMO: dict[str, object] = {}  # code hash -> imported module
 _LOCK = threading.Lock()
+_PROVENANCE: dict[str, list[str]] = {}  # code hash -> the provenance of every partition that loaded it
+
+_PROVENANCE_START, _PROVENANCE_END = "# provenance (FX nodes):", "# parameters:"
+
+
+def split_provenance(source: str) -> tuple[str, list[str]]:
+    """``(source without its provenance lines, those lines)``: partitions of the same form (the
+    same template and parameters, e.g. every block's ``in_proj``) share one compiled kernel, whatever
+    layer they came from (:func:`load_kernel`)."""
+    lines = source.split("\n")
+    try:
+        start, end = lines.index(_PROVENANCE_START), lines.index(_PROVENANCE_END)
+    except ValueError:
+        return source, []
+    labels = [line[4:] if line.startswith("#   ") else line for line in lines[start + 1:end]]
+    return "\n".join(lines[:start + 1] + ["#   (shared: see vmfx.lowering.codegen.kernel_provenance)"]
+                      + lines[end:]), [label for label in labels if label != "(none given)"]
+
+
+def kernel_provenance(key: str) -> list[str]:
+    """The provenance of every partition that loaded the kernel with code hash ``key`` (the name of
+    its file in the kernel cache), in load order, without repeats."""
+    return list(_PROVENANCE.get(key, []))
 
 
 def clear_memo() -> None:
@@ -250,10 +273,13 @@ def clear_memo() -> None:
 def load_kernel(source: str, name: str):
     """Import a generated kernel source and return the object called ``name`` in it.
 
-    The source is written once to ``<cache dir>/<code_hash(source)>.py`` (atomically; an existing
-    file with that name is never rewritten: its name is the hash of its content) and imported with
-    importlib under the module name ``vmfx_kernel_<hash>``. Modules are memoized by hash, so the
-    same source gives the same function object, compiled by Triton at most once per process.
+    The provenance lines of the header are set aside first (:func:`split_provenance`; they are
+    kept in a side table, :func:`kernel_provenance`), so that every partition of the same form
+    loads one kernel, compiled and autotuned once, not one per layer. The rest is written once to
+    ``<cache dir>/<hash>.py`` (atomically; an existing file with that name is never rewritten: its
+    name is the hash of its content) and imported with importlib under the module name
+    ``vmfx_kernel_<hash>``. Modules are memoized by hash, so the same source gives the same
+    function object, compiled by Triton at most once per process.
 
     Args:
         source: the complete module source (``import triton`` etc. included).
@@ -266,8 +292,11 @@ def load_kernel(source: str, name: str):
         RuntimeError: see :func:`ensure_backend`.
         AttributeError: the module defines no ``name``.
     """
+    source, provenance = split_provenance(source)
     key = code_hash(source)
     with _LOCK:
+        seen = _PROVENANCE.setdefault(key, [])
+        seen.extend(p for p in provenance if p not in seen)
         module = _MEMO.get(key)
         if module is None:
             ensure_backend()
@@ -642,6 +671,7 @@ def render_autotune(buf: IndentedBuffer, configs: Sequence[dict], key: Sequence[
                 buf.writeline(f"triton.Config({meta!r}, {extra}),")
         buf.writeline("],")
         buf.writeline(f"key={list(key)!r},")
+        buf.writeline("cache_results=True,  # timings kept on disk (Triton's cache): a new process does not re-tune")
     buf.writeline(")")
 
 

@@ -18,6 +18,15 @@ as the inlier GEMM + outlier-column GEMM of :mod:`vmfx.lowering.kernels.mixed_li
 * ``merge``: the sum of a mixer's two scan directions (the backward one flipped back), the
   division, and the transpose to tokens-major, quantized for the ``out_proj`` that reads it.
 
+Both directions of a bidirectional block, once :mod:`vmfx.lowering.rewrite` has moved the backward
+direction's flips next to their readers (the conv's ``flip``, the scan's ``flip_z``), are paired
+(:func:`find_partitions`' ``pair_directions``):
+
+* ``conv_bidir``: a forward conv and a conv reading the same input reversed, one launch;
+* ``qlinear_group``: the two linears reading a ``conv_bidir``'s codes (both ``x_proj``), one grouped GEMM;
+* ``scan_merge``: a ``merge`` of a forward and a backward scan (float hidden states), one launch,
+  which also takes in each direction's ``dt_proj`` when delta is ``dt_proj``'s output transposed.
+
 A partition records the FX nodes it replaces (provenance), its external inputs (in order) and the
 node whose value it produces. Nodes in no partition (norms, views, the patch embedding, the head)
 stay as they are. This module only *finds* partitions; :mod:`vmfx.lowering.runtime` replaces them.
@@ -41,6 +50,7 @@ from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, mod
 from ..quant.mixed import MixedPrecisionQuantize
 from ..quant.modules import FakeQuantize, Smooth
 from ..quant.scan_state import scan_state_of
+from .rewrite import flip_dims
 
 __all__ = ["Partition", "QuantizedLinear", "find_partitions", "unlowered_quantizers", "EPILOGUE_OPS"]
 
@@ -60,7 +70,8 @@ class Partition:
     """One fused subgraph.
 
     Attributes:
-        kind: "qlinear", "conv", "scan" or "merge".
+        kind: "qlinear", "conv", "scan", "merge", "mixed_qlinear", "conv_bidir", "qlinear_group" or
+            "scan_merge".
         name: a readable unique name (from the anchor node).
         nodes: the FX nodes it replaces, in graph order (their names are the kernel's provenance).
         inputs: external input nodes, in the order the lowered module takes them.
@@ -190,14 +201,27 @@ def _same_shape(other: fx.Node, meta) -> bool:
 # -- conv / scan / merge --------------------------------------------------------------------------
 
 
+def _time_flip(node) -> fx.Node | None:
+    """``node`` if it is a flip of a (B, E, L) tensor along L (its last dim) alone, else None:
+    a kernel that reads its input reversed along L absorbs it (see :func:`vmfx.lowering.rewrite.sink_flips`)."""
+    if not isinstance(node, fx.Node) or not is_flip(node) or len(node.users) != 1:
+        return None
+    meta = node.meta.get("tensor_meta")
+    dims = flip_dims(node)
+    if meta is None or dims is None or len(meta.shape) != 3 or [d % 3 for d in dims] != [2]:
+        return None
+    return node
+
+
 def _conv_partition(conv: fx.Node) -> Partition | None:
-    """conv1d -> [crop getitem] -> silu."""
+    """[flip along L] -> conv1d -> [crop getitem] -> silu."""
     module = module_of(conv)
     if not isinstance(module, torch.nn.Conv1d) or module.groups != module.in_channels or module.stride != (1,):
         return None
     if module.padding != (module.kernel_size[0] - 1,) or module.dilation != (1,):
         return None
-    nodes = [conv]
+    flip = _time_flip(conv.args[0])
+    nodes = [conv] if flip is None else [flip, conv]
     current = single_user(conv)
     if current is not None and current.op == "call_function" and current.target is operator.getitem:
         nodes.append(current)
@@ -205,7 +229,8 @@ def _conv_partition(conv: fx.Node) -> Partition | None:
     if current is None or not is_silu(current) or _role(current) != "conv_act":
         return None
     nodes.append(current)
-    return Partition("conv", conv.name, nodes, [conv.args[0]], current, {"module": module})
+    source = conv.args[0] if flip is None else flip.args[0]
+    return Partition("conv", conv.name, nodes, [source], current, {"module": module, "flip": flip is not None})
 
 
 def _scan_partition(scan: fx.Node) -> Partition | None:
@@ -229,10 +254,13 @@ def _scan_partition(scan: fx.Node) -> Partition | None:
     has_d = bound.get("D") is not None
     if has_d:
         inputs.append(bound["D"])
-    inputs.append(gate_act.args[0])  # z, before its SiLU
-    info = {"softplus": bool(bound.get("delta_softplus")), "has_D": has_d,
+    z = gate_act.args[0]  # before its SiLU
+    flip_z = _time_flip(z)  # the backward direction's gate: the forward z, read reversed
+    inputs.append(z if flip_z is None else flip_z.args[0])
+    info = {"softplus": bool(bound.get("delta_softplus")), "has_D": has_d, "flip_z": flip_z is not None,
             "state": scan_state_of(scan)}  # the quantized hidden state (None: float state)
-    return Partition("scan", scan.name, [scan, gate_act, gate_mul], inputs, gate_mul, info)
+    nodes = [scan, gate_act, gate_mul] + ([flip_z] if flip_z is not None else [])
+    return Partition("scan", scan.name, nodes, inputs, gate_mul, info)
 
 
 def _merge_partition(out_proj: fx.Node) -> Partition | None:
@@ -302,11 +330,174 @@ def _mixed_partition(node: fx.Node) -> Partition | None:
     return Partition("mixed_qlinear", node.name, [edges.act_quant, edges.weight_quant, node], [edges.source], node, info)
 
 
+# -- both directions of a block in one partition ---------------------------------------------------
+
+
+def same_value(a, b) -> bool:
+    """Whether two graph values are provably equal: the same node, equal constants, or the same
+    view op (transpose, getitem, ...) with the same arguments applied to equal values."""
+    if a is b:
+        return True
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and type(a) is type(b) and a == b
+    if a.op != b.op or a.target != b.target or a.op not in ("call_method", "call_function") or not is_transparent(a):
+        return False
+    if len(a.args) != len(b.args) or a.kwargs != b.kwargs:
+        return False
+    return all(same_value(x, y) for x, y in zip(a.args, b.args))
+
+
+def _act_kind(linear: QuantizedLinear | None):
+    if linear is None:
+        return None
+    spec = linear.input_quantizer.spec
+    return spec.granularity, spec.bits
+
+
+def _pair_convs(parts: list[Partition]) -> list[Partition]:
+    """A forward conv and a conv reading the same input reversed (its absorbed flip), with equal
+    widths and channels, both emitting codes for a linear of the same activation kind (or neither),
+    become one ``conv_bidir`` partition (one launch, no flip)."""
+    convs = [p for p in parts if p.kind == "conv"]
+    linears = {p.info["node"]: p.info["module"] for p in parts if p.kind == "qlinear"}
+    paired: dict[int, Partition] = {}
+    for fwd in convs:
+        if fwd.info.get("flip") or id(fwd) in paired:
+            continue
+        for bwd in convs:
+            if not bwd.info.get("flip") or id(bwd) in paired or not same_value(fwd.inputs[0], bwd.inputs[0]):
+                continue
+            mf, mb = fwd.info["module"], bwd.info["module"]
+            if mf.kernel_size != mb.kernel_size or mf.in_channels != mb.in_channels:
+                continue
+            cf, cb = fwd.info.get("consumer"), bwd.info.get("consumer")
+            if (cf is None) != (cb is None) or _act_kind(linears.get(cf)) != _act_kind(linears.get(cb)):
+                continue  # the kernel quantizes both directions alike (or neither)
+            info = {"modules": (mf, mb), "outputs": (fwd.output, bwd.output), "consumers": (cf, cb)}
+            pair = Partition("conv_bidir", fwd.name, fwd.nodes + bwd.nodes, [fwd.inputs[0]], fwd.output, info)
+            paired[id(fwd)] = paired[id(bwd)] = pair
+            break
+    return _replace_pairs(parts, paired)
+
+
+def _pair_scans(parts: list[Partition]) -> list[Partition]:
+    """A ``merge`` of a forward scan and a backward scan whose gate reads the same z reversed
+    (float hidden states, the same softplus, outputs read by the merge alone) becomes one
+    ``scan_merge`` partition: both recurrences, the gate, the merge and the codes for the linear
+    after it in one launch."""
+    scans = {p.output: p for p in parts if p.kind == "scan"}
+    paired: dict[int, Partition] = {}
+    for merge in (p for p in parts if p.kind == "merge"):
+        fwd, bwd = scans.get(merge.inputs[0]), scans.get(merge.inputs[1])
+        if fwd is None or bwd is None or fwd.info.get("flip_z") or not bwd.info.get("flip_z"):
+            continue
+        if fwd.info.get("state") is not None or bwd.info.get("state") is not None:
+            continue  # the quantized hidden state keeps its per-direction kernel
+        if fwd.info["softplus"] != bwd.info["softplus"] or not same_value(fwd.inputs[-1], bwd.inputs[-1]):
+            continue
+        if any(u not in merge.nodes for p in (fwd, bwd) for u in p.output.users):
+            continue  # a direction's own output is read elsewhere: the pair never writes it
+        scan_inputs = lambda p: p.inputs[:-1] + ([] if p.info["has_D"] else [None])  # noqa: E731
+        info = {"softplus": fwd.info["softplus"], "has_D": (fwd.info["has_D"], bwd.info["has_D"]),
+                "scale": merge.info["scale"], "consumer": merge.info.get("consumer")}
+        inputs = scan_inputs(fwd) + scan_inputs(bwd) + [fwd.inputs[-1]]
+        pair = Partition("scan_merge", merge.name, fwd.nodes + bwd.nodes + merge.nodes, inputs, merge.output, info)
+        paired[id(fwd)] = paired[id(bwd)] = paired[id(merge)] = pair
+    return _replace_pairs(parts, paired)
+
+
+def _replace_pairs(parts: list[Partition], paired: dict[int, Partition]) -> list[Partition]:
+    out, seen = [], set()
+    for p in parts:
+        q = paired.get(id(p), p)
+        if id(q) not in seen:
+            seen.add(id(q))
+            out.append(q)
+    for p in out:  # the linears that read codes from a partition now merged read them from the pair
+        if p.kind == "qlinear" and p.info.get("codes_from") is not None:
+            p.info["codes_from"] = paired.get(id(p.info["codes_from"]), p.info["codes_from"])
+    return out
+
+
+def _group_linears(parts: list[Partition]) -> list[Partition]:
+    """The two linears that read a ``conv_bidir``'s codes (both directions' ``x_proj``), without
+    epilogues and with weights of the same shape and bit width, become one ``qlinear_group``
+    partition (one grouped GEMM over the stacked codes)."""
+    linears = {p.info["node"]: p for p in parts if p.kind == "qlinear"}
+    grouped: dict[int, Partition] = {}
+    for conv in (p for p in parts if p.kind == "conv_bidir"):
+        members = [linears.get(c) for c in conv.info["consumers"]]
+        if any(m is None or m.info["epilogue"] or m.info.get("codes_from") is not conv for m in members):
+            continue
+        modules = [m.info["module"] for m in members]
+        if len({(tuple(m.weight.shape), m.weight_quantizer.spec.bits) for m in modules}) != 1:
+            continue
+        info = {"modules": modules, "nodes": [m.info["node"] for m in members],
+                "outputs": [m.output for m in members], "codes_from": conv}
+        group = Partition("qlinear_group", members[0].name, [n for m in members for n in m.nodes],
+                          [members[0].inputs[0]], members[0].output, info)
+        for m in members:
+            grouped[id(m)] = group
+    return _replace_pairs(parts, grouped)
+
+
+#: Where each direction's delta sits in a ``scan_merge`` partition's inputs (u, delta, A, B, C, D per direction, z).
+_SCAN_MERGE_DELTA = (1, 7)
+
+
+def _dt_proj_of(delta, linears: dict[fx.Node, Partition]) -> tuple[Partition, fx.Node] | None:
+    """``delta = transpose(dt_proj(dt_in), 1, 2)``: the qlinear partition of ``dt_proj`` (no
+    epilogue, not reading a producer's codes, read by that transpose alone, on a (B, L, R) input)
+    and the transpose node, or None."""
+    if not isinstance(delta, fx.Node) or delta.op != "call_method" or delta.target != "transpose":
+        return None
+    if len(delta.users) != 1 or len(delta.args) != 3 or sorted(d % 3 for d in delta.args[1:]) != [1, 2]:
+        return None
+    part = linears.get(delta.args[0])
+    if part is None or part.info["epilogue"] or part.info.get("codes_from") is not None:
+        return None
+    meta = part.inputs[0].meta.get("tensor_meta") if isinstance(part.inputs[0], fx.Node) else None
+    if set(part.output.users) != {delta} or meta is None or len(meta.shape) != 3:
+        return None
+    if part.info["module"].weight_quantizer.spec.bits > 8:
+        return None
+    return part, delta
+
+
+def _fuse_dt_proj(parts: list[Partition]) -> list[Partition]:
+    """A ``scan_merge`` whose two deltas are each ``dt_proj``'s output, transposed, takes both
+    ``dt_proj`` linears into its launch (delta is computed in registers and never written)."""
+    linears = {p.output: p for p in parts if p.kind == "qlinear"}
+    fused: set[int] = set()
+    for p in parts:
+        if p.kind != "scan_merge":
+            continue
+        found = [_dt_proj_of(p.inputs[i], linears) for i in _SCAN_MERGE_DELTA]
+        if any(f is None for f in found):
+            continue
+        for i, (dt, transpose) in zip(_SCAN_MERGE_DELTA, found):
+            p.inputs[i] = dt.inputs[0]  # dt_in: x_proj's output slice, token-major
+            p.nodes.extend(dt.nodes + [transpose])
+            fused.add(id(dt))
+        p.info["dt_proj"] = tuple(dt.info["module"] for dt, _ in found)
+    return [p for p in parts if id(p) not in fused]
+
+
+def _pair_directions(parts: list[Partition]) -> list[Partition]:
+    """Both directions of a bidirectional block in one launch: ``conv_bidir`` (the two convs),
+    ``qlinear_group`` (the two linears reading its codes) and ``scan_merge`` (the two scans,
+    their gates and the merge, with both ``dt_proj`` linears inside)."""
+    return _fuse_dt_proj(_pair_scans(_group_linears(_pair_convs(parts))))
+
+
 # -- driver ---------------------------------------------------------------------------------------
 
 
-def find_partitions(gm: fx.GraphModule) -> list[Partition]:
-    """Every partition of ``gm``, in graph order. Each node belongs to at most one partition."""
+def find_partitions(gm: fx.GraphModule, pair_directions: bool = True) -> list[Partition]:
+    """Every partition of ``gm``, in graph order. Each node belongs to at most one partition.
+
+    With ``pair_directions``, the two directions of a bidirectional block run as one partition
+    where they can (:func:`_pair_directions`)."""
     taken: set[fx.Node] = set()
     parts: list[Partition] = []
 
@@ -352,6 +543,8 @@ def find_partitions(gm: fx.GraphModule) -> list[Partition]:
     for node in gm.graph.nodes:  # OuroMamba (issue 11): the mixed-precision linears
         if node not in taken:
             add(_mixed_partition(node))
+    if pair_directions:
+        parts = _pair_directions(parts)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for p in parts:
         p.nodes.sort(key=order.__getitem__)

@@ -489,6 +489,33 @@ _EXACT_F32 = 2**24  # every integer of magnitude <= 2^24 is a float32
 _PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def qlinear_group(codes: torch.Tensor, weights: Sequence[QWeight], acts: Sequence[ActQuant],
+                  biases: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """G quantized linears on int8 codes, stacked: ``out[g] = qlinear(codes[g], weights[g], acts[g],
+    biases[g])`` as (M, N) rows. The oracle of :func:`vmfx.lowering.kernels.qlinear_group` (one
+    launch for, e.g., both directions' ``x_proj`` of a Vim block).
+
+    Args:
+        codes: (G, M, K) int8 shifted codes ``q - 2^(b-1)``, rows token-major.
+        weights, acts: G of each; biases: None or G entries ((N,) float or None).
+
+    Returns:
+        (G, M, N) float32.
+
+    Raises:
+        ValueError: codes not (G, M, K) int8, or sequences whose length is not G.
+    """
+    if codes.dtype != torch.int8 or codes.dim() != 3:
+        raise ValueError(f"codes must be (G, M, K) int8, got {tuple(codes.shape)} {codes.dtype}")
+    g = codes.shape[0]
+    if len(weights) != g or len(acts) != g or (biases is not None and len(biases) != g):
+        raise ValueError(f"groups: codes has G={g}, got {len(weights)} weights, {len(acts)} acts"
+                         + ("" if biases is None else f", {len(biases)} biases"))
+    outs = [qlinear(codes[i], weights[i], acts[i], None if biases is None else biases[i])
+            .reshape(codes.shape[1], -1) for i in range(g)]
+    return torch.stack(outs) if outs else codes.new_empty((0, codes.shape[1], 0), dtype=torch.float32)
+
+
 def set_fast_path(enabled: bool) -> bool:
     """Turn the reference's CPU fast path on or off (process-wide); returns the previous setting."""
     global _FAST_PATH
@@ -778,6 +805,34 @@ def _conv_fast(x, w, bias, act):
     codes = torch.empty((bsz, length, e), dtype=torch.int8).copy_(v.transpose(1, 2))  # exact integers
     return out, codes.view(bsz * length, e)
 
+
+def causal_conv1d_silu_bidir(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tensor | None, w_b: torch.Tensor,
+                             b_b: torch.Tensor | None, act_f: ActQuant | None = None, act_b: ActQuant | None = None):
+    """Both directions' :func:`causal_conv1d_silu` of a Vim block, stacked: the oracle of the
+    one-launch kernel :func:`vmfx.lowering.kernels.causal_conv1d_silu_bidir`.
+
+    Exactly ``causal_conv1d_silu(x, w_f, b_f, flip=False, act=act_f)`` and
+    ``causal_conv1d_silu(x, w_b, b_b, flip=True, act=act_b)``, stacked along a new leading
+    direction axis.
+
+    Args:
+        x: (B, E, L) float.
+        w_f, w_b: (E, W) (or (E, 1, W)); b_f, b_b: optional (E,).
+        act_f, act_b: both or neither: each direction's next-linear (``x_proj``) quantizer.
+
+    Returns:
+        ``out`` (2, B, E, L) float32 (``out[1]`` in the backward direction's own reversed time
+        order), or ``(out, codes)`` with codes (2, B*L, E) int8 when the acts are given.
+    """
+    if (act_f is None) != (act_b is None):
+        raise ValueError("act_f and act_b must both be given or both be None")
+    res_f = causal_conv1d_silu(x, w_f, b_f, flip=False, act=act_f)
+    res_b = causal_conv1d_silu(x, w_b, b_b, flip=True, act=act_b)
+    if act_f is None:
+        return torch.stack((res_f, res_b))
+    return torch.stack((res_f[0], res_b[0])), torch.stack((res_f[1], res_b[1]))
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    flip_z: bool = False, *, step_scale=None, out_scale=None, state_scales=None,
                    state_bits: int = 8):
@@ -842,6 +897,61 @@ def _merge_fast(y_f, y_b, scale, act):
         return out
     codes = _quantize_float(out.view(-1, out.shape[-1]), act).to(torch.int8)
     return out, codes
+
+
+def scan_merge(u_f, delta_f, A_f, B_f, C_f, D_f, u_b, delta_b, A_b, B_b, C_b, D_b, z, *,
+               delta_softplus: bool, scale: float, act: ActQuant | None = None, write_float: bool = True,
+               dt_in_f: torch.Tensor | None = None, dt_weight_f: QWeight | None = None,
+               dt_act_f: ActQuant | None = None, dt_bias_f: torch.Tensor | None = None,
+               dt_in_b: torch.Tensor | None = None, dt_weight_b: QWeight | None = None,
+               dt_act_b: ActQuant | None = None, dt_bias_b: torch.Tensor | None = None):
+    """Both scan directions of a bidirectional Vim block, merged (and quantized for out_proj): the
+    oracle of the one-launch kernel :func:`vmfx.lowering.kernels.scan_merge`, defined as exactly
+    the composition of :func:`selective_scan` (forward; backward with ``flip_z=True``) and
+    :func:`merge_quantize` (and, with the dt_proj inputs, of each direction's :func:`qlinear`
+    ``dt_proj`` before them).
+
+    Args:
+        u_f, delta_f, A_f, B_f, C_f, D_f: the forward direction's scan inputs (see
+            :func:`selective_scan`; ``D_f`` may be None; ``delta_f`` None with the dt_proj inputs).
+        u_b, delta_b, A_b, B_b, C_b, D_b: the backward direction's, in its own (reversed) time order.
+        z: the gate (B, E, L) in forward time order (the backward direction reads it reversed), or None.
+        delta_softplus: apply softplus to delta (both directions).
+        scale: the merge factor ``c``.
+        act: if given, also return the codes of ``m`` (B*L, E) int8 for the next linear.
+        write_float: return ``m`` (needs ``act`` when False: ``(None, codes)``).
+        dt_in_f, dt_weight_f, dt_act_f, dt_bias_f: the fused form: instead of ``delta_f``, its
+            ``dt_proj``: ``delta_f = qlinear(dt_in_f, dt_weight_f, dt_act_f, dt_bias_f).transpose(1, 2)``
+            (float32), with ``dt_in_f`` (B, L, R) (the slice ``x_proj_out[..., :R]``).
+        dt_in_b, dt_weight_b, dt_act_b, dt_bias_b: the backward direction's, ``dt_in_b`` in its
+            own (reversed) time order. Both directions fused or neither.
+
+    Returns:
+        ``m`` (B, L, E) float32, ``(m, codes)``, or ``(None, codes)``.
+    """
+    if not write_float and act is None:
+        raise ValueError("write_float=False needs act (nothing would be returned)")
+    fused = {d: any(v is not None for v in vals) for d, vals in (
+        ("f", (dt_in_f, dt_weight_f, dt_act_f, dt_bias_f)), ("b", (dt_in_b, dt_weight_b, dt_act_b, dt_bias_b)))}
+    if fused["f"] != fused["b"]:
+        raise ValueError("fuse dt_proj in both directions or in neither")
+    if fused["f"]:
+        if delta_f is not None or delta_b is not None:
+            raise ValueError("delta_f and delta_b must be None when the dt_proj inputs are given")
+        for name, v in (("dt_in_f", dt_in_f), ("dt_weight_f", dt_weight_f), ("dt_act_f", dt_act_f),
+                        ("dt_in_b", dt_in_b), ("dt_weight_b", dt_weight_b), ("dt_act_b", dt_act_b)):
+            if v is None:
+                raise ValueError(f"{name} is required when dt_proj is fused")
+        delta_f = qlinear(dt_in_f, dt_weight_f, dt_act_f, dt_bias_f).transpose(1, 2)
+        delta_b = qlinear(dt_in_b, dt_weight_b, dt_act_b, dt_bias_b).transpose(1, 2)
+    elif delta_f is None or delta_b is None:
+        raise ValueError("delta_f and delta_b are required unless the dt_proj inputs are given")
+    y_f = selective_scan(u_f, delta_f, A_f, B_f, C_f, D_f, z, None, delta_softplus)
+    y_b = selective_scan(u_b, delta_b, A_b, B_b, C_b, D_b, z, None, delta_softplus, flip_z=True)
+    result = merge_quantize(y_f, y_b, scale, act)
+    if act is None or write_float:
+        return result
+    return None, result[1]
 
 
 # ------------------------------------------------------------------------------ OuroMamba (issue 11)
@@ -962,3 +1072,5 @@ def mixed_qlinear(codes: MixedCodes, weight: QWeight, bias: torch.Tensor | None 
 
 
 __all__ += ["MixedCodes", "mixed_codes", "tile_outlier_columns", "mixed_qlinear"]
+# both directions of a Vim block in one launch each (issue 22)
+__all__ += ["causal_conv1d_silu_bidir", "qlinear_group", "scan_merge"]

@@ -1,6 +1,7 @@
 """Lowered modules and the ``lower`` transform: partitions become calls to generated kernels.
 
-``lower(qmodel, backend)`` copies a converted graph, finds its partitions
+``lower(qmodel, backend)`` copies a converted graph, rewrites it (:mod:`vmfx.lowering.rewrite`:
+parameter-only subgraphs folded, flips moved next to the kernels that absorb them), finds its partitions
 (:func:`~vmfx.lowering.partition.find_partitions`), and replaces each by one ``call_module`` node
 calling a :class:`LoweredPartition` that holds the integer weights and the quantization
 parameters prepared once (:class:`~vmfx.lowering.reference.QWeight`,
@@ -26,6 +27,12 @@ to float32 and rounds its outputs to ``io_dtype``).
 A lowered model is for inference: the partitions compute without autograd (integer kernels have
 no gradient), so calling it with gradients enabled works, and no gradient flows through them.
 
+Graph capture: under ``torch.compile`` every partition is one call of the custom op
+``vmfx::lowered_partition`` (registered with ``torch.library``; the partition is found by a key it
+holds, and a fake implementation gives its outputs' shapes and dtypes from ``output_specs``), so
+``torch.compile(lowered, fullgraph=True)`` traces the whole model without a graph break, compiling
+the ops between the partitions and calling vmfx's kernels as they are.
+
 Invariants: the quantized model passed in is not modified; the lowered graph computes what the
 fake-quant graph computes up to the documented rounding differences (an activation code may
 differ by one step within an ulp of a rounding tie); node names outside partitions are kept.
@@ -34,9 +41,12 @@ differ by one step within an ulp of a rounding tie); node names outside partitio
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import operator
 import warnings
-from typing import Sequence
+import weakref
+from typing import Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -48,6 +58,7 @@ from ..ops.selective_scan import reparameterize
 from ..quant.scan_state import scan_state_of
 from . import reference as ref
 from .partition import Partition, QuantizedLinear, find_partitions, unlowered_quantizers
+from .rewrite import fold_parameter_constants, sink_flips
 
 __all__ = [
     "BACKENDS",
@@ -57,6 +68,9 @@ __all__ = [
     "LoweredConv",
     "LoweredScan",
     "LoweredMerge",
+    "LoweredConvBidir",
+    "LoweredScanMerge",
+    "LoweredQLinearGroup",
     "lower",
     "show",
     "lowered_partitions",
@@ -84,6 +98,32 @@ def _kernels():
 #: The activation dtypes a lowered partition reads and writes (the kernels' float I/O dtypes).
 IO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: The lowered partitions the custom op can run, by key (weakly: a freed model leaves no entry).
+_PARTITIONS: "weakref.WeakValueDictionary[str, LoweredPartition]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    outs = out if isinstance(out, tuple) else (out,)
+    return [t for t in outs if t is not None]
+
+
+@torch.library.custom_op("vmfx::lowered_partition", mutates_args=())
+def _run_partition(key: str, inputs: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    """Run the lowered partition registered under ``key`` on ``inputs``: its outputs, the
+    ``None`` ones left out. What ``torch.compile`` sees of a partition: one opaque op (its
+    kernels and integer weights stay vmfx's), with the fake implementation below for tracing."""
+    return [t if not any(t is i for i in inputs if i is not None) else t.clone()
+            for t in _flat_outputs(_PARTITIONS[key].compute(*inputs))]
+
+
+@_run_partition.register_fake
+def _(key: str, inputs: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    module = _PARTITIONS[key]
+    device = next(t.device for t in inputs if t is not None)
+    return [torch.empty(shape, dtype=dtype, device=device) for spec in module.output_specs(*inputs)
+            if spec is not None for shape, dtype in (spec,)]
+
 
 class LoweredPartition(nn.Module):
     """Base class: one partition, its provenance, the backend it runs on and ``io_dtype``, the
@@ -97,6 +137,7 @@ class LoweredPartition(nn.Module):
         self.provenance = list(provenance)
         self.backend = backend
         self.io_dtype = torch.float32
+        self._register()
 
     def _apply(self, fn, recurse=True):
         """Device moves reach the parameters; dtype casts do not: the float32 quantization
@@ -119,6 +160,55 @@ class LoweredPartition(nn.Module):
     def _out(self, y: torch.Tensor | None) -> torch.Tensor | None:
         """A reference-backend output (float32) in ``io_dtype``."""
         return y if y is None or y.dtype == self.io_dtype else y.to(self.io_dtype)
+
+    # -- running: eagerly, or as one opaque custom op under torch.compile ------------------------
+
+    def forward(self, *inputs):
+        """Run the partition. Under ``torch.compile`` it is one call of the custom op
+        ``vmfx::lowered_partition`` (:func:`_run_partition`), opaque to the compiler, whose fake
+        implementation gives the outputs' shapes and dtypes (:meth:`output_specs`); eagerly it
+        calls :meth:`compute` directly. Both compute the same thing."""
+        if torch.compiler.is_compiling():
+            flat = torch.ops.vmfx.lowered_partition(self._registry_key(), list(inputs))
+            return self._unflatten(flat, self.output_specs(*inputs))
+        return self.compute(*inputs)
+
+    def compute(self, *inputs):
+        """The partition's outputs (a tensor, or a tuple where it also emits codes)."""
+        raise NotImplementedError
+
+    def output_specs(self, *inputs) -> tuple:
+        """((shape, dtype) or None, ...): what :meth:`compute` returns for these inputs, one entry
+        per output (None where an output of a tuple is not written); a single output is a
+        one-entry tuple and :attr:`returns_tuple` says whether compute returns a tuple."""
+        raise NotImplementedError
+
+    def scratch_bytes(self, *inputs) -> int:
+        """Bytes the kernel moves beyond its inputs and outputs read once and written once (a
+        workspace written and read back, an input read twice): the launch plan adds them."""
+        return 0
+
+    @property
+    def returns_tuple(self) -> bool:
+        return bool(getattr(self, "emits_codes", False))
+
+    def _unflatten(self, flat, specs):
+        it = iter(flat)
+        outs = tuple(None if spec is None else next(it) for spec in specs)
+        return outs if self.returns_tuple else outs[0]
+
+    def _registry_key(self) -> str:
+        """This module's key in the custom op's registry (made when it is built, copied or
+        unpickled: a copy is a module of its own)."""
+        return self._vmfx_key
+
+    def _register(self) -> None:
+        self._vmfx_key = f"{self.kind}:{self.partition_name}:{next(_KEYS)}"
+        _PARTITIONS[self._vmfx_key] = self
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._register()
 
     def source(self) -> str:
         """The generated Triton source of this partition's kernel."""
@@ -192,7 +282,7 @@ class LoweredQLinear(LoweredPartition):
         return ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits, self.w_packed, self.in_features)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
         if self.takes_codes and x.dim() == 2:
             x = x.reshape((-1,) + self.token_shape + (x.shape[-1],))
         inputs = {f"extra{i}": e.float().contiguous() for i, e in enumerate(extras)}
@@ -202,6 +292,12 @@ class LoweredQLinear(LoweredPartition):
                                       provenance=self.provenance, out_dtype=self.io_dtype)
         x = x if self.takes_codes else x.float()
         return self._out(ref.qlinear(x, weight, act, self.bias, epilogue=self.epilogue, epilogue_inputs=inputs))
+
+    def output_specs(self, x, *extras):
+        n = self.w_scale.shape[0]
+        if self.takes_codes and x.dim() == 2:
+            return ((((x.shape[0] // math.prod(self.token_shape),) + self.token_shape + (n,)), self.io_dtype),)
+        return (((*x.shape[:-1], n), self.io_dtype),)
 
     def source(self) -> str:
         act = _act(self, "a")
@@ -217,27 +313,33 @@ class LoweredConv(LoweredPartition):
 
     kind = "conv"
 
-    def __init__(self, name, provenance, backend, conv: nn.Conv1d, consumer: QuantizedLinear | None):
+    def __init__(self, name, provenance, backend, conv: nn.Conv1d, consumer: QuantizedLinear | None,
+                 flip: bool = False):
         super().__init__(name, provenance, backend)
         self.register_buffer("weight", conv.weight.detach().float().reshape(conv.weight.shape[0], -1).clone())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        self.flip = flip  # read x reversed along L (the backward direction's flip, absorbed)
         self.emits_codes = consumer is not None
         if consumer is not None:
             _act_buffers(self, "a", input_act_quant(consumer))
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor):
+    def compute(self, x: torch.Tensor):
         act = _act(self, "a") if self.emits_codes else None
         if self.backend == "triton":
-            return _kernels().causal_conv1d_silu(x, self.weight, self.bias, act=act, provenance=self.provenance,
-                                                 out_dtype=self.io_dtype)
-        out = ref.causal_conv1d_silu(x.float(), self.weight, self.bias, act=act)
+            return _kernels().causal_conv1d_silu(x, self.weight, self.bias, flip=self.flip, act=act,
+                                                 provenance=self.provenance, out_dtype=self.io_dtype)
+        out = ref.causal_conv1d_silu(x.float(), self.weight, self.bias, flip=self.flip, act=act)
         return self._out(out) if act is None else (self._out(out[0]), out[1])
+
+    def output_specs(self, x):
+        bsz, e, length = x.shape
+        return ((tuple(x.shape), self.io_dtype),) + ((((bsz * length, e), torch.int8),) if self.emits_codes else ())
 
     def source(self) -> str:
         act = _act(self, "a") if self.emits_codes else None
         return _kernels().render_conv(
-            width=self.weight.shape[1], bias=self.bias is not None, flip=False, emit_codes=self.emits_codes,
+            width=self.weight.shape[1], bias=self.bias is not None, flip=self.flip, emit_codes=self.emits_codes,
             per_token=bool(act is not None and act.per_token), smooth=bool(act is not None and act.inv_smooth is not None),
             act_bits=act.bits if act is not None else 8, autotune=True, provenance=tuple(self.provenance),
         )
@@ -251,9 +353,10 @@ class LoweredScan(LoweredPartition):
 
     kind = "scan"
 
-    def __init__(self, name, provenance, backend, softplus: bool, has_D: bool, state=None):
+    def __init__(self, name, provenance, backend, softplus: bool, has_D: bool, state=None, flip_z: bool = False):
         super().__init__(name, provenance, backend)
         self.softplus, self.has_D = softplus, has_D
+        self.flip_z = flip_z  # the gate reads z reversed along L (the backward direction's flip, absorbed)
         self.reparameterized = state is not None and state.reparameterized
         self.quant_state = state is not None and state.quantize
         self.state_bits = state.bits if state is not None else 8
@@ -273,18 +376,22 @@ class LoweredScan(LoweredPartition):
         return u, B, C, extra
 
     @torch.no_grad()
-    def forward(self, u, delta, A, B, C, *rest):
+    def compute(self, u, delta, A, B, C, *rest):
         D, z = (rest[0], rest[1]) if self.has_D else (None, rest[0])
         u, B, C, extra = self._state_args(u, B, C)
         f = lambda t: None if t is None else t.float()  # noqa: E731
         if self.backend == "triton":  # activations in the model's dtype; A and D in float32
             return _kernels().selective_scan(u, delta, f(A), B, C, f(D), z, delta_softplus=self.softplus,
-                                             provenance=self.provenance, out_dtype=self.io_dtype, **extra)
+                                             flip_z=self.flip_z, provenance=self.provenance,
+                                             out_dtype=self.io_dtype, **extra)
         return self._out(ref.selective_scan(f(u), f(delta), f(A), f(B), f(C), f(D), f(z),
-                                            delta_softplus=self.softplus, **extra))
+                                            delta_softplus=self.softplus, flip_z=self.flip_z, **extra))
+
+    def output_specs(self, u, *rest):
+        return ((tuple(u.shape), self.io_dtype),)
 
     def source(self) -> str:
-        return _kernels().render_scan(has_D=self.has_D, has_z=True, delta_softplus=self.softplus,
+        return _kernels().render_scan(has_D=self.has_D, has_z=True, delta_softplus=self.softplus, flip_z=self.flip_z,
                                       autotune=True, provenance=tuple(self.provenance),
                                       step_scale=self.reparameterized, out_scale=self.reparameterized,
                                       quant_state=self.quant_state, state_bits=self.state_bits)
@@ -304,7 +411,7 @@ class LoweredMerge(LoweredPartition):
             _act_buffers(self, "a", input_act_quant(consumer))
 
     @torch.no_grad()
-    def forward(self, y_f, y_b):
+    def compute(self, y_f, y_b):
         act = _act(self, "a") if self.emits_codes else None
         if self.backend == "triton":
             return _kernels().merge_quantize(y_f, y_b, self.scale, act, write_float=self.write_float,
@@ -314,6 +421,13 @@ class LoweredMerge(LoweredPartition):
             return self._out(out)
         return (self._out(out[0]) if self.write_float else None, out[1])
 
+    def output_specs(self, y_f, y_b):
+        bsz, e, length = y_f.shape
+        m = ((bsz, length, e), self.io_dtype)
+        if not self.emits_codes:
+            return (m,)
+        return (m if self.write_float else None, ((bsz * length, e), torch.int8))
+
     def source(self) -> str:
         act = _act(self, "a") if self.emits_codes else None
         return _kernels().render_merge(
@@ -321,6 +435,194 @@ class LoweredMerge(LoweredPartition):
             per_token=bool(act is not None and act.per_token), smooth=bool(act is not None and act.inv_smooth is not None),
             act_bits=act.bits if act is not None else 8, autotune=True, provenance=tuple(self.provenance),
         )
+
+
+class LoweredQLinearGroup(LoweredPartition):
+    """Quantized linears that read the codes of one producer (both directions' ``x_proj`` reading
+    :class:`LoweredConvBidir`'s stacked codes) as one grouped GEMM launch. Each group's parameters
+    are a :class:`LoweredQLinear` in ``groups`` (its buffers are this module's state); returns the
+    stacked (G, B, ..., N) outputs."""
+
+    kind = "qlinear_group"
+
+    def __init__(self, name, provenance, backend, linears: Sequence[QuantizedLinear], token_shape,
+                 names: Sequence[str] | None = None):
+        super().__init__(name, provenance, backend)
+        names = names or [f"{name}.{g}" for g in range(len(linears))]
+        self.groups = nn.ModuleList(LoweredQLinear(n, provenance, backend, linear, [], token_shape, True)
+                                    for n, linear in zip(names, linears))
+        self.token_shape = tuple(token_shape)
+
+    def _params(self):
+        return ([g._weight() for g in self.groups], [_act(g, "a") for g in self.groups], [g.bias for g in self.groups])
+
+    @torch.no_grad()
+    def compute(self, codes: torch.Tensor) -> torch.Tensor:
+        weights, acts, biases = self._params()
+        shape = (codes.shape[0], -1) + self.token_shape
+        if self.backend == "triton":
+            rows_per_image = math.prod(self.token_shape)
+            out = _kernels().qlinear_group(codes, weights, acts, biases,
+                                           token_shape=(codes.shape[1] // rows_per_image,) + self.token_shape,
+                                           provenance=self.provenance, out_dtype=self.io_dtype)
+        else:
+            out = self._out(ref.qlinear_group(codes, weights, acts, biases))
+        return out.reshape(shape + (out.shape[-1],))
+
+    def output_specs(self, codes):
+        n = self.groups[0].w_scale.shape[0]
+        return (((codes.shape[0], codes.shape[1] // math.prod(self.token_shape)) + self.token_shape + (n,),
+                 self.io_dtype),)
+
+    def source(self) -> str:
+        weights, acts, biases = self._params()
+        return _kernels().render_qlinear_group(per_token=acts[0].per_token, bias=any(b is not None for b in biases),
+                                               act_bits=acts[0].bits, packed=weights[0].bits <= 4, autotune=True,
+                                               provenance=tuple(self.provenance))
+
+
+class LoweredConvBidir(LoweredPartition):
+    """Both directions' causal depthwise conv1d + SiLU of a bidirectional block in one launch, the
+    backward one reading x reversed along L (+ each direction's next-linear codes). Returns the
+    stacked (2, B, E, L) outputs (and (2, B*L, E) codes)."""
+
+    kind = "conv_bidir"
+
+    def __init__(self, name, provenance, backend, convs: tuple[nn.Conv1d, nn.Conv1d],
+                 consumers: tuple[QuantizedLinear | None, QuantizedLinear | None]):
+        super().__init__(name, provenance, backend)
+        for d, conv in zip("fb", convs):
+            self.register_buffer(f"weight_{d}", conv.weight.detach().float().reshape(conv.weight.shape[0], -1).clone())
+            self.register_buffer(f"bias_{d}", None if conv.bias is None else conv.bias.detach().float().clone())
+        self.emits_codes = consumers[0] is not None
+        if self.emits_codes:
+            for d, consumer in zip("fb", consumers):
+                _act_buffers(self, f"a_{d}", input_act_quant(consumer))
+
+    def _acts(self):
+        return (_act(self, "a_f"), _act(self, "a_b")) if self.emits_codes else (None, None)
+
+    @torch.no_grad()
+    def compute(self, x: torch.Tensor):
+        act_f, act_b = self._acts()
+        if self.backend == "triton":
+            return _kernels().causal_conv1d_silu_bidir(x, self.weight_f, self.bias_f, self.weight_b, self.bias_b,
+                                                       act_f=act_f, act_b=act_b, provenance=self.provenance,
+                                                       out_dtype=self.io_dtype)
+        out = ref.causal_conv1d_silu_bidir(x.float(), self.weight_f, self.bias_f, self.weight_b, self.bias_b,
+                                           act_f, act_b)
+        return self._out(out) if act_f is None else (self._out(out[0]), out[1])
+
+    def scratch_bytes(self, x) -> int:
+        return x.numel() * x.element_size()  # each direction reads x (the second read may hit the L2)
+
+    def output_specs(self, x):
+        bsz, e, length = x.shape
+        out = ((2, bsz, e, length), self.io_dtype)
+        return (out,) + ((((2, bsz * length, e), torch.int8),) if self.emits_codes else ())
+
+    def source(self) -> str:
+        act_f, act_b = self._acts()
+        return _kernels().render_conv_bidir(
+            width=self.weight_f.shape[1], bias_f=self.bias_f is not None, bias_b=self.bias_b is not None,
+            emit_codes=self.emits_codes, per_token=bool(act_f is not None and act_f.per_token),
+            smooth_f=bool(act_f is not None and act_f.inv_smooth is not None),
+            smooth_b=bool(act_b is not None and act_b.inv_smooth is not None),
+            act_bits=act_f.bits if act_f is not None else 8, autotune=True, provenance=tuple(self.provenance),
+        )
+
+
+class LoweredScanMerge(LoweredPartition):
+    """Both scan directions of a bidirectional block, their D skips and SiLU(z) gates (the
+    backward one reading z reversed), the merge and the next linear's codes, in one launch."""
+
+    kind = "scan_merge"
+
+    def __init__(self, name, provenance, backend, softplus: bool, has_D: tuple[bool, bool], scale: float,
+                 consumer: QuantizedLinear | None, write_float: bool,
+                 dt_proj: tuple[QuantizedLinear, QuantizedLinear] | None = None):
+        super().__init__(name, provenance, backend)
+        self.softplus, self.has_D, self.scale = softplus, tuple(has_D), float(scale)
+        self.emits_codes = consumer is not None
+        self.write_float = write_float or consumer is None
+        if consumer is not None:
+            _act_buffers(self, "a", input_act_quant(consumer))
+        # each direction's dt_proj inside the launch: its delta slot then carries dt_proj's input
+        self.fused_dt_proj = dt_proj is not None
+        for d, linear in zip("fb", dt_proj or ()):
+            wq = linear.weight_quantizer  # codes kept unpacked (E x R bytes): the scan reads them so
+            weight = ref.QWeight.from_float(linear.weight, wq.scale, wq.spec.bits, smooth=linear.smoothing())
+            self.register_buffer(f"dt_{d}_w_codes", weight.codes)
+            self.register_buffer(f"dt_{d}_w_scale", weight.scale)
+            self.register_buffer(f"dt_{d}_w_sum", weight.wsum)
+            self.register_buffer(f"dt_{d}_bias", None if linear.bias is None else linear.bias.detach().float().clone())
+            setattr(self, f"dt_{d}_w_bits", weight.bits)
+            _act_buffers(self, f"dt_{d}_a", input_act_quant(linear))
+
+    def _dt_proj(self, dt_in_f, dt_in_b) -> dict:
+        if not self.fused_dt_proj:
+            return {}
+        out = {}
+        for d, dt_in in (("f", dt_in_f), ("b", dt_in_b)):
+            g = lambda name: getattr(self, f"dt_{d}_{name}")  # noqa: E731
+            out.update({f"dt_in_{d}": dt_in, f"dt_act_{d}": _act(self, f"dt_{d}_a"), f"dt_bias_{d}": g("bias"),
+                        f"dt_weight_{d}": ref.QWeight(g("w_codes"), g("w_scale"), g("w_sum"), g("w_bits"))})
+        return out
+
+    @torch.no_grad()
+    def compute(self, u_f, delta_f, A_f, B_f, C_f, D_f, u_b, delta_b, A_b, B_b, C_b, D_b, z):
+        act = _act(self, "a") if self.emits_codes else None
+        f = lambda t: None if t is None else t.float()  # noqa: E731
+        if self.fused_dt_proj:  # the delta slots hold dt_proj's inputs
+            dt = self._dt_proj(delta_f, delta_b)
+            delta_f = delta_b = None
+        else:
+            dt = {}
+        if self.backend == "triton":  # activations in the model's dtype; A and D in float32
+            return _kernels().scan_merge(u_f, delta_f, f(A_f), B_f, C_f, f(D_f), u_b, delta_b, f(A_b), B_b, C_b,
+                                         f(D_b), z, delta_softplus=self.softplus, scale=self.scale, act=act,
+                                         write_float=self.write_float, provenance=self.provenance,
+                                         out_dtype=self.io_dtype, **dt)
+        dt = {k: (f(v) if k.startswith("dt_in") else v) for k, v in dt.items()}
+        out = ref.scan_merge(f(u_f), f(delta_f), f(A_f), f(B_f), f(C_f), f(D_f), f(u_b), f(delta_b), f(A_b),
+                             f(B_b), f(C_b), f(D_b), f(z), delta_softplus=self.softplus, scale=self.scale,
+                             act=act, write_float=self.write_float, **dt)
+        if act is None:
+            return self._out(out)
+        return (self._out(out[0]) if self.write_float else None, out[1])
+
+    def scratch_bytes(self, u_f, *rest) -> int:
+        # the forward direction's values go to a float32 (B, L, E) workspace and are read back
+        return 2 * 4 * u_f.numel()
+
+    def output_specs(self, u_f, *rest):
+        bsz, e, length = u_f.shape
+        m = ((bsz, length, e), self.io_dtype)
+        if not self.emits_codes:
+            return (m,)
+        return (m if self.write_float else None, ((bsz * length, e), torch.int8))
+
+    def source(self) -> str:
+        act = _act(self, "a") if self.emits_codes else None
+        return _kernels().render_scan_merge(
+            has_D_f=self.has_D[0], has_D_b=self.has_D[1], has_z=True, delta_softplus=self.softplus,
+            write_float=self.write_float, emit_codes=self.emits_codes,
+            per_token=bool(act is not None and act.per_token), smooth=bool(act is not None and act.inv_smooth is not None),
+            act_bits=act.bits if act is not None else 8, autotune=True, provenance=tuple(self.provenance),
+            **self._dt_flags(),
+        )
+
+    def _dt_flags(self) -> dict:
+        if not self.fused_dt_proj:
+            return {}
+        from .kernels.scan_merge import DtProj
+
+        flags = {}
+        for d in "fb":
+            a = _act(self, f"dt_{d}_a")
+            flags[f"dt_proj_{d}"] = DtProj(a.per_token, a.inv_smooth is not None, a.bits,
+                                           getattr(self, f"dt_{d}_bias") is not None)
+        return flags
 
 
 class LoweredMixedQLinear(LoweredPartition):
@@ -342,7 +644,7 @@ class LoweredMixedQLinear(LoweredPartition):
         self.quantizer = info["quantizer"]
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         codes = ref.mixed_codes(x.float(), self.quantizer)
         weight = ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits)
         if self.backend == "triton":
@@ -350,6 +652,9 @@ class LoweredMixedQLinear(LoweredPartition):
         else:
             y = self._out(ref.mixed_qlinear(codes, weight, self.bias))
         return y.reshape(tuple(x.shape[:-1]) + (weight.codes.shape[0],))
+
+    def output_specs(self, x):
+        return (((*x.shape[:-1], self.w_scale.shape[0]), self.io_dtype),)
 
     def source(self) -> str:
         return _kernels().render_mixed_qlinear(bias=self.bias is not None,
@@ -370,19 +675,39 @@ def _build(gm: fx.GraphModule, p: Partition, backend: str, linears: dict[fx.Node
     consumer = p.info.get("consumer")
     consumer_module = linears[consumer] if consumer is not None else None
     if p.kind == "conv":
-        return LoweredConv(p.name, p.provenance, backend, p.info["module"], consumer_module)
+        return LoweredConv(p.name, p.provenance, backend, p.info["module"], consumer_module, p.info.get("flip", False))
     if p.kind == "scan":
-        return LoweredScan(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"], p.info.get("state"))
+        return LoweredScan(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"], p.info.get("state"),
+                           p.info.get("flip_z", False))
+    # the float output is written only when something besides the consumer's codes reads it
+    only_consumer = consumer is not None and set(p.output.users) <= set(linears[consumer].nodes) | {consumer}
     if p.kind == "merge":
-        only_consumer = consumer is not None and set(p.output.users) == {consumer}
         return LoweredMerge(p.name, p.provenance, backend, p.info["scale"], consumer_module, not only_consumer)
+    if p.kind == "qlinear_group":
+        meta = p.info["modules"][0].source.meta.get("tensor_meta")
+        token_shape = tuple(meta.shape[1:-1]) if meta is not None else ()
+        return LoweredQLinearGroup(p.name, p.provenance, backend, p.info["modules"], token_shape,
+                                   [n.name for n in p.info["nodes"]])
+    if p.kind == "conv_bidir":
+        consumers = tuple(linears[c] if c is not None else None for c in p.info["consumers"])
+        return LoweredConvBidir(p.name, p.provenance, backend, p.info["modules"], consumers)
+    if p.kind == "scan_merge":
+        return LoweredScanMerge(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"], p.info["scale"],
+                                consumer_module, not only_consumer, p.info.get("dt_proj"))
     if p.kind == "mixed_qlinear":  # OuroMamba (issue 11)
         return LoweredMixedQLinear(p.name, p.provenance, backend, p.info)
     raise ValueError(f"unknown partition kind {p.kind!r}")
 
 
-def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False) -> fx.GraphModule:
+def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False,
+          optimize: bool = True) -> fx.GraphModule:
     """Replace every partition of a converted graph by a lowered module (see module docstring).
+
+    With ``optimize`` (the default) the graph is rewritten first (:mod:`vmfx.lowering.rewrite`):
+    parameter-only subgraphs (``-exp(A_log)``, casts of parameters) are folded into buffers
+    computed once, and flips along L are moved next to the kernels that read their input reversed,
+    which absorb them. ``optimize=False`` lowers the graph as it is (the form of lowered files
+    written before the rewrites existed, which :func:`vmfx.load` rebuilds that way).
 
     Quantizer and smoothing nodes that no kernel pattern takes stay in the graph as fake-quant
     float ops; they are listed in a warning (and in ``result.meta["vmfx_lowered"]["left_float"]``),
@@ -392,6 +717,7 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
         qmodel: a quantized graph from :func:`vmfx.compile` / :func:`vmfx.convert` (not modified).
         backend: "triton", "reference" or "auto" (Triton on a GPU, the reference elsewhere).
         strict: fail instead of warning when a quantized node is left in float.
+        optimize: run the rewrites above before partitioning.
 
     Returns:
         A new GraphModule; ``lowered_partitions(result)`` lists its partitions. The converted
@@ -409,6 +735,10 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
                           "without a backend")
     gm = copy.deepcopy(qmodel)
     gm.meta.update({k: v for k, v in qmodel.meta.items() if k not in gm.meta})
+    folded = []
+    if optimize:
+        folded = fold_parameter_constants(gm)
+        sink_flips(gm)
     parts = find_partitions(gm)
     if not parts:
         raise ConfigError("nothing to lower: the graph has no quantized linear, conv or scan partition")
@@ -421,28 +751,31 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
             raise LoweringError(message + "; use lower(..., strict=False) to accept this")
         warnings.warn(message, stacklevel=2)
     linears = {p.info["node"]: p.info["module"] for p in parts if p.kind == "qlinear"}
-    codes_of: dict[int, fx.Node] = {}
+    linears.update({n: m for p in parts if p.kind == "qlinear_group" for n, m in zip(p.info["nodes"], p.info["modules"])})
+    codes_for: dict[fx.Node, fx.Node] = {}  # a linear node -> the codes its producer partition emits
     replaced: dict[fx.Node, fx.Node] = {}  # a partition's old output node -> its new value node
     graph = gm.graph
     for p in parts:
         module = _build(gm, p, backend, linears)
         path = f"{LOWERED_PREFIX}.{p.name}"
         gm.add_submodule(path, module)
-        inputs = [replaced.get(n, n) for n in p.inputs]
-        producer = p.info.get("codes_from") if p.kind == "qlinear" else None
-        if producer is not None:
-            inputs[0] = codes_of[id(producer)]
+        inputs = [replaced.get(n, n) if isinstance(n, fx.Node) else n for n in p.inputs]
+        if p.kind == "qlinear" and p.info.get("codes_from") is not None:
+            inputs[0] = codes_for[p.info["node"]]
+        elif p.kind == "qlinear_group":
+            inputs[0] = codes_for[tuple(p.info["nodes"])]  # the producer's stacked codes
         with graph.inserting_before(p.output):
             call = graph.call_module(path, tuple(inputs))
-            annotate(call, "kernel", extra={"kind": p.kind, "replaces": [n.name for n in p.nodes]})
-            if p.kind in ("conv", "merge") and getattr(module, "emits_codes", False):
-                value = graph.call_function(operator.getitem, (call, 0))
-                codes_of[id(p)] = graph.call_function(operator.getitem, (call, 1))
-            else:
-                value = call
-        value.meta["tensor_meta"] = p.output.meta.get("tensor_meta")
-        p.output.replace_all_uses_with(value)
-        replaced[p.output] = value
+            blocks = {a.block for n in p.nodes if (a := annotation(n)) is not None and a.block is not None}
+            annotate(call, "kernel", block=blocks.pop() if len(blocks) == 1 else None,
+                     extra={"kind": p.kind, "replaces": [n.name for n in p.nodes]})
+            if "nn_module_stack" in p.output.meta:  # where it came from (launch plans place it in its block)
+                call.meta["nn_module_stack"] = dict(p.output.meta["nn_module_stack"])
+            values = _wire_outputs(graph, p, call, getattr(module, "emits_codes", False), codes_for)
+        for old, value in values.items():
+            value.meta["tensor_meta"] = old.meta.get("tensor_meta")
+            old.replace_all_uses_with(value)
+            replaced[old] = value
         for node in reversed(p.nodes):
             if node.users:
                 raise RuntimeError(f"partition {p.name}: node {node.name} still has users {list(node.users)}")
@@ -452,9 +785,32 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
     graph.lint()
     gm.recompile()
     gm.meta["vmfx_lowered"] = {"backend": backend, "partitions": [p.kind for p in parts],
-                                "left_float": [n.name for n in left]}
+                                "left_float": [n.name for n in left], "optimized": bool(optimize),
+                                "folded": folded}
     gm.meta["vmfx_unlowered"] = qmodel
     return gm.eval()
+
+
+def _wire_outputs(graph: fx.Graph, p: Partition, call: fx.Node, emits_codes: bool,
+                  codes_for: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
+    """The nodes that take the values of ``p``'s outputs, read off its lowered ``call`` (inserted
+    after it); the codes it emits for a linear go to ``codes_for``."""
+    getitem = lambda value, i: graph.call_function(operator.getitem, (value, i))  # noqa: E731
+    if p.kind == "conv_bidir":
+        stacked = getitem(call, 0) if emits_codes else call
+        fwd, bwd = p.info["outputs"]
+        if emits_codes:
+            codes = getitem(call, 1)
+            codes_for[tuple(p.info["consumers"])] = codes  # for a grouped GEMM of the consumers
+            for d, consumer in enumerate(p.info["consumers"]):
+                codes_for[consumer] = getitem(codes, d)
+        return {fwd: getitem(stacked, 0), bwd: getitem(stacked, 1)}
+    if p.kind == "qlinear_group":
+        return {output: getitem(call, g) for g, output in enumerate(p.info["outputs"])}
+    if p.kind in ("conv", "merge", "scan_merge") and emits_codes:
+        codes_for[p.info["consumer"]] = getitem(call, 1)
+        return {p.output: getitem(call, 0)}
+    return {p.output: call}
 
 
 def _describe_left(node: fx.Node) -> str:

@@ -7,21 +7,27 @@ computes the grid and launches the cached kernel. The exact CPU equivalent of ev
 :mod:`vmfx.lowering.reference`, with the same parameter objects (:class:`ActQuant`,
 :class:`QWeight`).
 
-=================  ===============  =========================================================
-template           module           launcher
-=================  ===============  =========================================================
-``qlinear``        ``linear``       :func:`qlinear`: smoothing + static per-token / per-tensor
-                                    activation quantize (or int8 codes) + int8 GEMM +
-                                    zero-point correction + dequantize + bias + epilogue
-``quantize``       ``act_quantize`` :func:`quantize`: standalone activation quantize to codes
-``conv``           ``conv``         :func:`causal_conv1d_silu`: causal depthwise conv1d + SiLU
-                                    (+ codes of its transpose for the next linear)
-``scan``           ``scan``         :func:`selective_scan`: selective scan, D skip, SiLU(z) gate
-``merge_quantize`` ``merge``        :func:`merge_quantize`: (y_f + flip(y_b)) * c, token-major
-                                    (+ codes)
-``mixed_qlinear``  ``mixed_linear`` :func:`mixed_qlinear`: OuroMamba's inlier int8 GEMM + the
-                                    per-tile outlier columns' int8 GEMM, summed in the epilogue
-=================  ===============  =========================================================
+===================  ================  =========================================================
+template             module            launcher
+===================  ================  =========================================================
+``qlinear``          ``linear``        :func:`qlinear`: smoothing + static per-token / per-tensor
+                                       activation quantize (or int8 codes) + int8 GEMM +
+                                       zero-point correction + dequantize + bias + epilogue
+``qlinear_group``    ``linear_group``  :func:`qlinear_group`: G linears on int8 codes (G, M, K),
+                                       one launch (both directions' x_proj)
+``quantize``         ``act_quantize``  :func:`quantize`: standalone activation quantize to codes
+``conv``             ``conv``          :func:`causal_conv1d_silu`: causal depthwise conv1d + SiLU
+                                       (+ codes of its transpose for the next linear)
+``conv_bidir``       ``conv_bidir``    :func:`causal_conv1d_silu_bidir`: both directions' conv
+                                       + SiLU in one launch (+ codes for each direction's x_proj)
+``scan``             ``scan``          :func:`selective_scan`: selective scan, D skip, SiLU(z) gate
+``merge_quantize``   ``merge``         :func:`merge_quantize`: (y_f + flip(y_b)) * c, token-major
+                                       (+ codes)
+``scan_merge``       ``scan_merge``    :func:`scan_merge`: both scan directions of a Vim block +
+                                       the merge (+ codes), one launch
+``mixed_qlinear``    ``mixed_linear``  :func:`mixed_qlinear`: OuroMamba's inlier int8 GEMM + the
+                                       per-tile outlier columns' int8 GEMM, summed in the epilogue
+===================  ================  =========================================================
 
 Every launcher reads float activations in float32, float16 or bfloat16 (converted in registers)
 and writes ``out_dtype`` (default: its float input's dtype; float32 for linears that read codes),
@@ -44,6 +50,7 @@ from .merge import merge_quantize, render_merge
 from .linear import qlinear, render_qlinear
 from .act_quantize import quantize, render_quantize
 from .scan import render_scan, selective_scan
+from .scan_merge import render_scan_merge, scan_merge
 
 __all__ = [
     "ActQuant",
@@ -59,9 +66,21 @@ __all__ = [
     "render_conv",
     "render_scan",
     "render_merge",
+    "scan_merge",
+    "render_scan_merge",
 ]
 
 # OuroMamba (issue 11): the mixed-precision linear (inlier GEMM + outlier-column GEMM)
 from .mixed_linear import mixed_qlinear, render_mixed_qlinear  # noqa: E402
 
 __all__ += ["mixed_qlinear", "render_mixed_qlinear"]
+
+# both directions' causal conv1d + SiLU (+ each direction's x_proj codes) in one launch
+from .conv_bidir import causal_conv1d_silu_bidir, render_conv_bidir  # noqa: E402
+
+__all__ += ["causal_conv1d_silu_bidir", "render_conv_bidir"]
+
+# G pre-quantized linears on int8 codes in one launch (both directions' x_proj)
+from .linear_group import GroupedQWeight, qlinear_group, render_qlinear_group  # noqa: E402
+
+__all__ += ["qlinear_group", "render_qlinear_group", "GroupedQWeight"]

@@ -1,0 +1,562 @@
+"""``scan_merge``: both scan directions of a bidirectional Vim block, their merge and out_proj's
+input quantization, in one launch.
+
+What it computes, exactly the composition of three launches (and of the reference functions
+:func:`vmfx.lowering.reference.scan_merge` calls)::
+
+    y_f = scan(u_f, delta_f, A_f, B_f, C_f, D_f, z)                  forward direction
+    y_b = scan(u_b, delta_b, A_b, B_b, C_b, D_b, z, flip_z=True)     backward direction
+    m[b, l, e] = (y_f[b, e, l] + y_b[b, e, L-1-l]) * c               (B, L, E), token-major
+
+where ``scan`` is :mod:`~vmfx.lowering.kernels.scan`'s selective scan with ``silu(z)`` gate and
+optional softplus on delta (no delta bias, float hidden state), the backward direction's u, delta,
+B, C are in its own (reversed) time order and its gate reads ``z`` reversed, and optionally the
+activation codes of ``m`` for the next linear (``out_proj``), (B*L, E) int8, row ``b*L + l``, by
+the formula of :mod:`~vmfx.lowering.kernels.merge` (smoothing per channel, per-token or per-tensor
+static asymmetric scales, round half to even, clamped). The float output can be switched off when
+only the codes are needed.
+
+Fused dt_proj (optional, both directions or neither): instead of reading delta, each direction
+computes it, at each step, from its ``dt_proj`` input, exactly as the separate quantized linear
+would (:func:`vmfx.lowering.reference.qlinear`, the formula of :mod:`~vmfx.lowering.kernels.linear`)::
+
+    delta_d[b, :, t] = qlinear(dt_in_d, W_d, act_d, bias_d)[b, t, :]     dt_in_d (B, L, R), R = dt_rank
+
+(``dt_in_d`` is the slice ``x_proj_out[..., :R]`` of the direction's x_proj output, the backward
+one in its own reversed time order like u_b, B_b, C_b, so both read token t at step t). The
+program holds its (BLOCK_E, R) int8 weight codes in registers (as int32, R padded to a power of 2
+``BLOCK_R`` with zero codes) and, per step, loads the R inputs of token t, smooths and quantizes
+them with the per-token (token t) or per-tensor parameters (``_vmfx_quantize``: the qlinear
+kernel's codes), takes the R-long integer dot products in int32 (exact), adds the zero-point
+correction ``(2^(b-1) - z_a) wsum``, dequantizes by ``s_a s_w`` and adds the bias (the qlinear
+kernel's float32 operations, in its order), then applies softplus as for a read delta. The float32
+delta is thus reference.qlinear's (bit for bit under the interpreter; on the GPU up to the
+contraction of the dequantize and bias into one FMA, as in the qlinear kernel).
+
+One program per (batch, BLOCK_E channels); the (BLOCK_E, N) state of each direction lives in
+registers. The program first runs the forward recurrence over t = 0..L-1 and writes
+``y_f[t] + D_f u_f[t]`` (not yet gated) in float32 to a token-major workspace (the float32 output
+``m`` itself when ``m`` is float32 and written; else a float32 (B, L, E) scratch buffer), then
+runs the backward recurrence over t' = 0..L-1, whose step belongs to token ``l = L-1-t'``: it
+reads back the forward value at that token (written by the same program, so no cross-program
+synchronization is needed; a ``tl.debug_barrier()`` between the loops, and between the read and
+the write of each step when the workspace is ``m``, orders the accesses of the program's threads on
+the GPU), loads ``z[l]`` once and gates both directions with the same ``silu(z[l])`` (the value
+the two scans compute for that token, so the float32 products are the composition's), adds,
+multiplies by ``c``, rounds once to ``out_dtype`` at the store, and quantizes elementwise (the
+per-token parameters are those of token ``l``, the smoothing factors those of channel ``e``).
+
+Memory traffic: reads s B E L bytes of each of u_f, delta_f, u_b, delta_b and z once (z once for
+both directions), 2 x s B N L bytes of B and C per direction once per channel block; writes and
+reads back 4 B L E bytes of the workspace; writes s_out B L E bytes of ``m`` and B L E bytes of
+codes (s = 4 for float32, 2 for half precision). The three-launch path instead writes and reads
+both scan outputs and reads z twice. The (B, E, L, N) states never touch memory.
+
+With the fused dt_proj, delta is neither written nor read: the two dt_proj launches each wrote
+B L E values of delta (and the scan read them back, s B E L bytes per direction, the term above
+that disappears). Instead the kernel reads, per direction, the s B L R bytes of the dt_proj input
+once per channel block (like B and C: every channel block of a batch reads the same (L, R) slice,
+mostly from L2; R / E of delta's bytes, 1/32 for Vim where dt_rank = E / 32), the E R bytes of
+weight codes once per batch element, and O(E + L + R) quantization parameters.
+
+u, delta, B, C, z and the dt_proj inputs may each be float32, float16 or bfloat16 (converted to
+float32 in registers; A, D and the quantization parameters are float32); the states, every step
+and the merge run in float32, ``m`` is written in ``out_dtype`` (default ``u_f``'s dtype), rounded
+once at the store, and the codes are those of the float32 ``m``. The parallelism is
+B x E / BLOCK_E programs, as for the per-direction scan.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+
+from ..codegen import (
+    FLOAT_IO,
+    IndentedBuffer,
+    check_tensor,
+    codes_epilogue_args,
+    float_literal,
+    interpreting,
+    launch_options,
+    load_kernel,
+    next_power_of_2,
+    output_dtype,
+    render_autotune,
+    render_header,
+    render_helpers,
+    store_value,
+)
+from ..reference import ActQuant, QWeight
+
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "DtProj", "render_scan_merge", "scan_merge"]
+
+KERNEL_NAME = "vmfx_scan_merge"
+
+#: GPU configs tried by ``@triton.autotune`` (keyed on E, N, L).
+AUTOTUNE_CONFIGS = [
+    {"BLOCK_E": 16, "num_warps": 2},
+    {"BLOCK_E": 32, "num_warps": 4},
+    {"BLOCK_E": 64, "num_warps": 4},
+    {"BLOCK_E": 128, "num_warps": 8},
+]
+
+_LOG2E = 1.4426950408889634
+
+
+class DtProj(NamedTuple):
+    """The render flags of one direction's fused ``dt_proj`` (see :func:`render_scan_merge`)."""
+
+    per_token: bool = True  #: per-token (L) activation parameters, else one (per-tensor)
+    smooth: bool = False  #: multiply the input by the smoothing factors ``inv_s`` (R,) first
+    act_bits: int = 8  #: activation bit width (codes [0, 2^b - 1], offset 2^(b-1))
+    bias: bool = True  #: add the (E,) bias
+
+
+def _render_direction(buf: IndentedBuffer, d: str, has_D: bool, dt: DtProj | None) -> None:
+    """The loop-invariant loads and bases of direction ``d`` ("f" or "b")."""
+    buf.splice(f"""
+        A2{d} = tl.load(A{d}_ptr + offs_e[:, None] * N + offs_n[None, :], mask=mask_en, other=0.0) * {_LOG2E!r}
+        u{d}_base = u{d}_ptr + pid_b * stride_u{d}b + offs_e * stride_u{d}e
+        B{d}_base = B{d}_ptr + pid_b * stride_B{d}b + offs_n * stride_B{d}n
+        C{d}_base = C{d}_ptr + pid_b * stride_C{d}b + offs_n * stride_C{d}n
+    """)
+    if dt is None:
+        buf.writeline(f"d{d}_base = d{d}_ptr + pid_b * stride_d{d}b + offs_e * stride_d{d}e")
+    else:
+        off = 2 ** (dt.act_bits - 1)
+        buf.splice(f"""
+            # dt_proj: the (BLOCK_E, R) int8 weight codes in registers (int32; 0 in the padding)
+            mask_r{d} = offs_r < R{d}
+            Wq{d} = tl.load(dtw{d}_ptr + offs_e[:, None] * stride_dtw{d}e + offs_r[None, :] * stride_dtw{d}r,
+                          mask=mask_e[:, None] & mask_r{d}[None, :], other=0).to(tl.int32)
+            wsum{d} = tl.load(dtwsum{d}_ptr + offs_e, mask=mask_e, other=0)
+            sw{d} = tl.load(dtsw{d}_ptr + offs_e, mask=mask_e, other=0.0)
+            dtx{d}_base = dtx{d}_ptr + pid_b * stride_dtx{d}b + offs_r * stride_dtx{d}r
+        """)
+        if dt.smooth:
+            buf.writeline(f"inv_sr{d} = tl.load(dtinv_s{d}_ptr + offs_r, mask=mask_r{d}, other=1.0)")
+        if dt.bias:
+            buf.writeline(f"bias{d} = tl.load(dtbias{d}_ptr + offs_e, mask=mask_e, other=0.0)")
+        if not dt.per_token:
+            buf.splice(f"""
+                dinv_sa{d} = tl.load(dtinv_sa{d}_ptr)
+                dza{d} = tl.load(dtza{d}_ptr)
+                dcorr{d} = ({off} - dza{d}.to(tl.int32)) * wsum{d}  # zero-point correction
+                dscale{d} = tl.load(dtsa{d}_ptr) * sw{d}  # s_a * s_w
+            """)
+    if has_D:
+        buf.writeline(f"D{d} = tl.load(D{d}_ptr + offs_e, mask=mask_e, other=0.0)")
+    buf.writeline("h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)")
+
+
+def _render_dt_proj(buf: IndentedBuffer, d: str, t: str, dt: DtProj) -> None:
+    """``dt`` (BLOCK_E,) = dt_proj of direction ``d``'s token ``t``, as the qlinear kernel computes
+    it: quantize the R inputs, int32 dot products, zero-point correction, dequantize, bias."""
+    qmax, off = 2**dt.act_bits - 1, 2 ** (dt.act_bits - 1)
+    buf.writeline(f"xr = tl.load(dtx{d}_base + {t} * stride_dtx{d}l, mask=mask_r{d}, other=0.0).to(tl.float32)")
+    if dt.smooth:
+        buf.writeline(f"xr = xr * inv_sr{d}")
+    if dt.per_token:
+        buf.splice(f"""
+            dza = tl.load(dtza{d}_ptr + {t})
+            dinv_sa = tl.load(dtinv_sa{d}_ptr + {t})
+            q = _vmfx_quantize(xr, dinv_sa, dza, 0.0, {float_literal(qmax)}, {float_literal(off)})
+            acc = tl.sum(Wq{d} * q.to(tl.int32)[None, :], axis=1) + ({off} - dza.to(tl.int32)) * wsum{d}
+            dt = acc.to(tl.float32) * (tl.load(dtsa{d}_ptr + {t}) * sw{d})
+        """)
+    else:
+        buf.splice(f"""
+            q = _vmfx_quantize(xr, dinv_sa{d}, dza{d}, 0.0, {float_literal(qmax)}, {float_literal(off)})
+            acc = tl.sum(Wq{d} * q.to(tl.int32)[None, :], axis=1) + dcorr{d}
+            dt = acc.to(tl.float32) * dscale{d}
+        """)
+    if dt.bias:
+        buf.writeline(f"dt = dt + bias{d}")
+
+
+def _render_step(buf: IndentedBuffer, d: str, t: str, has_D: bool, delta_softplus: bool,
+                 dt: DtProj | None) -> None:
+    """One step of direction ``d`` at its own time ``t``: ``y = C h + D u`` (ungated)."""
+    buf.writeline(f"u = tl.load(u{d}_base + {t} * stride_u{d}l, mask=mask_e, other=0.0).to(tl.float32)")
+    if dt is None:
+        buf.writeline(f"dt = tl.load(d{d}_base + {t} * stride_d{d}l, mask=mask_e, other=0.0).to(tl.float32)")
+    else:
+        _render_dt_proj(buf, d, t, dt)
+    if delta_softplus:
+        buf.writeline("dt = _vmfx_softplus(dt)")
+    buf.splice(f"""
+        Bt = tl.load(B{d}_base + {t} * stride_B{d}l, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(C{d}_base + {t} * stride_C{d}l, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2{d}) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+    """)
+    if has_D:
+        buf.writeline(f"y = y + D{d} * u")
+
+
+def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool = True,
+                      delta_softplus: bool = True, write_float: bool = True, emit_codes: bool = False,
+                      per_token: bool = True, smooth: bool = False, act_bits: int = 8,
+                      workspace_is_out: bool = False, autotune: bool = False,
+                      provenance: Sequence[str] = (), out_dtype: str = "float32",
+                      dt_proj_f: DtProj | tuple | None = None, dt_proj_b: DtProj | tuple | None = None) -> str:
+    """Render the source of one ``scan_merge`` kernel.
+
+    Args:
+        has_D_f, has_D_b: add the skip term ``D u`` in the forward / backward direction.
+        has_z: gate both directions with ``silu(z)`` (the backward one reversed).
+        delta_softplus: apply softplus to delta.
+        write_float: write ``m`` (B, L, E).
+        emit_codes: write the next linear's int8 codes (B*L, E).
+        per_token, smooth, act_bits: that quantization (ignored without ``emit_codes``).
+        workspace_is_out: the forward values are kept in ``m``'s own (float32) storage (no
+            ``ws_ptr`` argument); each backward step then reads before it overwrites, with a
+            barrier between.
+        autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
+        provenance: FX nodes, for the header.
+        out_dtype: the dtype of ``m`` ("float32", "float16" or "bfloat16").
+        dt_proj_f, dt_proj_b: both or neither: compute each direction's delta in the kernel as its
+            ``dt_proj`` (a quantized linear of the (B, L, R) input ``dtx``) instead of reading it;
+            a :class:`DtProj` (or a tuple of its fields): per-token or per-tensor activation
+            parameters, smoothing, activation bits, bias. R may differ between the directions;
+            ``BLOCK_R`` >= both.
+
+    Returns:
+        The module source; the kernel is :data:`KERNEL_NAME`.
+    """
+    if (dt_proj_f is None) != (dt_proj_b is None):
+        raise ValueError("dt_proj_f and dt_proj_b must both be given or both be None")
+    dts = {}
+    if dt_proj_f is not None:
+        dts = {"f": DtProj(*dt_proj_f), "b": DtProj(*dt_proj_b)}
+        for d, dt in dts.items():
+            if not 2 <= dt.act_bits <= 8:
+                raise ValueError(f"dt_proj_{d}.act_bits must be in 2..8, got {dt.act_bits}")
+    fused = bool(dts)
+    if not (write_float or emit_codes):
+        raise ValueError("scan_merge must write the float output, the codes, or both")
+    stored = store_value("m", out_dtype)  # checks out_dtype
+    if workspace_is_out and not (write_float and out_dtype == "float32"):
+        raise ValueError("workspace_is_out needs a float32 m that is written")
+    qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
+    buf = IndentedBuffer()
+    params = dict(has_D_f=has_D_f, has_D_b=has_D_b, has_z=has_z, delta_softplus=delta_softplus,
+                  write_float=write_float, emit_codes=emit_codes)
+    if emit_codes:
+        params.update(per_token=per_token, smooth=smooth, act_bits=act_bits)
+    params.update(workspace_is_out=workspace_is_out, autotune=autotune)
+    if out_dtype != "float32" and write_float:
+        params["out_dtype"] = out_dtype
+    if fused:
+        params.update(dt_proj_f=dts["f"], dt_proj_b=dts["b"])
+    render_header(buf, "scan_merge", provenance, params)
+    helpers = ((["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
+               + (["_vmfx_quantize"] if emit_codes or fused else []))
+    render_helpers(buf, helpers)
+    if autotune:
+        render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "N", "L"])
+    buf.writeline("@triton.jit")
+    buf.writeline(f"def {KERNEL_NAME}(")
+    with buf.indent():
+        if fused:
+            buf.writeline("# pointers, per direction: u (B, E, L); A (E, N); B, C (B, N, L); D (E,); dt_proj's")
+            buf.writeline("# input (B, L, R), int8 weight codes (E, R), int32 row sums and scales (E,), activation")
+            buf.writeline("# smoothing (R,), 1 / s_a, s_a, z_a (L or 1), bias (E,)")
+        else:
+            buf.writeline("# pointers, per direction: u, delta (B, E, L); A (E, N); B, C (B, N, L); D (E,)")
+        for d, has_D in (("f", has_D_f), ("b", has_D_b)):
+            buf.writeline(f"u{d}_ptr, " + ("" if fused else f"d{d}_ptr, ") + f"A{d}_ptr, B{d}_ptr, C{d}_ptr,"
+                          + (f" D{d}_ptr," if has_D else ""))
+            if fused:
+                dt = dts[d]
+                buf.writeline(f"dtx{d}_ptr, dtw{d}_ptr, dtwsum{d}_ptr, dtsw{d}_ptr, "
+                              + (f"dtinv_s{d}_ptr, " if dt.smooth else "")
+                              + f"dtinv_sa{d}_ptr, dtsa{d}_ptr, dtza{d}_ptr," + (f" dtbias{d}_ptr," if dt.bias else ""))
+        buf.writeline("# gate z (B, E, L), forward time order; workspace, merged output (B, L, E); codes (B*L, E)")
+        buf.writeline(("z_ptr, " if has_z else "") + ("" if workspace_is_out else "ws_ptr, ")
+                      + ("out_ptr," if write_float else ""))
+        if emit_codes:
+            buf.writeline(("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,")
+        buf.writeline("# the merge factor c, dimensions" + (" (R: each direction's dt rank)" if fused else ""))
+        buf.writeline("c, E, N, L," + (" Rf, Rb," if fused else ""))
+        buf.writeline("# strides (batch, channel-or-state, time)"
+                      + ("; dt_proj input (batch, time, rank), weight (channel, rank)" if fused else ""))
+        for d in ("f", "b"):
+            if fused:
+                buf.writeline(f"stride_u{d}b, stride_u{d}e, stride_u{d}l,")
+            else:
+                buf.writeline(f"stride_u{d}b, stride_u{d}e, stride_u{d}l, stride_d{d}b, stride_d{d}e, stride_d{d}l,")
+            buf.writeline(f"stride_B{d}b, stride_B{d}n, stride_B{d}l, stride_C{d}b, stride_C{d}n, stride_C{d}l,")
+            if fused:
+                buf.writeline(f"stride_dtx{d}b, stride_dtx{d}l, stride_dtx{d}r, stride_dtw{d}e, stride_dtw{d}r,")
+        if has_z:
+            buf.writeline("stride_zb, stride_ze, stride_zl,")
+        buf.writeline("# meta-parameters (BLOCK_N >= N: the whole state of a channel in registers"
+                      + ("; BLOCK_R >= Rf, Rb" if fused else "") + ")")
+        buf.writeline("BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr," + (" BLOCK_R: tl.constexpr," if fused else ""))
+    buf.writeline("):")
+    with buf.indent():
+        buf.splice("""
+            pid_b = tl.program_id(0)
+            offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+            offs_n = tl.arange(0, BLOCK_N)
+            mask_e = offs_e < E
+            mask_n = offs_n < N
+            # padded states have A = 0, B = 0: h stays 0
+            mask_en = mask_e[:, None] & mask_n[None, :]
+        """)
+        if fused:
+            buf.writeline("offs_r = tl.arange(0, BLOCK_R)  # dt_proj's input channels (padded weight codes are 0)")
+        ws = "out_ptr" if workspace_is_out else "ws_ptr"
+        buf.writeline(f"ws_base = {ws} + pid_b * L * E + offs_e  # token-major (B, L, E) float32")
+        if write_float and not workspace_is_out:
+            buf.writeline("out_base = out_ptr + pid_b * L * E + offs_e")
+        if has_z:
+            buf.writeline("z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze")
+        if emit_codes:
+            buf.writeline("codes_base = codes_ptr + pid_b * L * E + offs_e")
+            if smooth:
+                buf.writeline("inv_s = tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)")
+            if not per_token:
+                buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
+                buf.writeline("za = tl.load(za_ptr)")
+        buf.writeline("# forward direction: token t at step t; y_f + D_f u_f (ungated) to the workspace")
+        _render_direction(buf, "f", has_D_f, dts.get("f"))
+        buf.writeline("for t in range(0, L):")
+        with buf.indent():
+            _render_step(buf, "f", "t", has_D_f, delta_softplus, dts.get("f"))
+            buf.writeline("tl.store(ws_base + t * E, y, mask=mask_e)")
+        buf.writeline("tl.debug_barrier()  # the forward values are visible to all of the program's threads")
+        buf.writeline("# backward direction: step t belongs to token l = L - 1 - t; merge and quantize there")
+        _render_direction(buf, "b", has_D_b, dts.get("b"))
+        buf.writeline("for t in range(0, L):")
+        with buf.indent():
+            _render_step(buf, "b", "t", has_D_b, delta_softplus, dts.get("b"))
+            buf.writeline("l = L - 1 - t")
+            buf.writeline("yf = tl.load(ws_base + l * E, mask=mask_e, other=0.0)")
+            if has_z:
+                buf.splice("""
+                    g = _vmfx_silu(tl.load(z_base + l * stride_zl, mask=mask_e, other=0.0).to(tl.float32))
+                    yf = yf * g
+                    y = y * g
+                """)
+            buf.writeline("m = (yf + y) * c")
+            if write_float:
+                if workspace_is_out:
+                    buf.writeline("tl.debug_barrier()  # every thread has read y_f[l] before m[l] overwrites it")
+                    buf.writeline(f"tl.store(ws_base + l * E, {stored}, mask=mask_e)")
+                else:
+                    buf.writeline(f"tl.store(out_base + l * E, {stored}, mask=mask_e)")
+            if emit_codes:
+                buf.writeline("# next linear's quantize: token l, channel e")
+                if smooth:
+                    buf.writeline("m = m * inv_s")
+                if per_token:
+                    buf.writeline("inv_sa = tl.load(inv_sa_ptr + l)")
+                    buf.writeline("za = tl.load(za_ptr + l)")
+                buf.writeline(
+                    f"codes = _vmfx_quantize(m, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
+                buf.writeline("tl.store(codes_base + l * E, codes, mask=mask_e)")
+    return buf.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(**kw):
+    return load_kernel(render_scan_merge(**kw), KERNEL_NAME)
+
+
+def scan_merge(
+    u_f: torch.Tensor,
+    delta_f: torch.Tensor | None,
+    A_f: torch.Tensor,
+    B_f: torch.Tensor,
+    C_f: torch.Tensor,
+    D_f: torch.Tensor | None,
+    u_b: torch.Tensor,
+    delta_b: torch.Tensor | None,
+    A_b: torch.Tensor,
+    B_b: torch.Tensor,
+    C_b: torch.Tensor,
+    D_b: torch.Tensor | None,
+    z: torch.Tensor | None,
+    *,
+    delta_softplus: bool,
+    scale: float,
+    act: ActQuant | None = None,
+    write_float: bool = True,
+    block: Mapping[str, int] | None = None,
+    provenance: Sequence[str] = (),
+    out_dtype: torch.dtype | None = None,
+    dt_in_f: torch.Tensor | None = None,
+    dt_weight_f: QWeight | None = None,
+    dt_act_f: ActQuant | None = None,
+    dt_bias_f: torch.Tensor | None = None,
+    dt_in_b: torch.Tensor | None = None,
+    dt_weight_b: QWeight | None = None,
+    dt_act_b: ActQuant | None = None,
+    dt_bias_b: torch.Tensor | None = None,
+):
+    """Launch both scan directions, their merge and the next linear's quantize, in one kernel.
+
+    Args:
+        u_f, delta_f: (B, E, L) float32, float16 or bfloat16, any strides (forward direction);
+            ``delta_f`` None when the dt_proj inputs are given.
+        A_f: (E, N) float32.
+        B_f, C_f: (B, N, L) float32, float16 or bfloat16, any strides.
+        D_f: optional (E,) float32.
+        u_b, delta_b, A_b, B_b, C_b, D_b: the backward direction's, same shapes, its u, delta, B,
+            C in its own (reversed) time order.
+        z: optional (B, E, L) float32, float16 or bfloat16 gate, any strides, in forward time
+            order (the backward direction reads it reversed).
+        delta_softplus: apply softplus to delta (both directions).
+        scale: ``c`` (a Python float, passed as a float32 kernel argument).
+        act: if given, also emit codes for the next linear (smoothing (E,), per-token (L,) or
+            per-tensor).
+        write_float: write ``m`` (needs ``act`` when False).
+        block: fixed ``BLOCK_E`` (optional ``num_warps``); default: autotuned on the GPU, one
+            block of all channels (at most 64) under the interpreter.
+        provenance: FX node names, for the header.
+        out_dtype: the dtype of ``m``: float32, float16 or bfloat16; default ``u_f``'s.
+        dt_in_f, dt_weight_f, dt_act_f, dt_bias_f: instead of ``delta_f``, compute it in the
+            kernel as ``reference.qlinear(dt_in_f, dt_weight_f, dt_act_f, dt_bias_f)`` transposed:
+            ``dt_in_f`` (B, L, R) float32, float16 or bfloat16, any strides (e.g. the slice
+            ``x_proj_out[..., :R]``); ``dt_weight_f`` a :class:`QWeight` (E, R) with unpacked int8
+            codes (8- or 4-bit); ``dt_act_f`` its :class:`ActQuant` (per-token over L or
+            per-tensor, optional smoothing (R,)); ``dt_bias_f`` optional (E,) float32.
+        dt_in_b, dt_weight_b, dt_act_b, dt_bias_b: the backward direction's, ``dt_in_b`` in its
+            own (reversed) time order (its token t is step t, as for ``u_b``). Both directions
+            fused or neither.
+
+    Returns:
+        ``m`` (B, L, E), contiguous; ``(m, codes)`` with codes (B*L, E) int8 when ``act`` is
+        given; ``(None, codes)`` when ``write_float`` is False.
+
+    Raises:
+        ValueError: wrong shapes, dtypes or devices (the message names the argument); a delta
+            and the dt_proj inputs of the same direction both given (or neither); one direction
+            fused and not the other; a dt_proj weight stored packed only.
+    """
+    io = tuple(FLOAT_IO)
+    check_tensor(u_f, "u_f", io)
+    out_dtype = output_dtype(out_dtype, u_f.dtype)
+    if u_f.dim() != 3:
+        raise ValueError(f"u_f must be (B, E, L), got {tuple(u_f.shape)}")
+    if not write_float and act is None:
+        raise ValueError("write_float=False needs act (nothing would be written)")
+    bsz, e, length = u_f.shape
+    dev = u_f.device
+    dt_given = {d: (w is not None or i is not None or a is not None or bias is not None)
+                for d, (i, w, a, bias) in (("f", (dt_in_f, dt_weight_f, dt_act_f, dt_bias_f)),
+                                           ("b", (dt_in_b, dt_weight_b, dt_act_b, dt_bias_b)))}
+    if dt_given["f"] != dt_given["b"]:
+        raise ValueError("fuse dt_proj in both directions or in neither: the dt_proj inputs of only the "
+                         f"{'forward' if dt_given['f'] else 'backward'} direction are given")
+    fused = dt_given["f"]
+    check_tensor(A_f, "A_f", torch.float32, device=dev)
+    if A_f.dim() != 2 or A_f.shape[0] != e:
+        raise ValueError(f"A_f must be (E, N) with E={e}, got {tuple(A_f.shape)}")
+    n = A_f.shape[1]
+    check_tensor(A_b, "A_b", torch.float32, (e, n), dev)
+    args = dict(c=float(scale), E=e, N=n, L=length)
+    dts, ranks = {}, {}
+    for d, (u, delta, A, Bm, Cm, D, dt) in (
+            ("f", (u_f, delta_f, A_f, B_f, C_f, D_f, (dt_in_f, dt_weight_f, dt_act_f, dt_bias_f))),
+            ("b", (u_b, delta_b, A_b, B_b, C_b, D_b, (dt_in_b, dt_weight_b, dt_act_b, dt_bias_b)))):
+        check_tensor(u, f"u_{d}", io, (bsz, e, length), dev)
+        check_tensor(Bm, f"B_{d}", io, (bsz, n, length), dev)
+        check_tensor(Cm, f"C_{d}", io, (bsz, n, length), dev)
+        args.update({f"u{d}_ptr": u, f"A{d}_ptr": A.contiguous(), f"B{d}_ptr": Bm, f"C{d}_ptr": Cm})
+        strided = [("u", "bel", u), ("B", "bnl", Bm), ("C", "bnl", Cm)]
+        if fused:
+            if delta is not None:
+                raise ValueError(f"delta_{d} must be None when dt_proj is fused (dt_in_{d}, dt_weight_{d}, "
+                                 f"dt_act_{d} given): the kernel computes delta itself")
+            dts[d], ranks[d] = _dt_proj_args(d, *dt, bsz, e, length, dev, args)
+        else:
+            if delta is None:
+                raise ValueError(f"delta_{d} is required unless dt_proj is fused (dt_in_{d}, dt_weight_{d}, "
+                                 f"dt_act_{d} given)")
+            check_tensor(delta, f"delta_{d}", io, (bsz, e, length), dev)
+            args[f"d{d}_ptr"] = delta
+            strided.append(("d", "bel", delta))
+        for name, dims, t in strided:
+            args.update({f"stride_{name}{d}{k}": s for k, s in zip(dims, t.stride())})
+        if D is not None:
+            args[f"D{d}_ptr"] = check_tensor(D, f"D_{d}", torch.float32, (e,), dev, True)
+    if z is not None:
+        check_tensor(z, "z", io, (bsz, e, length), dev)
+        args.update(z_ptr=z, stride_zb=z.stride(0), stride_ze=z.stride(1), stride_zl=z.stride(2))
+    out = torch.empty((bsz, length, e), dtype=out_dtype, device=dev) if write_float else None
+    workspace_is_out = write_float and out_dtype == torch.float32
+    if out is not None:
+        args["out_ptr"] = out
+    if not workspace_is_out:
+        args["ws_ptr"] = torch.empty((bsz, length, e), dtype=torch.float32, device=dev)
+    codes, smooth, per_token, bits = codes_epilogue_args(act, bsz, length, e, dev, args)
+    autotune = block is None and not interpreting()
+    kernel = _kernel(has_D_f=D_f is not None, has_D_b=D_b is not None, has_z=z is not None,
+                     delta_softplus=bool(delta_softplus), write_float=write_float, emit_codes=act is not None,
+                     per_token=per_token, smooth=smooth, act_bits=bits, workspace_is_out=workspace_is_out,
+                     autotune=autotune, provenance=tuple(str(p) for p in provenance),
+                     out_dtype=FLOAT_IO[out_dtype] if write_float else "float32",
+                     dt_proj_f=dts.get("f"), dt_proj_b=dts.get("b"))
+    meta = dict(BLOCK_N=max(2, next_power_of_2(n)))
+    if fused:
+        args.update(Rf=ranks["f"], Rb=ranks["b"])
+        meta["BLOCK_R"] = max(2, next_power_of_2(max(ranks.values())))
+    if autotune:
+        grid = lambda cfg: (bsz, -(-e // cfg["BLOCK_E"]))  # noqa: E731
+        kernel[grid](**args, **meta, **launch_options())
+    else:
+        blk = dict(block or {})
+        be = blk.pop("BLOCK_E", max(2, min(64, next_power_of_2(e))))
+        opts = launch_options(blk.pop("num_warps", 4), blk.pop("num_stages", None))
+        kernel[(bsz, -(-e // be))](**args, BLOCK_E=be, **meta, **opts)
+    return out if act is None else (out, codes)
+
+
+def _dt_proj_args(d: str, dt_in, weight, act, bias, bsz: int, e: int, length: int, dev, args: dict):
+    """Check direction ``d``'s dt_proj inputs and add their pointers and strides to ``args``.
+
+    Returns:
+        ``(DtProj, R)``: the render flags and the rank.
+    """
+    for value, name in ((dt_in, "dt_in"), (weight, "dt_weight"), (act, "dt_act")):
+        if value is None:
+            raise ValueError(f"{name}_{d} is required when dt_proj is fused")
+    if not isinstance(weight, QWeight):
+        raise ValueError(f"dt_weight_{d} must be a QWeight, got {type(weight).__name__}")
+    if not isinstance(act, ActQuant):
+        raise ValueError(f"dt_act_{d} must be an ActQuant, got {type(act).__name__}")
+    if weight.codes is None:
+        raise ValueError(f"dt_weight_{d} is stored packed only: the fused dt_proj reads unpacked int8 codes "
+                         "(QWeight.codes; pack(keep_codes=True) keeps them)")
+    codes = check_tensor(weight.codes, f"dt_weight_{d}.codes", torch.int8, device=dev)
+    if codes.dim() != 2 or codes.shape[0] != e:
+        raise ValueError(f"dt_weight_{d}.codes must be (E, R) with E={e}, got {tuple(codes.shape)}")
+    rank = codes.shape[1]
+    check_tensor(weight.wsum, f"dt_weight_{d}.wsum", torch.int32, (e,), dev, True)
+    check_tensor(weight.scale, f"dt_weight_{d}.scale", torch.float32, (e,), dev, True)
+    check_tensor(dt_in, f"dt_in_{d}", tuple(FLOAT_IO), (bsz, length, rank), dev)
+    if not isinstance(act.bits, int) or not 2 <= act.bits <= 8:
+        raise ValueError(f"dt_act_{d}.bits must be in 2..8, got {act.bits!r}")
+    t = act.tokens
+    if t not in (1, length):
+        raise ValueError(f"dt_act_{d} has per-token parameters for {t} tokens, but L={length}")
+    for name in ("scale", "inv_scale", "zero_point"):
+        check_tensor(getattr(act, name), f"dt_act_{d}.{name}", torch.float32, (t,), dev, True)
+    smooth = act.inv_smooth is not None
+    if smooth:
+        args[f"dtinv_s{d}_ptr"] = check_tensor(act.inv_smooth, f"dt_act_{d}.inv_smooth", torch.float32, (rank,),
+                                               dev, True)
+    if bias is not None:
+        args[f"dtbias{d}_ptr"] = check_tensor(bias, f"dt_bias_{d}", torch.float32, (e,), dev, True)
+    args.update({f"dtx{d}_ptr": dt_in, f"dtw{d}_ptr": codes, f"dtwsum{d}_ptr": weight.wsum,
+                 f"dtsw{d}_ptr": weight.scale, f"dtinv_sa{d}_ptr": act.inv_scale, f"dtsa{d}_ptr": act.scale,
+                 f"dtza{d}_ptr": act.zero_point})
+    args.update({f"stride_dtx{d}{k}": s for k, s in zip("blr", dt_in.stride())})
+    args.update({f"stride_dtw{d}{k}": s for k, s in zip("er", codes.stride())})
+    return DtProj(t > 1, smooth, act.bits, bias is not None), rank
