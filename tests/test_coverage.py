@@ -38,6 +38,15 @@ def test_every_layer_of_a_quantized_vim_is_listed(tiny_model, tiny_images):
     assert text.splitlines()[-1] == "0/5 convs quantized, 12/13 linears quantized, 0/4 scans quantized"
 
 
+def test_a_lowered_model_reports_what_it_was_lowered_from(tiny_model, tiny_images, tmp_path):
+    qmodel = vmfx.compile(tiny_model, tiny_images, "minmax-w8a8")
+    lowered = vmfx.lowering.lower(qmodel, "reference")
+    assert str(vmfx.inspect.coverage(lowered)) == str(vmfx.inspect.coverage(qmodel))  # not "0/13 linears"
+    loaded = vmfx.load(vmfx.save(lowered, str(tmp_path / "lowered.safetensors")), model=tiny_model)
+    with pytest.raises(vmfx.ConfigError, match="keeps no quantized graph to report on"):
+        vmfx.inspect.coverage(loaded)
+
+
 def test_the_plan_for_a_float_model_is_what_compile_does(tiny_model, tiny_images):
     cfg = preset("minmax-w4a8").replace(roles=("in_proj", "out_proj"))
     plan = vmfx.inspect.coverage(tiny_model, cfg, example_inputs=tiny_images[:1])

@@ -135,6 +135,14 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
         example_inputs: for a float model: an image batch for shape propagation (recommended:
             without shapes, token layouts and the ``"linear"`` roles cannot all be decided).
     """
+    if isinstance(model, fx.GraphModule) and model.meta.get("vmfx_lowered"):
+        # a lowered model quantizes what the quantized model it was lowered from quantizes
+        source = model.meta.get("vmfx_unlowered")
+        if not isinstance(source, fx.GraphModule):
+            raise ConfigError("this lowered model was loaded from a file and keeps no quantized graph to report on: "
+                              "report on the model vmfx.compile returns without a backend (or save that one and "
+                              "lower it after vmfx.load)")
+        model = source
     gm = _as_graph(model, example_inputs)
     quantized_graph = any(isinstance(m, FakeQuantize) for m in gm.modules()) or "vmfx_config" in gm.meta
     if quantized_graph:
