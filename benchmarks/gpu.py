@@ -218,11 +218,13 @@ def gpu_run(models, batch: int, calibrate: bool, argv) -> None:
             with torch.no_grad():
                 for form, low in lowered.items():
                     compiled = torch.compile(low, fullgraph=True)
-                    compiled(xh)
+                    got, eager = compiled(xh[:8]).float(), low(xh[:8]).float()  # timed only if it computes the same
+                    diff = float((got - eager).abs().max() / eager.abs().max())
                     ms = _bench(lambda: compiled(xh))
                     launches, top = _profile(lambda: compiled(xh))
                     rec.add(model=name, batch=batch, form=form, ms=ms, baseline_form="fp16-fused",
-                            baseline_ms=baseline_ms, launches=launches, top_kernels=top)
+                            baseline_ms=baseline_ms, launches=launches, top_kernels=top,
+                            compiled_vs_eager_max_rel_diff=diff)
             del model, fused, lowered
         except Exception:
             traceback.print_exc()
