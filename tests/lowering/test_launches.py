@@ -189,3 +189,15 @@ def test_random_vim_t_lowers_to_six_launches_per_block():
     assert set(plan.per_block().values()) == {6} and len(plan.per_block()) == 24
     assert plan.kinds_per_block(11) == VIM_BLOCK
     assert plan.summary()["launches_outside_blocks"] == 5  # patch embed, class token cat, position add, norm, head
+
+
+def test_lowered_proxy_makes_six_launches_per_block_in_half_precision():
+    from vmfx.data import load_digits, load_proxy_model
+
+    images, _ = load_digits("train")
+    q = vmfx.compile(load_proxy_model(), images[:16], "pts-w8a8")
+    half = lower(q, "reference").half()
+    plan = launch_plan(half, images[:1].half())
+    assert plan.per_block() == {b: 6 for b in range(6)}
+    assert all(plan.kinds_per_block(b) == VIM_BLOCK for b in range(6))
+    assert {d for x in plan.launches for d in x.dtypes_written} <= {"float16", "int8"}

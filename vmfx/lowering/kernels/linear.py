@@ -183,46 +183,9 @@ def render_qlinear(
                 buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
             buf.writeline("za = tl.load(za_ptr)")
         buf.newline()
-        buf.writeline("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)")
-        if packed:
-            buf.writeline("KH = (K + 1) // 2  # packed columns: low nibble column j, high nibble column j + KH")
-            buf.writeline("for k0 in range(0, KH, BLOCK_K):")
-            with buf.indent():
-                buf.writeline("offs_j = k0 + tl.arange(0, BLOCK_K)")
-                buf.writeline("mask_j = offs_j < KH")
-                buf.writeline("w_ptrs = w_ptr + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn")
-                buf.writeline("p = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0)")
-                buf.writeline("p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)")
-                buf.writeline("w_lo = ((p32 << 28) >> 28).to(tl.int8)  # low nibble: column j")
-                buf.writeline("w_hi = ((p32 << 24) >> 28).to(tl.int8)  # high nibble: column j + KH")
-                for half, offs in (("lo", "offs_j"), ("hi", "offs_j + KH")):
-                    buf.writeline(f"offs_k = {offs}")
-                    buf.writeline("mask_k = mask_j & (offs_k < K)")
-                    _render_act_tile(buf, prequantized, smooth, qmax, off)
-                    buf.writeline(f"acc = tl.dot(a, w_{half}, acc, out_dtype=tl.int32)")
-        else:
-            buf.writeline("for k0 in range(0, K, BLOCK_K):")
-            with buf.indent():
-                buf.writeline("offs_k = k0 + tl.arange(0, BLOCK_K)")
-                buf.writeline("mask_k = offs_k < K")
-                _render_act_tile(buf, prequantized, smooth, qmax, off)
-                buf.writeline("w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn")
-                buf.writeline("w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)")
-                buf.writeline("acc = tl.dot(a, w, acc, out_dtype=tl.int32)")
-        buf.newline()
-        buf.writeline(f"# zero point: acc += ({off} - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly")
-        buf.writeline("wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)")
-        buf.writeline(f"acc += ({off} - za.to(tl.int32)) * wsum[None, :]")
-        buf.newline()
+        render_int_gemm(buf, packed, prequantized, smooth, qmax, off)
         buf.writeline("# dequantize: token x channel scales, then bias and the epilogue")
-        if per_token:
-            buf.writeline("sa = tl.load(sa_ptr + tok, mask=mask_m, other=0.0)[:, None]")
-        else:
-            buf.writeline("sa = tl.load(sa_ptr)")
-        buf.writeline("sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
-        buf.writeline("y = acc.to(tl.float32) * (sa * sw)")
-        if bias:
-            buf.writeline("y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
+        render_dequantize(buf, per_token, bias)
         buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)")
         buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
         render_epilogue(buf, ep, acc="y", offsets="offs_out", mask="mask_out")
@@ -268,6 +231,56 @@ class _Spec:
 def _kernel(spec: _Spec):
     src = render_qlinear(**{k: getattr(spec, k) for k in spec.__dataclass_fields__})
     return load_kernel(src, KERNEL_NAME)
+
+def render_int_gemm(buf: IndentedBuffer, packed: bool, prequantized: bool, smooth: bool, qmax: int, off: int) -> None:
+    """The int32 accumulator of a (BLOCK_M, BLOCK_N) tile: the K loop over activation tiles
+    (:func:`_render_act_tile`) and int8 weight tiles (or packed 4-bit ones, unpacked in registers),
+    then the zero-point correction ``acc += (2^(b-1) - z_a) * wsum``. Reads ``offs_m``, ``offs_n``,
+    ``mask_m``, ``mask_n``, ``za`` and the pointers; shared by ``qlinear`` and ``qlinear_group``."""
+    buf.writeline("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)")
+    if packed:
+        buf.writeline("KH = (K + 1) // 2  # packed columns: low nibble column j, high nibble column j + KH")
+        buf.writeline("for k0 in range(0, KH, BLOCK_K):")
+        with buf.indent():
+            buf.writeline("offs_j = k0 + tl.arange(0, BLOCK_K)")
+            buf.writeline("mask_j = offs_j < KH")
+            buf.writeline("w_ptrs = w_ptr + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn")
+            buf.writeline("p = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0)")
+            buf.writeline("p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)")
+            buf.writeline("w_lo = ((p32 << 28) >> 28).to(tl.int8)  # low nibble: column j")
+            buf.writeline("w_hi = ((p32 << 24) >> 28).to(tl.int8)  # high nibble: column j + KH")
+            for half, offs in (("lo", "offs_j"), ("hi", "offs_j + KH")):
+                buf.writeline(f"offs_k = {offs}")
+                buf.writeline("mask_k = mask_j & (offs_k < K)")
+                _render_act_tile(buf, prequantized, smooth, qmax, off)
+                buf.writeline(f"acc = tl.dot(a, w_{half}, acc, out_dtype=tl.int32)")
+    else:
+        buf.writeline("for k0 in range(0, K, BLOCK_K):")
+        with buf.indent():
+            buf.writeline("offs_k = k0 + tl.arange(0, BLOCK_K)")
+            buf.writeline("mask_k = offs_k < K")
+            _render_act_tile(buf, prequantized, smooth, qmax, off)
+            buf.writeline("w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn")
+            buf.writeline("w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)")
+            buf.writeline("acc = tl.dot(a, w, acc, out_dtype=tl.int32)")
+    buf.newline()
+    buf.writeline(f"# zero point: acc += ({off} - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly")
+    buf.writeline("wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)")
+    buf.writeline(f"acc += ({off} - za.to(tl.int32)) * wsum[None, :]")
+    buf.newline()
+
+
+def render_dequantize(buf: IndentedBuffer, per_token: bool, bias: bool) -> None:
+    """``y = acc * (s_a s_w) (+ bias)`` in float32: per-token (``tok``) or per-tensor activation scale."""
+    if per_token:
+        buf.writeline("sa = tl.load(sa_ptr + tok, mask=mask_m, other=0.0)[:, None]")
+    else:
+        buf.writeline("sa = tl.load(sa_ptr)")
+    buf.writeline("sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
+    buf.writeline("y = acc.to(tl.float32) * (sa * sw)")
+    if bias:
+        buf.writeline("y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
+
 
 
 def _default_blocks(m: int, n: int, k: int) -> dict:

@@ -62,7 +62,7 @@ from ..codegen import (
     render_header,
 )
 from ..reference import ActQuant, QWeight
-from .linear import AUTOTUNE_CONFIGS, OUT_DTYPES, _default_blocks, _render_act_tile
+from .linear import AUTOTUNE_CONFIGS, OUT_DTYPES, _default_blocks, render_dequantize, render_int_gemm
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "GroupedQWeight", "render_qlinear_group", "qlinear_group"]
 
@@ -356,46 +356,9 @@ def render_qlinear_group(
         else:
             buf.writeline("za = tl.load(za_ptr)")
         buf.newline()
-        buf.writeline("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)")
-        if packed:
-            buf.writeline("KH = (K + 1) // 2  # packed columns: low nibble column j, high nibble column j + KH")
-            buf.writeline("for k0 in range(0, KH, BLOCK_K):")
-            with buf.indent():
-                buf.writeline("offs_j = k0 + tl.arange(0, BLOCK_K)")
-                buf.writeline("mask_j = offs_j < KH")
-                buf.writeline("w_ptrs = w_ptr + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn")
-                buf.writeline("p = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0)")
-                buf.writeline("p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)")
-                buf.writeline("w_lo = ((p32 << 28) >> 28).to(tl.int8)  # low nibble: column j")
-                buf.writeline("w_hi = ((p32 << 24) >> 28).to(tl.int8)  # high nibble: column j + KH")
-                for half, offs in (("lo", "offs_j"), ("hi", "offs_j + KH")):
-                    buf.writeline(f"offs_k = {offs}")
-                    buf.writeline("mask_k = mask_j & (offs_k < K)")
-                    _render_act_tile(buf, True, False, qmax, off)
-                    buf.writeline(f"acc = tl.dot(a, w_{half}, acc, out_dtype=tl.int32)")
-        else:
-            buf.writeline("for k0 in range(0, K, BLOCK_K):")
-            with buf.indent():
-                buf.writeline("offs_k = k0 + tl.arange(0, BLOCK_K)")
-                buf.writeline("mask_k = offs_k < K")
-                _render_act_tile(buf, True, False, qmax, off)
-                buf.writeline("w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn")
-                buf.writeline("w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)")
-                buf.writeline("acc = tl.dot(a, w, acc, out_dtype=tl.int32)")
-        buf.newline()
-        buf.writeline(f"# zero point: acc += ({off} - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly")
-        buf.writeline("wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)")
-        buf.writeline(f"acc += ({off} - za.to(tl.int32)) * wsum[None, :]")
-        buf.newline()
+        render_int_gemm(buf, packed, True, False, qmax, off)
         buf.writeline("# dequantize: token x channel scales, then the bias")
-        if per_token:
-            buf.writeline("sa = tl.load(sa_ptr + tok, mask=mask_m, other=0.0)[:, None]")
-        else:
-            buf.writeline("sa = tl.load(sa_ptr)")
-        buf.writeline("sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
-        buf.writeline("y = acc.to(tl.float32) * (sa * sw)")
-        if bias:
-            buf.writeline("y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
+        render_dequantize(buf, per_token, bias)
         buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]  # out[g] is contiguous (M, N)")
         buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
         if out_dtype == "float32":

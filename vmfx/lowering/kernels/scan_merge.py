@@ -90,20 +90,15 @@ from ..codegen import (
     store_value,
 )
 from ..reference import ActQuant, QWeight
+from .scan import _LOG2E
+from .scan import AUTOTUNE_CONFIGS as _SCAN_CONFIGS
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "DtProj", "render_scan_merge", "scan_merge"]
 
 KERNEL_NAME = "vmfx_scan_merge"
 
-#: GPU configs tried by ``@triton.autotune`` (keyed on E, N, L).
-AUTOTUNE_CONFIGS = [
-    {"BLOCK_E": 16, "num_warps": 2},
-    {"BLOCK_E": 32, "num_warps": 4},
-    {"BLOCK_E": 64, "num_warps": 4},
-    {"BLOCK_E": 128, "num_warps": 8},
-]
-
-_LOG2E = 1.4426950408889634
+#: GPU configs tried by ``@triton.autotune`` (keyed on E, N, L): the per-direction scan's.
+AUTOTUNE_CONFIGS = _SCAN_CONFIGS
 
 
 class DtProj(NamedTuple):
