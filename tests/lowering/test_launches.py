@@ -157,6 +157,22 @@ def test_torch_compile_fullgraph_matches_eager(quantized, small):
     torch._dynamo.reset()
 
 
+def test_torch_compile_of_the_triton_backend_in_half_precision(quantized, small):
+    """The form benchmarks/gpu.py times: Triton kernels (the interpreter here), half precision,
+    torch.compile(fullgraph=True); the kernels run as they do eagerly."""
+    _, images = small
+    x = images[:2].half()
+    lowered = lower(quantized, "triton").half()
+    if torch.cuda.is_available():
+        lowered, x = lowered.cuda(), x.cuda()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected, got = lowered(x), torch.compile(lowered, fullgraph=True)(x)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    torch._dynamo.reset()
+
+
 def test_a_copied_lowered_model_runs_its_own_partitions_under_compile(quantized, small):
     """The custom op finds each partition by a key; a deepcopy (or an unpickled model) gets keys of
     its own, so a compiled copy does not run the original's weights."""
