@@ -175,13 +175,14 @@ class LoweredPartition(nn.Module):
 
     def compute(self, *inputs):
         """The partition's outputs (a tensor, or a tuple where it also emits codes)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define compute (every partition kind in this module does)")
 
     def output_specs(self, *inputs) -> tuple:
         """((shape, dtype) or None, ...): what :meth:`compute` returns for these inputs, one entry
         per output (None where an output of a tuple is not written); a single output is a
         one-entry tuple and :attr:`returns_tuple` says whether compute returns a tuple."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define output_specs (torch.compile's fake "
+                                  "implementation needs it; every partition kind in this module does)")
 
     def scratch_bytes(self, *inputs) -> int:
         """Bytes the kernel moves beyond its inputs and outputs read once and written once (a
