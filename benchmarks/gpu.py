@@ -46,6 +46,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
+from benchmarks.provenance import portable_command  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 NAMES = {
     "Vim-T": "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2",
@@ -64,7 +66,7 @@ def _model(name: str):
 
 
 def _command(argv) -> str:
-    return "python benchmarks/gpu.py " + " ".join(argv)
+    return portable_command("benchmarks/gpu.py", argv)  # no local absolute paths in the results
 
 
 # -- the plan (any machine) ------------------------------------------------------------------------

@@ -43,6 +43,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.provenance import portable_command  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "kernels.md")
 VIM = {"Vim-T": 192, "Vim-S": 384, "Vim-B": 768}
 NAMES = {
@@ -462,7 +464,7 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(0)
     rep = Report(args.out, [
         "# Kernel benchmarks", "",
-        f"Produced by `python benchmarks/kernels.py {' '.join(sys.argv[1:] if argv is None else argv)}` on {gpu} (torch {torch.__version__}, triton {triton.__version__}); "
+        f"Produced by `{portable_command('benchmarks/kernels.py', sys.argv[1:] if argv is None else argv)}` on {gpu} (torch {torch.__version__}, triton {triton.__version__}); "
         "medians of `triton.testing.do_bench`.", ""])
     runners = {"linear": lambda: linear_rows(rep, args.quick), "scan": lambda: scan_rows(rep, args.quick),
                "e2e": lambda: end_to_end_rows(rep, args.quick, args.calib, args.config, args.models.split(","),

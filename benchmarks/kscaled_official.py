@@ -1,7 +1,8 @@
 """The official k-scaled ViM PTQ code (Shi et al., Access-IC-Lab/PTQ_for_ViM) side by side with vmfx.
 
+    export VMFX_KSCALED_SRC=PATH   # a checkout (or bare git directory) of Access-IC-Lab/PTQ_for_ViM
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kscaled_official.py                   # W8A8, 32 calibration images
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kscaled_official.py --test-n 100 --out /tmp/ks   # a trial
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kscaled_official.py --test-n 100 --out OUT   # a trial
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kscaled_official.py --bits w4a4 --sides official,vmfx
 
 Both sides quantize the bundled proxy Vim (``vmfx.data.load_proxy_model``) with the same calibration
@@ -10,8 +11,9 @@ test digits against the same float logits (top-1, top-1 agreement with float, me
 KL(p_float || p_quant), with :mod:`vmfx.data.evaluate`'s ``collect_logits`` / ``compare_logits``).
 
 The official code is read from a local copy of the repository (``$VMFX_KSCALED_SRC``: a checkout or a
-bare git directory; default the fetched mirror ``/work/.mirror/Access-IC-Lab+PTQ_for_ViM/repo``),
-materialised into a temporary folder and imported from there; nothing of it is copied into vmfx.
+bare git directory), materialised into a temporary folder and imported from there; nothing of it is
+copied into vmfx. The results name it by repository and commit (``official_source``:
+``Access-IC-Lab/PTQ_for_ViM@<commit>``), never by its local path.
 What the harness changes to run it on the proxy, on a CPU (all listed in the results file):
 
 * CUDA: ``torch.Tensor.cuda`` / ``nn.Module.cuda`` return their argument and
@@ -75,7 +77,8 @@ from vmfx.data import load_digits, load_proxy_model  # noqa: E402
 from vmfx.data.evaluate import collect_logits, compare_logits  # noqa: E402
 from vmfx.data.proxy import proxy_metadata  # noqa: E402
 
-MIRROR = "/work/.mirror/Access-IC-Lab+PTQ_for_ViM/repo"
+REPOSITORY = "Access-IC-Lab/PTQ_for_ViM"
+ENV = "VMFX_KSCALED_SRC"
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 #: Top-level module names of the official ``src/`` folder (purged from sys.modules around imports).
 OFFICIAL_TOP = ("vision_mamba", "mamba", "layers", "tools", "quant_layers", "quant_configs", "quant_utils", "utils",
@@ -95,17 +98,44 @@ class OfficialCodeMissing(RuntimeError):
 # -- the official code, materialised and imported ------------------------------------------------
 
 
-def official_source() -> str:
-    return os.environ.get("VMFX_KSCALED_SRC", MIRROR)
+def official_source(src: str | None = None) -> str:
+    """The local copy of the official repository: ``src``, else ``$VMFX_KSCALED_SRC``."""
+    src = src or os.environ.get(ENV)
+    if not src or not os.path.exists(src):
+        raise OfficialCodeMissing(f"no copy of {REPOSITORY} at {src!r} (set {ENV} to a checkout)")
+    return src
 
 
-def materialise(dest: Path) -> Path:
+def _git(src: str) -> list[str]:
+    return ["git", "-C", src] if os.path.exists(os.path.join(src, ".git")) else ["git", "--git-dir", src]
+
+
+def official_commit(src: str | None = None) -> str | None:
+    """HEAD of the official copy (None for a copy without its git data)."""
+    try:
+        done = subprocess.run(_git(official_source(src)) + ["rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def official_file(path: str, src: str | None = None) -> str:
+    """The text of ``path`` (relative to the repository root) in the official copy, as it is there."""
+    src = official_source(src)
+    if os.path.isdir(os.path.join(src, "src", "quant_layers")):
+        return Path(src, path).read_text()
+    try:
+        return subprocess.run(_git(src) + ["show", f"HEAD:{path}"], check=True, capture_output=True,
+                              text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise OfficialCodeMissing(f"cannot read {path} from the copy of {REPOSITORY}: {exc}") from exc
+
+
+def materialise(dest: Path, src: str | None = None) -> Path:
     """Copy the official ``src/`` folder into ``dest`` (from a checkout or with ``git archive`` from a
     bare git directory), patch the dt rank of ``net_wrap.py`` (see the module docstring) and return
     the folder to import from. Raises :class:`OfficialCodeMissing` without a copy."""
-    src = official_source()
-    if not os.path.exists(src):
-        raise OfficialCodeMissing(f"no copy of Access-IC-Lab/PTQ_for_ViM at {src} (set VMFX_KSCALED_SRC to a checkout)")
+    src = official_source(src)
     dest = Path(dest)
     if os.path.isdir(os.path.join(src, "src", "quant_layers")):
         shutil.copytree(os.path.join(src, "src"), dest / "src")
@@ -115,11 +145,12 @@ def materialise(dest: Path) -> Path:
                                      capture_output=True).stdout
             subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, capture_output=True)
         except (OSError, subprocess.CalledProcessError) as exc:
-            raise OfficialCodeMissing(f"cannot read the official files from {src}: {exc}") from exc
+            raise OfficialCodeMissing(f"cannot read the official files of {REPOSITORY} from {src}: {exc}") from exc
     net_wrap = dest / "src" / "quant_utils" / "net_wrap.py"
     text = net_wrap.read_text()
     if text.count(DT_RANK_LINE) != 1:
-        raise OfficialCodeMissing(f"{net_wrap} no longer holds exactly one {DT_RANK_LINE!r}: update the harness")
+        raise OfficialCodeMissing(f"src/quant_utils/net_wrap.py of {REPOSITORY} no longer holds exactly one "
+                                  f"{DT_RANK_LINE!r}: update the harness")
     net_wrap.write_text(text.replace(DT_RANK_LINE, DT_RANK_PATCH))
     return dest / "src"
 
@@ -329,15 +360,14 @@ def run(args, save=lambda result: None) -> dict:
                                                           *sys.argv[1:]]),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-              "official_source": official_source(), "calib_images": args.calib_n, "seed": args.seed,
+              "official_source": None, "official_commit": None, "calib_images": args.calib_n, "seed": args.seed,
               "test_images": int(test_x.shape[0]), "fp_top1": round(fp.top1, 2), "rows": []}
-    try:
-        head = subprocess.run(["git", "--git-dir", official_source(), "rev-parse", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
-        result["official_commit"] = head or None
-    except OSError:
-        result["official_commit"] = None
     sides = args.sides.split(",")
+    if "official" in sides or "check" in sides:  # named by repository and commit, not by its local path
+        commit = official_commit()
+        result["official_commit"] = commit
+        result["official_source"] = f"{REPOSITORY}@{commit}" if commit else \
+            f"{REPOSITORY} (a copy without git data: commit unknown)"
     with tempfile.TemporaryDirectory(prefix="kscaled-official-") as tmp:
         if "official" in sides or "check" in sides:
             src_dir = materialise(Path(tmp))
@@ -491,8 +521,8 @@ def render(result) -> str:
         "",
         f"    {result['command']}",
         "",
-        f"Official code: Access-IC-Lab/PTQ_for_ViM at {result.get('official_commit') or '?'} "
-        f"(read from `{result['official_source']}`), imported from a temporary copy, run on the CPU "
+        f"Official code: `{result.get('official_source') or REPOSITORY + ' (commit unknown)'}`, "
+        "imported from a temporary copy, run on the CPU "
         "(see the script's docstring for the stand-ins and the one-line dt-rank patch).",
         f"Model: the bundled proxy Vim (`vim-proxy-digits`, FP top-1 {result['fp_top1']:.1f} on these images). "
         f"Calibration: {result['calib_images']} training digits drawn with seed {result['seed']} "
@@ -552,7 +582,7 @@ def main(argv=None) -> int:
                 done = {(r["side"], r["method"], r["bits"]) for r in result["rows"]}
                 result["rows"] = [r for r in old["rows"] if (r["side"], r["method"], r["bits"]) not in done] \
                     + result["rows"]
-                for k in ("float_check", "xproj_rd", "official_commit", "notes"):
+                for k in ("float_check", "xproj_rd", "official_commit", "official_source", "notes"):
                     if result.get(k) is None and old.get(k) is not None:
                         result[k] = old[k]
                 if result["command"] not in old.get("command", ""):

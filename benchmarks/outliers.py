@@ -30,6 +30,8 @@ import vmfx  # noqa: E402
 from vmfx.config import PRESETS  # noqa: E402
 from vmfx.data import load_digits, load_proxy_model  # noqa: E402
 
+from benchmarks.provenance import portable_command  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     paths = vmfx.inspect.plot_outliers(sets, args.out, block=args.block)  # the block's two plots, all blocks' one
 
-    command = "python benchmarks/outliers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # paths relative to the repository; a folder outside it is recorded as <local>/<its name>
+    command = portable_command("benchmarks/outliers.py", argv if argv is not None else sys.argv[1:])
     lines = [
         f"# OuroMamba outlier sets on the proxy model ({args.config})", "",
         f"Produced by `{command}` (do not edit by hand): {args.config} with {steps} JLSS steps per block"

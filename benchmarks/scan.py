@@ -34,7 +34,10 @@ import time
 
 import torch
 
-from vmfx.ops import selective_scan
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.provenance import portable_command  # noqa: E402
+from vmfx.ops import selective_scan  # noqa: E402
 
 ARG_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -179,7 +182,7 @@ def main(argv=None):
         say(f"{name:<32}{ms[0]:>12.1f}{ms[1]:>13.1f}{ms[2]:>12.1f}{ms[3]:>10.1f}{args.repeat:>6}")
     if args.write:
         os.makedirs(os.path.dirname(os.path.abspath(args.write)), exist_ok=True)
-        command = "python benchmarks/scan.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+        command = portable_command("benchmarks/scan.py", argv if argv is not None else sys.argv[1:])
         with open(args.write, "w") as f:
             f.write("# Selective scan: vmfx vs mamba-ssm's selective_scan_ref (CPU)\n\n")
             f.write(f"Produced by `{command}` on {platform.machine()} ({os.cpu_count()} CPU cores); "

@@ -1,7 +1,10 @@
-"""Side-by-side timing of the selective scan: this tree's float path against a baseline copy of
-``vmfx/ops/selective_scan.py`` (e.g. the main branch's), and the cost of the quantized state.
+"""Side-by-side timing of the selective scan: this tree's float path against a baseline version of
+``vmfx/ops/selective_scan.py`` (a git revision of this repository, e.g. ``main``), and the cost of the
+quantized state.
 
-The baseline module file is loaded under another name in the same process (it imports only torch),
+The baseline file is read from the revision with ``git show`` (the output names its commit, never a
+local path), written to a temporary file and loaded under another name in the same process (it
+imports only torch),
 and the calls are interleaved (baseline, current, baseline, current, ...), so both see the same
 machine load. Inputs: a Vision-Mamba-like S6 call (as ``benchmarks/scan.py``: ``z``, ``D``,
 ``delta_bias``, softplus, B and C (batch, N, L)), float32, forward + backward.
@@ -11,7 +14,7 @@ ratio and output factor), ``current + state int8`` (per-step state quantization,
 ``current + reparam + state int8``, and ``state_hook int8`` (the same quantization through a
 Python hook, for comparison). Medians of ``--repeat`` interleaved runs; record ``uptime`` with them.
 
-    OMP_NUM_THREADS=1 python benchmarks/scan_state.py --baseline /work/main/vmfx/ops/selective_scan.py
+    OMP_NUM_THREADS=1 python benchmarks/scan_state.py --baseline main
 """
 
 from __future__ import annotations
@@ -20,18 +23,35 @@ import argparse
 import importlib.util
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 
-from vmfx.ops.selective_scan import reparameterize, selective_scan
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.provenance import ROOT, git_commit  # noqa: E402
+from vmfx.ops.selective_scan import reparameterize, selective_scan  # noqa: E402
+
+SCAN_FILE = "vmfx/ops/selective_scan.py"
 
 
-def load_baseline(path):
-    spec = importlib.util.spec_from_file_location("baseline_selective_scan", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.selective_scan
+def load_baseline(rev: str):
+    """(``selective_scan`` of ``vmfx/ops/selective_scan.py`` at git revision ``rev`` of this
+    repository, that revision's full commit)."""
+    commit = git_commit(rev)
+    text = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:{SCAN_FILE}"], check=True, capture_output=True,
+                          text=True).stdout
+    with tempfile.TemporaryDirectory(prefix="scan-baseline-") as tmp:
+        path = os.path.join(tmp, "baseline_selective_scan.py")
+        with open(path, "w") as f:
+            f.write(text)
+        spec = importlib.util.spec_from_file_location("baseline_selective_scan", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return mod.selective_scan, commit
 
 
 def make_inputs(batch, length, dim, n, seed=0):
@@ -57,7 +77,8 @@ def time_fwd_bwd(fn, x, grad):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--baseline", required=True, help="path of the baseline selective_scan.py")
+    p.add_argument("--baseline", required=True,
+                   help=f"git revision of this repository whose {SCAN_FILE} is the baseline (e.g. main)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--length", type=int, default=197)
     p.add_argument("--dim", type=int, default=384)
@@ -65,7 +86,7 @@ def main():
     p.add_argument("--repeat", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    base = load_baseline(args.baseline)
+    base, base_commit = load_baseline(args.baseline)
     x = make_inputs(args.batch, args.length, args.dim, args.state)
     g = torch.Generator().manual_seed(1)
     grad = torch.randn(args.batch, args.dim, args.length, generator=g)
@@ -97,6 +118,8 @@ def main():
             f, b = time_fwd_bwd(fn, x, grad)
             times[name][0].append(f)
             times[name][1].append(b)
+    print(f"baseline: {SCAN_FILE} at {base_commit} (--baseline {args.baseline}); current: this tree "
+          f"(HEAD {git_commit('HEAD')}, uncommitted changes included)")
     print(f"batch {args.batch}, L {args.length}, dim {args.dim}, N {args.state}, float32, "
           f"{torch.get_num_threads()} thread(s), median of {args.repeat} interleaved runs")
     print(f"{'case':34s} {'fwd ms':>8s} {'bwd ms':>8s} {'fwd+bwd':>8s} {'vs baseline':>11s}")

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.train_proxy import augment  # noqa: E402
 from vmfx.data.digits import load_digits, normalize_digits  # noqa: E402
 from vmfx.data.evaluate import evaluate  # noqa: E402
+from benchmarks.provenance import portable_command, portable_path  # noqa: E402
 from vmfx.data.proxy_vmamba import VMAMBA_PROXY_META, VMAMBA_PROXY_WEIGHTS  # noqa: E402
 from vmfx.models.vmamba import VSSM  # noqa: E402
 
@@ -141,14 +142,15 @@ def main(argv=None) -> int:
         "test_top5": final.top5,
         "train_seconds": round(seconds, 1),
         "log": log,
-        "command": "python benchmarks/train_proxy_vmamba.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        # paths relative to the repository; a folder outside it is recorded as <local>/<its name>
+        "command": portable_command("benchmarks/train_proxy_vmamba.py", argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
                    "shared 2-core machine (load per epoch in the log)",
     }
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
-    print(f"wrote {weights} and {meta_path} ({seconds / 60:.1f} min)")
+    print(f"wrote {portable_path(weights)} and {portable_path(meta_path)} ({seconds / 60:.1f} min)")
     return 0
 
 

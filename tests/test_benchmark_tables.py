@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -333,3 +334,61 @@ def test_ordering_note_reads_agree_and_kl_and_survives_mismatched_test_sets(accu
     rows[-1] = dict(rows[-1], test_images=200)  # ptq4vm measured on another test set
     line = next(l for l in "\n".join(accuracy.notes_lines(rows)).splitlines() if "**w4a4 ordering**" in l)
     assert "ptq4vm − pts-smooth: top-1 not comparable" in line
+
+
+# ------------------------------------------------------------------------- no local paths recorded
+
+#: An absolute path of some machine: a POSIX home / scratch / mount folder, or a Windows drive.
+LOCAL_PATH = re.compile(r"(?<![\w.~-])/(?:work|tmp|home|Users|root|mnt|private|scratch|var/folders|data)/"
+                        r"|(?<!\w)[A-Za-z]:\\{1,2}(?=\w)")
+RECORDED = ("benchmarks/results", "vmfx/data/proxy", "tests/models/fixtures")
+
+
+def recorded_text_files():
+    """(relative path, text) of every committed-style text file under :data:`RECORDED` (binary files:
+    only the header of a safetensors file, which is JSON)."""
+    for folder in RECORDED:
+        for dirpath, _, names in os.walk(os.path.join(ROOT, folder)):
+            for name in sorted(names):
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as f:
+                    data = f.read()
+                if name.endswith(".safetensors"):
+                    data = data[8:8 + int.from_bytes(data[:8], "little")]
+                try:
+                    yield os.path.relpath(path, ROOT), data.decode("utf-8")
+                except UnicodeDecodeError:  # a PNG
+                    continue
+
+
+def test_recorded_results_name_no_local_path():
+    """Results, the bundled proxies' records and the official fixtures name their sources by
+    repository (and commit) and by paths inside this repository, never by a local absolute path."""
+    files = dict(recorded_text_files())
+    assert "benchmarks/results/kscaled_official.json" in files and "vmfx/data/proxy/vim_proxy_digits.json" in files
+    found = {path: [line.strip()[:120] for line in text.splitlines() if LOCAL_PATH.search(line)]
+             for path, text in files.items()}
+    assert {path: lines for path, lines in found.items() if lines} == {}
+
+
+def test_the_check_sees_a_local_path():
+    assert LOCAL_PATH.search('"official_source": "/work/.mirror/Access-IC-Lab+PTQ_for_ViM/repo"')
+    assert LOCAL_PATH.search("--out /tmp/runs2/outliers") and LOCAL_PATH.search(r"C:\Users\me")
+    assert LOCAL_PATH.search(r'"out": "C:\\Users\\me"')  # as JSON writes it
+    assert not LOCAL_PATH.search('"value:\\nnext"')
+    assert not LOCAL_PATH.search("Access-IC-Lab/PTQ_for_ViM@d6fc957 benchmarks/results/outliers vmfx/data/proxy")
+
+
+def test_benchmark_commands_record_paths_relative_to_the_repository(tmp_path):
+    sys.path.insert(0, ROOT)
+    try:
+        from benchmarks.provenance import portable_command, portable_path
+    finally:
+        sys.path.remove(ROOT)
+    inside = os.path.join(ROOT, "benchmarks", "results", "outliers")
+    command = portable_command("benchmarks/outliers.py", ["--images", "64", "--out", inside,
+                                                          f"--baseline={tmp_path / 'scan.py'}", str(tmp_path)])
+    assert command == (f"python benchmarks/outliers.py --images 64 --out benchmarks/results/outliers "
+                       f"--baseline=<local>/scan.py <local>/{tmp_path.name}")
+    assert not LOCAL_PATH.search(command) and str(tmp_path) not in command
+    assert portable_path(os.path.join(ROOT, "vmfx", "data", "proxy", "x.json")) == "vmfx/data/proxy/x.json"
