@@ -1,10 +1,16 @@
 """LocalMamba's LocalVSSM (vmfx.models.LocalVSSM): official keys and shapes of the published
 configurations, logits equal to the official ``local_vmamba.py`` on the same random weights,
 detection of one K-direction mixer per block in each direction's scan order, PTQ4VM, coverage and
-save / load."""
+save / load.
+
+The comparisons with the official ``local_vmamba.py`` run on the recorded fixture
+(``fixtures/official/local_vssm.*``, written by ``make_official_fixtures.py``) and, when
+``$VMFX_LOCALMAMBA_SRC`` names a copy of the repository, on the official code itself (on the CPU, see
+``official_localmamba.py``)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -20,7 +26,11 @@ from vmfx.models import LocalVSSM
 from vmfx.models.localmamba import scan_order
 from vmfx.passes.linear_edges import quantized_linears
 
-from .official_localmamba import import_official_local_vmamba
+from .official_fixtures import as_official_checkpoint, load, prefixed, sources
+from .official_localmamba import (ENV, VSSM_CASES, VSSM_DIRS, VSSM_ENTRY_POINTS, VSSM_SIZES, VSSM_SMALL,
+                                  import_official_local_vmamba, local_vssm_reference, vssm_images, vssm_randomize)
+
+SOURCES = sources(ENV)
 
 # -- the published configurations -------------------------------------------------------------------
 
@@ -95,10 +105,8 @@ def test_pretrained_names_the_official_checkpoint_and_bad_configs_are_refused():
 
 # -- the official code on the same weights --------------------------------------------------------------
 
-# 28x28 images: 7x7, 4x4, 2x2 grids; w2 pads the 7x7 grid to 8x8 (64 positions), w7 pads 4x4 and 2x2 to 7x7
-DIRS = [("h", "v_flip", "w2", "w2_flip"), ("h_flip", "v", "w7", "w7_flip"), ("w2", "w7_flip", "v_flip", "h"),
-        ("h_flip", "w2_flip", "v", "w7")]
-SMALL = dict(depths=[1, 2, 1], dims=8, num_classes=5, ssm_d_state=4, drop_path_rate=0.0)
+DIRS, SMALL = VSSM_DIRS, VSSM_SMALL
+images, randomize = vssm_images, vssm_randomize
 
 
 def small_model(seed: int = 0, **overrides) -> LocalVSSM:
@@ -106,55 +114,46 @@ def small_model(seed: int = 0, **overrides) -> LocalVSSM:
     return LocalVSSM(**{**SMALL, "directions": [list(d) for d in DIRS], "img_size": 28, **overrides}).eval()
 
 
-def images(n: int, seed: int, size: int = 28) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def randomize(state: dict, seed: int) -> dict:
-    """Fresh random values (norms near 1, A_logs / Ds / dt biases in their usual ranges, search weights
-    of order 1) so that every parameter matters."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in state.items():
-        r = torch.randn(v.shape, generator=g)
-        if k.endswith("A_logs"):
-            r = torch.log(torch.rand(v.shape, generator=g) * 8 + 1)
-        elif k.endswith("dt_projs_bias"):
-            r = torch.log(torch.expm1(torch.rand(v.shape, generator=g) * 0.1 + 0.01))
-        elif k.endswith("Ds") or k.endswith("norm.weight"):
-            r = 1 + 0.2 * r
-        elif v.dim() >= 2 and not k.endswith("multi_scan.weights"):
-            r = r / math.sqrt(v[0].numel())
-        else:
-            r = 0.1 * r
-        out[k] = r.to(v.dtype)
-    return out
-
-
-@pytest.fixture(scope="module")
-def official(tmp_path_factory):
+@pytest.fixture(scope="module", params=SOURCES)
+def reference(request, tmp_path_factory):
+    """(tensors, metadata) of :func:`local_vssm_reference`: recorded, or computed by the official code
+    (whose stand-ins are undone before the tests run)."""
+    if request.param == "recorded":
+        return load("local_vssm")
     mp = pytest.MonkeyPatch()
     try:
-        yield import_official_local_vmamba(tmp_path_factory.mktemp("local_mamba"), mp)
+        return local_vssm_reference(import_official_local_vmamba(tmp_path_factory.mktemp("local_mamba"), mp))
     finally:
         mp.undo()
 
 
-@pytest.mark.parametrize("search", [False, True], ids=["searched-directions", "search-supernet"])
-def test_logits_equal_the_official_code_on_the_same_weights(official, search):
-    args = dict(SMALL, directions=None if search else [list(d) for d in DIRS])
-    if search:
-        args["depths"] = [1, 1]
-    torch.manual_seed(0)
-    theirs = official.VSSM(**args).eval()
-    state = randomize(theirs.state_dict(), seed=1)
-    theirs.load_state_dict(state)
-    ours = LocalVSSM(**args, img_size=28).eval()
-    ours.load_state_dict(state)  # the official keys, strictly
-    for size in (28, 32):  # 32: grids 8, 4, 2 (another size than the orders were built for: eager only)
-        x = images(2, 2, size)
+def test_the_reference_holds_these_cases(reference):
+    """The fixture was made for the cases tested here (else: rerun make_official_fixtures.py); live,
+    the recorded tensors are what the official code gives now."""
+    tensors, meta = reference
+    recorded_tensors, recorded = load("local_vssm")
+    assert meta["cases"] == recorded["cases"] == json.loads(json.dumps(VSSM_CASES))
+    assert meta["sizes"] == recorded["sizes"] == list(VSSM_SIZES)
+    assert meta["entry_points"] == recorded["entry_points"]
+    assert sorted(tensors) == sorted(recorded_tensors)
+    for key, value in tensors.items():  # the same math on another machine: not bit for bit
+        torch.testing.assert_close(value, recorded_tensors[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("case", list(VSSM_CASES))
+def test_logits_equal_the_official_code_on_the_same_weights(reference, case, tmp_path):
+    tensors, _ = reference
+    state = prefixed(tensors, f"{case}/state")
+    with torch.device("meta"):
+        ours = LocalVSSM(**VSSM_CASES[case], img_size=28)
+    record = vmfx.models.load_checkpoint(ours, as_official_checkpoint(state, tmp_path / "local_vssm.ckpt"))
+    assert not record.missing_keys and not record.unexpected_keys  # the official keys, strictly
+    ours.eval()
+    for size in VSSM_SIZES:  # 32: grids 8, 4, 2 (another size than the orders were built for: eager only)
+        want = tensors[f"{case}/logits/{size}"]
         with torch.no_grad():
-            want, got = theirs(x), ours(x)
+            got = ours(tensors[f"input/{size}"])
+        assert float(want.std()) > 0.1  # logits of order 1, not a near-constant output
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     # and our state_dict is the official one again
     back = ours.state_dict()
@@ -176,11 +175,11 @@ def test_an_official_file_loads_through_load_checkpoint_into_a_meta_model(tmp_pa
         assert torch.equal(model.eval()(x), reference(x))
 
 
-def test_the_official_directions_and_sizes_are_ours(official, monkeypatch):
-    monkeypatch.setattr(official, "VSSM", lambda **kw: kw)  # the entry points' arguments, no model built
-    for name in ("local_vssm_tiny", "local_vssm_small", "local_vssm_tiny_search", "local_vssm_small_search"):
-        theirs = getattr(official, name)()
-        ours = vmfx.models.LOCAL_VSSM_VARIANTS[name][0]
+def test_the_official_directions_and_sizes_are_ours(reference):
+    _, meta = reference
+    for name in VSSM_ENTRY_POINTS:
+        theirs = meta["entry_points"][name]
+        ours = json.loads(json.dumps(vmfx.models.LOCAL_VSSM_VARIANTS[name][0]))
         for key in ("dims", "depths", "drop_path_rate"):
             assert theirs[key] == ours[key], (name, key)
         assert theirs.get("directions") == ours.get("directions"), name

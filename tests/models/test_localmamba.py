@@ -1,6 +1,13 @@
-"""LocalVim (hunto/LocalMamba): official keys and shapes, scan orders, equality with the official code."""
+"""LocalVim (hunto/LocalMamba): official keys and shapes, scan orders, equality with the official code.
+
+The comparisons with the official ``local_vim.py`` run on the recorded fixture
+(``fixtures/official/local_vim.*``, written by ``make_official_fixtures.py``) and, when
+``$VMFX_LOCALMAMBA_SRC`` names a copy of the repository, on the official code itself (on the CPU, see
+``official_localmamba.py``)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import timm
@@ -13,7 +20,11 @@ from vmfx.models import LOCAL_VIM_VARIANTS, LocalVim, load_checkpoint
 from vmfx.models.localmamba import ALL_DIRECTIONS, MultiScan, scan_order
 
 from ..reference import local_scan_ref
-from .official_localmamba import import_official_local_vim
+from .official_fixtures import as_official_checkpoint, load, prefixed, sources
+from .official_localmamba import (ENV, VIM_CASES, VIM_PUBLISHED, VIM_SMALL, import_official_local_vim,
+                                  local_vim_reference, vim_published_args)
+
+SOURCES = sources(ENV)
 
 # (variant, state_dict entries, parameters): LocalVim-T is 8M and LocalVim-S 28M in the official
 # README; the exact counts are checked against the official code in
@@ -119,45 +130,53 @@ def test_windowed_scan_matches_the_loop_reference_and_reverses(h, w, k, flip):
 
 # -- equality with the official code -------------------------------------------------------------
 
-_DIRS = [("h", "v_flip", "w2", "w7_flip"), ("h_flip", "v", "w2_flip", "w7")]
-_SMALL = dict(img_size=80, patch_size=16, depth=2, embed_dim=32, num_classes=10, rms_norm=True,
-              residual_in_fp32=True, fused_add_norm=True, final_pool_type="mean", if_abs_pos_embed=True,
-              bimamba_type="v2")
-_CASES = {
-    # 5x5 grid: w2 and w7 windows are zero-padded (to 6x6 and 7x7)
-    "rope+padding": dict(_SMALL, directions=_DIRS, if_rope=True, if_rope_residual=True),
-    "middle-cls+padding": dict(_SMALL, directions=_DIRS, if_cls_token=True, use_middle_cls_token=True),
-    "search-supernet": dict(_SMALL, directions=None, depth=1, if_rope=True, if_rope_residual=True),
-}
+_SMALL, _CASES = VIM_SMALL, VIM_CASES
 
 
-@pytest.fixture
-def official(tmp_path, monkeypatch):
-    return import_official_local_vim(tmp_path, monkeypatch)
+@pytest.fixture(scope="module", params=SOURCES)
+def reference(request, tmp_path_factory):
+    """(tensors, metadata) of :func:`local_vim_reference`: recorded, or computed by the official code
+    (whose stand-ins are undone before the tests run)."""
+    if request.param == "recorded":
+        return load("local_vim")
+    mp = pytest.MonkeyPatch()
+    try:
+        return local_vim_reference(import_official_local_vim(tmp_path_factory.mktemp("local_vim"), mp))
+    finally:
+        mp.undo()
+
+
+def test_the_reference_holds_these_cases(reference):
+    """The fixture was made for the cases tested here (else: rerun make_official_fixtures.py); live,
+    the recorded tensors are what the official code gives now."""
+    tensors, meta = reference
+    recorded_tensors, recorded = load("local_vim")
+    assert meta["cases"] == recorded["cases"] == json.loads(json.dumps(VIM_CASES))
+    assert meta["published_args"] == recorded["published_args"] == json.loads(json.dumps(vim_published_args()))
+    assert meta["shapes"] == recorded["shapes"]
+    assert sorted(tensors) == sorted(recorded_tensors)
+    for key, value in tensors.items():  # the same math on another machine: not bit for bit
+        torch.testing.assert_close(value, recorded_tensors[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("case", list(_CASES))
-def test_logits_match_the_official_code_for_the_same_weights(official, case):
-    args = _CASES[case]
-    torch.manual_seed(0)
-    theirs = official.VisionMamba(**args).eval()
-    with torch.no_grad():  # move every parameter away from its init (their A_log_k share one tensor)
-        for p in theirs.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    ours = LocalVim(**args).eval()
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    x = torch.randn(2, 3, 80, 80)
+def test_logits_match_the_official_code_for_the_same_weights(reference, case, tmp_path):
+    tensors, _ = reference
+    state = prefixed(tensors, f"{case}/state")
+    ours = LocalVim(**_CASES[case], device="meta")
+    record = load_checkpoint(ours, as_official_checkpoint(state, tmp_path / "local_vim.ckpt"))
+    assert not record.missing_keys and not record.unexpected_keys
+    x, expected = tensors["input"], tensors[f"{case}/logits"]
     with torch.no_grad():
-        expected, got = theirs(x), ours(x)
+        got = ours.eval()(x)
+    assert float(expected.std()) > 0.1  # logits of order 1, not a near-constant output
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize("name", ["local_vim_tiny", "local_vim_tiny_middle_cls_token", "local_vim_tiny_search"])
-def test_state_dict_matches_the_official_model(official, name):
-    args = dict(LOCAL_VIM_VARIANTS[name][0])
-    directions = args.pop("directions")
-    theirs = official.VisionMamba(**args, directions=directions)
-    assert _shapes(_build(name)) == _shapes(theirs)
+@pytest.mark.parametrize("name", VIM_PUBLISHED)
+def test_state_dict_matches_the_official_model(reference, name):
+    _, meta = reference
+    assert _shapes(_build(name)) == [(k, tuple(shape)) for k, shape in meta["shapes"][name]]
 
 
 # -- timm, checkpoints, bad configurations --------------------------------------------------------
@@ -182,7 +201,7 @@ def test_official_checkpoint_file_loads(tmp_path):
     target = LocalVim(**args).eval()
     record = load_checkpoint(target, path)
     assert record.key == "model" and record.epoch == 299
-    x = torch.randn(1, 3, 80, 80)
+    x = torch.randn(1, 3, 40, 40)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
     on_meta = LocalVim(**args, device="meta")
@@ -195,7 +214,7 @@ def test_official_checkpoint_file_loads(tmp_path):
     (dict(if_cls_token=True), "class token at the front"),
     (dict(use_middle_cls_token=True), "needs if_cls_token"),
     (dict(if_cls_token=True, use_middle_cls_token=True, if_rope=True), "rope"),
-    (dict(img_size=72), "not a multiple of patch_size"),
+    (dict(img_size=44), "not a multiple of patch_size"),
     (dict(directions=[("h",)]), "directions lists 1 layers"),
     (dict(directions=[("h", "z7"), ("h",)]), "unknown LocalMamba scan direction"),
     (dict(mamba_cls=torch.nn.Linear), "MultiMamba only"),
