@@ -12,6 +12,7 @@ import vmfx
 from vmfx.config import InitConfig, JLSSConfig, QuantConfig, SmoothingConfig
 from vmfx.models import VisionMamba
 from vmfx.quant import QuantSpec
+from vmfx.serialize import decode_header, encode_header
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +78,10 @@ def test_tampered_header(small_vim_q, tmp_path):
     path = vmfx.save(small_vim_q[2], str(tmp_path / "q.safetensors"))
     with safe_open(path, "pt") as f:
         meta = dict(f.metadata())
-    header = json.loads(meta["vmfx"])
+    header = decode_header(meta["vmfx"])
     entry = header["modules"]["vmfx_q.layers_0_mixer_in_proj__input"]
     entry["spec"]["bits"] = 4  # a silent change of precision
-    meta["vmfx"] = json.dumps(header, sort_keys=True)
+    meta["vmfx"] = encode_header(header)
     save_file(load_file(path), path, metadata=meta)
     with pytest.raises(vmfx.SerializationError, match="sha256"):
         vmfx.load(path)
@@ -117,14 +118,44 @@ def _resave(path, edit_header=None, edit_tensors=None):
     with safe_open(path, "pt") as f:
         meta = dict(f.metadata())
     tensors = load_file(path)
-    header = json.loads(meta["vmfx"])
+    header = decode_header(meta["vmfx"])
     if edit_header:
         edit_header(header)
     if edit_tensors:
         edit_tensors(tensors)
+    meta["vmfx"] = encode_header(header)
+    meta["vmfx_sha256"] = _digest(meta["vmfx"], tensors)
+    save_file(tensors, path, metadata=meta)
+
+
+def _as_format(path, version, edit_header=None):
+    """Rewrite a file saved by this vmfx (with float_weights=True) as an older format would have
+    written it: plain tensors, no ``weights`` or ``compressed`` records, the header as plain JSON."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from vmfx.serialize import _decompress, _digest
+
+    with safe_open(path, "pt") as f:
+        meta = dict(f.metadata())
+    header = decode_header(meta["vmfx"])
+    assert header["weights"]["storage"] in ("float", "lowered"), "save with float_weights=True first"
+    tensors = _decompress(load_file(path), header.pop("compressed"), path)
+    del header["weights"]
+    header["version"] = version
+    if edit_header:
+        edit_header(header)
     meta["vmfx"] = json.dumps(header, sort_keys=True)
     meta["vmfx_sha256"] = _digest(meta["vmfx"], tensors)
     save_file(tensors, path, metadata=meta)
+
+
+def test_format_3_files_still_load(small_vim_q, tmp_path):
+    _, images, q = small_vim_q
+    path = vmfx.save(q, str(tmp_path / "v3.safetensors"), float_weights=True)
+    _as_format(path, 3)
+    with torch.no_grad():
+        assert torch.equal(vmfx.load(path)(images), q(images))
 
 
 def test_format_1_artifact_is_migrated_and_computes_the_same():
@@ -261,3 +292,135 @@ def test_torch_save_of_the_scan_state_and_outlier_methods(tiny_model, tiny_image
         loaded = _pickled(q, tmp_path)
         with torch.no_grad():
             assert torch.equal(loaded(tiny_images), q(tiny_images)), cfg.method
+
+
+# -- weights stored as integer codes (format 4) ----------------------------------------------------
+
+
+def _file_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def test_quantized_weights_are_stored_as_codes(small_vim_q, tmp_path):
+    """The file holds the W4 weights' packed codes, not their floats, and reloads bit for bit."""
+    from vmfx.serialize import CODES_PREFIX
+
+    model, images, q = small_vim_q
+    path = vmfx.save(q, str(tmp_path / "q.safetensors"))
+    tensors = _file_tensors(path)
+    coded = [k[len(CODES_PREFIX):] for k in tensors if k.startswith(CODES_PREFIX)]
+    assert "layers.0.mixer.in_proj.weight" in coded and "layers.1.mixer.out_proj.weight" in coded
+    for param in coded:
+        assert param not in tensors
+        weight = q.get_parameter(param)
+        assert tensors[CODES_PREFIX + param].dtype == torch.uint8
+        assert tensors[CODES_PREFIX + param].numel() == (weight.numel() + 1) // 2  # 4 bits per code
+    loaded = vmfx.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), q(images))
+    # lowering the reloaded model gives the same integer model
+    from vmfx.lowering import lower
+
+    with torch.no_grad():
+        assert torch.equal(lower(loaded, "reference")(images), lower(q, "reference")(images))
+    # and saving it again gives the same codes
+    again = _file_tensors(vmfx.save(loaded, str(tmp_path / "again.safetensors")))
+    assert all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_float_weights_on_request(small_vim_q, tmp_path):
+    model, images, q = small_vim_q
+    codes = vmfx.save(q, str(tmp_path / "codes.safetensors"))
+    floats = vmfx.save(q, str(tmp_path / "floats.safetensors"), float_weights=True)
+    assert os.path.getsize(codes) < 0.6 * os.path.getsize(floats)
+    loaded = vmfx.load(floats)
+    assert torch.equal(loaded.get_parameter("layers.0.mixer.in_proj.weight"), q.get_parameter("layers.0.mixer.in_proj.weight"))
+    with torch.no_grad():
+        assert torch.equal(loaded(images), q(images))
+    from safetensors import safe_open
+
+    for path, storage in ((codes, "codes"), (floats, "float")):
+        with safe_open(path, "pt") as f:
+            assert json.loads(f.metadata()["vmfx"])["weights"]["storage"] == storage
+    with pytest.raises(vmfx.SerializationError, match="float_weights"):
+        vmfx.save(q, str(tmp_path / "x.safetensors"), float_weights="yes")
+
+
+def test_proxy_artifacts_are_smaller_than_the_float_checkpoint(tmp_path):
+    """Issue 23's figures: the proxy's W8A8 file is at most 0.45x the float checkpoint, its W4A8
+    file at most 0.7x the W8A8 one, each reloading bit for bit."""
+    from vmfx.data import load_digits, load_proxy_model
+    from vmfx.data.proxy import PROXY_WEIGHTS
+
+    model = load_proxy_model()
+    images = load_digits("train")[0][:16]
+    sizes = {}
+    for preset in ("minmax-w8a8", "minmax-w4a8"):
+        q = vmfx.compile(model, images, preset)
+        path = vmfx.save(q, str(tmp_path / f"{preset}.safetensors"))
+        sizes[preset] = os.path.getsize(path)
+        with torch.no_grad():
+            assert torch.equal(vmfx.load(path)(images[:4]), q(images[:4]))
+    float_size = os.path.getsize(PROXY_WEIGHTS)
+    assert sizes["minmax-w8a8"] <= 0.45 * float_size, (sizes, float_size)
+    assert sizes["minmax-w4a8"] <= 0.7 * sizes["minmax-w8a8"], sizes
+
+
+def test_edited_bit_widths_are_refused(small_vim_q, tmp_path):
+    """A header edited to other bit widths, digest recomputed, no longer fits the stored codes."""
+    path = vmfx.save(small_vim_q[2], str(tmp_path / "q.safetensors"))
+
+    def to_8_bits(header):
+        header["modules"]["vmfx_q.layers_0_mixer_in_proj__weight"]["spec"]["bits"] = 8
+
+    _resave(path, edit_header=to_8_bits)
+    with pytest.raises(vmfx.SerializationError, match=r"layers.0.mixer.in_proj.weight.*take .* bytes"):
+        vmfx.load(path)
+
+
+def test_edited_activation_spec_is_refused(small_vim_q, tmp_path):
+    """An asymmetric activation quantizer edited to symmetric: its zero points no longer fit."""
+    path = vmfx.save(small_vim_q[2], str(tmp_path / "q.safetensors"))
+
+    def to_symmetric(header):
+        header["modules"]["vmfx_q.layers_0_mixer_in_proj__input"]["spec"]["symmetric"] = True
+
+    _resave(path, edit_header=to_symmetric)
+    with pytest.raises(vmfx.SerializationError, match="symmetric but has a nonzero zero point"):
+        vmfx.load(path)
+
+
+def test_missing_codes_are_a_clear_error(small_vim_q, tmp_path):
+    path = vmfx.save(small_vim_q[2], str(tmp_path / "q.safetensors"))
+    _resave(path, edit_tensors=lambda t: t.pop("codes:layers.0.mixer.in_proj.weight"))
+    with pytest.raises(vmfx.SerializationError, match="stores the weight 'layers.0.mixer.in_proj.weight' as codes, but the file lacks"):
+        vmfx.load(path)
+
+
+def test_a_weight_read_twice_stays_float():
+    """Only weights whose every use goes through their quantizer are stored as codes."""
+    import torch.fx as fx
+
+    from vmfx.quant import FakeQuantize
+    from vmfx.quant.observers import QParams
+    from vmfx.quant.stored_weights import weight_code_plan
+
+    class TwoUses(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 4))
+            self.v = torch.nn.Parameter(torch.randn(4, 4))
+            spec = QuantSpec(8, True, "tensor")
+            self.qw = FakeQuantize(spec, QParams(torch.tensor(0.1), torch.tensor(0.0), spec.qmin, spec.qmax), is_weight=True)
+            self.qv = FakeQuantize(spec, QParams(torch.tensor(0.1), torch.tensor(0.0), spec.qmin, spec.qmax), is_weight=True)
+
+        def forward(self, x):
+            return x @ self.qw(self.w) + x @ self.w + x @ self.qv(self.v)
+
+    from vmfx.frontends.tracer import VmfxTracer
+
+    module = TwoUses()
+    gm = fx.GraphModule(module, VmfxTracer().trace(module))
+    assert [e.param for e in weight_code_plan(gm)] == ["v"]

@@ -1,8 +1,10 @@
 """Saving and loading quantized models without pickle: safetensors plus a JSON header.
 
 ``save(qmodel, path)`` writes one ``.safetensors`` file: every tensor of the quantized graph
-module (float weights, step sizes, zero points, smoothing factors) and, in the file's metadata,
-a JSON record of how to rebuild the graph:
+module (quantized weights as integer codes, float tensors left unquantized, step sizes, zero
+points, smoothing factors) and, in the file's metadata, a JSON record of how to rebuild the graph
+(since format 4 its ``edits``, ``modules`` and ``annotations`` are one zlib-compressed, base64
+field, ``graph_zlib_base64``: see :func:`encode_header` / :func:`decode_header`):
 
 * ``model``: the float architecture, as a known class name and its constructor arguments
   (``model.init_kwargs``); architectures vmfx cannot rebuild are passed to :func:`load` instead;
@@ -20,7 +22,17 @@ a JSON record of how to rebuild the graph:
   points, and the float tensors of the nodes left unlowered; the float weights of lowered linears
   are not in the file. :func:`load` rebuilds the graph from the edit log, lowers it (structure
   only) and loads that state strictly, so the packed bytes round-trip bit for bit;
-* ``sha256``: a digest of the header and every tensor's bytes.
+* ``weights``: how the quantized weights are stored (format 4). ``"storage": "codes"`` (the
+  default): every weight whose only use is its quantizer (through smoothing) is stored as its
+  integer codes, 4-bit ones packed two per byte (:mod:`vmfx.quant.stored_weights`), under the key
+  ``codes:<parameter>``, and its float values are not in the file; ``"codes"`` lists them with the
+  quantizer and smoothing modules that turn them back into the weight the graph reads. ``"float"``
+  (``save(..., float_weights=True)``): the float weights are kept, for re-calibration. A lowered
+  model is always its lowered state (``"storage": "lowered"``);
+* ``compressed``: the tensors stored losslessly compressed (format 4, where it saves at least 5 %:
+  float tensors' exponent bytes, skewed weight codes), as ``zlib:<name>`` byte tensors: their
+  dtypes and shapes (see :func:`_compress`);
+* ``sha256``: a digest of the header and every tensor's bytes (as stored in the file).
 
 ``load(path)`` re-traces the float architecture from trusted code, replays the recorded edits,
 restores the annotations and loads the tensors (strictly): nothing in the file is executed. Files
@@ -29,19 +41,24 @@ models of format version 2 (which held the quantized model's float tensors, lowe
 still load that way. A
 truncated file, a file that is not a vmfx save, a digest mismatch (tampering or corruption), a
 header with missing or mistyped fields, non-finite quantization parameters, or tensors that do not
-fit the recorded structure raise :class:`~vmfx.errors.SerializationError`. The digest detects
-accidents and naive edits; it is not a signature (anyone can recompute it).
+fit the recorded structure raise :class:`~vmfx.errors.SerializationError`; so do quantization
+parameters that do not fit their spec (a non-positive scale, a zero point outside the integer range
+or not 0 for a symmetric spec, stored codes whose count or values do not fit the bit width): an
+edited header with its digest recomputed is caught that way. The digest detects accidents and naive
+edits; it is not a signature (anyone can recompute it).
 
 Invariant: ``load(save(q))`` computes exactly what ``q`` computes (bit for bit on the same machine).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
 import os
 import tempfile
+import zlib
 from typing import Any
 
 import torch
@@ -62,14 +79,16 @@ from .quant.mixed import MixedPrecisionQuantize  # OuroMamba (issue 11)
 from .quant.scan_state import ScanStateQuant
 from .quant.observers import Observer, QParams
 from .quant.spec import QuantSpec
+from .quant import stored_weights
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "vmfx-quantized"
-#: 3: as 2, and a lowered model is saved as its lowered state (integer codes, 4-bit weights packed
-#: two per byte); 2: quantizers and smoothing are graph nodes (an edit log), a lowered model saved as
+#: 4: as 3, quantized weights stored as integer codes (``weights``), tensors compressed where that
+#: pays (``compressed``), the graph fields compressed; 3: as 2, and a lowered model is saved as its
+#: lowered state (integer codes, 4-bit weights packed two per byte); 2: quantizers and smoothing are graph nodes (an edit log), a lowered model saved as
 #: the quantized model it came from; 1: ``QuantLinear`` modules (read, migrated on load).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: How a version-3 lowered file stores 4-bit weight codes (``LoweredQLinear.w_packed``).
 WEIGHT_PACKING = "int4-two-per-byte: byte (n, j) = column j (low nibble) | column j + ceil(K/2) (high nibble)"
 #: Header meta kept on a lowered model loaded from its lowered state (it has no float model to
@@ -274,11 +293,19 @@ def lost_metadata_hint(module) -> str:
             "and vmfx.load(path) to inspect, lower or save them again")
 
 
-def save(qmodel: fx.GraphModule, path: str) -> str:
+def save(qmodel: fx.GraphModule, path: str, *, float_weights: bool = False) -> str:
     """Write ``qmodel`` (from :func:`vmfx.compile`, lowered or not) to ``path`` (``.safetensors``).
 
     The file is written to a temporary name and moved into place, so an interrupted save never
     leaves a half-written file at ``path``.
+
+    Args:
+        qmodel: the quantized model.
+        path: the file to write.
+        float_weights: keep the float weights of quantized layers (for re-calibrating the loaded
+            model); by default they are stored as their integer codes, which is all the quantized
+            model computes with (a W8 file holds about a quarter of the float weights' bytes, a
+            W4 file an eighth). Ignored for a lowered model, whose state is always its codes.
 
     Returns:
         ``path``.
@@ -310,6 +337,15 @@ def save(qmodel: fx.GraphModule, path: str) -> str:
         state = qmodel
     else:
         structure, state = _structure(qmodel), qmodel
+    if not isinstance(float_weights, bool):
+        raise SerializationError(f"vmfx.save(..., float_weights=) takes True or False, got {float_weights!r}")
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.state_dict().items()}
+    if lowered:
+        weights = {"storage": "lowered"}
+    elif float_weights:
+        weights = {"storage": "float"}
+    else:
+        weights = _store_codes(qmodel, tensors)
     header = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -318,9 +354,10 @@ def save(qmodel: fx.GraphModule, path: str) -> str:
         "lowered": {"backend": lowered["backend"], "state": "lowered", "weight_packing": WEIGHT_PACKING,
                     "optimized": bool(lowered.get("optimized", False))}
         if lowered else None,
+        "weights": weights,
     }
-    header_json = json.dumps(header, sort_keys=True)
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.state_dict().items()}
+    tensors, header["compressed"] = _compress(tensors)
+    header_json = encode_header(header)
     metadata = {"vmfx": header_json, "vmfx_sha256": _digest(header_json, tensors)}
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -338,6 +375,106 @@ def save(qmodel: fx.GraphModule, path: str) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+#: The header fields that rebuild the graph, stored compressed (format 4): node-by-node records
+#: (token orders of every annotated node) that are most of an uncompressed header.
+GRAPH_FIELDS = ("edits", "modules", "annotations", "compressed")
+
+
+def encode_header(header: dict) -> str:
+    """The header as the file's ``vmfx`` metadata: JSON, with the graph fields (:data:`GRAPH_FIELDS`)
+    as one ``graph_zlib_base64`` string (their JSON, zlib-compressed, base64-encoded); the other
+    fields (format, model, config, calibration, weights) stay readable by any JSON tool."""
+    header = dict(header)
+    graph = {k: header.pop(k) for k in GRAPH_FIELDS if k in header}
+    header["graph_zlib_base64"] = base64.b64encode(zlib.compress(json.dumps(graph, sort_keys=True).encode(), 9)).decode()
+    return json.dumps(header, sort_keys=True)
+
+
+def decode_header(text: str, path: str = "the file") -> dict:
+    """The header of :func:`encode_header` (or of a format 1-3 file, whose JSON is plain)."""
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SerializationError(f"{path!r} has a damaged vmfx header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise SerializationError(f"{path!r} has a damaged vmfx header: not a JSON object")
+    packed = header.pop("graph_zlib_base64", None)
+    if packed is not None:
+        try:
+            graph = json.loads(zlib.decompress(base64.b64decode(packed, validate=True)))
+        except (ValueError, TypeError, zlib.error) as exc:
+            raise SerializationError(f"{path!r} has a damaged vmfx header: its graph record does not decode ({exc})") from exc
+        if not isinstance(graph, dict):
+            raise SerializationError(f"{path!r} has a damaged vmfx header: its graph record is not a JSON object")
+        header.update(graph)
+    return header
+
+
+#: Key prefix of a tensor stored compressed (format 4, :func:`_compress`).
+COMPRESSED_PREFIX = "zlib:"
+#: Tensors smaller than this many bytes, or that compress by less than this fraction, stay plain.
+_COMPRESS_MIN_BYTES, _COMPRESS_MIN_GAIN = 256, 0.05
+
+
+def _compress(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Store tensors losslessly compressed where that pays: the tensor's bytes split into byte
+    planes (byte ``i`` of every element, then byte ``i + 1``: the sign-and-exponent bytes of
+    floats, or the skewed distribution of weight codes, then compress well), zlib-compressed,
+    as a ``uint8`` tensor named ``zlib:<name>``. Returns the tensors and the record
+    ``{name: [dtype, shape]}`` that :func:`_decompress` needs."""
+    out, record = {}, {}
+    for name, t in tensors.items():
+        raw = t.numel() * t.element_size()
+        if raw >= _COMPRESS_MIN_BYTES and t.dtype != torch.bool:
+            planes = t.reshape(-1).view(torch.uint8).reshape(-1, t.element_size()).t().contiguous().numpy().tobytes()
+            packed = zlib.compress(planes, 6)
+            if len(packed) <= (1 - _COMPRESS_MIN_GAIN) * raw:
+                out[COMPRESSED_PREFIX + name] = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+                record[name] = [str(t.dtype).replace("torch.", ""), list(t.shape)]
+                continue
+        out[name] = t
+    return out, record
+
+
+def _decompress(tensors: dict[str, torch.Tensor], record: Any, path: str) -> dict[str, torch.Tensor]:
+    """Undo :func:`_compress` (a damaged record or payload is a :class:`SerializationError`)."""
+    if not isinstance(record, dict):
+        raise SerializationError(f"{path!r} has a damaged vmfx header: bad 'compressed' record")
+    out = {k: v for k, v in tensors.items() if not k.startswith(COMPRESSED_PREFIX)}
+    stored = {k[len(COMPRESSED_PREFIX):]: v for k, v in tensors.items() if k.startswith(COMPRESSED_PREFIX)}
+    if set(stored) != set(record):
+        raise SerializationError(f"{path!r}: its compressed tensors ({len(stored)}) do not match its header's record "
+                                 f"({len(record)}): the file is damaged; quantize the model again")
+    for name, data in stored.items():
+        try:
+            dtype, shape = getattr(torch, record[name][0]), tuple(int(d) for d in record[name][1])
+            planes = zlib.decompress(data.numpy().tobytes())
+            size = torch.empty((), dtype=dtype).element_size()
+            flat = torch.frombuffer(bytearray(planes), dtype=torch.uint8).reshape(size, -1).t().contiguous()
+            out[name] = flat.view(dtype).reshape(shape).clone()
+        except (AttributeError, TypeError, ValueError, IndexError, RuntimeError, zlib.error) as exc:
+            raise SerializationError(f"{path!r}: the compressed tensor '{name}' does not decode ({exc}): the file is "
+                                     "damaged; quantize the model again") from exc
+    return out
+
+
+#: Key prefix of a weight's packed codes in a file that stores codes.
+CODES_PREFIX = "codes:"
+
+
+def _store_codes(qmodel: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> dict:
+    """Replace, in ``tensors``, every weight that can be stored as codes by its packed codes;
+    returns the header's ``weights`` record."""
+    plan = stored_weights.weight_code_plan(qmodel)
+    packed, kept = stored_weights.encode(qmodel, plan)
+    codes = {}
+    for entry in kept:
+        weight = tensors.pop(entry.param)
+        tensors[CODES_PREFIX + entry.param] = packed[entry.param]
+        codes[entry.param] = {**entry.to_dict(), "shape": list(weight.shape), "dtype": str(weight.dtype).replace("torch.", "")}
+    return {"storage": "codes", "packing": stored_weights.CODE_PACKING, "codes": codes}
 
 
 # -- load -----------------------------------------------------------------------------------------
@@ -358,12 +495,7 @@ def _read(path: str) -> tuple[dict, str, dict[str, torch.Tensor], str]:
         ) from exc
     if "vmfx" not in metadata or "vmfx_sha256" not in metadata:
         raise SerializationError(f"{path!r} is a safetensors file but not a vmfx quantized model (no vmfx header)")
-    try:
-        header = json.loads(metadata["vmfx"])
-    except json.JSONDecodeError as exc:
-        raise SerializationError(f"{path!r} has a damaged vmfx header: {exc}") from exc
-    if not isinstance(header, dict):
-        raise SerializationError(f"{path!r} has a damaged vmfx header: not a JSON object")
+    header = decode_header(metadata["vmfx"], path)
     return header, metadata["vmfx"], tensors, metadata["vmfx_sha256"]
 
 
@@ -371,6 +503,7 @@ _REQUIRED = {1: {"format": str, "version": int, "input_shapes": list, "modules":
              2: {"format": str, "version": int, "input_shapes": list, "modules": dict, "source_type": str,
                  "edits": list, "annotations": dict}}
 _REQUIRED[3] = _REQUIRED[2]
+_REQUIRED[4] = {**_REQUIRED[3], "weights": dict}
 
 
 def _check_header(header: dict, path: str) -> None:
@@ -417,6 +550,8 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
             f"{path!r} does not match its recorded sha256 digest: the file was modified or corrupted after "
             "it was saved; quantize the model again"
         )
+    if header["version"] >= 4:
+        tensors = _decompress(tensors, header.get("compressed", {}), path)
     given = model is not None
     if model is None:
         spec = header.get("model")
@@ -441,6 +576,7 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
     lowered = _lowered_entry(header, path)
     try:
         gm, tensors = _rebuild(model, header, tensors)
+        tensors = _restore_weights(gm, header, tensors, path)
         if lowered is not None and lowered.get("state") == "lowered":
             gm = _lower_structure(gm, lowered["backend"], header, bool(lowered.get("optimized", False)))
         gm.load_state_dict(tensors, strict=True)
@@ -452,6 +588,7 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
             f"{path!r} does not fit {what} (another architecture or size?): {type(exc).__name__}: {exc}"
         ) from exc
     _check_finite(gm, path)
+    _check_quantizers(gm, path)
     gm.recompile()
     gm.eval()
     if lowered is not None and lowered.get("state") != "lowered":  # format 2: lower the quantized model again
@@ -459,6 +596,69 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
 
         return lower(gm, lowered["backend"])
     return gm
+
+
+def _restore_weights(gm: fx.GraphModule, header: dict, tensors: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """For a file that stores codes, put back in ``tensors`` each coded weight's stand-in float
+    weight (:func:`vmfx.quant.stored_weights.decode`), after checking that the codes fit the
+    rebuilt quantizer's spec (their count and range follow from its bit width)."""
+    record = header.get("weights")
+    if header["version"] < 4 or record.get("storage") != "codes":
+        if header["version"] >= 4 and record.get("storage") not in ("float", "lowered"):
+            raise SerializationError(f"{path!r} has a damaged vmfx header: unknown weight storage {record.get('storage')!r}")
+        return tensors
+    if record.get("packing") != stored_weights.CODE_PACKING or not isinstance(record.get("codes"), dict):
+        raise SerializationError(f"{path!r} stores its weights' codes as {record.get('packing')!r}, which this vmfx "
+                                 "does not read (a newer vmfx wrote it?)")
+    tensors = dict(tensors)
+    for param, entry in record["codes"].items():
+        try:
+            fq = gm.get_submodule(entry["quantizer"])
+            smooths = [gm.get_submodule(p) for p in entry["smooths"]]
+            current = gm.get_parameter(param)
+            shape, dtype = tuple(int(d) for d in entry["shape"]), getattr(torch, entry["dtype"])
+            data = tensors.pop(CODES_PREFIX + param)
+            scale, zero_point = tensors[f"{entry['quantizer']}.scale"], tensors[f"{entry['quantizer']}.zero_point"]
+            factors = [tensors[f"{p}.factors"] for p in entry["smooths"]]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise SerializationError(f"{path!r} stores the weight '{param}' as codes, but the file lacks what "
+                                     f"rebuilds it ({type(exc).__name__}: {exc})") from exc
+        if (not isinstance(fq, FakeQuantize) or not fq.is_weight or fq.spec.dynamic
+                or not all(isinstance(m, Smooth) for m in smooths)):
+            raise SerializationError(f"{path!r} stores the weight '{param}' as codes of '{entry['quantizer']}', "
+                                     "which is not a static weight quantizer in the rebuilt model")
+        if tuple(current.shape) != shape:
+            raise ValueError(f"the file stores the weight '{param}' with shape {shape}, the model's is {tuple(current.shape)}")
+        problem = stored_weights.check_codes(data, current.numel(), fq.qmin, fq.qmax)
+        if problem is not None:
+            raise SerializationError(f"{path!r}: the weight '{param}' ({fq.spec.describe()}) cannot be rebuilt: {problem}; "
+                                     "the header's quantization spec and the stored codes disagree (an edited "
+                                     "header?): quantize the model again")
+        tensors[param] = stored_weights.decode(data, shape, fq.qmin, fq.qmax, scale, zero_point, factors, dtype)
+    return tensors
+
+
+def _check_quantizers(gm: fx.GraphModule, path: str) -> None:
+    """Every static quantizer's parameters fit its spec: positive scales, integer zero points in
+    ``[qmin, qmax]`` (0 for a symmetric spec)."""
+    for name, m in gm.named_modules():
+        if not isinstance(m, FakeQuantize) or m.spec.dynamic or m.scale is None:
+            continue
+        what = f"{path!r}: the quantizer '{name}' ({m.spec.describe()})"
+        if m.scale.numel() and not bool((m.scale > 0).all()):
+            raise SerializationError(f"{what} has a step size <= 0: the file is damaged; quantize the model again")
+        zp = m.zero_point
+        if zp is None or not zp.numel():
+            continue
+        if not bool((zp == zp.round()).all()):
+            raise SerializationError(f"{what} has a zero point that is not an integer: the file is damaged")
+        if m.spec.symmetric and bool((zp != 0).any()):
+            raise SerializationError(f"{what} is symmetric but has a nonzero zero point: the header's spec and the "
+                                     "stored parameters disagree (an edited header?): quantize the model again")
+        if bool(((zp < m.qmin) | (zp > m.qmax)).any()):
+            raise SerializationError(f"{what} has zero points outside its integer range [{m.qmin}, {m.qmax}]: the "
+                                     "header's spec and the stored parameters disagree (an edited header?): quantize "
+                                     "the model again")
 
 
 def _lowered_entry(header: dict, path: str) -> dict | None:

@@ -128,16 +128,11 @@ def test_w4_weight_buffers_are_half_of_w8(tiny, w4):
 
 def test_format_2_lowered_file_still_loads(w4, tiny, tmp_path):
     """A lowered model saved by format 2 held the quantized model; it is lowered again on load."""
-    from tests.test_serialize import _resave
+    from tests.test_serialize import _as_format
 
     _, images = tiny
-    path = vmfx.save(w4, str(tmp_path / "v2.safetensors"))
-
-    def as_v2(header):
-        header["version"] = 2
-        header["lowered"] = {"backend": "reference"}
-
-    _resave(path, edit_header=as_v2)
+    path = vmfx.save(w4, str(tmp_path / "v2.safetensors"), float_weights=True)
+    _as_format(path, 2, edit_header=lambda header: header.update(lowered={"backend": "reference"}))
     loaded = vmfx.load(path)
     assert loaded.meta["vmfx_lowered"]["backend"] == "reference"
     with torch.no_grad():
