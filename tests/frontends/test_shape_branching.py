@@ -302,3 +302,14 @@ class ValueGate(nn.Module):
 def test_control_flow_on_values_still_fails_to_trace():
     with pytest.raises(vmfx.TraceError, match="tensor's elements"):
         trace(ValueGate(), specialize_to=torch.randn(1, 4))
+
+
+def test_save_and_load_round_trip_of_a_specialised_model(tmp_path):
+    torch.manual_seed(0)
+    model = ShapeVim(cls_token=True).eval()
+    calib, test = _images()
+    qmodel = vmfx.compile(model, calib, "minmax-w8a8")
+    path = vmfx.save(qmodel, str(tmp_path / "shape.safetensors"))
+    loaded = vmfx.load(path, model=model)  # re-traced, specialised to the recorded shape, edits replayed
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(test), qmodel(test), rtol=0, atol=0)
