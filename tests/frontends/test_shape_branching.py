@@ -313,3 +313,14 @@ def test_save_and_load_round_trip_of_a_specialised_model(tmp_path):
     loaded = vmfx.load(path, model=model)  # re-traced, specialised to the recorded shape, edits replayed
     with torch.no_grad():
         torch.testing.assert_close(loaded(test), qmodel(test), rtol=0, atol=0)
+
+
+def test_models_that_trace_symbolically_are_not_specialised(tiny_model, tiny_images):
+    from vmfx.passes.pipeline import check_input_shape, trace_for_quantization
+
+    gm, _ = trace_for_quantization(tiny_model, tiny_images)
+    assert "vmfx_specialized" not in gm.meta  # symbolic first: the graphs of known models are unchanged
+    def nodes(nodes):
+        return [(n.op, n.name, str(n.target), str(n.args)) for n in nodes if n.target is not check_input_shape]
+
+    assert nodes(gm.graph.nodes) == nodes(trace(tiny_model).graph.nodes)
