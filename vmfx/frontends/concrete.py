@@ -101,6 +101,8 @@ class _ConcreteMagic:
     """Conversions Python applies to a traced value, answered from the example's sizes."""
 
     def __getattr__(self, k: str) -> "ConcreteAttribute":
+        if k in ("tracer", "node", "root", "attr", "_node"):  # not set yet (copying): no attribute proxy
+            raise AttributeError(k)
         return ConcreteAttribute(self, k)
 
     def __len__(self) -> int:

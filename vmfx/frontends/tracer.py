@@ -220,7 +220,8 @@ def trace(
     gm.meta["vmfx_source_type"] = f"{type(model).__module__}.{type(model).__qualname__}"
     if specialize_to is not None:
         inputs = (specialize_to,) if isinstance(specialize_to, torch.Tensor) else tuple(specialize_to)
-        gm.meta["vmfx_specialized"] = {"input_shapes": [list(t.shape[1:]) for t in inputs if isinstance(t, torch.Tensor)]}
+        shapes = [list(t.shape[1:]) for t in inputs if isinstance(t, torch.Tensor)]
+        gm.meta["vmfx_specialized"] = {"input_shapes": shapes}
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs)
     return gm

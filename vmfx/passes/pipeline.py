@@ -130,14 +130,15 @@ def trace_for_quantization(
         example_inputs = (example_inputs,)
     drawn: list[tuple] = []  # the example image, when specialising sizes needs it before the graph exists
 
-    def sizes() -> tuple | None:
+    def sizes() -> tuple:
         if example_inputs is not None:
             return example_inputs
         drawn.append((first_example(calib_data, InputExpectation(dtype=_first_float_dtype(model))),))
         return drawn[0]
 
     # untraceable code: a leaf function, else sizes specialised to the example, else that module in float
-    gm = trace_with_fallback(model, specialize_to=sizes if example_inputs is not None or calib_data is not None else None)
+    can_specialize = example_inputs is not None or calib_data is not None
+    gm = trace_with_fallback(model, specialize_to=sizes if can_specialize else None)
     gm.meta["vmfx_model_spec"] = spec
     if example_inputs is None and drawn:  # the image drawn for the sizes, checked like any first example
         example_inputs = (first_example(drawn[0][0], input_expectation(gm)),)
