@@ -1,4 +1,5 @@
-"""Front end: canonicalization adapters for third-party modules, the tracer, and
+"""Front end: canonicalization adapters for third-party modules, the tracer (symbolic, or with
+sizes specialised to example inputs: :class:`ConcreteShapeTracer`), and
 :func:`enable_mamba_ssm_on_cpu` (upstream mamba_ssm importable without its CUDA extension)."""
 
 from .adapters import adapters, canonicalize, qualified_name, register_adapter
@@ -14,6 +15,7 @@ from .tracer import (
 from .upstream import enable_mamba_ssm_on_cpu
 from .mambavision import enable_mambavision_on_cpu
 from .fallback import FallbackWarning, trace_with_fallback
+from .concrete import ConcreteShapeTracer
 
 __all__ = [
     "adapters",
@@ -31,4 +33,5 @@ __all__ = [
     "enable_mambavision_on_cpu",
     "trace_with_fallback",
     "FallbackWarning",
+    "ConcreteShapeTracer",
 ]

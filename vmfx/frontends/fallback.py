@@ -1,8 +1,9 @@
-"""Tracing code vmfx has never seen: retry with the smallest untraceable callable as a leaf.
+"""Tracing code vmfx has never seen: retry with sizes specialised, or the smallest untraceable callable as a leaf.
 
 :func:`trace_with_fallback` is :func:`vmfx.frontends.trace` that does not give up on the model
-when one module cannot be traced. On a :class:`~vmfx.errors.TraceError` it reads the failure's
-traceback from the innermost frame outwards (skipping torch's and vmfx's own frames) and:
+when one module cannot be traced. It first traces symbolically (the graphs of the models vmfx
+knows). On a :class:`~vmfx.errors.TraceError` it reads the failure's traceback from the innermost
+frame outwards (skipping torch's and vmfx's own frames) and:
 
 1. if the failing line is inside a **module-level function** called from the failing module (by a
    global name of its ``forward``'s module, or through an instance attribute, ``self.scan(...)``)
@@ -11,20 +12,26 @@ traceback from the innermost frame outwards (skipping torch's and vmfx's own fra
    as a leaf (one ``call_function`` node, :func:`~vmfx.frontends.register_leaf_function`'s
    mechanism, for this trace only). Everything around it is traced, so detection can still
    recognise the mixer structurally (:mod:`vmfx.passes.structural`) and the linears around the
-   leaf are quantized;
-2. otherwise (the module's own ``forward`` branches on a traced value, the function is not
+   leaf are quantized. A function stays one node: a loop over the tokens is not unrolled;
+2. else, once, when example inputs are known (``specialize_to``), it retraces with sizes
+   **specialised** to them (:mod:`vmfx.frontends.concrete`): control flow on sizes in a module's
+   own code (``if x.shape[1] % 2``, ``int(x.size(-1))``, ``for t in range(L)``) is decided at
+   trace time, as vmfx specialises every traced model to its example's shape anyway. Nothing
+   becomes opaque; ``gm.meta["vmfx_specialized"]`` says why it was needed;
+3. otherwise (the module's own ``forward`` branches on a tensor's values, the function is not
    reachable by a global name, or making it a leaf did not help), it retraces with the failing
    module's **class** as a leaf module: that module stays in float, the rest of the model is
    traced and quantized.
 
-Each retry is recorded in ``gm.meta["vmfx_fallback"]`` (kind ``"leaf_function"`` or
+Each retry of kind 1 or 3 is recorded in ``gm.meta["vmfx_fallback"]`` (kind ``"leaf_function"`` or
 ``"float_module"``, the callable or module, the failing line and the cause) and announced by one
 :class:`FallbackWarning`; :func:`vmfx.inspect.coverage` lists the layers each one left in float.
-A failure in the root module's own forward, outside any module-level function, cannot be
-isolated and is raised as the original ``TraceError``.
+A failure in the root module's own forward, outside any module-level function, that
+specialising sizes does not resolve cannot be isolated and is raised as the original ``TraceError``.
 
-Invariant: the returned graph computes the same function as the model (leaves run the original
-code), and what is opaque is exactly what ``gm.meta["vmfx_fallback"]`` lists.
+Invariant: the returned graph computes the same function as the model on inputs of the traced
+shape (leaves run the original code), and what is opaque is exactly what
+``gm.meta["vmfx_fallback"]`` lists.
 """
 
 from __future__ import annotations
@@ -131,23 +138,35 @@ def _cause_text(err: TraceError) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(cause).__name__
 
 
-def trace_with_fallback(model: nn.Module, example_inputs=None, **kwargs) -> fx.GraphModule:
+def trace_with_fallback(model: nn.Module, example_inputs=None, *, specialize_to: Any = None,
+                        **kwargs) -> fx.GraphModule:
     """:func:`vmfx.frontends.trace`, retrying around untraceable code (see the module docstring).
 
-    Keyword arguments are passed to :func:`~vmfx.frontends.trace` (their ``extra_leaf_*`` are
-    extended, not replaced).
+    Args:
+        model: the module to trace.
+        example_inputs: inputs to propagate shapes with (and, by default, to specialise sizes to).
+        specialize_to: inputs whose sizes a retry is specialised to when symbolic tracing fails
+            outside a module-level function, or a function of no arguments returning them (called
+            at most once, only then); defaults to ``example_inputs``. None with no example inputs:
+            no specialisation, such failures keep the module float.
+        **kwargs: passed to :func:`~vmfx.frontends.trace` (its ``extra_leaf_*`` are extended, not
+            replaced).
 
     Raises:
         TraceError: the failure is in the root module's own forward, or no retry made progress.
     """
     leaf_functions = list(kwargs.pop("extra_leaf_functions", ()))
     leaf_modules = list(kwargs.pop("extra_leaf_modules", ()))
+    if specialize_to is None:
+        specialize_to = example_inputs
+    sizes = None  # the inputs the trace is specialised to, once a failure called for it
+    specialization: dict | None = None
     decisions: list[dict] = []
     for _ in range(_MAX_RETRIES):
         try:
             with _attributes_as_leaves(model, leaf_functions):
                 gm = trace(model, example_inputs, extra_leaf_functions=leaf_functions,
-                           extra_leaf_modules=leaf_modules, **kwargs)
+                           extra_leaf_modules=leaf_modules, specialize_to=sizes, **kwargs)
         except TraceError as err:
             failing = _failing_module(model, err)
             fn = untraceable_callable(err.__cause__ or err, failing)
@@ -157,11 +176,17 @@ def trace_with_fallback(model: nn.Module, example_inputs=None, **kwargs) -> fx.G
                 leaf_functions.append(fn)
                 decisions.append({"kind": "leaf_function", "target": _qualname(fn), **record})
                 continue
+            if sizes is None and specialize_to is not None:
+                sizes = specialize_to() if callable(specialize_to) else specialize_to
+                specialization = record
+                continue
             if failing is None or failing is model or type(failing) in leaf_modules:
                 raise
             leaf_modules.append(type(failing))
             decisions.append({"kind": "float_module", "target": _qualname(type(failing)), **record})
             continue
+        if specialization is not None:
+            gm.meta["vmfx_specialized"].update(specialization)
         gm.meta[FALLBACK_META] = decisions
         if decisions:
             warnings.warn(_summary(decisions), FallbackWarning, stacklevel=3)

@@ -9,6 +9,11 @@ modules and observers, and whatever users register with :func:`register_leaf_mod
 functions (recorded as one ``call_function`` node): :func:`vmfx.ops.selective_scan` and those
 registered with :func:`register_leaf_function`.
 
+With ``specialize_to`` (example inputs), ``trace`` uses
+:class:`~vmfx.frontends.concrete.ConcreteShapeTracer`: Python control flow on sizes (``if L % 2``,
+``for t in range(L)``, ``int(x.size(-1))``) is decided for the example's shape, as torch.export does;
+vmfx's graphs are specialised to that shape anyway (``check_input_shape``).
+
 Tracing failures become :class:`vmfx.TraceError` naming the module being traced, the source line
 that failed and the way out, with the fx exception chained as the cause.
 """
@@ -45,7 +50,7 @@ _LEAF_MODULE_TYPES: list[type] = [RMSNorm, FakeQuantize, Smooth, Observer]
 _LEAF_FUNCTIONS: list[Callable] = [selective_scan]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_THIS_FILE = os.path.abspath(__file__)
+_FRONTENDS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def register_leaf_module(cls: type) -> type:
@@ -134,11 +139,11 @@ def _default_concrete_args(model: nn.Module) -> dict[str, Any]:
 
 
 def _user_source_line(exc: BaseException) -> str:
-    """``file:line: code`` of the innermost frame outside torch and this file."""
+    """``file:line: code`` of the innermost frame outside torch and vmfx's front end."""
     frames = traceback.extract_tb(exc.__traceback__)
     for frame in reversed(frames):
         filename = os.path.abspath(frame.filename)
-        if filename.startswith(_TORCH_DIR) or filename == _THIS_FILE:
+        if filename.startswith(_TORCH_DIR) or os.path.dirname(filename) == _FRONTENDS_DIR:
             continue
         return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
     return ""
@@ -157,7 +162,8 @@ def _trace_error(exc: BaseException, tracer: VmfxTracer, model: nn.Module) -> Tr
         "Way out: if this module is a third-party block vmfx should understand, register an adapter "
         "that turns it into canonical vmfx modules (vmfx.frontends.register_adapter); otherwise keep it "
         f"opaque with vmfx.frontends.register_leaf_module({type_name}) (vmfx will not quantize inside "
-        "it), or make its forward traceable (no Python control flow on tensor values or shapes)."
+        "it), or make its forward traceable (no Python control flow on tensor values; control flow on "
+        "sizes is decided at trace time only when example inputs are given)."
     )
     return TraceError("\n".join(lines), module_path=path, module_type=type_name, source=source)
 
@@ -169,6 +175,7 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     extra_leaf_modules: Iterable[type] = (),
     extra_leaf_functions: Iterable[Callable] = (),
+    specialize_to: tuple | torch.Tensor | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` (shape-propagated when example inputs are given).
 
@@ -181,17 +188,26 @@ def trace(
         concrete_args: values for non-tensor forward arguments; by default every non-tensor
             argument with a default value is fixed to it.
         extra_leaf_modules, extra_leaf_functions: leaves for this call only.
+        specialize_to: inputs (real or meta tensors) whose sizes the trace is specialised to:
+            Python control flow on sizes is decided for them (any batch size stays valid); None
+            traces symbolically, where such control flow fails.
 
     Returns:
         The traced ``GraphModule``; ``node.meta["tensor_meta"]`` is set when ``example_inputs``
-        were given.
+        were given, and ``gm.meta["vmfx_specialized"]["input_shapes"]`` the non-batch input shapes
+        when ``specialize_to`` was.
 
     Raises:
         TraceError: the model cannot be traced (names the module, the line and the way out).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vmfx traces nn.Module instances, got {type(model).__name__}")
-    tracer = VmfxTracer(extra_leaf_modules, extra_leaf_functions)
+    if specialize_to is not None:
+        from .concrete import ConcreteShapeTracer
+
+        tracer: VmfxTracer = ConcreteShapeTracer(specialize_to, extra_leaf_modules, extra_leaf_functions)
+    else:
+        tracer = VmfxTracer(extra_leaf_modules, extra_leaf_functions)
     if concrete_args is None:
         concrete_args = _default_concrete_args(model)
     try:
@@ -202,6 +218,10 @@ def trace(
         raise _trace_error(exc, tracer, model) from exc
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     gm.meta["vmfx_source_type"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    if specialize_to is not None:
+        inputs = (specialize_to,) if isinstance(specialize_to, torch.Tensor) else tuple(specialize_to)
+        shapes = [list(t.shape[1:]) for t in inputs if isinstance(t, torch.Tensor)]
+        gm.meta["vmfx_specialized"] = {"input_shapes": shapes}
     if example_inputs is not None:
         propagate_shapes(gm, example_inputs)
     return gm

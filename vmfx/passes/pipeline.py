@@ -34,7 +34,7 @@ from ..frontends.fallback import trace_with_fallback
 from ..frontends.tracer import propagate_shapes
 from ..quant.observers import AbsMaxObserver
 from .base import Pass, PassContext
-from .calibrate import CalibratePass, first_example, input_expectation
+from .calibrate import CalibratePass, InputExpectation, first_example, input_expectation
 from .convert import ConvertPass
 from .detect import DetectMambaMixersPass
 from .fold_smoothing import FoldSmoothingPass
@@ -108,7 +108,9 @@ def trace_for_quantization(
 
     The example image is the first calibration image unless ``example_inputs`` is given; it is
     checked against the model's input (rank, channels, finite values) first, so bad data fails
-    with a :class:`~vmfx.errors.CalibrationDataError` rather than deep inside the model.
+    with a :class:`~vmfx.errors.CalibrationDataError` rather than deep inside the model. A model
+    whose code branches on sizes in Python is traced specialised to the example's shape
+    (:mod:`vmfx.frontends.concrete`); the input check inserted in the graph refuses other shapes.
 
     Returns:
         ``(graph_module, example_inputs)``; the user's model is never modified.
@@ -124,13 +126,25 @@ def trace_for_quantization(
         )
     spec = model_spec(model)
     model = canonicalize(copy.deepcopy(model)).eval()
-    gm = trace_with_fallback(model)  # untraceable code: a leaf function, else that module in float
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    drawn: list[tuple] = []  # the example image, when specialising sizes needs it before the graph exists
+
+    def sizes() -> tuple:
+        if example_inputs is not None:
+            return example_inputs
+        drawn.append((first_example(calib_data, InputExpectation(dtype=_first_float_dtype(model))),))
+        return drawn[0]
+
+    # untraceable code: a leaf function, else sizes specialised to the example, else that module in float
+    can_specialize = example_inputs is not None or calib_data is not None
+    gm = trace_with_fallback(model, specialize_to=sizes if can_specialize else None)
     gm.meta["vmfx_model_spec"] = spec
-    if example_inputs is None and calib_data is not None:
+    if example_inputs is None and drawn:  # the image drawn for the sizes, checked like any first example
+        example_inputs = (first_example(drawn[0][0], input_expectation(gm)),)
+    elif example_inputs is None and calib_data is not None:
         example_inputs = (first_example(calib_data, input_expectation(gm)),)
     if example_inputs is not None:
-        if isinstance(example_inputs, torch.Tensor):
-            example_inputs = (example_inputs,)
         try:
             propagate_shapes(gm, example_inputs)
         except Exception as exc:
@@ -181,6 +195,10 @@ def _insert_input_check(gm: fx.GraphModule, example_inputs: tuple) -> None:
     with gm.graph.inserting_after(placeholders[-1]):
         gm.graph.call_function(check_input_shape, (first, tuple(example_inputs[0].shape[1:])))
     gm.recompile()
+
+
+def _first_float_dtype(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def model_spec(model: nn.Module) -> dict | None:
