@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .annotations import annotation
-from .coverage import CoverageReport, coverage
+from .coverage import CoverageReport, coverage, kernel_layers, linear_spec_text
 from .errors import ConfigError
 from .passes.calibrate import iter_calibration_batches
 from .passes.detect import DetectMambaMixersPass
@@ -113,6 +113,9 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
     if state is not None:  # a scan with a quantized (or reparameterized) hidden state
         return state.describe(), f"h {state.length}" if state.quantize else ""
     ann = annotation(node)
+    kernel = kernel_layers(node)
+    if kernel is not None:  # a lowered partition: what each linear it computes quantizes
+        return _kernel_spec_text(kernel), ""
     if ann is not None and is_linear(node) and (ann.act_spec is not None or ann.weight_spec is not None):
         edges = linear_edges(node)
         smooth = " +smooth" if edges.smooth_module() is not None else ""
@@ -125,6 +128,17 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
         a_text = iq.describe() if isinstance(iq, MixedPrecisionQuantize) else _spec_text(ann.act_spec)
         return f"A {a_text} | W {_spec_text(ann.weight_spec)}{smooth}", scale
     return "", ""
+
+
+def _kernel_spec_text(records: list[dict]) -> str:
+    """The spec column of a lowered kernel: ``A .. | W ..`` of the one linear it computes, else
+    ``<role> [dir]: A .. | W ..`` per linear (``; ``-separated), plus a quantized scan state."""
+    linears = [r for r in records if r["kind"] == "linear"]
+    parts = [linear_spec_text(r) if len(linears) == 1 else
+             f"{r.get('role') or r['node']}{' ' + _DIR_SHORT.get(r['direction'], r['direction']) if r.get('direction') else ''}: "
+             f"{linear_spec_text(r)}" for r in linears]
+    parts += [f"scan state {r['state']}" for r in records if r["kind"] == "scan" and r.get("state")]
+    return "; ".join(parts)
 
 
 def _as_graph(model: Any, example_inputs: Any = None) -> fx.GraphModule:
@@ -197,8 +211,15 @@ def _format_table(headers: list[str], body: list[list[str]]) -> str:
     return "\n".join(text)
 
 
-def summary(gm: fx.GraphModule) -> dict[str, Any]:
-    """Counts: nodes per role, mixers and their directions, quantized linears, calibration info."""
+def summary(gm: fx.GraphModule | nn.Module, example_inputs: Any = None) -> dict[str, Any]:
+    """Counts: nodes per role, mixers and their directions, quantized linears, calibration info.
+
+    ``gm`` is a vmfx graph (traced, prepared, quantized or lowered) or a float ``nn.Module``,
+    traced here as :func:`vmfx.trace` does (``example_inputs`` for shape propagation). A lowered
+    model counts the linears its kernels quantize (``kernels`` counts the kernels), so it reports
+    what the quantized model it was lowered from reports, whether or not it was loaded from a file.
+    """
+    gm = _as_graph(gm, example_inputs)
     roles: dict[str, int] = {}
     for node in gm.graph.nodes:
         ann = annotation(node)
@@ -206,12 +227,16 @@ def summary(gm: fx.GraphModule) -> dict[str, Any]:
             roles[ann.role] = roles.get(ann.role, 0) + 1
     mixers = gm.meta.get("vmfx_mixers", [])
     qlinears = [e for e in quantized_linears(gm) if e.act_quant is not None or e.weight_quant is not None]
+    kernels = [layers for node in gm.graph.nodes if (layers := kernel_layers(node)) is not None]
+    kernel_linears = sum(1 for layers in kernels for r in layers
+                         if r["kind"] == "linear" and (r.get("input") or r.get("weight")))
     return {
         "nodes": len(gm.graph.nodes),
         "roles": roles,
         "mixers": len(mixers),
         "scans": sum(len(m["directions"]) for m in mixers),
-        "quantized_linears": len(qlinears),
+        "quantized_linears": len(qlinears) + kernel_linears,
+        "kernels": len(kernels),
         "observers": sum(isinstance(m, Observer) for m in gm.modules()),
         "config": gm.meta.get("vmfx_config"),
         "calibration": gm.meta.get("vmfx_calibration"),
