@@ -18,9 +18,10 @@ from .config import QuantConfig, resolve_config
 from .coverage import warn_if_partial
 from .errors import CalibrationDataError, ConfigError
 from .lowering import lower, resolve_backend
+from .lowering.runtime import check_backend_runs
 from .passes.detect import DetectMambaMixersPass
 from .passes.manager import PassManager
-from .passes.pipeline import Pipeline, method_passes, split_stages, trace_for_quantization
+from .passes.pipeline import Pipeline, method_passes, split_stages, trace_for_quantization, warn_model_state
 
 __all__ = ["compile", "trace", "prepare", "calibrate", "convert"]
 
@@ -66,13 +67,14 @@ def compile(
         print(vmfx.inspect.table(qmodel))
     """
     _refuse_quantized_model(model, "compile")
+    warn_model_state(model)
     cfg = resolve_config(config)
     # vmamba: a preset name gets the model's declared defaults (PTQ4VM's alpha 0.65 for VMamba)
     from .models.hints import config_for_model
 
     cfg = config_for_model(model, config, cfg)
     if backend is not None:
-        resolve_backend(backend)  # a bad name fails before calibration, not after
+        check_backend_runs(resolve_backend(backend))  # a bad name / no way to run fails before calibration
     # data-free calibration (OuroMamba-Gen): "synthetic" / vmfx.data.Synthetic -> images from the model
     from .data.synthetic import resolve_calibration_data
 
@@ -92,6 +94,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, detect: bool
         example_inputs: a tensor or tuple for shape propagation (token lengths need it).
         detect: run :class:`~vmfx.passes.DetectMambaMixersPass` so the graph can be inspected.
     """
+    warn_model_state(model)
     gm, example_inputs = trace_for_quantization(model, example_inputs=example_inputs)
     gm.meta["vmfx_example_inputs"] = example_inputs
     if detect:
@@ -121,10 +124,20 @@ def prepare(
 ) -> fx.GraphModule:
     """Stage 1: trace a copy of ``model`` and run the method's passes that need no data
     (detection, observer insertion). ``calib_data`` (or ``example_inputs``) only supplies the
-    example image for shape propagation."""
+    example image for shape propagation; one of them is required (token layouts, per-token scales
+    and the saved model's input shape all come from it), so a call with neither is refused here,
+    not at ``calibrate`` or ``save``."""
     _refuse_quantized_model(model, "prepare")
+    warn_model_state(model)
     cfg = resolve_config(config)
     _refuse_named_data(calib_data, "prepare")
+    if calib_data is None and example_inputs is None:
+        raise ConfigError(
+            "vmfx.prepare needs an example image to propagate shapes with (token layouts, per-token scales and "
+            "the input shape a saved model records come from it): pass the calibration images, "
+            "vmfx.prepare(model, config, images), or one of them, vmfx.prepare(model, config, "
+            "example_inputs=(images[:1],))"
+        )
     gm, example_inputs = trace_for_quantization(model, calib_data, example_inputs)
     gm.meta["vmfx_config"] = cfg.to_dict()
     passes = split_stages(method_passes(cfg))[0]

@@ -63,6 +63,7 @@ from .rewrite import fold_parameter_constants, sink_flips
 __all__ = [
     "BACKENDS",
     "resolve_backend",
+    "check_backend_runs",
     "LoweredPartition",
     "LoweredQLinear",
     "LoweredConv",
@@ -87,6 +88,23 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "triton" if torch.cuda.is_available() else "reference"
     return backend
+
+
+def check_backend_runs(backend: str) -> None:
+    """Fail now, with the way out, when kernels of ``backend`` could not run on this machine: the
+    Triton backend without a CUDA device needs Triton's CPU interpreter, which
+    :func:`~vmfx.lowering.codegen.ensure_backend` switches on while no kernel has been defined yet
+    (and refuses when it was switched off, or when Triton was imported without it). Called by
+    ``vmfx.compile`` before calibrating and by :func:`lower`, not at the first forward."""
+    if backend != "triton" or torch.cuda.is_available():
+        return
+    from .codegen import ensure_backend
+
+    try:
+        ensure_backend()
+    except RuntimeError as exc:
+        raise ConfigError(f"backend='triton' cannot run here: {str(exc).removeprefix('vmfx: ')} "
+                          "(backend='auto' picks the reference backend on a machine without CUDA)") from None
 
 
 def _kernels():
@@ -726,6 +744,7 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
         one and ``vmfx.load`` lowers it again).
     """
     backend = resolve_backend(backend)
+    check_backend_runs(backend)
     if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
         from ..serialize import lost_metadata_hint
 
