@@ -47,12 +47,21 @@ def compile(
             :class:`vmfx.data.Synthetic` saying how many, with which seed and steps.
         config: a preset name (``vmfx.config.preset_names()``, e.g. ``"minmax-w8a8"``) or a
             :class:`~vmfx.config.QuantConfig`.
-        example_inputs: inputs for shape propagation (default: the first calibration image).
+        example_inputs: inputs for shape propagation (default: the first calibration image);
+            checked like calibration images (a wrong type, rank, channel count, dtype or image
+            size is an :class:`~vmfx.errors.InputError` naming ``example_inputs``).
         progress: show progress bars.
         check: lint and run the graph after every pass (default: ``VMFX_CHECK_PASSES``).
         backend: None (default) returns the simulated-quantization graph; "triton",
             "reference" or "auto" also lowers it (:func:`vmfx.lowering.lower`): generated
-            Triton kernels on a GPU, the exact integer reference on a CPU.
+            Triton kernels on a GPU, the exact integer reference on a CPU. A backend that could
+            not run here ("triton" without CUDA and with Triton's interpreter off) is refused
+            before calibrating.
+
+    The model is quantized in eval mode (a copy: a model in training mode with dropout, batch
+    norm or drop-path gets a :class:`~vmfx.errors.ModelStateWarning`, as does one with forward
+    hooks, which stop running on quantized layers); its parameters must be materialised (not on
+    the ``meta`` device) and on the calibration images' device.
 
     Returns:
         The quantized model (a :class:`~vmfx.coverage.CoverageWarning` says how many layers
@@ -91,7 +100,8 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, detect: bool
 
     Args:
         model: the float model (not modified).
-        example_inputs: a tensor or tuple for shape propagation (token lengths need it).
+        example_inputs: a tensor or tuple for shape propagation (token lengths need it); one the
+            model cannot take is an :class:`~vmfx.errors.InputError` naming the shape expected.
         detect: run :class:`~vmfx.passes.DetectMambaMixersPass` so the graph can be inspected.
     """
     warn_model_state(model)

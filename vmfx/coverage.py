@@ -17,6 +17,10 @@ categories:
 ``vmfx.compile`` warns once (:class:`CoverageWarning`) with the count of ``"unsupported"`` layers:
 never a silent partial quantization.
 
+A lowered model (:func:`vmfx.lowering.lower`) reports the quantized model it was lowered from
+when it keeps it; loaded from a file it keeps none, and each kernel node lists the layers it
+computes and their specs (:func:`kernel_layers`), so the report is the same either way.
+
 Layers inside opaque modules are listed under the module's path (``<module>.<sub>``), from the
 module's own children; everything else is a graph node, listed under its node name.
 """
@@ -128,8 +132,9 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
     """Every linear, conv and scan of ``model``, quantized or float, and why.
 
     Args:
-        model: a quantized graph (``vmfx.compile``), a traced graph (``vmfx.trace``), or a float
-            ``nn.Module`` (traced here; its copy, the model is not modified).
+        model: a quantized graph (``vmfx.compile``), a lowered one (with a backend, or loaded
+            from a file), a traced graph (``vmfx.trace``), or a float ``nn.Module`` (traced here;
+            its copy, the model is not modified).
         config: for a graph that is not quantized yet (or a float model): the config whose plan
             to report (default ``"minmax-w8a8"``); ignored for a quantized graph.
         example_inputs: for a float model: an image batch for shape propagation (recommended:

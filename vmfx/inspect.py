@@ -469,6 +469,14 @@ def compare(
         images: a tensor ``(N, C, H, W)`` or an iterable of batches.
         batch_size: split size for a tensor.
         roles: roles to report (default: every annotated node); the model output is always last.
+            A role the quantized model has no node of is a :class:`~vmfx.errors.ConfigError`
+            naming the closest ones.
+
+    Raises:
+        ConfigError: ``qmodel`` is not a vmfx graph (e.g. the float model), ``batch_size`` is not
+            positive, or ``model``'s weights are not those ``qmodel`` was quantized from
+            (:func:`check_same_weights`: compared by name, up to quantization error).
+        InputError: ``images`` of another shape than ``qmodel`` was traced for.
 
     Returns:
         A :class:`CompareReport`; ``print`` it for a table, ``report.output`` for the logits.
