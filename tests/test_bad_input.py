@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -144,3 +146,196 @@ def test_a_quantized_model_is_not_quantized_again(tiny_model, tiny_images):
 def test_staged_calls_on_a_float_model_name_the_first_stage(tiny_model, tiny_images, stage):
     with pytest.raises(vmfx.ConfigError, match=f"vmfx.{stage} takes the graph vmfx.prepare returns.*TinyVimLike"):
         vmfx.calibrate(tiny_model, tiny_images) if stage == "calibrate" else vmfx.convert(tiny_model)
+
+
+# -- issue 23 part 7: bad input from a fresh clone, one clear error (or warning) each ---------------
+
+
+@pytest.fixture
+def proxy_vim():
+    """The proxy Vim's architecture (30x30 single-channel images, img_size declared), untrained."""
+    from vmfx.data.proxy import build_proxy_model
+
+    torch.manual_seed(0)
+    return build_proxy_model().eval()
+
+
+def test_constant_images_warn(tiny_model):
+    with pytest.warns(vmfx.CalibrationDataWarning, match=r"all 4 calibration images are constant.*torch.ones"):
+        vmfx.compile(tiny_model, torch.ones(4, 3, 16, 16))
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    images[2] = 0.5
+    with pytest.warns(vmfx.CalibrationDataWarning, match=r"1 of 4 calibration images are constant.*images 2\)"):
+        vmfx.compile(tiny_model, images)
+
+
+def test_a_module_rule_that_matches_nothing_names_the_closest_pattern(tiny_model, tiny_images):
+    cfg = vmfx.preset("minmax-w8a8").replace(rules=(vmfx.QuantRule("input", None, module="mixer.0.*"),))
+    with pytest.raises(vmfx.ConfigError, match=r"QuantRule #0 \(input -> float where module='mixer.0.\*'\) matches "
+                                               r"nothing.*closest: 'mixers.0.\*'"):
+        vmfx.compile(tiny_model, tiny_images, cfg)
+
+
+def test_a_node_rule_that_matches_nothing_names_the_closest_nodes(tiny_model, tiny_images):
+    cfg = vmfx.preset("minmax-w8a8").replace(rules=(vmfx.QuantRule("weight", None, node="mixers_0_inproj"),))
+    with pytest.raises(vmfx.ConfigError, match=r"node='mixers_0_inproj' is no linear's node name \(closest: "
+                                               r"'mixers_0_in_proj'"):
+        vmfx.prepare(tiny_model, cfg, tiny_images)
+
+
+def test_a_role_the_model_lacks_warns_with_its_roles(tiny_model, tiny_images):
+    spec = vmfx.QuantSpec(8, True, "tensor")
+    cfg = vmfx.preset("minmax-w8a8").replace(rules=(vmfx.QuantRule("output", spec, role="dt_act"),))
+    with pytest.warns(vmfx.ConfigWarning, match=r"role='dt_act' is not a role of any annotated node.*in_proj"):
+        vmfx.compile(tiny_model, tiny_images, cfg)
+
+
+def test_a_presets_own_rules_for_other_model_families_do_not_warn(tiny_model, tiny_images):
+    import warnings
+
+    cfg = vmfx.preset("kscaled-w8a8").replace(search=None)  # its dt_act rule is for models with one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", vmfx.ConfigWarning)
+        vmfx.compile(tiny_model, tiny_images[:4], cfg)
+
+
+def test_compare_refuses_roles_the_model_does_not_have(tiny_model, tiny_images):
+    q = vmfx.compile(tiny_model, tiny_images)
+    with pytest.raises(vmfx.ConfigError, match=r"no node with role 'outproj' \(did you mean 'out_proj'.*its roles are"):
+        vmfx.inspect.compare(tiny_model, q, tiny_images, roles=["outproj"])
+
+
+def test_compare_refuses_a_float_model_with_other_weights(tiny_model, tiny_images, tmp_path):
+    from tests.conftest import TinyVimLike
+
+    q = vmfx.compile(tiny_model, tiny_images, "smoothquant-w4a8")  # smoothed, folded, 4-bit: still the same model
+    assert math.isfinite(vmfx.inspect.compare(tiny_model, q, tiny_images).output.sqnr_db)
+    loaded = vmfx.load(vmfx.save(q, str(tmp_path / "q.safetensors")), model=tiny_model)
+    vmfx.inspect.compare(tiny_model, loaded, tiny_images)
+    torch.manual_seed(1)
+    with pytest.raises(vmfx.ConfigError, match=r"the float model is not the one the quantized model was made from: "
+                                               r"\d+ of \d+ of its weight tensors differ"):
+        vmfx.inspect.compare(TinyVimLike().eval(), q, tiny_images)
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_calibration_images_of_another_size_in_one_line(proxy_vim, size, capfd):
+    with pytest.raises(vmfx.CalibrationDataError) as info:
+        vmfx.compile(proxy_vim, torch.randn(4, 1, size, size))
+    assert str(info.value) == (
+        f"the calibration data has images of shape (N, 1, {size}, {size}), but the model expects (N, 1, 30, 30) "
+        f"images (its img_size): resize or crop the images to 30x30, or build the model with img_size=({size}, {size})")
+    assert capfd.readouterr().err == ""
+
+
+def test_bad_example_inputs_name_the_argument(proxy_vim, capfd):
+    images = torch.randn(4, 1, 30, 30)
+    with pytest.raises(vmfx.InputError, match=r"^example_inputs has 3 channels \(shape \(1, 3, 30, 30\)\), but the "
+                                              r"patch embedding 'patch_embed.proj' expects 1$"):
+        vmfx.compile(proxy_vim, images, example_inputs=(torch.randn(1, 3, 30, 30),))
+    with pytest.raises(vmfx.ConfigError, match=r"^example_inputs must be a tensor of images .* got str$"):
+        vmfx.compile(proxy_vim, images, example_inputs="abc")
+    wrong = r"^example_inputs has shape \(1, 1, 28, 28\), but the model expects \(N, 1, 30, 30\) images"
+    with pytest.raises(vmfx.InputError, match=wrong):
+        vmfx.trace(proxy_vim, torch.randn(1, 1, 28, 28))
+    with pytest.raises(vmfx.InputError, match=wrong):
+        vmfx.inspect.table(proxy_vim, example_inputs=torch.randn(1, 1, 28, 28))
+    assert capfd.readouterr().err == ""
+
+
+def test_a_failing_example_input_is_one_line_without_a_printed_traceback(tiny_model, capfd):
+    with pytest.raises(vmfx.InputError) as info:
+        vmfx.trace(tiny_model, torch.randn(1, 3, 2, 2))
+    message = str(info.value)
+    assert message.startswith("the model fails on an input of shape (1, 3, 2, 2) from example_inputs: RuntimeError: ")
+    assert "\n" not in message and "ShapeProp" not in message
+    assert capfd.readouterr().err == ""
+
+
+def test_compare_on_images_of_another_size(proxy_vim):
+    images = torch.randn(4, 1, 30, 30)
+    q = vmfx.compile(proxy_vim, images)
+    with pytest.raises(vmfx.InputError, match=r"^images have shape \(N, 1, 28, 28\), but the quantized model was "
+                                              r"traced for \(N, 1, 30, 30\)"):
+        vmfx.inspect.compare(proxy_vim, q, torch.randn(4, 1, 28, 28))
+
+
+@pytest.mark.parametrize("config", ["pts-w4a8", "minmax-w8a8"])
+def test_prepare_without_an_example_is_refused_with_the_way_out(tiny_model, config):
+    with pytest.raises(vmfx.ConfigError, match=r"vmfx.prepare needs an example image.*example_inputs=\(images\[:1\],\)"):
+        vmfx.prepare(tiny_model, config)
+
+
+def test_inspection_of_the_wrong_kind_of_model(tiny_model, tiny_images):
+    q = vmfx.compile(tiny_model, tiny_images)
+    with pytest.raises(vmfx.ConfigError, match=r"second argument \(qmodel\) must be the quantized model.*TinyVimLike"):
+        vmfx.inspect.compare(tiny_model, tiny_model, tiny_images)
+    with pytest.raises(vmfx.ConfigError, match="batch_size must be a positive integer, got 0"):
+        vmfx.inspect.compare(tiny_model, q, tiny_images, batch_size=0)
+    s = vmfx.inspect.summary(tiny_model, tiny_images[:1])  # a float model is traced, as vmfx.trace does
+    assert (s["mixers"], s["quantized_linears"]) == (2, 0)
+
+
+def test_the_triton_backend_that_cannot_run_is_refused_before_calibrating(tiny_model, tiny_images, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the Triton backend runs")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calibrated = []
+    monkeypatch.setattr(vmfx.passes.calibrate.CalibratePass, "call", lambda *a: calibrated.append(1))
+    with pytest.raises(vmfx.ConfigError, match=r"backend='triton' cannot run here: no CUDA device.*backend='auto'"):
+        vmfx.compile(tiny_model, tiny_images, backend="triton")
+    assert not calibrated
+
+
+def test_a_model_without_a_mixer_says_what_to_check(tiny_images):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Flatten(), torch.nn.Linear(128, 10)).eval()
+    with pytest.raises(vmfx.PassError) as info:
+        vmfx.compile(model, tiny_images)
+    message = str(info.value)
+    assert "vmfx recognises no mixer in this model" in message and "vmfx.inspect.coverage(model" in message
+    assert "register_adapter" in message and not message.startswith("Run DetectMambaMixersPass")
+
+
+# -- models in unusual states, at every public entry point ------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["compile", "prepare", "trace", "table", "coverage"])
+def test_a_model_on_the_meta_device_is_refused(tiny_images, entry):
+    from tests.conftest import TinyVimLike
+
+    model = TinyVimLike().to("meta")
+    call = {"compile": lambda: vmfx.compile(model, tiny_images), "prepare": lambda: vmfx.prepare(model, "minmax-w8a8", tiny_images),
+            "trace": lambda: vmfx.trace(model, tiny_images[:1]), "table": lambda: vmfx.inspect.table(model),
+            "coverage": lambda: vmfx.inspect.coverage(model)}[entry]
+    with pytest.raises(vmfx.CheckpointError, match=r"on the meta device \(not materialised\).*assign=True"):
+        call()
+
+
+def test_a_model_in_training_mode_is_quantized_in_eval_mode_and_told(proxy_vim):
+    images = torch.randn(4, 1, 30, 30, generator=torch.Generator().manual_seed(0))
+    expected = vmfx.compile(proxy_vim, images)
+    proxy_vim.train()
+    with pytest.warns(vmfx.ModelStateWarning, match=r"training mode, in which 'pos_drop' \(Dropout\).*eval mode"):
+        q = vmfx.compile(proxy_vim, images)
+    assert proxy_vim.training and not q.training
+    assert torch.equal(q(images), expected(images))
+
+
+def test_forward_hooks_warn_that_quantized_layers_drop_them(tiny_model, tiny_images):
+    tiny_model.mixers[0].in_proj.register_forward_hook(lambda module, args, out: None)
+    with pytest.warns(vmfx.ModelStateWarning, match=r"forward hooks are registered on 'mixers.0.in_proj'"):
+        vmfx.compile(tiny_model, tiny_images)
+
+
+def test_a_half_precision_model_takes_half_precision_images(tiny_model, tiny_images):
+    half = tiny_model.half()
+    with pytest.raises(vmfx.CalibrationDataError, match=r"expected float16 images, got float32.*images.to\(torch.float16\)"):
+        vmfx.compile(half, tiny_images)
+    q = vmfx.compile(half, tiny_images.half())
+    assert q(tiny_images[:2].half()).dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_images_on_another_device_than_the_model(tiny_model, tiny_images):
+    with pytest.raises(vmfx.InputError, match=r"example_inputs is on cpu, but the model's parameters are on cuda"):
+        vmfx.trace(tiny_model.cuda(), tiny_images[:1])

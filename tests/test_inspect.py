@@ -108,3 +108,19 @@ def test_long_tail_plot_has_a_panel_per_linear_on_its_own_range(tiny_model, tiny
         assert title.startswith(s.name)
         assert xlim == pytest.approx((float(s.hist_edges[0]), float(s.hist_edges[-1])))
     assert len({xlim for _, xlim in panels["long_tail.png"]}) > 1
+
+
+def test_a_lowered_model_shows_what_each_kernel_quantizes(tiny_model, tiny_images, tmp_path):
+    """summary / table / coverage of a lowered model report its kernels' linears and specs, both
+    with its quantized source at hand and loaded from a file (no source: the kernels' records)."""
+    q = vmfx.compile(tiny_model, tiny_images, "minmax-w8a8")
+    lowered = vmfx.lowering.lower(q, "reference")
+    loaded = vmfx.load(vmfx.save(lowered, str(tmp_path / "lowered.safetensors")), model=tiny_model)
+    for model in (lowered, loaded):
+        s = summary(model)
+        assert s["quantized_linears"] == summary(q)["quantized_linears"] == 12 and s["kernels"] > 0
+        kernels = [r for r in rows(model) if r["role"] == "kernel"]
+        in_proj = next(r for r in kernels if r["node"].endswith("mixers_0_in_proj"))
+        assert in_proj["spec"] == "A uint8 asym per-tensor | W int8 sym per-channel"
+        assert any(r["spec"].startswith("x_proj fwd: A uint8") and "x_proj bwd: A uint8" in r["spec"] for r in kernels)
+        assert vmfx.inspect.coverage(model).summary_line().endswith("12/13 linears quantized, 0/4 scans quantized")

@@ -17,9 +17,11 @@ from .errors import (
     CalibrationDataWarning,
     CheckpointError,
     ConfigError,
+    ConfigWarning,
     InputError,
     LayoutError,
     LoweringError,
+    ModelStateWarning,
     PassError,
     SerializationError,
     TraceError,
@@ -64,6 +66,8 @@ __all__ = [
     "LayoutError",
     "CoverageWarning",
     "FallbackWarning",
+    "ConfigWarning",
+    "ModelStateWarning",
 ]
 
 # k-scaled ViM PTQ (Shi et al.): the similarity search's config

@@ -18,9 +18,10 @@ from .config import QuantConfig, resolve_config
 from .coverage import warn_if_partial
 from .errors import CalibrationDataError, ConfigError
 from .lowering import lower, resolve_backend
+from .lowering.runtime import check_backend_runs
 from .passes.detect import DetectMambaMixersPass
 from .passes.manager import PassManager
-from .passes.pipeline import Pipeline, method_passes, split_stages, trace_for_quantization
+from .passes.pipeline import Pipeline, method_passes, split_stages, trace_for_quantization, warn_model_state
 
 __all__ = ["compile", "trace", "prepare", "calibrate", "convert"]
 
@@ -46,12 +47,21 @@ def compile(
             :class:`vmfx.data.Synthetic` saying how many, with which seed and steps.
         config: a preset name (``vmfx.config.preset_names()``, e.g. ``"minmax-w8a8"``) or a
             :class:`~vmfx.config.QuantConfig`.
-        example_inputs: inputs for shape propagation (default: the first calibration image).
+        example_inputs: inputs for shape propagation (default: the first calibration image);
+            checked like calibration images (a wrong type, rank, channel count, dtype or image
+            size is an :class:`~vmfx.errors.InputError` naming ``example_inputs``).
         progress: show progress bars.
         check: lint and run the graph after every pass (default: ``VMFX_CHECK_PASSES``).
         backend: None (default) returns the simulated-quantization graph; "triton",
             "reference" or "auto" also lowers it (:func:`vmfx.lowering.lower`): generated
-            Triton kernels on a GPU, the exact integer reference on a CPU.
+            Triton kernels on a GPU, the exact integer reference on a CPU. A backend that could
+            not run here ("triton" without CUDA and with Triton's interpreter off) is refused
+            before calibrating.
+
+    The model is quantized in eval mode (a copy: a model in training mode with dropout, batch
+    norm or drop-path gets a :class:`~vmfx.errors.ModelStateWarning`, as does one with forward
+    hooks, which stop running on quantized layers); its parameters must be materialised (not on
+    the ``meta`` device) and on the calibration images' device.
 
     Returns:
         The quantized model (a :class:`~vmfx.coverage.CoverageWarning` says how many layers
@@ -66,13 +76,14 @@ def compile(
         print(vmfx.inspect.table(qmodel))
     """
     _refuse_quantized_model(model, "compile")
+    warn_model_state(model)
     cfg = resolve_config(config)
     # vmamba: a preset name gets the model's declared defaults (PTQ4VM's alpha 0.65 for VMamba)
     from .models.hints import config_for_model
 
     cfg = config_for_model(model, config, cfg)
     if backend is not None:
-        resolve_backend(backend)  # a bad name fails before calibration, not after
+        check_backend_runs(resolve_backend(backend))  # a bad name / no way to run fails before calibration
     # data-free calibration (OuroMamba-Gen): "synthetic" / vmfx.data.Synthetic -> images from the model
     from .data.synthetic import resolve_calibration_data
 
@@ -89,9 +100,11 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, *, detect: bool
 
     Args:
         model: the float model (not modified).
-        example_inputs: a tensor or tuple for shape propagation (token lengths need it).
+        example_inputs: a tensor or tuple for shape propagation (token lengths need it); one the
+            model cannot take is an :class:`~vmfx.errors.InputError` naming the shape expected.
         detect: run :class:`~vmfx.passes.DetectMambaMixersPass` so the graph can be inspected.
     """
+    warn_model_state(model)
     gm, example_inputs = trace_for_quantization(model, example_inputs=example_inputs)
     gm.meta["vmfx_example_inputs"] = example_inputs
     if detect:
@@ -121,10 +134,20 @@ def prepare(
 ) -> fx.GraphModule:
     """Stage 1: trace a copy of ``model`` and run the method's passes that need no data
     (detection, observer insertion). ``calib_data`` (or ``example_inputs``) only supplies the
-    example image for shape propagation."""
+    example image for shape propagation; one of them is required (token layouts, per-token scales
+    and the saved model's input shape all come from it), so a call with neither is refused here,
+    not at ``calibrate`` or ``save``."""
     _refuse_quantized_model(model, "prepare")
+    warn_model_state(model)
     cfg = resolve_config(config)
     _refuse_named_data(calib_data, "prepare")
+    if calib_data is None and example_inputs is None:
+        raise ConfigError(
+            "vmfx.prepare needs an example image to propagate shapes with (token layouts, per-token scales and "
+            "the input shape a saved model records come from it): pass the calibration images, "
+            "vmfx.prepare(model, config, images), or one of them, vmfx.prepare(model, config, "
+            "example_inputs=(images[:1],))"
+        )
     gm, example_inputs = trace_for_quantization(model, calib_data, example_inputs)
     gm.meta["vmfx_config"] = cfg.to_dict()
     passes = split_stages(method_passes(cfg))[0]

@@ -34,6 +34,7 @@ __all__ = [
     "BIT_SETTINGS",
     "kscaled_rules",
     "OutlierConfig",
+    "check_rules_match",
 ]
 
 #: The weight/activation bit settings every method is evaluated at.
@@ -364,6 +365,13 @@ class QuantRule:
         if self.spec is not None and self.edge == "weight":
             _check_weight_spec(self.spec, "a weight rule's spec")
 
+    def describe(self) -> str:
+        """E.g. ``"input -> float where module='layer.0.*'"``."""
+        selectors = [f"{name}={getattr(self, name)!r}" for name in ("role", "module", "node")
+                     if getattr(self, name) is not None]
+        spec = "float" if self.spec is None else self.spec.describe()
+        return f"{self.edge} -> {spec}" + (f" where {', '.join(selectors)}" if selectors else " everywhere")
+
     def matches(self, edge: str, role: str | None, module: str | None, node: str | None) -> bool:
         if edge != self.edge:
             return False
@@ -388,6 +396,76 @@ class QuantRule:
         if d.get("spec") is not None:
             d["spec"] = QuantSpec.from_dict(d["spec"])
         return cls(**d)
+
+
+#: (role, module path or None, node name) of one node a rule can select.
+RuleTarget = tuple
+
+
+def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs: list[RuleTarget]) -> None:
+    """Refuse rules that select nothing in a model, naming what exists.
+
+    ``linears`` are the model's annotated linears (the nodes ``input`` / ``weight`` rules select),
+    ``outputs`` every annotated node (``output`` rules). A rule whose ``module`` or ``node``
+    selector matches none of them is a typo until shown otherwise: :class:`ConfigError` with the
+    closest module paths / node names. A rule selecting only by a role the model does not have
+    (``dt_act`` on a Vim, which fuses the softplus into its scan) may be meant (a config shared
+    across model families): a :class:`~vmfx.errors.ConfigWarning` with the roles it has. A
+    preset's own rules are exempt from that warning: they cover several model families on purpose.
+    """
+    import difflib
+    import warnings
+
+    from .errors import ConfigWarning
+
+    preset_rules = {rule for cfg in PRESETS.values() for rule in cfg.rules}
+    for index, rule in enumerate(config.rules):
+        targets = outputs if rule.edge == "output" else linears
+        if any(rule.matches(rule.edge, role, module, node) for role, module, node in targets):
+            continue
+        what = f"QuantRule #{index} ({rule.describe()})"
+        where = "annotated node" if rule.edge == "output" else "linear"
+        problems = []
+        if rule.module is not None and not any(m is not None and fnmatch.fnmatchcase(m, rule.module)
+                                               for _, m, _ in targets):
+            close = _close_patterns(rule.module, sorted({m for _, m, _ in targets if m is not None}))
+            problems.append(f"module={rule.module!r} matches no {where}'s module path (closest: "
+                            f"{', '.join(repr(m) for m in close)})")
+        if rule.node is not None and not any(n == rule.node for _, _, n in targets):
+            names = sorted({n for _, _, n in targets})
+            close = difflib.get_close_matches(rule.node, names, n=3, cutoff=0.5) or names[:3]
+            problems.append(f"node={rule.node!r} is no {where}'s node name (closest: "
+                            f"{', '.join(repr(n) for n in close)})")
+        roles = sorted({r for r, _, _ in targets if r})
+        if rule.role is not None and rule.role not in roles:
+            problems.append(f"role={rule.role!r} is not a role of any {where} of this model (its roles: "
+                            f"{', '.join(roles)})")
+        if not problems:
+            problems.append(f"no {where} satisfies all of its selectors at once")
+        message = f"{what} matches nothing in this model: {'; '.join(problems)}"
+        if rule.module is None and rule.node is None:
+            if rule not in preset_rules:
+                warnings.warn(message + ". It is ignored; remove it if it was not meant for another model",
+                              ConfigWarning, stacklevel=2)
+            continue
+        raise ConfigError(message + ". See the names with vmfx.inspect.table(vmfx.trace(model, images[:1]))")
+
+
+def _close_patterns(pattern: str, modules: list[str]) -> list[str]:
+    """Patterns like ``pattern`` that do match some of ``modules``: its leading literal components
+    (before the first wildcard) replaced by the closest prefix of the model's module paths
+    (``"layer.0.*"`` -> ``"layers.0.*"``); else the closest module paths themselves."""
+    import difflib
+
+    parts = pattern.split(".")
+    k = next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))
+    prefixes = sorted({".".join(m.split(".")[:k]) for m in modules if len(m.split(".")) >= k})
+    out = []
+    for prefix in difflib.get_close_matches(".".join(parts[:k]), prefixes, n=3, cutoff=0.5) if k else []:
+        candidate = ".".join([prefix] + parts[k:])
+        if any(fnmatch.fnmatchcase(m, candidate) for m in modules):
+            out.append(candidate)
+    return out or difflib.get_close_matches(pattern, modules, n=3, cutoff=0.3) or modules[:3]
 
 
 def _check_weight_spec(spec: QuantSpec, what: str) -> None:

@@ -17,6 +17,10 @@ categories:
 ``vmfx.compile`` warns once (:class:`CoverageWarning`) with the count of ``"unsupported"`` layers:
 never a silent partial quantization.
 
+A lowered model (:func:`vmfx.lowering.lower`) reports the quantized model it was lowered from
+when it keeps it; loaded from a file it keeps none, and each kernel node lists the layers it
+computes and their specs (:func:`kernel_layers`), so the report is the same either way.
+
 Layers inside opaque modules are listed under the module's path (``<module>.<sub>``), from the
 module's own children; everything else is a graph node, listed under its node name.
 """
@@ -128,21 +132,21 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
     """Every linear, conv and scan of ``model``, quantized or float, and why.
 
     Args:
-        model: a quantized graph (``vmfx.compile``), a traced graph (``vmfx.trace``), or a float
-            ``nn.Module`` (traced here; its copy, the model is not modified).
+        model: a quantized graph (``vmfx.compile``), a lowered one (with a backend, or loaded
+            from a file), a traced graph (``vmfx.trace``), or a float ``nn.Module`` (traced here;
+            its copy, the model is not modified).
         config: for a graph that is not quantized yet (or a float model): the config whose plan
             to report (default ``"minmax-w8a8"``); ignored for a quantized graph.
         example_inputs: for a float model: an image batch for shape propagation (recommended:
             without shapes, token layouts and the ``"linear"`` roles cannot all be decided).
     """
     if isinstance(model, fx.GraphModule) and model.meta.get("vmfx_lowered"):
-        # a lowered model quantizes what the quantized model it was lowered from quantizes
+        # a lowered model quantizes what the quantized model it was lowered from quantizes: report on
+        # that one where it is kept; a lowered model loaded from a file keeps none, and its kernels'
+        # records (kernel_layers) say which layers each one computes and how they are quantized
         source = model.meta.get("vmfx_unlowered")
-        if not isinstance(source, fx.GraphModule):
-            raise ConfigError("this lowered model was loaded from a file and keeps no quantized graph to report on: "
-                              "report on the model vmfx.compile returns without a backend (or save that one and "
-                              "lower it after vmfx.load)")
-        model = source
+        if isinstance(source, fx.GraphModule):
+            model = source
     gm = _as_graph(model, example_inputs)
     quantized_graph = any(isinstance(m, FakeQuantize) for m in gm.modules()) or "vmfx_config" in gm.meta
     if quantized_graph:
@@ -155,7 +159,10 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
     failures = dict(gm.meta.get("vmfx_detect_failures") or [])
     layers: list[LayerCoverage] = []
     for node in gm.graph.nodes:
-        if is_linear(node):
+        kernel = kernel_layers(node)
+        if kernel is not None:  # a lowered partition: the layers it replaced, as lower() recorded them
+            layers.extend(_kernel_layer(record, node.name) for record in kernel)
+        elif is_linear(node):
             layers.append(_linear(gm, node, cfg, planned))
         elif _is_conv(node):
             ann = annotation(node)
@@ -166,6 +173,44 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
         elif node.op == "call_module" and _is_opaque(module_of(node)):
             layers.extend(_opaque(node, fallback))
     return CoverageReport(layers, planned, cfg.method + "-" + cfg.bits if cfg is not None else "")
+
+
+def kernel_layers(node: fx.Node) -> list[dict] | None:
+    """The layers a lowered kernel node computes (:func:`vmfx.lowering.runtime.kernel_layers`,
+    recorded on its annotation by ``lower``), or None when ``node`` is not a kernel. A lowered model
+    loaded from a file keeps them too: its kernels were made by ``lower`` on the rebuilt graph."""
+    ann = annotation(node)
+    if ann is None or ann.role != "kernel":
+        return None
+    return list(ann.extra.get("layers") or [])
+
+
+def linear_spec_text(record: dict) -> str:
+    """``"A <input spec> | W <weight spec>"`` of one linear record of a kernel (``float`` for an
+    edge the kernel does not quantize)."""
+    return f"A {record.get('input') or 'float'} | W {record.get('weight') or 'float'}"
+
+
+def _kernel_layer(record: dict, kernel: str) -> LayerCoverage:
+    name, kind, role = record["node"], record["kind"], record.get("role") or ""
+    if kind == "linear":
+        bits = " ".join(f"{label}{_bits_of(record.get(edge))}" for label, edge in (("W", "weight"), ("A", "input"))
+                        if record.get(edge))
+        quantized = bool(record.get("input") or record.get("weight"))
+        return LayerCoverage(name, "linear", role, quantized, "quantized" if quantized else "config",
+                             f"in kernel {kernel}" if quantized else f"in kernel {kernel}, in floating point", bits)
+    if kind == "conv":
+        return LayerCoverage(name, "conv", role, False, "design",
+                             f"vmfx's methods quantize linears; convs run in floating point (in kernel {kernel})")
+    state = f"; its hidden state is quantized ({record['state']})" if record.get("state") else ""
+    return LayerCoverage(name, "scan", role, False, "design",
+                         f"the selective scan runs in floating point (in kernel {kernel}){state}")
+
+
+def _bits_of(described: str) -> str:
+    """The bit width in a spec description (``"uint8 asym per-tensor"`` -> ``"8"``)."""
+    digits = "".join(c for c in described.split()[0] if c.isdigit())
+    return digits or "?"
 
 
 def _as_graph(model: Any, example_inputs: Any) -> fx.GraphModule:

@@ -18,6 +18,8 @@ __all__ = [
     "InputError",
     "CalibrationDataWarning",
     "LayoutError",
+    "ModelStateWarning",
+    "ConfigWarning",
 ]
 
 
@@ -78,7 +80,19 @@ class InputError(VmfxError, ValueError):
 
 class CalibrationDataWarning(UserWarning):
     """Calibration data that can be used but probably should not be: values far outside what a
-    normalized image holds (see :data:`vmfx.passes.calibrate.NORMALIZED_ABS_LIMIT`)."""
+    normalized image holds (see :data:`vmfx.passes.calibrate.NORMALIZED_ABS_LIMIT`), or constant images."""
+
+
+class ModelStateWarning(UserWarning):
+    """A model in a state vmfx works around but the user may not expect: in training mode (it is
+    quantized in eval mode), or with forward hooks (they stop running on quantized layers)."""
+
+
+class ConfigWarning(UserWarning):
+    """A config that works but probably does not do what was meant: e.g. a rule selecting a role
+    the model does not have (a config shared across model families may mean it)."""
+
+
 class LayoutError(VmfxError, ValueError):
     """The token layout of a tensor is unknown or does not fit what was asked of it: a per-token
     spec on an edge whose token dims detection could not infer, a tensor whose shape does not match

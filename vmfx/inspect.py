@@ -24,9 +24,9 @@ import torch.fx as fx
 from torch import nn
 
 from .annotations import annotation
-from .coverage import CoverageReport, coverage
-from .errors import ConfigError
-from .passes.calibrate import iter_calibration_batches
+from .coverage import CoverageReport, coverage, kernel_layers, linear_spec_text
+from .errors import ConfigError, InputError
+from .passes.calibrate import input_expectation, iter_calibration_batches
 from .passes.detect import DetectMambaMixersPass
 from .passes.manager import PassManager
 from .passes.patterns import module_of
@@ -113,6 +113,9 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
     if state is not None:  # a scan with a quantized (or reparameterized) hidden state
         return state.describe(), f"h {state.length}" if state.quantize else ""
     ann = annotation(node)
+    kernel = kernel_layers(node)
+    if kernel is not None:  # a lowered partition: what each linear it computes quantizes
+        return _kernel_spec_text(kernel), ""
     if ann is not None and is_linear(node) and (ann.act_spec is not None or ann.weight_spec is not None):
         edges = linear_edges(node)
         smooth = " +smooth" if edges.smooth_module() is not None else ""
@@ -125,6 +128,17 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
         a_text = iq.describe() if isinstance(iq, MixedPrecisionQuantize) else _spec_text(ann.act_spec)
         return f"A {a_text} | W {_spec_text(ann.weight_spec)}{smooth}", scale
     return "", ""
+
+
+def _kernel_spec_text(records: list[dict]) -> str:
+    """The spec column of a lowered kernel: ``A .. | W ..`` of the one linear it computes, else
+    ``<role> [dir]: A .. | W ..`` per linear (``; ``-separated), plus a quantized scan state."""
+    linears = [r for r in records if r["kind"] == "linear"]
+    parts = [linear_spec_text(r) if len(linears) == 1 else
+             f"{r.get('role') or r['node']}{' ' + _DIR_SHORT.get(r['direction'], r['direction']) if r.get('direction') else ''}: "
+             f"{linear_spec_text(r)}" for r in linears]
+    parts += [f"scan state {r['state']}" for r in records if r["kind"] == "scan" and r.get("state")]
+    return "; ".join(parts)
 
 
 def _as_graph(model: Any, example_inputs: Any = None) -> fx.GraphModule:
@@ -197,8 +211,15 @@ def _format_table(headers: list[str], body: list[list[str]]) -> str:
     return "\n".join(text)
 
 
-def summary(gm: fx.GraphModule) -> dict[str, Any]:
-    """Counts: nodes per role, mixers and their directions, quantized linears, calibration info."""
+def summary(gm: fx.GraphModule | nn.Module, example_inputs: Any = None) -> dict[str, Any]:
+    """Counts: nodes per role, mixers and their directions, quantized linears, calibration info.
+
+    ``gm`` is a vmfx graph (traced, prepared, quantized or lowered) or a float ``nn.Module``,
+    traced here as :func:`vmfx.trace` does (``example_inputs`` for shape propagation). A lowered
+    model counts the linears its kernels quantize (``kernels`` counts the kernels), so it reports
+    what the quantized model it was lowered from reports, whether or not it was loaded from a file.
+    """
+    gm = _as_graph(gm, example_inputs)
     roles: dict[str, int] = {}
     for node in gm.graph.nodes:
         ann = annotation(node)
@@ -206,12 +227,16 @@ def summary(gm: fx.GraphModule) -> dict[str, Any]:
             roles[ann.role] = roles.get(ann.role, 0) + 1
     mixers = gm.meta.get("vmfx_mixers", [])
     qlinears = [e for e in quantized_linears(gm) if e.act_quant is not None or e.weight_quant is not None]
+    kernels = [layers for node in gm.graph.nodes if (layers := kernel_layers(node)) is not None]
+    kernel_linears = sum(1 for layers in kernels for r in layers
+                         if r["kind"] == "linear" and (r.get("input") or r.get("weight")))
     return {
         "nodes": len(gm.graph.nodes),
         "roles": roles,
         "mixers": len(mixers),
         "scans": sum(len(m["directions"]) for m in mixers),
-        "quantized_linears": len(qlinears),
+        "quantized_linears": len(qlinears) + kernel_linears,
+        "kernels": len(kernels),
         "observers": sum(isinstance(m, Observer) for m in gm.modules()),
         "config": gm.meta.get("vmfx_config"),
         "calibration": gm.meta.get("vmfx_calibration"),
@@ -333,8 +358,94 @@ class _Recorder(fx.Interpreter):
 def _float_graph(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and "vmfx_source_type" in model.meta:
         return model
-    gm, _ = trace_for_quantization(model, example_inputs=(example,))
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"compare: the first argument must be the float model (an nn.Module), got {type(model).__name__}")
+    gm, _ = trace_for_quantization(model, example_inputs=(example,), what="images")
     return gm
+
+
+def _check_quantized_graph(qmodel: Any, function: str, argument: str) -> None:
+    """Refuse anything but a vmfx graph (from vmfx.compile / vmfx.convert / vmfx.lowering.lower /
+    vmfx.load) where ``function`` needs the quantized model, naming what was passed instead."""
+    if isinstance(qmodel, fx.GraphModule) and "vmfx_source_type" in qmodel.meta:
+        return
+    if isinstance(qmodel, nn.Module):
+        from .serialize import lost_metadata_hint
+
+        what = "a GraphModule without vmfx's metadata" if isinstance(qmodel, fx.GraphModule) else \
+            f"the float model {type(qmodel).__name__}"
+        raise ConfigError(f"vmfx.inspect.{function}: its {argument} must be the quantized model vmfx.compile returns, "
+                          f"got {what}: quantize it first (qmodel = vmfx.compile(model, images, config))"
+                          + (lost_metadata_hint(qmodel) if isinstance(qmodel, fx.GraphModule) else ""))
+    raise ConfigError(f"vmfx.inspect.{function}: its {argument} must be the quantized model vmfx.compile returns, "
+                      f"got {type(qmodel).__name__}")
+
+
+def _check_roles(gm: fx.GraphModule, roles: Iterable[str] | None) -> None:
+    """Refuse role names the graph does not have, naming the closest ones and those it has."""
+    if roles is None:
+        return
+    import difflib
+
+    present = sorted({a.role for n in gm.graph.nodes
+                      if (a := annotation(n)) is not None and a.role not in ("observer", "quantizer", "smooth")})
+    unknown = [r for r in roles if r not in present]
+    if unknown:
+        hints = []
+        for r in unknown:
+            close = difflib.get_close_matches(str(r), present, n=2, cutoff=0.5)
+            hints.append(f"{r!r}" + (f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""))
+        raise ConfigError(f"roles: this model has no node with role {', '.join(hints)}; its roles are "
+                          f"{', '.join(present)}")
+
+
+def _check_image_shape(qmodel: fx.GraphModule, x: torch.Tensor, what: str) -> None:
+    """Refuse images of another shape than the one ``qmodel`` was traced and quantized for."""
+    shapes = qmodel.meta.get("vmfx_input_shapes") or []
+    if not shapes or x.dim() != len(shapes[0]) or list(x.shape[1:]) == list(shapes[0][1:]):
+        return
+    want = ", ".join(map(str, shapes[0][1:]))
+    raise InputError(f"{what} have shape (N, {', '.join(map(str, x.shape[1:]))}), but the quantized model was traced "
+                     f"for (N, {want}): resize or crop them to that size")
+
+
+#: Largest relative difference (``|a - b| / |a|``, Frobenius) between a float parameter and the one
+#: in the quantized model for them to count as the same: a loaded model may hold dequantized codes
+#: (one quantization step off, about 1/15 of a 4-bit range); independent initialisations differ by ~100%.
+SAME_WEIGHTS_RTOL = 0.3
+
+
+def check_same_weights(float_gm: nn.Module, qmodel: fx.GraphModule) -> None:
+    """Refuse a float model that is not the one ``qmodel`` was quantized from.
+
+    Parameters and buffers are matched by name and shape; constant tensors (a norm's ones, a
+    zero bias: equal in any two initialisations) are no evidence and skipped. The models differ
+    when most of the rest (more than half) differ by more than :data:`SAME_WEIGHTS_RTOL`
+    relative: quantized weights that were smoothed, or stored as dequantized codes, stay
+    within it or are a minority. A quantized model sharing no tensor with the float one (a loaded
+    lowered model) cannot be checked and passes."""
+    ours = dict(qmodel.named_parameters())
+    ours.update(dict(qmodel.named_buffers()))
+    differ, same = [], 0
+    for name, a in list(float_gm.named_parameters()) + list(float_gm.named_buffers()):
+        b = ours.get(name)
+        if b is None or b.shape != a.shape or not torch.is_floating_point(a) or a.numel() < 2 or a.is_meta:
+            continue
+        a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+        if bool((a64 == a64.flatten()[0]).all()):
+            continue  # constant: equal in any two initialisations
+        rel = float((a64 - b64).norm() / a64.norm().clamp(min=1e-30))
+        if rel > SAME_WEIGHTS_RTOL:
+            differ.append((name, rel))
+        else:
+            same += 1
+    if differ and len(differ) > same:
+        examples = ", ".join(f"'{n}' ({100 * r:.0f}%)" for n, r in differ[:3])
+        raise ConfigError(
+            f"compare: the float model is not the one the quantized model was made from: {len(differ)} of "
+            f"{len(differ) + same} of its weight tensors differ (relative difference: {examples}); pass the very "
+            "model (with the same weights) given to vmfx.compile"
+        )
 
 
 def compare(
@@ -358,13 +469,29 @@ def compare(
         images: a tensor ``(N, C, H, W)`` or an iterable of batches.
         batch_size: split size for a tensor.
         roles: roles to report (default: every annotated node); the model output is always last.
+            A role the quantized model has no node of is a :class:`~vmfx.errors.ConfigError`
+            naming the closest ones.
+
+    Raises:
+        ConfigError: ``qmodel`` is not a vmfx graph (e.g. the float model), ``batch_size`` is not
+            positive, or ``model``'s weights are not those ``qmodel`` was quantized from
+            (:func:`check_same_weights`: compared by name, up to quantization error).
+        InputError: ``images`` of another shape than ``qmodel`` was traced for.
 
     Returns:
         A :class:`CompareReport`; ``print`` it for a table, ``report.output`` for the logits.
     """
-    batches = iter_calibration_batches(images, batch_size)
+    _check_quantized_graph(qmodel, "compare", "second argument (qmodel)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"compare: batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(roles, str):
+        roles = (roles,)
+    _check_roles(qmodel, roles)
+    batches = iter_calibration_batches(images, batch_size, input_expectation(qmodel))
     first = next(batches)
+    _check_image_shape(qmodel, first, "images")
     float_gm = _float_graph(model, first[:1])
+    check_same_weights(float_gm, qmodel)
     float_names = {n.name for n in float_gm.graph.nodes}
     order: list[tuple[str, str, Any, Any]] = []
     for node in qmodel.graph.nodes:

@@ -63,6 +63,7 @@ from .rewrite import fold_parameter_constants, sink_flips
 __all__ = [
     "BACKENDS",
     "resolve_backend",
+    "check_backend_runs",
     "LoweredPartition",
     "LoweredQLinear",
     "LoweredConv",
@@ -87,6 +88,23 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "triton" if torch.cuda.is_available() else "reference"
     return backend
+
+
+def check_backend_runs(backend: str) -> None:
+    """Fail now, with the way out, when kernels of ``backend`` could not run on this machine: the
+    Triton backend without a CUDA device needs Triton's CPU interpreter, which
+    :func:`~vmfx.lowering.codegen.ensure_backend` switches on while no kernel has been defined yet
+    (and refuses when it was switched off, or when Triton was imported without it). Called by
+    ``vmfx.compile`` before calibrating and by :func:`lower`, not at the first forward."""
+    if backend != "triton" or torch.cuda.is_available():
+        return
+    from .codegen import ensure_backend
+
+    try:
+        ensure_backend()
+    except RuntimeError as exc:
+        raise ConfigError(f"backend='triton' cannot run here: {str(exc).removeprefix('vmfx: ')} "
+                          "(backend='auto' picks the reference backend on a machine without CUDA)") from None
 
 
 def _kernels():
@@ -726,6 +744,7 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
         one and ``vmfx.load`` lowers it again).
     """
     backend = resolve_backend(backend)
+    check_backend_runs(backend)
     if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
         from ..serialize import lost_metadata_hint
 
@@ -769,7 +788,7 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
             call = graph.call_module(path, tuple(inputs))
             blocks = {a.block for n in p.nodes if (a := annotation(n)) is not None and a.block is not None}
             annotate(call, "kernel", block=blocks.pop() if len(blocks) == 1 else None,
-                     extra={"kind": p.kind, "replaces": [n.name for n in p.nodes]})
+                     extra={"kind": p.kind, "replaces": [n.name for n in p.nodes], "layers": kernel_layers(p)})
             if "nn_module_stack" in p.output.meta:  # where it came from (launch plans place it in its block)
                 call.meta["nn_module_stack"] = dict(p.output.meta["nn_module_stack"])
             values = _wire_outputs(graph, p, call, getattr(module, "emits_codes", False), codes_for)
@@ -790,6 +809,46 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
                                 "folded": folded}
     gm.meta["vmfx_unlowered"] = qmodel
     return gm.eval()
+
+
+def kernel_layers(p: Partition) -> list[dict]:
+    """What one partition computes, for inspection once its nodes are gone (a lowered model loaded
+    from a file keeps no quantized graph): one JSON-friendly record per linear, conv and scan it
+    replaces, ``{"node", "kind", "role", "direction", "input", "weight"}``, where ``input`` /
+    ``weight`` describe a linear's quantized edges (``QuantSpec.describe()``; None: float) and
+    ``state`` a scan's quantized hidden state. :func:`vmfx.inspect.summary`, ``table`` and
+    ``coverage`` read them from the kernel node's annotation (``extra["layers"]``)."""
+    import torch.nn.functional as F
+
+    from ..passes.linear_edges import linear_edges
+    from ..passes.patterns import is_linear, is_scan
+    from ..quant.mixed import MixedPrecisionQuantize
+
+    out = []
+    for node in p.nodes:
+        ann = annotation(node)
+        role = ann.role if ann is not None else ""
+        direction = ann.direction if ann is not None else None
+        if is_linear(node):
+            edges = linear_edges(node)
+            specs = {}
+            for edge in ("input", "weight"):
+                q = edges.quantizer(edge)
+                if isinstance(q, MixedPrecisionQuantize):  # OuroMamba: inliers + outlier channels
+                    specs[edge] = q.describe()
+                else:
+                    spec = getattr(q, "spec", None)
+                    specs[edge] = spec.describe() if spec is not None else None
+            out.append({"node": node.name, "kind": "linear", "role": role, "direction": direction, **specs})
+        elif is_scan(node) or role == "scan":
+            state = scan_state_of(node) if node.op == "call_function" else None
+            out.append({"node": node.name, "kind": "scan", "role": role, "direction": direction,
+                        "state": state.describe() if state is not None and state.quantize else None})
+        elif (node.op == "call_function" and node.target in (F.conv1d, F.conv2d)) or (
+                node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target),
+                                                        (nn.Conv1d, nn.Conv2d))):
+            out.append({"node": node.name, "kind": "conv", "role": role, "direction": direction})
+    return out
 
 
 def _wire_outputs(graph: fx.Graph, p: Partition, call: fx.Node, emits_codes: bool,

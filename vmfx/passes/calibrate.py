@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from ..errors import CalibrationDataError, CalibrationDataWarning
+from ..errors import CalibrationDataError, CalibrationDataWarning, InputError
 from ..quant.observers import Observer
 from .base import Pass, PassContext, PassResult
 from .patterns import module_of, walk_back
@@ -39,6 +39,7 @@ __all__ = [
     "input_expectation",
     "iter_calibration_batches",
     "first_example",
+    "check_example_batch",
     "NORMALIZED_ABS_LIMIT",
     "NORMALIZED_RMS_FLOOR",
 ]
@@ -112,29 +113,31 @@ def _extract_tensor(batch: Any, index: int) -> torch.Tensor:
     )
 
 
-def _check_batch(x: torch.Tensor, index: int, expect: InputExpectation) -> None:
+def _check_batch(x: torch.Tensor, index: int, expect: InputExpectation, label: str | None = None) -> None:
+    """Refuse a batch the model cannot take, naming it (``label``, default ``calibration batch <index>``)."""
+    label = label or f"calibration batch {index}"
     if x.numel() == 0 or x.shape[0] == 0:
-        raise CalibrationDataError(f"calibration batch {index} is empty (shape {tuple(x.shape)})")
+        raise CalibrationDataError(f"{label} is empty (shape {tuple(x.shape)})")
     if not torch.is_floating_point(x):
         raise CalibrationDataError(
-            f"calibration batch {index} has dtype {x.dtype}; convert images to float and normalize them "
+            f"{label} has dtype {x.dtype}; convert images to float and normalize them "
             "as for evaluation (e.g. vmfx.data transforms)"
         )
     if expect.dtype is not None and x.dtype != expect.dtype:
         want, got = _dtype_name(expect.dtype), _dtype_name(x.dtype)
         raise CalibrationDataError(
-            f"calibration batch {index}: expected {want} images, got {got} (the model's weights are {want}); "
+            f"{label}: expected {want} images, got {got} (the model's weights are {want}); "
             f"convert them with images.to(torch.{want})"
         )
     if expect.rank is not None and x.dim() != expect.rank:
         hint = " (a single image? add the batch dimension with x.unsqueeze(0))" if x.dim() == expect.rank - 1 else ""
         raise CalibrationDataError(
-            f"calibration batch {index} has shape {tuple(x.shape)} (rank {x.dim()}), but {expect.source} "
+            f"{label} has shape {tuple(x.shape)} (rank {x.dim()}), but {expect.source} "
             f"expects rank-{expect.rank} input (N, C, H, W){hint}"
         )
     if expect.channels is not None and x.shape[1] != expect.channels:
         raise CalibrationDataError(
-            f"calibration batch {index} has {x.shape[1]} channels (shape {tuple(x.shape)}), but "
+            f"{label} has {x.shape[1]} channels (shape {tuple(x.shape)}), but "
             f"{expect.source} expects {expect.channels}"
         )
     finite = torch.isfinite(x)
@@ -142,9 +145,19 @@ def _check_batch(x: torch.Tensor, index: int, expect: InputExpectation) -> None:
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(x.numel() - finite.sum()) - n_nan
         raise CalibrationDataError(
-            f"calibration batch {index} holds {n_nan} NaN and {n_inf} Inf values; clean or drop those "
+            f"{label} holds {n_nan} NaN and {n_inf} Inf values; clean or drop those "
             "images before calibrating"
         )
+
+
+def check_example_batch(x: torch.Tensor, expect: InputExpectation, what: str = "example_inputs") -> None:
+    """The checks of a calibration batch (rank, channels, dtype, finite values) for an example
+    input, the message naming ``what`` (e.g. ``"example_inputs"``) instead of a batch. Raises
+    :class:`~vmfx.errors.InputError`."""
+    try:
+        _check_batch(x, 0, expect, what)
+    except CalibrationDataError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -158,16 +171,34 @@ class _ScaleCheck:
         self.abs_max = 0.0
         self.sum_sq = 0.0
         self.count = 0
+        self.images = 0
+        self.constant: list[int] = []  # indices (over all batches) of images with one value everywhere
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().double()
         self.abs_max = max(self.abs_max, float(x.abs().max()))
         self.sum_sq += float((x * x).sum())
         self.count += x.numel()
+        flat = x.reshape(x.shape[0], -1)
+        constant = (flat.amax(dim=1) == flat.amin(dim=1)).nonzero().flatten()
+        self.constant += [self.images + int(i) for i in constant]
+        self.images += x.shape[0]
 
     def warn_if_far_from_normalized(self) -> None:
         if self.count == 0:
             return
+        if self.constant:  # zero variance within an image: no range of a real image to fit
+            first = ", ".join(map(str, self.constant[:5])) + (" ..." if len(self.constant) > 5 else "")
+            every = "all" if len(self.constant) == self.images else f"{len(self.constant)} of"
+            warnings.warn(
+                f"{every} {self.images} calibration images are constant (one value in every pixel and channel, "
+                f"e.g. torch.ones / torch.zeros; images {first}): the quantization ranges would fit that value, "
+                "not real images. Calibrate on real (or synthetic: calib_data='synthetic') images",
+                CalibrationDataWarning,
+                stacklevel=3,
+            )
+            if len(self.constant) == self.images:
+                return  # the scale check below would only restate it
         rms = math.sqrt(self.sum_sq / self.count)
         if self.abs_max > NORMALIZED_ABS_LIMIT:
             found = f"max |x| = {self.abs_max:.4g}, above the {NORMALIZED_ABS_LIMIT:g} a normalized image stays within"

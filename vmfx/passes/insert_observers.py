@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch.fx as fx
 
 from ..annotations import INSERTED_ROLES, LINEAR_ROLES, annotate, annotation
-from ..config import QuantConfig
+from ..config import QuantConfig, check_rules_match
 from ..layout import layout_of
 from ..quant.observers import LpObserver, MinMaxObserver, Observer
 from ..quant.spec import QuantSpec
@@ -121,11 +121,17 @@ class InsertObserversPass(Pass):
                 why += "; these modules could not be traced and stay opaque: " + ", ".join(
                     f"'{d['module']}' ({d['module_type']}: {d['cause']})" for d in opaque)
             raise self.fail(
-                f"no Mamba mixer was detected ({why}). Run DetectMambaMixersPass first; if the model "
-                "uses a third-party mixer, register an adapter (vmfx.frontends.register_adapter)"
+                f"no Mamba mixer was detected ({why}): vmfx recognises no mixer in this model, so there is "
+                "nothing to quantize. Check what vmfx sees with vmfx.inspect.table(model, example_inputs=images[:1]) or "
+                "vmfx.inspect.coverage(model, example_inputs=images[:1]); a third-party mixer needs an adapter "
+                "(vmfx.frontends.register_adapter), a custom scan function a registration "
+                "(vmfx.frontends.register_leaf_function). (A hand-built Pipeline must run DetectMambaMixersPass "
+                "before this pass.)"
             )
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if self.config is not None and self.config.rules:  # a rule that selects nothing is refused (or warned)
+            check_rules_match(self.config, *_rule_targets(gm))
         modified = False
         quantized = 0
         for node in [n for n in gm.graph.nodes if is_linear(n) and annotation(n) is not None]:
@@ -186,3 +192,18 @@ class InsertObserversPass(Pass):
                 annotation(new).layout = layout
             count += 1
         return count
+
+
+def _rule_targets(gm: fx.GraphModule) -> tuple[list[tuple], list[tuple]]:
+    """(linears, outputs): ``(role, module path, node name)`` of the annotated linears and of every
+    annotated node a rule could select (:func:`vmfx.config.check_rules_match`)."""
+    linears, outputs = [], []
+    for node in gm.graph.nodes:
+        ann = annotation(node)
+        if ann is None or ann.role in INSERTED_ROLES or node.op == "output":
+            continue
+        module = node.target if node.op == "call_module" else node.meta.get("vmfx_module")
+        outputs.append((ann.role, module, node.name))
+        if is_linear(node):
+            linears.append((ann.role, module, node.name))
+    return linears, outputs

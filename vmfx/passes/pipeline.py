@@ -19,6 +19,7 @@ Researchers reorder, swap or add passes by building their own ``Pipeline``.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -28,13 +29,13 @@ from torch import nn
 from ..config import QuantConfig
 from torch.fx.node import has_side_effect
 
-from ..errors import CalibrationDataError, CheckpointError, ConfigError, InputError
+from ..errors import CalibrationDataError, CheckpointError, ConfigError, InputError, ModelStateWarning
 from ..frontends.adapters import canonicalize
 from ..frontends.fallback import trace_with_fallback
 from ..frontends.tracer import propagate_shapes
 from ..quant.observers import AbsMaxObserver
 from .base import Pass, PassContext
-from .calibrate import CalibratePass, InputExpectation, first_example, input_expectation
+from .calibrate import CalibratePass, InputExpectation, check_example_batch, first_example, input_expectation
 from .convert import ConvertPass
 from .detect import DetectMambaMixersPass
 from .fold_smoothing import FoldSmoothingPass
@@ -51,6 +52,7 @@ __all__ = [
     "method_passes",
     "split_stages",
     "trace_for_quantization",
+    "warn_model_state",
     "model_spec",
     "ptq_passes",
 ]
@@ -102,21 +104,31 @@ def split_stages(passes: Sequence[Pass]) -> tuple[list[Pass], list[Pass], list[P
 
 
 def trace_for_quantization(
-    model: nn.Module, calib_data: Any = None, example_inputs: tuple | None = None
+    model: nn.Module, calib_data: Any = None, example_inputs: tuple | None = None, *, what: str | None = None
 ) -> tuple[fx.GraphModule, tuple | None]:
     """Copy, canonicalize and trace ``model`` (in eval mode), then propagate shapes on one image.
 
     The example image is the first calibration image unless ``example_inputs`` is given; it is
-    checked against the model's input (rank, channels, finite values) first, so bad data fails
-    with a :class:`~vmfx.errors.CalibrationDataError` rather than deep inside the model. A model
-    whose code branches on sizes in Python is traced specialised to the example's shape
-    (:mod:`vmfx.frontends.concrete`); the input check inserted in the graph refuses other shapes.
+    checked against the model's input first (type, rank, channels, dtype, finite values, the image
+    size of a model that declares one (``img_size``), device), so bad input fails with one line
+    naming the argument (``what``: default ``"example_inputs"`` or ``"the calibration data"``, the
+    one it came from), the shape expected and the shape given: a
+    :class:`~vmfx.errors.CalibrationDataError` for calibration data, an
+    :class:`~vmfx.errors.InputError` for ``example_inputs``. torch.fx's shape propagation prints no
+    traceback of its own.
+
+    The model must hold materialised parameters (not on the ``meta`` device:
+    :class:`~vmfx.errors.CheckpointError`). It is traced in eval mode whatever its mode (the
+    public entry points say so: :func:`warn_model_state`). A model whose code branches on sizes in
+    Python is traced specialised to the example's shape (:mod:`vmfx.frontends.concrete`); the input
+    check inserted in the graph refuses other shapes.
 
     Returns:
         ``(graph_module, example_inputs)``; the user's model is never modified.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"vmfx quantizes a torch nn.Module, got {type(model).__name__}")
+    _check_model_state(model)
     bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
            if torch.is_floating_point(t) and not t.is_meta and not bool(torch.isfinite(t).all())]
     if bad:
@@ -124,10 +136,12 @@ def trace_for_quantization(
             f"the model's {', '.join(bad[:5])}{' and more' if len(bad) > 5 else ''} hold NaN or Inf values: "
             "calibration would give non-finite scales; load a healthy checkpoint first"
         )
+    from_data = example_inputs is None and calib_data is not None
+    what = what or ("the calibration data" if from_data else "example_inputs")
+    error = CalibrationDataError if from_data else InputError
+    example_inputs = _as_example_tuple(example_inputs, what)
     spec = model_spec(model)
     model = canonicalize(copy.deepcopy(model)).eval()
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
     drawn: list[tuple] = []  # the example image, when specialising sizes needs it before the graph exists
 
     def sizes() -> tuple:
@@ -145,17 +159,154 @@ def trace_for_quantization(
     elif example_inputs is None and calib_data is not None:
         example_inputs = (first_example(calib_data, input_expectation(gm)),)
     if example_inputs is not None:
+        if not from_data:
+            check_example_batch(example_inputs[0], input_expectation(gm), what)
+        _check_image_size(model, example_inputs[0], what, error)
+        _check_device(model, example_inputs, what, error)
         try:
-            propagate_shapes(gm, example_inputs)
+            _propagate_quietly(gm, example_inputs)
         except Exception as exc:
             shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
-            raise CalibrationDataError(
-                f"the model fails on an input of shape {shapes} taken from the calibration data: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+            raise error(f"the model fails on an input of shape {shapes} from {what}: {_root_cause(exc)}") from exc
         gm.meta["vmfx_input_shapes"] = [list(t.shape) for t in example_inputs]
         _insert_input_check(gm, example_inputs)
     return gm, example_inputs
+
+
+def _as_example_tuple(example_inputs: Any, what: str) -> tuple | None:
+    """``example_inputs`` as a tuple of tensors (a tensor becomes a one-tuple); anything else is
+    refused by name."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+            isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    got = type(example_inputs).__name__ if not isinstance(example_inputs, (tuple, list)) else \
+        f"a {type(example_inputs).__name__} of {', '.join(type(t).__name__ for t in example_inputs) or 'nothing'}"
+    raise ConfigError(f"{what} must be a tensor of images (N, C, H, W) or a tuple of tensors, e.g. (images[:1],); "
+                      f"got {got}")
+
+
+def expected_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """The ``(H, W)`` a model declares it takes (``img_size`` of the model or of its
+    ``patch_embed``, as Vim / timm models do), or None when it declares none."""
+    for owner in (model, getattr(model, "patch_embed", None)):
+        size = getattr(owner, "img_size", None) if owner is not None else None
+        if isinstance(size, int) and not isinstance(size, bool):
+            return (size, size)
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(d, int) for d in size):
+            return (int(size[0]), int(size[1]))
+    return None
+
+
+def _check_image_size(model: nn.Module, x: torch.Tensor, what: str, error: type) -> None:
+    size = expected_image_size(model)
+    if size is None or x.dim() != 4 or tuple(x.shape[-2:]) == size:
+        return
+    h, w = size
+    got = f"images of shape (N, {', '.join(map(str, x.shape[1:]))})" if error is CalibrationDataError else \
+        f"shape {tuple(x.shape)}"
+    raise error(
+        f"{what} has {got}, but the model expects (N, {x.shape[1]}, {h}, {w}) images "
+        f"(its img_size): resize or crop the images to {h}x{w}, or build the model with img_size=({x.shape[-2]}, "
+        f"{x.shape[-1]})"
+    )
+
+
+def _check_device(model: nn.Module, example_inputs: tuple, what: str, error: type) -> None:
+    device = next((t.device for t in model.parameters()), None)
+    if device is None:
+        return
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise error(f"{what} is on {t.device}, but the model's parameters are on {device}: move one to the "
+                        f"other's device (images.to({str(device)!r}) or model.to({str(t.device)!r}))")
+
+
+def _check_model_state(model: nn.Module) -> None:
+    """Refuse a model whose parameters are not materialised (on the ``meta`` device)."""
+    meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise CheckpointError(
+            f"the model's parameters are on the meta device (not materialised), e.g. {', '.join(meta[:3])}: "
+            "load its weights first (model.load_state_dict(state_dict, assign=True), or "
+            "model.to_empty(device='cpu') then model.load_state_dict(state_dict))"
+        )
+
+
+def warn_model_state(model: Any, stacklevel: int = 3) -> None:
+    """Warn (:class:`~vmfx.errors.ModelStateWarning`) about a user's model in training mode that
+    holds modules computing differently in training (vmfx traces and quantizes a copy in eval
+    mode) or with forward hooks (they run only where the
+    traced graph still calls their module). Called by the public entry points that take the
+    user's float model (``vmfx.compile``, ``prepare``, ``trace``), not by vmfx's own tracing of
+    models it builds (``vmfx.load``)."""
+    if not isinstance(model, nn.Module):
+        return
+    modal = [f"'{name}' ({type(m).__name__})" for name, m in model.named_modules()
+             if m.training and _behaves_differently_in_training(m)]
+    if modal:  # a model without dropout / batch norm / drop-path computes the same in either mode
+        warnings.warn(
+            f"the model is in training mode, in which {', '.join(modal[:3])}{' and more' if len(modal) > 3 else ''} "
+            "compute differently: vmfx traces, calibrates and quantizes it in eval mode, on a copy, so your model "
+            "stays as it is; call model.eval() first to silence this",
+            ModelStateWarning, stacklevel=stacklevel,
+        )
+    hooked = [name or type(model).__name__ for name, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:
+        warnings.warn(
+            f"forward hooks are registered on {', '.join(repr(n) for n in hooked[:5])}"
+            f"{' and more' if len(hooked) > 5 else ''}: vmfx copies them with the model, but once a layer is "
+            "quantized (replaced by quantizer and linear nodes) its hooks no longer run; remove them "
+            "(handle.remove()) before quantizing and register them on the result where you need them",
+            ModelStateWarning, stacklevel=stacklevel,
+        )
+
+
+def _behaves_differently_in_training(m: nn.Module) -> bool:
+    """Dropout, batch norm and drop-path (stochastic depth, by its class name: timm's and vmfx's)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return isinstance(m, (_DropoutNd, _BatchNorm)) or "DropPath" in type(m).__name__
+
+
+def _propagate_quietly(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """:func:`~vmfx.frontends.tracer.propagate_shapes` without torch.fx's ShapeProp printing the
+    failing node's traceback to stderr (the caller turns the failure into one vmfx error)."""
+    from torch.fx.passes import shape_prop
+
+    original = shape_prop.traceback
+    shape_prop.traceback = _SilentTraceback()
+    try:
+        propagate_shapes(gm, example_inputs)
+    finally:
+        shape_prop.traceback = original
+
+
+class _SilentTraceback:
+    """Stands in for the ``traceback`` module inside torch.fx's shape_prop while vmfx propagates
+    shapes: ``print_exc`` prints nothing, everything else is the real module's."""
+
+    def print_exc(self, *args, **kwargs) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        import traceback
+
+        return getattr(traceback, name)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """``"<Type>: <first line>"`` of the innermost exception a failure was raised from (not
+    torch.fx's "ShapeProp error for: node=..." wrapper)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 @has_side_effect
