@@ -11,7 +11,22 @@ and convert; see ``vmfx.passes`` for custom pipelines and ``vmfx.inspect`` for d
 
 from . import inspect, ops
 from .api import calibrate, compile, convert, prepare, trace
-from .config import PRESETS, QuantConfig, QuantRule, preset, preset_names
+from .config import (
+    PRESETS,
+    InitConfig,
+    JLSSConfig,
+    OutlierConfig,
+    QuantConfig,
+    QuantRule,
+    ScanStateConfig,
+    Selector,
+    SettingRule,
+    SimilaritySearchConfig,
+    SmoothingConfig,
+    preset,
+    preset_names,
+)
+from .coverage import CoverageWarning
 from .errors import (
     CalibrationDataError,
     CalibrationDataWarning,
@@ -27,16 +42,15 @@ from .errors import (
     TraceError,
     VmfxError,
 )
+from .frontends.fallback import FallbackWarning
 from .passes import Pipeline
 from .quant import QuantSpec
 from .serialize import load, save
-# issue 12 (unseen code, coverage): warnings of the tracing fallback and of partial quantization
-from .coverage import CoverageWarning
-from .frontends.fallback import FallbackWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # the one-liner and the staged API
     "compile",
     "trace",
     "prepare",
@@ -45,14 +59,25 @@ __all__ = [
     "save",
     "load",
     "Pipeline",
+    # configs: presets, specs, rules and per-method settings
     "QuantConfig",
     "QuantRule",
-    "preset",
     "QuantSpec",
+    "Selector",
+    "SettingRule",
+    "InitConfig",
+    "SmoothingConfig",
+    "JLSSConfig",
+    "SimilaritySearchConfig",
+    "OutlierConfig",
+    "ScanStateConfig",
+    "preset",
     "PRESETS",
     "preset_names",
+    # debugging
     "inspect",
     "ops",
+    # errors and warnings
     "VmfxError",
     "TraceError",
     "ConfigError",
@@ -69,13 +94,3 @@ __all__ = [
     "ConfigWarning",
     "ModelStateWarning",
 ]
-
-# k-scaled ViM PTQ (Shi et al.): the similarity search's config
-from .config import SimilaritySearchConfig  # noqa: E402
-
-__all__ += ["SimilaritySearchConfig"]
-
-# -- the scan's quantized hidden state (issue 10 parts 3-5) --
-from .config import ScanStateConfig  # noqa: E402
-
-__all__ += ["ScanStateConfig"]

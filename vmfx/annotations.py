@@ -23,6 +23,7 @@ __all__ = [
     "NodeAnnotation",
     "annotation",
     "annotate",
+    "selector_facts",
 ]
 
 #: The key of vmfx's annotation in ``node.meta``.
@@ -105,6 +106,17 @@ class NodeAnnotation:
 def annotation(node: fx.Node) -> NodeAnnotation | None:
     """The annotation of ``node``, or None if detection gave it none."""
     return node.meta.get(VMFX_META)
+
+
+def selector_facts(node: fx.Node) -> tuple:
+    """``(role, module path, node name, block, direction)`` of ``node``: what a
+    :class:`~vmfx.config.Selector` or a :class:`~vmfx.config.QuantRule` selects by (None where
+    the node has no annotation or no module)."""
+    ann = annotation(node)
+    module = node.target if node.op == "call_module" else node.meta.get("vmfx_module")
+    if ann is None:
+        return None, module, node.name, None, None
+    return ann.role, module, node.name, ann.block, ann.direction
 
 
 def annotate(node: fx.Node, role: str, **facts) -> NodeAnnotation:

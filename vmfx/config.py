@@ -35,6 +35,9 @@ __all__ = [
     "kscaled_rules",
     "OutlierConfig",
     "check_rules_match",
+    "Selector",
+    "SettingRule",
+    "PER_NODE_SETTINGS",
 ]
 
 #: The weight/activation bit settings every method is evaluated at.
@@ -402,6 +405,123 @@ class QuantRule:
 RuleTarget = tuple
 
 
+# -- per-node method settings ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which annotated nodes something applies to: every given field must match (None: any).
+
+    Args:
+        role: the detected role (``"out_proj"``, ``"in_proj"``, ...; both scan directions).
+        module: a shell-style pattern of the node's module path (``"layers.1*.mixer.*"``).
+        node: the graph node's name.
+        block: the block (mixer) index.
+        direction: the scan direction (``"forward"``, ``"backward"``, ...).
+    """
+
+    role: str | None = None
+    module: str | None = None
+    node: str | None = None
+    block: int | None = None
+    direction: str | None = None
+
+    def __post_init__(self):
+        if self.role is not None and self.role not in ROLES:
+            raise ConfigError(f"a selector's role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        for name in ("module", "node", "direction"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"a selector's {name} must be a non-empty string or None, got {value!r}")
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 0):
+            raise ConfigError(f"a selector's block must be a block index (an integer >= 0) or None, got {self.block!r}")
+
+    def matches(self, role: str | None, module: str | None, node: str | None, block: int | None = None,
+                direction: str | None = None) -> bool:
+        """Whether a node with these facts is selected."""
+        if self.role is not None and role != self.role:
+            return False
+        if self.module is not None and (module is None or not fnmatch.fnmatchcase(module, self.module)):
+            return False
+        if self.node is not None and node != self.node:
+            return False
+        if self.block is not None and block != self.block:
+            return False
+        return self.direction is None or direction == self.direction
+
+    def describe(self) -> str:
+        """E.g. ``"role='out_proj', block=3"`` (``"every node"`` when nothing is given)."""
+        given = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) is not None]
+        return ", ".join(given) or "every node"
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Selector":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a selector must be a dict, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown selector fields {sorted(unknown)}")
+        return cls(**d)
+
+
+#: The method settings a :class:`SettingRule` can vary per node, and the nodes each is read at.
+#: A setting is ``"<sub-config>.<field>"`` of :class:`QuantConfig`.
+PER_NODE_SETTINGS = {
+    "smoothing.alpha": "each smoothed linear (SmoothQuantPass)",
+    "jlss.steps": "each block (JLSSPass; select it with block=)",
+    "jlss.lr_weight": "each block (JLSSPass; select it with block=)",
+    "jlss.lr_act": "each block (JLSSPass; select it with block=)",
+    "jlss.lr_smooth": "each block (JLSSPass; select it with block=)",
+}
+
+
+@dataclass(frozen=True)
+class SettingRule:
+    """A method setting for the nodes a selector picks, e.g. SmoothQuant's alpha for ``out_proj``::
+
+        SettingRule("smoothing.alpha", 0.8, Selector(role="out_proj"))
+        SettingRule("jlss.steps", 200, Selector(block=0))
+
+    The config's own value (``config.smoothing.alpha``) applies where no rule matches; rules
+    apply in order and the last match wins (:meth:`QuantConfig.setting_for`). ``setting`` is one
+    of :data:`PER_NODE_SETTINGS`; ``value`` is checked as the sub-config checks it.
+    """
+
+    setting: str
+    value: Any
+    select: Selector = field(default_factory=Selector)
+
+    def __post_init__(self):
+        if self.setting not in PER_NODE_SETTINGS:
+            raise ConfigError(f"SettingRule.setting must be one of {', '.join(PER_NODE_SETTINGS)} (the settings a pass "
+                              f"reads per node), got {self.setting!r}")
+        if not isinstance(self.select, Selector):
+            raise ConfigError(f"SettingRule.select must be a Selector, got {type(self.select).__name__}")
+        sub, name = self.setting.split(".")
+        if sub == "jlss" and any(getattr(self.select, f) is not None for f in ("role", "module", "node", "direction")):
+            raise ConfigError(f"{self.setting} is read per block: select blocks with Selector(block=...), got "
+                              f"{self.select.describe()}")
+        try:
+            replace(_SUBCONFIGS[sub](), **{name: self.value})
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ConfigError(f"SettingRule({self.setting!r}, {self.value!r}): {exc}") from exc
+
+    def describe(self) -> str:
+        return f"{self.setting} = {self.value!r} where {self.select.describe()}"
+
+    def to_dict(self) -> dict:
+        return {"setting": self.setting, "value": self.value, "select": self.select.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SettingRule":
+        if not isinstance(d, dict) or set(d) - {"setting", "value", "select"} or "setting" not in d or "value" not in d:
+            raise ConfigError(f"a SettingRule must be a dict with 'setting', 'value' and 'select', got {d!r}")
+        return cls(d["setting"], d["value"], Selector.from_dict(d.get("select") or {}))
+
+
 def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs: list[RuleTarget]) -> None:
     """Refuse rules that select nothing in a model, naming what exists.
 
@@ -501,6 +621,9 @@ class QuantConfig:
         rules: :class:`QuantRule` entries applied after the defaults above (``weight`` / ``activation``
             on the linears of ``roles``), in order, the last match winning: mixed precision,
             per-module bits, linears kept in float. :meth:`spec_for` resolves one edge.
+        settings: :class:`SettingRule` entries: method settings that vary by node (SmoothQuant's
+            alpha per linear, JLSS's steps and learning rates per block), in order, the last
+            match winning over the sub-config's value. :meth:`setting_for` resolves one node.
         search: k-scaled ViM PTQ's similarity search of static scales after conversion
             (:class:`SimilaritySearchConfig`; None: off).
         outliers: OuroMamba's mixed-precision activations (None: off): every static activation
@@ -517,7 +640,7 @@ class QuantConfig:
             QuantRule("weight", QuantSpec(4, True, "channel"), role="out_proj")))
     """
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     method: str = "minmax"
     weight: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=True, granularity="channel"))
@@ -531,6 +654,7 @@ class QuantConfig:
     search: SimilaritySearchConfig | None = None
     outliers: OutlierConfig | None = None  # OuroMamba (issue 11): mixed-precision activations
     scan_state: ScanStateConfig | None = None  # the scan's quantized hidden state (ScanStateConfig)
+    settings: tuple[SettingRule, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
@@ -556,6 +680,15 @@ class QuantConfig:
                 raise ConfigError(f"QuantConfig.{name} must be a {sub_cls.__name__} or None, got {type(value).__name__}")
         if self.init is None:
             raise ConfigError("QuantConfig.init must be an InitConfig")
+        settings = tuple(self.settings)
+        for rule in settings:
+            if not isinstance(rule, SettingRule):
+                raise ConfigError(f"QuantConfig.settings must hold SettingRule instances, got {type(rule).__name__}")
+            sub = rule.setting.split(".")[0]
+            if getattr(self, sub) is None:
+                raise ConfigError(f"the setting rule '{rule.describe()}' sets {rule.setting}, but this config has no "
+                                  f"{sub} (QuantConfig.{sub} is None: method {self.method!r} does not run it)")
+        object.__setattr__(self, "settings", settings)
         self._check_dynamic_activations()
         self._check_clusters_not_learned()
 
@@ -604,6 +737,28 @@ class QuantConfig:
                 spec = rule.spec
         return spec
 
+    def setting_for(self, setting: str, role: str | None = None, module: str | None = None, node: str | None = None,
+                    block: int | None = None, direction: str | None = None) -> Any:
+        """The value of a per-node method setting (:data:`PER_NODE_SETTINGS`) at one node: the
+        sub-config's value, then every matching :class:`SettingRule` in order (the last wins)."""
+        if setting not in PER_NODE_SETTINGS:
+            raise ConfigError(f"{setting!r} is not a per-node setting; those are {', '.join(PER_NODE_SETTINGS)}")
+        sub, name = setting.split(".")
+        if getattr(self, sub) is None:
+            raise ConfigError(f"this config has no {sub} (QuantConfig.{sub} is None), so no {setting}")
+        value = getattr(getattr(self, sub), name)
+        for rule in self.settings:
+            if rule.setting == setting and rule.select.matches(role, module, node, block, direction):
+                value = rule.value
+        return value
+
+    def unmatched_settings(self, prefix: str, targets: list[tuple]) -> list["SettingRule"]:
+        """The setting rules of ``prefix`` (e.g. ``"smoothing."``) that select none of ``targets``
+        (``(role, module, node, block, direction)`` tuples): typos, unless the model lacks what
+        they name."""
+        return [r for r in self.settings if r.setting.startswith(prefix)
+                and not any(r.select.matches(*t) for t in targets)]
+
     @property
     def bits(self) -> str:
         """The bit setting as written in tables, e.g. ``"w4a8"`` (``"w4a8+rules"`` when rules
@@ -624,25 +779,30 @@ class QuantConfig:
             "calib_batch_size": self.calib_batch_size,
             **{name: _sub_to_dict(getattr(self, name)) for name in _SUBCONFIGS},
             "rules": [r.to_dict() for r in self.rules],
+            "settings": [r.to_dict() for r in self.settings],
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         """Read a dict written by :meth:`to_dict` of this or an earlier version (version 1 had no
-        ``rules``: it reads as a config without rules)."""
+        ``rules``, version 2 no ``settings``: they read as a config without them)."""
         if not isinstance(d, dict):
             raise ConfigError(f"a QuantConfig must be read from a dict, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("version", cls.VERSION)
-        if version not in (1, cls.VERSION):
-            raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads versions 1 and {cls.VERSION})")
-        unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", *_SUBCONFIGS}
+        if version not in (1, 2, cls.VERSION):
+            raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads versions 1 to {cls.VERSION})")
+        unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", "settings", *_SUBCONFIGS}
         if unknown:
             raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
         if "rules" in d:
             if not isinstance(d["rules"], list):
                 raise ConfigError(f"QuantConfig.rules must be a list, got {type(d['rules']).__name__}")
             d["rules"] = tuple(QuantRule.from_dict(r) for r in d["rules"])
+        if "settings" in d:
+            if not isinstance(d["settings"], list):
+                raise ConfigError(f"QuantConfig.settings must be a list, got {type(d['settings']).__name__}")
+            d["settings"] = tuple(SettingRule.from_dict(r) for r in d["settings"])
         for name, sub_cls in _SUBCONFIGS.items():
             if d.get(name) is not None:
                 d[name] = _sub_from_dict(sub_cls, d[name])

@@ -108,7 +108,8 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
         return f"observing {m.spec.describe()}", ""
     if isinstance(m, Smooth):
         side = "W * s" if node.kwargs.get("weight") else "x / s"
-        return f"smooth {side}", "x".join(str(d) for d in m.factors.shape)
+        alpha = (annotation(node).extra.get("alpha") if annotation(node) is not None else None)
+        return f"smooth {side}" + (f" alpha {alpha:g}" if alpha is not None else ""), "x".join(str(d) for d in m.factors.shape)
     state = scan_state_of(node) if node.op == "call_function" else None
     if state is not None:  # a scan with a quantized (or reparameterized) hidden state
         return state.describe(), f"h {state.length}" if state.quantize else ""
@@ -118,7 +119,8 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
         return _kernel_spec_text(kernel), ""
     if ann is not None and is_linear(node) and (ann.act_spec is not None or ann.weight_spec is not None):
         edges = linear_edges(node)
-        smooth = " +smooth" if edges.smooth_module() is not None else ""
+        alpha = ann.extra.get("smoothing_alpha")
+        smooth = "" if edges.smooth_module() is None else " +smooth" + (f" alpha {alpha:g}" if alpha is not None else "")
         shapes = []
         for label, edge in (("A", "input"), ("W", "weight")):
             q = edges.quantizer(edge)

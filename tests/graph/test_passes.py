@@ -209,7 +209,7 @@ def test_config_round_trip_and_validation():
 
 def test_printing_a_pipeline_shows_every_pass_setting():
     text = repr(Pipeline(vmfx.passes.method_passes(vmfx.preset("ptq4vm-official-w4a4"))))
-    assert "SmoothQuantPass(alpha=0.5, observer=LpObserver(p=2.4, candidates=100))" in text
+    assert "SmoothQuantPass(alpha=0.5, observer=LpObserver(p=2.4, candidates=100), select=None, settings=())" in text
     assert "ConvertPass(weight_init='lp', p=2.4, candidates=100, requires_calibration=True" in text
     assert "learn_roles=('in_proj', 'out_proj')" in text and "batch_size=None" in text
     assert "frozen_gradient='float'" in text

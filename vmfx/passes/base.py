@@ -38,6 +38,7 @@ FACTS = {
     "mixers_detected": "Mamba mixers are detected and their nodes annotated (DetectMambaMixersPass)",
     "observers_inserted": "observers sit on the edges to quantize (InsertObserversPass)",
     "observers_calibrated": "the observers hold statistics of calibration data (CalibratePass)",
+    "smoothing_statistics": "smoothing-statistics observers (AbsMaxObserver) hold calibrated |x| maxima (CalibratePass)",
     "smoothing_factors": "linears carry SmoothQuant smoothing nodes (SmoothQuantPass)",
     "quantizers_calibrated": "observers became calibrated quantizer nodes (ConvertPass)",
     "learning_done": "step sizes and smoothing factors were learned block by block (JLSSPass)",

@@ -284,7 +284,7 @@ class CalibratePass(Pass):
 
     needs_data = True
     requires_facts = ("observers_inserted",)
-    ensures_facts = ("observers_calibrated",)
+    ensures_facts = ("observers_calibrated", "smoothing_statistics")
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not any(isinstance(m, Observer) for m in gm.modules()):

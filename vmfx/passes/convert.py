@@ -45,7 +45,7 @@ class ConvertPass(Pass):
     """
 
     ensures_facts = ("quantizers_calibrated",)
-    clears_facts = ("observers_inserted", "observers_calibrated")
+    clears_facts = ("observers_inserted", "observers_calibrated", "smoothing_statistics")
 
     def __init__(self, weight_init: str = "minmax", p: float = 2.4, candidates: int = 100,
                  requires_calibration: bool = True):

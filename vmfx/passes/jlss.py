@@ -42,14 +42,15 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from ..annotations import annotation
-from ..config import JLSSConfig
-from ..errors import CalibrationDataError
+from ..config import JLSSConfig, SettingRule
+from ..errors import CalibrationDataError, ConfigError
 from ..ops.quantize import MIN_SCALE
 from ..quant.modules import SMOOTH_MIN, FakeQuantize
 from .base import Pass, PassContext, PassResult
@@ -84,6 +85,8 @@ class JLSSPass(Pass):
     Args:
         config: the hyper-parameters (:class:`vmfx.config.JLSSConfig`).
         seed: seed of the batch order.
+        settings: setting rules; those for ``"jlss.steps"`` and ``"jlss.lr_*"`` change the
+            hyper-parameters of the blocks they select (:meth:`block_config`).
     """
 
     needs_data = True
@@ -91,9 +94,22 @@ class JLSSPass(Pass):
     forbids_facts = ("smoothing_folded",)
     ensures_facts = ("learning_done",)
 
-    def __init__(self, config: JLSSConfig = JLSSConfig(), seed: int = 0):
+    def __init__(self, config: JLSSConfig = JLSSConfig(), seed: int = 0, settings: tuple = ()):
+        settings = tuple(settings)
+        if not all(isinstance(r, SettingRule) for r in settings):
+            raise ConfigError("JLSSPass(settings=...) takes vmfx.SettingRule entries")
         self.config = config
         self.seed = seed
+        self.settings = tuple(r for r in settings if r.setting.startswith("jlss."))
+
+    def block_config(self, block: int) -> JLSSConfig:
+        """The hyper-parameters of one block: the config's, then each setting rule that selects
+        the block, in order (the last wins)."""
+        changes = {}
+        for rule in self.settings:
+            if rule.select.matches(None, None, None, block, None):
+                changes[rule.setting.split(".", 1)[1]] = rule.value
+        return replace(self.config, **changes) if changes else self.config
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         if not detected_mixers(gm):
@@ -120,6 +136,11 @@ class JLSSPass(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
         cuts = self.block_ends(gm)
+        blocks = list(range(len(cuts)))
+        for rule in self.settings:
+            if not any(rule.select.matches(None, None, None, b, None) for b in blocks):
+                raise ConfigError(f"the setting rule '{rule.describe()}' selects none of this model's "
+                                  f"{len(blocks)} blocks (0 to {len(blocks) - 1})")
         runner = SegmentRunner(gm, cuts)
         batches = list(iter_calibration_batches(ctx.calib_data, cfg.batch_size or 256, input_expectation(gm)))
         batches = _rebatch(batches, cfg.batch_size)
@@ -143,7 +164,7 @@ class JLSSPass(Pass):
             from tqdm.auto import tqdm
 
             method = getattr(ctx.config, "method", None) or "JLSS"
-            progress = tqdm(total=len(cuts) * max(cfg.steps, 1), desc=f"{method}: JLSS block 1/{len(cuts)}",
+            progress = tqdm(total=sum(max(self.block_config(b).steps, 1) for b in blocks), desc=f"{method}: JLSS block 1/{len(cuts)}",
                             unit="step")
         start = time.perf_counter()
         for b, out_node in enumerate(cuts):
@@ -167,7 +188,7 @@ class JLSSPass(Pass):
         return PassResult(gm, True)
 
     def _learn_block(self, gm, runner, segment, out_node, block, q_envs, targets, step_passes, generator, progress) -> dict:
-        cfg = self.config
+        cfg = self.block_config(block)
         w_params, a_params, s_params = [], [], []
         frozen: list[LinearEdges] = []
         for e in self._block_linears(gm, block):

@@ -470,7 +470,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
         passes += [
             InsertObserversPass(observer=AbsMaxObserver, config=config),
             CalibratePass(),
-            SmoothQuantPass(config.smoothing.alpha, observer=act_observer),
+            SmoothQuantPass(config.smoothing.alpha, observer=act_observer, settings=config.settings),
         ]
     else:
         passes.append(InsertObserversPass(observer=act_observer, config=config))
@@ -484,7 +484,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
 
         passes.append(SimilaritySearchPass(config.search))
     if config.jlss is not None:
-        passes.append(JLSSPass(config.jlss))
+        passes.append(JLSSPass(config.jlss, settings=config.settings))
     if config.smoothing is not None and config.smoothing.fold:
         passes.append(FoldSmoothingPass())
     passes += scan_state_passes(config)  # [ReparameterizeScan] [QuantizeScanState] (config.scan_state)
