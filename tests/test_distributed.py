@@ -26,6 +26,7 @@ from vmfx.config import InitConfig, JLSSConfig, QuantConfig, SmoothingConfig
 from vmfx.data import evaluate, load_digits, load_proxy_model
 from vmfx.data.evaluate import collect_logits, compare_logits
 from vmfx.quant import QuantSpec
+from vmfx.quant.observers import LpObserver
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -93,7 +94,11 @@ def _scenarios() -> dict:
     calib, evalset = _proxy_data()
     out = {}
     minmax = vmfx.compile(load_proxy_model(), calib, config=_minmax())
-    lp = vmfx.compile(load_proxy_model(), calib, config=_lp())
+    # the stages of vmfx.compile, to look at the observers' statistics before they are converted
+    lp = vmfx.calibrate(vmfx.prepare(load_proxy_model(), _lp(), calib), calib)
+    out["lp_observers"] = {f"{name}.{k}": getattr(m, k).clone() for name, m in lp.named_modules()
+                           if isinstance(m, LpObserver) for k in ("min_val", "max_val", "losses")}
+    lp = vmfx.convert(lp)
     out["minmax"], out["lp"] = _state(minmax), _state(lp)
     out["calibration"] = {k: lp.meta["vmfx_calibration"][k] for k in ("images", "batches")}
     out["evaluate"] = evaluate(lp, evalset, batch_size=5)
@@ -102,6 +107,10 @@ def _scenarios() -> dict:
     # a DataLoader (the --calib-dir case): 7 batches of 3 images and one of 2 (23 images)
     lp_tiny = vmfx.preset("pts-w8a8").replace(init=InitConfig("lp", 2.4, 8))
     out["loader"] = _state(vmfx.compile(_tiny_model(), _loader(_tiny_images()[:23], 3), config=lp_tiny))
+    # SmoothQuant's per-channel |x| maxima; k-scaled's clusters of min-max ranges, then its
+    # similarity search (run on the whole data in every process); batches of 5: 5 of them
+    for name in ("smoothquant-w8a8", "kscaled-w8a8"):
+        out[name] = _state(vmfx.compile(_tiny_model(), _tiny_images(), config=vmfx.preset(name).replace(calib_batch_size=5)))
     jlss = vmfx.compile(_tiny_model(), _tiny_images(), config=_jlss())
     out["jlss"], out["jlss_meta"] = _state(jlss), jlss.meta["vmfx_jlss"]
     try:  # one calibration batch for two processes
@@ -161,8 +170,19 @@ def test_minmax_and_lp_calibration_are_bit_for_bit_those_of_one_process(runs, pr
     ranks, single = runs
     for r in ranks:
         _assert_same_bits(r[preset], single[preset])
+    # the grid search's ranges and error sums themselves (float64), not only the chosen candidates
+    assert len(single["lp_observers"]) > 0 and single["lp_observers"].keys() == ranks[0]["lp_observers"].keys()
+    for r in ranks:
+        _assert_same_bits(r["lp_observers"], single["lp_observers"])
     # the counts are of the whole data: 10 images in 5 batches
     assert [r["calibration"] for r in ranks] == [single["calibration"]] * 2 == [{"images": 10, "batches": 5}] * 2
+
+
+@pytest.mark.parametrize("preset", ["smoothquant-w8a8", "kscaled-w8a8"])
+def test_smoothing_statistics_and_kscaled_clusters_are_those_of_one_process(runs, preset):
+    ranks, single = runs
+    for r in ranks:
+        _assert_same_bits(r[preset], single[preset])
 
 
 def test_a_dataloader_is_sharded_by_its_own_batches(runs):
