@@ -110,7 +110,8 @@ def _scenarios() -> dict:
     # SmoothQuant's per-channel |x| maxima; k-scaled's clusters of min-max ranges, then its
     # similarity search (run on the whole data in every process); batches of 5: 5 of them
     for name in ("smoothquant-w8a8", "kscaled-w8a8"):
-        out[name] = _state(vmfx.compile(_tiny_model(), _tiny_images(), config=vmfx.preset(name).replace(calib_batch_size=5)))
+        config = vmfx.preset(name).replace(calib_batch_size=5)
+        out[name] = _state(vmfx.compile(_tiny_model(), _tiny_images(), config=config))
     jlss = vmfx.compile(_tiny_model(), _tiny_images(), config=_jlss())
     out["jlss"], out["jlss_meta"] = _state(jlss), jlss.meta["vmfx_jlss"]
     try:  # one calibration batch for two processes

@@ -239,7 +239,8 @@ def shard(data: Any, batch_size: int, ctx: Context, *, pairs: bool = False, num_
         return [(images[s : s + batch_size], labels[s : s + batch_size]) for s in starts]
     if pairs and isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
         n = len(data)
-        owned = [list(range(s, min(s + batch_size, n))) for s in range(ctx.rank * batch_size, n, ctx.world_size * batch_size)]
+        starts = range(ctx.rank * batch_size, n, ctx.world_size * batch_size)
+        owned = [list(range(s, min(s + batch_size, n))) for s in starts]
         return DataLoader(data, batch_sampler=owned, num_workers=num_workers)
     if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) \
             and isinstance(data.batch_sampler, BatchSampler) and isinstance(data.sampler, SequentialSampler):

@@ -301,38 +301,35 @@ class CalibratePass(Pass):
         gm.eval()
         images = batches = 0
         start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                for phase in range(phases):
-                    for obs in observers:
-                        obs.phase = phase
-                    source = ctx.calib_data
-                    if dist_ctx.active:
-                        source = distributed.shard(ctx.calib_data, ctx.calib_batch_size, dist_ctx)
-                    data = iter_calibration_batches(source, ctx.calib_batch_size, expect, check_scale=phase == 0,
-                                                    allow_empty=dist_ctx.active)
-                    if ctx.progress:
-                        from tqdm.auto import tqdm
+        with torch.no_grad():
+            for phase in range(phases):
+                for obs in observers:
+                    obs.phase = phase
+                source = distributed.shard(ctx.calib_data, ctx.calib_batch_size, dist_ctx) if dist_ctx.active \
+                    else ctx.calib_data
+                data = iter_calibration_batches(source, ctx.calib_batch_size, expect, check_scale=phase == 0,
+                                                allow_empty=dist_ctx.active)
+                if ctx.progress:
+                    from tqdm.auto import tqdm
 
-                        label = "calibrate" + (f" {name}" if name else "") + (f" ({phase + 1}/{phases})" if phases > 1 else "")
-                        data = tqdm(data, desc=label, total=total, unit="batch")
-                    for index, x in enumerate(data):
-                        if dist_ctx.active:
-                            for obs in observers:
-                                obs.batch_index = index
-                        gm(x)
-                        if phase == 0:
-                            images += x.shape[0]
-                            batches += 1
+                    label = "calibrate" + (f" {name}" if name else "") + (f" ({phase + 1}/{phases})" if phases > 1 else "")
+                    data = tqdm(data, desc=label, total=total, unit="batch")
+                for index, x in enumerate(data):
                     if dist_ctx.active:
-                        if phase == 0:
-                            images, batches = _check_shares(images, batches, dist_ctx)
                         for obs in observers:
-                            obs.synchronize(phase, dist_ctx)
-        finally:
-            for obs in observers:
-                obs.phase = 0
-                obs.batch_index = None
+                            obs.batch_index = index
+                    gm(x)
+                    if phase == 0:
+                        images += x.shape[0]
+                        batches += 1
+                if dist_ctx.active:  # every observer combines its statistics with the other processes'
+                    if phase == 0:
+                        images, batches = _check_shares(images, batches, dist_ctx)
+                    for obs in observers:
+                        obs.batch_index = None
+                        obs.synchronize(phase, dist_ctx)
+        for obs in observers:
+            obs.phase = 0
         if dist_ctx.active:  # the batch counts of one process over the whole data
             done = distributed.all_reduce_sum([o.num_batches - c for o, c in zip(observers, counts_before)], dist_ctx)
             for obs, before, seen in zip(observers, counts_before, done):
