@@ -48,6 +48,8 @@ from .errors import CalibrationDataError, ConfigError
 
 __all__ = [
     "Context",
+    "SINGLE",
+    "environment",
     "init",
     "shutdown",
     "current",
@@ -96,6 +98,7 @@ class Context:
         return torch.device("cpu")
 
 
+#: the context of a process on its own (no process group)
 SINGLE = Context()
 _disabled = 0
 _started_here = False
