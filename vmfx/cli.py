@@ -11,6 +11,7 @@
     vmfx inspect --config minmax-w8a8 --coverage   # every linear/conv/scan: quantized or float, and why
     vmfx eval --config ptq4vm-w4a4 --calib synthetic --save-synthetic synth/   # data-free calibration
     vmfx inspect --config ouromamba-w4a4 --outliers plots/   # OuroMamba's outlier channel sets
+    torchrun --nproc-per-node 2 --no-python vmfx eval --config pts-w8a8 --json r.json   # 2 processes
 
 Without ``--data`` the bundled proxy set and checkpoint are used. Every error a user can cause is
 printed as one line naming the problem (exit status 2), not a traceback; an unexpected internal
@@ -20,11 +21,14 @@ path can be written (:func:`validate`). Errors that only the data can reveal (an
 image, more calibration images asked for than there are, a block the model does not have) come
 as soon as the data or model is read, still before any evaluation, except an unreadable image,
 which is found when its batch is read. With progress on, a line on stderr announces each stage.
+Under torchrun every process runs the command on its share of the batches (:mod:`vmfx.distributed`)
+and only rank 0 prints and writes; the JSON records ``world_size``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -211,9 +215,10 @@ def cmd_eval(args) -> int:
     for r in rows:
         calib = "" if r["calib_seconds"] is None else f"{r['calib_seconds']:.1f} s on {r['calib_images']} images"
         print(f"{r['method']:<16} {r['top1']:>6.2f}% {r['top5']:>6.2f}% {r['drop']:>6.2f} {calib:>22}")
-    if args.json:
+    if args.json and _world().is_main:
         with open(args.json, "w") as f:
-            json.dump({"model": work.name, "data": work.description, "results": rows}, f, indent=2)
+            json.dump({"model": work.name, "data": work.description, "world_size": _world().world_size,
+                       "results": rows}, f, indent=2)
     return 0
 
 
@@ -222,7 +227,8 @@ def cmd_quantize(args) -> int:
 
     work = _workload(args, need_calib=True)
     qmodel, seconds = _quantize(work, args.config, not args.no_progress)
-    vmfx.save(qmodel, args.output)
+    if _world().is_main:  # every process holds the same model (vmfx.distributed)
+        vmfx.save(qmodel, args.output)
     print(f"quantized {work.name} with {args.config} ({seconds:.1f} s on {work.calib_images} calibration images)")
     print(f"saved to {args.output}")
     return 0
@@ -362,7 +368,8 @@ def _check_output_file(path: str | None, flag: str, example: str) -> None:
     except OSError as exc:
         raise ConfigError(f"{flag} {path!r} cannot be written: {exc.strerror or exc}") from None
     if not existed:
-        os.remove(path)
+        with contextlib.suppress(FileNotFoundError):  # another process of a torchrun group removed it
+            os.remove(path)
 
 
 def _check_output_dir(path: str | None, flag: str) -> None:
@@ -376,7 +383,8 @@ def _check_output_dir(path: str | None, flag: str) -> None:
         probe = os.path.join(path, ".vmfx-write-test")
         with open(probe, "wb"):
             pass
-        os.remove(probe)
+        with contextlib.suppress(FileNotFoundError):  # another process of a torchrun group removed it
+            os.remove(probe)
     except OSError as exc:
         raise ConfigError(f"{flag} {path!r} cannot be written: {exc.strerror or exc}") from None
 
@@ -508,11 +516,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         validate(args)
-        return args.func(args)
+        return _run(args)
     except VmfxError as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"vmfx {args.command}: error: {message}", file=sys.stderr)
+        print(f"vmfx {args.command}{_rank_tag()}: error: {message}", file=sys.stderr)
         return 2
+
+
+# -- several processes (torchrun; vmfx.distributed) ---------------------------------------------------
+
+
+def _world():
+    """This process's place in the torchrun group (one process without torchrun)."""
+    from . import distributed
+
+    return distributed.current()
+
+
+def _rank_tag() -> str:
+    """`` (rank R)`` in the error lines of processes other than rank 0 of a torchrun group."""
+    from . import distributed
+
+    try:
+        _, rank, _ = distributed.environment()
+    except VmfxError:
+        return ""
+    return f" (rank {rank})" if rank else ""
+
+
+def _run(args) -> int:
+    """Run the command, under torchrun as one of its processes: join the group
+    (:func:`vmfx.distributed.init`; the data-reading parts of vmfx then share the batches and
+    combine their statistics), run the command in every process, and let only rank 0 print and
+    write (the others run with stdout, stderr, warnings and progress bars silenced; their errors
+    are still printed, tagged with their rank). Without torchrun: the command, unchanged."""
+    import warnings
+
+    from . import distributed
+
+    ctx = distributed.init()
+    try:
+        if ctx.is_main:
+            return args.func(args)
+        args.no_progress = True
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return args.func(args)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .. import distributed
 from ..errors import CalibrationDataError
 
 __all__ = ["EvalResult", "evaluate", "predictions", "collect_logits", "AgreementResult", "compare_logits"]
@@ -76,10 +77,17 @@ def evaluate(
         batch_size: for tensors and datasets.
         progress: show a tqdm progress bar (with the number of batches and an ETA where the
             data's length is known).
+
+    Across processes (:mod:`vmfx.distributed`: every process passes the whole data) each runs its
+    share of the batches and the correct counts are summed: every process returns the figures of
+    one process over the whole data (``seconds`` is this process's own wall time).
     """
     model.eval()
     correct1 = correct5 = seen = 0
     start = time.perf_counter()
+    ctx = distributed.current()
+    if ctx.active:  # this process's batches; the counts of every process are summed below
+        data = distributed.shard(data, batch_size, ctx, pairs=True, num_workers=num_workers)
     batches = _batches(data, batch_size, num_workers)
     if progress:
         from tqdm.auto import tqdm
@@ -93,6 +101,8 @@ def evaluate(
         correct1 += int(hit[:, 0].sum())
         correct5 += int(hit.any(dim=1).sum())
         seen += labels.shape[0]
+    if ctx.active:  # integers: the sums are exact, so the figures are one process's
+        correct1, correct5, seen = distributed.all_reduce_sum([correct1, correct5, seen], ctx)
     if seen == 0:
         raise CalibrationDataError("evaluation data is empty")
     return EvalResult(100.0 * correct1 / seen, 100.0 * correct5 / seen, seen, time.perf_counter() - start)
@@ -110,12 +120,20 @@ def collect_logits(
     model: nn.Module, data: Any, *, batch_size: int = 100, num_workers: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass of ``model`` over ``data``: ``(logits, labels)``, float32 on the CPU, in the
-    order of ``data`` (``data`` as for :func:`evaluate`)."""
+    order of ``data`` (``data`` as for :func:`evaluate`).
+
+    Across processes (:mod:`vmfx.distributed`) each runs its batches and every process returns the
+    logits and labels of the whole data, in its order: the same tensors as one process."""
     model.eval()
+    ctx = distributed.current()
+    if ctx.active:
+        data = distributed.shard(data, batch_size, ctx, pairs=True, num_workers=num_workers)
     outs, labels = [], []
     for images, y in _batches(data, batch_size, num_workers):
         outs.append(model(images).detach().float().cpu())
         labels.append(torch.as_tensor(y).cpu())
+    if ctx.active:
+        outs, labels = distributed.gather_batches(outs, ctx), distributed.gather_batches(labels, ctx)
     if not outs:
         raise CalibrationDataError("evaluation data is empty")
     return torch.cat(outs), torch.cat(labels)

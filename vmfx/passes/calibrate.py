@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
+from .. import distributed
 from ..errors import CalibrationDataError, CalibrationDataWarning, InputError
 from ..quant.observers import Observer
 from .base import Pass, PassContext, PassResult
@@ -218,7 +219,8 @@ class _ScaleCheck:
 
 
 def iter_calibration_batches(
-    data: Any, batch_size: int = 32, expect: InputExpectation = InputExpectation(), *, check_scale: bool = True
+    data: Any, batch_size: int = 32, expect: InputExpectation = InputExpectation(), *, check_scale: bool = True,
+    allow_empty: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield validated calibration batches.
 
@@ -229,6 +231,8 @@ def iter_calibration_batches(
         check_scale: once every batch was yielded, warn (:class:`~vmfx.errors.CalibrationDataWarning`)
             if the values are far from normalized images: max |x| above
             :data:`NORMALIZED_ABS_LIMIT` or root-mean-square below :data:`NORMALIZED_RMS_FLOOR`.
+        allow_empty: yield nothing for data without batches instead of raising (one process's
+            share of the data across processes, checked over all of them by the caller).
 
     Raises:
         CalibrationDataError: no data, or a batch that cannot be used (the message names it).
@@ -257,7 +261,7 @@ def iter_calibration_batches(
             scale.update(x)
         count += 1
         yield x
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise CalibrationDataError("calibration data is empty: the iterable yielded no batch")
     if scale is not None:
         scale.warn_if_far_from_normalized()
@@ -280,6 +284,12 @@ class CalibratePass(Pass):
     are fresh (e.g. re-armed by SmoothQuant) starts them anew; ``seconds`` accumulate over every
     calibration pass. With ``ctx.progress`` a line announces the calibration (method, bits,
     images) and a bar per phase shows batches done of the total, with its ETA.
+
+    Across processes (:mod:`vmfx.distributed`) each process runs its share of the batches
+    (:func:`vmfx.distributed.shard`) and after every phase each observer combines the statistics
+    of all processes (``Observer.synchronize``), so the next phase and the conversion see those of
+    the whole data; the counts recorded are those of the whole data. A process given no batch is a
+    :class:`~vmfx.errors.CalibrationDataError` in every process.
     """
 
     needs_data = True
@@ -314,6 +324,10 @@ class CalibratePass(Pass):
             what += "" if total is None or size is None else f", {size} images"
             passes = "" if phases == 1 else f", {phases} passes over the data (grid search)"
             tqdm.write(f"calibrating{' ' + name if name else ''}{what}{passes}", file=sys.stderr)
+        dist_ctx = distributed.current()
+        if dist_ctx.active:  # this process's batches (vmfx.distributed); statistics are combined below
+            total = None if total is None else distributed.owned_count(total, dist_ctx)
+            counts_before = [o.num_batches for o in observers]
         was_training = gm.training
         gm.eval()
         images = batches = 0
@@ -322,19 +336,35 @@ class CalibratePass(Pass):
             for phase in range(phases):
                 for obs in observers:
                     obs.phase = phase
-                data = iter_calibration_batches(ctx.calib_data, ctx.calib_batch_size, expect, check_scale=phase == 0)
+                source = distributed.shard(ctx.calib_data, ctx.calib_batch_size, dist_ctx) if dist_ctx.active \
+                    else ctx.calib_data
+                data = iter_calibration_batches(source, ctx.calib_batch_size, expect, check_scale=phase == 0,
+                                                allow_empty=dist_ctx.active)
                 if ctx.progress:
                     from tqdm.auto import tqdm
 
                     label = "calibrate" + (f" {name}" if name else "") + (f" ({phase + 1}/{phases})" if phases > 1 else "")
                     data = tqdm(data, desc=label, total=total, unit="batch")
-                for x in data:
+                for index, x in enumerate(data):
+                    if dist_ctx.active:
+                        for obs in observers:
+                            obs.batch_index = index
                     gm(x)
                     if phase == 0:
                         images += x.shape[0]
                         batches += 1
+                if dist_ctx.active:  # every observer combines its statistics with the other processes'
+                    if phase == 0:
+                        images, batches = _check_shares(images, batches, dist_ctx)
+                    for obs in observers:
+                        obs.batch_index = None
+                        obs.synchronize(phase, dist_ctx)
         for obs in observers:
             obs.phase = 0
+        if dist_ctx.active:  # the batch counts of one process over the whole data
+            done = distributed.all_reduce_sum([o.num_batches - c for o, c in zip(observers, counts_before)], dist_ctx)
+            for obs, before, seen in zip(observers, counts_before, done):
+                obs.num_batches = before + seen
         gm.train(was_training)
         previous = gm.meta.get("vmfx_calibration") or {}
         if resumed:
@@ -346,6 +376,26 @@ class CalibratePass(Pass):
             "seconds": previous.get("seconds", 0.0) + time.perf_counter() - start,
         }
         return PassResult(gm, False)
+
+
+def _check_shares(images: int, batches: int, ctx) -> tuple[int, int]:
+    """The images and batches of every process together; a CalibrationDataError in every process
+    (never a hang) when one of them was given no batch."""
+    per_rank = distributed.all_gather(torch.tensor([batches], dtype=torch.int64), ctx)
+    idle = [r for r, n in enumerate(per_rank) if int(n[0]) == 0]
+    total = sum(int(n[0]) for n in per_rank)
+    if total == 0:
+        raise CalibrationDataError("calibration data is empty: it yielded no batch")
+    if idle:
+        raise CalibrationDataError(
+            f"the calibration data holds {total} batch{'' if total == 1 else 'es'}, fewer than the "
+            f"{ctx.world_size} processes (rank {idle[0]} got none): every process needs a batch; use at "
+            f"most {total} process{'' if total == 1 else 'es'}, more calibration images or smaller "
+            "calibration batches (QuantConfig.calib_batch_size for a tensor of images, the DataLoader's "
+            "batch_size, vmfx --batch-size with --calib-dir)"
+        )
+    images, batches = distributed.all_reduce_sum([images, batches], ctx)
+    return images, batches
 
 
 def _method_name(config: Any) -> str:

@@ -32,6 +32,12 @@ names a linear of the block (``extra["quantizes"]``); the block's end is its ``o
 (:class:`~.segments.SegmentRunner`), never re-running earlier blocks. Memory: the float and
 quantized streams' block-boundary values and the targets, for all calibration images.
 
+Across processes (:mod:`vmfx.distributed`) every process takes the same steps on the same step
+batches, holding a contiguous share of each (``tensor_split``); each backpropagates its share of
+the batch's loss and the gradients are summed with one ``all_reduce`` before clipping and AdamW, as
+DDP averages them, so the learned values are the one-process values up to float rounding (not bit
+for bit); rank 0's are broadcast after each block so that every process holds the same model.
+
 Requires: a converted graph (static quantizer nodes), detected mixers, smoothing not yet folded,
 and calibration data in the context. Invariants: only step sizes and smoothing factors change (they
 stay positive: clamped at use while learning, and afterwards); the graph structure is untouched;
@@ -48,6 +54,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .. import distributed
 from ..annotations import annotation
 from ..config import JLSSConfig, SettingRule
 from ..errors import CalibrationDataError, ConfigError
@@ -144,10 +151,14 @@ class JLSSPass(Pass):
         runner = SegmentRunner(gm, cuts)
         batches = list(iter_calibration_batches(ctx.calib_data, cfg.batch_size or 256, input_expectation(gm)))
         batches = _rebatch(batches, cfg.batch_size)
-        # each step's batch runs as one or more passes (micro-batches); steps pick a group of passes
+        dist = distributed.current()
+        # each step's batch runs as one or more passes (micro-batches); steps pick a group of passes.
+        # Across processes each keeps its contiguous share of every step's batch (maybe none).
         step_passes, passes = [], []
         for x in batches:
-            chunks = [x] if cfg.micro_batch is None else list(x.split(cfg.micro_batch))
+            if dist.active:
+                x = x.tensor_split(dist.world_size)[dist.rank]
+            chunks = [] if x.shape[0] == 0 else [x] if cfg.micro_batch is None else list(x.split(cfg.micro_batch))
             step_passes.append(list(range(len(passes), len(passes) + len(chunks))))
             passes += chunks
         was_training = gm.training
@@ -164,8 +175,8 @@ class JLSSPass(Pass):
             from tqdm.auto import tqdm
 
             method = getattr(ctx.config, "method", None) or "JLSS"
-            progress = tqdm(total=sum(max(self.block_config(b).steps, 1) for b in blocks), desc=f"{method}: JLSS block 1/{len(cuts)}",
-                            unit="step")
+            progress = tqdm(total=sum(max(self.block_config(b).steps, 1) for b in blocks),
+                            desc=f"{method}: JLSS block 1/{len(cuts)}", unit="step")
         start = time.perf_counter()
         for b, out_node in enumerate(cuts):
             segment = b  # segment b: the nodes after block b-1's out_proj through block b's
@@ -174,7 +185,8 @@ class JLSSPass(Pass):
             with torch.no_grad(), quantization_disabled(gm):
                 fp_envs = [runner.run(segment, env, keep=[out_node]) for env in fp_envs]
             targets = [env[out_node] for env in fp_envs]
-            record = self._learn_block(gm, runner, segment, out_node, b, q_envs, targets, step_passes, generator, progress)
+            record = self._learn_block(gm, runner, segment, out_node, b, q_envs, targets, step_passes, generator,
+                                       progress, dist)
             history.append(record)
             with torch.no_grad():
                 q_envs = [runner.run(segment, env) for env in q_envs]
@@ -187,7 +199,8 @@ class JLSSPass(Pass):
                                 "frozen_gradient": cfg.frozen_gradient}
         return PassResult(gm, True)
 
-    def _learn_block(self, gm, runner, segment, out_node, block, q_envs, targets, step_passes, generator, progress) -> dict:
+    def _learn_block(self, gm, runner, segment, out_node, block, q_envs, targets, step_passes, generator, progress,
+                     dist=distributed.SINGLE) -> dict:
         cfg = self.block_config(block)
         w_params, a_params, s_params = [], [], []
         frozen: list[LinearEdges] = []
@@ -210,7 +223,7 @@ class JLSSPass(Pass):
         overrides = _float_gradient_overrides(gm, frozen) if cfg.frozen_gradient == "float" else {}
         record = {"block": block, "learned_tensors": len(params), "steps": 0}
         if cfg.steps == 0 or not params:
-            record["initial_loss"] = record["final_loss"] = self._loss(runner, segment, out_node, q_envs, targets)
+            record["initial_loss"] = record["final_loss"] = self._loss(runner, segment, out_node, q_envs, targets, dist)
             if progress is not None:
                 progress.update(max(cfg.steps, 1))
             return record
@@ -222,7 +235,7 @@ class JLSSPass(Pass):
             {"params": s_params, "lr": cfg.lr_smooth},
         ) if g["params"]]
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        record["initial_loss"] = self._loss(runner, segment, out_node, q_envs, targets)
+        record["initial_loss"] = self._loss(runner, segment, out_node, q_envs, targets, dist)
         order = []
         losses = []
         loop_start = time.perf_counter()
@@ -231,8 +244,11 @@ class JLSSPass(Pass):
                 order = torch.randperm(len(step_passes), generator=generator).tolist()
             group = step_passes[order.pop()]
             optimizer.zero_grad(set_to_none=True)
-            loss = self._backward_batch(runner, segment, out_node, [q_envs[i] for i in group],
-                                        [targets[i] for i in group], overrides)
+            envs, step_targets = [q_envs[i] for i in group], [targets[i] for i in group]
+            if dist.active:
+                loss = self._backward_shared(runner, segment, out_node, envs, step_targets, overrides, params, dist)
+            else:
+                loss = self._backward_batch(runner, segment, out_node, envs, step_targets, overrides)
             if not math.isfinite(loss):
                 raise self.fail(f"the loss of block {block} became {loss} at step {step}; lower the learning rates")
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -244,13 +260,15 @@ class JLSSPass(Pass):
         record["step_seconds"] = round((time.perf_counter() - loop_start) / cfg.steps, 4)
         for p in params:
             p.requires_grad_(False)
+            if dist.active:  # the processes took the same steps; rank 0's values make that certain
+                distributed.broadcast_(p.data, dist)
         for p in s_params:
             p.data.clamp_(min=SMOOTH_MIN)
         for p in w_params + a_params:
             p.data.clamp_(min=MIN_SCALE)
         record["steps"] = cfg.steps
         record["train_losses"] = [round(v, 6) for v in losses[:: max(1, cfg.steps // 10)]]
-        record["final_loss"] = self._loss(runner, segment, out_node, q_envs, targets)
+        record["final_loss"] = self._loss(runner, segment, out_node, q_envs, targets, dist)
         return record
 
     @staticmethod
@@ -275,13 +293,42 @@ class JLSSPass(Pass):
         return total
 
     @staticmethod
-    def _loss(runner, segment, out_node, q_envs, targets) -> float:
+    def _backward_shared(runner, segment, out_node, envs, targets, overrides, params, dist) -> float:
+        """One step's gradient across processes (DDP's scheme): each process backpropagates its
+        share of the batch's ``mean(1 - cosine)`` (its sum over the tokens it holds, divided by the
+        token count of the whole batch), then the gradients and losses are summed over the
+        processes with one ``all_reduce`` (in float64), so ``.grad`` holds the whole batch's
+        gradient, identical in every process (the one-process gradient up to float rounding)."""
+        (count,) = distributed.all_reduce_sum([sum(t[..., 0].numel() for t in targets)], dist)
+        total = 0.0
+        for env, target in zip(envs, targets):
+            out = runner.run(segment, env, keep=[out_node], overrides=overrides)[out_node]
+            share = (1 - F.cosine_similarity(target.float(), out.float(), dim=-1)).sum() / count
+            share.backward()
+            total += share.item()
+        flat = torch.cat([torch.zeros(1, dtype=torch.float64)] + [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double().cpu()
+            for p in params])
+        flat[0] = total
+        distributed.all_reduce_sum_(flat, dist)
+        offset = 1
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
+            offset += n
+        return float(flat[0])
+
+    @staticmethod
+    def _loss(runner, segment, out_node, q_envs, targets, dist=distributed.SINGLE) -> float:
         total, count = 0.0, 0
         with torch.no_grad():
             for env, target in zip(q_envs, targets):
                 out = runner.run(segment, env, keep=[out_node])[out_node]
                 total += float((1 - F.cosine_similarity(target.float(), out.float(), dim=-1)).sum())
                 count += target.shape[0] * target.shape[1] if target.dim() > 2 else target.shape[0]
+        if dist.active:  # every process's images
+            sums = distributed.all_reduce_sum_(torch.tensor([total, float(count)], dtype=torch.float64), dist)
+            total, count = float(sums[0]), int(sums[1])
         return total / max(count, 1)
 
 

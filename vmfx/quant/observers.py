@@ -5,6 +5,12 @@ Observers are inserted into the graph as ``call_module`` nodes by
 :class:`vmfx.passes.insert_observers.InsertObserversPass`. They pass their input through unchanged
 and keep only running reductions (O(channels) or O(tokens) memory), never the tensors themselves.
 ``calculate_qparams()`` returns a :class:`QParams` named tuple.
+
+Across processes (:mod:`vmfx.distributed`) every observer combines its statistics with the other
+processes' after each pass over the data (:meth:`Observer.synchronize`), giving what one process
+computes on the whole data: min / max exactly; the Lp grid search keeps its error sums per batch
+while the pass runs (O(batches x candidates x kept positions)) and adds them up in the order of the
+batches once they are gathered, so its losses are the same bits as one process's.
 """
 
 from __future__ import annotations
@@ -137,8 +143,46 @@ class Observer(nn.Module):
     def calculate_qparams(self) -> QParams:
         raise NotImplementedError  # implemented by every concrete observer below
 
+    # -- several processes (vmfx.distributed) -----------------------------------------------------
+
+    #: set by the calibration pass while it feeds batches across processes: the index of the
+    #: running batch among this process's batches (None with one process)
+    batch_index: int | None = None
+
+    def synchronize(self, phase: int, ctx) -> None:
+        """Combine the statistics of pass ``phase`` over the data with those of every other
+        process (``ctx``, a :class:`vmfx.distributed.Context`), so that every process holds what
+        one process would have computed on all their batches. Called by every process, after
+        each pass over the data, before the next one reads the statistics; collectives only.
+        Observers that cannot do so exactly raise :class:`~vmfx.errors.ConfigError`."""
+        raise ConfigError(
+            f"{type(self).__name__} cannot combine its statistics across processes (it has no "
+            "synchronize method); calibrate in one process (without torchrun, or inside "
+            "vmfx.distributed.single_process())"
+        )
+
     def extra_repr(self) -> str:
         return f"{self.spec.describe()}, batches={self.num_batches}"
+
+
+def _combine_extrema(local: torch.Tensor, ctx, fold) -> torch.Tensor:
+    """Fold every process's running extremum (``torch.minimum`` / ``torch.maximum``) in rank
+    order; processes that saw nothing (empty tensors) are skipped. Exact in any order."""
+    from .. import distributed
+
+    seen = [t for t in distributed.all_gather(local, ctx) if t.numel()]
+    if not seen:
+        return local
+    shapes = {tuple(t.shape) for t in seen}
+    if len(shapes) > 1:
+        raise CalibrationDataError(
+            f"processes observed statistics of different shapes {sorted(shapes)}; every process must "
+            "calibrate the same model on images of one size"
+        )
+    out = seen[0]
+    for t in seen[1:]:
+        out = fold(out, t)
+    return out
 
 
 class MinMaxObserver(Observer):
@@ -174,6 +218,13 @@ class MinMaxObserver(Observer):
             )
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
+
+    def synchronize(self, phase: int, ctx) -> None:
+        """Phase 0: the minimum of the minima and maximum of the maxima of every process (exact)."""
+        if phase != 0:
+            return
+        self.min_val = _combine_extrema(self.min_val, ctx, torch.minimum)
+        self.max_val = _combine_extrema(self.max_val, ctx, torch.maximum)
 
     def _require_data(self) -> None:
         if self.min_val.numel() == 0:
@@ -239,6 +290,11 @@ class AbsMaxObserver(Observer):
         else:
             self.channel_absmax = torch.maximum(self.channel_absmax, amax)
 
+    def synchronize(self, phase: int, ctx) -> None:
+        """The per-channel maximum over every process (exact)."""
+        if phase == 0:
+            self.channel_absmax = _combine_extrema(self.channel_absmax, ctx, torch.maximum)
+
     def calculate_qparams(self) -> QParams:
         if self.channel_absmax.numel() == 0:
             raise CalibrationDataError("observer has seen no data: run calibration first")
@@ -289,14 +345,51 @@ class LpObserver(MinMaxObserver):
         self._require_data()
         x = x.float()
         reduce = tuple(d for d in range(x.dim()) if d not in self.kept_dims)
+        self._init_losses()
+        parts = [] if self.batch_index is not None else None
+        for i, (lo, hi) in enumerate(self._candidate_ranges()):
+            qp = qparams_from_range(lo, hi, self.spec)
+            err = (fake_quantize(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax) - x).abs_().pow_(self.p)
+            part = err.sum(dim=reduce, keepdim=True) if reduce else err
+            if parts is None:
+                self.losses[i] += part.double()
+            else:
+                parts.append(part)
+        if parts is not None:  # across processes: kept per batch, added in the batches' order later
+            self._pending.setdefault(self.batch_index, []).append(torch.stack(parts))
+
+    def _init_losses(self) -> None:
         if self.losses.numel() == 0:
             count = self.candidates if self.spec.symmetric else len(self._clip_ratios())
             self.losses = torch.zeros((count,) + tuple(self.min_val.shape), dtype=torch.float64,
                                       device=self.min_val.device)
-        for i, (lo, hi) in enumerate(self._candidate_ranges()):
-            qp = qparams_from_range(lo, hi, self.spec)
-            err = (fake_quantize(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax) - x).abs_().pow_(self.p)
-            self.losses[i] += (err.sum(dim=reduce, keepdim=True) if reduce else err).double()
+
+    @property
+    def _pending(self) -> dict:
+        """This process's per-batch error sums of phase 1 (float32, as computed), by batch index."""
+        if "_pending_sums" not in self.__dict__:
+            self.__dict__["_pending_sums"] = {}
+        return self.__dict__["_pending_sums"]
+
+    def synchronize(self, phase: int, ctx) -> None:
+        """Phase 0: the range of every process (:meth:`MinMaxObserver.synchronize`). Phase 1: the
+        error sums of every batch of every process are gathered and added to ``losses`` in the
+        order of the batches in the whole data, each batch's float32 sum cast to float64 as one
+        process adds them: the same bits as one process, whatever the number of processes."""
+        if phase == 0:
+            super().synchronize(phase, ctx)
+            return
+        from .. import distributed
+
+        pending = self.__dict__.pop("_pending_sums", {})
+        self._require_data()
+        self._init_losses()
+        shape = tuple(self.losses.shape)
+        pieces = [torch.stack(pending[k]) if pending.get(k) else torch.empty((0,) + shape)
+                  for k in range(max(pending, default=-1) + 1)]
+        for batch in distributed.gather_batches(pieces, ctx):
+            for part in batch:
+                self.losses += part.double()
 
     def _candidate_ranges(self):
         lo, hi = self.min_val, self.max_val
