@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 
 import vmfx
+from vmfx.testing import assert_nodes
 from vmfx.annotations import annotation
 from vmfx.config import QuantConfig
 from vmfx.passes import (
@@ -170,6 +171,7 @@ def test_custom_pipeline_can_quantize_a_subset(tiny_model, tiny_images):
     q = pipe(tiny_model, tiny_images)
     quantized = [e.module for e in quantized_linears(q)]
     assert quantized == ["mixers.0.out_proj", "mixers.1.out_proj"]
+    assert_nodes(q, {FakeQuantize: 4, "out_proj": 2})  # both edges of the two out_proj, nothing else
     edges = quantized_linears(q)[0]
     assert isinstance(edges.quantizer("input"), FakeQuantize) and isinstance(edges.quantizer("weight"), FakeQuantize)
     assert edges.quantizer("input").scale.shape == (1, 16, 1)

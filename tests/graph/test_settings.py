@@ -133,3 +133,20 @@ def test_jlss_steps_per_block(tiny_model, tiny_images):
     far = cfg.replace(settings=(SettingRule("jlss.steps", 3, Selector(block=9)),))
     with pytest.raises(vmfx.ConfigError, match="selects none of this model's 2 blocks"):
         vmfx.compile(tiny_model, tiny_images, far)
+
+
+def test_assert_nodes_counts_node_kinds(tiny_model, tiny_images):
+    """vmfx.testing.assert_nodes: a smoothed W8A8 model of 2 blocks with 6 linears each has a
+    quantizer on both edges of all 12, a Smooth node on both edges of each but the 2 in_proj
+    inputs folded into their norms."""
+    import torch.nn.functional as F
+
+    from vmfx.quant import FakeQuantize
+    from vmfx.testing import assert_nodes
+
+    q = vmfx.compile(tiny_model, tiny_images, "smoothquant-w8a8")
+    assert_nodes(q, {FakeQuantize: 24, Smooth: 22, F.linear: 12, "out_proj": 2, "in_proj": 2})
+    with pytest.raises(AssertionError, match="Smooth: expected 24, found 22"):
+        assert_nodes(q, {FakeQuantize: 24, Smooth: 24})
+    with pytest.raises(ValueError, match="neither a role"):
+        assert_nodes(q, {"outproj": 2})
