@@ -3,7 +3,7 @@
 
 ``compile(model, calib_data, config)`` is exactly ``prepare -> calibrate -> convert`` on a copy of
 the model: the method named by the config is a list of passes (:mod:`vmfx.passes.pipeline`), and
-the stages are segments of that list (:func:`vmfx.passes.split_stages`), so running the stages by
+the stages are segments of that list (:func:`vmfx.passes.pipeline.split_stages`), so running the stages by
 hand gives the same result as the one call. The user's model is never modified.
 """
 
