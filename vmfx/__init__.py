@@ -46,8 +46,8 @@ from .frontends.fallback import FallbackWarning
 from .passes import Pipeline
 from .quant import QuantSpec
 from .serialize import load, save
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     # the one-liner and the staged API

@@ -147,7 +147,7 @@ def _as_graph(model: Any, example_inputs: Any = None) -> fx.GraphModule:
     """A graph to inspect: ``model`` itself if it is one, else a float ``nn.Module`` traced (a
     copy; the model is not modified) with its Mamba patterns detected."""
     if isinstance(model, fx.GraphModule):
-        from .serialize import lost_metadata_hint
+        from .lowering.runtime import lost_metadata_hint
 
         hint = lost_metadata_hint(model)
         if hint:  # roles, blocks and token layouts are gone: say so rather than print a bare table
@@ -372,7 +372,7 @@ def _check_quantized_graph(qmodel: Any, function: str, argument: str) -> None:
     if isinstance(qmodel, fx.GraphModule) and "vmfx_source_type" in qmodel.meta:
         return
     if isinstance(qmodel, nn.Module):
-        from .serialize import lost_metadata_hint
+        from .lowering.runtime import lost_metadata_hint
 
         what = "a GraphModule without vmfx's metadata" if isinstance(qmodel, fx.GraphModule) else \
             f"the float model {type(qmodel).__name__}"

@@ -80,6 +80,7 @@ from .quant.scan_state import ScanStateQuant
 from .quant.observers import Observer, QParams
 from .quant.spec import QuantSpec
 from .quant import stored_weights
+from .lowering.runtime import lost_metadata_hint
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -278,21 +279,6 @@ def _structure(qmodel: fx.GraphModule) -> dict:
     }
 
 
-def lost_metadata_hint(module) -> str:
-    """A sentence to add to "expects a quantized model" errors when ``module`` is a quantized
-    GraphModule without vmfx's metadata: what ``torch.save`` / pickling leaves (fx pickles only the
-    generated code and re-traces it on load, dropping ``meta`` and every node annotation)."""
-    from .lowering.runtime import LoweredPartition
-
-    if not isinstance(module, fx.GraphModule) or module.meta.get("vmfx_source_type"):
-        return ""
-    if not any(isinstance(m, (FakeQuantize, LoweredPartition)) for m in module.modules()):
-        return ""
-    return ("; this GraphModule has quantizers but none of vmfx's metadata, as after torch.save / pickle "
-            "(fx keeps only the code): it still runs, but keep quantized models with vmfx.save(qmodel, path) "
-            "and vmfx.load(path) to inspect, lower or save them again")
-
-
 def save(qmodel: fx.GraphModule, path: str, *, float_weights: bool = False) -> str:
     """Write ``qmodel`` (from :func:`vmfx.compile`, lowered or not) to ``path`` (``.safetensors``).
 
@@ -312,7 +298,7 @@ def save(qmodel: fx.GraphModule, path: str, *, float_weights: bool = False) -> s
     """
     from safetensors.torch import save_file
 
-    from . import __version__
+    from .version import __version__
 
     if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
         raise SerializationError("vmfx.save expects a quantized model returned by vmfx.compile / vmfx.convert"

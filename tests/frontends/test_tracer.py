@@ -8,7 +8,7 @@ from torch import nn
 
 import vmfx
 from vmfx.frontends import register_leaf_module, trace
-from vmfx.frontends.tracer import _LEAF_MODULE_TYPES
+from vmfx.frontends.leaves import _LEAF_MODULE_TYPES
 from vmfx.ops import selective_scan
 
 

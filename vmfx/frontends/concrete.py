@@ -37,7 +37,7 @@ from torch import nn
 from torch.fx.proxy import Attribute
 from torch.fx.proxy import TraceError as FxTraceError
 
-from .tracer import VmfxTracer
+from .leaves import VmfxTracer
 
 __all__ = ["ConcreteShapeTracer", "meta_inputs"]
 

@@ -56,6 +56,7 @@ from ..annotations import annotate, annotation
 from ..errors import ConfigError, LoweringError
 from ..ops.selective_scan import reparameterize
 from ..quant.scan_state import scan_state_of
+from ..quant.modules import FakeQuantize
 from . import reference as ref
 from .partition import Partition, QuantizedLinear, find_partitions, unlowered_quantizers
 from .rewrite import fold_parameter_constants, sink_flips
@@ -65,6 +66,7 @@ __all__ = [
     "resolve_backend",
     "check_backend_runs",
     "LoweredPartition",
+    "lost_metadata_hint",
     "LoweredQLinear",
     "LoweredConv",
     "LoweredScan",
@@ -746,8 +748,6 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
     backend = resolve_backend(backend)
     check_backend_runs(backend)
     if not isinstance(qmodel, fx.GraphModule) or "vmfx_source_type" not in qmodel.meta:
-        from ..serialize import lost_metadata_hint
-
         raise ConfigError("vmfx.lowering.lower expects a quantized model from vmfx.compile / vmfx.convert"
                           + lost_metadata_hint(qmodel))
     if qmodel.meta.get("vmfx_lowered"):
@@ -899,3 +899,16 @@ def show(gm: fx.GraphModule, file=None) -> str:
     text = "\n\n".join(f"# ===== {p.partition_name} ({p.kind}, backend={p.backend}) =====\n{p.source()}" for p in parts)
     print(text, file=file)
     return text
+
+
+def lost_metadata_hint(module) -> str:
+    """A sentence to add to "expects a quantized model" errors when ``module`` is a quantized
+    GraphModule without vmfx's metadata: what ``torch.save`` / pickling leaves (fx pickles only the
+    generated code and re-traces it on load, dropping ``meta`` and every node annotation)."""
+    if not isinstance(module, fx.GraphModule) or module.meta.get("vmfx_source_type"):
+        return ""
+    if not any(isinstance(m, (FakeQuantize, LoweredPartition)) for m in module.modules()):
+        return ""
+    return ("; this GraphModule has quantizers but none of vmfx's metadata, as after torch.save / pickle "
+            "(fx keeps only the code): it still runs, but keep quantized models with vmfx.save(qmodel, path) "
+            "and vmfx.load(path) to inspect, lower or save them again")

@@ -37,19 +37,17 @@ could not be inferred.
 
 from __future__ import annotations
 
-import inspect
 import operator
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from ..annotations import VMFX_META, annotate, annotation
 from ..layout import LAYOUT_META, LAYOUT_WHY_META, TokenLayout, layout_of
-from ..ops.selective_scan import selective_scan
 from .base import Pass, PassContext, PassResult
 from .layouts import propagate_token_layouts
+from .matches import MixerMatch, ScanMatch, bind_scan
 from .patterns import (
     FailedMatch,
     debug_match,
@@ -67,55 +65,9 @@ from .patterns import (
 
 __all__ = ["DetectMambaMixersPass", "ScanMatch", "MixerMatch", "detected_mixers"]
 
-_SCAN_SIGNATURE = inspect.signature(selective_scan)
 _MERGE_OPS = {operator.add, operator.sub, operator.mul, operator.truediv}
 _CONCAT = {torch.cat, torch.concat}
 _ROLE_NAMES = ("in_proj", "x_proj", "dt_proj", "out_proj")
-
-
-@dataclass
-class ScanMatch:
-    """The nodes of one scan direction."""
-
-    scan: fx.Node
-    direction: str
-    in_proj: fx.Node
-    conv1d: fx.Node
-    conv_act: fx.Node
-    x_proj: fx.Node
-    dt_proj: fx.Node
-    dt_act: fx.Node | None
-    gate: list[fx.Node]
-    out_proj: fx.Node
-    merge: list[fx.Node] = field(default_factory=list)
-    #: nodes after the merge, shared by all directions: (node, role) with role "norm" or "gate"
-    post: list[tuple[fx.Node, str]] = field(default_factory=list)
-    #: the layout of the scan's u (and output): ``layout.order`` is this direction's token order
-    layout: TokenLayout | None = None
-
-
-@dataclass
-class MixerMatch:
-    """One mixer: an ``in_proj``, its scans (one per direction) and the ``out_proj``."""
-
-    block: int
-    in_proj: fx.Node
-    out_proj: fx.Node
-    scans: list[ScanMatch]
-    norm: fx.Node | None = None
-    tokens: int | None = None
-    #: the nodes after the direction merge (out_norm, a post-merge gate), with their roles
-    post: list[tuple[fx.Node, str]] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        return {
-            "block": self.block,
-            "in_proj": self.in_proj.name,
-            "out_proj": self.out_proj.name,
-            "norm": self.norm.name if self.norm is not None else None,
-            "tokens": self.tokens,
-            "directions": {s.direction: s.scan.name for s in self.scans},
-        }
 
 
 def detected_mixers(gm: fx.GraphModule) -> list[dict]:
@@ -182,15 +134,9 @@ class DetectMambaMixersPass(Pass):
 # -- matching one scan ----------------------------------------------------------------------------
 
 
-def _bind_scan(node: fx.Node) -> dict:
-    bound = _SCAN_SIGNATURE.bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
 def _match_scan(scan: fx.Node):
     try:
-        args = _bind_scan(scan)
+        args = bind_scan(scan)
     except TypeError as exc:
         return FailedMatch("cannot bind the scan's arguments: {}", exc)
 

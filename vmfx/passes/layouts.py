@@ -38,6 +38,7 @@ from ..layout import LAYOUT_META, LAYOUT_WHY_META, PRESERVES_LAYOUT, TokenLayout
 from ..ops.selective_scan import selective_scan
 from ..quant.modules import FakeQuantize
 from ..quant.observers import Observer
+from .matches import bind_scan
 from .patterns import is_depthwise_conv, is_depthwise_conv1d, is_linear, is_norm, module_of
 
 __all__ = ["propagate_token_layouts"]
@@ -390,9 +391,8 @@ def _elementwise(node, probes) -> _Probes:
 def _scan(node, probes) -> _Probes:
     """The scan's output holds ``u``'s tokens; ``delta``, ``z``, ``B``, ``C`` (time last) must hold
     them in the same order."""
-    from .detect import _bind_scan  # the scan's argument binding lives with detection
 
-    args = _bind_scan(node)
+    args = bind_scan(node)
     u = _probes_of(args["u"], probes)
     order = u[1].flatten(0, -2)[0]
     for name in ("delta", "z", "B", "C"):

@@ -20,7 +20,7 @@ gate (a multiply whose other operand is SiLU of a slice of ``in_proj``) and thro
 op with exactly one operand computed from this ``dt_proj``, the other not computed from ``u``:
 add / concat / divide / multiply) to the scan: the first other node (a foreign scan leaf; or, for
 a traced scan, its last op, e.g. the ``+ u * D`` skip term). That node must be computed from both ``u`` and ``delta``. The
-match is a :class:`~vmfx.passes.detect.ScanMatch`, so grouping, layouts and annotation are the
+match is a :class:`~vmfx.passes.matches.ScanMatch`, so grouping, layouts and annotation are the
 canonical mixer's; its scan node's annotation carries ``extra["structural"]`` (``"leaf"`` with
 ``extra["callable"]``, or ``"inline"``). Lowering leaves such scans to PyTorch.
 
@@ -44,6 +44,7 @@ import torch.fx as fx
 
 from ..annotations import GENERIC_LINEAR_ROLE, LINEAR_ROLES, annotate, annotation
 from ..layout import LAYOUT_META, TokenLayout, layout_of
+from .matches import ScanMatch
 from .patterns import (
     FailedMatch,
     is_depthwise_conv1d,
@@ -134,7 +135,6 @@ def _scan_output(out_proj: fx.Node, in_proj: fx.Node, from_dt: set[fx.Node], fro
 
 
 def _match_at_conv(conv: fx.Node):
-    from .detect import ScanMatch
 
     in_proj, flips = walk_back(conv.args[0]) if conv.args else (None, 0)
     if in_proj is None or not is_linear(in_proj):
@@ -219,7 +219,7 @@ def _is_opaque_call(node: fx.Node) -> bool:
 
 
 def match_structural_scans(gm: fx.GraphModule, known: list) -> list:
-    """Scan matches (:class:`~vmfx.passes.detect.ScanMatch`) for the mixers around scans that are
+    """Scan matches (:class:`~vmfx.passes.matches.ScanMatch`) for the mixers around scans that are
     not vmfx's op, anchored at every depthwise conv1d no match in ``known`` uses."""
     for node in gm.graph.nodes:
         node.meta.pop(STRUCTURAL_META, None)
