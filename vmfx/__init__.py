@@ -25,6 +25,7 @@ from .config import (
     SmoothingConfig,
     preset,
     preset_names,
+    register_preset,
 )
 from .coverage import CoverageWarning
 from .errors import (
@@ -43,8 +44,9 @@ from .errors import (
     VmfxError,
 )
 from .frontends.fallback import FallbackWarning
-from .passes import Pipeline
+from .passes import Pipeline, register_method
 from .quant import QuantSpec
+from .plugins import load_plugin
 from .serialize import load, save
 from .version import __version__
 
@@ -74,6 +76,10 @@ __all__ = [
     "preset",
     "PRESETS",
     "preset_names",
+    # plug-in methods
+    "register_method",
+    "register_preset",
+    "load_plugin",
     # debugging
     "inspect",
     "ops",

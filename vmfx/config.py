@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .annotations import LINEAR_ROLES, QUANTIZABLE_ROLES, ROLES
 from .errors import ConfigError
@@ -38,6 +38,9 @@ __all__ = [
     "Selector",
     "SettingRule",
     "PER_NODE_SETTINGS",
+    "register_options",
+    "register_preset",
+    "method_options",
 ]
 
 #: The weight/activation bit settings every method is evaluated at.
@@ -601,6 +604,50 @@ def _check_weight_spec(spec: QuantSpec, what: str) -> None:
 _STATIC_ONLY_FEATURES = ("smoothing", "jlss", "search")
 
 
+# -- methods' own options ---------------------------------------------------------------------------
+
+#: method name -> the frozen dataclass of that method's own options (:func:`register_options`).
+_METHOD_OPTIONS: dict[str, type] = {}
+
+
+def register_options(method: str, options_class: type) -> type:
+    """Declare ``options_class`` (a frozen dataclass; its ``__post_init__`` validates) as the
+    options of ``method``: a :class:`QuantConfig` of that method carries one instance in its
+    ``options`` field (the class's defaults when none is given), saved with the config by
+    :meth:`QuantConfig.to_dict` (its fields must be JSON values) and read back by
+    :meth:`QuantConfig.from_dict` once the method is registered again. Usually called by
+    :func:`vmfx.passes.register_method` (``options=``)."""
+    import dataclasses
+
+    if not (isinstance(options_class, type) and dataclasses.is_dataclass(options_class)
+            and options_class.__dataclass_params__.frozen):
+        raise ConfigError(f"a method's options are a frozen dataclass (@dataclass(frozen=True)), got {options_class!r}")
+    try:
+        options_class()
+    except TypeError as exc:
+        raise ConfigError(f"{options_class.__name__} needs a default for every field (the options of a preset "
+                          f"that names none): {exc}") from exc
+    _METHOD_OPTIONS[method] = options_class
+    return options_class
+
+
+def method_options(method: str) -> type | None:
+    """The options class registered for ``method`` (None: the method has none)."""
+    return _METHOD_OPTIONS.get(method)
+
+
+def _options_from_dict(method: str, d: Any):
+    cls = _METHOD_OPTIONS.get(method)
+    if d is None:
+        return None
+    if cls is None:
+        raise ConfigError(f"the config has options for method {method!r}, which has no options class registered "
+                          "here: import the module that registers the method (vmfx.passes.register_method) first")
+    if not isinstance(d, dict):
+        raise ConfigError(f"the options of method {method!r} must be read from a dict, got {type(d).__name__}")
+    return _sub_from_dict(cls, d)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Full control over a quantization run.
@@ -621,6 +668,8 @@ class QuantConfig:
         rules: :class:`QuantRule` entries applied after the defaults above (``weight`` / ``activation``
             on the linears of ``roles``), in order, the last match winning: mixed precision,
             per-module bits, linears kept in float. :meth:`spec_for` resolves one edge.
+        options: the method's own options, for a method registered with an options class
+            (:func:`register_options`; None: that class's defaults).
         settings: :class:`SettingRule` entries: method settings that vary by node (SmoothQuant's
             alpha per linear, JLSS's steps and learning rates per block), in order, the last
             match winning over the sub-config's value. :meth:`setting_for` resolves one node.
@@ -655,6 +704,7 @@ class QuantConfig:
     outliers: OutlierConfig | None = None  # OuroMamba (issue 11): mixed-precision activations
     scan_state: ScanStateConfig | None = None  # the scan's quantized hidden state (ScanStateConfig)
     settings: tuple[SettingRule, ...] = ()
+    options: Any = None
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
@@ -689,6 +739,17 @@ class QuantConfig:
                 raise ConfigError(f"the setting rule '{rule.describe()}' sets {rule.setting}, but this config has no "
                                   f"{sub} (QuantConfig.{sub} is None: method {self.method!r} does not run it)")
         object.__setattr__(self, "settings", settings)
+        options_class = _METHOD_OPTIONS.get(self.method)
+        if options_class is None and self.options is not None:
+            raise ConfigError(f"QuantConfig.options is for a method's own options, but method {self.method!r} declares "
+                              f"none (got a {type(self.options).__name__}): register them with "
+                              "vmfx.passes.register_method(name, options=TheirClass)")
+        if options_class is not None:
+            if self.options is None:
+                object.__setattr__(self, "options", options_class())
+            elif not isinstance(self.options, options_class):
+                raise ConfigError(f"method {self.method!r} takes options of type {options_class.__name__}, got "
+                                  f"{type(self.options).__name__}")
         self._check_dynamic_activations()
         self._check_clusters_not_learned()
 
@@ -780,6 +841,7 @@ class QuantConfig:
             **{name: _sub_to_dict(getattr(self, name)) for name in _SUBCONFIGS},
             "rules": [r.to_dict() for r in self.rules],
             "settings": [r.to_dict() for r in self.settings],
+            "options": _sub_to_dict(self.options),
         }
 
     @classmethod
@@ -792,13 +854,16 @@ class QuantConfig:
         version = d.pop("version", cls.VERSION)
         if version not in (1, 2, cls.VERSION):
             raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads versions 1 to {cls.VERSION})")
-        unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", "settings", *_SUBCONFIGS}
+        unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", "settings", "options",
+                            *_SUBCONFIGS}
         if unknown:
             raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
         if "rules" in d:
             if not isinstance(d["rules"], list):
                 raise ConfigError(f"QuantConfig.rules must be a list, got {type(d['rules']).__name__}")
             d["rules"] = tuple(QuantRule.from_dict(r) for r in d["rules"])
+        if "options" in d:
+            d["options"] = _options_from_dict(d.get("method", "minmax"), d["options"])
         if "settings" in d:
             if not isinstance(d["settings"], list):
                 raise ConfigError(f"QuantConfig.settings must be a list, got {type(d['settings']).__name__}")
@@ -931,8 +996,26 @@ _RECIPES["ouromamba"] = _ouromamba_recipe
 PRESETS.update({f"ouromamba-w{w}a{a}": _ouromamba_recipe(w, a) for w, a in BIT_SETTINGS})
 
 
+#: The presets vmfx itself defines (plug-ins register others, under other names).
+_BUILTIN_PRESETS = frozenset(PRESETS)
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
+
+
+def register_preset(name: str, config: QuantConfig) -> QuantConfig:
+    """Add ``config`` as the preset ``name`` (e.g. a plug-in method's ``"mymethod-w8a8"``), usable
+    wherever a preset name is (``vmfx.compile``, the CLI's ``--config``). A built-in preset's name
+    cannot be taken; registering a name again replaces that registration."""
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise ConfigError(f"a preset name is a non-empty word, got {name!r}")
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"register_preset takes a QuantConfig, got {type(config).__name__}")
+    if name in _BUILTIN_PRESETS:
+        raise ConfigError(f"{name!r} is a built-in preset: give yours another name")
+    PRESETS[name] = config
+    return config
 
 
 def preset(name: str) -> QuantConfig:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import QuantConfig, register_options
 from torch.fx.node import has_side_effect
 
 from ..errors import CalibrationDataError, CheckpointError, ConfigError, InputError, ModelStateWarning
@@ -61,10 +61,24 @@ MethodBuilder = Callable[[QuantConfig], list[Pass]]
 _METHODS: dict[str, MethodBuilder] = {}
 
 
-def register_method(name: str) -> Callable[[MethodBuilder], MethodBuilder]:
-    """Register ``builder(config) -> list[Pass]`` as the method ``name``."""
+def register_method(name: str, options: type | None = None) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register ``builder(config) -> list[Pass]`` as the method ``name`` (a decorator).
+
+    ``options``: the method's own options, a frozen dataclass with defaults
+    (:func:`vmfx.config.register_options`): a ``QuantConfig(method=name)`` then carries an instance
+    in ``config.options``, which the builder reads, and which ``vmfx.save`` records with the config.
+    A plug-in method registers itself this way, its presets with :func:`vmfx.register_preset`,
+    and works with ``vmfx.compile``, the staged API and the CLI (``--plugin FILE``) as the built-in
+    methods do.
+    """
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise ConfigError(f"a method name is a non-empty word, got {name!r}")
+    if options is not None:
+        register_options(name, options)
 
     def decorator(builder: MethodBuilder) -> MethodBuilder:
+        if not callable(builder):
+            raise ConfigError(f"register_method({name!r}) decorates a function config -> list of passes, got {builder!r}")
         _METHODS[name] = builder
         return builder
 
