@@ -298,7 +298,7 @@ def _merge_partition(out_proj: fx.Node) -> Partition | None:
     return Partition("merge", nodes[-1].name, nodes, [sources[0][0], sources[1][0]], nodes[-1], {"scale": scale})
 
 
-# -- mixed_qlinear (OuroMamba, issue 11) ----------------------------------------------------------
+# -- mixed_qlinear (OuroMamba) -------------------------------------------------------------------
 
 
 def _mixed_partition(node: fx.Node) -> Partition | None:
@@ -540,7 +540,7 @@ def find_partitions(gm: fx.GraphModule, pair_directions: bool = True) -> list[Pa
             producer.info["consumer"] = node
         add(Partition("qlinear", node.name, module.nodes + [node] + epi_nodes, inputs + extra,
                       (epi_nodes or [node])[-1], info))
-    for node in gm.graph.nodes:  # OuroMamba (issue 11): the mixed-precision linears
+    for node in gm.graph.nodes:  # OuroMamba: the mixed-precision linears
         if node not in taken:
             add(_mixed_partition(node))
     if pair_directions:

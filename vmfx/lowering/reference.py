@@ -76,6 +76,15 @@ __all__ = [
     "causal_conv1d_silu",
     "selective_scan",
     "merge_quantize",
+    # the mixed-precision linear (OuroMamba)
+    "MixedCodes",
+    "mixed_codes",
+    "tile_outlier_columns",
+    "mixed_qlinear",
+    # both directions of a Vim block in one launch each
+    "causal_conv1d_silu_bidir",
+    "qlinear_group",
+    "scan_merge",
 ]
 
 
@@ -472,7 +481,7 @@ def qlinear(x: torch.Tensor, weight: QWeight, act: ActQuant, bias: torch.Tensor 
 #   partial sum stays below 2^24 in magnitude; the partial sums of ``sum_k c[r,k] Wq[n,k]`` with
 #   ``|c| <= 2^(b-1)`` are bounded by ``2^(b-1) * max_n sum_k |Wq[n,k]|``, a bound of the weight
 #   alone, proved once per (weight, activation parameters) by :func:`qlinear_plan` (the
-#   worst case is the issue's ``K 2^(a-1) 2^(w-1) < 2^24``). Where it does not hold, K is split
+#   worst case is ``K 2^(a-1) 2^(w-1) < 2^24``). Where it does not hold, K is split
 #   into chunks for which it does and the chunks are summed in float64 (exact below 2^53);
 # * the zero-point correction ``(2^(b-1) - z_a[t]) wsum[n]`` and the dequantization scale
 #   ``s_a[t] s_w[n]`` are (T, N) tables made once per plan and applied in place by broadcasting;
@@ -954,7 +963,7 @@ def scan_merge(u_f, delta_f, A_f, B_f, C_f, D_f, u_b, delta_b, A_b, B_b, C_b, D_
     return None, result[1]
 
 
-# ------------------------------------------------------------------------------ OuroMamba (issue 11)
+# ------------------------------------------------------------------------------ OuroMamba's mixed-precision linear
 #
 # The mixed-precision linear of OuroMamba-Quant. Its activation (rows r = (sample, step) pairs,
 # t = r % T) is split by the quantizer's outlier mask into
@@ -1070,7 +1079,3 @@ def mixed_qlinear(codes: MixedCodes, weight: QWeight, bias: torch.Tensor | None 
         y = y + bias.float()[None, :]
     return (y, acc_in.to(torch.int32), acc_out.to(torch.int32)) if return_acc else y
 
-
-__all__ += ["MixedCodes", "mixed_codes", "tile_outlier_columns", "mixed_qlinear"]
-# both directions of a Vim block in one launch each (issue 22)
-__all__ += ["causal_conv1d_silu_bidir", "qlinear_group", "scan_merge"]

@@ -21,10 +21,8 @@ import warnings
 
 from .checkpoint import CheckpointNotFoundError, LoadedCheckpoint, load_checkpoint
 from .vim import VIM_ENTRYPOINTS, VIM_VARIANTS, VisionMamba
-# LocalMamba (issue 12)
 from .localmamba import LOCAL_VIM_ENTRYPOINTS, LOCAL_VIM_VARIANTS, LocalVim
-from .vmamba import VMAMBA_ENTRYPOINTS, VMAMBA_VARIANTS, VSSM  # vmamba
-# LocalMamba's LocalVSSM (issue 12 part 2)
+from .vmamba import VMAMBA_ENTRYPOINTS, VMAMBA_VARIANTS, VSSM
 from .local_vmamba import LOCAL_VSSM_ENTRYPOINTS, LOCAL_VSSM_VARIANTS, LocalVSSM
 
 __all__ = [
@@ -34,13 +32,13 @@ __all__ = [
     "CheckpointNotFoundError",
     "VIM_VARIANTS",
     "register_timm_models",
-    # LocalMamba (issue 12)
+    # LocalMamba: LocalVim
     "LocalVim",
     "LOCAL_VIM_VARIANTS",
-    # vmamba
+    # VMamba
     "VSSM",
     "VMAMBA_VARIANTS",
-    # LocalMamba's LocalVSSM (issue 12 part 2)
+    # LocalMamba: LocalVSSM
     "LocalVSSM",
     "LOCAL_VSSM_VARIANTS",
 ]

@@ -1,4 +1,4 @@
-"""OuroMamba-Quant as options of the PTQ pipeline (issue 11).
+"""OuroMamba-Quant as options of the PTQ pipeline.
 
 ``ouromamba`` runs the same passes as PTQ4VM without smoothing (:func:`~.pipeline.ptq_passes`)::
 

@@ -51,6 +51,9 @@ from .linear import qlinear, render_qlinear
 from .act_quantize import quantize, render_quantize
 from .scan import render_scan, selective_scan
 from .scan_merge import render_scan_merge, scan_merge
+from .mixed_linear import mixed_qlinear, render_mixed_qlinear
+from .conv_bidir import causal_conv1d_silu_bidir, render_conv_bidir
+from .linear_group import GroupedQWeight, qlinear_group, render_qlinear_group
 
 __all__ = [
     "ActQuant",
@@ -68,19 +71,12 @@ __all__ = [
     "render_merge",
     "scan_merge",
     "render_scan_merge",
+    "mixed_qlinear",
+    "render_mixed_qlinear",
+    "causal_conv1d_silu_bidir",
+    "render_conv_bidir",
+    "qlinear_group",
+    "render_qlinear_group",
+    "GroupedQWeight",
 ]
 
-# OuroMamba (issue 11): the mixed-precision linear (inlier GEMM + outlier-column GEMM)
-from .mixed_linear import mixed_qlinear, render_mixed_qlinear  # noqa: E402
-
-__all__ += ["mixed_qlinear", "render_mixed_qlinear"]
-
-# both directions' causal conv1d + SiLU (+ each direction's x_proj codes) in one launch
-from .conv_bidir import causal_conv1d_silu_bidir, render_conv_bidir  # noqa: E402
-
-__all__ += ["causal_conv1d_silu_bidir", "render_conv_bidir"]
-
-# G pre-quantized linears on int8 codes in one launch (both directions' x_proj)
-from .linear_group import GroupedQWeight, qlinear_group, render_qlinear_group  # noqa: E402
-
-__all__ += ["qlinear_group", "render_qlinear_group", "GroupedQWeight"]
