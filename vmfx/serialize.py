@@ -75,9 +75,9 @@ from .passes.manager import PassManager
 from .passes.patterns import module_of
 from .passes.pipeline import trace_for_quantization
 from .quant.modules import FakeQuantize, Smooth
-from .quant.mixed import MixedPrecisionQuantize  # OuroMamba (issue 11)
-from .quant.scan_state import ScanStateQuant
-from .quant.observers import Observer, QParams
+from .quant import mixed, scan_state  # noqa: F401  (register their module kinds)
+from .quant.observers import Observer
+from .quant.registry import build_module, describe_module, module_kinds
 from .quant.spec import QuantSpec
 from .quant import stored_weights
 from .lowering.runtime import lost_metadata_hint
@@ -116,57 +116,28 @@ def _known_builders() -> dict[str, Any]:
 
 
 def _describe_module(m: nn.Module, path: str) -> dict:
+    """The header entry of an inserted module: its kind and structure (:mod:`vmfx.quant.registry`)."""
     if isinstance(m, Observer):
         raise SerializationError(
             f"'{path}' is still an observer: convert the model (vmfx.convert) before saving"
         )
-    if isinstance(m, MixedPrecisionQuantize):  # OuroMamba (issue 11); before its base class
-        return {"kind": "MixedPrecisionQuantize", "spec": m.spec.to_dict(), "scale_shape": list(m.scale.shape),
-                "enabled": m.enabled, "layout": _encode(m.layout), "outlier_bits": m.outlier_bits,
-                "sigma": m.sigma, "refresh": m.refresh}
-    if isinstance(m, FakeQuantize):
-        return {"kind": "FakeQuantize", "spec": m.spec.to_dict(), "is_weight": m.is_weight,
-                "scale_shape": None if m.scale is None else list(m.scale.shape), "enabled": m.enabled,
-                "layout": _encode(getattr(m, "layout", None))}
-    if isinstance(m, Smooth):
-        return {"kind": "Smooth", "channels": m.factors.numel(), "folded_into": m.folded_into}
-    if isinstance(m, ScanStateQuant):
-        return {"kind": "ScanStateQuant", **m.to_dict()}
-    raise SerializationError(f"cannot save the inserted module '{path}' of type {type(m).__name__}")
+    entry = describe_module(m)
+    if entry is None:
+        raise SerializationError(f"cannot save the inserted module '{path}' of type {type(m).__name__}: register its "
+                                 "kind with vmfx.quant.registry.register_module_kind (to_dict / from_dict)")
+    return _encode(entry)
 
 
 def _build_module(entry: dict) -> nn.Module:
-    kind = entry.get("kind")
-    if kind == "FakeQuantize":
-        spec = QuantSpec.from_dict(entry["spec"])
-        layout = _decode(entry.get("layout"))
-        if spec.dynamic:
-            fq = FakeQuantize(spec, None, is_weight=bool(entry["is_weight"]), layout=layout)
-        else:
-            shape = tuple(int(d) for d in entry["scale_shape"])
-            clusters = {"cluster_ids": torch.zeros(shape, dtype=torch.long)} if spec.granularity == "cluster" else {}
-            fq = FakeQuantize(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax),
-                              bool(entry["is_weight"]), layout=layout, **clusters)
-        fq.enabled = bool(entry.get("enabled", True))
-        return fq
-    if kind == "Smooth":
-        smooth = Smooth(torch.ones(int(entry["channels"])))
-        smooth.folded_into = entry.get("folded_into")
-        return smooth
-    if kind == "MixedPrecisionQuantize":  # OuroMamba (issue 11)
-        spec = QuantSpec.from_dict(entry["spec"])
-        shape = tuple(int(d) for d in entry["scale_shape"])
-        fq = MixedPrecisionQuantize(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax),
-                                    _decode(entry.get("layout")), int(entry["outlier_bits"]), float(entry["sigma"]),
-                                    int(entry["refresh"]))
-        fq.enabled = bool(entry.get("enabled", True))
-        return fq
-    if kind == "ScanStateQuant":
-        try:
-            return ScanStateQuant.from_dict(entry)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SerializationError(f"the saved scan-state module is malformed: {exc}") from exc
-    raise SerializationError(f"unknown module kind {kind!r} in the saved model")
+    """The module a header entry describes, with placeholder tensors (the file's are loaded next)."""
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    if kind not in module_kinds():
+        raise SerializationError(f"unknown module kind {kind!r} in the saved model (a plug-in's kind? load the plug-in "
+                                 "that registers it first)")
+    try:
+        return build_module(_decode(entry))
+    except (KeyError, TypeError, ValueError, VmfxError) as exc:
+        raise SerializationError(f"the saved {kind} module is malformed: {type(exc).__name__}: {exc}") from exc
 
 
 def _layout_class():

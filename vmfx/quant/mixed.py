@@ -52,6 +52,7 @@ from ..errors import ConfigError, LayoutError
 from ..ops.quantize import MIN_SCALE, fake_quantize, qrange
 from .modules import FakeQuantize
 from .observers import LpObserver, QParams
+from .registry import register_module_kind
 from .spec import QuantSpec
 
 __all__ = [
@@ -287,6 +288,20 @@ class MixedPrecisionQuantize(FakeQuantize):
                 "codes_out": q_out.to(torch.int32), "scale_out": oq.scale, "zero_out": oq.zero_point,
                 "in_range": (self.qmin, self.qmax), "out_range": (oq.qmin, oq.qmax)}
 
+    def to_dict(self) -> dict:
+        """The structure (spec, scale shape, layout, outlier settings), for :mod:`vmfx.serialize`."""
+        return {"spec": self.spec.to_dict(), "scale_shape": list(self.scale.shape), "enabled": self.enabled,
+                "layout": self.layout, "outlier_bits": self.outlier_bits, "sigma": self.sigma, "refresh": self.refresh}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MixedPrecisionQuantize":
+        spec = QuantSpec.from_dict(d["spec"])
+        shape = tuple(int(n) for n in d["scale_shape"])
+        fq = cls(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax), d.get("layout"),
+                 int(d["outlier_bits"]), float(d["sigma"]), int(d["refresh"]))
+        fq.enabled = bool(d.get("enabled", True))
+        return fq
+
     def extra_repr(self) -> str:
         return f"{self.describe()}, scale{tuple(self.scale.shape)}"
 
@@ -327,3 +342,6 @@ class OutlierLpObserver(LpObserver):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, outliers int{self.outlier_bits} mean+{self.sigma:g}sd refresh {self.refresh}"
+
+
+register_module_kind(MixedPrecisionQuantize)

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.quantize import MIN_SCALE, dequantize, fake_quantize, quantize
 from .observers import QParams, qparams_from_minmax, reduce_minmax
+from .registry import register_module_kind
 from .spec import QuantSpec
 
 __all__ = ["FakeQuantize", "Smooth", "weight_quantizer_minmax", "SMOOTH_MIN"]
@@ -168,6 +169,26 @@ class FakeQuantize(nn.Module):
                     f"of shape {tuple(x.shape)} (dim {d}: {s.shape[d]} vs {x.shape[d]})"
                 )
 
+    def to_dict(self) -> dict:
+        """The structure (spec, parameter shapes, flags, layout), for :mod:`vmfx.serialize`."""
+        return {"spec": self.spec.to_dict(), "is_weight": self.is_weight,
+                "scale_shape": None if self.scale is None else list(self.scale.shape), "enabled": self.enabled,
+                "layout": getattr(self, "layout", None)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FakeQuantize":
+        """A quantizer of that structure with unit placeholder parameters."""
+        spec = QuantSpec.from_dict(d["spec"])
+        if spec.dynamic:
+            fq = cls(spec, None, is_weight=bool(d["is_weight"]), layout=d.get("layout"))
+        else:
+            shape = tuple(int(n) for n in d["scale_shape"])
+            clusters = {"cluster_ids": torch.zeros(shape, dtype=torch.long)} if spec.granularity == "cluster" else {}
+            fq = cls(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax), bool(d["is_weight"]),
+                     layout=d.get("layout"), **clusters)
+        fq.enabled = bool(d.get("enabled", True))
+        return fq
+
     def extra_repr(self) -> str:
         shape = "dynamic" if self.scale is None else f"scale{tuple(self.scale.shape)}"
         clusters = f", {self.num_clusters} clusters" if self.cluster_ids is not None else ""
@@ -209,6 +230,16 @@ class Smooth(nn.Module):
         s = self.value().to(x.dtype)
         return x * s if weight else x / s
 
+    def to_dict(self) -> dict:
+        """The structure (channel count, where the activation side was folded), for :mod:`vmfx.serialize`."""
+        return {"channels": self.factors.numel(), "folded_into": self.folded_into}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Smooth":
+        smooth = cls(torch.ones(int(d["channels"])))
+        smooth.folded_into = d.get("folded_into")
+        return smooth
+
     def extra_repr(self) -> str:
         folded = f", activation side folded into {self.folded_into}" if self.folded_into else ""
         return f"channels={self.factors.numel()}{folded}"
@@ -219,3 +250,6 @@ def weight_quantizer_minmax(weight: torch.Tensor, spec: QuantSpec) -> FakeQuanti
     lo, hi = reduce_minmax(weight.detach().float(), spec.kept_dims(weight.dim(), is_weight=True))
     return FakeQuantize(spec, qparams_from_minmax(lo, hi, spec), is_weight=True)
 
+
+register_module_kind(FakeQuantize)
+register_module_kind(Smooth)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.selective_scan import reparameterize
+from .registry import register_module_kind
 
 __all__ = ["ScanStateQuant", "reparameterization_factors", "search_state_scales", "scan_state_of",
            "STATE_QUANT_KWARG"]
@@ -256,3 +257,6 @@ def search_state_scales(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
         s = float(scales[t])
         h_q = h.div(s).round_().clamp_(-qmax, qmax).mul_(s)
     return scales.float()
+
+
+register_module_kind(ScanStateQuant)
