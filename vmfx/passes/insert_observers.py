@@ -11,7 +11,8 @@ edge (module path ``vmfx_q.<linear>__input``), annotated with role ``observer``,
 serves (``extra["quantizes"]``), its edge and the layout of the tensor it watches. Weights are
 quantized at convert (their quantizer is computed from the weight itself). With a config, "output"
 rules put an observer on the output of any annotated node (every user reads through it), path
-``vmfx_q.<node>__output``; a dynamic spec there gets its (run-time) quantizer at once.
+``vmfx_q.<node>__output``; a dynamic spec there gets its (run-time) quantizer at once. "scan.<operand>"
+rules put one on that input edge of the selected scans (:mod:`vmfx.passes.scan_operands`).
 
 Requires: mixers detected. Invariants: observers pass their input through unchanged, so the graph
 computes the same function; node names of the float graph are kept (functional linears take the
@@ -159,6 +160,11 @@ class InsertObserversPass(Pass):
                 annotation(obs).layout = layout
         if self.config is not None and any(r.edge == "output" for r in self.config.rules):
             quantized += self._insert_output_observers(gm)
+            modified = True
+        if self.config is not None and any(r.operand is not None for r in self.config.rules):
+            from .scan_operands import insert_scan_operand_quantizers
+
+            quantized += insert_scan_operand_quantizers(gm, self.config, self.observer, make_observer, QUANT_PREFIX)
             modified = True
         if quantized == 0:
             raise self.fail(
