@@ -350,7 +350,8 @@ class QuantRule:
     A rule matches the ``edge`` ("input" or "weight" of a linear, "output" of any annotated node)
     of every node that satisfies all of its given selectors (None matches anything): its detected
     ``role`` (e.g. "out_proj", "conv_act", "scan"; both scan directions), its module path against
-    the shell-style pattern ``module`` (e.g. ``"layers.1*.mixer.*"``), and its graph node name
+    the shell-style pattern ``module`` (e.g. ``"layers.1*.mixer.*"``; a scan node, a function call,
+    has its mixer's path, e.g. ``"layers.1.mixer"``), and its graph node name
     ``node``. ``spec=None`` keeps the edge in floating point. Rules are applied in order after the
     config's defaults (which quantize no outputs); the last match wins.
 

@@ -46,6 +46,7 @@ from ..quant.observers import Observer, qparams_from_minmax, reduce_minmax
 from ..quant.scan_state import scan_state_of
 from ..quant.spec import QuantSpec
 from .graph_utils import insert_module_on_edge, unique_submodule_name
+from .insert_observers import QUANT_PREFIX, make_observer, rule_module_path
 from .patterns import is_scan, is_transparent, module_of
 
 __all__ = ["SCAN_ARGUMENTS", "scan_operand_nodes", "operand_layout", "insert_scan_operand_quantizers",
@@ -127,8 +128,7 @@ def _weight_operand_quantizer(values: list[torch.Tensor], spec: QuantSpec) -> Fa
     return FakeQuantize(spec, qparams_from_minmax(lo, hi, spec), is_weight=True)
 
 
-def insert_scan_operand_quantizers(gm: fx.GraphModule, config: QuantConfig, observer_factory,
-                                   make_observer, prefix: str) -> int:
+def insert_scan_operand_quantizers(gm: fx.GraphModule, config: QuantConfig, observer_factory) -> int:
     """Put a quantizer (or observer) on every scan-operand edge the config's ``scan.*`` rules give
     a spec (see the module docstring); returns how many edges got one.
 
@@ -136,8 +136,6 @@ def insert_scan_operand_quantizers(gm: fx.GraphModule, config: QuantConfig, obse
         gm: a detected graph; edited in place (every edit logged for ``vmfx.save``).
         config: the config whose rules decide (:meth:`QuantConfig.rule_for`).
         observer_factory: the activation observer factory (called ``factory(spec[, layout=])``).
-        make_observer: ``make_observer(factory, spec, layout, name)`` (of :mod:`.insert_observers`).
-        prefix: the module path prefix of inserted modules.
 
     Raises:
         ConfigError: a rule selects a scan vmfx does not know the arguments of (a structural
@@ -154,7 +152,7 @@ def insert_scan_operand_quantizers(gm: fx.GraphModule, config: QuantConfig, obse
         ann = annotation(scan)
         if ann is None or ann.role != "scan":
             continue
-        module = scan.meta.get("vmfx_module")
+        module = rule_module_path(scan)
         rules = {name: config.rule_for(f"scan.{name}", "scan", module, scan.name) for name in SCAN_OPERANDS}
         rules = {name: r for name, r in rules.items() if r is not None and r.spec is not None}
         if not rules:
@@ -193,11 +191,11 @@ def insert_scan_operand_quantizers(gm: fx.GraphModule, config: QuantConfig, obse
         key = (mixer, name, id(rule)) if rule.shared == "mixer" and mixer is not None else (scan.name, name)
         groups.setdefault(key, []).append(entry)
     for members in groups.values():
-        _insert_group(gm, members, observer_factory, make_observer, prefix)
+        _insert_group(gm, members, observer_factory)
     return len(plan)
 
 
-def _insert_group(gm: fx.GraphModule, members: list[tuple], observer_factory, make_observer, prefix: str) -> None:
+def _insert_group(gm: fx.GraphModule, members: list[tuple], observer_factory) -> None:
     """Insert one quantizer module on the operand edge of every scan in ``members`` (one scan,
     or the scans of a mixer sharing it)."""
     scan0, name, arg0, rule = members[0]
@@ -226,7 +224,7 @@ def _insert_group(gm: fx.GraphModule, members: list[tuple], observer_factory, ma
             module, role = make_observer(observer_factory, spec, layout, watched), "observer"
     mixer = annotation(scan0).mixer
     stem = (f"{mixer.replace('.', '_')}__scan_{name}" if len(members) > 1 and mixer else f"{scan0.name}__{name}")
-    path = unique_submodule_name(gm, prefix, stem)
+    path = unique_submodule_name(gm, QUANT_PREFIX, stem)
     for scan, _, arg, _ in members:
         if layout is not None and name not in SCAN_WEIGHT_OPERANDS:
             operand_layout(scan, name, arg).check_shape(arg.meta["tensor_meta"].shape,
@@ -296,7 +294,7 @@ def planned_operands(config: QuantConfig, scan: fx.Node) -> dict[str, str]:
         return out
     present = scan_operand_nodes(scan)
     for name in SCAN_OPERANDS:
-        rule = config.rule_for(f"scan.{name}", "scan", scan.meta.get("vmfx_module"), scan.name)
+        rule = config.rule_for(f"scan.{name}", "scan", rule_module_path(scan), scan.name)
         if rule is not None and rule.spec is not None and name in present:
             out[name] = rule.spec.describe()
     state = config.scan_state
