@@ -85,7 +85,8 @@ class NodeAnnotation:
             input and weight edges).
         extra: free-form facts of later passes (kept JSON-friendly). Nodes inserted on an edge
             (observers, quantizers, smoothing) record ``extra["quantizes"]`` (the linear they
-            serve) and ``extra["edge"]`` ("input" or "weight").
+            serve) and ``extra["edge"]`` ("input", "weight", "output", or "scan.<operand>" for an
+            input of a selective scan, with ``extra["shared"]`` when one module serves several scans).
     """
 
     role: str

@@ -41,6 +41,9 @@ __all__ = [
     "register_options",
     "register_preset",
     "method_options",
+    "SCAN_OPERANDS",
+    "SCAN_EDGES",
+    "SHARING",
 ]
 
 #: The weight/activation bit settings every method is evaluated at.
@@ -52,6 +55,19 @@ MAX_CANDIDATES = 10_000
 #: The edges a rule can quantize: a linear's input and weight, or the output of any detected node
 #: (a conv, a SiLU, delta, the scan, ...: every user of that value reads the quantized one).
 EDGES = ("input", "weight", "output")
+
+#: The operands of the selective scan a rule can quantize, each on its input edge of the scan node
+#: (``selective_scan(u, delta, A, B, C, D, z, ...)``, see :mod:`vmfx.ops.selective_scan`). The
+#: hidden state is not a rule edge: :class:`ScanStateConfig` quantizes it.
+SCAN_OPERANDS = ("u", "delta", "A", "B", "C", "D", "z")
+#: The scan operands that are functions of parameters (``A = -exp(A_log)``, ``D``): quantized like
+#: weights, from their value, with a static per-tensor or per-channel (dim 0) spec.
+SCAN_WEIGHT_OPERANDS = ("A", "D")
+#: The rule edges of the scan's operands: ``"scan.u"``, ``"scan.delta"``, ... ``"scan.z"``.
+SCAN_EDGES = tuple(f"scan.{name}" for name in SCAN_OPERANDS)
+#: How a scan-operand rule may share one quantizer between scans: ``"mixer"``: the scans of one
+#: mixer (both directions of a Vim block) use one quantizer module, calibrated on all of them.
+SHARING = ("mixer",)
 
 
 @dataclass(frozen=True)
@@ -340,15 +356,34 @@ class QuantRule:
     A rule matches the ``edge`` ("input" or "weight" of a linear, "output" of any annotated node)
     of every node that satisfies all of its given selectors (None matches anything): its detected
     ``role`` (e.g. "out_proj", "conv_act", "scan"; both scan directions), its module path against
-    the shell-style pattern ``module`` (e.g. ``"layers.1*.mixer.*"``), and its graph node name
+    the shell-style pattern ``module`` (e.g. ``"layers.1*.mixer.*"``; a scan node, a function call,
+    has its mixer's path, e.g. ``"layers.1.mixer"``), and its graph node name
     ``node``. ``spec=None`` keeps the edge in floating point. Rules are applied in order after the
     config's defaults (which quantize no outputs); the last match wins.
+
+    Scan operands: the edge ``"scan.<operand>"`` (one of :data:`SCAN_EDGES`: ``scan.u``,
+    ``scan.delta``, ``scan.A``, ``scan.B``, ``scan.C``, ``scan.D``, ``scan.z``) quantizes that
+    input of every selected selective-scan node (role "scan": both directions; select one with
+    ``module`` or ``node``). ``u``, ``delta``, ``B``, ``C`` and ``z`` are activations, (batch,
+    channels, L) with the tokens on the last dim in the scan's own order (the backward scan's
+    per-token scales are indexed by its time steps): calibrated like any activation, or dynamic.
+    ``A`` (dim, N) and ``D`` (dim,) are functions of parameters: a static per-tensor or
+    per-channel (dim 0: the model channel) spec, its min-max parameters computed from their value
+    when the quantizer is inserted. ``delta`` is the scan's argument, before the softplus it
+    applies itself (``delta_softplus``). The hidden state has its own config, :class:`ScanStateConfig`.
+    ``shared="mixer"`` makes the scans of one mixer (both directions) use one quantizer module,
+    its scale calibrated on all of their data (OuroMamba's delta quantizer).
 
     Example::
 
         # in_proj at W8A8, out_proj at W4A4, the rest as the config's defaults say
         QuantRule("input", QuantSpec(8, False, "token"), role="in_proj")
         QuantRule("weight", QuantSpec(4, True, "channel"), role="out_proj")
+        # B and C per token, A per tensor, delta with one quantizer for both directions
+        QuantRule("scan.B", QuantSpec(8, False, "token"))
+        QuantRule("scan.C", QuantSpec(8, False, "token"))
+        QuantRule("scan.A", QuantSpec(8, True, "tensor"))
+        QuantRule("scan.delta", QuantSpec(8, False, "tensor"), shared="mixer")
     """
 
     edge: str
@@ -356,10 +391,13 @@ class QuantRule:
     role: str | None = None
     module: str | None = None
     node: str | None = None
+    shared: str | None = None
 
     def __post_init__(self):
-        if self.edge not in EDGES:
-            raise ConfigError(f"QuantRule.edge must be one of {', '.join(EDGES)}, got {self.edge!r}")
+        if not isinstance(self.edge, str) or (self.edge not in EDGES and not self.edge.startswith("scan.")):
+            raise ConfigError(f"QuantRule.edge must be one of {', '.join(EDGES + SCAN_EDGES)}, got {self.edge!r}")
+        if self.edge.startswith("scan."):
+            self._check_scan_edge()
         if self.spec is not None and not isinstance(self.spec, QuantSpec):
             raise ConfigError(f"QuantRule.spec must be a QuantSpec or None (float), got {type(self.spec).__name__}")
         if self.role is not None and self.role not in ROLES:
@@ -370,32 +408,72 @@ class QuantRule:
                 raise ConfigError(f"QuantRule.{name} must be a non-empty string or None, got {value!r}")
         if self.spec is not None and self.edge == "weight":
             _check_weight_spec(self.spec, "a weight rule's spec")
+        if self.spec is not None and self.operand in SCAN_WEIGHT_OPERANDS:
+            _check_weight_spec(self.spec, f"the scan operand {self.operand} (a function of parameters)")
+        if self.shared is not None:
+            if self.shared not in SHARING:
+                raise ConfigError(f"QuantRule.shared must be None or one of {', '.join(map(repr, SHARING))}, "
+                                  f"got {self.shared!r}")
+            if self.operand is None:
+                raise ConfigError(f"QuantRule.shared={self.shared!r} shares a scan operand's quantizer between "
+                                  f"the scans of a mixer; it does not apply to {self.edge!r} edges (use a "
+                                  "'scan.<operand>' edge, or drop shared)")
+
+    def _check_scan_edge(self) -> None:
+        operand = self.edge[len("scan."):]
+        if operand in ("state", "h"):
+            raise ConfigError(
+                f"QuantRule edge {self.edge!r}: the scan's hidden state is not a rule edge; quantize it with "
+                "QuantConfig(scan_state=ScanStateConfig(bits=...)) (per-step static scales, optionally "
+                "reparameterized)"
+            )
+        if operand not in SCAN_OPERANDS:
+            raise ConfigError(
+                f"QuantRule edge {self.edge!r} names no operand of the selective scan; the scan's operand "
+                f"edges are {', '.join(SCAN_EDGES)} (the hidden state: QuantConfig.scan_state)"
+            )
+        if self.role is not None and self.role != "scan":
+            raise ConfigError(f"QuantRule edge {self.edge!r} quantizes an input of the scan nodes: its role "
+                              f"selector can only be 'scan' (or None), got {self.role!r}")
+
+    @property
+    def operand(self) -> str | None:
+        """The scan operand of a ``"scan.<operand>"`` rule (e.g. ``"B"``), else None."""
+        return self.edge[len("scan."):] if self.edge.startswith("scan.") else None
 
     def describe(self) -> str:
         """E.g. ``"input -> float where module='layer.0.*'"``."""
         selectors = [f"{name}={getattr(self, name)!r}" for name in ("role", "module", "node")
                      if getattr(self, name) is not None]
         spec = "float" if self.spec is None else self.spec.describe()
-        return f"{self.edge} -> {spec}" + (f" where {', '.join(selectors)}" if selectors else " everywhere")
+        shared = f", shared per {self.shared}" if self.shared is not None else ""
+        return f"{self.edge} -> {spec}{shared}" + (f" where {', '.join(selectors)}" if selectors else " everywhere")
 
     def matches(self, edge: str, role: str | None, module: str | None, node: str | None) -> bool:
+        """Whether this rule selects ``edge`` of the node with this role, module path and name
+        (a ``"scan.<operand>"`` rule selects scan nodes only)."""
         if edge != self.edge:
             return False
         if self.role is not None and role != self.role:
+            return False
+        if self.operand is not None and role != "scan":
             return False
         if self.module is not None and (module is None or not fnmatch.fnmatchcase(module, self.module)):
             return False
         return self.node is None or node == self.node
 
     def to_dict(self) -> dict:
-        return {"edge": self.edge, "spec": None if self.spec is None else self.spec.to_dict(),
-                "role": self.role, "module": self.module, "node": self.node}
+        d = {"edge": self.edge, "spec": None if self.spec is None else self.spec.to_dict(),
+             "role": self.role, "module": self.module, "node": self.node}
+        if self.shared is not None:  # written only when set: older readers read the other rules
+            d["shared"] = self.shared
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantRule":
         if not isinstance(d, dict):
             raise ConfigError(f"a QuantRule must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {"edge", "spec", "role", "module", "node"}
+        unknown = set(d) - {"edge", "spec", "role", "module", "node", "shared"}
         if unknown:
             raise ConfigError(f"unknown QuantRule fields {sorted(unknown)}")
         d = dict(d)
@@ -529,7 +607,8 @@ def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs:
     """Refuse rules that select nothing in a model, naming what exists.
 
     ``linears`` are the model's annotated linears (the nodes ``input`` / ``weight`` rules select),
-    ``outputs`` every annotated node (``output`` rules). A rule whose ``module`` or ``node``
+    ``outputs`` every annotated node (``output`` rules; its scan nodes for ``scan.<operand>``
+    rules). A rule whose ``module`` or ``node``
     selector matches none of them is a typo until shown otherwise: :class:`ConfigError` with the
     closest module paths / node names. A rule selecting only by a role the model does not have
     (``dt_act`` on a Vim, which fuses the softplus into its scan) may be meant (a config shared
@@ -543,11 +622,14 @@ def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs:
 
     preset_rules = {rule for cfg in PRESETS.values() for rule in cfg.rules}
     for index, rule in enumerate(config.rules):
-        targets = outputs if rule.edge == "output" else linears
+        if rule.operand is not None:  # a scan operand: the scan nodes
+            targets = [t for t in outputs if t[0] == "scan"]
+        else:
+            targets = outputs if rule.edge == "output" else linears
         if any(rule.matches(rule.edge, role, module, node) for role, module, node in targets):
             continue
         what = f"QuantRule #{index} ({rule.describe()})"
-        where = "annotated node" if rule.edge == "output" else "linear"
+        where = "scan" if rule.operand is not None else "annotated node" if rule.edge == "output" else "linear"
         problems = []
         if rule.module is not None and not any(m is not None and fnmatch.fnmatchcase(m, rule.module)
                                                for _, m, _ in targets):
@@ -786,10 +868,11 @@ class QuantConfig:
 
     def spec_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None) -> QuantSpec | None:
         """The spec of one edge of one linear: the defaults (``weight`` / ``activation`` for the
-        linears whose role is in ``roles``), then every matching rule in order. None: float."""
-        if edge not in EDGES:
-            raise ConfigError(f"edge must be one of {', '.join(EDGES)}, got {edge!r}")
-        if edge == "output":
+        linears whose role is in ``roles``), then every matching rule in order. None: float.
+        Output edges and scan operands (``"scan.B"``, ...) have no default: rules alone decide."""
+        if edge not in EDGES and edge not in SCAN_EDGES:
+            raise ConfigError(f"edge must be one of {', '.join(EDGES + SCAN_EDGES)}, got {edge!r}")
+        if edge == "output" or edge in SCAN_EDGES:
             spec = None
         else:
             spec = (self.weight if edge == "weight" else self.activation) if role in self.roles else None
@@ -819,6 +902,14 @@ class QuantConfig:
         they name."""
         return [r for r in self.settings if r.setting.startswith(prefix)
                 and not any(r.select.matches(*t) for t in targets)]
+
+    def rule_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None) -> "QuantRule | None":
+        """The last rule matching ``edge`` of this node (the one :meth:`spec_for` takes), or None."""
+        found = None
+        for rule in self.rules:
+            if rule.matches(edge, role, module, node):
+                found = rule
+        return found
 
     @property
     def bits(self) -> str:

@@ -5,11 +5,13 @@ a traced graph, or a float model (traced here; then the answer is what ``config`
 quantize). Each :class:`LayerCoverage` is one layer with its status and the reason, in one of four
 categories:
 
-* ``"quantized"``: its input and/or weight edge has a quantizer (the bits are listed);
+* ``"quantized"``: its input and/or weight edge has a quantizer (the bits are listed); a scan is
+  quantized when any of its operands (``u, delta, A, B, C, D, z``) arrives quantized or it
+  quantizes its hidden state (``state``), listed in :attr:`LayerCoverage.quantized_operands`;
 * ``"config"``: float because the config says so (its role is not in ``QuantConfig.roles``, e.g.
   the classifier head by default, or a ``QuantRule`` keeps it float);
 * ``"design"``: float by the method's design (vmfx's methods quantize linears: convs and the
-  selective scan itself run in floating point);
+  selective scan itself run in floating point, on float operands unless a rule quantizes them);
 * ``"unsupported"``: float although the method would quantize it: a linear detection could not
   place, a scan that did not match a mixer, or a layer inside a module vmfx could not trace
   (:func:`vmfx.frontends.trace_with_fallback` kept it opaque).
@@ -23,12 +25,16 @@ computes and their specs (:func:`kernel_layers`), so the report is the same eith
 
 Layers inside opaque modules are listed under the module's path (``<module>.<sub>``), from the
 module's own children; everything else is a graph node, listed under its node name.
+
+Besides the layers, :attr:`CoverageReport.outside_mixers` lists the quantized tensors outside every
+Mamba mixer (the patch embedding's output, the head's input and weight, the norms' outputs, the
+linears of hybrid models), one :class:`QuantizedTensor` each.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch.fx as fx
@@ -46,7 +52,7 @@ from .passes.patterns import is_linear, is_scan, module_of
 from .passes.pipeline import trace_for_quantization
 from .quant.modules import FakeQuantize
 
-__all__ = ["LayerCoverage", "CoverageReport", "CoverageWarning", "coverage", "warn_if_partial"]
+__all__ = ["LayerCoverage", "CoverageReport", "CoverageWarning", "QuantizedTensor", "coverage", "warn_if_partial"]
 
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d}
@@ -67,7 +73,13 @@ class LayerCoverage:
         quantized: whether any of its edges is quantized (or, for a float model, would be).
         category: "quantized", "config", "design" or "unsupported" (see the module docstring).
         reason: why, in words.
-        bits: e.g. "W8 A8" for a quantized linear ("" otherwise).
+        bits: e.g. "W8 A8" for a quantized linear, "A8 B8 C8 D8 state8" for a scan with
+            quantized operands ("" otherwise).
+        quantized_operands: for a scan, its quantized operands in the order ``u, delta, A, B, C,
+            D, z, state``, each with its spec, e.g. ``{"B": "uint8 asym per-token", "state":
+            "int8 sym per-step +reparam"}`` (:func:`vmfx.passes.scan_operands.quantized_operands`;
+            for a plan, what the config's ``scan.*`` rules and ``scan_state`` would quantize).
+            Empty for other layers and for a scan on float operands.
     """
 
     name: str
@@ -77,6 +89,26 @@ class LayerCoverage:
     category: str
     reason: str
     bits: str = ""
+    quantized_operands: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class QuantizedTensor:
+    """One quantized tensor outside the Mamba mixers (:attr:`CoverageReport.outside_mixers`).
+
+    Attributes:
+        node: the node whose edge is quantized (e.g. ``"head"``, ``"norm_f"``).
+        role: that node's role (``"head"``, ``"norm"``, ``"patch_embed"``, ``"linear"``, ...).
+        edge: "input", "weight" or "output".
+        spec: the quantizer's spec, e.g. ``"int8 sym per-channel"``.
+        bits: its bit width.
+    """
+
+    node: str
+    role: str
+    edge: str
+    spec: str
+    bits: int
 
 
 @dataclass
@@ -86,6 +118,7 @@ class CoverageReport:
     layers: list[LayerCoverage]
     planned: bool = False
     config: str = ""
+    outside_mixers: list[QuantizedTensor] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerCoverage]:
@@ -125,6 +158,13 @@ class CoverageReport:
         widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), "  ".join("-" * w for w in widths)]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in body]
+        operands = [f"{layer.name}: " + ", ".join(f"{k} {v}" for k, v in layer.quantized_operands.items())
+                    for layer in self.layers if layer.quantized_operands]
+        if operands:
+            lines += ["", "quantized scan operands:"] + [f"  {line}" for line in operands]
+        if self.outside_mixers:
+            lines += ["", "quantized outside the mixers:"] + [f"  {t.node} ({t.role}) {t.edge}: {t.spec}"
+                                                            for t in self.outside_mixers]
         return "\n".join(lines + ["", self.summary_line()])
 
 
@@ -158,10 +198,13 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
     fallback = {d["target"]: d for d in gm.meta.get(FALLBACK_META, [])}
     failures = dict(gm.meta.get("vmfx_detect_failures") or [])
     layers: list[LayerCoverage] = []
+    outside: list[QuantizedTensor] = []
     for node in gm.graph.nodes:
         kernel = kernel_layers(node)
         if kernel is not None:  # a lowered partition: the layers it replaced, as lower() recorded them
             layers.extend(_kernel_layer(record, node.name) for record in kernel)
+            outside.extend(t for record in kernel if record["kind"] == "linear"
+                           and record.get("role") in _OUTSIDE_LINEAR_ROLES for t in _kernel_outside(record))
         elif is_linear(node):
             layers.append(_linear(gm, node, cfg, planned))
         elif _is_conv(node):
@@ -169,10 +212,12 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
             layers.append(LayerCoverage(node.name, "conv", ann.role if ann else "", False, "design",
                                         "vmfx's methods quantize linears; convs run in floating point"))
         elif is_scan(node) or ((ann := annotation(node)) is not None and ann.role == "scan"):
-            layers.append(_scan(node, failures))
+            layers.append(_scan(node, failures, cfg if planned else None))
         elif node.op == "call_module" and _is_opaque(module_of(node)):
             layers.extend(_opaque(node, fallback))
-    return CoverageReport(layers, planned, cfg.method + "-" + cfg.bits if cfg is not None else "")
+        else:
+            outside.extend(_outside_quantizer(gm, node))
+    return CoverageReport(layers, planned, cfg.method + "-" + cfg.bits if cfg is not None else "", outside)
 
 
 def kernel_layers(node: fx.Node) -> list[dict] | None:
@@ -202,9 +247,56 @@ def _kernel_layer(record: dict, kernel: str) -> LayerCoverage:
     if kind == "conv":
         return LayerCoverage(name, "conv", role, False, "design",
                              f"vmfx's methods quantize linears; convs run in floating point (in kernel {kernel})")
-    state = f"; its hidden state is quantized ({record['state']})" if record.get("state") else ""
+    operands = dict(record.get("operands") or {})
+    if record.get("state") and "state" not in operands:  # a kernel recorded before operands were
+        operands["state"] = record["state"]
+    if operands:
+        return LayerCoverage(name, "scan", role, True, "quantized",
+                             f"the scan runs in floating point on its quantized operands (in kernel {kernel})",
+                             _operand_bits(operands), operands)
     return LayerCoverage(name, "scan", role, False, "design",
-                         f"the selective scan runs in floating point (in kernel {kernel}){state}")
+                         f"the selective scan runs in floating point (in kernel {kernel})")
+
+
+def _operand_bits(operands: dict[str, str]) -> str:
+    """``"A8 B8 C8 state8"``: each quantized operand with its bit width."""
+    return " ".join(f"{name}{_bits_of(spec.removeprefix('h '))}" for name, spec in operands.items())
+
+
+#: Roles of linears that are never inside a mixer (their kernels' records are listed as outside).
+_OUTSIDE_LINEAR_ROLES = ("head", "linear")
+
+
+def _kernel_outside(record: dict) -> list[QuantizedTensor]:
+    """The quantized edges of a lowered linear outside the mixers, as its kernel recorded them."""
+    return [QuantizedTensor(record["node"], record.get("role") or "", edge, record[edge], _bit_width(record[edge]))
+            for edge in ("input", "weight") if record.get(edge)]
+
+
+def _bit_width(described: str) -> int:
+    digits = _bits_of(described)
+    return int(digits) if digits.isdigit() else 0
+
+
+def _outside_quantizer(gm: fx.GraphModule, node: fx.Node) -> list[QuantizedTensor]:
+    """``node`` as a quantized tensor outside the mixers, when it is a quantizer (or observer)
+    node serving a node outside every mixer ([] otherwise)."""
+    ann = annotation(node)
+    if ann is None or ann.role not in ("quantizer", "observer") or ann.mixer is not None or node.op != "call_module":
+        return []
+    served = ann.extra.get("quantizes")
+    edge = ann.extra.get("edge")
+    if served is None or edge not in ("input", "weight", "output"):
+        return []
+    module = module_of(node)
+    spec = getattr(module, "spec", None)
+    if spec is None:
+        return []
+    describe = getattr(module, "describe", None)
+    text = describe() if callable(describe) else spec.describe()
+    producer = next((n for n in gm.graph.nodes if n.name == served), None)
+    role = annotation(producer).role if producer is not None and annotation(producer) is not None else ""
+    return [QuantizedTensor(served, role, edge, text, spec.bits)]
 
 
 def _bits_of(described: str) -> str:
@@ -287,12 +379,20 @@ def _linear(gm: fx.GraphModule, node: fx.Node, cfg: QuantConfig | None, planned:
     return LayerCoverage(node.name, "linear", role, False, "config", "a QuantRule keeps it float")
 
 
-def _scan(node: fx.Node, failures: dict) -> LayerCoverage:
+def _scan(node: fx.Node, failures: dict, plan: QuantConfig | None = None) -> LayerCoverage:
+    """A scan's coverage; ``plan``: the config whose plan to report (a graph not quantized yet)."""
+    from .passes.scan_operands import planned_operands, quantized_operands
+
     ann = annotation(node)
     if ann is None or ann.role != "scan":
         why = failures.get(node.name, "not part of a detected mixer")
         return LayerCoverage(node.name, "scan", "", False, "unsupported",
                              f"its mixer was not recognised ({why}), so its linears got no mixer role")
+    operands = planned_operands(plan, node) if plan is not None else quantized_operands(node)
+    if operands:
+        return LayerCoverage(node.name, "scan", "scan", True, "quantized",
+                             "the scan runs in floating point on its quantized operands",
+                             _operand_bits(operands), operands)
     kind = ann.extra.get("structural")
     if kind == "leaf":
         why = f"a scan vmfx does not know ({ann.extra.get('callable')}), kept as one opaque call; its mixer is quantized around it"

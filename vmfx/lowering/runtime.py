@@ -732,7 +732,10 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
 
     Quantizer and smoothing nodes that no kernel pattern takes stay in the graph as fake-quant
     float ops; they are listed in a warning (and in ``result.meta["vmfx_lowered"]["left_float"]``),
-    or, with ``strict=True``, raise :class:`~vmfx.errors.LoweringError`.
+    or, with ``strict=True``, raise :class:`~vmfx.errors.LoweringError`. Among them are the
+    quantizers of scan operands (``QuantRule("scan.B", ...)``): the scan kernels take float
+    operands and read those quantizers' fake-quantized values, so the lowered model still computes
+    the quantized graph's function.
 
     Args:
         qmodel: a quantized graph from :func:`vmfx.compile` / :func:`vmfx.convert` (not modified).
@@ -815,13 +818,16 @@ def kernel_layers(p: Partition) -> list[dict]:
     """What one partition computes, for inspection once its nodes are gone (a lowered model loaded
     from a file keeps no quantized graph): one JSON-friendly record per linear, conv and scan it
     replaces, ``{"node", "kind", "role", "direction", "input", "weight"}``, where ``input`` /
-    ``weight`` describe a linear's quantized edges (``QuantSpec.describe()``; None: float) and
-    ``state`` a scan's quantized hidden state. :func:`vmfx.inspect.summary`, ``table`` and
+    ``weight`` describe a linear's quantized edges (``QuantSpec.describe()``; None: float),
+    ``state`` a scan's quantized hidden state and ``operands`` its quantized operands
+    (:func:`vmfx.passes.scan_operands.quantized_operands`: their quantizers stay in the graph,
+    before the kernel). :func:`vmfx.inspect.summary`, ``table`` and
     ``coverage`` read them from the kernel node's annotation (``extra["layers"]``)."""
     import torch.nn.functional as F
 
     from ..passes.linear_edges import linear_edges
     from ..passes.patterns import is_linear, is_scan
+    from ..passes.scan_operands import quantized_operands
     from ..quant.mixed import MixedPrecisionQuantize
 
     out = []
@@ -843,7 +849,8 @@ def kernel_layers(p: Partition) -> list[dict]:
         elif is_scan(node) or role == "scan":
             state = scan_state_of(node) if node.op == "call_function" else None
             out.append({"node": node.name, "kind": "scan", "role": role, "direction": direction,
-                        "state": state.describe() if state is not None and state.quantize else None})
+                        "state": state.describe() if state is not None and state.quantize else None,
+                        "operands": quantized_operands(node)})
         elif (node.op == "call_function" and node.target in (F.conv1d, F.conv2d)) or (
                 node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target),
                                                         (nn.Conv1d, nn.Conv2d))):
@@ -882,6 +889,8 @@ def _describe_left(node: fx.Node) -> str:
     spec = getattr(module, "spec", None)
     what = spec.describe() if spec is not None else type(module).__name__
     serves = f" of {ann.extra.get('quantizes')} ({ann.extra.get('edge')})" if ann is not None and ann.extra.get("quantizes") else ""
+    if ann is not None and str(ann.extra.get("edge", "")).startswith("scan."):
+        serves += ": the scan kernels read float operands, so it runs as a fake-quant op before the kernel"
     return f"{node.name} [{what}{serves}]"
 
 

@@ -105,11 +105,14 @@ class ConvertPass(Pass):
             fq = (FakeQuantize(obs.spec, qparams, **clusters) if layout is None
                   else FakeQuantize(obs.spec, qparams, layout=layout, **clusters))
         replace_submodule(gm, node.target, fq)
-        ann = annotation(node)
-        if ann is None:
-            annotate(node, "quantizer")
-        else:
-            annotate(node, "quantizer", extra=dict(ann.extra))
+        # an observer shared by several nodes (a scan operand's, shared per mixer) converts once:
+        # every node calling it now calls the quantizer
+        for user in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]:
+            ann = annotation(user)
+            if ann is None:
+                annotate(user, "quantizer")
+            else:
+                annotate(user, "quantizer", extra=dict(ann.extra))
 
     def _quantize_weight(self, gm: fx.GraphModule, node: fx.Node, edges, spec: QuantSpec) -> None:
         if edges.weight_attr is None:

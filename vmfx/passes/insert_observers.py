@@ -11,7 +11,8 @@ edge (module path ``vmfx_q.<linear>__input``), annotated with role ``observer``,
 serves (``extra["quantizes"]``), its edge and the layout of the tensor it watches. Weights are
 quantized at convert (their quantizer is computed from the weight itself). With a config, "output"
 rules put an observer on the output of any annotated node (every user reads through it), path
-``vmfx_q.<node>__output``; a dynamic spec there gets its (run-time) quantizer at once.
+``vmfx_q.<node>__output``; a dynamic spec there gets its (run-time) quantizer at once. "scan.<operand>"
+rules put one on that input edge of the selected scans (:mod:`vmfx.passes.scan_operands`).
 
 Requires: mixers detected. Invariants: observers pass their input through unchanged, so the graph
 computes the same function; node names of the float graph are kept (functional linears take the
@@ -40,7 +41,8 @@ from .graph_utils import (
 )
 from .patterns import is_linear
 
-__all__ = ["InsertObserversPass", "quantized_linear_nodes", "activation_observer", "QUANT_PREFIX", "edge_layout"]
+__all__ = ["InsertObserversPass", "quantized_linear_nodes", "activation_observer", "QUANT_PREFIX", "edge_layout",
+           "rule_module_path"]
 
 #: Where the modules inserted on edges (observers, quantizers, smoothing) live in the graph module.
 QUANT_PREFIX = "vmfx_q"
@@ -59,6 +61,19 @@ def activation_observer(method: str = "minmax", p: float = 2.4, candidates: int 
     if method == "lp":
         return partial(LpObserver, p=p, candidates=candidates)
     raise ValueError(f"unknown initialisation method {method!r}")
+
+
+def rule_module_path(node: fx.Node) -> str | None:
+    """The module path a rule's ``module`` pattern is matched against for ``node``: the module it
+    calls (or, for a functional linear, called), else, for a selective-scan node (a function
+    call), the path of its mixer (``"layers.0.mixer"``)."""
+    if node.op == "call_module":
+        return node.target
+    path = node.meta.get("vmfx_module")
+    ann = annotation(node)
+    if path is None and ann is not None and ann.role == "scan":
+        return ann.mixer
+    return path
 
 
 def edge_layout(node: fx.Node):
@@ -136,7 +151,7 @@ class InsertObserversPass(Pass):
         quantized = 0
         for node in [n for n in gm.graph.nodes if is_linear(n) and annotation(n) is not None]:
             ann = annotation(node)
-            module = node.target if node.op == "call_module" else node.meta.get("vmfx_module")
+            module = rule_module_path(node)
             a_spec = self.spec_for("input", ann.role, module, node.name)
             w_spec = self.spec_for("weight", ann.role, module, node.name)
             if a_spec is None and w_spec is None:
@@ -160,6 +175,11 @@ class InsertObserversPass(Pass):
         if self.config is not None and any(r.edge == "output" for r in self.config.rules):
             quantized += self._insert_output_observers(gm)
             modified = True
+        if self.config is not None and any(r.operand is not None for r in self.config.rules):
+            from .scan_operands import insert_scan_operand_quantizers
+
+            quantized += insert_scan_operand_quantizers(gm, self.config, self.observer)
+            modified = True
         if quantized == 0:
             raise self.fail(
                 "no linear gets a quantization spec: the config's roles and rules match none of the "
@@ -175,7 +195,7 @@ class InsertObserversPass(Pass):
             ann = annotation(node)
             if ann is None or ann.role in INSERTED_ROLES or node.op == "output":
                 continue
-            module = node.target if node.op == "call_module" else node.meta.get("vmfx_module")
+            module = rule_module_path(node)
             spec = self.config.spec_for("output", ann.role, module, node.name)
             if spec is None:
                 continue
@@ -202,7 +222,7 @@ def _rule_targets(gm: fx.GraphModule) -> tuple[list[tuple], list[tuple]]:
         ann = annotation(node)
         if ann is None or ann.role in INSERTED_ROLES or node.op == "output":
             continue
-        module = node.target if node.op == "call_module" else node.meta.get("vmfx_module")
+        module = rule_module_path(node)
         outputs.append((ann.role, module, node.name))
         if is_linear(node):
             linears.append((ann.role, module, node.name))

@@ -506,8 +506,12 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
 
 
 def _has_static_activations(config: QuantConfig) -> bool:
-    """Whether any activation edge the config can quantize is static (needs calibration)."""
-    specs = [config.activation] + [r.spec for r in config.rules if r.edge in ("input", "output") and r.spec is not None]
+    """Whether any activation edge the config can quantize is static (needs calibration); the scan
+    operands A and D are quantized from their values and need none."""
+    from ..config import SCAN_WEIGHT_OPERANDS
+
+    specs = [config.activation] + [r.spec for r in config.rules if r.spec is not None and (
+        r.edge in ("input", "output") or (r.operand is not None and r.operand not in SCAN_WEIGHT_OPERANDS))]
     return any(not s.dynamic for s in specs)
 
 
