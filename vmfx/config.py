@@ -896,13 +896,6 @@ class QuantConfig:
                 value = rule.value
         return value
 
-    def unmatched_settings(self, prefix: str, targets: list[tuple]) -> list["SettingRule"]:
-        """The setting rules of ``prefix`` (e.g. ``"smoothing."``) that select none of ``targets``
-        (``(role, module, node, block, direction)`` tuples): typos, unless the model lacks what
-        they name."""
-        return [r for r in self.settings if r.setting.startswith(prefix)
-                and not any(r.select.matches(*t) for t in targets)]
-
     def rule_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None) -> "QuantRule | None":
         """The last rule matching ``edge`` of this node (the one :meth:`spec_for` takes), or None."""
         found = None

@@ -21,15 +21,13 @@ name of the module call they replace); every edit is recorded for ``vmfx.save``.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Iterable
 
 import torch.fx as fx
 
 from ..annotations import INSERTED_ROLES, LINEAR_ROLES, annotate, annotation
 from ..config import QuantConfig, check_rules_match
-from ..layout import layout_of
-from ..quant.observers import LpObserver, MinMaxObserver, Observer
+from ..quant.observers import MinMaxObserver, Observer
 from ..quant.spec import QuantSpec
 from .base import Pass, PassContext, PassResult
 from .detect import detected_mixers
@@ -39,55 +37,16 @@ from .graph_utils import (
     insert_module_on_edge,
     unique_submodule_name,
 )
+from .inserted import QUANT_PREFIX, activation_observer, edge_layout, make_observer, rule_module_path
 from .patterns import is_linear
 
 __all__ = ["InsertObserversPass", "quantized_linear_nodes", "activation_observer", "QUANT_PREFIX", "edge_layout",
-           "rule_module_path"]
-
-#: Where the modules inserted on edges (observers, quantizers, smoothing) live in the graph module.
-QUANT_PREFIX = "vmfx_q"
-
+           "make_observer", "rule_module_path"]
 
 def quantized_linear_nodes(gm: fx.GraphModule, roles: Iterable[str] = LINEAR_ROLES) -> list[fx.Node]:
     """Linear nodes whose detected role is in ``roles``, in graph order."""
     roles = set(roles)
     return [n for n in gm.graph.nodes if is_linear(n) and (a := annotation(n)) is not None and a.role in roles]
-
-
-def activation_observer(method: str = "minmax", p: float = 2.4, candidates: int = 100) -> Callable[[QuantSpec], Observer]:
-    """The observer factory of an initialisation method ("minmax" or "lp" grid search)."""
-    if method == "minmax":
-        return MinMaxObserver
-    if method == "lp":
-        return partial(LpObserver, p=p, candidates=candidates)
-    raise ValueError(f"unknown initialisation method {method!r}")
-
-
-def rule_module_path(node: fx.Node) -> str | None:
-    """The module path a rule's ``module`` pattern is matched against for ``node``: the module it
-    calls (or, for a functional linear, called), else, for a selective-scan node (a function
-    call), the path of its mixer (``"layers.0.mixer"``)."""
-    if node.op == "call_module":
-        return node.target
-    path = node.meta.get("vmfx_module")
-    ann = annotation(node)
-    if path is None and ann is not None and ann.role == "scan":
-        return ann.mixer
-    return path
-
-
-def edge_layout(node: fx.Node):
-    """The token layout detection recorded for the value ``node`` produces (None if unknown)."""
-    return layout_of(node)
-
-
-def make_observer(factory: Callable[..., Observer], spec: QuantSpec, layout, name: str | None = None) -> Observer:
-    """``factory(spec)``, passing the edge's token layout when there is one; ``name`` (what it
-    watches) goes into its error messages."""
-    observer = factory(spec) if layout is None else factory(spec, layout=layout)
-    if name is not None and hasattr(observer, "name"):
-        observer.name = name
-    return observer
 
 
 class InsertObserversPass(Pass):

@@ -46,7 +46,7 @@ from ..quant.observers import Observer, qparams_from_minmax, reduce_minmax
 from ..quant.scan_state import scan_state_of
 from ..quant.spec import QuantSpec
 from .graph_utils import insert_module_on_edge, unique_submodule_name
-from .insert_observers import QUANT_PREFIX, make_observer, rule_module_path
+from .inserted import QUANT_PREFIX, make_observer, rule_module_path
 from .patterns import is_scan, is_transparent, module_of
 
 __all__ = ["SCAN_ARGUMENTS", "scan_operand_nodes", "operand_layout", "insert_scan_operand_quantizers",
