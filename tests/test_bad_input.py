@@ -144,3 +144,17 @@ def test_a_quantized_model_is_not_quantized_again(tiny_model, tiny_images):
 def test_staged_calls_on_a_float_model_name_the_first_stage(tiny_model, tiny_images, stage):
     with pytest.raises(vmfx.ConfigError, match=f"vmfx.{stage} takes the graph vmfx.prepare returns.*TinyVimLike"):
         vmfx.calibrate(tiny_model, tiny_images) if stage == "calibrate" else vmfx.convert(tiny_model)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a checkpoint" * 8, "is not a torch checkpoint vmfx can read"),
+    (b"", "is empty or truncated"),
+])
+def test_a_corrupt_checkpoint_gets_no_advice_to_load_it_unsafely(tmp_path, content, message):
+    from vmfx.models import load_checkpoint
+
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(vmfx.CheckpointError, match=message) as info:
+        load_checkpoint(torch.nn.Linear(2, 2), str(path))
+    assert "weights_only=False" not in str(info.value) and "set to `False`" not in str(info.value)

@@ -1,0 +1,7 @@
+"""``python -m vmfx``: the ``vmfx`` command (:mod:`vmfx.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
