@@ -11,7 +11,11 @@
     vmfx inspect --config minmax-w8a8 --coverage   # every linear/conv/scan: quantized or float, and why
     vmfx eval --config ptq4vm-w4a4 --calib synthetic --save-synthetic synth/   # data-free calibration
     vmfx inspect --config ouromamba-w4a4 --outliers plots/   # OuroMamba's outlier channel sets
+    vmfx --version
 
+``--model`` takes every family vmfx registers in timm (Vim ``vim_*``, LocalVim ``local_vim_*``, VMamba
+``vanilla_vmamba_*`` / ``vmamba_*``, LocalVSSM ``local_vssm_*``) and MambaVision (``mamba_vision_*``,
+with the optional ``mambavision`` package); the input size and channels are read from the model.
 Without ``--data`` the bundled proxy set and checkpoint are used. Every error a user can cause is
 printed as one line naming the problem (exit status 2), not a traceback; an unexpected internal
 error keeps its traceback. Every argument is checked before any model is built or evaluated:
@@ -353,9 +357,9 @@ def _quantize(work: Workload, preset: str, progress: bool):
 
 @dataclass(frozen=True)
 class SpeedSetup:
-    """How ``vmfx eval`` times a model: ``backend`` (the resolved lowering backend) on ``device``,
-    ``threads`` torch threads, one warm-up forward, then the median of ``runs`` forwards of the same
-    ``batch`` images."""
+    """How ``vmfx eval`` times its models: ``backend`` (the resolved lowering backend) on ``device``,
+    ``threads`` torch threads, one warm-up forward each, then the median of ``runs`` forwards of
+    the same ``batch`` images, the models taking turns (:func:`_ms_per_image`)."""
 
     backend: str
     device: str
@@ -365,7 +369,7 @@ class SpeedSetup:
 
     def record(self) -> dict:
         return {"backend": self.backend, "device": self.device, "threads": self.threads, "batch": self.batch,
-                "runs": self.runs, "warmup": 1, "statistic": "median"}
+                "runs": self.runs, "warmup": 1, "statistic": "median", "order": "models in turn"}
 
 
 def _speed_setup(args, images: int) -> SpeedSetup:
@@ -377,38 +381,42 @@ def _speed_setup(args, images: int) -> SpeedSetup:
 
 
 @torch.no_grad()
-def _ms_per_image(model: nn.Module, images: torch.Tensor, setup: SpeedSetup) -> float:
-    """Median wall time of one forward of ``images`` (after one warm-up), in ms per image, with
-    ``setup.threads`` torch threads; the caller's thread count is restored."""
+def _ms_per_image(models: list[nn.Module], images: torch.Tensor, setup: SpeedSetup) -> list[float]:
+    """Median wall time of one forward of ``images``, in ms per image, for each of ``models``:
+    one warm-up forward each, then ``setup.runs`` rounds in which every model runs once in turn,
+    so that all of them see the same load on a shared machine. Uses ``setup.threads`` torch
+    threads; the caller's thread count is restored."""
     previous = torch.get_num_threads()
     torch.set_num_threads(setup.threads)
     try:
         x = images.to(setup.device)
         sync = torch.cuda.synchronize if setup.device == "cuda" else (lambda: None)
-        model(x)
-        sync()
-        times = []
-        for _ in range(setup.runs):
-            start = time.perf_counter()
+        for model in models:
             model(x)
-            sync()
-            times.append(time.perf_counter() - start)
+        sync()
+        times: list[list[float]] = [[] for _ in models]
+        for _ in range(setup.runs):
+            for model, own in zip(models, times):
+                start = time.perf_counter()
+                model(x)
+                sync()
+                own.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
-    return 1000.0 * statistics.median(times) / x.shape[0]
+    return [1000.0 * statistics.median(own) / x.shape[0] for own in times]
 
 
-def _time_float(model: nn.Module, images: torch.Tensor, setup: SpeedSetup) -> float:
+def _float_for_timing(model: nn.Module, setup: SpeedSetup) -> nn.Module:
     if setup.device == "cpu":
-        return _ms_per_image(model, images, setup)
+        return model
     import copy
 
-    return _ms_per_image(copy.deepcopy(model).to(setup.device), images, setup)
+    return copy.deepcopy(model).to(setup.device)
 
 
-def _time_quantized(qmodel, images: torch.Tensor, setup: SpeedSetup, preset: str) -> tuple[float, str]:
-    """Lower ``qmodel`` with ``setup.backend`` and time it; where it cannot be lowered, time the
-    quantized (simulated) graph instead and say so. Returns ``(ms per image, what was timed)``."""
+def _lowered_for_timing(qmodel, setup: SpeedSetup, preset: str) -> tuple[nn.Module, str]:
+    """``qmodel`` lowered with ``setup.backend``, and what that is; where it cannot be lowered, the
+    quantized (simulated) graph itself, with a warning."""
     from .errors import LoweringError
     from .lowering import lower
 
@@ -420,9 +428,7 @@ def _time_quantized(qmodel, images: torch.Tensor, setup: SpeedSetup, preset: str
         print(f"warning: {preset} could not be lowered ({first}); its time is the simulated quantized graph's",
               file=sys.stderr)
         model, what = qmodel, "fake-quant graph (not lowered)"
-    if setup.device != "cpu":
-        model = model.to(setup.device)
-    return _ms_per_image(model, images, setup), what
+    return (model.to(setup.device) if setup.device != "cpu" else model), what
 
 
 def _float_size(args, model: nn.Module) -> tuple[int, str]:
@@ -470,23 +476,27 @@ def cmd_eval(args) -> int:
     fp_logits, labels = _collect(work.model, work, args, "eval fp32")
     fp = compare_logits(fp_logits, fp_logits, labels)
     speed = _speed_setup(args, fp.images)
-    timing_images = _first_images(work.eval_data, speed.batch)
-    _announce(progress, f"timing fp32 ({speed.batch} images, {speed.threads} threads, {speed.device})")
     size, size_of = _float_size(args, work.model)
     rows = [{"method": "fp32", "top1": fp.top1, "top5": fp.top5, "drop": 0.0, "agree": fp.agree, "kl": fp.kl,
-             "size_mb": size / 1e6, "size_of": size_of, "ms_per_image": _time_float(work.model, timing_images, speed),
-             "timed": "float model", "calib_seconds": None, "calib_images": 0}]
+             "size_mb": size / 1e6, "size_of": size_of, "ms_per_image": None, "timed": "float model",
+             "calib_seconds": None, "calib_images": 0}]
+    timed = [_float_for_timing(work.model, speed)]
     for preset in args.config or []:
         qmodel, seconds = _quantize(work, preset, progress)
         _announce(progress, f"evaluating {preset}")
         logits, _ = _collect(qmodel, work, args, f"eval {preset}")
         res = compare_logits(fp_logits, logits, labels)
-        _announce(progress, f"saving and timing {preset}")
-        ms, timed = _time_quantized(qmodel, timing_images, speed, preset)
+        lowered, what = _lowered_for_timing(qmodel, speed, preset)
+        timed.append(lowered)
         rows.append({"method": preset, "top1": res.top1, "top5": res.top5, "drop": fp.top1 - res.top1,
                      "agree": res.agree, "kl": res.kl, "size_mb": _saved_size(qmodel) / 1e6,
-                     "size_of": "vmfx.save file", "ms_per_image": ms, "timed": timed,
+                     "size_of": "vmfx.save file", "ms_per_image": None, "timed": what,
                      "calib_seconds": seconds, "calib_images": work.calib_images})
+    _announce(progress, f"timing {len(timed)} model(s) in turn: {speed.runs} x {speed.batch} images, "
+                        f"{speed.threads} thread(s), {speed.device}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for row, ms in zip(rows, _ms_per_image(timed, _first_images(work.eval_data, speed.batch), speed)):
+        row["ms_per_image"] = ms
     print(f"\n{'method':<16} {'top-1':>7} {'top-5':>7} {'drop':>6} {'agree':>7} {'KL':>8} {'size MB':>8} "
           f"{'ms/img':>8} {'calibration':>22}")
     for r in rows:
@@ -495,12 +505,12 @@ def cmd_eval(args) -> int:
               f"{r['kl']:>8.3g} {r['size_mb']:>8.3f} {r['ms_per_image']:>8.2f} {calib:>22}")
     print(f"\nagree: top-1 agreement with fp32; KL: mean KL(fp32 || method) in nats; size: the file on disk "
           f"(fp32: {rows[0]['size_of']}; quantized: vmfx.save); ms/img: median of {speed.runs} forwards of "
-          f"{speed.batch} images, {speed.threads} thread(s), {speed.device}, quantized models lowered with the "
-          f"{speed.backend} backend")
+          f"{speed.batch} images, {speed.threads} thread(s), {speed.device}, all models in turn, quantized models lowered "
+          f"with the {speed.backend} backend")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": work.name, "data": work.description, "images": fp.images,
-                       "timing": speed.record(), "results": rows}, f, indent=2)
+                       "timing": {**speed.record(), "load_average": load}, "results": rows}, f, indent=2)
     return 0
 
 
@@ -755,8 +765,10 @@ def validate(args: argparse.Namespace) -> None:
     """Check every argument the parser could not, before any model is built or evaluated.
 
     Raises:
-        ConfigError: an unknown preset, a missing input file or folder, an output path that
-            cannot be written, or arguments that contradict each other.
+        ConfigError: a ``--backend`` that cannot run here, an unknown preset or model name, an
+            option the command does not use (``quantize --limit``), a missing input file, a folder
+            without images, an output path that cannot be written, or arguments that contradict
+            each other.
     """
     from .config import resolve_config
 
