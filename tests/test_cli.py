@@ -468,7 +468,7 @@ def test_a_corrupt_checkpoint_is_one_vmfx_line_without_unsafe_advice(tmp_path, c
     bad = tmp_path / "model.pth"
     bad.write_bytes(b"not a checkpoint" * 8)
     line = _one_line_error(capsys, main(["eval", "--checkpoint", str(bad), "--limit", "4", "--no-progress"]))
-    assert "is not a torch checkpoint vmfx can read" in line and "weights_only=False" not in line
+    assert "the file is damaged, truncated or not written by torch.save" in line and "weights_only=False" not in line
     assert "weights_only` set to `False`" not in line
 
 

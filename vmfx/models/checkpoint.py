@@ -189,11 +189,11 @@ def _unreadable_message(path: str, exc: BaseException) -> str:
     if "weights_only" in text:  # torch's "Weights only load failed ... Re-running with weights_only=False ..."
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
         reason = f" (the reader stopped at: {detail.group(1).strip()})" if detail else ""
-        return (f"{path!r} is not a torch checkpoint vmfx can read{reason}: the file is damaged, truncated or not "
+        return (f"Could not read {path!r} as a torch checkpoint{reason}: the file is damaged, truncated or not "
                 "written by torch.save. Download or save it again; vmfx reads checkpoints only with "
                 "torch.load(weights_only=True), so it never runs code from the file")
     if isinstance(exc, EOFError):
-        return f"{path!r} is empty or truncated: download or save the checkpoint again"
+        return f"Could not read {path!r}: the file is empty or truncated; download or save the checkpoint again"
     return (f"Could not read {path!r} as a torch checkpoint with weights_only=True: "
             f"{type(exc).__name__}: {_first_line(exc)}")
 
