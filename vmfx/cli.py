@@ -706,7 +706,10 @@ def _check_image_folder(path: str | None, flag: str) -> None:
         return
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    try:
+        classes = sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path!r} cannot be read: {exc.strerror or exc}") from None
     if not classes:
         raise ConfigError(f"{flag} {path!r} has no class sub-folders; give an ImageNet-layout folder "
                           "(one sub-folder of images per class)")
