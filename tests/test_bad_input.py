@@ -339,3 +339,17 @@ def test_a_half_precision_model_takes_half_precision_images(tiny_model, tiny_ima
 def test_images_on_another_device_than_the_model(tiny_model, tiny_images):
     with pytest.raises(vmfx.InputError, match=r"example_inputs is on cpu, but the model's parameters are on cuda"):
         vmfx.trace(tiny_model.cuda(), tiny_images[:1])
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a checkpoint" * 8, "Could not read .* as a torch checkpoint .*: the file is damaged"),
+    (b"", "the file is empty or truncated"),
+])
+def test_a_corrupt_checkpoint_gets_no_advice_to_load_it_unsafely(tmp_path, content, message):
+    from vmfx.models import load_checkpoint
+
+    path = tmp_path / "model.pth"
+    path.write_bytes(content)
+    with pytest.raises(vmfx.CheckpointError, match=message) as info:
+        load_checkpoint(torch.nn.Linear(2, 2), str(path))
+    assert "weights_only=False" not in str(info.value) and "set to `False`" not in str(info.value)

@@ -573,6 +573,8 @@ class _InputStats(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n.name in self.targets:
             x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
+            if isinstance(x, torch.Tensor) and x.dim() > 3 and isinstance(self.module.get_submodule(n.target), nn.Linear):
+                x = x.flatten(1, -2)  # a linear on a token grid (VMamba's (B, H, W, C)): tokens in row-major order
             if isinstance(x, torch.Tensor) and x.dim() == 3:
                 self._update(self.targets[n.name], x.detach().double())
         return super().run_node(n)
@@ -633,10 +635,15 @@ def activation_stats(
             runner.run(x)
     out = []
     for name in targets.values():
-        a = runner.acc[name]
+        a = runner.acc.get(name)
+        if a is None:  # its input is not a (batch, tokens, channels) tensor (e.g. a channel-first conv)
+            continue
         mean = a["sum"] / a["count"]
         var = a["sumsq"] / a["count"] - mean**2
         out.append(ActivationStats(name, var.clamp(min=0), a["absmax"], a["edges"], a["counts"]))
+    if not out:
+        raise ConfigError(f"block {block}: no linear with roles {roles} reads (batch, tokens, channels) activations "
+                          "(or a token grid), which the statistics need")
     return out
 
 

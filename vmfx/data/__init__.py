@@ -6,7 +6,7 @@ inside vmfx, and ImageNet-layout folders are the user's own.
 """
 
 from .digits import DIGITS_MEAN, DIGITS_STD, load_digits, normalize_digits
-from .evaluate import EvalResult, evaluate, predictions
+from .evaluate import AgreementResult, EvalResult, collect_logits, compare_logits, evaluate, predictions
 from .folders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,6 +28,9 @@ __all__ = [
     "EvalResult",
     "evaluate",
     "predictions",
+    "collect_logits",
+    "compare_logits",
+    "AgreementResult",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "calibration_loader",

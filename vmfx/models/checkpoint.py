@@ -178,10 +178,24 @@ def _safe_load(path: str) -> Any:
                 "torch.save(torch.load(path, weights_only=False)['model'], 'clean.pth')) and load "
                 "the bare state dict it saves."
             ) from exc
-        raise CheckpointError(
-            f"Could not read {path!r} as a torch checkpoint with weights_only=True: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
-        ) from exc
+        raise CheckpointError(_unreadable_message(path, exc)) from exc
+
+
+def _unreadable_message(path: str, exc: BaseException) -> str:
+    """Why ``path`` could not be read, without torch's advice to retry with ``weights_only=False``
+    (unsafe for a file of unknown origin, and useless for a damaged one): torch gives that advice
+    for every weights-only failure, a corrupt file included."""
+    text = str(exc)
+    if "weights_only" in text:  # torch's "Weights only load failed ... Re-running with weights_only=False ..."
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
+        reason = f" (the reader stopped at: {detail.group(1).strip()})" if detail else ""
+        return (f"Could not read {path!r} as a torch checkpoint{reason}: the file is damaged, truncated or not "
+                "written by torch.save. Download or save it again; vmfx reads checkpoints only with "
+                "torch.load(weights_only=True), so it never runs code from the file")
+    if isinstance(exc, EOFError):
+        return f"Could not read {path!r}: the file is empty or truncated; download or save the checkpoint again"
+    return (f"Could not read {path!r} as a torch checkpoint with weights_only=True: "
+            f"{type(exc).__name__}: {_first_line(exc)}")
 
 
 def _disallowed_globals(path: str, exc: BaseException) -> List[str]:
