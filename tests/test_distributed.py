@@ -303,7 +303,8 @@ def test_cli_eval_and_quantize_under_torchrun_match_one_process(folders, tmp_pat
     assert (two["world_size"], one["world_size"]) == (2, 1)
     assert [r["method"] for r in two["results"]] == ["fp32", "minmax-w8a8"]
     for a, b in zip(two["results"], one["results"], strict=True):
-        a.pop("calib_seconds"), b.pop("calib_seconds")
+        for timed in ("calib_seconds", "ms_per_image"):  # wall-clock figures differ from run to run
+            a.pop(timed), b.pop(timed)
         assert a == b
     _assert_same_bits(_state(vmfx.load(str(tmp_path / "two.safetensors"))),
                       _state(vmfx.load(str(tmp_path / "one.safetensors"))))
