@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -61,6 +62,29 @@ def test_quantize_then_inspect(tmp_path, capsys):
     assert main(["inspect", "--quantized", path]) == 0
     out = capsys.readouterr().out
     assert "in_proj" in out and "A uint8 asym per-tensor | W int8 sym per-channel" in out
+
+
+def test_quantize_keeps_float_weights_on_request(tmp_path, capsys):
+    from safetensors import safe_open
+
+    from vmfx.serialize import decode_header
+
+    paths = {}
+    for name, extra in (("codes", []), ("float", ["--keep-float-weights"])):
+        paths[name] = str(tmp_path / f"{name}.safetensors")
+        assert main(["quantize", "--config", "minmax-w8a8", "--calib-n", "16", "--output", paths[name], "--no-progress",
+                     *extra]) == 0
+        with safe_open(paths[name], "pt") as f:
+            assert decode_header(f.metadata()["vmfx"])["weights"]["storage"] == name
+    assert os.path.getsize(paths["codes"]) < 0.6 * os.path.getsize(paths["float"])
+
+
+def test_a_plugin_method_runs_from_the_cli(tmp_path, capsys):
+    plugin = os.path.join(os.path.dirname(__file__), "plugins", "clip_method.py")
+    assert main(["eval", "--plugin", plugin, "--config", "clip-w8a8", "--limit", "64", "--calib-n", "16",
+                 "--no-progress", "--speed-runs", "1", "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["method"] for r in rows] == ["fp32", "clip-w8a8"] and rows[1]["agree"] > 90
 
 
 def test_inspect_plots(tmp_path, capsys):
@@ -153,6 +177,9 @@ BAD_ARGUMENTS = [
     (["eval", "--json", "{tmp}/file/results.json"], "the folder '.*file' does not exist"),
     (["eval", "--json", "/proc/version"], "--json '/proc/version' cannot be written"),
     (["quantize", "--config", "minmax-w8a8", "--output", "{tmp}"], "--output '.*' is a directory; give a file path"),
+    (["quantize", "--config", "minmax-w8a8", "--output", "{tmp}/q.safetensors", "--keep-float-weights",
+      "--backend", "reference"], "--keep-float-weights keeps the float weights of an unlowered model"),
+    (["eval", "--plugin", "{tmp}/missing.py", "--config", "clip-w8a8"], "no plug-in file at '.*missing.py'"),
     (["inspect", "--plot", "{tmp}/file"], "--plot '.*file' is a file; give a folder"),
     (["inspect", "--block", "-1"], "argument --block: must be 0 or more, got -1"),
     (["inspect", "--plot-images", "0"], "argument --plot-images: must be at least 1"),

@@ -528,7 +528,7 @@ def cmd_quantize(args) -> int:
 
         qmodel = lower(qmodel, args.backend)
     if _world().is_main:  # every process holds the same model (vmfx.distributed)
-        vmfx.save(qmodel, args.output)
+        vmfx.save(qmodel, args.output, float_weights=args.keep_float_weights and not args.backend)
     print(f"quantized {work.name} with {args.config} ({seconds:.1f} s on {work.calib_images} calibration images)")
     print(f"saved to {args.output}")
     return 0
@@ -783,9 +783,16 @@ def validate(args: argparse.Namespace) -> None:
     from .config import resolve_config
 
     _check_backend(getattr(args, "backend", None))  # first: before anything imports Triton
+    from .plugins import load_plugin
+
+    for plugin in getattr(args, "plugin", None) or []:  # plug-in methods register their presets
+        load_plugin(plugin)
     configs = args.config if isinstance(args.config, list) else [args.config] if args.config else []
     for name in configs:
         resolve_config(name)  # an unknown preset: ConfigError listing the known ones
+    if args.command == "quantize" and args.keep_float_weights and args.backend:
+        raise ConfigError("--keep-float-weights keeps the float weights of an unlowered model; a lowered file "
+                          "(--backend) holds integer codes only: drop one of the two")
     if args.command == "quantize" and args.limit is not None:
         raise ConfigError("--limit sets how many images are evaluated, and quantize evaluates none: drop it "
                           "(--calib-n sets the calibration images)")
@@ -899,6 +906,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="in (0, 1]: resize to img_size / crop_pct, then center-crop img_size")
     p.add_argument("--limit", type=_positive_int, default=None, help="evaluate on at most this many images")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--plugin", action="append", default=None, metavar="FILE",
+                   help="a Python file registering a method and its presets (vmfx.register_method; repeatable), "
+                        "loaded before --config is read")
     # data-free calibration (OuroMamba-Gen)
     p.add_argument("--calib", choices=("real", "synthetic"), default="real",
                    help="calibrate on real images (default) or on images synthesized from the model (OuroMamba-Gen)")
@@ -939,6 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="output .safetensors path")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=None,
                    help="also lower the model with this backend before saving (default: save it unlowered)")
+    p.add_argument("--keep-float-weights", action="store_true",
+                   help="also store the float weights of quantized layers (to calibrate the loaded model again); "
+                        "by default the file holds their integer codes only")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="per-node table of the traced or quantized graph; activation plots")
