@@ -636,7 +636,7 @@ def cmd_inspect(args) -> int:
         _announce(progress, f"plotting the activations of block {args.block} of {work.name} on {len(images)} images")
         paths = vinspect.plot_distributions(work.model, images, args.plot, block=args.block)
         print("wrote " + ", ".join(paths))
-    if args.outliers:  # OuroMamba (issue 11): the outlier sets of the mixed-precision quantizers
+    if args.outliers:  # OuroMamba: the outlier sets of the mixed-precision quantizers
         _inspect_outliers(vinspect, gm, work, args, progress)
     return 0
 

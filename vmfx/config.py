@@ -249,7 +249,7 @@ class SimilaritySearchConfig:
 
 _SUBCONFIGS = {"smoothing": SmoothingConfig, "init": InitConfig, "jlss": JLSSConfig}
 _SUBCONFIGS["search"] = SimilaritySearchConfig  # k-scaled
-# -- OuroMamba (issue 11) ---------------------------------------------------------------------------
+# -- OuroMamba: mixed-precision activations --------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -286,10 +286,10 @@ class OutlierConfig:
         return self.sigma if spec.symmetric else self.sigma_asym
 
 
-_SUBCONFIGS["outliers"] = OutlierConfig  # OuroMamba (issue 11)
+_SUBCONFIGS["outliers"] = OutlierConfig
 
 
-# -- scan state (quantized hidden state of the selective scan; issue 10 parts 3-5) ------------------
+# -- scan state (the quantized hidden state of the selective scan) ----------------------------------
 
 
 @dataclass(frozen=True)
@@ -783,7 +783,7 @@ class QuantConfig:
     jlss: JLSSConfig | None = None
     rules: tuple[QuantRule, ...] = ()
     search: SimilaritySearchConfig | None = None
-    outliers: OutlierConfig | None = None  # OuroMamba (issue 11): mixed-precision activations
+    outliers: OutlierConfig | None = None  # OuroMamba: mixed-precision activations
     scan_state: ScanStateConfig | None = None  # the scan's quantized hidden state (ScanStateConfig)
     settings: tuple[SettingRule, ...] = ()
     options: Any = None
@@ -1056,7 +1056,7 @@ def _kscaled_recipe(wbits: int, abits: int) -> QuantConfig:
 
 _RECIPES["kscaled"] = _kscaled_recipe
 PRESETS.update({f"kscaled-w{w}a{a}": _kscaled_recipe(w, a) for w, a in BIT_SETTINGS})
-# -- OuroMamba presets (issue 11) -------------------------------------------------------------------
+# -- OuroMamba presets ------------------------------------------------------------------------------
 
 
 def _ouromamba_recipe(w: int, a: int) -> QuantConfig:

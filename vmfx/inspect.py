@@ -712,7 +712,7 @@ def _save(fig, path: str) -> str:
     return path
 
 
-# -- OuroMamba's outlier sets (issue 11) ----------------------------------------------------------
+# -- OuroMamba's outlier sets ----------------------------------------------------------------------
 
 
 @dataclass

@@ -98,18 +98,13 @@ STRUCTURE_META = "vmfx_saved_structure"
 
 
 def _known_builders() -> dict[str, Any]:
+    """The float architectures :func:`load` can rebuild from their recorded constructor arguments."""
+    from .models.local_vmamba import LocalVSSM
+    from .models.localmamba import LocalVim
     from .models.vim import VisionMamba
-    from .models.localmamba import LocalVim  # LocalMamba (issue 12)
-
-    builders = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in (VisionMamba, LocalVim)}
-    # vmamba
     from .models.vmamba import VSSM
 
-    builders[f"{VSSM.__module__}.{VSSM.__qualname__}"] = VSSM
-    from .models.local_vmamba import LocalVSSM  # LocalMamba's LocalVSSM (issue 12 part 2)
-
-    builders[f"{LocalVSSM.__module__}.{LocalVSSM.__qualname__}"] = LocalVSSM
-    return builders
+    return {f"{cls.__module__}.{cls.__qualname__}": cls for cls in (VisionMamba, LocalVim, VSSM, LocalVSSM)}
 
 
 # -- modules and annotations as JSON --------------------------------------------------------------

@@ -715,7 +715,7 @@ def _build(gm: fx.GraphModule, p: Partition, backend: str, linears: dict[fx.Node
     if p.kind == "scan_merge":
         return LoweredScanMerge(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"], p.info["scale"],
                                 consumer_module, not only_consumer, p.info.get("dt_proj"))
-    if p.kind == "mixed_qlinear":  # OuroMamba (issue 11)
+    if p.kind == "mixed_qlinear":  # OuroMamba
         return LoweredMixedQLinear(p.name, p.provenance, backend, p.info)
     raise ValueError(f"unknown partition kind {p.kind!r}")
 

@@ -475,7 +475,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     """
     init = config.init
     act_observer = activation_observer(init.method, init.p, init.candidates)
-    if config.outliers is not None:  # OuroMamba (issue 11): mixed-precision activation quantizers
+    if config.outliers is not None:  # OuroMamba: mixed-precision activation quantizers
         from .ouromamba import outlier_observer
 
         act_observer = outlier_observer(config.outliers, init.p, init.candidates)
@@ -521,5 +521,5 @@ for _name in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-of
 # k-scaled ViM PTQ (Shi et al.): min-max observers on layer outputs (clusters by k-means), then the
 # similarity search; the config's rules and ``search`` say what (vmfx.config.kscaled_rules)
 register_method("kscaled")(ptq_passes)
-# OuroMamba-Quant (issue 11): PTQ4VM's passes with mixed-precision activation observers
+# OuroMamba-Quant: PTQ4VM's passes with mixed-precision activation observers
 register_method("ouromamba")(ptq_passes)
