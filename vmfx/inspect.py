@@ -179,6 +179,9 @@ def rows(gm: fx.GraphModule | nn.Module, all_nodes: bool = False, example_inputs
     for node in gm.graph.nodes:
         ann = annotation(node)
         spec, scale = _quant_columns(node)
+        rotated = ann.extra.get("rotated") if ann is not None else None
+        if rotated:  # an offline rotation this node's weights absorbed (vmfx.passes.rotate)
+            spec = f"{spec} | {rotated}" if spec else rotated
         if not all_nodes and ann is None and not spec:
             continue
         out.append(
