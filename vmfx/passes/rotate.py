@@ -50,7 +50,10 @@ Which rotation
 
 Annotations: every annotated node that absorbed the rotation gets ``extra["rotated"]``, e.g.
 ``"residual R (klt-hadamard 96): W <- W diag(g) R"`` (``vmfx.inspect.table`` shows it in the spec
-column); the class token and position embedding are named on the patch embedding's entry.
+column); the class token and position embedding are named on the patch embedding's entry. Nodes
+whose *output* is rotated (norms, the patch embedding, ``out_proj``) also get
+``extra["rotated_output"] = True``, which ``vmfx.inspect.compare`` skips (their float counterparts
+are not rotated).
 ``gm.meta["vmfx_rotation"]`` records the kind, width, Hadamard blocks, statistics and every
 absorbed parameter.
 
@@ -154,7 +157,8 @@ class ResidualRegion:
 
 
 def _refuse(node: fx.Node, why: str) -> ConfigError:
-    what = node.target if node.op in ("call_module", "get_attr", "call_method") else getattr(node.target, "__name__", node.target)
+    named = node.op in ("call_module", "get_attr", "call_method")
+    what = node.target if named else getattr(node.target, "__name__", node.target)
     return ConfigError(
         f"the residual stream cannot be rotated offline: node '{node.name}' ({node.op} {what}) {why}. Offline rotation "
         "needs a residual stream that passes only through RMSNorm, linear layers, adds and token slicing (Vim, LocalVim "
@@ -330,7 +334,7 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
     sources: set[fx.Node] = set()
     todo: deque = deque()
 
-    def add(node: fx.Node, tag: fx.Node | None, via: fx.Node) -> None:
+    def add(node: fx.Node, tag: fx.Node | None) -> None:
         if node in region.nodes:
             if region.nodes[node] is not tag:
                 raise _refuse(node, "mixes the residual stream with a normalised value (or values of two norms)")
@@ -344,7 +348,7 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
         if not isinstance(arg, fx.Node):
             raise _refuse(user, "combines the residual stream with a constant")
         if arg in region.nodes:
-            add(arg, tag, user)
+            add(arg, tag)
             return
         if arg.op == "get_attr":
             if tag is not None:
@@ -361,15 +365,15 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
                 raise _refuse(arg, "writes a value combined with a normalised one")
             region.linear_producers.append(arg)
             sources.add(arg)
-            add(arg, None, user)
+            add(arg, None)
         elif _conv_source(arg) is not None:
             if tag is not None:
                 raise _refuse(arg, "writes a value combined with a normalised one")
             region.convs.append(_conv_source(arg))
             sources.add(arg)
-            add(arg, None, user)
+            add(arg, None)
         elif _tensor_inputs(arg) is not None:
-            add(arg, tag, user)
+            add(arg, tag)
         elif _is_other_norm(arg):
             raise _layer_norm_error(arg)
         else:
@@ -398,7 +402,7 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
             if _is_norm(user):
                 if tag is not None:
                     raise _refuse(user, "normalises an already normalised value")
-                add(user, user, node)
+                add(user, user)
             elif _is_other_norm(user):
                 raise _layer_norm_error(user)
             elif _is_linear_module(user):
@@ -409,7 +413,7 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
             elif user.op == "output":
                 raise _refuse(node, "is returned by the model (the output would be rotated)")
             elif _tensor_inputs(user) is not None and node in _tensor_inputs(user):
-                add(user, tag, node)
+                add(user, tag)
             else:
                 raise _refuse(user, "reads the residual stream and does not commute with a rotation of the channels")
     order = {n: i for i, n in enumerate(nodes)}
@@ -472,7 +476,8 @@ class RotateResidualPass(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         region = find_residual_stream(gm)
         d = region.dim
-        record = {"kind": self.kind, "dim": d, "blocks": hadamard_blocks(d), "seed": self.seed if self.kind == "hadamard" else None}
+        record = {"kind": self.kind, "dim": d, "blocks": hadamard_blocks(d),
+                  "seed": self.seed if self.kind == "hadamard" else None}
         if self.kind == "klt":
             moment, stats = self._second_moment(gm, ctx, region)
             rotation, eigenvalues = klt_hadamard(moment)
@@ -582,11 +587,14 @@ class RotateResidualPass(Pass):
         if region.params:  # unannotated get_attr nodes: named on the patch embedding (else the first norm)
             host = next((n for n in region.convs if annotation(n) is not None), None) or region.norms[0]
             notes.setdefault(host, []).append(", ".join(n.target for n in region.params) + " <- P R")
+        rotated_outputs = set(region.norms) | set(region.linear_producers) | set(region.convs)
         for node, parts in notes.items():
             ann = annotation(node)
             role = ann.role if ann is not None else ("norm" if _is_norm(node) else "linear")
             extra = dict(ann.extra) if ann is not None else {}
             extra["rotated"] = f"{label}: " + "; ".join(parts)
+            if node in rotated_outputs:  # per-layer comparisons with the float model skip it
+                extra["rotated_output"] = True
             annotate(node, role, extra=extra)
         return absorbed
 

@@ -65,7 +65,7 @@ def _paley_base(m: int) -> str | None:
         return "one"
     if m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
         return "paley1"
-    if m % 4 == 0 and m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+    if m % 4 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
         return "paley2"
     return None
 
