@@ -179,6 +179,9 @@ def rows(gm: fx.GraphModule | nn.Module, all_nodes: bool = False, example_inputs
     for node in gm.graph.nodes:
         ann = annotation(node)
         spec, scale = _quant_columns(node)
+        rotated = ann.extra.get("rotated") if ann is not None else None
+        if rotated:  # an offline rotation this node's weights absorbed (vmfx.passes.rotate)
+            spec = f"{spec} | {rotated}" if spec else rotated
         if not all_nodes and ann is None and not spec:
             continue
         out.append(
@@ -461,8 +464,9 @@ def compare(
     """Per-layer SQNR and cosine between the float model and the quantized graph.
 
     Both are run on the same images; nodes are matched by name (vmfx keeps the float graph's
-    node names through every pass). Norms whose output carries folded smoothing factors are
-    skipped (their output is scaled on purpose). Statistics are accumulated over all images, so memory does
+    node names through every pass). Norms whose output carries folded smoothing factors, and nodes
+    whose output an offline rotation rotated (``extra["rotated_output"]``), are skipped (their
+    output differs on purpose). Statistics are accumulated over all images, so memory does
     not grow with their number.
 
     Args:
@@ -500,8 +504,8 @@ def compare(
         ann = annotation(node)
         if ann is None or node.name not in float_names or ann.role in ("observer", "quantizer"):
             continue
-        if ann.extra.get("smoothing_folded_into"):
-            continue  # its output is deliberately scaled by 1/s (folded smoothing): not comparable
+        if ann.extra.get("smoothing_folded_into") or ann.extra.get("rotated_output"):
+            continue  # its output is deliberately scaled by 1/s (folded smoothing) or rotated: not comparable
         if roles is not None and ann.role not in set(roles):
             continue
         order.append((node.name, ann.role, ann.block, ann.direction))

@@ -9,7 +9,8 @@ __all__ = ["RMSNorm"]
 
 
 class RMSNorm(nn.Module):
-    """``y = x * rsqrt(mean(x**2, -1) + eps) * weight``, computed in fp32, returned in x's dtype.
+    """``y = x * rsqrt(mean(x**2, -1) + eps) * weight``, computed in fp32 (fp64 for a float64 input),
+    returned in x's dtype.
 
     Only ``weight`` is a parameter (no bias key), as in the official checkpoints. The tracer keeps
     this module as one leaf node (role ``norm``).
@@ -25,9 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(xf.dtype)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -33,6 +33,7 @@ from .manager import PassManager
 from .ouromamba import outlier_observer
 from .patterns import is_linear, module_of
 from .pipeline import Pipeline, method_passes, methods, ptq_passes, register_method
+from .rotate import RotateResidualPass, RotationOptions, rotate_passes
 from .scan_state import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 from .similarity_search import SimilaritySearchPass
 from .smoothquant import SmoothQuantPass
@@ -51,8 +52,11 @@ __all__ = [
     "method_passes",
     "ptq_passes",
     "scan_state_passes",
+    "rotate_passes",
+    "RotationOptions",
     # the built-in passes, in pipeline order
     "DetectMambaMixersPass",
+    "RotateResidualPass",
     "InsertObserversPass",
     "CalibratePass",
     "SmoothQuantPass",
