@@ -284,6 +284,13 @@ class JLSSPass(Pass):
             loss.backward()
             return loss.item()
         count = sum(t[..., 0].numel() for t in targets)
+        return JLSSPass._backward_shares(runner, segment, out_node, envs, targets, overrides, count)
+
+    @staticmethod
+    def _backward_shares(runner, segment, out_node, envs, targets, overrides, count: int) -> float:
+        """Backpropagate, pass by pass, each pass's share of the loss: its sum of ``1 - cosine``
+        over its tokens divided by ``count``, the token count of the whole batch. Returns the sum
+        of the shares."""
         total = 0.0
         for env, target in zip(envs, targets):
             out = runner.run(segment, env, keep=[out_node], overrides=overrides)[out_node]
@@ -300,12 +307,7 @@ class JLSSPass(Pass):
         processes with one ``all_reduce`` (in float64), so ``.grad`` holds the whole batch's
         gradient, identical in every process (the one-process gradient up to float rounding)."""
         (count,) = distributed.all_reduce_sum([sum(t[..., 0].numel() for t in targets)], dist)
-        total = 0.0
-        for env, target in zip(envs, targets):
-            out = runner.run(segment, env, keep=[out_node], overrides=overrides)[out_node]
-            share = (1 - F.cosine_similarity(target.float(), out.float(), dim=-1)).sum() / count
-            share.backward()
-            total += share.item()
+        total = JLSSPass._backward_shares(runner, segment, out_node, envs, targets, overrides, count)
         flat = torch.cat([torch.zeros(1, dtype=torch.float64)] + [
             (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).double().cpu()
             for p in params])

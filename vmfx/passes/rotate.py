@@ -554,23 +554,13 @@ class RotateResidualPass(Pass):
             how = f"W <- W diag({tag.name}.g) R" if tag is not None else "W <- W R"
             absorbed[f"{node.target}.weight"] = how
             notes.setdefault(node, []).append(how)
-        for node in region.linear_producers:
-            lin = module_of(node)
-            w = lin.weight.detach().to(torch.float64).cpu()
-            put(lin.weight, r.T @ w)
-            how = "W <- R^T W"
-            if lin.bias is not None:
-                put(lin.bias, r.T @ lin.bias.detach().to(torch.float64).cpu())
-                how += ", b <- R^T b"
-            absorbed[f"{node.target}.weight"] = how
-            notes.setdefault(node, []).append(how)
-        for node in region.convs:
-            conv = module_of(node)
-            w = conv.weight.detach().to(torch.float64).cpu()
-            put(conv.weight, (r.T @ w.reshape(w.shape[0], -1)).reshape(w.shape))
-            how = "output channels W <- R^T W"
-            if conv.bias is not None:
-                put(conv.bias, r.T @ conv.bias.detach().to(torch.float64).cpu())
+        for node in list(region.linear_producers) + list(region.convs):  # output channels absorb R^T
+            layer = module_of(node)
+            w = layer.weight.detach().to(torch.float64).cpu()
+            put(layer.weight, (r.T @ w.reshape(w.shape[0], -1)).reshape(w.shape))
+            how = ("output channels " if node in region.convs else "") + "W <- R^T W"
+            if layer.bias is not None:
+                put(layer.bias, r.T @ layer.bias.detach().to(torch.float64).cpu())
                 how += ", b <- R^T b"
             absorbed[f"{node.target}.weight"] = how
             notes.setdefault(node, []).append(how)
