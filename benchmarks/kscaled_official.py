@@ -432,7 +432,7 @@ DIFFERENCES = [
     "**Hidden state used for y.** Official `QuantSSM.quant_forward` (src/quant_layers/QuantSSM.py:600-603) "
     "computes `y[t] = C[t] . h[t]` from the *unquantized* `h[t] = dA[t] Q(h[t-1]) + dBx[t]` and quantizes the "
     "state only when it is carried to the next step; vmfx computes `y[t]` from `Q(h[t])` "
-    "(vmfx/quant/scan_state.py).",
+    "(vmfx/quant/state_quantizer.py).",
     "**r_D applied twice.** Official `net_wrap.py:62-80` folds precomputed Vim-T factors r_D (files) into every "
     "x_proj weight (B rows / r_D, C rows * r_D), and `QuantSSM._initialize_intervals` (:160-247) then computes "
     "r_C, r_L, r_D again from the (already folded) scan and applies them inside the scan; the dt rank 12 is "

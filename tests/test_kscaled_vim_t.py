@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import vmfx
 from vmfx.config import JLSSConfig, ScanStateConfig, SimilaritySearchConfig
 from vmfx.models import VisionMamba
-from vmfx.quant.scan_state import ScanStateQuant
+from vmfx.quant.state_quantizer import ScanStateQuant
 
 STATE = ScanStateConfig(bits=8, reparameterize=True, candidates=21, search_samples=4)
 SEARCH = SimilaritySearchConfig(rounds=3, candidates=101, images=4)

@@ -79,7 +79,7 @@ class NodeAnnotation:
         tokens: sequence length the node sees (from shape propagation), when known.
         mixer: qualified name of the mixer module the node belongs to, when known.
         matched_by: "structure", or "name" when only the module name decided the role.
-        layout: the :class:`vmfx.layout.TokenLayout` of the node's output (token dims, channel
+        layout: the :class:`vmfx.token_layout.TokenLayout` of the node's output (token dims, channel
             dim, token order), when detection could infer it; None otherwise.
         act_spec / weight_spec: the specs a quantization pass chose for this node (a linear's
             input and weight edges).

@@ -55,7 +55,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .errors import CalibrationDataError, ConfigError, VmfxError
 
 __all__ = ["main", "build_parser", "validate"]

@@ -96,5 +96,5 @@ class ConfigWarning(UserWarning):
 class LayoutError(VmfxError, ValueError):
     """The token layout of a tensor is unknown or does not fit what was asked of it: a per-token
     spec on an edge whose token dims detection could not infer, a tensor whose shape does not match
-    its recorded :class:`vmfx.layout.TokenLayout`, or static per-token scales on a merged
+    its recorded :class:`vmfx.token_layout.TokenLayout`, or static per-token scales on a merged
     ``(batch * tokens)`` dim. The message names the tensor (node or shape) and the way out."""

@@ -34,7 +34,7 @@ from .passes.pipeline import trace_for_quantization
 from .passes.linear_edges import linear_edges, quantized_linears
 from .passes.patterns import is_linear
 from .quant.mixed import MixedPrecisionQuantize
-from .quant.scan_state import scan_state_of
+from .quant.state_quantizer import scan_state_of
 from .quant.modules import FakeQuantize, Smooth
 from .quant.observers import Observer
 

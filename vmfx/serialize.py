@@ -75,7 +75,7 @@ from .passes.manager import PassManager
 from .passes.patterns import module_of
 from .passes.pipeline import trace_for_quantization
 from .quant.modules import FakeQuantize, Smooth
-from .quant import mixed, scan_state  # noqa: F401  (register their module kinds)
+from .quant import mixed, state_quantizer  # noqa: F401  (register their module kinds)
 from .quant.observers import Observer
 from .quant.registry import build_module, describe_module, module_kinds
 from .quant.spec import QuantSpec
@@ -137,7 +137,7 @@ def _build_module(entry: dict) -> nn.Module:
 
 def _layout_class():
     try:
-        from .layout import TokenLayout
+        from .token_layout import TokenLayout
     except ImportError:  # a vmfx without token layouts
         return None
     return TokenLayout

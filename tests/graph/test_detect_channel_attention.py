@@ -13,7 +13,7 @@ from torch import nn
 
 import vmfx
 from vmfx.annotations import annotation
-from vmfx.layout import layout_of
+from vmfx.token_layout import layout_of
 from vmfx.ops import selective_scan
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import vmfx
 from vmfx.annotations import annotation
-from vmfx.layout import layout_of
+from vmfx.token_layout import layout_of
 from vmfx.models import VSSM
 from vmfx.ops import selective_scan
 from vmfx.passes.insert_observers import quantized_linear_nodes

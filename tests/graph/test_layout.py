@@ -18,7 +18,7 @@ from torch import nn
 import vmfx
 from vmfx.annotations import annotation
 from vmfx.errors import LayoutError
-from vmfx.layout import TokenLayout, layout_of
+from vmfx.token_layout import TokenLayout, layout_of
 from vmfx.ops import selective_scan
 from vmfx.quant import FakeQuantize, MinMaxObserver, QuantSpec
 from vmfx.quant.observers import AbsMaxObserver, LpObserver

@@ -18,8 +18,8 @@ from vmfx.passes import (
     method_passes,
     ptq_passes,
 )
-from vmfx.passes.scan_state import scan_nodes
-from vmfx.quant.scan_state import ScanStateQuant, scan_state_of
+from vmfx.passes.scan_state_passes import scan_nodes
+from vmfx.quant.state_quantizer import ScanStateQuant, scan_state_of
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,7 @@ def test_merge_half_in_half_out(dtype, emit_codes):
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 def test_mixed_qlinear_half_out(dtype):
-    from vmfx.layout import TokenLayout
+    from vmfx.token_layout import TokenLayout
     from vmfx.quant.mixed import MixedPrecisionQuantize
     from vmfx.quant.observers import QParams
     from vmfx.quant.spec import QuantSpec

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.lowering.conftest import DEVICE
-from vmfx.layout import TokenLayout
+from vmfx.token_layout import TokenLayout
 from vmfx.lowering import kernels as K
 from vmfx.lowering import reference as R
 from vmfx.quant.mixed import MixedPrecisionQuantize

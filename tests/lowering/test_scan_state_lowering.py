@@ -26,7 +26,7 @@ from vmfx.lowering import reference as R
 from vmfx.lowering.partition import unlowered_quantizers
 from vmfx.models.vim import VisionMamba
 from vmfx.ops.selective_scan import reparameterize
-from vmfx.passes.scan_state import scan_nodes
+from vmfx.passes.scan_state_passes import scan_nodes
 
 
 def _rel(a, b):

@@ -9,7 +9,7 @@ import vmfx
 from vmfx.config import InitConfig, JLSSConfig, QuantConfig, SmoothingConfig
 from vmfx.passes import Pipeline, method_passes
 from vmfx.passes.smoothquant import smoothing_factors
-from vmfx.layout import TokenLayout
+from vmfx.token_layout import TokenLayout
 from vmfx.passes.linear_edges import linear_edges
 from vmfx.quant import FakeQuantize, QuantSpec
 from vmfx.quant.observers import LpObserver, lp_search_weight, qparams_from_minmax

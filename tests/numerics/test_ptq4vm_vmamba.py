@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import vmfx
 from vmfx.annotations import LINEAR_ROLES, annotation
 from vmfx.config import JLSSConfig, preset
-from vmfx.layout import layout_of
+from vmfx.token_layout import layout_of
 from vmfx.models import VSSM
 from vmfx.models.hints import config_for_model
 from vmfx.passes.linear_edges import quantized_linears

@@ -1,5 +1,5 @@
 """The scan's reparameterization and quantized hidden state (vmfx.ops.selective_scan extras,
-vmfx.quant.scan_state), against float64 per-step loops written here from the math."""
+vmfx.quant.state_quantizer), against float64 per-step loops written here from the math."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import importlib
 from vmfx.ops.selective_scan import reparameterize, selective_scan
-from vmfx.quant.scan_state import ScanStateQuant, reparameterization_factors, search_state_scales
+from vmfx.quant.state_quantizer import ScanStateQuant, reparameterization_factors, search_state_scales
 from tests.reference import fake_quant_ref
 
 scan_mod = importlib.import_module("vmfx.ops.selective_scan")  # the module (vmfx.ops re-exports the function)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmfx.errors import ConfigError
-from vmfx.layout import TokenLayout
+from vmfx.token_layout import TokenLayout
 from vmfx.quant import QuantSpec
 from vmfx.quant.kscaled import cluster_scales, expand, kmeans, round_pow2_ratios
 from vmfx.quant.modules import FakeQuantize

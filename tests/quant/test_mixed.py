@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from vmfx.config import OutlierConfig, QuantConfig, preset
 from vmfx.errors import ConfigError, LayoutError
-from vmfx.layout import TokenLayout
+from vmfx.token_layout import TokenLayout
 from vmfx.quant.mixed import (
     MixedPrecisionQuantize,
     OutlierLpObserver,

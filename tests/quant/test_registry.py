@@ -10,7 +10,7 @@ from torch import nn
 from vmfx.quant import FakeQuantize, QuantSpec, Smooth
 from vmfx.quant.observers import QParams
 from vmfx.quant.registry import build_module, describe_module, module_kind, register_module_kind
-from vmfx.quant.scan_state import ScanStateQuant
+from vmfx.quant.state_quantizer import ScanStateQuant
 
 
 def _modules():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.reference import fake_quant_ref
 from vmfx.errors import CalibrationDataError, ConfigError, LayoutError
-from vmfx.layout import TokenLayout
+from vmfx.token_layout import TokenLayout
 from vmfx.quant import FakeQuantize, MinMaxObserver, QuantSpec, Smooth, weight_quantizer_minmax
 
 

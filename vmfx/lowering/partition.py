@@ -49,7 +49,7 @@ from ..passes.linear_edges import linear_edges
 from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
 from ..quant.mixed import MixedPrecisionQuantize
 from ..quant.modules import FakeQuantize, Smooth
-from ..quant.scan_state import scan_state_of
+from ..quant.state_quantizer import scan_state_of
 from .rewrite import flip_dims
 
 __all__ = ["Partition", "QuantizedLinear", "find_partitions", "unlowered_quantizers", "EPILOGUE_OPS"]

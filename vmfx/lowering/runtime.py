@@ -55,7 +55,7 @@ from torch import nn
 from ..annotations import annotate, annotation
 from ..errors import ConfigError, LoweringError
 from ..ops.selective_scan import reparameterize
-from ..quant.scan_state import scan_state_of
+from ..quant.state_quantizer import scan_state_of
 from ..quant.modules import FakeQuantize
 from . import reference as ref
 from .partition import Partition, QuantizedLinear, find_partitions, unlowered_quantizers
@@ -367,7 +367,7 @@ class LoweredConv(LoweredPartition):
 
 
 class LoweredScan(LoweredPartition):
-    """Selective scan + D skip + SiLU(z) gate; with a :class:`~vmfx.quant.scan_state.ScanStateQuant`
+    """Selective scan + D skip + SiLU(z) gate; with a :class:`~vmfx.quant.state_quantizer.ScanStateQuant`
     (``state``), the reparameterization factors are folded into u, B, C (:func:`vmfx.ops.reparameterize`)
     and the kernel takes the step ratio, the output factor ``r_C`` and the per-step state step
     sizes (buffers ``r_C``, ``r_L``, ``r_D``, ``state_scales``)."""

@@ -99,7 +99,7 @@ Reparameterization and a quantized state
 same output (Shi et al.'s hidden-state reparameterization). ``state_scales`` (L,) fake-quantizes
 the state symmetrically at every step, inline in the recurrence loop (three more in-place ops
 per step on a (p, dim, N) slab, no Python call), with straight-through gradients exactly like a
-``state_hook`` doing the same. ``state_quant`` (a :class:`vmfx.quant.scan_state.ScanStateQuant`)
+``state_hook`` doing the same. ``state_quant`` (a :class:`vmfx.quant.state_quantizer.ScanStateQuant`)
 sets all of them from its factors and scales: it is how a graph's scan node carries its
 quantized state. Without these arguments the code path is the plain one above.
 
@@ -180,7 +180,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             (like a ``state_hook``, but inline: no Python call per step).
         state_bits: bit width of the state quantization (2..16).
         state_quant: optional quantized-state description (a
-            :class:`vmfx.quant.scan_state.ScanStateQuant`, or any object with ``factors()`` ->
+            :class:`vmfx.quant.state_quantizer.ScanStateQuant`, or any object with ``factors()`` ->
             ``(r_C, r_L, r_D)`` or None, ``state_scales()`` -> (L,) tensor or None and ``bits``):
             the scan is reparameterized by the factors (:func:`reparameterize`) and its state
             quantized with the scales; exclusive with ``step_scale``, ``out_scale`` and

@@ -34,7 +34,7 @@ from .ouromamba import outlier_observer
 from .patterns import is_linear, module_of
 from .pipeline import Pipeline, method_passes, methods, ptq_passes, register_method
 from .rotate import RotateResidualPass, RotationOptions, rotate_passes
-from .scan_state import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
+from .scan_state_passes import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 from .similarity_search import SimilaritySearchPass
 from .smoothquant import SmoothQuantPass
 

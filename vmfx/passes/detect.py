@@ -15,8 +15,8 @@ they only label Linear nodes that structure left unexplained inside a matched mi
   merge (``gate``: times SiLU of a slice of the same ``in_proj``) to the Linear that reads the result
   (``out_proj``)
 
-Token layouts (:mod:`vmfx.passes.layouts`): every node from ``in_proj`` to ``out_proj`` gets the
-:class:`~vmfx.layout.TokenLayout` of its output (``node.meta[LAYOUT_META]``, and
+Token layouts (:mod:`vmfx.passes.propagate_layouts`): every node from ``in_proj`` to ``out_proj`` gets the
+:class:`~vmfx.token_layout.TokenLayout` of its output (``node.meta[LAYOUT_META]``, and
 ``annotation(node).layout`` for annotated nodes): its token dims, channel dim and the permutation
 from the canonical token order to the order it holds. A scan's order is its ``u``'s; its
 ``direction`` label is derived from it: "forward" (identity), "backward" (reversed), or
@@ -44,9 +44,9 @@ import torch
 import torch.fx as fx
 
 from ..annotations import VMFX_META, annotate, annotation
-from ..layout import LAYOUT_META, LAYOUT_WHY_META, TokenLayout, layout_of
+from ..token_layout import LAYOUT_META, LAYOUT_WHY_META, TokenLayout, layout_of
 from .base import Pass, PassContext, PassResult
-from .layouts import propagate_token_layouts
+from .propagate_layouts import propagate_token_layouts
 from .matches import MixerMatch, ScanMatch, bind_scan
 from .patterns import (
     FailedMatch,

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import LAYOUT_META
+from ..token_layout import LAYOUT_META
 
 __all__ = [
     "EDITS_META",

@@ -12,7 +12,7 @@ from typing import Callable
 import torch.fx as fx
 
 from ..annotations import annotation
-from ..layout import layout_of
+from ..token_layout import layout_of
 from ..quant.observers import LpObserver, MinMaxObserver, Observer
 from ..quant.spec import QuantSpec
 

@@ -1,6 +1,6 @@
 """What detection matches: the nodes of one scan direction and of one mixer, and the binding of a
 scan call's arguments by name. Detection (:mod:`vmfx.passes.detect`), the structural matcher
-(:mod:`vmfx.passes.structural`) and token layouts (:mod:`vmfx.passes.layouts`) share them."""
+(:mod:`vmfx.passes.structural`) and token layouts (:mod:`vmfx.passes.propagate_layouts`) share them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from ..layout import TokenLayout
+from ..token_layout import TokenLayout
 from ..ops.selective_scan import selective_scan
 
 __all__ = ["ScanMatch", "MixerMatch", "bind_scan"]

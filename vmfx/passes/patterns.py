@@ -24,7 +24,7 @@ from torch import nn
 
 from ..nn.norm import RMSNorm
 from ..ops.selective_scan import selective_scan
-from ..layout import PRESERVES_LAYOUT
+from ..token_layout import PRESERVES_LAYOUT
 from ..quant.modules import FakeQuantize, Smooth
 from ..quant.observers import Observer
 

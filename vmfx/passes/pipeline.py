@@ -43,7 +43,7 @@ from .insert_observers import InsertObserversPass, activation_observer
 from .jlss import JLSSPass
 from .manager import PassManager
 from .smoothquant import SmoothQuantPass
-from .scan_state import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
+from .scan_state_passes import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 
 __all__ = [
     "Pipeline",

@@ -40,10 +40,10 @@ from torch import nn
 from ..annotations import annotate, annotation
 from ..config import SCAN_OPERANDS, SCAN_WEIGHT_OPERANDS, QuantConfig
 from ..errors import ConfigError, ConfigWarning
-from ..layout import TokenLayout, layout_of
+from ..token_layout import TokenLayout, layout_of
 from ..quant.modules import FakeQuantize
 from ..quant.observers import Observer, qparams_from_minmax, reduce_minmax
-from ..quant.scan_state import scan_state_of
+from ..quant.state_quantizer import scan_state_of
 from ..quant.spec import QuantSpec
 from .graph_utils import insert_module_on_edge, unique_submodule_name
 from .inserted import QUANT_PREFIX, make_observer, rule_module_path
@@ -271,7 +271,7 @@ def quantized_operands(scan: fx.Node) -> dict[str, str]:
     "int8 sym per-step +reparam"}``). An operand counts when its value comes out of a quantizer,
     directly or through views / transposes / slices / casts (an operand rule's quantizer, or an
     output rule's upstream: delta from ``dt_proj``'s or the softplus's, u from the conv SiLU's);
-    ``state`` when the scan quantizes its hidden state (:class:`~vmfx.quant.scan_state.ScanStateQuant`)."""
+    ``state`` when the scan quantizes its hidden state (:class:`~vmfx.quant.state_quantizer.ScanStateQuant`)."""
     out: dict[str, str] = {}
     if not is_scan(scan):
         return out

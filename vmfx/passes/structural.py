@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from ..annotations import GENERIC_LINEAR_ROLE, LINEAR_ROLES, annotate, annotation
-from ..layout import LAYOUT_META, TokenLayout, layout_of
+from ..token_layout import LAYOUT_META, TokenLayout, layout_of
 from .matches import ScanMatch
 from .patterns import (
     FailedMatch,

@@ -16,7 +16,7 @@ changes from token to token. OuroMamba (ICCV 2025) quantizes such an activation 
 OuroMamba applies to delta (the output of ``dt_proj``), whose inliers and outliers both have a zero
 point.
 
-Time steps are the positions of the tensor's token dims (its :class:`~vmfx.layout.TokenLayout`),
+Time steps are the positions of the tensor's token dims (its :class:`~vmfx.token_layout.TokenLayout`),
 which is the scan order for the tensors inside a scan direction (Vim's backward branch holds its
 tokens reversed) and the raster order for ``in_proj`` / ``out_proj``; windows are positions
 ``[10 w, 10 w + 10)``. Everything is vectorised over samples, windows and steps (the union within a

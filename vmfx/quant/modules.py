@@ -39,7 +39,7 @@ class FakeQuantize(nn.Module):
         qparams: static scale and zero point (shaped to broadcast against the input); ``None``
             for a dynamic spec.
         is_weight: the tensor is a weight (``channel`` means dim 0).
-        layout: the activation's :class:`~vmfx.layout.TokenLayout`: which dims a dynamic
+        layout: the activation's :class:`~vmfx.token_layout.TokenLayout`: which dims a dynamic
             per-token spec keeps, and which dims are tokens in shape errors (see
             :meth:`QuantSpec.kept_dims`).
         cluster_ids: for a "cluster" spec (k-scaled), the cluster of every position, shaped like

@@ -83,7 +83,7 @@ class Observer(nn.Module):
     Args:
         spec: the quantization spec the statistics are for.
         is_weight: the observed tensor is a weight (``channel`` means dim 0).
-        layout: the observed activation's :class:`~vmfx.layout.TokenLayout` (detection records it
+        layout: the observed activation's :class:`~vmfx.token_layout.TokenLayout` (detection records it
             per edge: ``annotation(node).layout``). Per-token statistics follow its token dims and
             per-channel ones its channel dim; they are kept in the tensor's own position order
             (``layout.order[p]`` is the canonical token at position ``p``). Without a layout a

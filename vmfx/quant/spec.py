@@ -29,7 +29,7 @@ cluster     k static scales, one per    (static only) k-scaled quantization (Shi
                                       most ``clusters`` distinct values
 =========== ======================= ===================================================
 
-Which dims are tokens comes from the tensor's :class:`~vmfx.layout.TokenLayout`; without one a
+Which dims are tokens comes from the tensor's :class:`~vmfx.token_layout.TokenLayout`; without one a
 per-token spec raises :class:`~vmfx.errors.LayoutError`: vmfx never guesses the token axis.
 """
 
@@ -40,11 +40,11 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError, LayoutError
-from ..layout import token_kept_dims
+from ..token_layout import token_kept_dims
 from ..ops.quantize import qrange
 
 if TYPE_CHECKING:
-    from ..layout import TokenLayout
+    from ..token_layout import TokenLayout
 
 __all__ = ["QuantSpec", "GRANULARITIES", "CLUSTER_AXES", "MIN_BITS", "MAX_BITS"]
 
@@ -136,8 +136,8 @@ class QuantSpec:
         Args:
             ndim: rank of the tensor to quantize.
             is_weight: the tensor is a weight ``(out, in, ...)``: "channel" means dim 0.
-            layout: the activation's :class:`~vmfx.layout.TokenLayout` (from detection:
-                ``annotation(node).layout`` or :func:`vmfx.layout.layout_of`). "token" keeps its
+            layout: the activation's :class:`~vmfx.token_layout.TokenLayout` (from detection:
+                ``annotation(node).layout`` or :func:`vmfx.token_layout.layout_of`). "token" keeps its
                 token dims (static) or every dim but its channel dim (dynamic); "channel" keeps its
                 channel dim.
 
@@ -168,7 +168,7 @@ class QuantSpec:
             f"per-token quantization of a rank-{ndim} tensor needs its token layout (which dims "
             "index tokens), and none was given; vmfx does not guess the axis. Way out: pass "
             "layout=annotation(node).layout (recorded by DetectMambaMixersPass for every edge of a "
-            "mixer; see vmfx.layout) to the observer or quantizer, or give this edge a per-tensor "
+            "mixer; see vmfx.token_layout) to the observer or quantizer, or give this edge a per-tensor "
             "or per-channel spec"
         )
 

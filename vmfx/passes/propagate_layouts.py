@@ -13,7 +13,7 @@ norm over the last dim (LayerNorm, RMSNorm) keeps them when that dim holds the c
 (observers, ``FakeQuantize`` and any module whose class sets ``vmfx_preserves_layout = True`` count
 as elementwise) keep them and check that their tensor inputs agree in token order (a direction merge
 of a branch left un-flipped is found here); the selective scan keeps ``u``'s and checks ``delta``,
-``B``, ``C`` and ``z`` against it. :func:`vmfx.layout.layout_from_probes` then reads the layout off
+``B``, ``C`` and ``z`` against it. :func:`vmfx.token_layout.layout_from_probes` then reads the layout off
 the probes.
 
 Shape arguments that are computed in the graph (``h.shape[1]``, ``x.size(0) * L``) are evaluated
@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import LAYOUT_META, LAYOUT_WHY_META, PRESERVES_LAYOUT, TokenLayout, _varying_dims, layout_from_probes
+from ..token_layout import LAYOUT_META, LAYOUT_WHY_META, PRESERVES_LAYOUT, TokenLayout, _varying_dims, layout_from_probes
 from ..ops.selective_scan import selective_scan
 from ..quant.modules import FakeQuantize
 from ..quant.observers import Observer

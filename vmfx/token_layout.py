@@ -3,7 +3,7 @@
 Vision Mambas move tokens around: Vim's backward scan reads the sequence reversed, VMamba's
 cross-scan reads a ``(B, H, W, C)`` grid in four orders, MambaVision merges batch and tokens in a
 ``(b l) d`` reshape. A per-token statistic is only meaningful if it knows which dims index tokens
-and which token each position holds. Detection (:mod:`vmfx.passes.layouts`) records a
+and which token each position holds. Detection (:mod:`vmfx.passes.propagate_layouts`) records a
 :class:`TokenLayout` for every activation edge of a mixer, from ``in_proj`` to ``out_proj``; per-token
 observers and quantizers take it (``layout=``) instead of guessing an axis.
 
@@ -224,7 +224,7 @@ def layout_from_probes(batch: torch.Tensor, token: torch.Tensor, channel: torch.
     """The layout of a tensor from three integer *probes* of its shape, holding at every element
     its sample index, canonical token index (``-1``: padding) and channel index. Probes are built
     at ``in_proj`` and carried through the mixer's shape ops by running the same ops on them
-    (:mod:`vmfx.passes.layouts`). Returns a reason string when the probes do not describe a layout
+    (:mod:`vmfx.passes.propagate_layouts`). Returns a reason string when the probes do not describe a layout
     (tokens and channels mixed in one dim, duplicated tokens, ...).
 
     A dim of size 1 carries no information: with batch 1 the batch dim, and with one channel the

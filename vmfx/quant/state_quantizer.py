@@ -1,6 +1,6 @@
 """The quantized hidden state of the selective scan (Shi et al., k-scaled PTQ for Vision Mamba).
 
-Three pieces, used by :mod:`vmfx.passes.scan_state` and the lowering:
+Three pieces, used by :mod:`vmfx.passes.scan_state_passes` and the lowering:
 
 * :class:`ScanStateQuant`: the module a scan node reads through its ``state_quant=`` keyword
   (:func:`vmfx.ops.selective_scan`): the reparameterization factors ``r_C`` (dim,), ``r_L`` (L,),

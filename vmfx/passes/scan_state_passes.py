@@ -3,13 +3,13 @@
 * :class:`ReparameterizeScanPass`: runs the calibration data through the graph with a
   ``state_reader`` on every scan node (found by its ``scan`` role annotation), accumulating the
   mean over images of ``|h|`` as a (channel, token, state) tensor per scan, turns it into the
-  factors ``r_C``, ``r_L``, ``r_D`` (:func:`vmfx.quant.scan_state.reparameterization_factors`) and
-  gives the scan a :class:`~vmfx.quant.scan_state.ScanStateQuant` holding them (the scan reads it
+  factors ``r_C``, ``r_L``, ``r_D`` (:func:`vmfx.quant.state_quantizer.reparameterization_factors`) and
+  gives the scan a :class:`~vmfx.quant.state_quantizer.ScanStateQuant` holding them (the scan reads it
   through ``state_quant=``): the float output is unchanged up to rounding.
 * :class:`QuantizeScanStatePass`: keeps the scan inputs of the first ``search_samples``
   calibration images, searches one static step size per time step for the (reparameterized)
   state, step by step, for the best cosine similarity of ``y``
-  (:func:`vmfx.quant.scan_state.search_state_scales`), and stores them in the scan's
+  (:func:`vmfx.quant.state_quantizer.search_state_scales`), and stores them in the scan's
   :class:`ScanStateQuant` (attaching one without factors if the scan has none).
 
 :func:`scan_state_passes` is what a config's ``scan_state`` (:class:`vmfx.config.ScanStateConfig`)
@@ -36,7 +36,7 @@ from ..annotations import annotation
 from ..config import ScanStateConfig
 from ..errors import CalibrationDataError
 from ..ops.selective_scan import selective_scan
-from ..quant.scan_state import STATE_QUANT_KWARG, ScanStateQuant, reparameterization_factors, scan_state_of, search_state_scales
+from ..quant.state_quantizer import STATE_QUANT_KWARG, ScanStateQuant, reparameterization_factors, scan_state_of, search_state_scales
 from .base import FACTS, Pass, PassContext, PassResult
 from .calibrate import input_expectation, iter_calibration_batches
 from .graph_utils import attach_scan_state
