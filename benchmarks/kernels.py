@@ -113,7 +113,7 @@ def linear_rows(rep: Report, quick: bool) -> None:
     import torch.nn.functional as F
 
     from vmfx.lowering import kernels
-    from vmfx.lowering.reference import QWeight, make_act_quant
+    from vmfx.lowering.params import QWeight, make_act_quant
 
     rep.add("## Fused quantized linear (in_proj shapes)", "",
             "vmfx kernels: *fp32 io* = float32 in and out; *fp16 io* = float16 in and out; *codes in* = int8 "
@@ -404,7 +404,8 @@ def mixed_rows(rep: Report, quick: bool) -> None:
     import torch.nn.functional as F
 
     from vmfx.lowering import kernels
-    from vmfx.lowering.reference import MixedCodes, QWeight
+    from vmfx.lowering.mixed_reference import MixedCodes
+    from vmfx.lowering.params import QWeight
 
     m, k, n = MIXED_SHAPE
     if quick:

@@ -32,6 +32,7 @@ import torch
 from tests.lowering.conftest import DEVICE
 from tests.lowering.test_kernels import _calibrate, _rel, _smooth
 from vmfx.lowering import kernels as K
+from vmfx.lowering import mixed_reference as MR
 from vmfx.lowering import reference as R
 from vmfx.ops import selective_scan as ops_selective_scan
 
@@ -215,14 +216,14 @@ def test_mixed_qlinear_half_out(dtype):
     scale = (x.float().abs().median(dim=-1).values.mean(0) * 3 / 7).reshape(1, steps, 1)
     q = MixedPrecisionQuantize(QuantSpec(4, True, "token"), QParams(scale, torch.zeros_like(scale), -7, 7),
                                TokenLayout.token_major(x.shape), outlier_bits=8)
-    codes = R.mixed_codes(x.float(), q)
+    codes = MR.mixed_codes(x.float(), q)
     assert codes.mask.any()
     w = torch.randn(n, k, generator=g)
     weight = R.QWeight.from_float(w, w.abs().amax(1) / 7, bits=4)
     bias = torch.randn(n, generator=g)
-    y_ref = R.mixed_qlinear(codes, weight, bias)
+    y_ref = MR.mixed_qlinear(codes, weight, bias)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    codes_d = R.MixedCodes(*(dev(getattr(codes, f)) for f in ("codes_in", "scale_in", "codes_out", "scale_out", "mask")),
+    codes_d = MR.MixedCodes(*(dev(getattr(codes, f)) for f in ("codes_in", "scale_in", "codes_out", "scale_out", "mask")),
                            codes.in_bits, codes.out_bits)
     weight_d = R.QWeight(dev(weight.codes), dev(weight.scale), dev(weight.wsum), weight.bits)
     y32 = K.mixed_qlinear(codes_d, weight_d, dev(bias))
@@ -243,7 +244,7 @@ def test_bad_float_dtypes_are_refused(launch):
         elif launch == "merge":
             K.merge_quantize(x)
         else:
-            codes = R.MixedCodes(torch.zeros(5, 4, dtype=torch.int8), torch.ones(5), torch.zeros(5, 4, dtype=torch.int8),
+            codes = MR.MixedCodes(torch.zeros(5, 4, dtype=torch.int8), torch.ones(5), torch.zeros(5, 4, dtype=torch.int8),
                                  torch.ones(5), torch.zeros(5, 4, dtype=torch.bool), 4, 8)
             K.mixed_qlinear(codes, R.QWeight.from_float(torch.randn(3, 4), torch.ones(3), bits=4),
                             out_dtype=torch.float64)

@@ -20,6 +20,7 @@ import torch
 from tests.lowering.conftest import DEVICE
 from vmfx.token_layout import TokenLayout
 from vmfx.lowering import kernels as K
+from vmfx.lowering import mixed_reference as MR
 from vmfx.lowering import reference as R
 from vmfx.quant.mixed import MixedPrecisionQuantize
 from vmfx.quant.observers import QParams
@@ -46,10 +47,10 @@ def _case(seed: int, b: int, steps: int, k: int, n: int, a_bits: int, o_bits: in
 @pytest.mark.parametrize("a_bits,o_bits", [(4, 8), (8, 16)])
 def test_reference_matches_float64(a_bits, o_bits):
     x, q, weight, bias = _case(1, 2, 23, 40, 24, a_bits, o_bits)
-    codes = R.mixed_codes(x, q)
+    codes = MR.mixed_codes(x, q)
     assert codes.mask.any() and (~codes.mask).any()
     assert not (codes.codes_in.bool() & codes.mask).any() and not (codes.codes_out.bool() & ~codes.mask).any()
-    y, acc_i, acc_o = R.mixed_qlinear(codes, weight, bias, return_acc=True)
+    y, acc_i, acc_o = MR.mixed_qlinear(codes, weight, bias, return_acc=True)
     wq = weight.codes.double()
     assert torch.equal(acc_i.double(), codes.codes_in.double() @ wq.T)
     assert torch.equal(acc_o.double(), codes.codes_out.double() @ wq.T)
@@ -68,10 +69,10 @@ def test_reference_matches_float64(a_bits, o_bits):
 @pytest.mark.parametrize("block_m", [16, 32])
 def test_kernel_matches_reference(a_bits, o_bits, block_m):
     x, q, weight, bias = _case(2 + block_m, 2, 21, 48, 40, a_bits, o_bits)
-    codes = R.mixed_codes(x, q)
-    y_ref, ai_ref, ao_ref = R.mixed_qlinear(codes, weight, bias, return_acc=True)
+    codes = MR.mixed_codes(x, q)
+    y_ref, ai_ref, ao_ref = MR.mixed_qlinear(codes, weight, bias, return_acc=True)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    codes_d = R.MixedCodes(*(dev(getattr(codes, f)) for f in ("codes_in", "scale_in", "codes_out", "scale_out", "mask")),
+    codes_d = MR.MixedCodes(*(dev(getattr(codes, f)) for f in ("codes_in", "scale_in", "codes_out", "scale_out", "mask")),
                            codes.in_bits, codes.out_bits)
     weight_d = R.QWeight(dev(weight.codes), dev(weight.scale), dev(weight.wsum), weight.bits)
     y, ai, ao = K.mixed_qlinear(codes_d, weight_d, dev(bias), return_acc=True,
@@ -84,7 +85,7 @@ def test_kernel_matches_reference(a_bits, o_bits, block_m):
 def test_tile_lists_are_the_union_of_the_tile():
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(37, 19, generator=g) > 0.9
-    cols, counts = R.tile_outlier_columns(mask, 16)
+    cols, counts = MR.tile_outlier_columns(mask, 16)
     for t in range(cols.shape[0]):
         union = set(torch.nonzero(mask[16 * t: 16 * t + 16].any(0)).flatten().tolist())
         assert counts[t] == len(union)
@@ -93,8 +94,8 @@ def test_tile_lists_are_the_union_of_the_tile():
 
 def test_kernel_refuses_bad_codes():
     x, q, weight, bias = _case(4, 1, 12, 16, 8, 4, 8)
-    codes = R.mixed_codes(x, q)
-    bad = R.MixedCodes(codes.codes_in.to(torch.int32), codes.scale_in, codes.codes_out, codes.scale_out, codes.mask, 4, 8)
+    codes = MR.mixed_codes(x, q)
+    bad = MR.MixedCodes(codes.codes_in.to(torch.int32), codes.scale_in, codes.codes_out, codes.scale_out, codes.mask, 4, 8)
     with pytest.raises(ValueError, match="codes.codes_in"):
         K.mixed_qlinear(bad, weight)
 
@@ -104,4 +105,4 @@ def test_asymmetric_quantizer_has_no_mixed_linear():
     asym = MixedPrecisionQuantize(QuantSpec(4, False, "token"), QParams(q.scale.data, torch.full_like(q.scale.data, 8), 0, 15),
                                   q.layout, 8, 4.0)
     with pytest.raises(ValueError, match="symmetric"):
-        R.mixed_codes(x, asym)
+        MR.mixed_codes(x, asym)

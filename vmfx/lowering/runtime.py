@@ -57,6 +57,7 @@ from ..errors import ConfigError, LoweringError
 from ..ops.selective_scan import reparameterize
 from ..quant.state_quantizer import scan_state_of
 from ..quant.modules import FakeQuantize
+from . import mixed_reference
 from . import reference as ref
 from .partition import Partition, QuantizedLinear, find_partitions, unlowered_quantizers
 from .rewrite import fold_parameter_constants, sink_flips
@@ -648,7 +649,7 @@ class LoweredScanMerge(LoweredPartition):
 
 class LoweredMixedQLinear(LoweredPartition):
     """OuroMamba's mixed-precision linear: the input quantizer's outlier selection and codes
-    (:func:`~vmfx.lowering.reference.mixed_codes`), then the inlier GEMM + outlier-column GEMM
+    (:func:`~vmfx.lowering.mixed_reference.mixed_codes`), then the inlier GEMM + outlier-column GEMM
     (reference or the generated kernel), bias."""
 
     kind = "mixed_qlinear"
@@ -666,12 +667,12 @@ class LoweredMixedQLinear(LoweredPartition):
 
     @torch.no_grad()
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        codes = ref.mixed_codes(x.float(), self.quantizer)
+        codes = mixed_reference.mixed_codes(x.float(), self.quantizer)
         weight = ref.QWeight(self.w_codes, self.w_scale, self.w_sum, self.w_bits)
         if self.backend == "triton":
             y = _kernels().mixed_qlinear(codes, weight, self.bias, provenance=self.provenance, out_dtype=self.io_dtype)
         else:
-            y = self._out(ref.mixed_qlinear(codes, weight, self.bias))
+            y = self._out(mixed_reference.mixed_qlinear(codes, weight, self.bias))
         return y.reshape(tuple(x.shape[:-1]) + (weight.codes.shape[0],))
 
     def output_specs(self, x):

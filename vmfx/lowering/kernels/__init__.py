@@ -44,7 +44,7 @@ without one) is chosen.
 
 from __future__ import annotations
 
-from ..reference import ActQuant, QWeight, make_act_quant
+from ..params import ActQuant, QWeight, make_act_quant
 from .conv import causal_conv1d_silu, render_conv
 from .merge import merge_quantize, render_merge
 from .linear import qlinear, render_qlinear

@@ -34,7 +34,7 @@ from ..codegen import (
     render_header,
     render_helpers,
 )
-from ..reference import ActQuant
+from ..params import ActQuant
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_quantize", "quantize"]
 

@@ -46,7 +46,7 @@ from ..codegen import (
     render_helpers,
     store_value,
 )
-from ..reference import ActQuant
+from ..params import ActQuant
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_conv", "causal_conv1d_silu"]
 

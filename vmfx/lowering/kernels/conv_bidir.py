@@ -64,7 +64,7 @@ from ..codegen import (
     render_helpers,
     store_value,
 )
-from ..reference import ActQuant
+from ..params import ActQuant
 from .conv import AUTOTUNE_CONFIGS
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_conv_bidir", "causal_conv1d_silu_bidir"]

@@ -56,7 +56,7 @@ from ..codegen import (
     render_header,
     render_helpers,
 )
-from ..reference import ActQuant, QWeight
+from ..params import ActQuant, QWeight
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_qlinear", "qlinear"]
 

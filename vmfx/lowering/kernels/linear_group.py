@@ -61,7 +61,7 @@ from ..codegen import (
     render_autotune,
     render_header,
 )
-from ..reference import ActQuant, QWeight
+from ..params import ActQuant, QWeight
 from .linear import AUTOTUNE_CONFIGS, OUT_DTYPES, _default_blocks, render_dequantize, render_int_gemm
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "GroupedQWeight", "render_qlinear_group", "qlinear_group"]

@@ -17,7 +17,7 @@ in registers into two int8 planes, ``q = 256 hi + lo + 128`` (``hi = q >> 8``, `
 exact in int32 while ``2^(o-1) max_n sum_k |Wq[n, k]| < 2^31`` (checked by the launcher).
 
 The index list is per row tile (the union of the outlier sets of the tile's rows; a row whose own
-set lacks a column has code 0 there): :func:`~vmfx.lowering.reference.tile_outlier_columns` builds
+set lacks a column has code 0 there): :func:`~vmfx.lowering.mixed_reference.tile_outlier_columns` builds
 it for the launch's BLOCK_M, so the results do not depend on the tiling. ``y`` is computed in
 float32 and written in ``out_dtype`` (float32, float16 or bfloat16: the model's dtype), rounded once
 at the store.
@@ -46,7 +46,8 @@ from ..codegen import (
     render_header,
     store_value,
 )
-from ..reference import MixedCodes, QWeight, tile_outlier_columns
+from ..mixed_reference import MixedCodes, tile_outlier_columns
+from ..params import QWeight
 
 __all__ = ["KERNEL_NAME", "render_mixed_qlinear", "mixed_qlinear"]
 
@@ -173,7 +174,7 @@ def mixed_qlinear(codes: MixedCodes, weight: QWeight, bias: torch.Tensor | None 
                   block: Mapping[str, int] | None = None, provenance: Sequence[str] = (), return_acc: bool = False,
                   out_dtype: torch.dtype = torch.float32):
     """Launch the mixed-precision linear on :class:`MixedCodes` (M, K); the reference is
-    :func:`vmfx.lowering.reference.mixed_qlinear`.
+    :func:`vmfx.lowering.mixed_reference.mixed_qlinear`.
 
     Args:
         codes: the activation's inlier and outlier codes and scales.

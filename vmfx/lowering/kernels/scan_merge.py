@@ -89,7 +89,7 @@ from ..codegen import (
     render_helpers,
     store_value,
 )
-from ..reference import ActQuant, QWeight
+from ..params import ActQuant, QWeight
 from .scan import _LOG2E
 from .scan import AUTOTUNE_CONFIGS as _SCAN_CONFIGS
 
