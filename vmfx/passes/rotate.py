@@ -332,7 +332,7 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
                           "(vmfx.compile / vmfx.prepare do)")
     region = ResidualRegion(dim=int(module_of(first).weight.shape[0]))
     sources: set[fx.Node] = set()
-    todo: deque = deque()
+    frontier: deque = deque()
 
     def add(node: fx.Node, tag: fx.Node | None) -> None:
         if node in region.nodes:
@@ -342,7 +342,7 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
         if node.op not in ("get_attr",) and _last_dim(node) != region.dim:
             raise _refuse(node, f"reads the residual stream but its last axis is not the stream's {region.dim} channels")
         region.nodes[node] = tag
-        todo.append(node)
+        frontier.append(node)
 
     def take_input(arg, tag: fx.Node | None, user: fx.Node) -> None:
         if not isinstance(arg, fx.Node):
@@ -359,7 +359,7 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
             region.params.append(arg)
             sources.add(arg)
             region.nodes[arg] = None
-            todo.append(arg)
+            frontier.append(arg)
         elif _is_linear_module(arg):
             if tag is not None:
                 raise _refuse(arg, "writes a value combined with a normalised one")
@@ -381,9 +381,9 @@ def find_residual_stream(gm: fx.GraphModule) -> ResidualRegion:
                                "patch embedding, a parameter, or an op acting on tokens only)")
 
     region.nodes[first] = first
-    todo.append(first)
-    while todo:
-        node = todo.popleft()
+    frontier.append(first)
+    while frontier:
+        node = frontier.popleft()
         tag = region.nodes[node]
         if node not in sources:  # backward: the tensor inputs
             if _is_norm(node):

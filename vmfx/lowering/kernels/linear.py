@@ -79,6 +79,28 @@ AUTOTUNE_CONFIGS = [
 OUT_DTYPES = FLOAT_IO
 
 
+#: The program's output tile in the grouped ordering of Triton's matmul tutorial (GROUP_M row tiles
+#: per column sweep, for L2 reuse): ``offs_m`` / ``offs_n`` and their masks. Shared by the GEMM
+#: templates (``qlinear``, ``qlinear_group``).
+TILE_ORDER = """
+# grouped ordering of the output tiles (tutorial 03): GROUP_M row tiles per column sweep
+pid = tl.program_id(0)
+num_pid_m = tl.cdiv(M, BLOCK_M)
+num_pid_n = tl.cdiv(N, BLOCK_N)
+num_pid_in_group = GROUP_M * num_pid_n
+group_id = pid // num_pid_in_group
+first_pid_m = group_id * GROUP_M
+group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+pid_n = (pid % num_pid_in_group) // group_size_m
+
+offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+mask_m = offs_m < M
+mask_n = offs_n < N
+"""
+
+
 def render_qlinear(
     *,
     per_token: bool = True,
@@ -155,23 +177,7 @@ def render_qlinear(
         buf.writeline("GROUP_M: tl.constexpr,")
     buf.writeline("):")
     with buf.indent():
-        buf.splice("""
-            # grouped ordering of the output tiles (tutorial 03): GROUP_M row tiles per column sweep
-            pid = tl.program_id(0)
-            num_pid_m = tl.cdiv(M, BLOCK_M)
-            num_pid_n = tl.cdiv(N, BLOCK_N)
-            num_pid_in_group = GROUP_M * num_pid_n
-            group_id = pid // num_pid_in_group
-            first_pid_m = group_id * GROUP_M
-            group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-            pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-            pid_n = (pid % num_pid_in_group) // group_size_m
-
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_m = offs_m < M
-            mask_n = offs_n < N
-        """)
+        buf.splice(TILE_ORDER)
         buf.writeline("# activation parameters of each row's token (rows are (batch, token) pairs)")
         if per_token:
             buf.writeline("tok = offs_m % L")

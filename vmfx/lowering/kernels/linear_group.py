@@ -62,7 +62,7 @@ from ..codegen import (
     render_header,
 )
 from ..params import ActQuant, QWeight
-from .linear import AUTOTUNE_CONFIGS, OUT_DTYPES, _default_blocks, render_dequantize, render_int_gemm
+from .linear import AUTOTUNE_CONFIGS, OUT_DTYPES, TILE_ORDER, _default_blocks, render_dequantize, render_int_gemm
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "GroupedQWeight", "render_qlinear_group", "qlinear_group"]
 
@@ -331,24 +331,7 @@ def render_qlinear_group(
             buf.writeline("za_ptr = za_ptr + grp")
         if bias:
             buf.writeline("bias_ptr = bias_ptr + grp * N")
-        buf.splice("""
-
-            # grouped ordering of the group's output tiles (tutorial 03): GROUP_M row tiles per column sweep
-            pid = tl.program_id(0)
-            num_pid_m = tl.cdiv(M, BLOCK_M)
-            num_pid_n = tl.cdiv(N, BLOCK_N)
-            num_pid_in_group = GROUP_M * num_pid_n
-            group_id = pid // num_pid_in_group
-            first_pid_m = group_id * GROUP_M
-            group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-            pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-            pid_n = (pid % num_pid_in_group) // group_size_m
-
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_m = offs_m < M
-            mask_n = offs_n < N
-        """)
+        buf.splice(TILE_ORDER)
         buf.writeline("# activation zero point of each row's token (rows are (batch, token) pairs)")
         if per_token:
             buf.writeline("tok = offs_m % L")
