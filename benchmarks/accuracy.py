@@ -796,6 +796,17 @@ METHODS.update({
 PAIRS += (("kscaled-ssm", "kscaled"), ("kscaled-ssm", "kscaled-ssm-norep"), ("ptq4vm-ssm", "ptq4vm"),
           ("ptq4vm-ssm", "kscaled-ssm"))
 
+# rotations of the residual stream folded into the weights (vmfx.passes.rotate), alone and under PTQ4VM
+METHODS.update({
+    "rotate": ("rotate", "MambaQuant's KLT-enhanced rotation of the residual stream (KLT eigenvectors times a Hadamard) "
+               "folded into the weights, then PTS (per-token static, Lp init), no learning"),
+    "rotate-hadamard": ("rotate-hadamard", "rotate with QuaRot's randomized Hadamard (seed 0) in place of the KLT"),
+    "ptq4vm-rotate": ("ptq4vm-rotate", "the KLT-enhanced rotation, then PTQ4VM (PTS + smoothing + JLSS)"),
+    "ptq4vm-rotate-hadamard": ("ptq4vm-rotate-hadamard", "the randomized Hadamard rotation, then PTQ4VM"),
+})
+PAIRS += (("rotate", "pts"), ("rotate-hadamard", "pts"), ("rotate", "rotate-hadamard"),
+          ("ptq4vm-rotate", "ptq4vm"), ("ptq4vm-rotate-hadamard", "ptq4vm"), ("ptq4vm-rotate", "rotate"))
+
 
 def _reads(rs: list[dict]) -> str:
     names, seen = [], set()

@@ -604,11 +604,15 @@ def rotate_passes(config: QuantConfig) -> list[Pass]:
 
 def _register_presets() -> None:
     """``rotate-w<b>a<b>`` (every bit setting): KLT-enhanced rotation, then PTS (per-token static activation scales,
-    Lp grid init), no learning; ``ptq4vm-rotate-*``: the rotation, then PTQ4VM (PTS, smoothing, JLSS)."""
+    Lp grid init), no learning; ``ptq4vm-rotate-*``: the rotation, then PTQ4VM (PTS, smoothing, JLSS).
+    ``rotate-hadamard-*`` and ``ptq4vm-rotate-hadamard-*``: the same with QuaRot's randomized Hadamard (seed 0)
+    in place of the KLT-enhanced rotation, so the two rotations can be measured side by side."""
     for w, a in BIT_SETTINGS:
-        register_preset(f"rotate-w{w}a{a}", preset(f"pts-w{w}a{a}").replace(method="rotate", options=RotationOptions()))
-        register_preset(f"ptq4vm-rotate-w{w}a{a}",
-                        preset(f"ptq4vm-w{w}a{a}").replace(method="rotate", options=RotationOptions()))
+        for name, kind in (("rotate", "klt"), ("rotate-hadamard", "hadamard")):
+            options = RotationOptions(kind=kind)
+            register_preset(f"{name}-w{w}a{a}", preset(f"pts-w{w}a{a}").replace(method="rotate", options=options))
+            register_preset(f"ptq4vm-{name}-w{w}a{a}",
+                            preset(f"ptq4vm-w{w}a{a}").replace(method="rotate", options=options))
 
 
 _register_presets()
