@@ -205,6 +205,9 @@ def test_the_rotate_method_runs_the_rotation_right_after_detection():
         "DetectMambaMixersPass", "RotateResidualPass", "InsertObserversPass", "CalibratePass", "ConvertPass"]
     for bits in ("w8a8", "w4a8", "w4a4"):
         assert {f"rotate-{bits}", f"ptq4vm-rotate-{bits}"} <= set(vmfx.preset_names())
+        assert vmfx.preset(f"rotate-hadamard-{bits}") == vmfx.preset(f"rotate-{bits}").replace(
+            options=RotationOptions("hadamard", 0))
+        assert vmfx.preset(f"ptq4vm-rotate-hadamard-{bits}").options == RotationOptions("hadamard", 0)
     with pytest.raises(vmfx.ConfigError, match="kind must be one of 'klt', 'hadamard'"):
         RotationOptions(kind="givens")
     with pytest.raises(vmfx.ConfigError, match="seed must be a non-negative integer"):
