@@ -112,6 +112,10 @@ def _scenarios() -> dict:
     for name in ("smoothquant-w8a8", "kscaled-w8a8"):
         config = vmfx.preset(name).replace(calib_batch_size=5)
         out[name] = _state(vmfx.compile(_tiny_model(), _tiny_images(), config=config))
+    # the KLT-enhanced rotation: the second moment of the normalised residual stream (batches of 2: 5)
+    rotated = vmfx.compile(load_proxy_model(), calib, config=vmfx.preset("rotate-w8a8").replace(
+        calib_batch_size=2, init=InitConfig("lp", 2.4, 8)))
+    out["rotate"], out["rotate_meta"] = _state(rotated), rotated.meta["vmfx_rotation"]
     jlss = vmfx.compile(_tiny_model(), _tiny_images(), config=_jlss())
     out["jlss"], out["jlss_meta"] = _state(jlss), jlss.meta["vmfx_jlss"]
     try:  # one calibration batch for two processes
@@ -184,6 +188,15 @@ def test_smoothing_statistics_and_kscaled_clusters_are_those_of_one_process(runs
     ranks, single = runs
     for r in ranks:
         _assert_same_bits(r[preset], single[preset])
+
+
+def test_the_klt_rotation_is_that_of_one_process(runs):
+    """Every process folds the same KLT-enhanced rotation into the weights, bit for bit the one a
+    single process computes from the whole calibration data (its statistics count every token)."""
+    ranks, single = runs
+    for r in ranks:
+        _assert_same_bits(r["rotate"], single["rotate"])
+        assert r["rotate_meta"] == single["rotate_meta"]
 
 
 def test_a_dataloader_is_sharded_by_its_own_batches(runs):

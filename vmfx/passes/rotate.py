@@ -498,20 +498,28 @@ class RotateResidualPass(Pass):
 
     def _second_moment(self, gm: fx.GraphModule, ctx: PassContext, region: ResidualRegion) -> tuple[torch.Tensor, dict]:
         """``sum n^T n`` over every token of the picked norms' normalised inputs, divided by the
-        token count (float64, summed over processes)."""
+        token count (float64). Across processes the sum is the one a single process computes, bit
+        for bit: each process keeps its batches' terms, and every process adds all of them in the
+        order of the batches in the whole data (so the rotation, an eigenbasis of this matrix, is
+        the same in every process and equal to a single process's)."""
         d = region.dim
         norms = self._statistics_norms(region)
         total = torch.zeros(d, d, dtype=torch.float64)
         count = torch.zeros((), dtype=torch.float64)
+        dist_ctx = distributed.current()
+        batch_terms: list[torch.Tensor] = []  # this batch's n^T n per norm call (only across processes)
 
         def hook(module, inputs, output):
             x = inputs[0].detach().to(torch.float64)
             n = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.eps)).reshape(-1, d).cpu()
-            total.add_(n.T @ n)
+            if dist_ctx.active:
+                batch_terms.append(n.T @ n)
+            else:
+                total.add_(n.T @ n)
             count.add_(n.shape[0])
 
         handles = [module_of(n).register_forward_hook(hook) for n in norms]
-        dist_ctx = distributed.current()
+        owned_terms: list[torch.Tensor] = []  # per owned batch: [norm calls, d, d]
         source = distributed.shard(ctx.calib_data, ctx.calib_batch_size, dist_ctx) if dist_ctx.active else ctx.calib_data
         was_training, images = gm.training, 0
         gm.eval()
@@ -521,13 +529,18 @@ class RotateResidualPass(Pass):
                                                   allow_empty=dist_ctx.active):
                     gm(x)
                     images += x.shape[0]
+                    if dist_ctx.active:
+                        owned_terms.append(torch.stack(batch_terms))
+                        batch_terms.clear()
         finally:
             for h in handles:
                 h.remove()
             gm.train(was_training)
         if dist_ctx.active:
-            distributed.all_reduce_sum_(total, dist_ctx)
-            distributed.all_reduce_sum_(count, dist_ctx)
+            for terms in distributed.gather_batches(owned_terms, dist_ctx):
+                for term in terms:
+                    total.add_(term)
+            distributed.all_reduce_sum_(count, dist_ctx)  # integers: exact in any order
             images = distributed.all_reduce_sum([images], dist_ctx)[0]
         if float(count) == 0:
             raise CalibrationDataError("the calibration data gave no tokens for the KLT statistics")
