@@ -39,6 +39,13 @@ class Difference:
         """Whether the interval excludes 0 (False without an interval)."""
         return self.low is not None and (self.low > 0 or self.high < 0)
 
+    @property
+    def sign(self) -> int:
+        """+1 or -1 where the interval lies above or below 0, else 0 (a tie, or no interval)."""
+        if not self.significant:
+            return 0
+        return 1 if self.low > 0 else -1
+
     def format(self, digits: int = 1, scientific: bool = False) -> str:
         """``+e [+low, +high]`` then ``*`` if significant and `` u`` if unpaired; ``+e`` alone without an interval."""
         f = (lambda x: f"{x:+.2e}") if scientific else (lambda x: f"{x:+.{digits}f}")
@@ -48,6 +55,12 @@ class Difference:
         return f"{f(self.estimate)} [{f(self.low)}, {f(self.high)}]{mark}"
 
 
+def _points(low: float, high: float) -> tuple[float, float]:
+    """An interval of a difference of two proportions, in points and clipped to [-100, 100] (the Wald
+    intervals below can reach past the range of such a difference when n is small or a count is 0)."""
+    return max(-100.0, 100.0 * low), min(100.0, 100.0 * high)
+
+
 def paired_proportion_difference(misses_a: Iterable[int], misses_b: Iterable[int], n: int) -> Difference:
     """Difference of two success rates measured on the same ``n`` items, in percentage points.
 
@@ -55,7 +68,7 @@ def paired_proportion_difference(misses_a: Iterable[int], misses_b: Iterable[int
     Estimate: ``(n_ab - n_ba) / n`` with ``n_ab`` the items only b missed, ``n_ba`` the items only
     a missed. Interval: Agresti and Min (2005): add 0.5 to each of the four cells of the paired
     2x2 table (n + 2 in all), then the Wald interval ``d' +- z sqrt((n_ab' + n_ba') - (n_ab' - n_ba')^2 / n') / n'``
-    with ``d' = (n_ab' - n_ba') / n'``.
+    with ``d' = (n_ab' - n_ba') / n'``, clipped to [-100, 100] points.
     """
     a, b = set(misses_a), set(misses_b)
     only_b = len(b - a)  # a right, b wrong
@@ -64,19 +77,19 @@ def paired_proportion_difference(misses_a: Iterable[int], misses_b: Iterable[int
     n01, n10, nn = only_b + 0.5, only_a + 0.5, n + 2.0
     d = (n01 - n10) / nn
     se = math.sqrt(max((n01 + n10) - (n01 - n10) ** 2 / nn, 0.0)) / nn
-    return Difference(estimate, 100.0 * (d - Z95 * se), 100.0 * (d + Z95 * se), "paired")
+    return Difference(estimate, *_points(d - Z95 * se, d + Z95 * se), "paired")
 
 
 def unpaired_proportion_difference(pct_a: float, n_a: int, pct_b: float, n_b: int) -> Difference:
     """Difference of two success rates (percent) from independent samples, in points.
 
     Interval: Agresti and Caffo (2000): add one success and one failure to each sample, then
-    the Wald interval. Used only where a record lacks per-image data."""
+    the Wald interval, clipped to [-100, 100] points. Used only where a record lacks per-image data."""
     x_a, x_b = pct_a / 100.0 * n_a, pct_b / 100.0 * n_b
     pa, pb = (x_a + 1) / (n_a + 2), (x_b + 1) / (n_b + 2)
     d = pa - pb
     se = math.sqrt(pa * (1 - pa) / (n_a + 2) + pb * (1 - pb) / (n_b + 2))
-    return Difference(pct_a - pct_b, 100.0 * (d - Z95 * se), 100.0 * (d + Z95 * se), "unpaired")
+    return Difference(pct_a - pct_b, *_points(d - Z95 * se, d + Z95 * se), "unpaired")
 
 
 def paired_mean_difference(values_a: list[float], values_b: list[float]) -> Difference:
