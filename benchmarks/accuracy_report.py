@@ -1,7 +1,11 @@
 """``accuracy.md``: the tables and notes ``benchmarks/accuracy.py`` renders from its records.
 
-Every difference the tables state comes from :mod:`accuracy_stats` with its 95 % interval; the
-notes are computed from the records and name the records they read.
+Every difference the tables state comes from :mod:`accuracy_stats` with its 95 % interval. Every
+sentence of the notes that reads the records (a difference, an interval, which method is higher,
+lower or tied) is computed here at render time and names the records it read; the fixed text is
+limited to definitions (what a method or a comparison is, how an interval is computed) and to the
+figures the papers claim (:data:`OUROMAMBA_PAPER_W4A4`, :data:`KSCALED_PAPER_DROP_W8A8`,
+:data:`KSCALED_PAPER_TABLE_I`), which the notes set against the records.
 """
 
 from __future__ import annotations
@@ -230,10 +234,18 @@ def baseline_lines(records: list[dict], baseline: list[dict], label: str) -> lis
 #: A note maps the records to (text, the records it read), or None when its records are missing.
 Note = Callable[[list[dict]], "tuple[str, list[dict]] | None"]
 
+#: How the notes name the three compared quantities.
+FIELD_NAMES = {"top1": "top-1", "agree": "agree", "kl": "KL"}
+
+
 def _word(d: Difference) -> str:
     if d.low is None:
         return "no interval"
     return "significant" if d.significant else "not significant"
+
+
+def _format(d: Difference, field: str, digits: int = 1) -> str:
+    return d.format(digits, scientific=field == "kl")
 
 
 def _say(d: Difference | None, digits: int = 1, scientific: bool = False) -> str:
@@ -251,6 +263,39 @@ def _say_all(a: dict, b: dict) -> str:
     if kl_difference(a, b) is not None:
         parts.append(f"KL {_say(kl_difference(a, b), scientific=True)}")
     return ", ".join(parts)
+
+
+def _setting(r: dict, several_seeds: bool, several_models: bool = False) -> str:
+    """How an outline names the setting of a record: its bits, its seed where seeds vary and its
+    model where models vary."""
+    name = f"{r['bits']} seed {_seed_cell(r)}" if several_seeds else r["bits"]
+    return f"{r['model']} {name}" if several_models else name
+
+
+def outline(rows: list[tuple[str, dict]], fields: tuple[str, ...] = ("top1", "agree", "kl")) -> str:
+    """One difference over several settings, by outcome: ``top-1 higher at w4a4 (+26.8); tied at
+    w8a8, w6a6`` per field. ``rows``: (setting, record_differences). Higher / lower: the interval
+    lies above / below 0; tied: it includes 0; differences without an interval are left out."""
+    parts = []
+    for field in fields:
+        outcomes: dict[int, list[str]] = {1: [], -1: [], 0: []}
+        for setting, diffs in rows:
+            d = diffs.get(field)
+            if d is None or d.low is None:
+                continue
+            outcomes[d.sign].append(f"{setting} ({d.format(1, scientific=field == 'kl').split(' ')[0]})"
+                                    if d.sign else setting)
+        words = [f"{word} at {', '.join(outcomes[sign])}"
+                 for sign, word in ((1, "higher"), (-1, "lower"), (0, "tied")) if outcomes[sign]]
+        if words:
+            parts.append(f"{FIELD_NAMES[field]} " + ", ".join(words))
+    return "; ".join(parts) if parts else "no interval to read"
+
+
+def _outline_pair(rows: list[tuple[dict, dict, dict]], fields: tuple[str, ...] = ("top1", "agree", "kl")) -> str:
+    """:func:`outline` of :func:`pair_rows`' rows, naming settings by bits (and seed where seeds vary)."""
+    seeds, models = len({record_seed(ra) for ra, _, _ in rows}) > 1, len({ra["model"] for ra, _, _ in rows}) > 1
+    return outline([(_setting(ra, seeds, models), diffs) for ra, _, diffs in rows], fields)
 
 
 def note_noise(records: list[dict]):
@@ -310,26 +355,18 @@ def note_w4a8(records: list[dict]):
     return ("at W4A8: " + "; ".join(parts) + ".", read)
 
 
-#: A reading written by hand on the given date (by the session that wrote the first table); the note
-#: prints it only while the records support its premise (smoothquant ahead of pts at W4A4, paired,
-#: significant, in every seed measured).
-SMOOTHQUANT_READING = (
-    "2026-11-29",
-    "reading: the proxy's quantization error would then come more from channel outliers than from "
-    "token-to-token variation, while the PTQ4VM paper's motivation stresses token-wise variance on ImageNet Vims.",
-)
-
-
 def note_smoothquant_vs_pts(records: list[dict]):
+    """smoothquant − pts at W4A4 per seed; where smoothquant's top-1 is ahead in every seed (paired
+    interval above 0), what that says about the two ways of handling activation outliers."""
     rows = [(ra, rb, d) for ra, rb, d in pair_rows(records, "smoothquant", "pts") if ra["bits"] == "w4a4"]
     if not rows:
         return None
     text = "; ".join(f"seed {_seed_cell(ra)}: smoothquant − pts at W4A4: {_say_all(ra, rb)}" for ra, rb, d in rows)
     read = [r for ra, rb, _ in rows for r in (ra, rb)]
-    if all(d["top1"] is not None and d["top1"].kind == "paired" and d["top1"].significant and d["top1"].estimate > 0
-           for _, _, d in rows):
-        date, reading = SMOOTHQUANT_READING
-        text += f". smoothquant is ahead in every seed measured; {reading} (reading dated {date})"
+    if all(d["top1"] is not None and d["top1"].kind == "paired" and d["top1"].sign > 0 for _, _, d in rows):
+        text += (". smoothquant's top-1 is ahead in every seed measured: on this proxy per-channel smoothing of "
+                 "channel outliers gains more than per-token scales for token-to-token variation, while the PTQ4VM "
+                 "paper's motivation stresses token-wise variance on ImageNet Vims")
     return (text + ".", read)
 
 
@@ -375,111 +412,138 @@ def note_synthetic(records: list[dict]):
     return "top-1 calibrated on images synthesized from the model (OuroMamba-Gen) against real digits: " + "; ".join(parts) + ".", read
 
 
-#: The reading of the OuroMamba records against the paper's claim (dated; written from the records,
-#: None until they exist).
-OUROMAMBA_READING: tuple[str, str] | None = ("2026-11-30", (
-    "reading: on the proxy the claim is not confirmed, the two tie: at W4A4 the intervals of OuroMamba on 128 "
-    "synthetic images minus PTQ4VM on 256 real digits include 0 for top-1, agreement and KL; the proxy's PTQ4VM loses "
-    "only 0.6 points to float at W4A4, so a gap like the paper's (6.3 points on Vim-S) has no room to appear. "
-    "On the same synthetic images OuroMamba's mixed-precision quantizer beats PTQ4VM's (top-1 and KL both "
-    "significant): the quantizer, more than the generator, is what keeps data-free calibration level with real "
-    "data here; PTQ4VM itself loses 0.8 points (not significant) on the synthetic images, its KL 0.042 against "
-    "0.017 on real digits. Data-free against real digits, OuroMamba's top-1 ties at W4A4 and W4A8, and its KL is "
-    "higher on the synthetic images at both (significant): how far data-free is from data-driven on the proxy"))
+#: OuroMamba's claim at W4A4 (Vim-S, ImageNet top-1): data-free OuroMamba against data-driven PTQ4VM.
+OUROMAMBA_PAPER_W4A4 = {"model": "Vim-S", "ouromamba": 75.93, "ptq4vm": 69.60}
 
 
 def note_ouromamba(records: list[dict]):
     """OuroMamba against PTQ4VM, separating what the data brings from what the quantizer brings:
     data-free OuroMamba minus data-driven PTQ4VM (the paper's claim at W4A4), OuroMamba minus
     PTQ4VM on the same synthetic images (the mixed-precision quantizer), OuroMamba on synthetic
-    minus on real images (the data)."""
+    minus on real images (the data); then each comparison outlined over the settings, the claim's
+    verdict at W4A4 and how far the data-driven PTQ4VM is from float there."""
     by_key = {record_key(r): r for r in records}
-    parts, read = [], []
     ouro = [r for r in records if r["method"] == "ouromamba" and r["calib"] == "synthetic"]
-    ouro.sort(key=lambda r: (r["model"], BITS_LABELS.index(r["bits"]) if r["bits"] in BITS_LABELS else 99,
-                             record_seed(r) or 0))
+    ouro.sort(key=lambda r: (r["model"], _bits_rank(r["bits"]), record_seed(r) or 0))
+    seeds, models = len({record_seed(r) for r in ouro}) > 1, len({r["model"] for r in ouro}) > 1
+    comparisons = (("ptq4vm", "real", "ouromamba synthetic − ptq4vm real (data-free vs data-driven)"),
+                   ("ptq4vm", "synthetic", "ouromamba synthetic − ptq4vm synthetic (the quantizer, same images)"),
+                   ("ouromamba", "real", "ouromamba synthetic − ouromamba real (the data)"))
+    parts, read = [], []
+    outlined: dict[str, list[tuple[str, dict]]] = {label: [] for _, _, label in comparisons}
+    claim: list[tuple[dict, dict, Difference | None]] = []
     for r in ouro:
-        def other(method, calib):
-            return by_key.get((r["model"], method, r["bits"], calib, record_seed(r)))
-
-        for label, b in (("ouromamba synthetic − ptq4vm real (data-free vs data-driven)", other("ptq4vm", "real")),
-                         ("ouromamba synthetic − ptq4vm synthetic (the quantizer, same images)", other("ptq4vm", "synthetic")),
-                         ("ouromamba synthetic − ouromamba real (the data)", other("ouromamba", "real"))):
-            if b is not None:
-                parts.append(f"{r['bits']} seed {_seed_cell(r)}: {label}: {_say_all(r, b)}")
-                read += [r, b]
+        for method, calib, label in comparisons:
+            b = by_key.get((r["model"], method, r["bits"], calib, record_seed(r)))
+            if b is None:
+                continue
+            parts.append(f"{r['bits']} seed {_seed_cell(r)}: {label}: {_say_all(r, b)}")
+            outlined[label].append((_setting(r, seeds, models), record_differences(r, b)))
+            read += [r, b]
+            if method == "ptq4vm" and calib == "real" and r["bits"] == "w4a4":
+                claim.append((r, b, accuracy_difference(r, b)))
     if not parts:
         return None
-    text = "; ".join(parts) + "."
-    if OUROMAMBA_READING is not None:
-        date, reading = OUROMAMBA_READING
-        text += f" The paper claims data-free OuroMamba beats data-driven PTQ4VM at W4A4 (Vim-S 75.93 vs 69.60); {reading} (reading dated {date})."
-    return text, read
+    text = "; ".join(parts) + ". In short: " + "; ".join(f"{label}: {outline(rows)}"
+                                                         for label, rows in outlined.items() if rows) + "."
+    paper = OUROMAMBA_PAPER_W4A4
+    text += (f" The paper claims data-free OuroMamba beats data-driven PTQ4VM at W4A4 ({paper['model']} "
+             f"{paper['ouromamba']:.2f} vs {paper['ptq4vm']:.2f})")
+    index = _index(records)
+    for r, b, d in claim:
+        verdict = ("not comparable" if d is None or d.low is None else
+                   {1: "confirmed on the proxy: top-1 higher", -1: "contradicted on the proxy: top-1 lower",
+                    0: "not confirmed on the proxy: top-1 tied"}[d.sign])
+        text += f"; seed {_seed_cell(r)}: {verdict}"
+        fp = _fp(index, b["model"])
+        if fp is not None and accuracy_difference(b, fp) is not None:
+            text += (f"; there {record_name(b)} − fp: top-1 {_say(accuracy_difference(b, fp))}, against the "
+                     f"paper's gap of {paper['ouromamba'] - paper['ptq4vm']:.2f} points")
+            read.append(fp)
+    return text + ".", read
 
 
-
-#: The reading of the k-scaled records against the paper's claims (dated; written from the records).
-KSCALED_READING = ("2026-11-30", (
-    "reading: on the proxy k-scaled ties the float model at W8A8 (with the 8-bit hidden state too), a smaller "
-    "drop than the paper's on ImageNet, where 1000 classes leave less margin than 10 digits; the Table I gap does "
-    "not reproduce: vmfx's minmax also ties float at W8A8, with a lower KL, but the pair is not like for like "
-    "(vmfx's minmax quantizes the linears' inputs with per-channel weights; k-scaled every layer output with "
-    "per-tensor weights, about twice the quantized edges), and a MinMax on k-scaled's own edges was not measured. "
-    "At W4A4 the clusters and the similarity search matter (see kscaled − minmax). Quantizing the hidden state "
-    "(kscaled-ssm − kscaled) costs little: top-1 within the interval except at W4A4 (-1.4); the "
-    "reparameterization lowers the KL at W8A8, W6A6 and W4A8 (kscaled-ssm − kscaled-ssm-norep; top-1 tied but "
-    "at W6A6) and ties at W4A4. The combination (ptq4vm-ssm) keeps PTQ4VM's top-1 at every setting with the "
-    "quantized state, at a cost in agreement (significant at W8A8, W6A6, W4A4) and KL (significant at every "
-    "setting; see hidden state); against kscaled-ssm it ties top-1 at W8A8, W6A6 and W4A8 with a lower KL and is "
-    "7.7 points above at W4A4: PTQ4VM's per-token input scales and learned step sizes matter more at 4 bits than "
-    "output clusters. The official "
-    "code run side by side at reduced settings (benchmarks/results/kscaled_official.md: 8 calibration images, "
-    "200 test digits) gives the same top-1 within the interval"))
+#: k-scaled's claims: top-1 drop range at W8A8 on ImageNet with the hidden state quantized too, and
+#: its Table I (Vim-T, linear/conv layers at W8A8, ImageNet top-1).
+KSCALED_PAPER_DROP_W8A8 = (0.8, 1.2)
+KSCALED_PAPER_TABLE_I = {"model": "Vim-T", "minmax": 62.2, "kscaled": 75.5, "fp": 76.1}
 
 
 def note_kscaled(records: list[dict]):
-    """k-scaled: its drop from FP, and against minmax at the same bits, next to the paper's claims."""
+    """k-scaled: its drop from FP, and against minmax at the same bits, next to the paper's claims,
+    each claim set against the records' intervals."""
     fps = {(r["model"]): r for r in records if r["method"] == "fp"}
     ks = [r for r in records if r["method"] == "kscaled" and r["calib"] == "real"]
     if not ks:
         return None
+    ks.sort(key=lambda r: (_bits_rank(r["bits"]), r.get("seed") or 0))
     parts = []
-    for r in sorted(ks, key=lambda r: (BITS_LABELS.index(r["bits"]) if r["bits"] in BITS_LABELS else 99, r.get("seed") or 0)):
+    for r in ks:
         fp = fps.get(r["model"])
         drop = "" if fp is None else f"drop {fp['top1'] - r['top1']:.2f} points"
         parts.append(f"{r['bits']} seed {_seed_cell(r)}: top-1 {r['top1']:.2f} ({drop})")
-    pairs = [(ra, rb) for ra, rb, _ in pair_rows(records, "kscaled", "minmax")]
+    pairs = pair_rows(records, "kscaled", "minmax")
     text = "; ".join(parts)
     if pairs:
-        text += "; kscaled − minmax: " + "; ".join(f"{ra['bits']} seed {_seed_cell(ra)}: {_say_all(ra, rb)}" for ra, rb in pairs)
-    text += (". The paper claims a 0.8-1.2 point top-1 drop at W8A8 on ImageNet (hidden state quantized too) and, "
-             "in its Table I (Vim-T, linear/conv layers at W8A8), MinMax 62.2 % far below k-scaled 75.5 % (FP 76.1)")
-    date, reading = KSCALED_READING
-    if reading:
-        text += f"; {reading} (reading dated {date})"
-    read = ks + [r for _, rb in pairs for r in (rb,)]
+        text += "; kscaled − minmax: " + "; ".join(f"{ra['bits']} seed {_seed_cell(ra)}: {_say_all(ra, rb)}"
+                                                   for ra, rb, _ in pairs)
+    low, high = KSCALED_PAPER_DROP_W8A8
+    table = KSCALED_PAPER_TABLE_I
+    text += (f". The paper claims a {low}-{high} point top-1 drop at W8A8 on ImageNet (hidden state quantized too) and, "
+             f"in its Table I ({table['model']}, linear/conv layers at W8A8), MinMax {table['minmax']} % far below "
+             f"k-scaled {table['kscaled']} % (FP {table['fp']})")
+    read = ks + [rb for _, rb, _ in pairs]
+    against_fp = []
+    models = {r["model"] for r in ks} & set(fps)
+    for method in ("kscaled", "kscaled-ssm", "minmax"):
+        rows = [(r, fps[r["model"]]) for r in records if r["method"] == method and r["calib"] == "real"
+                and r["model"] in models]
+        rows.sort(key=lambda rf: (_bits_rank(rf[0]["bits"]), record_seed(rf[0]) or 0))
+        rows = [(r, fp, record_differences(r, fp)) for r, fp in rows]
+        if rows:
+            against_fp.append(f"{method} − fp: {_outline_pair(rows, ('top1', 'kl'))}")
+            read += [r for r, fp, _ in rows] + [rows[0][1]]
+    if against_fp:
+        text += "; on the proxy, " + "; ".join(against_fp)
+    for r in (r for r in records if r["method"] == "kscaled-ssm" and r["calib"] == "real" and r["bits"] == "w8a8"):
+        fp = fps.get(r["model"])
+        if fp is not None:
+            drop = fp["top1"] - r["top1"]
+            where = "below" if drop < low else "above" if drop > high else "within"
+            text += f"; kscaled-ssm's W8A8 drop (seed {_seed_cell(r)}) is {drop:.2f} points, {where} the paper's range"
+    for ra, rb, diffs in pairs:
+        if ra["bits"] != "w8a8" or diffs["top1"] is None or diffs["top1"].low is None:
+            continue
+        shown = "appears" if diffs["top1"].sign > 0 else "does not appear"
+        text += (f"; the Table I gap (k-scaled {table['kscaled'] - table['minmax']:.1f} points above MinMax) {shown} "
+                 f"at W8A8 seed {_seed_cell(ra)}: kscaled − minmax top-1 {diffs['top1'].format(1)}")
+    if pairs:
+        text += ("; the two are not like for like: vmfx's minmax quantizes the linears' inputs with per-channel "
+                 "weights, k-scaled every layer output with per-tensor weights. kscaled − minmax over the settings: "
+                 + _outline_pair(pairs))
+    text += ". benchmarks/results/kscaled_official.md runs the official code and vmfx's kscaled side by side"
     return text + ".", read
-
 
 
 def note_hidden_state(records: list[dict]):
     """What quantizing the scan's hidden state costs and what the reparameterization and the
-    combination change: paired differences at every setting both methods were measured at."""
+    combination change: paired differences at every setting both methods were measured at, each
+    comparison then outlined over the settings."""
     comparisons = (("kscaled-ssm", "kscaled", "quantizing h, k-scaled"),
                    ("kscaled-ssm", "kscaled-ssm-norep", "the reparameterization"),
                    ("ptq4vm-ssm", "ptq4vm", "quantizing h, PTQ4VM with the reparameterization"),
                    ("ptq4vm-ssm", "kscaled-ssm", "the combination against k-scaled, both with h quantized"))
-    parts, read = [], []
+    parts, outlines, read = [], [], []
     for a, b, label in comparisons:
         rows = pair_rows(records, a, b)
         if rows:
             parts.append(f"{a} − {b} ({label}): "
                          + "; ".join(f"{ra['bits']} seed {_seed_cell(ra)}: {_say_all(ra, rb)}" for ra, rb, _ in rows))
+            outlines.append(f"{a} − {b}: {_outline_pair(rows)}")
             read += [r for ra, rb, _ in rows for r in (ra, rb)]
     if not parts:
         return None
-    return "; ".join(parts) + ".", read
-
+    return "; ".join(parts) + ". In short: " + "; ".join(outlines) + ".", read
 
 
 #: The notes, in the order they are rendered.
@@ -515,7 +579,8 @@ def notes_lines(records: list[dict], today: str | None = None) -> list[str]:
     dates = sorted({r["measured"] for r in records if r.get("measured")})
     when = f"measured {dates[0]}..{dates[-1]}" if dates else "without a measured date (records before that field)"
     lines = ["", f"## Notes (computed {today} from the records they name, {when})", "",
-             "Each note is computed from the records named in brackets; a note whose records are missing is left out."]
+             "Each note is computed from the records named in brackets; a note whose records are missing is left out. "
+             "Higher / lower: the difference's 95 % interval lies above / below 0; tied: it includes 0."]
     for name, note in NOTES.items():
         out = note(records)
         if out is None:

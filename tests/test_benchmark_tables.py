@@ -221,12 +221,13 @@ def test_notes_name_their_records_and_skip_missing_ones(bench):
     assert "w4a4 ordering" not in text and "smoothquant vs pts" not in text  # their records are absent
 
 
-def test_the_dated_reading_is_printed_only_when_every_seed_supports_it(bench):
+def test_the_smoothquant_reading_is_printed_only_when_every_seed_supports_it(bench):
     def rows(pts_wrong_seed1):
         return [new_record("smoothquant", "w4a4", range(30), seed=0), new_record("pts", "w4a4", range(80), seed=0),
                 new_record("smoothquant", "w4a4", range(30), seed=1), new_record("pts", "w4a4", pts_wrong_seed1, seed=1)]
     supported = "\n".join(bench.report.notes_lines(rows(range(80))))
-    assert "channel outliers" in supported and "reading dated 2026-11-29" in supported
+    assert "channel outliers" in supported and "ahead in every seed measured" in supported
+    assert "reading dated" not in supported
     unsupported = "\n".join(bench.report.notes_lines(rows(range(31))))  # seed 1: +0.1, not significant
     assert "smoothquant − pts at W4A4: top-1 +0.1 [" in unsupported and "channel outliers" not in unsupported
     unpaired = [old_record("smoothquant", "w4a4", 97.0), old_record("pts", "w4a4", 92.0)]
@@ -247,6 +248,57 @@ def test_ouromamba_note_separates_data_and_quantizer(bench):
     assert "ouromamba vs ptq4vm" not in "\n".join(bench.report.notes_lines(without))
 
 
+def ouromamba_line(bench, rows):
+    return next(t for t in bench.report.notes_lines(rows) if t.startswith("- **ouromamba vs ptq4vm**"))
+
+
+def test_ouromamba_verdict_on_the_papers_claim_follows_the_records(bench):
+    fp = new_record("fp", "fp32", range(20), calib="none")
+    ahead = [fp, new_record("ouromamba", "w4a4", range(40), calib="synthetic"), new_record("ptq4vm", "w4a4", range(70))]
+    line = ouromamba_line(bench, ahead)  # 30 images only ptq4vm misses, none the other way
+    assert "seed 0: confirmed on the proxy: top-1 higher" in line
+    assert "In short: ouromamba synthetic − ptq4vm real (data-free vs data-driven): top-1 higher at w4a4 (+3.0)" in line
+    assert "ptq4vm w4a4 seed 0 − fp: top-1 -5.0 [" in line and "against the paper's gap of 6.33 points" in line
+    assert line.endswith("fp fp32]")  # the float record is read too
+    tied = [fp, new_record("ouromamba", "w4a4", range(42), calib="synthetic"), new_record("ptq4vm", "w4a4", range(40))]
+    line = ouromamba_line(bench, tied)
+    assert "seed 0: not confirmed on the proxy: top-1 tied" in line and "top-1 tied at w4a4" in line
+    behind = [new_record("ouromamba", "w4a4", range(90), calib="synthetic"), new_record("ptq4vm", "w4a4", range(40))]
+    line = ouromamba_line(bench, behind)
+    assert "seed 0: contradicted on the proxy: top-1 lower" in line and "top-1 lower at w4a4 (-5.0)" in line
+    assert "− fp" not in line  # no float record to read
+
+
+def kscaled_line(bench, rows):
+    return next(t for t in bench.report.notes_lines(rows) if t.startswith("- **kscaled vs paper**"))
+
+
+def test_kscaled_readings_against_the_paper_follow_the_records(bench):
+    base = [new_record("fp", "fp32", range(30), calib="none"), new_record("minmax", "w8a8", range(32)),
+            new_record("kscaled-ssm", "w8a8", range(34))]
+    line = kscaled_line(bench, base + [new_record("kscaled", "w8a8", range(31))])
+    assert "the Table I gap (k-scaled 13.3 points above MinMax) does not appear at W8A8 seed 0: kscaled − minmax top-1 +0.1 [" in line
+    assert "kscaled-ssm's W8A8 drop (seed 0) is 0.40 points, below the paper's range" in line
+    assert "kscaled − fp: top-1 tied at w8a8" in line and "minmax − fp: top-1 tied at w8a8" in line
+    assert "reading dated" not in line
+    line = kscaled_line(bench, [new_record("fp", "fp32", range(30), calib="none"), new_record("minmax", "w8a8", range(150)),
+                                new_record("kscaled", "w8a8", range(31)), new_record("kscaled-ssm", "w8a8", range(40))])
+    assert "the Table I gap (k-scaled 13.3 points above MinMax) appears at W8A8 seed 0: kscaled − minmax top-1 +11.9 [" in line
+    assert "kscaled-ssm's W8A8 drop (seed 0) is 1.00 points, within the paper's range" in line
+    assert "minmax − fp: top-1 lower at w8a8 (-12.0)" in line
+    assert "kscaled − minmax over the settings: top-1 higher at w8a8 (+11.9)" in line
+
+
+def test_outline_groups_settings_by_outcome(bench):
+    Difference = bench.stats.Difference
+    rows = [("w8a8", {"top1": Difference(0.1, -0.5, 0.7, "paired"), "kl": Difference(2e-3, 1e-3, 3e-3, "paired")}),
+            ("w6a6", {"top1": Difference(-1.4, -2.4, -0.3, "paired"), "kl": None}),
+            ("w4a4", {"top1": Difference(7.7, 5.8, 9.5, "paired"), "kl": Difference(1.0)})]  # no interval
+    assert bench.report.outline(rows, ("top1", "kl")) == (
+        "top-1 higher at w4a4 (+7.7), lower at w6a6 (-1.4), tied at w8a8; KL higher at w8a8 (+2.00e-03)")
+    assert bench.report.outline(rows[1:2], ("kl",)) == "no interval to read"
+
+
 def test_hidden_state_note_pairs_each_method_with_its_baseline(bench):
     rows = [new_record("kscaled", "w8a8", range(30)), new_record("kscaled-ssm", "w8a8", range(32)),
             new_record("ptq4vm", "w4a4", range(30)), new_record("ptq4vm-ssm", "w4a4", range(45))]
@@ -254,6 +306,8 @@ def test_hidden_state_note_pairs_each_method_with_its_baseline(bench):
     assert "kscaled-ssm − kscaled (quantizing h, k-scaled): w8a8 seed 0: top-1 -0.2 [" in line
     assert "ptq4vm-ssm − ptq4vm (quantizing h, PTQ4VM with the reparameterization): w4a4 seed 0: top-1 -1.5 [" in line
     assert "kscaled-ssm-norep" not in line and "ptq4vm-ssm − kscaled-ssm" not in line  # no such pairs
+    assert "In short: kscaled-ssm − kscaled: top-1 tied at w8a8; agree tied at w8a8; KL tied at w8a8; " in line
+    assert "ptq4vm-ssm − ptq4vm: top-1 lower at w4a4 (-1.5); agree tied at w4a4" in line
 
 
 # ------------------------------------------------------------------------------------ command line
