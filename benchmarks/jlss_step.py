@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from accuracy import calibration_images  # noqa: E402  (the images accuracy.py calibrates on)
+from accuracy_run import calibration_images  # noqa: E402  (the images accuracy.py calibrates on)
 from vmfx.config import InitConfig, resolve_config  # noqa: E402
 from vmfx.data import load_proxy_model  # noqa: E402
 from vmfx.passes import JLSSPass  # noqa: E402

@@ -347,7 +347,7 @@ def run(args, save=lambda result: None) -> dict:
     """Measure every requested side and bit setting; ``save(result)`` after each row (an interrupted run
     keeps what it measured)."""
     torch.set_num_threads(args.threads)
-    from accuracy import calibration_images  # benchmarks/accuracy.py
+    from accuracy_run import calibration_images  # the images benchmarks/accuracy.py calibrates on
     calib = calibration_images(args.calib_n, args.seed)
     test_x, test_y = load_digits("test")
     if args.test_n:
@@ -403,7 +403,7 @@ def run(args, save=lambda result: None) -> dict:
             _purge_official_modules()
             sys.path.remove(str(src_dir))
     if "vmfx" in sides:
-        from accuracy import quantize
+        from accuracy_run import quantize
         for bits in args.bits.split(","):
             preset = f"kscaled-{bits}"
             variants = [("kscaled", None, "preset as is (linear/conv outputs; the paper's Table I setting)"),
@@ -489,7 +489,7 @@ def _fmt_rows(result) -> list[str]:
 
 
 def _reading(result) -> list[str]:
-    from accuracy import paired_proportion_difference
+    from accuracy_stats import paired_proportion_difference
     n = result["test_images"]
     out = []
     rows = result["rows"]
