@@ -113,3 +113,32 @@ def test_the_triton_backend_runs_the_rotate_online_model_like_the_reference(onli
     source = next(p for p in lowered_partitions(triton_model) if p.kind == "hadamard").source()
     assert "template=hadamard_quantize" in source and "vmfx_q_layers_0_mixer_out_proj__hadamard" in source
     assert "_vmfx_butterfly(t, BLOCK_M, P, 1)" in source  # 48 = 12 x 2^2: two butterfly stages
+
+
+def test_inspect_names_the_online_hadamard_of_a_lowered_model(online, tmp_path):
+    model, images, q = online
+    loaded = vmfx.load(vmfx.save(lower(q, "reference"), str(tmp_path / "lowered.safetensors")))
+    rows = {line.split()[0]: line for line in vmfx.inspect.table(loaded).splitlines()[2:]}
+    kernel = rows["vmfx_lowered_vmfx_q_layers_0_mixer_out_proj__hadamard"]
+    assert "kernel" in kernel and "online Hadamard 48 = 12 x 2^2 (FWHT), before layers_0_mixer_out_proj" in kernel
+    out_proj = rows["vmfx_lowered_layers_0_mixer_out_proj"]
+    assert "A uint8 asym per-token | W int4 sym per-channel" in out_proj
+    assert "W <- W H / sqrt(48) (absorbs its H^T)" in out_proj and "residual R (klt-hadamard 24)" in out_proj
+    report = vmfx.coverage.coverage(loaded)  # the rotation is no layer of the coverage report
+    assert {layer.kind for layer in report.layers} == {"linear", "conv", "scan"}
+    assert not [layer for layer in report.layers if "hadamard" in layer.name]
+
+
+def test_ptq4vm_rotate_online_smooths_after_the_rotation_and_lowers(online):
+    from vmfx.config import JLSSConfig
+
+    model, images, _ = online
+    cfg = vmfx.preset("ptq4vm-rotate-online-w4a4").replace(jlss=JLSSConfig(steps=2, batch_size=6))
+    q = vmfx.compile(model, images, cfg)
+    assert {"residual_rotated", "out_proj_input_rotated", "smoothing_folded"} <= set(q.meta["vmfx_facts"])
+    lowered = lower(q, "reference", strict=True)
+    rotation = next(p for p in lowered_partitions(lowered) if p.kind == "hadamard")
+    assert rotation.a_inv_smooth is not None  # out_proj's smoothing runs in the rotation kernel, after x H
+    with torch.no_grad():
+        expected, got = q(images), lowered(images)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))

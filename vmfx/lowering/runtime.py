@@ -857,8 +857,10 @@ def kernel_layers(p: Partition) -> list[dict]:
     ``weight`` describe a linear's quantized edges (``QuantSpec.describe()``; None: float),
     ``state`` a scan's quantized hidden state and ``operands`` its quantized operands
     (:func:`vmfx.passes.scan_operands.quantized_operands`: their quantizers stay in the graph,
-    before the kernel). :func:`vmfx.inspect.summary`, ``table`` and
-    ``coverage`` read them from the kernel node's annotation (``extra["layers"]``)."""
+    before the kernel), ``rotated`` the rotations a linear's weight absorbed (when any); an online
+    Hadamard the kernel applies is a record of kind ``"rotation"`` (``rotation``: what it is).
+    :func:`vmfx.inspect.summary`, ``table`` and ``coverage`` read them from the kernel node's
+    annotation (``extra["layers"]``)."""
     import torch.nn.functional as F
 
     from ..passes.linear_edges import linear_edges
@@ -881,7 +883,13 @@ def kernel_layers(p: Partition) -> list[dict]:
                 else:
                     spec = getattr(q, "spec", None)
                     specs[edge] = spec.describe() if spec is not None else None
-            out.append({"node": node.name, "kind": "linear", "role": role, "direction": direction, **specs})
+            record = {"node": node.name, "kind": "linear", "role": role, "direction": direction, **specs}
+            if ann is not None and ann.extra.get("rotated"):  # rotations its weight absorbed
+                record["rotated"] = ann.extra["rotated"]
+            out.append(record)
+        elif role == "rotation":  # an online Hadamard the kernel applies
+            out.append({"node": node.name, "kind": "rotation", "role": role, "direction": direction,
+                        "rotation": ann.extra.get("rotated")})
         elif is_scan(node) or role == "scan":
             state = scan_state_of(node) if node.op == "call_function" else None
             out.append({"node": node.name, "kind": "scan", "role": role, "direction": direction,
