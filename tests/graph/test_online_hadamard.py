@@ -50,7 +50,7 @@ def test_widths_factor_with_the_smallest_base_and_others_are_refused():
     entry = describe_module(module)
     assert entry == {"kind": "OnlineHadamard", "dim": 192}
     assert build_module(entry).dim == 192 and module.describe() == "online Hadamard 192 = 12 x 2^4 (FWHT)"
-    with pytest.raises(ValueError, match="width 192 got an input of width 96"):
+    with pytest.raises(vmfx.errors.InputError, match="width 192 got an input of width 96"):
         module(torch.zeros(2, 96))
 
 

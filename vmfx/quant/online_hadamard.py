@@ -33,7 +33,7 @@ import functools
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
 from .hadamard import _paley_base, hadamard_matrix
 from .registry import register_module_kind
 
@@ -141,7 +141,8 @@ class OnlineHadamard(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
-            raise ValueError(f"OnlineHadamard of width {self.dim} got an input of width {x.shape[-1]}")
+            raise InputError(f"OnlineHadamard of width {self.dim} got an input of width {x.shape[-1]}: it rotates the "
+                             f"last axis of the tensors it was built for (rebuild it with OnlineHadamard({x.shape[-1]}))")
         return fast_hadamard_transform(x, self.base)
 
     def describe(self) -> str:
