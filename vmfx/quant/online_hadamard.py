@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
-from .hadamard import _paley_base, hadamard_matrix
+from .hadamard import hadamard_matrix, hadamard_order
 from .registry import register_module_kind
 
-__all__ = ["fast_hadamard_factors", "online_hadamard_matrix", "fast_hadamard_transform", "OnlineHadamard",
+__all__ = ["fast_hadamard_factors", "hadamard_base", "online_hadamard_matrix", "fast_hadamard_transform", "OnlineHadamard",
            "FAST_BASES"]
 
 #: The base orders ``m`` the Triton kernel unrolls (the transform in torch takes any Paley base).
@@ -47,14 +47,14 @@ FAST_BASES = (1, 12, 20, 28)
 @functools.lru_cache(maxsize=None)
 def fast_hadamard_factors(n: int) -> tuple[int, int] | None:
     """``(k, m)`` with ``n = 2^k m`` and ``m`` the smallest order with a Hadamard construction here
-    (1, or a Paley order: 12, 20, 28, ...); None when ``n`` has none (e.g. 96 + 1 channels, or a
-    width not divisible by 4 above 2)."""
+    (1, or a Paley order: 12, 20, 28, ...; a constructible ``m`` halves down to its base); None when
+    ``n`` has none (e.g. 96 + 1 channels, or a width not divisible by 4 above 2)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         return None
     best = None
     k, m = 0, n
     while True:
-        if _paley_base(m) is not None:
+        if hadamard_order(m) is not None:
             best = (k, m)
         if m % 2:
             break
@@ -72,7 +72,8 @@ def _factors_or_refuse(n: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def _base(m: int) -> torch.Tensor:
+def hadamard_base(m: int) -> torch.Tensor:
+    """The ±1 base ``H_m`` (float64, cached: do not modify it)."""
     return hadamard_matrix(m)
 
 
@@ -80,7 +81,7 @@ def online_hadamard_matrix(n: int) -> torch.Tensor:
     """The ±1 matrix ``H = S_{2^k} (x) H_m`` (float64, ``H H^T = n I``) that
     :func:`fast_hadamard_transform` applies (divided by ``sqrt(n)``)."""
     k, m = _factors_or_refuse(n)
-    h = _base(m)
+    h = hadamard_base(m).clone()
     sylvester = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
     for _ in range(k):
         h = torch.kron(sylvester, h)
@@ -106,7 +107,7 @@ def fast_hadamard_transform(x: torch.Tensor, base: torch.Tensor | None = None) -
     lead = x.shape[:-1]
     y = x.reshape(*lead, 2**k, m)
     if m > 1:
-        positive = ((_base(m) if base is None else base) > 0).tolist()
+        positive = ((hadamard_base(m) if base is None else base) > 0).tolist()
         columns = []
         for j in range(m):
             acc = y[..., 0] if positive[0][j] else -y[..., 0]
@@ -137,7 +138,7 @@ class OnlineHadamard(nn.Module):
         super().__init__()
         self.k, self.m = _factors_or_refuse(dim)
         self.dim = dim
-        self.register_buffer("base", _base(self.m).float(), persistent=False)
+        self.register_buffer("base", hadamard_base(self.m).float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:

@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ...quant.online_hadamard import FAST_BASES, _base, fast_hadamard_factors
+from ...quant.online_hadamard import FAST_BASES, fast_hadamard_factors, hadamard_base
 from ..codegen import (
     IndentedBuffer,
     check_tensor,
@@ -72,7 +72,7 @@ _BUTTERFLY = '''
 
 def _base_sum(column: int, m: int) -> str:
     """``x0 - x1 + ...``: column ``column`` of ``x H_m`` as a left-to-right sum of signed tiles."""
-    positive = (_base(m) > 0).tolist()
+    positive = (hadamard_base(m) > 0).tolist()
     terms = [("" if positive[0][column] else "-") + "x0"]
     terms += [(" + " if positive[i][column] else " - ") + f"x{i}" for i in range(1, m)]
     return "".join(terms)
