@@ -47,13 +47,15 @@ ROLES = (
     "observer",
     "quantizer",
     "smooth",
+    "rotation",
     "kernel",
     # any other linear (attention, MLP, a hybrid model's extra layers): quantized like any linear
     "linear",
 )
 
-#: Roles of the nodes quantization passes insert on edges (not part of the float graph).
-INSERTED_ROLES = ("observer", "quantizer", "smooth")
+#: Roles of the nodes quantization passes insert on edges (not part of the float graph); a
+#: ``rotation`` is an online Hadamard (:mod:`vmfx.passes.online_hadamard`).
+INSERTED_ROLES = ("observer", "quantizer", "smooth", "rotation")
 
 #: Roles of the linear layers inside a Mamba mixer.
 LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj")

@@ -202,7 +202,7 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
     for node in gm.graph.nodes:
         kernel = kernel_layers(node)
         if kernel is not None:  # a lowered partition: the layers it replaced, as lower() recorded them
-            layers.extend(_kernel_layer(record, node.name) for record in kernel)
+            layers.extend(_kernel_layer(record, node.name) for record in kernel if record["kind"] != "rotation")
             outside.extend(t for record in kernel if record["kind"] == "linear"
                            and record.get("role") in _OUTSIDE_LINEAR_ROLES for t in _kernel_outside(record))
         elif is_linear(node):

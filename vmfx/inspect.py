@@ -134,12 +134,15 @@ def _quant_columns(node: fx.Node) -> tuple[str, str]:
 
 def _kernel_spec_text(records: list[dict]) -> str:
     """The spec column of a lowered kernel: ``A .. | W ..`` of the one linear it computes, else
-    ``<role> [dir]: A .. | W ..`` per linear (``; ``-separated), plus a quantized scan state."""
+    ``<role> [dir]: A .. | W ..`` per linear (``; ``-separated), plus a quantized scan state, the
+    online Hadamard it applies and the rotations its linears' weights absorbed."""
     linears = [r for r in records if r["kind"] == "linear"]
     parts = [linear_spec_text(r) if len(linears) == 1 else
              f"{r.get('role') or r['node']}{' ' + _DIR_SHORT.get(r['direction'], r['direction']) if r.get('direction') else ''}: "
              f"{linear_spec_text(r)}" for r in linears]
     parts += [f"scan state {r['state']}" for r in records if r["kind"] == "scan" and r.get("state")]
+    parts += [r["rotation"] for r in records if r["kind"] == "rotation" and r.get("rotation")]
+    parts += [r["rotated"] for r in linears if r.get("rotated")]
     return "; ".join(parts)
 
 

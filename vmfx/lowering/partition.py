@@ -17,6 +17,10 @@ as the inlier GEMM + outlier-column GEMM of :mod:`vmfx.lowering.kernels.mixed_li
 * ``scan``: the selective scan with its D skip and the SiLU(z) gate (roles ``scan`` / ``gate``).
 * ``merge``: the sum of a mixer's two scan directions (the backward one flipped back), the
   division, and the transpose to tokens-major, quantized for the ``out_proj`` that reads it.
+* ``hadamard``: an online Hadamard node (:class:`~vmfx.quant.online_hadamard.OnlineHadamard`)
+  read only by the input quantizer of a ``qlinear`` partition: the rotation and that quantize in
+  one kernel, which emits the linear's codes (the linear's GEMM reads them). The ``merge`` before
+  it then writes its float output (the rotation mixes channels, so the merge cannot quantize).
 
 Both directions of a bidirectional block, once :mod:`vmfx.lowering.rewrite` has moved the backward
 direction's flips next to their readers (the conv's ``flip``, the scan's ``flip_z``), are paired
@@ -48,6 +52,7 @@ from ..annotations import annotation
 from ..passes.linear_edges import linear_edges
 from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
 from ..quant.mixed import MixedPrecisionQuantize
+from ..quant.online_hadamard import FAST_BASES, OnlineHadamard
 from ..quant.modules import FakeQuantize, Smooth
 from ..quant.state_quantizer import scan_state_of
 from .rewrite import flip_dims
@@ -70,8 +75,8 @@ class Partition:
     """One fused subgraph.
 
     Attributes:
-        kind: "qlinear", "conv", "scan", "merge", "mixed_qlinear", "conv_bidir", "qlinear_group" or
-            "scan_merge".
+        kind: "qlinear", "conv", "scan", "merge", "hadamard", "mixed_qlinear", "conv_bidir",
+            "qlinear_group" or "scan_merge".
         name: a readable unique name (from the anchor node).
         nodes: the FX nodes it replaces, in graph order (their names are the kernel's provenance).
         inputs: external input nodes, in the order the lowered module takes them.
@@ -267,6 +272,8 @@ def _merge_partition(out_proj: fx.Node) -> Partition | None:
     """(transpose(y_f) + flip(transpose(y_b))) [/ c] feeding out_proj (through its smoothing and
     quantizer nodes, when it has them)."""
     node = linear_edges(out_proj).source if out_proj.op == "call_function" else out_proj.args[0]
+    if isinstance(node, fx.Node) and isinstance(module_of(node), OnlineHadamard):
+        node = node.args[0]  # the merge writes float for the online Hadamard kernel (see _hadamard_partition)
     nodes, scale = [], 1.0
     if isinstance(node, fx.Node) and node.op == "call_function" and node.target in (operator.truediv, operator.mul) \
             and isinstance(node.args[1], (int, float)) and _role(node) == "merge":
@@ -296,6 +303,19 @@ def _merge_partition(out_proj: fx.Node) -> Partition | None:
     order = {n: i for i, n in enumerate(out_proj.graph.nodes)}
     nodes.sort(key=order.__getitem__)
     return Partition("merge", nodes[-1].name, nodes, [sources[0][0], sources[1][0]], nodes[-1], {"scale": scale})
+
+
+def _hadamard_partition(source, consumer: fx.Node) -> Partition | None:
+    """The online Hadamard node ``source`` feeding the quantized linear ``consumer`` (read by its
+    input quantizer alone, a width whose base the kernel unrolls) as a ``hadamard`` partition
+    emitting ``consumer``'s codes; else None."""
+    module = module_of(source) if isinstance(source, fx.Node) else None
+    if not isinstance(module, OnlineHadamard) or module.m not in FAST_BASES or len(source.users) != 1:
+        return None
+    if not isinstance(source.args[0], fx.Node):
+        return None
+    return Partition("hadamard", source.name, [source], [source.args[0]], source,
+                     {"module": module, "consumer": consumer})
 
 
 # -- mixed_qlinear (OuroMamba) -------------------------------------------------------------------
@@ -538,8 +558,10 @@ def find_partitions(gm: fx.GraphModule, pair_directions: bool = True) -> list[Pa
         elif producer is not None and producer.kind == "merge" and not chain:
             info["codes_from"] = producer
             producer.info["consumer"] = node
-        add(Partition("qlinear", node.name, module.nodes + [node] + epi_nodes, inputs + extra,
-                      (epi_nodes or [node])[-1], info))
+        rotation = _hadamard_partition(source, node) if producer is None and not chain else None
+        if add(Partition("qlinear", node.name, module.nodes + [node] + epi_nodes, inputs + extra,
+                         (epi_nodes or [node])[-1], info)) is not None and add(rotation) is not None:
+            info["codes_from"] = rotation  # the online Hadamard kernel emits this linear's codes
     for node in gm.graph.nodes:  # OuroMamba: the mixed-precision linears
         if node not in taken:
             add(_mixed_partition(node))

@@ -34,7 +34,9 @@ A quantized linear layer of the converted graph computes, in float32,
 
 The other kernels (causal conv + SiLU, selective scan, merge of the two scan directions) produce
 float outputs and, where they feed a quantized linear, the codes of that linear's input by the
-same activation formula.
+same activation formula. The online Hadamard (:func:`hadamard_quantize`) rotates its float input
+in float32, in the fixed order of :func:`vmfx.quant.online_hadamard.fast_hadamard_transform`, then
+applies the activation formula: the kernel's codes equal this reference's bit for bit.
 
 Two paths, one result
 ---------------------
@@ -57,6 +59,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops.selective_scan import selective_scan as _selective_scan
+from ..quant.online_hadamard import fast_hadamard_transform
 from .params import ActQuant, QWeight, make_act_quant, pack_int4, unpack_int4
 
 __all__ = [
@@ -78,6 +81,7 @@ __all__ = [
     "causal_conv1d_silu",
     "selective_scan",
     "merge_quantize",
+    "hadamard_quantize",
     # both directions of a Vim block in one launch each
     "causal_conv1d_silu_bidir",
     "qlinear_group",
@@ -653,6 +657,25 @@ def merge_quantize(y_f: torch.Tensor, y_b: torch.Tensor | None = None, scale: fl
     if act is None:
         return m
     return m, quantize_act(m.reshape(-1, m.shape[-1]), act)
+
+
+def hadamard_quantize(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
+    """Codes of the online-Hadamard-rotated input of a linear (``out_proj``).
+
+    ``codes = quantize_act(fast_hadamard_transform(float32(x)), act)``: the rotation
+    ``x H / sqrt(n)`` in float32, in the fixed order of
+    :func:`vmfx.quant.online_hadamard.fast_hadamard_transform` (what the Triton kernel computes),
+    then smoothing (when ``act`` has it) and the activation formula.
+
+    Args:
+        x: (…, n) float activations, rows (batch, token) pairs; ``n = 2^k m`` with a Hadamard base ``m``.
+        act: the linear's input parameters.
+
+    Returns:
+        (rows, n) int8 codes, shifted (see :func:`quantize_act`).
+    """
+    y = fast_hadamard_transform(x.float())
+    return quantize_act(y.reshape(-1, y.shape[-1]), act)
 
 
 def _merge_fast(y_f, y_b, scale, act):

@@ -13,7 +13,9 @@ parameters prepared once (:class:`~vmfx.lowering.reference.QWeight`,
   vmfx's CPU backend and the kernels' test oracle.
 
 A producer partition that feeds a quantized linear (the conv feeding ``x_proj``, the merge feeding
-``out_proj``) also emits that linear's int8 codes, and the linear's GEMM reads them directly.
+``out_proj``) also emits that linear's int8 codes, and the linear's GEMM reads them directly; an
+online Hadamard before ``out_proj`` becomes a partition of its own that rotates and quantizes in
+one kernel (the merge then writes float).
 Nodes in no partition stay torch ops. Every partition can render its Triton source
 (:func:`show`), whatever the backend.
 
@@ -72,6 +74,7 @@ __all__ = [
     "LoweredConv",
     "LoweredScan",
     "LoweredMerge",
+    "LoweredHadamardQuantize",
     "LoweredConvBidir",
     "LoweredScanMerge",
     "LoweredQLinearGroup",
@@ -459,6 +462,36 @@ class LoweredMerge(LoweredPartition):
         )
 
 
+class LoweredHadamardQuantize(LoweredPartition):
+    """The online Hadamard of a linear's input and that linear's activation quantize: float in,
+    the linear's int8 codes out (:func:`~vmfx.lowering.kernels.hadamard_quantize`); ``x H`` is
+    never written. Returns ``(None, codes)`` like a producer that emits codes only."""
+
+    kind = "hadamard"
+
+    def __init__(self, name, provenance, backend, dim: int, consumer: QuantizedLinear):
+        super().__init__(name, provenance, backend)
+        self.dim = int(dim)
+        self.emits_codes = True
+        _act_buffers(self, "a", input_act_quant(consumer))
+
+    @torch.no_grad()
+    def compute(self, x):
+        act = _act(self, "a")
+        if self.backend == "triton":
+            return None, _kernels().hadamard_quantize(x, act, provenance=self.provenance)
+        return None, ref.hadamard_quantize(x, act)
+
+    def output_specs(self, x):
+        return (None, ((x.numel() // self.dim, self.dim), torch.int8))
+
+    def source(self) -> str:
+        act = _act(self, "a")
+        return _kernels().render_hadamard_quantize(
+            n=self.dim, per_token=act.per_token, smooth=act.inv_smooth is not None, act_bits=act.bits,
+            autotune=True, provenance=tuple(self.provenance))
+
+
 class LoweredQLinearGroup(LoweredPartition):
     """Quantized linears that read the codes of one producer (both directions' ``x_proj`` reading
     :class:`LoweredConvBidir`'s stacked codes) as one grouped GEMM launch. Each group's parameters
@@ -703,6 +736,8 @@ def _build(gm: fx.GraphModule, p: Partition, backend: str, linears: dict[fx.Node
                            p.info.get("flip_z", False))
     # the float output is written only when something besides the consumer's codes reads it
     only_consumer = consumer is not None and set(p.output.users) <= set(linears[consumer].nodes) | {consumer}
+    if p.kind == "hadamard":
+        return LoweredHadamardQuantize(p.name, p.provenance, backend, p.info["module"].dim, consumer_module)
     if p.kind == "merge":
         return LoweredMerge(p.name, p.provenance, backend, p.info["scale"], consumer_module, not only_consumer)
     if p.kind == "qlinear_group":
@@ -822,8 +857,10 @@ def kernel_layers(p: Partition) -> list[dict]:
     ``weight`` describe a linear's quantized edges (``QuantSpec.describe()``; None: float),
     ``state`` a scan's quantized hidden state and ``operands`` its quantized operands
     (:func:`vmfx.passes.scan_operands.quantized_operands`: their quantizers stay in the graph,
-    before the kernel). :func:`vmfx.inspect.summary`, ``table`` and
-    ``coverage`` read them from the kernel node's annotation (``extra["layers"]``)."""
+    before the kernel), ``rotated`` the rotations a linear's weight absorbed (when any); an online
+    Hadamard the kernel applies is a record of kind ``"rotation"`` (``rotation``: what it is).
+    :func:`vmfx.inspect.summary`, ``table`` and ``coverage`` read them from the kernel node's
+    annotation (``extra["layers"]``)."""
     import torch.nn.functional as F
 
     from ..passes.linear_edges import linear_edges
@@ -846,7 +883,13 @@ def kernel_layers(p: Partition) -> list[dict]:
                 else:
                     spec = getattr(q, "spec", None)
                     specs[edge] = spec.describe() if spec is not None else None
-            out.append({"node": node.name, "kind": "linear", "role": role, "direction": direction, **specs})
+            record = {"node": node.name, "kind": "linear", "role": role, "direction": direction, **specs}
+            if ann is not None and ann.extra.get("rotated"):  # rotations its weight absorbed
+                record["rotated"] = ann.extra["rotated"]
+            out.append(record)
+        elif role == "rotation":  # an online Hadamard the kernel applies
+            out.append({"node": node.name, "kind": "rotation", "role": role, "direction": direction,
+                        "rotation": ann.extra.get("rotated")})
         elif is_scan(node) or role == "scan":
             state = scan_state_of(node) if node.op == "call_function" else None
             out.append({"node": node.name, "kind": "scan", "role": role, "direction": direction,
@@ -875,7 +918,7 @@ def _wire_outputs(graph: fx.Graph, p: Partition, call: fx.Node, emits_codes: boo
         return {fwd: getitem(stacked, 0), bwd: getitem(stacked, 1)}
     if p.kind == "qlinear_group":
         return {output: getitem(call, g) for g, output in enumerate(p.info["outputs"])}
-    if p.kind in ("conv", "merge", "scan_merge") and emits_codes:
+    if p.kind in ("conv", "merge", "scan_merge", "hadamard") and emits_codes:
         codes_for[p.info["consumer"]] = getitem(call, 1)
         return {p.output: getitem(call, 0)}
     return {p.output: call}

@@ -30,6 +30,7 @@ from .insert_observers import QUANT_PREFIX, InsertObserversPass, activation_obse
 from .jlss import JLSSPass, quantization_disabled
 from .linear_edges import LinearEdges, linear_edges, quantized_linears
 from .manager import PassManager
+from .online_hadamard import OnlineHadamardPass
 from .ouromamba import outlier_observer
 from .patterns import is_linear, module_of
 from .pipeline import Pipeline, method_passes, methods, ptq_passes, register_method
@@ -57,6 +58,7 @@ __all__ = [
     # the built-in passes, in pipeline order
     "DetectMambaMixersPass",
     "RotateResidualPass",
+    "OnlineHadamardPass",
     "InsertObserversPass",
     "CalibratePass",
     "SmoothQuantPass",

@@ -30,7 +30,8 @@ in the graph: only parameters change, so ``vmfx.save`` / ``vmfx.load`` keep them
 float model's output is unchanged up to rounding.
 
 ``out_proj``'s *input* (after the gate) is not rotated here: no weight before it can absorb
-``R^T`` (an online Hadamard is needed there).
+``R^T``; ``RotationOptions(online_out_proj=True)`` rotates it at run time
+(:mod:`vmfx.passes.online_hadamard`).
 
 Which rotation
 --------------
@@ -60,7 +61,8 @@ absorbed parameter.
 Facts: requires ``mixers_detected``, forbids ``observers_inserted`` (the weights must still be the
 float model's) and ``residual_rotated``; ensures ``residual_rotated``.
 
-The ``rotate`` method (:func:`rotate_passes`) runs this pass right after detection, then the
+The ``rotate`` method (:func:`rotate_passes`) runs this pass right after detection (then the
+online Hadamard, with ``online_out_proj``), then the
 passes :func:`~vmfx.passes.ptq_passes` builds from the rest of the config, so PTS, SmoothQuant +
 JLSS (``ptq4vm-rotate-*``), k-scaled or OuroMamba configs run on the rotated graph with
 ``method="rotate"``.
@@ -87,6 +89,7 @@ from ..quant.hadamard import describe_blocks, hadamard_blocks, klt_hadamard, ran
 from .base import FACTS, Pass, PassContext, PassResult
 from .calibrate import input_expectation, iter_calibration_batches
 from .detect import DetectMambaMixersPass
+from .online_hadamard import OnlineHadamardPass
 from .patterns import module_of
 from .pipeline import ptq_passes, register_method
 
@@ -107,16 +110,30 @@ class RotationOptions:
         kind: ``"klt"`` (MambaQuant's KLT-enhanced rotation, from calibration statistics) or
             ``"hadamard"`` (QuaRot's randomized Hadamard, no data needed).
         seed: seed of the Hadamard's random signs (``kind="hadamard"``).
+        online_out_proj: also rotate every ``out_proj``'s input by an online Hadamard
+            (:class:`~vmfx.passes.online_hadamard.OnlineHadamardPass`), its inverse folded into
+            ``out_proj``'s weight.
+        residual: rotate the residual stream offline (:class:`RotateResidualPass`); ``False``
+            keeps only the online Hadamard (``online_out_proj=True`` is then required), for models
+            whose residual stream cannot be rotated (LayerNorm models such as VMamba).
     """
 
     kind: str = "klt"
     seed: int = 0
+    online_out_proj: bool = False
+    residual: bool = True
 
     def __post_init__(self):
         if self.kind not in ROTATION_KINDS:
             raise ConfigError(f"RotationOptions.kind must be one of {', '.join(map(repr, ROTATION_KINDS))}, got {self.kind!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"RotationOptions.seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("online_out_proj", "residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"RotationOptions.{name} must be True or False, got {getattr(self, name)!r}")
+        if not self.residual and not self.online_out_proj:
+            raise ConfigError("RotationOptions(residual=False, online_out_proj=False) rotates nothing: set "
+                              "online_out_proj=True, or use a method without rotation")
 
 
 # -- finding the residual stream ----------------------------------------------------------------------
@@ -607,22 +624,29 @@ class RotateResidualPass(Pass):
 
 @register_method("rotate", options=RotationOptions)
 def rotate_passes(config: QuantConfig) -> list[Pass]:
-    """``DetectMambaMixers -> RotateResidual -> `` the rest of :func:`~vmfx.passes.ptq_passes`
-    (built from the config's other fields: PTS, SmoothQuant + JLSS, k-scaled, OuroMamba)."""
+    """``DetectMambaMixers -> RotateResidual -> [OnlineHadamard] -> `` the rest of
+    :func:`~vmfx.passes.ptq_passes` (built from the config's other fields: PTS, SmoothQuant + JLSS,
+    k-scaled, OuroMamba). ``RotationOptions.residual=False`` leaves out ``RotateResidual``;
+    ``online_out_proj`` adds the online Hadamard on ``out_proj``'s input."""
     options = config.options if isinstance(config.options, RotationOptions) else RotationOptions()
     passes = ptq_passes(config)
     at = next(i for i, p in enumerate(passes) if isinstance(p, DetectMambaMixersPass)) + 1
-    return passes[:at] + [RotateResidualPass(options.kind, options.seed)] + passes[at:]
+    rotations = [RotateResidualPass(options.kind, options.seed)] if options.residual else []
+    if options.online_out_proj:
+        rotations.append(OnlineHadamardPass())
+    return passes[:at] + rotations + passes[at:]
 
 
 def _register_presets() -> None:
     """``rotate-w<b>a<b>`` (every bit setting): KLT-enhanced rotation, then PTS (per-token static activation scales,
     Lp grid init), no learning; ``ptq4vm-rotate-*``: the rotation, then PTQ4VM (PTS, smoothing, JLSS).
     ``rotate-hadamard-*`` and ``ptq4vm-rotate-hadamard-*``: the same with QuaRot's randomized Hadamard (seed 0)
-    in place of the KLT-enhanced rotation, so the two rotations can be measured side by side."""
+    in place of the KLT-enhanced rotation, so the two rotations can be measured side by side.
+    ``rotate-online-*`` and ``ptq4vm-rotate-online-*``: the KLT-enhanced rotation plus the online Hadamard on
+    every ``out_proj``'s input."""
     for w, a in BIT_SETTINGS:
-        for name, kind in (("rotate", "klt"), ("rotate-hadamard", "hadamard")):
-            options = RotationOptions(kind=kind)
+        for name, options in (("rotate", RotationOptions(kind="klt")), ("rotate-hadamard", RotationOptions(kind="hadamard")),
+                              ("rotate-online", RotationOptions(kind="klt", online_out_proj=True))):
             register_preset(f"{name}-w{w}a{a}", preset(f"pts-w{w}a{a}").replace(method="rotate", options=options))
             register_preset(f"ptq4vm-{name}-w{w}a{a}",
                             preset(f"ptq4vm-w{w}a{a}").replace(method="rotate", options=options))

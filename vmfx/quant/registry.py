@@ -4,8 +4,8 @@ and ``vmfx.load`` rebuilds it.
 A kind is a module class with ``to_dict()`` (its structure as JSON values; token layouts and
 specs may stay objects, the file format encodes them) and a classmethod ``from_dict(d)`` that
 builds a module of that structure with placeholder tensors (the file's tensors are loaded into it
-afterwards). vmfx registers ``FakeQuantize``, ``MixedPrecisionQuantize``, ``Smooth`` and
-``ScanStateQuant``; a plug-in registers its own with :func:`register_module_kind`. A module is
+afterwards). vmfx registers ``FakeQuantize``, ``MixedPrecisionQuantize``, ``Smooth``,
+``ScanStateQuant`` and ``OnlineHadamard``; a plug-in registers its own with :func:`register_module_kind`. A module is
 looked up by its exact type, so a subclass is its own kind.
 """
 
