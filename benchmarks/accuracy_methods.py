@@ -54,6 +54,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "rotate-hadamard": ("rotate-hadamard", "rotate with QuaRot's randomized Hadamard (seed 0) in place of the KLT"),
     "ptq4vm-rotate": ("ptq4vm-rotate", "the KLT-enhanced rotation, then PTQ4VM (PTS + smoothing + JLSS)"),
     "ptq4vm-rotate-hadamard": ("ptq4vm-rotate-hadamard", "the randomized Hadamard rotation, then PTQ4VM"),
+    "rotate-online": ("rotate-online", "rotate plus an online Hadamard on out_proj's input (FWHT at run time, "
+                      "its transpose folded into out_proj), then PTS, no learning"),
+    "ptq4vm-rotate-online": ("ptq4vm-rotate-online", "the KLT-enhanced rotation and the online Hadamard on out_proj's "
+                             "input, then PTQ4VM (PTS + smoothing + JLSS)"),
 }
 
 #: method name -> the ScanStateConfig its preset is run with (``QuantConfig.scan_state``); methods
@@ -90,6 +94,9 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("ptq4vm-rotate", "ptq4vm"),
     ("ptq4vm-rotate-hadamard", "ptq4vm"),
     ("ptq4vm-rotate", "rotate"),
+    ("rotate-online", "rotate"),
+    ("ptq4vm-rotate-online", "ptq4vm"),
+    ("ptq4vm-rotate-online", "ptq4vm-rotate"),
 )
 
 
