@@ -33,6 +33,8 @@ __all__ = [
     "resolve_config",
     "BIT_SETTINGS",
     "kscaled_rules",
+    "kscaled_official_rules",
+    "KSCALED_OFFICIAL_SOURCE",
     "OutlierConfig",
     "check_rules_match",
     "Selector",
@@ -221,6 +223,9 @@ class SimilaritySearchConfig:
             quantizer per 32 images of the proxy Vim and phase (101 candidates), so all 256
             proxy calibration images would take far beyond the 10-minute calibration budget.
         weights: search the weight scales too (False: outputs only).
+        keep_roles: roles of the nodes whose output quantizers keep their min-max scales (not
+            searched); the official code searches none of the patch embedding's and the norms'
+            (``("patch_embed", "norm")``).
     """
 
     rounds: int = 3
@@ -229,6 +234,7 @@ class SimilaritySearchConfig:
     high: float = 1.2
     images: int | None = 8
     weights: bool = True
+    keep_roles: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("rounds", "candidates"):
@@ -245,6 +251,11 @@ class SimilaritySearchConfig:
             raise ConfigError(f"SimilaritySearchConfig.images must be a positive integer or None (all), got {self.images!r}")
         if not isinstance(self.weights, bool):
             raise ConfigError(f"SimilaritySearchConfig.weights must be a boolean, got {self.weights!r}")
+        roles = tuple(self.keep_roles) if isinstance(self.keep_roles, (tuple, list)) else None
+        if roles is None or any(r not in ROLES for r in roles):
+            raise ConfigError(f"SimilaritySearchConfig.keep_roles must be a tuple of roles ({', '.join(ROLES)}), "
+                              f"got {self.keep_roles!r}")
+        object.__setattr__(self, "keep_roles", roles)
 
 
 _SUBCONFIGS = {"smoothing": SmoothingConfig, "init": InitConfig, "jlss": JLSSConfig}
@@ -374,6 +385,14 @@ class QuantRule:
     ``shared="mixer"`` makes the scans of one mixer (both directions) use one quantizer module,
     its scale calibrated on all of their data (OuroMamba's delta quantizer).
 
+    Weights besides the linears': a ``"weight"`` rule also selects a conv (``conv1d``,
+    ``patch_embed``) or a norm with a weight (``norm``); such a node is made functional
+    (:func:`vmfx.passes.graph_utils.functionalize_weighted`) and its weight gets a min-max quantizer.
+
+    ``op`` selects by the operation a node computes (:func:`vmfx.annotations.node_op`: ``"silu"``,
+    ``"mul"``, ...), e.g. the SiLU of a gate (role ``gate`` covers both the SiLU and the multiply):
+    ``QuantRule("output", spec, role="gate", op="silu")``.
+
     Example::
 
         # in_proj at W8A8, out_proj at W4A4, the rest as the config's defaults say
@@ -392,6 +411,7 @@ class QuantRule:
     module: str | None = None
     node: str | None = None
     shared: str | None = None
+    op: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.edge, str) or (self.edge not in EDGES and not self.edge.startswith("scan.")):
@@ -402,7 +422,7 @@ class QuantRule:
             raise ConfigError(f"QuantRule.spec must be a QuantSpec or None (float), got {type(self.spec).__name__}")
         if self.role is not None and self.role not in ROLES:
             raise ConfigError(f"QuantRule.role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        for name in ("module", "node"):
+        for name in ("module", "node", "op"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"QuantRule.{name} must be a non-empty string or None, got {value!r}")
@@ -443,16 +463,20 @@ class QuantRule:
 
     def describe(self) -> str:
         """E.g. ``"input -> float where module='layer.0.*'"``."""
-        selectors = [f"{name}={getattr(self, name)!r}" for name in ("role", "module", "node")
+        selectors = [f"{name}={getattr(self, name)!r}" for name in ("role", "module", "node", "op")
                      if getattr(self, name) is not None]
         spec = "float" if self.spec is None else self.spec.describe()
         shared = f", shared per {self.shared}" if self.shared is not None else ""
         return f"{self.edge} -> {spec}{shared}" + (f" where {', '.join(selectors)}" if selectors else " everywhere")
 
-    def matches(self, edge: str, role: str | None, module: str | None, node: str | None) -> bool:
-        """Whether this rule selects ``edge`` of the node with this role, module path and name
-        (a ``"scan.<operand>"`` rule selects scan nodes only)."""
+    def matches(self, edge: str, role: str | None, module: str | None, node: str | None,
+                op: str | None = None) -> bool:
+        """Whether this rule selects ``edge`` of the node with this role, module path, name and
+        operation (a ``"scan.<operand>"`` rule selects scan nodes only; a rule with an ``op``
+        selector matches only where ``op`` is given and equal)."""
         if edge != self.edge:
+            return False
+        if self.op is not None and op != self.op:
             return False
         if self.role is not None and role != self.role:
             return False
@@ -465,15 +489,16 @@ class QuantRule:
     def to_dict(self) -> dict:
         d = {"edge": self.edge, "spec": None if self.spec is None else self.spec.to_dict(),
              "role": self.role, "module": self.module, "node": self.node}
-        if self.shared is not None:  # written only when set: older readers read the other rules
-            d["shared"] = self.shared
+        for name in ("shared", "op"):  # written only when set: older readers read the other rules
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantRule":
         if not isinstance(d, dict):
             raise ConfigError(f"a QuantRule must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {"edge", "spec", "role", "module", "node", "shared"}
+        unknown = set(d) - {"edge", "spec", "role", "module", "node", "shared", "op"}
         if unknown:
             raise ConfigError(f"unknown QuantRule fields {sorted(unknown)}")
         d = dict(d)
@@ -482,7 +507,7 @@ class QuantRule:
         return cls(**d)
 
 
-#: (role, module path or None, node name) of one node a rule can select.
+#: (role, module path or None, node name[, operation]) of one node a rule can select.
 RuleTarget = tuple
 
 
@@ -603,10 +628,12 @@ class SettingRule:
         return cls(d["setting"], d["value"], Selector.from_dict(d.get("select") or {}))
 
 
-def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs: list[RuleTarget]) -> None:
+def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs: list[RuleTarget],
+                      weighted: list[RuleTarget] = ()) -> None:
     """Refuse rules that select nothing in a model, naming what exists.
 
-    ``linears`` are the model's annotated linears (the nodes ``input`` / ``weight`` rules select),
+    ``linears`` are the model's annotated linears (the nodes ``input`` / ``weight`` rules select;
+    ``weighted``: its convs and norms with a weight, which ``weight`` rules select too),
     ``outputs`` every annotated node (``output`` rules; its scan nodes for ``scan.<operand>``
     rules). A rule whose ``module`` or ``node``
     selector matches none of them is a typo until shown otherwise: :class:`ConfigError` with the
@@ -625,23 +652,24 @@ def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs:
         if rule.operand is not None:  # a scan operand: the scan nodes
             targets = [t for t in outputs if t[0] == "scan"]
         else:
-            targets = outputs if rule.edge == "output" else linears
-        if any(rule.matches(rule.edge, role, module, node) for role, module, node in targets):
+            targets = outputs if rule.edge == "output" else list(linears) + (
+                list(weighted) if rule.edge == "weight" else [])
+        if any(rule.matches(rule.edge, t[0], t[1], t[2], t[3] if len(t) > 3 else None) for t in targets):
             continue
         what = f"QuantRule #{index} ({rule.describe()})"
         where = "scan" if rule.operand is not None else "annotated node" if rule.edge == "output" else "linear"
         problems = []
         if rule.module is not None and not any(m is not None and fnmatch.fnmatchcase(m, rule.module)
-                                               for _, m, _ in targets):
-            close = _close_patterns(rule.module, sorted({m for _, m, _ in targets if m is not None}))
+                                               for m in (t[1] for t in targets)):
+            close = _close_patterns(rule.module, sorted({t[1] for t in targets if t[1] is not None}))
             problems.append(f"module={rule.module!r} matches no {where}'s module path (closest: "
                             f"{', '.join(repr(m) for m in close)})")
-        if rule.node is not None and not any(n == rule.node for _, _, n in targets):
-            names = sorted({n for _, _, n in targets})
+        if rule.node is not None and not any(t[2] == rule.node for t in targets):
+            names = sorted({t[2] for t in targets})
             close = difflib.get_close_matches(rule.node, names, n=3, cutoff=0.5) or names[:3]
             problems.append(f"node={rule.node!r} is no {where}'s node name (closest: "
                             f"{', '.join(repr(n) for n in close)})")
-        roles = sorted({r for r, _, _ in targets if r})
+        roles = sorted({t[0] for t in targets if t[0]})
         if rule.role is not None and rule.role not in roles:
             problems.append(f"role={rule.role!r} is not a role of any {where} of this model (its roles: "
                             f"{', '.join(roles)})")
@@ -866,10 +894,12 @@ class QuantConfig:
                 "init=InitConfig('minmax') for dynamic activations"
             )
 
-    def spec_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None) -> QuantSpec | None:
-        """The spec of one edge of one linear: the defaults (``weight`` / ``activation`` for the
+    def spec_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None,
+                 op: str | None = None) -> QuantSpec | None:
+        """The spec of one edge of one node: the defaults (``weight`` / ``activation`` for the
         linears whose role is in ``roles``), then every matching rule in order. None: float.
-        Output edges and scan operands (``"scan.B"``, ...) have no default: rules alone decide."""
+        Output edges and scan operands (``"scan.B"``, ...) have no default: rules alone decide.
+        ``op``: the node's operation (:func:`vmfx.annotations.node_op`), for rules that select by it."""
         if edge not in EDGES and edge not in SCAN_EDGES:
             raise ConfigError(f"edge must be one of {', '.join(EDGES + SCAN_EDGES)}, got {edge!r}")
         if edge == "output" or edge in SCAN_EDGES:
@@ -877,7 +907,7 @@ class QuantConfig:
         else:
             spec = (self.weight if edge == "weight" else self.activation) if role in self.roles else None
         for rule in self.rules:
-            if rule.matches(edge, role, module, node):
+            if rule.matches(edge, role, module, node, op):
                 spec = rule.spec
         return spec
 
@@ -1056,6 +1086,63 @@ def _kscaled_recipe(wbits: int, abits: int) -> QuantConfig:
 
 _RECIPES["kscaled"] = _kscaled_recipe
 PRESETS.update({f"kscaled-w{w}a{a}": _kscaled_recipe(w, a) for w, a in BIT_SETTINGS})
+
+#: The official k-scaled code this family follows (Access-IC-Lab/PTQ_for_ViM at this commit).
+KSCALED_OFFICIAL_SOURCE = "Access-IC-Lab/PTQ_for_ViM@d6fc957ac680543f8cf4aed9c17bbde35aa451bb"
+
+
+def kscaled_official_rules(wbits: int, abits: int, k: int = 4) -> tuple[QuantRule, ...]:
+    """The tensors the official k-scaled code quantizes (:data:`KSCALED_OFFICIAL_SOURCE`,
+    src/quant_configs/PTQ4ViM.py ``get_module`` and src/quant_utils/net_wrap.py), each at its
+    granularity, in the official integer range (``int_range="full"``) with k-means on the
+    per-position mean ``|x|`` (``cluster_stat="mean_abs"``):
+
+    * weights, per tensor at ``wbits``: the patch-embedding conv, every RMSNorm, conv1d (min-max) and
+      the head (the linears' come from :attr:`QuantConfig.weight`);
+    * outputs, per tensor at ``abits``: the patch embedding, the norms, in_proj, x_proj, dt_proj and
+      the head;
+    * outputs, k-scaled channel-wise (``k`` clusters): conv1d, the SiLU after it, the softplus
+      (delta; where the model has it as a node of its own) and the gate's SiLU ``act_z``;
+    * outputs, k-scaled token-wise with power-of-two ratios: the scan and out_proj.
+
+    conv1d's clusters get no power-of-two ratios: the config asks for them (PTQ4ViM.py:65) but
+    ``QuantConv1d._search_best_o_interval`` (src/quant_layers/QuantConv1d.py:245-289) never applies
+    them. Linear inputs stay float."""
+    full = {"int_range": "full"}
+    tensor = QuantSpec(abits, True, "tensor", **full)
+    weight = QuantSpec(wbits, True, "tensor", **full)
+
+    def cluster(axis: str, pow2: bool) -> QuantSpec:
+        return QuantSpec(abits, True, "cluster", cluster_axis=axis, clusters=k, pow2=pow2, cluster_stat="mean_abs",
+                         **full)
+
+    return (
+        *(QuantRule("input", None, role=r) for r in LINEAR_ROLES),
+        *(QuantRule("weight", weight, role=r) for r in ("patch_embed", "norm", "conv1d", "head")),
+        *(QuantRule("output", tensor, role=r) for r in ("patch_embed", "norm", "in_proj", "x_proj", "dt_proj", "head")),
+        QuantRule("output", cluster("channel", False), role="conv1d"),
+        QuantRule("output", cluster("channel", False), role="conv_act"),
+        QuantRule("output", cluster("channel", False), role="dt_act"),
+        QuantRule("output", cluster("channel", False), role="gate", op="silu"),
+        QuantRule("output", cluster("token", True), role="scan"),
+        QuantRule("output", cluster("token", True), role="out_proj"),
+    )
+
+
+def _kscaled_official_recipe(wbits: int, abits: int) -> QuantConfig:
+    """k-scaled ViM PTQ as the official code runs it: :func:`kscaled_official_rules`, per-tensor
+    full-range linear weights, the similarity search on every calibration image (the patch
+    embedding's and the norms' scales stay min-max), and the 8-bit reparameterized hidden state
+    searched exhaustively (the official ``h_config`` keeps 8 bits at every setting)."""
+    return QuantConfig(method="kscaled-official", weight=QuantSpec(wbits, True, "tensor", int_range="full"),
+                       activation=QuantSpec(abits, True, "tensor", int_range="full"),
+                       rules=kscaled_official_rules(wbits, abits),
+                       search=SimilaritySearchConfig(images=None, keep_roles=("patch_embed", "norm")),
+                       scan_state=ScanStateConfig(bits=8, reparameterize=True, exhaustive=True))
+
+
+_RECIPES["kscaled-official"] = _kscaled_official_recipe
+PRESETS.update({f"kscaled-official-w{w}a{a}": _kscaled_official_recipe(w, a) for w, a in BIT_SETTINGS})
 # -- OuroMamba presets ------------------------------------------------------------------------------
 
 

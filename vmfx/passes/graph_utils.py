@@ -5,6 +5,8 @@ Every structural edit a quantization pass makes to a traced float graph goes thr
 * :func:`functionalize_linear`: an ``nn.Linear`` call becomes ``F.linear(x, W, b)`` on ``get_attr``
   nodes, so that its weight is an edge a quantizer (or a smoothing node) can sit on. The node keeps
   its name and annotation.
+* :func:`functionalize_weighted`: the same for a conv (``F.conv1d`` / ``conv2d`` / ``conv3d``) or a
+  norm (:func:`vmfx.nn.norm.rms_norm`, ``F.layer_norm``) module call.
 * :func:`insert_module_on_edge`: route one edge ``producer -> user`` through a new ``call_module``
   node (an observer, a quantizer, a smoothing node); :func:`insert_module_after` puts one on a
   node's output, for every user.
@@ -36,6 +38,8 @@ __all__ = [
     "remove_passthrough_node",
     "replace_submodule",
     "functionalize_linear",
+    "functionalize_weighted",
+    "weighted_module_types",
     "replay_edits",
     "attach_scan_state",
 ]
@@ -149,6 +153,60 @@ def functionalize_linear(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
+_CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def weighted_module_types() -> tuple[type, ...]:
+    """The module types besides ``nn.Linear`` whose weight :func:`functionalize_weighted` makes an
+    edge: convs and the norms with a weight."""
+    from ..nn.norm import RMSNorm
+
+    return (*_CONV_FUNCTIONS, RMSNorm, nn.LayerNorm)
+
+
+def functionalize_weighted(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Turn a ``call_module`` conv or norm node into its functional form on ``get_attr`` weights:
+    ``F.conv<N>d(x, W, b, stride, padding, dilation, groups)``, ``rms_norm(x, W, eps)``
+    (:func:`vmfx.nn.norm.rms_norm`) or ``F.layer_norm(x, shape, W, b, eps)``.
+
+    Computes what the module computes (the same functions on the same parameters). The node keeps
+    its name, meta and annotation (changed in place; ``meta["vmfx_module"]`` keeps the module path);
+    the module stays as the owner of the parameters. A node already functional is returned as is.
+
+    Raises:
+        TypeError: the node calls no such module, a conv pads other than with zeros, or a norm has
+            no weight.
+    """
+    from ..nn.norm import RMSNorm, rms_norm
+
+    if node.op == "call_function" and "vmfx_module" in node.meta:
+        return node
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    graph = gm.graph
+
+    def attr(name: str):
+        return graph.get_attr(f"{node.target}.{name}") if getattr(module, name, None) is not None else None
+
+    with graph.inserting_before(node):
+        if type(module) in _CONV_FUNCTIONS and module.padding_mode == "zeros":
+            fn = _CONV_FUNCTIONS[type(module)]
+            args = (node.args[0], attr("weight"), attr("bias"), module.stride, module.padding, module.dilation,
+                    module.groups)
+        elif isinstance(module, RMSNorm):
+            fn, args = rms_norm, (node.args[0], attr("weight"), module.eps)
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            fn, args = F.layer_norm, (node.args[0], tuple(module.normalized_shape), attr("weight"), attr("bias"),
+                                      module.eps)
+        else:
+            raise TypeError(f"node '{node.name}' ({node.op} {node.target}) is no conv with zero padding or norm "
+                            "with a weight: its weight cannot be made an edge")
+    node.meta["vmfx_module"] = node.target
+    node.op, node.target = "call_function", fn
+    node.args, node.kwargs = args, {}
+    _log(gm, {"op": "functional_weight", "node": node.name})
+    return node
+
+
 def attach_scan_state(gm: fx.GraphModule, scan: fx.Node, module: nn.Module, path: str) -> fx.Node:
     """Give a selective-scan node a quantized-state module: ``module`` goes to ``path`` and the
     scan reads it through its ``state_quant=`` keyword (a ``get_attr`` node inserted before it).
@@ -184,6 +242,9 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
         if op == "functional_linear":
             _need(nodes, record["node"])
             functionalize_linear(gm, nodes[record["node"]])
+        elif op == "functional_weight":
+            _need(nodes, record["node"])
+            functionalize_weighted(gm, nodes[record["node"]])
         elif op == "insert":
             _need(nodes, record["input"])
             _need(nodes, record["user"])

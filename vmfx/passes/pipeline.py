@@ -521,5 +521,6 @@ for _name in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-of
 # k-scaled ViM PTQ (Shi et al.): min-max observers on layer outputs (clusters by k-means), then the
 # similarity search; the config's rules and ``search`` say what (vmfx.config.kscaled_rules)
 register_method("kscaled")(ptq_passes)
+register_method("kscaled-official")(ptq_passes)
 # OuroMamba-Quant: PTQ4VM's passes with mixed-precision activation observers
 register_method("ouromamba")(ptq_passes)

@@ -130,7 +130,7 @@ def coordinate_cosine_scores(ref: torch.Tensor, current: torch.Tensor, candidate
 
 
 def _output_candidate_sums(ref2: torch.Tensor, y2: torch.Tensor, base2: torch.Tensor, ids: _Ids,
-                           mults: torch.Tensor, qmax: int):
+                           mults: torch.Tensor, qmin: int, qmax: int):
     """``(dot, sq)`` sums of every candidate chunk of a symmetric output quantizer whose scale is
     ``base2 * m`` ((R, C) per-element starting scales, constant along rows or along columns), with
     the scale factored out of the integer codes (fewer passes over the data)."""
@@ -139,14 +139,14 @@ def _output_candidate_sums(ref2: torch.Tensor, y2: torch.Tensor, base2: torch.Te
         m = mults[i:i + _CHUNK].reshape(-1, 1, 1)
         if by_row:
             s = base2[:, :1].unsqueeze(0) * m  # (n, R, 1)
-            codes = torch.div(y2.unsqueeze(0), s).round_().clamp_(-qmax, qmax)
+            codes = torch.div(y2.unsqueeze(0), s).round_().clamp_(qmin, qmax)
             d = (codes * ref2).sum(-1, keepdim=True) * s
             sq = codes.pow_(2).sum(-1, keepdim=True) * (s * s)
             if ids.kind == "row":
                 d, sq = d * ids.onehot, sq * ids.onehot
         else:
             s = base2[:1, :].unsqueeze(0) * m  # (n, 1, C)
-            q = torch.div(y2.unsqueeze(0), s).round_().clamp_(-qmax, qmax).mul_(s)
+            q = torch.div(y2.unsqueeze(0), s).round_().clamp_(qmin, qmax).mul_(s)
             d = _segment(q * ref2, ids)
             sq = _segment(q.pow_(2), ids)
         yield d, sq
@@ -220,8 +220,10 @@ def _quantizer(fq: FakeQuantize, node: fx.Node) -> _Quantizer:
     return q
 
 
-def find_targets(gm: fx.GraphModule, search_weights: bool = True) -> tuple[dict, list]:
-    """``({node: _Target}, [(quantizer node name, why skipped)])``."""
+def find_targets(gm: fx.GraphModule, search_weights: bool = True, keep_roles: tuple[str, ...] = ()
+                 ) -> tuple[dict, list]:
+    """``({node: _Target}, [(quantizer node name, why skipped)])``; the output quantizers of nodes
+    whose role is in ``keep_roles`` are skipped (they keep their min-max scales)."""
     targets: dict[fx.Node, _Target] = {}
     skipped: list[tuple[str, str]] = []
 
@@ -249,6 +251,10 @@ def find_targets(gm: fx.GraphModule, search_weights: bool = True) -> tuple[dict,
             skipped.append((qnode.name, why))
             continue
         producer = qnode.args[0]
+        role = annotation(producer).role if annotation(producer) is not None else None
+        if role in keep_roles:
+            skipped.append((qnode.name, f"role {role!r} keeps its min-max scale (SimilaritySearchConfig.keep_roles)"))
+            continue
         target(producer).out = _quantizer(fq, qnode)
     if search_weights:
         for node in gm.graph.nodes:
@@ -378,7 +384,7 @@ def _score_output(t: _Target, args, kwargs, ref: torch.Tensor, mults: torch.Tens
     base = _rows(q.base[q.ids_full(ref.shape)], cd)
     current = _fq(y2, _scale_rows(q.fq, ref.shape, cd), q.fq.qmin, q.fq.qmax)
 
-    sums = _output_candidate_sums(ref2, y2, base, ids, mults, q.fq.qmax)
+    sums = _output_candidate_sums(ref2, y2, base, ids, mults, q.fq.qmin, q.fq.qmax)
     scores = coordinate_cosine_scores(ref2, current, sums, ids, _valid_rows(t, ref), sums=True)
     q.scores = scores if q.scores is None else q.scores + scores
 
@@ -451,7 +457,7 @@ class SimilaritySearchPass(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         start = time.perf_counter()
-        targets, skipped = find_targets(gm, self.config.weights)
+        targets, skipped = find_targets(gm, self.config.weights, self.config.keep_roles)
         mults = candidate_multipliers(self.config)
         phases = [p for p in ("weight", "output")
                   if any((t.weight if p == "weight" else t.out) is not None for t in targets.values())]
