@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from .config import KSCALED_OFFICIAL_SOURCE, QuantConfig, preset
 
-__all__ = ["OfficialTensor", "KSCALED_OFFICIAL", "kscaled_table", "write_readme", "MARKERS"]
+__all__ = ["OfficialTensor", "KSCALED_OFFICIAL", "KSCALED_NOTES", "kscaled_table", "vmfx_cell", "generated",
+           "write_readme", "MARKERS"]
 
 #: The markers the generated table sits between in a markdown file.
 MARKERS = {"kscaled": ("<!-- fidelity:kscaled -->", "<!-- /fidelity:kscaled -->")}
@@ -59,9 +60,9 @@ KSCALED_OFFICIAL = (
     OfficialTensor("RMSNorm output", "A per-tensor, min-max", f"qnorm, {_CFG}:384-400", "output", "norm"),
     OfficialTensor("in_proj weight", "W per-tensor, searched", f"qin_proj, {_CFG}:72-111", "weight", "in_proj"),
     OfficialTensor("in_proj output", "A per-tensor, searched", f"qin_proj, {_CFG}:72-111", "output", "in_proj"),
-    OfficialTensor("conv1d weight", "W per-tensor, min-max", f"qconv1d, {_CFG}:32-46", "weight", "conv1d"),
+    OfficialTensor("conv1d weight", "W per-tensor, min-max", f"qconv1d w_config, {_CFG}:35-46", "weight", "conv1d"),
     OfficialTensor("conv1d output", "A k-scaled channel-wise k=4, searched (pow2 asked, not applied: "
-                   "src/quant_layers/QuantConv1d.py:245-289)", f"qconv1d, {_CFG}:50-67", "output", "conv1d"),
+                   "src/quant_layers/QuantConv1d.py:245-289)", f"qconv1d o_config, {_CFG}:50-67", "output", "conv1d"),
     OfficialTensor("SiLU after conv1d", "A k-scaled channel-wise k=4, searched", f"qact, {_CFG}:332-357", "output",
                    "conv_act"),
     OfficialTensor("x_proj weight", "W per-tensor, searched", f"qx_proj, {_CFG}:112-151", "weight", "x_proj"),
@@ -114,6 +115,23 @@ def vmfx_cell(cfg: QuantConfig, row: OfficialTensor) -> str:
     return f"{spec.describe()}, {_scale_choice(cfg, row)}"
 
 
+#: What the vmfx columns do not show: where a vmfx preset differs from the official code although
+#: the same tensor is quantized at the same granularity.
+KSCALED_NOTES = (
+    "softplus output: vmfx's Vim fuses the softplus into the scan (`delta_softplus=True`), so the `dt_act` "
+    "rule selects nothing there and only dt_proj's output is quantized; models with a softplus node get it.",
+    "SSM output: vmfx quantizes the scan's output `y + D u` after the r_C factor is folded back; the official "
+    "code quantizes y' before r_C and the D skip (src/quant_layers/QuantSSM.py:604-615).",
+    "hidden state: vmfx computes y[t] from the quantized h[t] and searches the state after the output scales; "
+    "the official code uses the unquantized h[t] for y[t], quantizes only the carried state "
+    "(QuantSSM.py:600-603) and searches it first.",
+    "act_z: vmfx gives each direction its own quantizer (the official code shares one, mamba.py:62,145,170); "
+    "channel-wise statistics of the two directions are equal (z_b is z flipped over tokens), the searched "
+    "scales may differ.",
+    "bias correction of dt_proj and head (src/quant_layers/QuantLinear.py:98-106) is not done by vmfx.",
+)
+
+
 def kscaled_table(bits: str = "w4a8") -> str:
     """The k-scaled fidelity table at one bit setting: one row per tensor of
     :data:`KSCALED_OFFICIAL`, with ``kscaled-<bits>`` and ``kscaled-official-<bits>`` side by side."""
@@ -129,6 +147,7 @@ def kscaled_table(bits: str = "w4a8") -> str:
     for row in KSCALED_OFFICIAL:
         lines.append(f"| {row.tensor} | {row.official} | {row.where} | {vmfx_cell(ours, row)} | "
                      f"{vmfx_cell(official, row)} |")
+    lines += ["", "Not visible in the columns:", ""] + [f"- {note}" for note in KSCALED_NOTES]
     return "\n".join(lines)
 
 

@@ -173,8 +173,8 @@ def test_coverage_lists_every_tensor_the_official_code_quantizes(tiny_model, tin
             ("norm", "weight"), ("norm", "output")} <= outside
     inside = {(t.role, t.edge, t.spec) for t in report.inside_mixers}
     assert ("norm", "weight", "int8 sym per-tensor full-range") in inside
-    assert ("gate", "output", "int8 sym per-cluster(channel,k=4,mean|x|) full-range") in inside
-    assert ("conv_act", "output", "int8 sym per-cluster(channel,k=4,mean|x|) full-range") in inside
+    assert ("gate", "output", "int8 sym per-cluster(channel,k=4,mean-abs) full-range") in inside
+    assert ("conv_act", "output", "int8 sym per-cluster(channel,k=4,mean-abs) full-range") in inside
     convs = [layer for layer in report.layers if layer.role == "conv1d"]
     assert convs and all(layer.quantized and layer.bits == "W8 O8" for layer in convs)
     scans = [layer for layer in report.layers if layer.kind == "scan"]

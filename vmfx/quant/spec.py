@@ -214,7 +214,7 @@ class QuantSpec:
         kind = f"{'int' if self.symmetric else 'uint'}{self.bits}"
         text = f"{kind} {'sym' if self.symmetric else 'asym'} per-{self.granularity}"
         if self.granularity == "cluster":
-            stat = ",mean|x|" if self.cluster_stat == "mean_abs" else ""
+            stat = ",mean-abs" if self.cluster_stat == "mean_abs" else ""
             text += f"({self.cluster_axis},k={self.clusters}{',pow2' if self.pow2 else ''}{stat})"
         if self.int_range == "full":
             text += " full-range"
