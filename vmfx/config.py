@@ -787,6 +787,10 @@ class QuantConfig:
             (:class:`SimilaritySearchConfig`; None: off).
         outliers: OuroMamba's mixed-precision activations (None: off): every static activation
             quantizer becomes a :class:`~vmfx.quant.mixed.MixedPrecisionQuantize`.
+        split_softplus: give a selective scan's fused delta softplus a node of its own (role
+            ``dt_act``: :class:`vmfx.passes.split_softplus.SplitDeltaSoftplusPass`), so output rules
+            on ``dt_act`` quantize it on Vim too (the official k-scaled code's softplus output).
+            Written by :meth:`to_dict` only when set.
 
     Example::
 
@@ -815,10 +819,13 @@ class QuantConfig:
     scan_state: ScanStateConfig | None = None  # the scan's quantized hidden state (ScanStateConfig)
     settings: tuple[SettingRule, ...] = ()
     options: Any = None
+    split_softplus: bool = False
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"QuantConfig.method must be a method name, got {self.method!r}")
+        if not isinstance(self.split_softplus, bool):
+            raise ConfigError(f"QuantConfig.split_softplus must be True or False, got {self.split_softplus!r}")
         if not isinstance(self.weight, QuantSpec) or not isinstance(self.activation, QuantSpec):
             raise ConfigError("QuantConfig.weight and QuantConfig.activation must be QuantSpec instances")
         _check_weight_spec(self.weight, "QuantConfig.weight")
@@ -956,6 +963,7 @@ class QuantConfig:
             "rules": [r.to_dict() for r in self.rules],
             "settings": [r.to_dict() for r in self.settings],
             "options": _sub_to_dict(self.options),
+            **({"split_softplus": True} if self.split_softplus else {}),
         }
 
     @classmethod
@@ -969,7 +977,7 @@ class QuantConfig:
         if version not in (1, 2, cls.VERSION):
             raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads versions 1 to {cls.VERSION})")
         unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", "settings", "options",
-                            *_SUBCONFIGS}
+                            "split_softplus", *_SUBCONFIGS}
         if unknown:
             raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
         if "rules" in d:
@@ -1133,12 +1141,14 @@ def _kscaled_official_recipe(wbits: int, abits: int) -> QuantConfig:
     """k-scaled ViM PTQ as the official code runs it: :func:`kscaled_official_rules`, per-tensor
     full-range linear weights, the similarity search on every calibration image (the patch
     embedding's and the norms' scales stay min-max), and the 8-bit reparameterized hidden state
-    searched exhaustively (the official ``h_config`` keeps 8 bits at every setting)."""
+    searched exhaustively (the official ``h_config`` keeps 8 bits at every setting); a scan's fused
+    softplus is split off so that its output is quantized (``split_softplus``)."""
     return QuantConfig(method="kscaled-official", weight=QuantSpec(wbits, True, "tensor", int_range="full"),
                        activation=QuantSpec(abits, True, "tensor", int_range="full"),
                        rules=kscaled_official_rules(wbits, abits),
                        search=SimilaritySearchConfig(images=None, keep_roles=("patch_embed", "norm")),
-                       scan_state=ScanStateConfig(bits=8, reparameterize=True, exhaustive=True))
+                       scan_state=ScanStateConfig(bits=8, reparameterize=True, exhaustive=True),
+                       split_softplus=True)
 
 
 _RECIPES["kscaled-official"] = _kscaled_official_recipe

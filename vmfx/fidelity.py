@@ -118,8 +118,9 @@ def vmfx_cell(cfg: QuantConfig, row: OfficialTensor) -> str:
 #: What the vmfx columns do not show: where a vmfx preset differs from the official code although
 #: the same tensor is quantized at the same granularity.
 KSCALED_NOTES = (
-    "softplus output: vmfx's Vim fuses the softplus into the scan (`delta_softplus=True`), so the `dt_act` "
-    "rule selects nothing there and only dt_proj's output is quantized; models with a softplus node get it.",
+    "softplus output: vmfx's Vim fuses the softplus into the scan (`delta_softplus=True`); `kscaled-*`'s "
+    "`dt_act` rule selects nothing there (only dt_proj's output is quantized), `kscaled-official-*` splits "
+    "it into a node of its own first (`QuantConfig(split_softplus=True)`).",
     "SSM output: vmfx quantizes the scan's output `y + D u` after the r_C factor is folded back; the official "
     "code quantizes y' before r_C and the D skip (src/quant_layers/QuantSSM.py:604-615).",
     "hidden state: vmfx computes y[t] from the quantized h[t] and searches the state after the output scales; "

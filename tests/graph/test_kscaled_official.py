@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import vmfx
-from vmfx.annotations import node_op
+from vmfx.annotations import annotation, node_op
 from vmfx.config import (PRESETS, QuantConfig, QuantRule, ScanStateConfig, SimilaritySearchConfig,
                          kscaled_official_rules, preset)
 from vmfx.errors import ConfigError
@@ -36,6 +36,7 @@ def test_new_options_leave_every_other_preset_as_it_was():
     assert (QuantSpec(8).qmin, QuantSpec(8).qmax, QuantSpec(8).scale_divisor) == (-127, 127, 127)
     assert SimilaritySearchConfig().keep_roles == ()
     assert "op" not in QuantRule("output", QuantSpec(8)).to_dict()
+    assert QuantConfig().split_softplus is False and "split_softplus" not in QuantConfig().to_dict()
     for name, cfg in PRESETS.items():
         if name.startswith("kscaled-official-"):
             continue
@@ -43,6 +44,7 @@ def test_new_options_leave_every_other_preset_as_it_was():
         assert all(s.int_range == "restricted" and s.cluster_stat == "absmax" for s in specs), name
         assert all(r.op is None for r in cfg.rules), name
         assert cfg.search is None or cfg.search.keep_roles == (), name
+        assert not cfg.split_softplus, name
 
 
 def test_bad_values_of_the_new_options_are_refused_by_name():
@@ -134,6 +136,21 @@ def test_functional_convs_and_norms_compute_what_the_modules_compute():
     assert torch.equal(gm(x), want)
 
 
+def test_a_split_softplus_computes_what_the_fused_one_does(tiny_model, tiny_images):
+    from vmfx.passes import DetectMambaMixersPass, PassManager, SplitDeltaSoftplusPass
+    from vmfx.passes.matches import bind_scan
+
+    gm = vmfx.trace(tiny_model, tiny_images[:1])
+    gm = PassManager([DetectMambaMixersPass(), SplitDeltaSoftplusPass()])(gm).graph_module
+    scans = [n for n in gm.graph.nodes if annotation(n) is not None and annotation(n).role == "scan"]
+    assert scans and all(not bind_scan(s)["delta_softplus"] for s in scans)
+    softplus = [n for n in gm.graph.nodes if annotation(n) is not None and annotation(n).role == "dt_act"]
+    assert len(softplus) == len(scans) and all(n.target is F.softplus for n in softplus)
+    x = tiny_images[:3].double()
+    with torch.no_grad():
+        assert torch.allclose(gm.double()(x), tiny_model.double()(x), rtol=1e-10, atol=1e-12)
+
+
 def test_the_op_selector_picks_the_gate_silu_only():
     rule = QuantRule("output", QuantSpec(8), role="gate", op="silu")
     assert rule.matches("output", "gate", None, "silu_1", "silu")
@@ -149,6 +166,7 @@ def test_presets_exist_and_carry_the_official_settings():
         assert cfg.weight == QuantSpec(w, True, "tensor", int_range="full")
         assert cfg.scan_state == ScanStateConfig(bits=8, reparameterize=True, exhaustive=True)
         assert cfg.search.images is None and cfg.search.keep_roles == ("patch_embed", "norm")
+        assert cfg.split_softplus and cfg.to_dict()["split_softplus"] is True
         for role in ("patch_embed", "norm", "conv1d", "head"):
             assert cfg.spec_for("weight", role) == QuantSpec(w, True, "tensor", int_range="full")
         assert cfg.spec_for("output", "gate", op="silu").cluster_stat == "mean_abs"
@@ -175,6 +193,7 @@ def test_coverage_lists_every_tensor_the_official_code_quantizes(tiny_model, tin
     assert ("norm", "weight", "int8 sym per-tensor full-range") in inside
     assert ("gate", "output", "int8 sym per-cluster(channel,k=4,mean-abs) full-range") in inside
     assert ("conv_act", "output", "int8 sym per-cluster(channel,k=4,mean-abs) full-range") in inside
+    assert ("dt_act", "output", "int8 sym per-cluster(channel,k=4,mean-abs) full-range") in inside
     convs = [layer for layer in report.layers if layer.role == "conv1d"]
     assert convs and all(layer.quantized and layer.bits == "W8 O8" for layer in convs)
     scans = [layer for layer in report.layers if layer.kind == "scan"]

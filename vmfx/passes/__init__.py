@@ -37,6 +37,7 @@ from .rotate import RotateResidualPass, RotationOptions, rotate_passes
 from .scan_state_passes import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 from .similarity_search import SimilaritySearchPass
 from .smoothquant import SmoothQuantPass
+from .split_softplus import SplitDeltaSoftplusPass
 
 __all__ = [
     # running passes
@@ -56,6 +57,7 @@ __all__ = [
     "RotationOptions",
     # the built-in passes, in pipeline order
     "DetectMambaMixersPass",
+    "SplitDeltaSoftplusPass",
     "RotateResidualPass",
     "InsertObserversPass",
     "CalibratePass",

@@ -7,6 +7,8 @@ Every structural edit a quantization pass makes to a traced float graph goes thr
   its name and annotation.
 * :func:`functionalize_weighted`: the same for a conv (``F.conv1d`` / ``conv2d`` / ``conv3d``) or a
   norm (:func:`vmfx.nn.norm.rms_norm`, ``F.layer_norm``) module call.
+* :func:`split_scan_softplus`: a selective scan that applies the softplus to delta itself reads
+  ``F.softplus(delta)`` from a node of its own instead (``delta_softplus=False``).
 * :func:`insert_module_on_edge`: route one edge ``producer -> user`` through a new ``call_module``
   node (an observer, a quantizer, a smoothing node); :func:`insert_module_after` puts one on a
   node's output, for every user.
@@ -39,6 +41,8 @@ __all__ = [
     "replace_submodule",
     "functionalize_linear",
     "functionalize_weighted",
+    "split_scan_softplus",
+    "annotate_split_softplus",
     "weighted_module_types",
     "replay_edits",
     "attach_scan_state",
@@ -207,6 +211,37 @@ def functionalize_weighted(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
+def split_scan_softplus(gm: fx.GraphModule, scan: fx.Node) -> fx.Node:
+    """Move a selective scan's fused softplus onto its delta edge: the scan reads
+    ``F.softplus(delta)`` (beta 1, threshold 20: the scan's own) and gets ``delta_softplus=False``,
+    so it computes the same. Returns the softplus node (it copies delta's shape and token layout).
+
+    Raises:
+        ValueError: the scan does not apply the softplus itself, or adds a ``delta_bias`` first.
+    """
+    from .matches import bind_scan
+
+    bound = bind_scan(scan)
+    if not bound.get("delta_softplus"):
+        raise ValueError(f"scan '{scan.name}' applies no softplus to delta: nothing to split")
+    if bound.get("delta_bias") is not None:
+        raise ValueError(f"scan '{scan.name}' adds delta_bias before its softplus; splitting it is not supported")
+    delta = bound["delta"]
+    with gm.graph.inserting_before(scan):
+        new = gm.graph.call_function(F.softplus, (delta,))
+    _copy_value_meta(delta, new)
+    if "delta" in scan.kwargs:
+        scan.update_kwarg("delta", new)
+    else:
+        scan.update_arg(1, new)
+    if "delta_softplus" in scan.kwargs:
+        scan.update_kwarg("delta_softplus", False)
+    else:
+        scan.update_arg(8, False)
+    _log(gm, {"op": "split_softplus", "node": new.name, "scan": scan.name})
+    return new
+
+
 def attach_scan_state(gm: fx.GraphModule, scan: fx.Node, module: nn.Module, path: str) -> fx.Node:
     """Give a selective-scan node a quantized-state module: ``module`` goes to ``path`` and the
     scan reads it through its ``state_quant=`` keyword (a ``get_attr`` node inserted before it).
@@ -259,6 +294,13 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
             if new.name != record["node"]:
                 raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
                                  f"'{record['node']}': the float model differs from the one that was saved")
+        elif op == "split_softplus":
+            _need(nodes, record["scan"])
+            new = split_scan_softplus(gm, nodes[record["scan"]])
+            annotate_split_softplus(new, nodes[record["scan"]])
+            if new.name != record["node"]:
+                raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
+                                 f"'{record['node']}': the float model differs from the one that was saved")
         elif op == "remove":
             _need(nodes, record["node"])
             remove_passthrough_node(gm, nodes[record["node"]])
@@ -270,6 +312,20 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
                                  f"'{record['node']}': the float model differs from the one that was saved")
         else:
             raise ValueError(f"unknown graph edit {op!r}")
+
+
+def annotate_split_softplus(softplus: fx.Node, scan: fx.Node) -> None:
+    """Annotate a softplus :func:`split_scan_softplus` made: role ``dt_act``, in its scan's block,
+    direction and mixer, with delta's token layout."""
+    from ..annotations import annotate, annotation
+    from ..token_layout import layout_of
+
+    ann = annotation(scan)
+    if ann is None:
+        return
+    new = annotate(softplus, "dt_act", block=ann.block, direction=ann.direction, tokens=ann.tokens, mixer=ann.mixer)
+    if layout_of(softplus) is not None:
+        new.layout = layout_of(softplus)
 
 
 def _need(nodes: dict, name: str) -> None:

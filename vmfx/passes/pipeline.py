@@ -456,6 +456,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     """The pass list of every built-in method, read top to bottom::
 
         DetectMambaMixers
+        [SplitDeltaSoftplus]       config.split_softplus: the scan's softplus as a dt_act node
         InsertObservers            smoothing statistics (|x| per channel) if smoothing, else the
                                    activation observer of the init method (min-max or Lp grid)
         [Calibrate                 smoothing only: collect |x| per channel
@@ -480,6 +481,10 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
 
         act_observer = outlier_observer(config.outliers, init.p, init.candidates)
     passes: list[Pass] = [DetectMambaMixersPass()]
+    if config.split_softplus:  # the scan's fused softplus becomes a dt_act node an output rule can select
+        from .split_softplus import SplitDeltaSoftplusPass
+
+        passes.append(SplitDeltaSoftplusPass())
     if config.smoothing is not None:
         passes += [
             InsertObserversPass(observer=AbsMaxObserver, config=config),
