@@ -383,7 +383,10 @@ class QuantRule:
     when the quantizer is inserted. ``delta`` is the scan's argument, before the softplus it
     applies itself (``delta_softplus``). The hidden state has its own config, :class:`ScanStateConfig`.
     ``shared="mixer"`` makes the scans of one mixer (both directions) use one quantizer module,
-    its scale calibrated on all of their data (OuroMamba's delta quantizer).
+    its scale calibrated on all of their data (OuroMamba's delta quantizer); on an ``"output"``
+    rule, the nodes it selects in one mixer share one output quantizer (the official k-scaled
+    code's ``act_z``, one module for the gate SiLUs of both directions; the similarity search
+    scores its scale on both).
 
     Weights besides the linears': a ``"weight"`` rule also selects a conv (``conv1d``,
     ``patch_embed``) or a norm with a weight (``norm``); such a node is made functional
@@ -434,10 +437,10 @@ class QuantRule:
             if self.shared not in SHARING:
                 raise ConfigError(f"QuantRule.shared must be None or one of {', '.join(map(repr, SHARING))}, "
                                   f"got {self.shared!r}")
-            if self.operand is None:
-                raise ConfigError(f"QuantRule.shared={self.shared!r} shares a scan operand's quantizer between "
-                                  f"the scans of a mixer; it does not apply to {self.edge!r} edges (use a "
-                                  "'scan.<operand>' edge, or drop shared)")
+            if self.operand is None and self.edge != "output":
+                raise ConfigError(f"QuantRule.shared={self.shared!r} shares a scan operand's or an output's quantizer "
+                                  f"between the nodes it selects in one mixer; it does not apply to {self.edge!r} "
+                                  "edges (use a 'scan.<operand>' or 'output' edge, or drop shared)")
 
     def _check_scan_edge(self) -> None:
         operand = self.edge[len("scan."):]
@@ -933,11 +936,12 @@ class QuantConfig:
                 value = rule.value
         return value
 
-    def rule_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None) -> "QuantRule | None":
+    def rule_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None,
+                 op: str | None = None) -> "QuantRule | None":
         """The last rule matching ``edge`` of this node (the one :meth:`spec_for` takes), or None."""
         found = None
         for rule in self.rules:
-            if rule.matches(edge, role, module, node):
+            if rule.matches(edge, role, module, node, op):
                 found = rule
         return found
 
@@ -1110,7 +1114,8 @@ def kscaled_official_rules(wbits: int, abits: int, k: int = 4) -> tuple[QuantRul
     * outputs, per tensor at ``abits``: the patch embedding, the norms, in_proj, x_proj, dt_proj and
       the head;
     * outputs, k-scaled channel-wise (``k`` clusters): conv1d, the SiLU after it, the softplus
-      (delta; where the model has it as a node of its own) and the gate's SiLU ``act_z``;
+      (delta; where the model has it as a node of its own) and the gate's SiLU ``act_z`` (one
+      quantizer for both directions of a block, as there);
     * outputs, k-scaled token-wise with power-of-two ratios: the scan and out_proj.
 
     conv1d's clusters get no power-of-two ratios: the config asks for them (PTQ4ViM.py:65) but
@@ -1131,7 +1136,7 @@ def kscaled_official_rules(wbits: int, abits: int, k: int = 4) -> tuple[QuantRul
         QuantRule("output", cluster("channel", False), role="conv1d"),
         QuantRule("output", cluster("channel", False), role="conv_act"),
         QuantRule("output", cluster("channel", False), role="dt_act"),
-        QuantRule("output", cluster("channel", False), role="gate", op="silu"),
+        QuantRule("output", cluster("channel", False), role="gate", op="silu", shared="mixer"),
         QuantRule("output", cluster("token", True), role="scan"),
         QuantRule("output", cluster("token", True), role="out_proj"),
     )

@@ -112,7 +112,9 @@ def vmfx_cell(cfg: QuantConfig, row: OfficialTensor) -> str:
     spec = cfg.spec_for(row.edge, row.role, op=row.op)
     if spec is None:
         return "float"
-    return f"{spec.describe()}, {_scale_choice(cfg, row)}"
+    rule = cfg.rule_for(row.edge, row.role, op=row.op)
+    shared = ", one per block (both directions)" if rule is not None and rule.shared == "mixer" else ""
+    return f"{spec.describe()}{shared}, {_scale_choice(cfg, row)}"
 
 
 #: What the vmfx columns do not show: where a vmfx preset differs from the official code although
@@ -126,9 +128,6 @@ KSCALED_NOTES = (
     "hidden state: vmfx computes y[t] from the quantized h[t] and searches the state after the output scales; "
     "the official code uses the unquantized h[t] for y[t], quantizes only the carried state "
     "(QuantSSM.py:600-603) and searches it first.",
-    "act_z: vmfx gives each direction its own quantizer (the official code shares one, mamba.py:62,145,170); "
-    "channel-wise statistics of the two directions are equal (z_b is z flipped over tokens), the searched "
-    "scales may differ.",
     "bias correction of dt_proj and head (src/quant_layers/QuantLinear.py:98-106) is not done by vmfx.",
 )
 

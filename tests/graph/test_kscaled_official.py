@@ -60,6 +60,8 @@ def test_bad_values_of_the_new_options_are_refused_by_name():
         SimilaritySearchConfig(keep_roles=("nope",))
     with pytest.raises(ConfigError, match="op"):
         QuantRule("output", QuantSpec(8), op="")
+    with pytest.raises(ConfigError, match="shared"):
+        QuantRule("weight", QuantSpec(8), role="conv1d", shared="mixer")
 
 
 @settings(max_examples=30, deadline=None)
@@ -194,6 +196,12 @@ def test_coverage_lists_every_tensor_the_official_code_quantizes(tiny_model, tin
     assert ("gate", "output", "int8 sym per-cluster(channel,k=4,mean-abs) full-range") in inside
     assert ("conv_act", "output", "int8 sym per-cluster(channel,k=4,mean-abs) full-range") in inside
     assert ("dt_act", "output", "int8 sym per-cluster(channel,k=4,mean-abs) full-range") in inside
+    gate_quantizers = {}  # block -> the quantizer paths of its gate SiLUs (act_z: one for both directions)
+    for n in qmodel.graph.nodes:
+        ann = annotation(n)
+        if ann is not None and ann.role == "quantizer" and ann.extra.get("shared") == "mixer":
+            gate_quantizers.setdefault(ann.block, []).append(n.target)
+    assert len(gate_quantizers) == 2 and all(len(p) == 2 and p[0] == p[1] for p in gate_quantizers.values())
     convs = [layer for layer in report.layers if layer.role == "conv1d"]
     assert convs and all(layer.quantized and layer.bits == "W8 O8" for layer in convs)
     scans = [layer for layer in report.layers if layer.kind == "scan"]

@@ -173,6 +173,7 @@ class InsertObserversPass(Pass):
         from ..quant.modules import FakeQuantize
 
         count = 0
+        shared_paths: dict[tuple, str] = {}  # (mixer, rule) -> the path of the quantizer its nodes share
         for node in list(gm.graph.nodes):
             ann = annotation(node)
             if ann is None or ann.role in INSERTED_ROLES or node.op == "output":
@@ -181,15 +182,24 @@ class InsertObserversPass(Pass):
             spec = self.config.spec_for("output", ann.role, module, node.name, node_op(node))
             if spec is None:
                 continue
+            rule = self.config.rule_for("output", ann.role, module, node.name, node_op(node))
+            key = (ann.mixer, id(rule)) if rule.shared == "mixer" and ann.mixer is not None else None
             layout = edge_layout(node)
-            path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__output")
-            if spec.dynamic:
-                observer = FakeQuantize(spec) if layout is None else FakeQuantize(spec, layout=layout)
+            extra = {"quantizes": node.name, "edge": "output", **({"shared": rule.shared} if key else {})}
+            if key in shared_paths:
+                path = shared_paths[key]
+                observer = gm.get_submodule(path)
             else:
-                observer = make_observer(self.observer, spec, layout, f"'{node.name}' (its output)")
+                path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__output")
+                if spec.dynamic:
+                    observer = FakeQuantize(spec) if layout is None else FakeQuantize(spec, layout=layout)
+                else:
+                    observer = make_observer(self.observer, spec, layout, f"'{node.name}' (its output)")
+                if key is not None:
+                    shared_paths[key] = path
             new = insert_module_after(gm, node, observer, path)
             annotate(new, "quantizer" if spec.dynamic else "observer", block=ann.block, direction=ann.direction,
-                     tokens=ann.tokens, mixer=ann.mixer, act_spec=spec, extra={"quantizes": node.name, "edge": "output"})
+                     tokens=ann.tokens, mixer=ann.mixer, act_spec=spec, extra=extra)
             if layout is not None:
                 annotation(new).layout = layout
             count += 1

@@ -19,6 +19,9 @@ Access-IC-Lab/PTQ_for_ViM, not copied):
   quantized weight); after an output phase, ``pow2`` cluster specs are re-rounded to the first
   cluster's scale times powers of two (:func:`~vmfx.quant.kscaled.round_pow2_ratios`).
 
+A quantizer shared by several nodes (an ``output`` rule with ``shared="mixer"``) is one set of
+coordinates scored on all of their outputs together.
+
 Scores are exact for every coordinate taken alone with the others at their current scales, all
 coordinates of all quantizers scored in one pass over the search images per phase (the official
 code searches clusters one after the other, each seeing the ones already updated in that round:
@@ -255,7 +258,8 @@ def find_targets(gm: fx.GraphModule, search_weights: bool = True, keep_roles: tu
         if role in keep_roles:
             skipped.append((qnode.name, f"role {role!r} keeps its min-max scale (SimilaritySearchConfig.keep_roles)"))
             continue
-        target(producer).out = _quantizer(fq, qnode)
+        shared = next((t.out for t in targets.values() if t.out is not None and t.out.fq is fq), None)
+        target(producer).out = shared or _quantizer(fq, qnode)  # a shared quantizer: one set of scores
     if search_weights:
         for node in gm.graph.nodes:
             if not (node.op == "call_function" and node.target is F.linear):
