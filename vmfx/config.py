@@ -794,6 +794,10 @@ class QuantConfig:
             ``dt_act``: :class:`vmfx.passes.split_softplus.SplitDeltaSoftplusPass`), so output rules
             on ``dt_act`` quantize it on Vim too (the official k-scaled code's softplus output).
             Written by :meth:`to_dict` only when set.
+        bias_correction: roles of the linears whose bias absorbs the mean output error of their
+            quantized weight on the calibration data (:class:`vmfx.passes.bias_correction.BiasCorrectionPass`;
+            the official k-scaled code: ``("dt_proj", "head")``, its linears with a bias). Written by
+            :meth:`to_dict` only when set.
 
     Example::
 
@@ -823,12 +827,18 @@ class QuantConfig:
     settings: tuple[SettingRule, ...] = ()
     options: Any = None
     split_softplus: bool = False
+    bias_correction: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"QuantConfig.method must be a method name, got {self.method!r}")
         if not isinstance(self.split_softplus, bool):
             raise ConfigError(f"QuantConfig.split_softplus must be True or False, got {self.split_softplus!r}")
+        corrected = tuple(self.bias_correction) if isinstance(self.bias_correction, (tuple, list)) else None
+        if corrected is None or any(r not in LINEAR_ROLES + ("head", "linear") for r in corrected):
+            raise ConfigError(f"QuantConfig.bias_correction must be a tuple of linear roles "
+                              f"({', '.join(LINEAR_ROLES + ('head', 'linear'))}), got {self.bias_correction!r}")
+        object.__setattr__(self, "bias_correction", corrected)
         if not isinstance(self.weight, QuantSpec) or not isinstance(self.activation, QuantSpec):
             raise ConfigError("QuantConfig.weight and QuantConfig.activation must be QuantSpec instances")
         _check_weight_spec(self.weight, "QuantConfig.weight")
@@ -968,6 +978,7 @@ class QuantConfig:
             "settings": [r.to_dict() for r in self.settings],
             "options": _sub_to_dict(self.options),
             **({"split_softplus": True} if self.split_softplus else {}),
+            **({"bias_correction": list(self.bias_correction)} if self.bias_correction else {}),
         }
 
     @classmethod
@@ -981,7 +992,7 @@ class QuantConfig:
         if version not in (1, 2, cls.VERSION):
             raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads versions 1 to {cls.VERSION})")
         unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", "settings", "options",
-                            "split_softplus", *_SUBCONFIGS}
+                            "split_softplus", "bias_correction", *_SUBCONFIGS}
         if unknown:
             raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
         if "rules" in d:
@@ -1003,6 +1014,8 @@ class QuantConfig:
             d["activation"] = QuantSpec.from_dict(d["activation"])
         if "roles" in d:
             d["roles"] = tuple(d["roles"])
+        if "bias_correction" in d:
+            d["bias_correction"] = tuple(d["bias_correction"])
         return cls(**d)
 
 
@@ -1147,13 +1160,14 @@ def _kscaled_official_recipe(wbits: int, abits: int) -> QuantConfig:
     full-range linear weights, the similarity search on every calibration image (the patch
     embedding's and the norms' scales stay min-max), and the 8-bit reparameterized hidden state
     searched exhaustively (the official ``h_config`` keeps 8 bits at every setting); a scan's fused
-    softplus is split off so that its output is quantized (``split_softplus``)."""
+    softplus is split off so that its output is quantized (``split_softplus``); dt_proj's and the
+    head's biases absorb their weight quantization's mean output error (``bias_correction``)."""
     return QuantConfig(method="kscaled-official", weight=QuantSpec(wbits, True, "tensor", int_range="full"),
                        activation=QuantSpec(abits, True, "tensor", int_range="full"),
                        rules=kscaled_official_rules(wbits, abits),
                        search=SimilaritySearchConfig(images=None, keep_roles=("patch_embed", "norm")),
                        scan_state=ScanStateConfig(bits=8, reparameterize=True, exhaustive=True),
-                       split_softplus=True)
+                       split_softplus=True, bias_correction=("dt_proj", "head"))
 
 
 _RECIPES["kscaled-official"] = _kscaled_official_recipe

@@ -114,7 +114,8 @@ def vmfx_cell(cfg: QuantConfig, row: OfficialTensor) -> str:
         return "float"
     rule = cfg.rule_for(row.edge, row.role, op=row.op)
     shared = ", one per block (both directions)" if rule is not None and rule.shared == "mixer" else ""
-    return f"{spec.describe()}{shared}, {_scale_choice(cfg, row)}"
+    corrected = "; bias corrected" if row.edge == "weight" and row.role in cfg.bias_correction else ""
+    return f"{spec.describe()}{shared}, {_scale_choice(cfg, row)}{corrected}"
 
 
 #: What the vmfx columns do not show: where a vmfx preset differs from the official code although
@@ -128,7 +129,8 @@ KSCALED_NOTES = (
     "hidden state: vmfx computes y[t] from the quantized h[t] and searches the state after the output scales; "
     "the official code uses the unquantized h[t] for y[t], quantizes only the carried state "
     "(QuantSSM.py:600-603) and searches it first.",
-    "bias correction of dt_proj and head (src/quant_layers/QuantLinear.py:98-106) is not done by vmfx.",
+    "bias correction: the official code computes it on the first batch its quantized model runs (its "
+    "first evaluation batch, src/quant_layers/QuantLinear.py:98-106, :352); vmfx on the calibration data.",
 )
 
 

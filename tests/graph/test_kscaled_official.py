@@ -44,7 +44,7 @@ def test_new_options_leave_every_other_preset_as_it_was():
         assert all(s.int_range == "restricted" and s.cluster_stat == "absmax" for s in specs), name
         assert all(r.op is None for r in cfg.rules), name
         assert cfg.search is None or cfg.search.keep_roles == (), name
-        assert not cfg.split_softplus, name
+        assert not cfg.split_softplus and cfg.bias_correction == (), name
 
 
 def test_bad_values_of_the_new_options_are_refused_by_name():
@@ -169,6 +169,7 @@ def test_presets_exist_and_carry_the_official_settings():
         assert cfg.scan_state == ScanStateConfig(bits=8, reparameterize=True, exhaustive=True)
         assert cfg.search.images is None and cfg.search.keep_roles == ("patch_embed", "norm")
         assert cfg.split_softplus and cfg.to_dict()["split_softplus"] is True
+        assert cfg.bias_correction == ("dt_proj", "head") and QuantConfig.from_dict(cfg.to_dict()) == cfg
         for role in ("patch_embed", "norm", "conv1d", "head"):
             assert cfg.spec_for("weight", role) == QuantSpec(w, True, "tensor", int_range="full")
         assert cfg.spec_for("output", "gate", op="silu").cluster_stat == "mean_abs"
@@ -232,3 +233,41 @@ def test_rules_cover_what_the_official_config_names():
             ("weight", "head", None), ("output", "patch_embed", None), ("output", "head", None),
             ("output", "dt_act", None), ("output", "gate", "silu")} <= named
     assert all(r.spec.bits == 4 and r.spec.int_range == "full" for r in rules if r.spec is not None)
+
+
+def test_bias_correction_cancels_the_mean_weight_error_on_calibration_data(tiny_model, tiny_images):
+    from vmfx.passes import BiasCorrectionPass, PassContext
+    from vmfx.passes.linear_edges import linear_edges
+    from vmfx.passes.patterns import module_of
+
+    calib = tiny_images[:4]
+    cfg = _cheap("kscaled-official-w4a4")
+    assert cfg.bias_correction == ("dt_proj", "head")
+    qmodel = vmfx.compile(tiny_model, calib, cfg.replace(bias_correction=()))
+    linears = [n for n in qmodel.graph.nodes if annotation(n) is not None and annotation(n).role in ("dt_proj", "head")
+               and n.target is F.linear]
+    inputs = {n: [] for n in linears}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            if n in inputs:
+                inputs[n].append(self.fetch_args_kwargs_from_env(n)[0][0].detach().double())
+            return super().run_node(n)
+
+    with torch.no_grad():
+        Capture(qmodel).run(calib)
+    before = {}
+    for n in linears:
+        edges = linear_edges(n)
+        lin = edges.linear_module(qmodel)
+        before[n] = (lin.weight.detach().double(), module_of(edges.weight_quant)(lin.weight).detach().double(),
+                     lin.bias.detach().double().clone())
+    BiasCorrectionPass(("dt_proj", "head"))(qmodel, PassContext(calib_data=calib))
+    for n in linears:
+        w, wq, b_old = before[n]
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[n]])
+        b_new = linear_edges(n).linear_module(qmodel).bias.detach().double()
+        assert torch.allclose(b_new, b_old - (x @ (wq - w).t()).mean(0), rtol=1e-5, atol=1e-6)
+        float_mean = (x @ w.t() + b_old).mean(0)
+        assert torch.allclose((x @ wq.t() + b_new).mean(0), float_mean, rtol=1e-5, atol=1e-5)
+    assert set(qmodel.meta["vmfx_bias_correction"]) == {n.name for n in linears}

@@ -21,6 +21,7 @@ from ..config import Selector
 from ..quant.modules import FakeQuantize, Smooth
 from ..quant.observers import AbsMaxObserver, LpObserver, MinMaxObserver, Observer
 from .base import FACTS, Pass, PassContext, PassResult, graph_facts
+from .bias_correction import BiasCorrectionPass
 from .calibrate import CalibratePass
 from .convert import ConvertPass
 from .detect import DetectMambaMixersPass, detected_mixers
@@ -68,6 +69,7 @@ __all__ = [
     "FoldSmoothingPass",
     "ReparameterizeScanPass",
     "QuantizeScanStatePass",
+    "BiasCorrectionPass",
     # the pass author's kit
     "annotation",
     "annotate",

@@ -473,6 +473,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     (:mod:`vmfx.passes.ouromamba`).
         [ReparameterizeScan]       config.scan_state: |h| statistics -> factors r_C, r_L, r_D
         [QuantizeScanState]        config.scan_state: per-step state scales, searched step by step
+        [BiasCorrection]           config.bias_correction: biases absorb the weight quantization's mean error
     """
     init = config.init
     act_observer = activation_observer(init.method, init.p, init.candidates)
@@ -507,6 +508,10 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     if config.smoothing is not None and config.smoothing.fold:
         passes.append(FoldSmoothingPass())
     passes += scan_state_passes(config)  # [ReparameterizeScan] [QuantizeScanState] (config.scan_state)
+    if config.bias_correction:
+        from .bias_correction import BiasCorrectionPass
+
+        passes.append(BiasCorrectionPass(config.bias_correction))
     return passes
 
 
