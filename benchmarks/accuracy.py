@@ -795,6 +795,11 @@ METHODS.update({
 })
 PAIRS += (("kscaled-ssm", "kscaled"), ("kscaled-ssm", "kscaled-ssm-norep"), ("ptq4vm-ssm", "ptq4vm"),
           ("ptq4vm-ssm", "kscaled-ssm"))
+METHODS["kscaled-official"] = ("kscaled-official", "k-scaled ViM PTQ on the tensors the official code quantizes "
+                               "(README: k-scaled ViM PTQ): kscaled's outputs plus the patch embedding, norms, conv1d "
+                               "weights, act_z, the softplus, the head and the 8-bit reparameterized state; official "
+                               "integer range, k-means on mean |x|, search on every calibration image, bias correction")
+PAIRS += (("kscaled-official", "kscaled-ssm"),)
 
 # rotations of the residual stream folded into the weights (vmfx.passes.rotate), alone and under PTQ4VM
 METHODS.update({
