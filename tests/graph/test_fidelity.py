@@ -26,7 +26,8 @@ def test_the_table_is_generated_from_the_presets(monkeypatch):
     monkeypatch.setitem(PRESETS, "kscaled-w4a8", PRESETS["kscaled-w4a8"].replace(scan_state=ScanStateConfig(bits=6)))
     assert "int6 per-step +reparam, searched (coarse to fine)" in fidelity.kscaled_table("w4a8")
     head = next(r for r in fidelity.KSCALED_OFFICIAL if (r.edge, r.role) == ("weight", "head"))
-    assert fidelity.vmfx_cell(PRESETS["kscaled-official-w4a4"], head) == "int4 sym per-tensor full-range, searched"
+    assert fidelity.vmfx_cell(PRESETS["kscaled-official-w4a4"], head) == \
+        "int4 sym per-tensor full-range, searched; bias corrected"
 
 
 def test_every_official_row_is_quantized_by_the_official_presets():
