@@ -49,6 +49,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "kscaled-ssm-norep": ("kscaled", "kscaled-ssm without the reparameterization: per-step 8-bit scales on the raw state"),
     "ptq4vm-ssm": ("ptq4vm", "a combination: PTQ4VM (PTS + smoothing + JLSS) on the linears, then the reparameterized "
                    "scan with its hidden state quantized to 8 bits as in kscaled-ssm"),
+    "kscaled-official": ("kscaled-official", "k-scaled ViM PTQ on the tensors the official code quantizes "
+                         "(README: k-scaled ViM PTQ): kscaled's outputs plus the patch embedding, norms, conv1d "
+                         "weights, act_z, the softplus, the head and the 8-bit reparameterized state; official "
+                         "integer range, k-means on mean |x|, search on every calibration image, bias correction"),
     "rotate": ("rotate", "MambaQuant's KLT-enhanced rotation of the residual stream (KLT eigenvectors times a Hadamard) "
                "folded into the weights, then PTS (per-token static, Lp init), no learning"),
     "rotate-hadamard": ("rotate-hadamard", "rotate with QuaRot's randomized Hadamard (seed 0) in place of the KLT"),
@@ -88,6 +92,7 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("kscaled-ssm", "kscaled-ssm-norep"),
     ("ptq4vm-ssm", "ptq4vm"),
     ("ptq4vm-ssm", "kscaled-ssm"),
+    ("kscaled-official", "kscaled-ssm"),
     ("rotate", "pts"),
     ("rotate-hadamard", "pts"),
     ("rotate", "rotate-hadamard"),

@@ -39,7 +39,8 @@ What the harness changes to run it on the proxy, on a CPU (all listed in the res
 
 The vmfx side runs ``kscaled-w<b>a<b>`` (the paper's Table I setting: linear/conv outputs only) and the
 same preset with ``scan_state=ScanStateConfig(bits=8, reparameterize=True)`` (the official default
-also quantizes the reparameterized hidden state).
+also quantizes the reparameterized hidden state); ``--vmfx-methods kscaled-official`` runs
+``kscaled-official-w<b>a<b>`` (the tensors the official code quantizes) instead or as well.
 
 Writes ``<out>/kscaled_official.json`` (the measured rows) and ``<out>/kscaled_official.md`` (the
 table, the settings of both sides, a reading of the agreement and the differences in method found
@@ -405,12 +406,22 @@ def run(args, save=lambda result: None) -> dict:
     if "vmfx" in sides:
         from accuracy_run import quantize
         for bits in args.bits.split(","):
-            preset = f"kscaled-{bits}"
-            variants = [("kscaled", None, "preset as is (linear/conv outputs; the paper's Table I setting)"),
-                        ("kscaled + h8 rep", ScanStateConfig(bits=8, reparameterize=True),
-                         "preset + ScanStateConfig(bits=8, reparameterize=True) (defaults: search_samples 32, "
-                         "coarse-to-fine search)")]
-            for method, scan_state, settings in variants:
+            variants = {
+                "kscaled": (f"kscaled-{bits}", None,
+                            "preset as is (linear/conv outputs; the paper's Table I setting)"),
+                "kscaled+h8": (f"kscaled-{bits}", ScanStateConfig(bits=8, reparameterize=True),
+                               "preset + ScanStateConfig(bits=8, reparameterize=True) (defaults: search_samples 32, "
+                               "coarse-to-fine search)"),
+                "kscaled-official": (f"kscaled-official-{bits}", None,
+                                     "preset as is (the tensors the official code quantizes; search on every "
+                                     "calibration image, exhaustive 8-bit state search)"),
+            }
+            names = {"kscaled": "kscaled", "kscaled+h8": "kscaled + h8 rep", "kscaled-official": "kscaled-official"}
+            for key in args.vmfx_methods.split(","):
+                if key not in variants:
+                    raise SystemExit(f"--vmfx-methods: unknown {key!r}; choose from {', '.join(variants)}")
+                preset, scan_state, settings = variants[key]
+                method = names[key]
                 q, timing = _timed(lambda: quantize(load_proxy_model(), calib, preset, args.seed, scan_state))
                 with torch.no_grad():
                     logits, _ = collect_logits(q, (test_x, test_y))
@@ -559,6 +570,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="w8a8", help="comma-separated subset of w8a8, w6a6, w4a8, w4a4")
     p.add_argument("--sides", default="official,vmfx", help="official, vmfx or both; check (alone): the float check only")
     p.add_argument("--calib-n", type=int, default=32, help="calibration images (both sides)")
+    p.add_argument("--vmfx-methods", default="kscaled,kscaled+h8",
+                   help="vmfx side: comma-separated subset of kscaled, kscaled+h8, kscaled-official")
     p.add_argument("--seed", type=int, default=0, help="calibration draw (and the official k-means seed + 1)")
     p.add_argument("--test-n", type=int, default=None, help="first N test digits only (the results file says how many)")
     p.add_argument("--xproj-rd", choices=("calibrated", "ones"), default="calibrated",

@@ -24,6 +24,7 @@ __all__ = [
     "annotation",
     "annotate",
     "selector_facts",
+    "node_op",
 ]
 
 #: The key of vmfx's annotation in ``node.meta``.
@@ -134,3 +135,15 @@ def annotate(node: fx.Node, role: str, **facts) -> NodeAnnotation:
     for key, value in facts.items():
         setattr(ann, key, value)
     return ann
+
+
+def node_op(node: fx.Node) -> str:
+    """The operation a node computes, as a :class:`~vmfx.config.QuantRule` ``op`` selector names it:
+    a function's ``__name__`` (``"silu"``, ``"mul"``, ``"softplus"``), a method's name, or a
+    module's class name in lower case (``"silu"`` for ``nn.SiLU``, ``"conv1d"``)."""
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(node.target)
+        return type(module).__name__.lower()
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)

@@ -33,6 +33,8 @@ __all__ = [
     "resolve_config",
     "BIT_SETTINGS",
     "kscaled_rules",
+    "kscaled_official_rules",
+    "KSCALED_OFFICIAL_SOURCE",
     "OutlierConfig",
     "check_rules_match",
     "Selector",
@@ -221,6 +223,9 @@ class SimilaritySearchConfig:
             quantizer per 32 images of the proxy Vim and phase (101 candidates), so all 256
             proxy calibration images would take far beyond the 10-minute calibration budget.
         weights: search the weight scales too (False: outputs only).
+        keep_roles: roles of the nodes whose output quantizers keep their min-max scales (not
+            searched); the official code searches none of the patch embedding's and the norms'
+            (``("patch_embed", "norm")``).
     """
 
     rounds: int = 3
@@ -229,6 +234,7 @@ class SimilaritySearchConfig:
     high: float = 1.2
     images: int | None = 8
     weights: bool = True
+    keep_roles: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("rounds", "candidates"):
@@ -245,6 +251,11 @@ class SimilaritySearchConfig:
             raise ConfigError(f"SimilaritySearchConfig.images must be a positive integer or None (all), got {self.images!r}")
         if not isinstance(self.weights, bool):
             raise ConfigError(f"SimilaritySearchConfig.weights must be a boolean, got {self.weights!r}")
+        roles = tuple(self.keep_roles) if isinstance(self.keep_roles, (tuple, list)) else None
+        if roles is None or any(r not in ROLES for r in roles):
+            raise ConfigError(f"SimilaritySearchConfig.keep_roles must be a tuple of roles ({', '.join(ROLES)}), "
+                              f"got {self.keep_roles!r}")
+        object.__setattr__(self, "keep_roles", roles)
 
 
 _SUBCONFIGS = {"smoothing": SmoothingConfig, "init": InitConfig, "jlss": JLSSConfig}
@@ -372,7 +383,18 @@ class QuantRule:
     when the quantizer is inserted. ``delta`` is the scan's argument, before the softplus it
     applies itself (``delta_softplus``). The hidden state has its own config, :class:`ScanStateConfig`.
     ``shared="mixer"`` makes the scans of one mixer (both directions) use one quantizer module,
-    its scale calibrated on all of their data (OuroMamba's delta quantizer).
+    its scale calibrated on all of their data (OuroMamba's delta quantizer); on an ``"output"``
+    rule, the nodes it selects in one mixer share one output quantizer (the official k-scaled
+    code's ``act_z``, one module for the gate SiLUs of both directions; the similarity search
+    scores its scale on both).
+
+    Weights besides the linears': a ``"weight"`` rule also selects a conv (``conv1d``,
+    ``patch_embed``) or a norm with a weight (``norm``); such a node is made functional
+    (:func:`vmfx.passes.graph_utils.functionalize_weighted`) and its weight gets a min-max quantizer.
+
+    ``op`` selects by the operation a node computes (:func:`vmfx.annotations.node_op`: ``"silu"``,
+    ``"mul"``, ...), e.g. the SiLU of a gate (role ``gate`` covers both the SiLU and the multiply):
+    ``QuantRule("output", spec, role="gate", op="silu")``.
 
     Example::
 
@@ -392,6 +414,7 @@ class QuantRule:
     module: str | None = None
     node: str | None = None
     shared: str | None = None
+    op: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.edge, str) or (self.edge not in EDGES and not self.edge.startswith("scan.")):
@@ -402,7 +425,7 @@ class QuantRule:
             raise ConfigError(f"QuantRule.spec must be a QuantSpec or None (float), got {type(self.spec).__name__}")
         if self.role is not None and self.role not in ROLES:
             raise ConfigError(f"QuantRule.role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        for name in ("module", "node"):
+        for name in ("module", "node", "op"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"QuantRule.{name} must be a non-empty string or None, got {value!r}")
@@ -414,10 +437,10 @@ class QuantRule:
             if self.shared not in SHARING:
                 raise ConfigError(f"QuantRule.shared must be None or one of {', '.join(map(repr, SHARING))}, "
                                   f"got {self.shared!r}")
-            if self.operand is None:
-                raise ConfigError(f"QuantRule.shared={self.shared!r} shares a scan operand's quantizer between "
-                                  f"the scans of a mixer; it does not apply to {self.edge!r} edges (use a "
-                                  "'scan.<operand>' edge, or drop shared)")
+            if self.operand is None and self.edge != "output":
+                raise ConfigError(f"QuantRule.shared={self.shared!r} shares a scan operand's or an output's quantizer "
+                                  f"between the nodes it selects in one mixer; it does not apply to {self.edge!r} "
+                                  "edges (use a 'scan.<operand>' or 'output' edge, or drop shared)")
 
     def _check_scan_edge(self) -> None:
         operand = self.edge[len("scan."):]
@@ -443,16 +466,20 @@ class QuantRule:
 
     def describe(self) -> str:
         """E.g. ``"input -> float where module='layer.0.*'"``."""
-        selectors = [f"{name}={getattr(self, name)!r}" for name in ("role", "module", "node")
+        selectors = [f"{name}={getattr(self, name)!r}" for name in ("role", "module", "node", "op")
                      if getattr(self, name) is not None]
         spec = "float" if self.spec is None else self.spec.describe()
         shared = f", shared per {self.shared}" if self.shared is not None else ""
         return f"{self.edge} -> {spec}{shared}" + (f" where {', '.join(selectors)}" if selectors else " everywhere")
 
-    def matches(self, edge: str, role: str | None, module: str | None, node: str | None) -> bool:
-        """Whether this rule selects ``edge`` of the node with this role, module path and name
-        (a ``"scan.<operand>"`` rule selects scan nodes only)."""
+    def matches(self, edge: str, role: str | None, module: str | None, node: str | None,
+                op: str | None = None) -> bool:
+        """Whether this rule selects ``edge`` of the node with this role, module path, name and
+        operation (a ``"scan.<operand>"`` rule selects scan nodes only; a rule with an ``op``
+        selector matches only where ``op`` is given and equal)."""
         if edge != self.edge:
+            return False
+        if self.op is not None and op != self.op:
             return False
         if self.role is not None and role != self.role:
             return False
@@ -465,15 +492,16 @@ class QuantRule:
     def to_dict(self) -> dict:
         d = {"edge": self.edge, "spec": None if self.spec is None else self.spec.to_dict(),
              "role": self.role, "module": self.module, "node": self.node}
-        if self.shared is not None:  # written only when set: older readers read the other rules
-            d["shared"] = self.shared
+        for name in ("shared", "op"):  # written only when set: older readers read the other rules
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantRule":
         if not isinstance(d, dict):
             raise ConfigError(f"a QuantRule must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {"edge", "spec", "role", "module", "node", "shared"}
+        unknown = set(d) - {"edge", "spec", "role", "module", "node", "shared", "op"}
         if unknown:
             raise ConfigError(f"unknown QuantRule fields {sorted(unknown)}")
         d = dict(d)
@@ -482,7 +510,7 @@ class QuantRule:
         return cls(**d)
 
 
-#: (role, module path or None, node name) of one node a rule can select.
+#: (role, module path or None, node name[, operation]) of one node a rule can select.
 RuleTarget = tuple
 
 
@@ -603,10 +631,12 @@ class SettingRule:
         return cls(d["setting"], d["value"], Selector.from_dict(d.get("select") or {}))
 
 
-def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs: list[RuleTarget]) -> None:
+def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs: list[RuleTarget],
+                      weighted: list[RuleTarget] = ()) -> None:
     """Refuse rules that select nothing in a model, naming what exists.
 
-    ``linears`` are the model's annotated linears (the nodes ``input`` / ``weight`` rules select),
+    ``linears`` are the model's annotated linears (the nodes ``input`` / ``weight`` rules select;
+    ``weighted``: its convs and norms with a weight, which ``weight`` rules select too),
     ``outputs`` every annotated node (``output`` rules; its scan nodes for ``scan.<operand>``
     rules). A rule whose ``module`` or ``node``
     selector matches none of them is a typo until shown otherwise: :class:`ConfigError` with the
@@ -625,23 +655,24 @@ def check_rules_match(config: "QuantConfig", linears: list[RuleTarget], outputs:
         if rule.operand is not None:  # a scan operand: the scan nodes
             targets = [t for t in outputs if t[0] == "scan"]
         else:
-            targets = outputs if rule.edge == "output" else linears
-        if any(rule.matches(rule.edge, role, module, node) for role, module, node in targets):
+            targets = outputs if rule.edge == "output" else list(linears) + (
+                list(weighted) if rule.edge == "weight" else [])
+        if any(rule.matches(rule.edge, t[0], t[1], t[2], t[3] if len(t) > 3 else None) for t in targets):
             continue
         what = f"QuantRule #{index} ({rule.describe()})"
         where = "scan" if rule.operand is not None else "annotated node" if rule.edge == "output" else "linear"
         problems = []
         if rule.module is not None and not any(m is not None and fnmatch.fnmatchcase(m, rule.module)
-                                               for _, m, _ in targets):
-            close = _close_patterns(rule.module, sorted({m for _, m, _ in targets if m is not None}))
+                                               for m in (t[1] for t in targets)):
+            close = _close_patterns(rule.module, sorted({t[1] for t in targets if t[1] is not None}))
             problems.append(f"module={rule.module!r} matches no {where}'s module path (closest: "
                             f"{', '.join(repr(m) for m in close)})")
-        if rule.node is not None and not any(n == rule.node for _, _, n in targets):
-            names = sorted({n for _, _, n in targets})
+        if rule.node is not None and not any(t[2] == rule.node for t in targets):
+            names = sorted({t[2] for t in targets})
             close = difflib.get_close_matches(rule.node, names, n=3, cutoff=0.5) or names[:3]
             problems.append(f"node={rule.node!r} is no {where}'s node name (closest: "
                             f"{', '.join(repr(n) for n in close)})")
-        roles = sorted({r for r, _, _ in targets if r})
+        roles = sorted({t[0] for t in targets if t[0]})
         if rule.role is not None and rule.role not in roles:
             problems.append(f"role={rule.role!r} is not a role of any {where} of this model (its roles: "
                             f"{', '.join(roles)})")
@@ -759,6 +790,14 @@ class QuantConfig:
             (:class:`SimilaritySearchConfig`; None: off).
         outliers: OuroMamba's mixed-precision activations (None: off): every static activation
             quantizer becomes a :class:`~vmfx.quant.mixed.MixedPrecisionQuantize`.
+        split_softplus: give a selective scan's fused delta softplus a node of its own (role
+            ``dt_act``: :class:`vmfx.passes.split_softplus.SplitDeltaSoftplusPass`), so output rules
+            on ``dt_act`` quantize it on Vim too (the official k-scaled code's softplus output).
+            Written by :meth:`to_dict` only when set.
+        bias_correction: roles of the linears whose bias absorbs the mean output error of their
+            quantized weight on the calibration data (:class:`vmfx.passes.bias_correction.BiasCorrectionPass`;
+            the official k-scaled code: ``("dt_proj", "head")``, its linears with a bias). Written by
+            :meth:`to_dict` only when set.
 
     Example::
 
@@ -787,10 +826,19 @@ class QuantConfig:
     scan_state: ScanStateConfig | None = None  # the scan's quantized hidden state (ScanStateConfig)
     settings: tuple[SettingRule, ...] = ()
     options: Any = None
+    split_softplus: bool = False
+    bias_correction: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"QuantConfig.method must be a method name, got {self.method!r}")
+        if not isinstance(self.split_softplus, bool):
+            raise ConfigError(f"QuantConfig.split_softplus must be True or False, got {self.split_softplus!r}")
+        corrected = tuple(self.bias_correction) if isinstance(self.bias_correction, (tuple, list)) else None
+        if corrected is None or any(r not in LINEAR_ROLES + ("head", "linear") for r in corrected):
+            raise ConfigError(f"QuantConfig.bias_correction must be a tuple of linear roles "
+                              f"({', '.join(LINEAR_ROLES + ('head', 'linear'))}), got {self.bias_correction!r}")
+        object.__setattr__(self, "bias_correction", corrected)
         if not isinstance(self.weight, QuantSpec) or not isinstance(self.activation, QuantSpec):
             raise ConfigError("QuantConfig.weight and QuantConfig.activation must be QuantSpec instances")
         _check_weight_spec(self.weight, "QuantConfig.weight")
@@ -866,10 +914,12 @@ class QuantConfig:
                 "init=InitConfig('minmax') for dynamic activations"
             )
 
-    def spec_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None) -> QuantSpec | None:
-        """The spec of one edge of one linear: the defaults (``weight`` / ``activation`` for the
+    def spec_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None,
+                 op: str | None = None) -> QuantSpec | None:
+        """The spec of one edge of one node: the defaults (``weight`` / ``activation`` for the
         linears whose role is in ``roles``), then every matching rule in order. None: float.
-        Output edges and scan operands (``"scan.B"``, ...) have no default: rules alone decide."""
+        Output edges and scan operands (``"scan.B"``, ...) have no default: rules alone decide.
+        ``op``: the node's operation (:func:`vmfx.annotations.node_op`), for rules that select by it."""
         if edge not in EDGES and edge not in SCAN_EDGES:
             raise ConfigError(f"edge must be one of {', '.join(EDGES + SCAN_EDGES)}, got {edge!r}")
         if edge == "output" or edge in SCAN_EDGES:
@@ -877,7 +927,7 @@ class QuantConfig:
         else:
             spec = (self.weight if edge == "weight" else self.activation) if role in self.roles else None
         for rule in self.rules:
-            if rule.matches(edge, role, module, node):
+            if rule.matches(edge, role, module, node, op):
                 spec = rule.spec
         return spec
 
@@ -896,11 +946,12 @@ class QuantConfig:
                 value = rule.value
         return value
 
-    def rule_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None) -> "QuantRule | None":
+    def rule_for(self, edge: str, role: str | None, module: str | None = None, node: str | None = None,
+                 op: str | None = None) -> "QuantRule | None":
         """The last rule matching ``edge`` of this node (the one :meth:`spec_for` takes), or None."""
         found = None
         for rule in self.rules:
-            if rule.matches(edge, role, module, node):
+            if rule.matches(edge, role, module, node, op):
                 found = rule
         return found
 
@@ -926,6 +977,8 @@ class QuantConfig:
             "rules": [r.to_dict() for r in self.rules],
             "settings": [r.to_dict() for r in self.settings],
             "options": _sub_to_dict(self.options),
+            **({"split_softplus": True} if self.split_softplus else {}),
+            **({"bias_correction": list(self.bias_correction)} if self.bias_correction else {}),
         }
 
     @classmethod
@@ -939,7 +992,7 @@ class QuantConfig:
         if version not in (1, 2, cls.VERSION):
             raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads versions 1 to {cls.VERSION})")
         unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", "settings", "options",
-                            *_SUBCONFIGS}
+                            "split_softplus", "bias_correction", *_SUBCONFIGS}
         if unknown:
             raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
         if "rules" in d:
@@ -961,6 +1014,8 @@ class QuantConfig:
             d["activation"] = QuantSpec.from_dict(d["activation"])
         if "roles" in d:
             d["roles"] = tuple(d["roles"])
+        if "bias_correction" in d:
+            d["bias_correction"] = tuple(d["bias_correction"])
         return cls(**d)
 
 
@@ -1056,6 +1111,67 @@ def _kscaled_recipe(wbits: int, abits: int) -> QuantConfig:
 
 _RECIPES["kscaled"] = _kscaled_recipe
 PRESETS.update({f"kscaled-w{w}a{a}": _kscaled_recipe(w, a) for w, a in BIT_SETTINGS})
+
+#: The official k-scaled code this family follows (Access-IC-Lab/PTQ_for_ViM at this commit).
+KSCALED_OFFICIAL_SOURCE = "Access-IC-Lab/PTQ_for_ViM@d6fc957ac680543f8cf4aed9c17bbde35aa451bb"
+
+
+def kscaled_official_rules(wbits: int, abits: int, k: int = 4) -> tuple[QuantRule, ...]:
+    """The tensors the official k-scaled code quantizes (:data:`KSCALED_OFFICIAL_SOURCE`,
+    src/quant_configs/PTQ4ViM.py ``get_module`` and src/quant_utils/net_wrap.py), each at its
+    granularity, in the official integer range (``int_range="full"``) with k-means on the
+    per-position mean ``|x|`` (``cluster_stat="mean_abs"``):
+
+    * weights, per tensor at ``wbits``: the patch-embedding conv, every RMSNorm, conv1d (min-max) and
+      the head (the linears' come from :attr:`QuantConfig.weight`);
+    * outputs, per tensor at ``abits``: the patch embedding, the norms, in_proj, x_proj, dt_proj and
+      the head;
+    * outputs, k-scaled channel-wise (``k`` clusters): conv1d, the SiLU after it, the softplus
+      (delta; where the model has it as a node of its own) and the gate's SiLU ``act_z`` (one
+      quantizer for both directions of a block, as there);
+    * outputs, k-scaled token-wise with power-of-two ratios: the scan and out_proj.
+
+    conv1d's clusters get no power-of-two ratios: the config asks for them (PTQ4ViM.py:65) but
+    ``QuantConv1d._search_best_o_interval`` (src/quant_layers/QuantConv1d.py:245-289) never applies
+    them. Linear inputs stay float."""
+    full = {"int_range": "full"}
+    tensor = QuantSpec(abits, True, "tensor", **full)
+    weight = QuantSpec(wbits, True, "tensor", **full)
+
+    def cluster(axis: str, pow2: bool) -> QuantSpec:
+        return QuantSpec(abits, True, "cluster", cluster_axis=axis, clusters=k, pow2=pow2, cluster_stat="mean_abs",
+                         **full)
+
+    return (
+        *(QuantRule("input", None, role=r) for r in LINEAR_ROLES),
+        *(QuantRule("weight", weight, role=r) for r in ("patch_embed", "norm", "conv1d", "head")),
+        *(QuantRule("output", tensor, role=r) for r in ("patch_embed", "norm", "in_proj", "x_proj", "dt_proj", "head")),
+        QuantRule("output", cluster("channel", False), role="conv1d"),
+        QuantRule("output", cluster("channel", False), role="conv_act"),
+        QuantRule("output", cluster("channel", False), role="dt_act"),
+        QuantRule("output", cluster("channel", False), role="gate", op="silu", shared="mixer"),
+        QuantRule("output", cluster("token", True), role="scan"),
+        QuantRule("output", cluster("token", True), role="out_proj"),
+    )
+
+
+def _kscaled_official_recipe(wbits: int, abits: int) -> QuantConfig:
+    """k-scaled ViM PTQ as the official code runs it: :func:`kscaled_official_rules`, per-tensor
+    full-range linear weights, the similarity search on every calibration image (the patch
+    embedding's and the norms' scales stay min-max), and the 8-bit reparameterized hidden state
+    searched exhaustively (the official ``h_config`` keeps 8 bits at every setting); a scan's fused
+    softplus is split off so that its output is quantized (``split_softplus``); dt_proj's and the
+    head's biases absorb their weight quantization's mean output error (``bias_correction``)."""
+    return QuantConfig(method="kscaled-official", weight=QuantSpec(wbits, True, "tensor", int_range="full"),
+                       activation=QuantSpec(abits, True, "tensor", int_range="full"),
+                       rules=kscaled_official_rules(wbits, abits),
+                       search=SimilaritySearchConfig(images=None, keep_roles=("patch_embed", "norm")),
+                       scan_state=ScanStateConfig(bits=8, reparameterize=True, exhaustive=True),
+                       split_softplus=True, bias_correction=("dt_proj", "head"))
+
+
+_RECIPES["kscaled-official"] = _kscaled_official_recipe
+PRESETS.update({f"kscaled-official-w{w}a{a}": _kscaled_official_recipe(w, a) for w, a in BIT_SETTINGS})
 # -- OuroMamba presets ------------------------------------------------------------------------------
 
 

@@ -27,8 +27,11 @@ Layers inside opaque modules are listed under the module's path (``<module>.<sub
 module's own children; everything else is a graph node, listed under its node name.
 
 Besides the layers, :attr:`CoverageReport.outside_mixers` lists the quantized tensors outside every
-Mamba mixer (the patch embedding's output, the head's input and weight, the norms' outputs, the
-linears of hybrid models), one :class:`QuantizedTensor` each.
+Mamba mixer (the patch embedding's weight and output, the head's input, weight and output, the
+norms' weights and outputs, the linears of hybrid models), and :attr:`CoverageReport.inside_mixers`
+the quantized tensors inside the mixers of nodes that are no linear, conv or scan (a block's norm,
+the SiLUs, among them the gate's ``act_z``, the softplus), one :class:`QuantizedTensor` each. A conv
+is quantized when its weight or its output is.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class CoverageReport:
     planned: bool = False
     config: str = ""
     outside_mixers: list[QuantizedTensor] = field(default_factory=list)
+    inside_mixers: list[QuantizedTensor] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerCoverage]:
@@ -165,6 +169,9 @@ class CoverageReport:
         if self.outside_mixers:
             lines += ["", "quantized outside the mixers:"] + [f"  {t.node} ({t.role}) {t.edge}: {t.spec}"
                                                             for t in self.outside_mixers]
+        if self.inside_mixers:
+            lines += ["", "quantized inside the mixers (besides linears, convs and scans):"] + [
+                f"  {t.node} ({t.role}) {t.edge}: {t.spec}" for t in self.inside_mixers]
         return "\n".join(lines + ["", self.summary_line()])
 
 
@@ -199,6 +206,7 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
     failures = dict(gm.meta.get("vmfx_detect_failures") or [])
     layers: list[LayerCoverage] = []
     outside: list[QuantizedTensor] = []
+    inside: list[QuantizedTensor] = []
     for node in gm.graph.nodes:
         kernel = kernel_layers(node)
         if kernel is not None:  # a lowered partition: the layers it replaced, as lower() recorded them
@@ -208,16 +216,15 @@ def coverage(model: Any, config: str | QuantConfig | None = None, example_inputs
         elif is_linear(node):
             layers.append(_linear(gm, node, cfg, planned))
         elif _is_conv(node):
-            ann = annotation(node)
-            layers.append(LayerCoverage(node.name, "conv", ann.role if ann else "", False, "design",
-                                        "vmfx's methods quantize linears; convs run in floating point"))
+            layers.append(_conv(gm, node, cfg, planned))
         elif is_scan(node) or ((ann := annotation(node)) is not None and ann.role == "scan"):
             layers.append(_scan(node, failures, cfg if planned else None))
         elif node.op == "call_module" and _is_opaque(module_of(node)):
             layers.extend(_opaque(node, fallback))
         else:
             outside.extend(_outside_quantizer(gm, node))
-    return CoverageReport(layers, planned, cfg.method + "-" + cfg.bits if cfg is not None else "", outside)
+            inside.extend(_inside_quantizer(gm, node))
+    return CoverageReport(layers, planned, cfg.method + "-" + cfg.bits if cfg is not None else "", outside, inside)
 
 
 def kernel_layers(node: fx.Node) -> list[dict] | None:
@@ -297,6 +304,64 @@ def _outside_quantizer(gm: fx.GraphModule, node: fx.Node) -> list[QuantizedTenso
     producer = next((n for n in gm.graph.nodes if n.name == served), None)
     role = annotation(producer).role if producer is not None and annotation(producer) is not None else ""
     return [QuantizedTensor(served, role, edge, text, spec.bits)]
+
+
+#: Roles whose quantized edges :class:`LayerCoverage` rows report (not listed again as tensors).
+_LAYER_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d", "scan", "linear", "head", "patch_embed")
+
+
+def _inside_quantizer(gm: fx.GraphModule, node: fx.Node) -> list[QuantizedTensor]:
+    """``node`` as a quantized tensor inside a mixer, when it is a quantizer (or observer) on the
+    weight or output of a node there that is no linear, conv or scan ([] otherwise)."""
+    ann = annotation(node)
+    if ann is None or ann.role not in ("quantizer", "observer") or ann.mixer is None or node.op != "call_module":
+        return []
+    served, edge = ann.extra.get("quantizes"), ann.extra.get("edge")
+    if served is None or edge not in ("weight", "output"):
+        return []
+    producer = next((n for n in gm.graph.nodes if n.name == served), None)
+    role = annotation(producer).role if producer is not None and annotation(producer) is not None else ""
+    spec = getattr(module_of(node), "spec", None)
+    if spec is None or role in _LAYER_ROLES:
+        return []
+    return [QuantizedTensor(served, role, edge, spec.describe(), spec.bits)]
+
+
+def _edge_quantizers(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
+    """``{"weight": spec, "output": spec}``: the quantizers (or observers) inserted on a node's
+    weight and output edges, by their annotation's ``extra`` (``quantizes`` names the node)."""
+    found = {}
+    for other in gm.graph.nodes:
+        ann = annotation(other)
+        if ann is None or other.op != "call_module" or ann.extra.get("quantizes") != node.name:
+            continue
+        spec = getattr(module_of(other), "spec", None)
+        if spec is not None and ann.extra.get("edge") in ("weight", "output"):
+            found[ann.extra["edge"]] = spec
+    return found
+
+
+def _conv(gm: fx.GraphModule, node: fx.Node, cfg: QuantConfig | None, planned: bool) -> LayerCoverage:
+    """A conv's coverage: quantized when its weight or output edge has a quantizer (or, planned,
+    when the config's rules give one a spec)."""
+    from .annotations import node_op
+    from .passes.inserted import rule_module_path
+
+    ann = annotation(node)
+    role = ann.role if ann else ""
+    if planned and cfg is not None and ann is not None:
+        specs = {edge: cfg.spec_for(edge, role, rule_module_path(node), node.name, node_op(node))
+                 for edge in ("weight", "output")}
+        specs = {k: v for k, v in specs.items() if v is not None}
+    else:
+        specs = _edge_quantizers(gm, node)
+    if specs:
+        bits = " ".join(f"{'W' if edge == 'weight' else 'O'}{spec.bits}" for edge, spec in sorted(specs.items(),
+                                                                                                 reverse=True))
+        what = " and ".join(f"its {edge} ({spec.describe()})" for edge, spec in sorted(specs.items(), reverse=True))
+        return LayerCoverage(node.name, "conv", role, True, "quantized", f"{what} quantized", bits)
+    return LayerCoverage(node.name, "conv", role, False, "design",
+                         "vmfx's methods quantize linears; convs run in floating point")
 
 
 def _bits_of(described: str) -> str:

@@ -223,8 +223,8 @@ def test_operand_rule_errors_name_the_problem_and_the_way_out():
         QuantRule("scan.D", QuantSpec(8, True, "tensor", dynamic=True))
     with pytest.raises(ConfigError, match=r"shared must be None or one of 'mixer'"):
         QuantRule("scan.delta", TOKEN8, shared="block")
-    with pytest.raises(ConfigError, match=r"does not apply to 'output' edges"):
-        QuantRule("output", TOKEN8, role="dt_proj", shared="mixer")
+    with pytest.raises(ConfigError, match=r"does not apply to 'input' edges"):
+        QuantRule("input", TOKEN8, role="dt_proj", shared="mixer")
     with pytest.raises(ConfigError, match=r"unknown QuantRule fields"):
         QuantRule.from_dict({"edge": "scan.B", "spec": None, "operand": "B"})
 

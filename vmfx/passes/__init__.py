@@ -21,6 +21,7 @@ from ..config import Selector
 from ..quant.modules import FakeQuantize, Smooth
 from ..quant.observers import AbsMaxObserver, LpObserver, MinMaxObserver, Observer
 from .base import FACTS, Pass, PassContext, PassResult, graph_facts
+from .bias_correction import BiasCorrectionPass
 from .calibrate import CalibratePass
 from .convert import ConvertPass
 from .detect import DetectMambaMixersPass, detected_mixers
@@ -38,6 +39,7 @@ from .rotate import RotateResidualPass, RotationOptions, rotate_passes
 from .scan_state_passes import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 from .similarity_search import SimilaritySearchPass
 from .smoothquant import SmoothQuantPass
+from .split_softplus import SplitDeltaSoftplusPass
 
 __all__ = [
     # running passes
@@ -57,6 +59,7 @@ __all__ = [
     "RotationOptions",
     # the built-in passes, in pipeline order
     "DetectMambaMixersPass",
+    "SplitDeltaSoftplusPass",
     "RotateResidualPass",
     "OnlineHadamardPass",
     "InsertObserversPass",
@@ -68,6 +71,7 @@ __all__ = [
     "FoldSmoothingPass",
     "ReparameterizeScanPass",
     "QuantizeScanStatePass",
+    "BiasCorrectionPass",
     # the pass author's kit
     "annotation",
     "annotate",

@@ -8,6 +8,8 @@
   (after the weight-side smoothing node, if any), its parameters computed from the (smoothed)
   weight by min-max or PTQ4VM's per-channel Lp grid search.
 * A linear with a dynamic activation spec gets a dynamic quantizer on its input edge.
+* A functional conv or norm whose annotation has a ``weight_spec`` (a "weight" rule selected it)
+  gets a min-max quantizer on its weight edge.
 
 The converted graph reads ``source -> [smooth] -> quantize -> F.linear(., quantize([smooth](W)), b)``.
 
@@ -70,6 +72,9 @@ class ConvertPass(Pass):
                 modified = True
         for node in list(gm.graph.nodes):
             ann = annotation(node)
+            if ann is not None and ann.weight_spec is not None and not is_linear(node) and node.op == "call_function":
+                modified |= self._quantize_other_weight(gm, node, ann.weight_spec)
+                continue
             if ann is None or not is_linear(node) or node.op != "call_function":
                 continue
             edges = linear_edges(node)
@@ -123,6 +128,20 @@ class ConvertPass(Pass):
             weight = smooth(weight, weight=True)
         source = edges.weight_smooth or edges.weight_attr
         self._insert_quantizer(gm, node, source, self.weight_quantizer(weight, spec), "weight")
+
+    def _quantize_other_weight(self, gm: fx.GraphModule, node: fx.Node, spec: QuantSpec) -> bool:
+        """A min-max quantizer on the weight edge of a functional conv or norm (the ``get_attr``
+        argument ending in ``.weight``); False when it has one already."""
+        weight = next((a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"
+                       and a.target.endswith(".weight")), None)
+        if weight is None:
+            raise self.fail("a weight rule selects this node, but its weight is no parameter edge (get_attr)", node)
+        if any(annotation(u) is not None and annotation(u).extra.get("edge") == "weight" for u in node.args
+               if isinstance(u, fx.Node)):
+            return False
+        value = gm.get_parameter(weight.target).detach()
+        self._insert_quantizer(gm, node, weight, weight_quantizer_minmax(value, spec), "weight")
+        return True
 
     def _insert_quantizer(self, gm, node: fx.Node, source: fx.Node, fq: FakeQuantize, edge: str) -> fx.Node:
         ann = annotation(node)

@@ -5,6 +5,10 @@ Every structural edit a quantization pass makes to a traced float graph goes thr
 * :func:`functionalize_linear`: an ``nn.Linear`` call becomes ``F.linear(x, W, b)`` on ``get_attr``
   nodes, so that its weight is an edge a quantizer (or a smoothing node) can sit on. The node keeps
   its name and annotation.
+* :func:`functionalize_weighted`: the same for a conv (``F.conv1d`` / ``conv2d`` / ``conv3d``) or a
+  norm (:func:`vmfx.nn.norm.rms_norm`, ``F.layer_norm``) module call.
+* :func:`split_scan_softplus`: a selective scan that applies the softplus to delta itself reads
+  ``F.softplus(delta)`` from a node of its own instead (``delta_softplus=False``).
 * :func:`insert_module_on_edge`: route one edge ``producer -> user`` through a new ``call_module``
   node (an observer, a quantizer, a smoothing node); :func:`insert_module_after` puts one on a
   node's output, for every user.
@@ -36,6 +40,10 @@ __all__ = [
     "remove_passthrough_node",
     "replace_submodule",
     "functionalize_linear",
+    "functionalize_weighted",
+    "split_scan_softplus",
+    "annotate_split_softplus",
+    "weighted_module_types",
     "replay_edits",
     "attach_scan_state",
 ]
@@ -149,6 +157,91 @@ def functionalize_linear(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
+_CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def weighted_module_types() -> tuple[type, ...]:
+    """The module types besides ``nn.Linear`` whose weight :func:`functionalize_weighted` makes an
+    edge: convs and the norms with a weight."""
+    from ..nn.norm import RMSNorm
+
+    return (*_CONV_FUNCTIONS, RMSNorm, nn.LayerNorm)
+
+
+def functionalize_weighted(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Turn a ``call_module`` conv or norm node into its functional form on ``get_attr`` weights:
+    ``F.conv<N>d(x, W, b, stride, padding, dilation, groups)``, ``rms_norm(x, W, eps)``
+    (:func:`vmfx.nn.norm.rms_norm`) or ``F.layer_norm(x, shape, W, b, eps)``.
+
+    Computes what the module computes (the same functions on the same parameters). The node keeps
+    its name, meta and annotation (changed in place; ``meta["vmfx_module"]`` keeps the module path);
+    the module stays as the owner of the parameters. A node already functional is returned as is.
+
+    Raises:
+        TypeError: the node calls no such module, a conv pads other than with zeros, or a norm has
+            no weight.
+    """
+    from ..nn.norm import RMSNorm, rms_norm
+
+    if node.op == "call_function" and "vmfx_module" in node.meta:
+        return node
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    graph = gm.graph
+
+    def attr(name: str):
+        return graph.get_attr(f"{node.target}.{name}") if getattr(module, name, None) is not None else None
+
+    with graph.inserting_before(node):
+        if type(module) in _CONV_FUNCTIONS and module.padding_mode == "zeros":
+            fn = _CONV_FUNCTIONS[type(module)]
+            args = (node.args[0], attr("weight"), attr("bias"), module.stride, module.padding, module.dilation,
+                    module.groups)
+        elif isinstance(module, RMSNorm):
+            fn, args = rms_norm, (node.args[0], attr("weight"), module.eps)
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            fn, args = F.layer_norm, (node.args[0], tuple(module.normalized_shape), attr("weight"), attr("bias"),
+                                      module.eps)
+        else:
+            raise TypeError(f"node '{node.name}' ({node.op} {node.target}) is no conv with zero padding or norm "
+                            "with a weight: its weight cannot be made an edge")
+    node.meta["vmfx_module"] = node.target
+    node.op, node.target = "call_function", fn
+    node.args, node.kwargs = args, {}
+    _log(gm, {"op": "functional_weight", "node": node.name})
+    return node
+
+
+def split_scan_softplus(gm: fx.GraphModule, scan: fx.Node) -> fx.Node:
+    """Move a selective scan's fused softplus onto its delta edge: the scan reads
+    ``F.softplus(delta)`` (beta 1, threshold 20: the scan's own) and gets ``delta_softplus=False``,
+    so it computes the same. Returns the softplus node (it copies delta's shape and token layout).
+
+    Raises:
+        ValueError: the scan does not apply the softplus itself, or adds a ``delta_bias`` first.
+    """
+    from .matches import bind_scan
+
+    bound = bind_scan(scan)
+    if not bound.get("delta_softplus"):
+        raise ValueError(f"scan '{scan.name}' applies no softplus to delta: nothing to split")
+    if bound.get("delta_bias") is not None:
+        raise ValueError(f"scan '{scan.name}' adds delta_bias before its softplus; splitting it is not supported")
+    delta = bound["delta"]
+    with gm.graph.inserting_before(scan):
+        new = gm.graph.call_function(F.softplus, (delta,))
+    _copy_value_meta(delta, new)
+    if "delta" in scan.kwargs:
+        scan.update_kwarg("delta", new)
+    else:
+        scan.update_arg(1, new)
+    if "delta_softplus" in scan.kwargs:
+        scan.update_kwarg("delta_softplus", False)
+    else:
+        scan.update_arg(8, False)
+    _log(gm, {"op": "split_softplus", "node": new.name, "scan": scan.name})
+    return new
+
+
 def attach_scan_state(gm: fx.GraphModule, scan: fx.Node, module: nn.Module, path: str) -> fx.Node:
     """Give a selective-scan node a quantized-state module: ``module`` goes to ``path`` and the
     scan reads it through its ``state_quant=`` keyword (a ``get_attr`` node inserted before it).
@@ -184,6 +277,9 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
         if op == "functional_linear":
             _need(nodes, record["node"])
             functionalize_linear(gm, nodes[record["node"]])
+        elif op == "functional_weight":
+            _need(nodes, record["node"])
+            functionalize_weighted(gm, nodes[record["node"]])
         elif op == "insert":
             _need(nodes, record["input"])
             _need(nodes, record["user"])
@@ -198,6 +294,13 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
             if new.name != record["node"]:
                 raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
                                  f"'{record['node']}': the float model differs from the one that was saved")
+        elif op == "split_softplus":
+            _need(nodes, record["scan"])
+            new = split_scan_softplus(gm, nodes[record["scan"]])
+            annotate_split_softplus(new, nodes[record["scan"]])
+            if new.name != record["node"]:
+                raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
+                                 f"'{record['node']}': the float model differs from the one that was saved")
         elif op == "remove":
             _need(nodes, record["node"])
             remove_passthrough_node(gm, nodes[record["node"]])
@@ -209,6 +312,20 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
                                  f"'{record['node']}': the float model differs from the one that was saved")
         else:
             raise ValueError(f"unknown graph edit {op!r}")
+
+
+def annotate_split_softplus(softplus: fx.Node, scan: fx.Node) -> None:
+    """Annotate a softplus :func:`split_scan_softplus` made: role ``dt_act``, in its scan's block,
+    direction and mixer, with delta's token layout."""
+    from ..annotations import annotate, annotation
+    from ..token_layout import layout_of
+
+    ann = annotation(scan)
+    if ann is None:
+        return
+    new = annotate(softplus, "dt_act", block=ann.block, direction=ann.direction, tokens=ann.tokens, mixer=ann.mixer)
+    if layout_of(softplus) is not None:
+        new.layout = layout_of(softplus)
 
 
 def _need(nodes: dict, name: str) -> None:

@@ -13,6 +13,9 @@ quantized at convert (their quantizer is computed from the weight itself). With 
 rules put an observer on the output of any annotated node (every user reads through it), path
 ``vmfx_q.<node>__output``; a dynamic spec there gets its (run-time) quantizer at once. "scan.<operand>"
 rules put one on that input edge of the selected scans (:mod:`vmfx.passes.scan_operands`).
+"weight" rules that select a conv or a norm (``conv1d``, ``patch_embed``, ``norm``) make it
+functional (:func:`~vmfx.passes.graph_utils.functionalize_weighted`) and record its
+``weight_spec``; convert quantizes the weight (min-max).
 
 Requires: mixers detected. Invariants: observers pass their input through unchanged, so the graph
 computes the same function; node names of the float graph are kept (functional linears take the
@@ -25,7 +28,7 @@ from typing import Callable, Iterable
 
 import torch.fx as fx
 
-from ..annotations import INSERTED_ROLES, LINEAR_ROLES, annotate, annotation
+from ..annotations import INSERTED_ROLES, LINEAR_ROLES, annotate, annotation, node_op
 from ..config import QuantConfig, check_rules_match
 from ..quant.observers import MinMaxObserver, Observer
 from ..quant.spec import QuantSpec
@@ -33,12 +36,14 @@ from .base import Pass, PassContext, PassResult
 from .detect import detected_mixers
 from .graph_utils import (
     functionalize_linear,
+    functionalize_weighted,
     insert_module_after,
+    weighted_module_types,
     insert_module_on_edge,
     unique_submodule_name,
 )
 from .inserted import QUANT_PREFIX, activation_observer, edge_layout, make_observer, rule_module_path
-from .patterns import is_linear
+from .patterns import is_linear, module_of
 
 __all__ = ["InsertObserversPass", "quantized_linear_nodes", "activation_observer", "QUANT_PREFIX", "edge_layout",
            "make_observer", "rule_module_path"]
@@ -131,6 +136,8 @@ class InsertObserversPass(Pass):
                      mixer=ann.mixer, act_spec=a_spec, extra={"quantizes": node.name, "edge": "input"})
             if layout is not None:
                 annotation(obs).layout = layout
+        if self.config is not None and any(r.edge == "weight" for r in self.config.rules):
+            quantized += self._mark_weighted_nodes(gm)
         if self.config is not None and any(r.edge == "output" for r in self.config.rules):
             quantized += self._insert_output_observers(gm)
             modified = True
@@ -146,43 +153,79 @@ class InsertObserversPass(Pass):
             )
         return PassResult(gm, modified)
 
+    def _mark_weighted_nodes(self, gm: fx.GraphModule) -> int:
+        """Record the ``weight_spec`` of every conv or norm a "weight" rule selects, made functional
+        so that its weight is an edge; the number of such nodes."""
+        count = 0
+        for node in list(gm.graph.nodes):
+            ann = annotation(node)
+            if ann is None or not _is_weighted(node):
+                continue
+            spec = self.config.spec_for("weight", ann.role, rule_module_path(node), node.name, node_op(node))
+            if spec is None:
+                continue
+            functionalize_weighted(gm, node)
+            annotate(node, ann.role, weight_spec=spec)
+            count += 1
+        return count
+
     def _insert_output_observers(self, gm: fx.GraphModule) -> int:
         from ..quant.modules import FakeQuantize
 
         count = 0
+        shared_paths: dict[tuple, str] = {}  # (mixer, rule) -> the path of the quantizer its nodes share
         for node in list(gm.graph.nodes):
             ann = annotation(node)
             if ann is None or ann.role in INSERTED_ROLES or node.op == "output":
                 continue
             module = rule_module_path(node)
-            spec = self.config.spec_for("output", ann.role, module, node.name)
+            spec = self.config.spec_for("output", ann.role, module, node.name, node_op(node))
             if spec is None:
                 continue
+            rule = self.config.rule_for("output", ann.role, module, node.name, node_op(node))
+            key = (ann.mixer, id(rule)) if rule.shared == "mixer" and ann.mixer is not None else None
             layout = edge_layout(node)
-            path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__output")
-            if spec.dynamic:
-                observer = FakeQuantize(spec) if layout is None else FakeQuantize(spec, layout=layout)
+            extra = {"quantizes": node.name, "edge": "output", **({"shared": rule.shared} if key else {})}
+            if key in shared_paths:
+                path = shared_paths[key]
+                observer = gm.get_submodule(path)
             else:
-                observer = make_observer(self.observer, spec, layout, f"'{node.name}' (its output)")
+                path = unique_submodule_name(gm, QUANT_PREFIX, f"{node.name}__output")
+                if spec.dynamic:
+                    observer = FakeQuantize(spec) if layout is None else FakeQuantize(spec, layout=layout)
+                else:
+                    observer = make_observer(self.observer, spec, layout, f"'{node.name}' (its output)")
+                if key is not None:
+                    shared_paths[key] = path
             new = insert_module_after(gm, node, observer, path)
             annotate(new, "quantizer" if spec.dynamic else "observer", block=ann.block, direction=ann.direction,
-                     tokens=ann.tokens, mixer=ann.mixer, act_spec=spec, extra={"quantizes": node.name, "edge": "output"})
+                     tokens=ann.tokens, mixer=ann.mixer, act_spec=spec, extra=extra)
             if layout is not None:
                 annotation(new).layout = layout
             count += 1
         return count
 
 
-def _rule_targets(gm: fx.GraphModule) -> tuple[list[tuple], list[tuple]]:
-    """(linears, outputs): ``(role, module path, node name)`` of the annotated linears and of every
-    annotated node a rule could select (:func:`vmfx.config.check_rules_match`)."""
-    linears, outputs = [], []
+def _is_weighted(node: fx.Node) -> bool:
+    """A conv or norm module call with a weight (or one already made functional)."""
+    if node.op == "call_function":
+        return "vmfx_module" in node.meta and not is_linear(node)
+    return isinstance(module_of(node), weighted_module_types()) and getattr(module_of(node), "weight", None) is not None
+
+
+def _rule_targets(gm: fx.GraphModule) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """(linears, outputs, weighted): ``(role, module path, node name, operation)`` of the annotated
+    linears, of every annotated node a rule could select, and of the annotated convs and norms a
+    "weight" rule can select too (:func:`vmfx.config.check_rules_match`)."""
+    linears, outputs, weighted = [], [], []
     for node in gm.graph.nodes:
         ann = annotation(node)
         if ann is None or ann.role in INSERTED_ROLES or node.op == "output":
             continue
-        module = rule_module_path(node)
-        outputs.append((ann.role, module, node.name))
+        facts = (ann.role, rule_module_path(node), node.name, node_op(node))
+        outputs.append(facts)
         if is_linear(node):
-            linears.append((ann.role, module, node.name))
-    return linears, outputs
+            linears.append(facts)
+        elif _is_weighted(node):
+            weighted.append(facts)
+    return linears, outputs, weighted

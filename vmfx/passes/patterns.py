@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.norm import RMSNorm
+from ..nn.norm import RMSNorm, rms_norm
 from ..ops.selective_scan import selective_scan
 from ..token_layout import PRESERVES_LAYOUT
 from ..quant.modules import FakeQuantize, Smooth
@@ -64,7 +64,7 @@ _TRANSPARENT_FUNCTIONS |= {torch.index_select, F.pad}
 
 _SILU = {F.silu, torch.nn.functional.silu}
 _SOFTPLUS = {F.softplus, torch._C._nn.softplus}
-_NORM_FUNCTIONS = {F.layer_norm, F.rms_norm} if hasattr(F, "rms_norm") else {F.layer_norm}
+_NORM_FUNCTIONS = ({F.layer_norm, F.rms_norm} if hasattr(F, "rms_norm") else {F.layer_norm}) | {rms_norm}
 
 
 class FailedMatch:

@@ -456,6 +456,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     """The pass list of every built-in method, read top to bottom::
 
         DetectMambaMixers
+        [SplitDeltaSoftplus]       config.split_softplus: the scan's softplus as a dt_act node
         InsertObservers            smoothing statistics (|x| per channel) if smoothing, else the
                                    activation observer of the init method (min-max or Lp grid)
         [Calibrate                 smoothing only: collect |x| per channel
@@ -472,6 +473,7 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     (:mod:`vmfx.passes.ouromamba`).
         [ReparameterizeScan]       config.scan_state: |h| statistics -> factors r_C, r_L, r_D
         [QuantizeScanState]        config.scan_state: per-step state scales, searched step by step
+        [BiasCorrection]           config.bias_correction: biases absorb the weight quantization's mean error
     """
     init = config.init
     act_observer = activation_observer(init.method, init.p, init.candidates)
@@ -480,6 +482,10 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
 
         act_observer = outlier_observer(config.outliers, init.p, init.candidates)
     passes: list[Pass] = [DetectMambaMixersPass()]
+    if config.split_softplus:  # the scan's fused softplus becomes a dt_act node an output rule can select
+        from .split_softplus import SplitDeltaSoftplusPass
+
+        passes.append(SplitDeltaSoftplusPass())
     if config.smoothing is not None:
         passes += [
             InsertObserversPass(observer=AbsMaxObserver, config=config),
@@ -502,6 +508,10 @@ def ptq_passes(config: QuantConfig) -> list[Pass]:
     if config.smoothing is not None and config.smoothing.fold:
         passes.append(FoldSmoothingPass())
     passes += scan_state_passes(config)  # [ReparameterizeScan] [QuantizeScanState] (config.scan_state)
+    if config.bias_correction:
+        from .bias_correction import BiasCorrectionPass
+
+        passes.append(BiasCorrectionPass(config.bias_correction))
     return passes
 
 
@@ -521,5 +531,6 @@ for _name in ("minmax", "smoothquant", "pts", "pts-smooth", "ptq4vm", "ptq4vm-of
 # k-scaled ViM PTQ (Shi et al.): min-max observers on layer outputs (clusters by k-means), then the
 # similarity search; the config's rules and ``search`` say what (vmfx.config.kscaled_rules)
 register_method("kscaled")(ptq_passes)
+register_method("kscaled-official")(ptq_passes)
 # OuroMamba-Quant: PTQ4VM's passes with mixed-precision activation observers
 register_method("ouromamba")(ptq_passes)

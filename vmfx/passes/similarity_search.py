@@ -19,6 +19,9 @@ Access-IC-Lab/PTQ_for_ViM, not copied):
   quantized weight); after an output phase, ``pow2`` cluster specs are re-rounded to the first
   cluster's scale times powers of two (:func:`~vmfx.quant.kscaled.round_pow2_ratios`).
 
+A quantizer shared by several nodes (an ``output`` rule with ``shared="mixer"``) is one set of
+coordinates scored on all of their outputs together.
+
 Scores are exact for every coordinate taken alone with the others at their current scales, all
 coordinates of all quantizers scored in one pass over the search images per phase (the official
 code searches clusters one after the other, each seeing the ones already updated in that round:
@@ -130,7 +133,7 @@ def coordinate_cosine_scores(ref: torch.Tensor, current: torch.Tensor, candidate
 
 
 def _output_candidate_sums(ref2: torch.Tensor, y2: torch.Tensor, base2: torch.Tensor, ids: _Ids,
-                           mults: torch.Tensor, qmax: int):
+                           mults: torch.Tensor, qmin: int, qmax: int):
     """``(dot, sq)`` sums of every candidate chunk of a symmetric output quantizer whose scale is
     ``base2 * m`` ((R, C) per-element starting scales, constant along rows or along columns), with
     the scale factored out of the integer codes (fewer passes over the data)."""
@@ -139,14 +142,14 @@ def _output_candidate_sums(ref2: torch.Tensor, y2: torch.Tensor, base2: torch.Te
         m = mults[i:i + _CHUNK].reshape(-1, 1, 1)
         if by_row:
             s = base2[:, :1].unsqueeze(0) * m  # (n, R, 1)
-            codes = torch.div(y2.unsqueeze(0), s).round_().clamp_(-qmax, qmax)
+            codes = torch.div(y2.unsqueeze(0), s).round_().clamp_(qmin, qmax)
             d = (codes * ref2).sum(-1, keepdim=True) * s
             sq = codes.pow_(2).sum(-1, keepdim=True) * (s * s)
             if ids.kind == "row":
                 d, sq = d * ids.onehot, sq * ids.onehot
         else:
             s = base2[:1, :].unsqueeze(0) * m  # (n, 1, C)
-            q = torch.div(y2.unsqueeze(0), s).round_().clamp_(-qmax, qmax).mul_(s)
+            q = torch.div(y2.unsqueeze(0), s).round_().clamp_(qmin, qmax).mul_(s)
             d = _segment(q * ref2, ids)
             sq = _segment(q.pow_(2), ids)
         yield d, sq
@@ -220,8 +223,10 @@ def _quantizer(fq: FakeQuantize, node: fx.Node) -> _Quantizer:
     return q
 
 
-def find_targets(gm: fx.GraphModule, search_weights: bool = True) -> tuple[dict, list]:
-    """``({node: _Target}, [(quantizer node name, why skipped)])``."""
+def find_targets(gm: fx.GraphModule, search_weights: bool = True, keep_roles: tuple[str, ...] = ()
+                 ) -> tuple[dict, list]:
+    """``({node: _Target}, [(quantizer node name, why skipped)])``; the output quantizers of nodes
+    whose role is in ``keep_roles`` are skipped (they keep their min-max scales)."""
     targets: dict[fx.Node, _Target] = {}
     skipped: list[tuple[str, str]] = []
 
@@ -249,7 +254,12 @@ def find_targets(gm: fx.GraphModule, search_weights: bool = True) -> tuple[dict,
             skipped.append((qnode.name, why))
             continue
         producer = qnode.args[0]
-        target(producer).out = _quantizer(fq, qnode)
+        role = annotation(producer).role if annotation(producer) is not None else None
+        if role in keep_roles:
+            skipped.append((qnode.name, f"role {role!r} keeps its min-max scale (SimilaritySearchConfig.keep_roles)"))
+            continue
+        shared = next((t.out for t in targets.values() if t.out is not None and t.out.fq is fq), None)
+        target(producer).out = shared or _quantizer(fq, qnode)  # a shared quantizer: one set of scores
     if search_weights:
         for node in gm.graph.nodes:
             if not (node.op == "call_function" and node.target is F.linear):
@@ -378,7 +388,7 @@ def _score_output(t: _Target, args, kwargs, ref: torch.Tensor, mults: torch.Tens
     base = _rows(q.base[q.ids_full(ref.shape)], cd)
     current = _fq(y2, _scale_rows(q.fq, ref.shape, cd), q.fq.qmin, q.fq.qmax)
 
-    sums = _output_candidate_sums(ref2, y2, base, ids, mults, q.fq.qmax)
+    sums = _output_candidate_sums(ref2, y2, base, ids, mults, q.fq.qmin, q.fq.qmax)
     scores = coordinate_cosine_scores(ref2, current, sums, ids, _valid_rows(t, ref), sums=True)
     q.scores = scores if q.scores is None else q.scores + scores
 
@@ -451,7 +461,7 @@ class SimilaritySearchPass(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         start = time.perf_counter()
-        targets, skipped = find_targets(gm, self.config.weights)
+        targets, skipped = find_targets(gm, self.config.weights, self.config.keep_roles)
         mults = candidate_multipliers(self.config)
         phases = [p for p in ("weight", "output")
                   if any((t.weight if p == "weight" else t.out) is not None for t in targets.values())]

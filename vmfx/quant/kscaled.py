@@ -121,17 +121,20 @@ def _lexsort(centres: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def cluster_scales(absmax: torch.Tensor, k: int, qmax: int, *, pow2: bool = False, seed: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_scales(absmax: torch.Tensor, k: int, qmax: float, *, pow2: bool = False, seed: int = 0,
+                   features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clusters of the positions and the max-based scale of each.
 
     Args:
         absmax: per-position ``max |x|`` (any shape; one value per token position or channel).
         k: clusters wanted.
-        qmax: the spec's largest code.
+        qmax: what a max-based scale divides by (the spec's ``scale_divisor``: its largest code,
+            or ``2^(b-1) - 0.5`` for the "full" integer range).
         pow2: round the scales to the first cluster's scale times powers of two
             (:func:`round_pow2_ratios`).
         seed: k-means seed.
+        features: the per-position values k-means clusters, shaped like ``absmax`` (e.g. the mean
+            ``|x|``); None clusters ``absmax`` itself. The scales are max-based either way.
 
     Returns:
         ``(ids, scales)``: ``ids`` long of ``absmax``'s shape (cluster of each position, 0 = the
@@ -139,7 +142,10 @@ def cluster_scales(absmax: torch.Tensor, k: int, qmax: int, *, pow2: bool = Fals
         ``scales[j] = max(absmax[ids == j]) / qmax`` (at least ``MIN_SCALE``).
     """
     flat = absmax.detach().float().reshape(-1)
-    labels, _ = kmeans(flat, k, seed=seed)
+    points = flat if features is None else features.detach().float().reshape(-1)
+    if points.numel() != flat.numel():
+        raise ValueError(f"cluster_scales: {points.numel()} features for {flat.numel()} positions")
+    labels, _ = kmeans(points, k, seed=seed)
     m = int(labels.max()) + 1
     top = torch.zeros(m).scatter_reduce_(0, labels, flat, reduce="amax", include_self=False)
     scales = torch.clamp(top / qmax, min=MIN_SCALE)

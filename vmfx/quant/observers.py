@@ -56,7 +56,8 @@ def reduce_minmax(x: torch.Tensor, kept_dims: tuple[int, ...]) -> tuple[torch.Te
 def qparams_from_minmax(min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec) -> QParams:
     """Scale and zero point that cover ``[min_val, max_val]`` (always widened to include 0).
 
-    Symmetric: ``scale = max(|min|, |max|) / qmax``, zero point 0. Asymmetric:
+    Symmetric: ``scale = max(|min|, |max|) / spec.scale_divisor`` (``qmax``; ``2^(b-1) - 0.5`` for
+    the "full" integer range), zero point 0. Asymmetric:
     ``scale = (max - min) / (qmax - qmin)``, ``zero_point = qmin - round(min / scale)`` clamped to
     the range, so that 0.0 is exactly representable.
     """
@@ -64,7 +65,7 @@ def qparams_from_minmax(min_val: torch.Tensor, max_val: torch.Tensor, spec: Quan
     min_neg = torch.clamp(min_val.float(), max=0.0)
     max_pos = torch.clamp(max_val.float(), min=0.0)
     if spec.symmetric:
-        scale = torch.maximum(-min_neg, max_pos) / qmax
+        scale = torch.maximum(-min_neg, max_pos) / spec.scale_divisor
         scale = torch.clamp(scale, min=MIN_SCALE)
         zero_point = torch.zeros_like(scale)
     else:
@@ -198,6 +199,8 @@ class MinMaxObserver(Observer):
         super().__init__(spec, is_weight, layout)
         self.register_buffer("min_val", torch.empty(0))
         self.register_buffer("max_val", torch.empty(0))
+        self.abs_sum: torch.Tensor | None = None  # running sum of |x| per kept position (cluster_stat "mean_abs")
+        self.abs_count = 0
 
     def _observe(self, x: torch.Tensor) -> None:
         if self.phase != 0:
@@ -207,6 +210,8 @@ class MinMaxObserver(Observer):
         elif self.layout is not None:
             self.layout.check_shape(x.shape, self._what(x))
         lo, hi = reduce_minmax(x.float(), self.kept_dims)
+        if self.spec.cluster_stat == "mean_abs":
+            self._observe_mean_abs(x)
         if self.min_val.numel() == 0:
             self.min_val, self.max_val = lo, hi
             return
@@ -219,10 +224,21 @@ class MinMaxObserver(Observer):
         self.min_val = torch.minimum(self.min_val, lo)
         self.max_val = torch.maximum(self.max_val, hi)
 
+    def _observe_mean_abs(self, x: torch.Tensor) -> None:
+        """Add ``|x|`` summed over the reduced dims (in float64) to the running sum of
+        ``cluster_stat="mean_abs"``; ``abs_count`` counts the elements each position summed."""
+        reduced = [d for d in range(x.dim()) if d not in self.kept_dims]
+        total = x.detach().double().abs().sum(dim=reduced, keepdim=True) if reduced else x.detach().double().abs()
+        self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+        self.abs_count += x.numel() // max(total.numel(), 1)
+
     def synchronize(self, phase: int, ctx) -> None:
         """Phase 0: the minimum of the minima and maximum of the maxima of every process (exact)."""
         if phase != 0:
             return
+        if self.abs_sum is not None:
+            raise ConfigError("cluster_stat='mean_abs' keeps a running mean that is not combined across "
+                              "processes; calibrate this spec in one process (vmfx.distributed.single_process())")
         self.min_val = _combine_extrema(self.min_val, ctx, torch.minimum)
         self.max_val = _combine_extrema(self.max_val, ctx, torch.maximum)
 
@@ -245,14 +261,16 @@ class MinMaxObserver(Observer):
     cluster_seed = 0
 
     def _cluster_qparams(self) -> QParams:
-        """k-means over the per-position absmax (token positions or channels, as the spec's
-        ``cluster_axis`` says), one max-based symmetric scale per cluster, expanded to the
-        per-position scale; the cluster of every position is kept in ``cluster_ids``."""
+        """k-means over the per-position absmax (or, for ``cluster_stat="mean_abs"``, the mean
+        ``|x|``; token positions or channels, as the spec's ``cluster_axis`` says), one max-based
+        symmetric scale per cluster, expanded to the per-position scale; the cluster of every
+        position is kept in ``cluster_ids``."""
         from .kscaled import cluster_scales, expand
 
         absmax = torch.maximum(self.min_val.abs(), self.max_val.abs())
-        ids, scales = cluster_scales(absmax, self.spec.clusters, self.spec.qmax, pow2=self.spec.pow2,
-                                     seed=self.cluster_seed)
+        features = self.abs_sum / self.abs_count if self.spec.cluster_stat == "mean_abs" else None
+        ids, scales = cluster_scales(absmax, self.spec.clusters, self.spec.scale_divisor, pow2=self.spec.pow2,
+                                     seed=self.cluster_seed, features=features)
         self.cluster_ids = ids
         scale = expand(scales, ids)
         return QParams(scale, torch.zeros_like(scale), self.spec.qmin, self.spec.qmax)

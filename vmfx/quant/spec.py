@@ -46,12 +46,19 @@ from ..ops.quantize import qrange
 if TYPE_CHECKING:
     from ..token_layout import TokenLayout
 
-__all__ = ["QuantSpec", "GRANULARITIES", "CLUSTER_AXES", "MIN_BITS", "MAX_BITS"]
+__all__ = ["QuantSpec", "GRANULARITIES", "CLUSTER_AXES", "CLUSTER_STATISTICS", "INT_RANGES", "MIN_BITS", "MAX_BITS"]
 
 GRANULARITIES = ("tensor", "channel", "token", "cluster")
 #: The axes a "cluster" spec can cluster.
 CLUSTER_AXES = ("token", "channel")
-_CLUSTER_FIELDS = ("cluster_axis", "clusters", "pow2")
+#: The per-position statistic k-means clusters: ``max |x|`` over the calibration data, or the mean
+#: of ``|x|`` (the official k-scaled code, Access-IC-Lab/PTQ_for_ViM@d6fc957 src/tools/kmeans.py:16).
+CLUSTER_STATISTICS = ("absmax", "mean_abs")
+#: The integer ranges of a symmetric spec: "restricted" ``[-(2^(b-1)-1), 2^(b-1)-1]``, max-based
+#: scale ``max / qmax``; "full" ``[-2^(b-1), 2^(b-1)-1]``, max-based scale ``max / (2^(b-1) - 0.5)``
+#: (the official k-scaled code, src/quant_configs/QuantConfig.py: ``qmax = 2^(b-1)``).
+INT_RANGES = ("restricted", "full")
+_CLUSTER_FIELDS = ("cluster_axis", "clusters", "pow2", "cluster_stat")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -70,6 +77,11 @@ class QuantSpec:
         clusters: for "cluster": the number of clusters k (k-scaled ViM PTQ: 4).
         pow2: for "cluster": every cluster's scale is the first (smallest) cluster's scale
             times a power of two, so moving between cluster scales is a shift.
+        cluster_stat: for "cluster": the per-position statistic k-means clusters, "absmax"
+            (``max |x|``) or "mean_abs" (the mean of ``|x|``, the official k-scaled code); each
+            cluster's scale is max-based either way.
+        int_range: for a symmetric spec: "restricted" (default) or "full" (see :data:`INT_RANGES`);
+            left out of ``to_dict`` at its default.
 
     A "cluster" spec is static and symmetric; the cluster fields keep their defaults for the
     other granularities (and are left out of ``to_dict`` there).
@@ -87,6 +99,8 @@ class QuantSpec:
     cluster_axis: str = "token"
     clusters: int = 4
     pow2: bool = False
+    cluster_stat: str = "absmax"
+    int_range: str = "restricted"
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -102,6 +116,11 @@ class QuantSpec:
         if not isinstance(self.symmetric, bool) or not isinstance(self.dynamic, bool):
             raise ConfigError("QuantSpec.symmetric and QuantSpec.dynamic must be booleans")
         self._check_cluster_fields()
+        if self.int_range not in INT_RANGES:
+            raise ConfigError(f"QuantSpec.int_range must be one of {', '.join(INT_RANGES)}, got {self.int_range!r}")
+        if self.int_range != "restricted" and not self.symmetric:
+            raise ConfigError("QuantSpec.int_range='full' is for symmetric specs (an asymmetric spec already uses "
+                              "the full unsigned range [0, 2^b - 1]); use symmetric=True or leave int_range out")
 
     def _check_cluster_fields(self) -> None:
         if self.granularity != "cluster":
@@ -116,6 +135,9 @@ class QuantSpec:
             raise ConfigError(f"QuantSpec.clusters must be a positive integer (k-scaled ViM PTQ uses 4), got {self.clusters!r}")
         if not isinstance(self.pow2, bool):
             raise ConfigError(f"QuantSpec.pow2 must be a boolean, got {self.pow2!r}")
+        if self.cluster_stat not in CLUSTER_STATISTICS:
+            raise ConfigError(f"QuantSpec.cluster_stat must be one of {', '.join(CLUSTER_STATISTICS)}, "
+                              f"got {self.cluster_stat!r}")
         if self.dynamic or not self.symmetric:
             raise ConfigError(
                 "a 'cluster' spec is static and symmetric (one calibrated scale per cluster, zero point 0): "
@@ -124,11 +146,18 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return qrange(self.bits, self.symmetric)[0]
+        low = qrange(self.bits, self.symmetric)[0]
+        return low - 1 if self.int_range == "full" else low
 
     @property
     def qmax(self) -> int:
         return qrange(self.bits, self.symmetric)[1]
+
+    @property
+    def scale_divisor(self) -> float:
+        """What a symmetric max-based scale divides the largest ``|x|`` by: ``qmax``, or
+        ``2^(b-1) - 0.5`` for the "full" range (so ``max`` lands half a step inside the range)."""
+        return self.qmax + 0.5 if self.int_range == "full" else self.qmax
 
     def kept_dims(self, ndim: int, *, is_weight: bool = False, layout: "TokenLayout | None" = None) -> tuple[int, ...]:
         """The dimensions of an ``ndim``-dimensional tensor that keep their own scale.
@@ -177,7 +206,7 @@ class QuantSpec:
         for the other granularities)."""
         if self.granularity != "cluster":
             return self
-        return QuantSpec(self.bits, self.symmetric, self.cluster_axis, self.dynamic)
+        return QuantSpec(self.bits, self.symmetric, self.cluster_axis, self.dynamic, int_range=self.int_range)
 
     def describe(self) -> str:
         """A short human-readable form, e.g. ``"int8 sym per-channel"``, ``"uint4 asym per-token dyn"``,
@@ -185,7 +214,10 @@ class QuantSpec:
         kind = f"{'int' if self.symmetric else 'uint'}{self.bits}"
         text = f"{kind} {'sym' if self.symmetric else 'asym'} per-{self.granularity}"
         if self.granularity == "cluster":
-            text += f"({self.cluster_axis},k={self.clusters}{',pow2' if self.pow2 else ''})"
+            stat = ",mean-abs" if self.cluster_stat == "mean_abs" else ""
+            text += f"({self.cluster_axis},k={self.clusters}{',pow2' if self.pow2 else ''}{stat})"
+        if self.int_range == "full":
+            text += " full-range"
         return text + (" dyn" if self.dynamic else "")
 
     def to_dict(self) -> dict:
@@ -193,14 +225,18 @@ class QuantSpec:
         if self.granularity != "cluster":
             for name in _CLUSTER_FIELDS:
                 d.pop(name)
+        elif self.cluster_stat == _CLUSTER_DEFAULTS["cluster_stat"]:  # written only when set
+            d.pop("cluster_stat")
+        if self.int_range == "restricted":
+            d.pop("int_range")
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantSpec":
-        unknown = set(d) - {"bits", "symmetric", "granularity", "dynamic", *_CLUSTER_FIELDS}
+        unknown = set(d) - {"bits", "symmetric", "granularity", "dynamic", "int_range", *_CLUSTER_FIELDS}
         if unknown:
             raise ConfigError(f"unknown QuantSpec fields {sorted(unknown)}")
         return cls(**d)
 
 
-_CLUSTER_DEFAULTS = {"cluster_axis": "token", "clusters": 4, "pow2": False}
+_CLUSTER_DEFAULTS = {"cluster_axis": "token", "clusters": 4, "pow2": False, "cluster_stat": "absmax"}
