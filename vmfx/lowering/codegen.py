@@ -46,6 +46,7 @@ that the float epilogues round like torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import keyword
@@ -56,7 +57,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -84,6 +85,8 @@ __all__ = [
     "store_value",
     "codes_epilogue_args",
     "render_autotune",
+    "render_preamble",
+    "kernel_cache",
 ]
 
 
@@ -700,3 +703,33 @@ def codes_epilogue_args(act, bsz: int, length: int, channels: int, device, args:
     codes = torch.empty((bsz * length, channels), dtype=torch.int8, device=device)
     args.update(inv_sa_ptr=act.inv_scale, za_ptr=act.zero_point, codes_ptr=codes)
     return codes, smooth, t > 1, act.bits
+
+
+# ------------------------------------------------------------------------------ module preamble, kernel cache
+
+
+def render_preamble(template: str, provenance: Sequence[str], params: dict, helpers: Iterable[str] = (),
+                    autotune: tuple[Sequence[dict], Sequence[str]] | None = None) -> str:
+    """The source every generated kernel module starts with, up to its ``@triton.jit`` line: the
+    header (:func:`render_header`), the device helpers it calls (:func:`render_helpers`) and, with
+    ``autotune=(configs, key)``, the ``@triton.autotune`` decorator (:func:`render_autotune`).
+    The kernel's own template text follows it unchanged (the result is newline-terminated)."""
+    buf = IndentedBuffer()
+    render_header(buf, template, provenance, params)
+    render_helpers(buf, helpers)
+    if autotune is not None:
+        render_autotune(buf, *autotune)
+    return buf.getvalue()
+
+
+def kernel_cache(render: Callable[..., str], name: str) -> Callable[..., object]:
+    """A memoized loader of one template's kernels: ``loader(**render_kwargs)`` renders the source
+    with ``render(**render_kwargs)`` and returns :func:`load_kernel`'s ``name`` from it, once per
+    distinct set of (hashable) arguments in this process."""
+
+    @functools.lru_cache(maxsize=None)
+    def loader(**render_kwargs):
+        return load_kernel(render(**render_kwargs), name)
+
+    loader.__doc__ = f"The compiled ``{name}`` kernel for these render arguments (memoized)."
+    return loader
