@@ -76,6 +76,7 @@ __all__ = [
     "EPILOGUE_LAYOUTS",
     "Epilogue",
     "render_epilogue",
+    "epilogue_source",
     "float_literal",
     "next_power_of_2",
     "launch_options",
@@ -582,6 +583,14 @@ def render_epilogue(
             rhs = float_literal(operand)
         expr = f"{rhs} {_BINARY[name]} {acc}" if name in _REVERSED else f"{acc} {_BINARY[name]} {rhs}"
         buf.writeline(f"{acc} = {expr}  # epilogue: {' '.join(map(repr, op))}")
+
+
+def epilogue_source(epilogue: Epilogue, **names: str) -> str:
+    """The lines of :func:`render_epilogue` as one block of source, without indentation (empty
+    when there are no ops); ``names`` are its variable names (``acc``, ``offsets``, ...)."""
+    buf = IndentedBuffer()
+    render_epilogue(buf, epilogue, **names)
+    return buf.getvalue().rstrip("\n") if len(buf) else ""
 
 
 # ------------------------------------------------------------------------------ launch helpers
