@@ -2,12 +2,15 @@
 device helpers and the epilogue vocabulary.
 
 vmfx does not hand-write one Triton kernel per layer. Each kernel family is a *template* (see
-:mod:`vmfx.lowering.kernels`): a Python function that renders Triton source from a few static
+:mod:`vmfx.lowering.kernels`): its source written out as text with named slots
+(:class:`vmfx.lowering.template.KernelTemplate`), filled by small functions from a few static
 choices (which inputs exist, bit widths, the epilogue ops, where it came from). This module holds
 what every template shares, in the manner of Inductor's ``codegen/triton.py``:
 
+* :func:`render_preamble`: what every generated module starts with (header, helpers, autotune
+  decorator), and :func:`kernel_cache`, the memoized loader of one template's kernels.
 * :class:`IndentedBuffer` builds source line by line (``writeline``, ``with buf.indent():``,
-  ``splice``).
+  ``splice``); the preamble and the epilogue lines (:func:`epilogue_source`) are written with it.
 * :func:`code_hash` (sha256 of the source) names a kernel; :func:`load_kernel` writes the source to
   ``<cache dir>/<hash>.py`` (``$VMFX_CACHE_DIR``, else ``~/.cache/vmfx/kernels``), imports it under
   a unique module name and memoizes it by hash, so one source is imported (and compiled by Triton)
