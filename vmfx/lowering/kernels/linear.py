@@ -101,81 +101,6 @@ mask_n = offs_n < N
 """
 
 
-def render_qlinear(
-    *,
-    per_token: bool = True,
-    smooth: bool = False,
-    bias: bool = True,
-    prequantized: bool = False,
-    act_bits: int = 8,
-    epilogue: Sequence[Sequence] | Epilogue = (),
-    store_acc: bool = False,
-    autotune: bool = False,
-    provenance: Sequence[str] = (),
-    out_dtype: str = "float32",
-    packed: bool = False,
-) -> str:
-    """Render the source of one ``qlinear`` kernel.
-
-    Args:
-        per_token: per-token (T = L) activation parameters, else one scalar (per-tensor).
-        smooth: multiply ``x`` by ``inv_s`` (K,) before quantizing (not with ``prequantized``).
-        bias: add a (N,) bias.
-        prequantized: read int8 codes instead of float ``x``.
-        act_bits: activation bit width b (codes [0, 2^b - 1], offset 2^(b-1)).
-        epilogue: ops on the float output tile (see :func:`vmfx.lowering.codegen.render_epilogue`).
-        store_acc: also write the int32 accumulator (for tests and debugging).
-        autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`; otherwise the block
-            sizes are ``tl.constexpr`` arguments the launcher passes.
-        provenance: the FX nodes this kernel implements (written in the header).
-        out_dtype: "float32", "float16" or "bfloat16": the dtype of ``out`` (the float32 result is
-            rounded once, at the store).
-        packed: the weight is 4-bit codes packed two per byte (:meth:`QWeight.pack`): byte
-            ``(n, j)`` holds column ``j`` in its low nibble and column ``j + Kh`` in its high nibble
-            (``Kh = ceil(K / 2)``); the loop runs over ``Kh``, unpacks both nibbles in registers
-            (sign-extending shifts) and does two dots per step, against the activation columns
-            ``j`` and ``j + Kh``. Half the weight bytes of the int8 layout.
-
-    Returns:
-        The module source; the kernel is called :data:`KERNEL_NAME`.
-    """
-    if out_dtype not in OUT_DTYPES.values():
-        raise ValueError(f"out_dtype must be one of {sorted(OUT_DTYPES.values())}, got {out_dtype!r}")
-    if prequantized and smooth:
-        raise ValueError("pre-quantized input is already smoothed: smooth must be False")
-    if not 2 <= act_bits <= 8:
-        raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
-    ep = epilogue if isinstance(epilogue, Epilogue) else Epilogue.parse(epilogue)
-    qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    params = dict(per_token=per_token, smooth=smooth, bias=bias, prequantized=prequantized, act_bits=act_bits,
-                  epilogue=ep.ops, store_acc=store_acc, autotune=autotune, out_dtype=out_dtype, packed=packed)
-    preamble = render_preamble("qlinear", provenance, params,
-                               (() if prequantized else ("_vmfx_quantize",)) + ep.helpers,
-                               (AUTOTUNE_CONFIGS, ["M", "N", "K"]) if autotune else None)
-    if prequantized:
-        act_params = lines("tok = offs_m % L" if per_token else None,
-                           "za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]" if per_token
-                           else "za = tl.load(za_ptr)")
-    else:
-        act_params = lines("tok = offs_m % L" if per_token else None,
-                           act_params_source(per_token, "tok", "mask_m", "[:, None]"))
-    return preamble + TEMPLATE.fill(
-        kernel_name=KERNEL_NAME,
-        smooth_arg="inv_s_ptr," if smooth else "",
-        inv_sa_arg="" if prequantized else "inv_sa_ptr, ",
-        bias_arg="bias_ptr," if bias else "",
-        epilogue_args=lines(f"{a}," for a in ep.arg_names()),
-        acc_arg=" acc_ptr," if store_acc else "",
-        tile_order=lines(TILE_ORDER),
-        act_params=act_params,
-        int_gemm=int_gemm_source(packed, prequantized, smooth, qmax, off),
-        dequantize=dequantize_source(per_token, bias),
-        epilogue=epilogue_source(ep, acc="y", offsets="offs_out", mask="mask_out"),
-        stored=store_value("y", out_dtype),
-        store_acc="tl.store(acc_ptr + offs_out, acc, mask=mask_out)" if store_acc else "",
-    )
-
-
 #: The ``qlinear`` kernel; slots: the optional pointer arguments, the tile order
 #: (:data:`TILE_ORDER`), the activation parameters, the int32 GEMM (:func:`int_gemm_source`), the
 #: dequantize (:func:`dequantize_source`), the epilogue ops and the stores.
@@ -256,6 +181,81 @@ PACKED_LOOP = KernelTemplate("""
         $act_tile
         acc = tl.dot(a, w_hi, acc, out_dtype=tl.int32)
 """)
+
+
+def render_qlinear(
+    *,
+    per_token: bool = True,
+    smooth: bool = False,
+    bias: bool = True,
+    prequantized: bool = False,
+    act_bits: int = 8,
+    epilogue: Sequence[Sequence] | Epilogue = (),
+    store_acc: bool = False,
+    autotune: bool = False,
+    provenance: Sequence[str] = (),
+    out_dtype: str = "float32",
+    packed: bool = False,
+) -> str:
+    """Render the source of one ``qlinear`` kernel.
+
+    Args:
+        per_token: per-token (T = L) activation parameters, else one scalar (per-tensor).
+        smooth: multiply ``x`` by ``inv_s`` (K,) before quantizing (not with ``prequantized``).
+        bias: add a (N,) bias.
+        prequantized: read int8 codes instead of float ``x``.
+        act_bits: activation bit width b (codes [0, 2^b - 1], offset 2^(b-1)).
+        epilogue: ops on the float output tile (see :func:`vmfx.lowering.codegen.render_epilogue`).
+        store_acc: also write the int32 accumulator (for tests and debugging).
+        autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`; otherwise the block
+            sizes are ``tl.constexpr`` arguments the launcher passes.
+        provenance: the FX nodes this kernel implements (written in the header).
+        out_dtype: "float32", "float16" or "bfloat16": the dtype of ``out`` (the float32 result is
+            rounded once, at the store).
+        packed: the weight is 4-bit codes packed two per byte (:meth:`QWeight.pack`): byte
+            ``(n, j)`` holds column ``j`` in its low nibble and column ``j + Kh`` in its high nibble
+            (``Kh = ceil(K / 2)``); the loop runs over ``Kh``, unpacks both nibbles in registers
+            (sign-extending shifts) and does two dots per step, against the activation columns
+            ``j`` and ``j + Kh``. Half the weight bytes of the int8 layout.
+
+    Returns:
+        The module source; the kernel is called :data:`KERNEL_NAME`.
+    """
+    if out_dtype not in OUT_DTYPES.values():
+        raise ValueError(f"out_dtype must be one of {sorted(OUT_DTYPES.values())}, got {out_dtype!r}")
+    if prequantized and smooth:
+        raise ValueError("pre-quantized input is already smoothed: smooth must be False")
+    if not 2 <= act_bits <= 8:
+        raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
+    ep = epilogue if isinstance(epilogue, Epilogue) else Epilogue.parse(epilogue)
+    qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
+    params = dict(per_token=per_token, smooth=smooth, bias=bias, prequantized=prequantized, act_bits=act_bits,
+                  epilogue=ep.ops, store_acc=store_acc, autotune=autotune, out_dtype=out_dtype, packed=packed)
+    preamble = render_preamble("qlinear", provenance, params,
+                               (() if prequantized else ("_vmfx_quantize",)) + ep.helpers,
+                               (AUTOTUNE_CONFIGS, ["M", "N", "K"]) if autotune else None)
+    if prequantized:
+        act_params = lines("tok = offs_m % L" if per_token else None,
+                           "za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]" if per_token
+                           else "za = tl.load(za_ptr)")
+    else:
+        act_params = lines("tok = offs_m % L" if per_token else None,
+                           act_params_source(per_token, "tok", "mask_m", "[:, None]"))
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        smooth_arg="inv_s_ptr," if smooth else "",
+        inv_sa_arg="" if prequantized else "inv_sa_ptr, ",
+        bias_arg="bias_ptr," if bias else "",
+        epilogue_args=lines(f"{a}," for a in ep.arg_names()),
+        acc_arg=" acc_ptr," if store_acc else "",
+        tile_order=lines(TILE_ORDER),
+        act_params=act_params,
+        int_gemm=int_gemm_source(packed, prequantized, smooth, qmax, off),
+        dequantize=dequantize_source(per_token, bias),
+        epilogue=epilogue_source(ep, acc="y", offsets="offs_out", mask="mask_out"),
+        stored=store_value("y", out_dtype),
+        store_acc="tl.store(acc_ptr + offs_out, acc, mask=mask_out)" if store_acc else "",
+    )
 
 
 def act_tile_source(prequantized: bool, smooth: bool, qmax: int, off: int) -> str:

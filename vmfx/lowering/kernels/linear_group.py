@@ -260,6 +260,46 @@ def _sources(weights, acts, biases) -> tuple:
 # ------------------------------------------------------------------------------ template
 
 
+#: The ``qlinear_group`` kernel: ``qlinear``'s GEMM on codes (:func:`~.linear.int_gemm_source`)
+#: after moving the base pointers to the group of ``tl.program_id(1)``; slots: the bias argument,
+#: the parameters' group offsets, the tile order, the zero point, the GEMM, the dequantize, the store.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: int8 codes (G, M, K); stacked per group: int8 weights (G, N, K or ceil(K/2)),
+        # row sums (G, N) int32, scales (G, N), activation parameters (G, T), bias (G, N);
+        # out (G, M, N)
+        x_ptr, w_ptr, wsum_ptr, w_scale_ptr, sa_ptr, za_ptr,$bias_arg out_ptr,
+        # dimensions (L: number of token positions of the activation parameters)
+        M, N, K, L,
+        # strides
+        stride_xg, stride_xm, stride_xk, stride_wg, stride_wn, stride_wk,
+        # meta-parameters
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # the group: offsets the base pointers of its codes, parameters and output (int64)
+        grp = tl.program_id(1).to(tl.int64)
+        x_ptr = x_ptr + grp * stride_xg
+        w_ptr = w_ptr + grp * stride_wg
+        wsum_ptr = wsum_ptr + grp * N
+        w_scale_ptr = w_scale_ptr + grp * N
+        out_ptr = out_ptr + grp * M * N
+        $param_offsets
+        $tile_order
+        # activation zero point of each row's token (rows are (batch, token) pairs)
+        $zero_point
+
+        $int_gemm
+
+        # dequantize: token x channel scales, then the bias
+        $dequantize
+        offs_out = offs_m[:, None] * N + offs_n[None, :]  # out[g] is contiguous (M, N)
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        tl.store(out_ptr + offs_out, $stored, mask=mask_out)
+""")
+
+
 def render_qlinear_group(
     *,
     per_token: bool = True,
@@ -308,46 +348,6 @@ def render_qlinear_group(
         dequantize=dequantize_source(per_token, bias),
         stored=store_value("y", out_dtype),
     )
-
-
-#: The ``qlinear_group`` kernel: ``qlinear``'s GEMM on codes (:func:`~.linear.int_gemm_source`)
-#: after moving the base pointers to the group of ``tl.program_id(1)``; slots: the bias argument,
-#: the parameters' group offsets, the tile order, the zero point, the GEMM, the dequantize, the store.
-TEMPLATE = KernelTemplate("""
-    @triton.jit
-    def $kernel_name(
-        # pointers: int8 codes (G, M, K); stacked per group: int8 weights (G, N, K or ceil(K/2)),
-        # row sums (G, N) int32, scales (G, N), activation parameters (G, T), bias (G, N);
-        # out (G, M, N)
-        x_ptr, w_ptr, wsum_ptr, w_scale_ptr, sa_ptr, za_ptr,$bias_arg out_ptr,
-        # dimensions (L: number of token positions of the activation parameters)
-        M, N, K, L,
-        # strides
-        stride_xg, stride_xm, stride_xk, stride_wg, stride_wn, stride_wk,
-        # meta-parameters
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
-    ):
-        # the group: offsets the base pointers of its codes, parameters and output (int64)
-        grp = tl.program_id(1).to(tl.int64)
-        x_ptr = x_ptr + grp * stride_xg
-        w_ptr = w_ptr + grp * stride_wg
-        wsum_ptr = wsum_ptr + grp * N
-        w_scale_ptr = w_scale_ptr + grp * N
-        out_ptr = out_ptr + grp * M * N
-        $param_offsets
-        $tile_order
-        # activation zero point of each row's token (rows are (batch, token) pairs)
-        $zero_point
-
-        $int_gemm
-
-        # dequantize: token x channel scales, then the bias
-        $dequantize
-        offs_out = offs_m[:, None] * N + offs_n[None, :]  # out[g] is contiguous (M, N)
-        mask_out = mask_m[:, None] & mask_n[None, :]
-        tl.store(out_ptr + offs_out, $stored, mask=mask_out)
-""")
 
 
 _kernel = kernel_cache(render_qlinear_group, KERNEL_NAME)

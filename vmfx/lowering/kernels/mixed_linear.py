@@ -53,34 +53,6 @@ __all__ = ["KERNEL_NAME", "TEMPLATE", "render_mixed_qlinear", "mixed_qlinear"]
 KERNEL_NAME = "vmfx_mixed_qlinear"
 
 
-def render_mixed_qlinear(*, bias: bool = True, wide_outliers: bool = False, store_acc: bool = False,
-                         provenance: Sequence[str] = (), out_dtype: str = "float32") -> str:
-    """Render the source of one ``mixed_qlinear`` kernel.
-
-    Args:
-        bias: add a (N,) bias.
-        wide_outliers: outlier codes are int16 (9..16 bits), split into two int8 planes.
-        store_acc: also write the two int32 accumulators (tests, debugging).
-        provenance: the FX nodes this kernel implements (written in the header).
-        out_dtype: the dtype of ``y`` ("float32", "float16" or "bfloat16").
-    """
-    stored = store_value("y", out_dtype)  # checks out_dtype
-    params = dict(bias=bias, wide_outliers=wide_outliers, store_acc=store_acc)
-    if out_dtype != "float32":
-        params["out_dtype"] = out_dtype
-    return render_preamble("mixed_qlinear", provenance, params) + TEMPLATE.fill(
-        kernel_name=KERNEL_NAME,
-        bias_arg="bias_ptr," if bias else "",
-        acc_args=" acc_i_ptr, acc_o_ptr," if store_acc else "",
-        outlier_product=lines(_WIDE_OUTLIER_PRODUCT) if wide_outliers
-        else "acc_o = tl.dot(qo, wg, acc_o, out_dtype=tl.int32)",
-        bias="y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]" if bias else "",
-        stored=stored,
-        store_acc=lines("tl.store(acc_i_ptr + offs_out, acc_i, mask=mask_out)",
-                        "tl.store(acc_o_ptr + offs_out, acc_o, mask=mask_out)") if store_acc else "",
-    )
-
-
 #: The ``mixed_qlinear`` kernel: the inlier GEMM (main loop), the outlier columns' gathered GEMM
 #: (``$outlier_product``: int8 codes, or 16-bit codes as two int8 planes), the epilogue; slots also
 #: for the optional arguments, the bias and the accumulators' stores.
@@ -149,6 +121,34 @@ _WIDE_OUTLIER_PRODUCT = """
     part = tl.dot(hi, wg, out_dtype=tl.int32) * 256 + tl.dot(lo, wg, out_dtype=tl.int32)
     acc_o += part + 128 * tl.sum(wg.to(tl.int32), axis=0)[None, :]
 """
+
+
+def render_mixed_qlinear(*, bias: bool = True, wide_outliers: bool = False, store_acc: bool = False,
+                         provenance: Sequence[str] = (), out_dtype: str = "float32") -> str:
+    """Render the source of one ``mixed_qlinear`` kernel.
+
+    Args:
+        bias: add a (N,) bias.
+        wide_outliers: outlier codes are int16 (9..16 bits), split into two int8 planes.
+        store_acc: also write the two int32 accumulators (tests, debugging).
+        provenance: the FX nodes this kernel implements (written in the header).
+        out_dtype: the dtype of ``y`` ("float32", "float16" or "bfloat16").
+    """
+    stored = store_value("y", out_dtype)  # checks out_dtype
+    params = dict(bias=bias, wide_outliers=wide_outliers, store_acc=store_acc)
+    if out_dtype != "float32":
+        params["out_dtype"] = out_dtype
+    return render_preamble("mixed_qlinear", provenance, params) + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        bias_arg="bias_ptr," if bias else "",
+        acc_args=" acc_i_ptr, acc_o_ptr," if store_acc else "",
+        outlier_product=lines(_WIDE_OUTLIER_PRODUCT) if wide_outliers
+        else "acc_o = tl.dot(qo, wg, acc_o, out_dtype=tl.int32)",
+        bias="y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]" if bias else "",
+        stored=stored,
+        store_acc=lines("tl.store(acc_i_ptr + offs_out, acc_i, mask=mask_out)",
+                        "tl.store(acc_o_ptr + offs_out, acc_o, mask=mask_out)") if store_acc else "",
+    )
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,58 @@ AUTOTUNE_CONFIGS = [
 _LOG2E = 1.4426950408889634
 
 
+#: The ``scan`` kernel: one program per (batch, BLOCK_E channels), the state of each channel in
+#: registers, a loop over time (the main loop); slots: the optional arguments, the per-channel
+#: parameters, delta's bias and softplus, the state's step factor and quantization, the output
+#: (skip term, scale, gate) and its store.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: u, delta, z (B, E, L); A (E, N); B, C (B, N, L); D, delta_bias (E,)
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr,$optional_args
+        $state_args
+        out_ptr,
+        # dimensions
+        E, N, L,
+        # strides (batch, channel-or-state, time)
+        stride_ub, stride_ue, stride_ul, stride_db, stride_de, stride_dl,
+        $z_strides
+        stride_Bb, stride_Bn, stride_Bl, stride_Cb, stride_Cn, stride_Cl,
+        # meta-parameters (BLOCK_N >= N: the whole state of a channel in registers)
+        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_e = offs_e < E
+        mask_n = offs_n < N
+        # A * log2(e): exp(dt A) = exp2(dt A log2 e); padded states have A = 0, B = 0: h stays 0
+        A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :],
+                     mask=mask_e[:, None] & mask_n[None, :], other=0.0) * $log2e
+        $channel_params
+        u_base = u_ptr + pid_b * stride_ub + offs_e * stride_ue
+        d_base = delta_ptr + pid_b * stride_db + offs_e * stride_de
+        B_base = B_ptr + pid_b * stride_Bb + offs_n * stride_Bn
+        C_base = C_ptr + pid_b * stride_Cb + offs_n * stride_Cn
+        out_base = out_ptr + pid_b * E * L + offs_e * L
+        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+        $z_base
+        for t in range(0, L):
+            u = tl.load(u_base + t * stride_ul, mask=mask_e, other=0.0).to(tl.float32)
+            dt = tl.load(d_base + t * stride_dl, mask=mask_e, other=0.0).to(tl.float32)
+            $delta
+            Bt = tl.load(B_base + t * stride_Bl, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base + t * stride_Cl, mask=mask_n, other=0.0).to(tl.float32)
+            dA = tl.exp2(dt[:, None] * A2)
+            $step_scale
+            h = dA * h + (dt * u)[:, None] * Bt[None, :]
+            $quant_state
+            y = tl.sum(h * Ct[None, :], axis=1)
+            $output
+            tl.store(out_base + t, $stored, mask=mask_e)
+""")
+
+
 def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = False,
                 delta_softplus: bool = True, flip_z: bool = False, autotune: bool = False,
                 provenance: Sequence[str] = (), step_scale: bool = False, out_scale: bool = False,
@@ -119,58 +171,6 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
         output=_output(has_D, out_scale, has_z, flip_z),
         stored=stored,
     )
-
-
-#: The ``scan`` kernel: one program per (batch, BLOCK_E channels), the state of each channel in
-#: registers, a loop over time (the main loop); slots: the optional arguments, the per-channel
-#: parameters, delta's bias and softplus, the state's step factor and quantization, the output
-#: (skip term, scale, gate) and its store.
-TEMPLATE = KernelTemplate("""
-    @triton.jit
-    def $kernel_name(
-        # pointers: u, delta, z (B, E, L); A (E, N); B, C (B, N, L); D, delta_bias (E,)
-        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr,$optional_args
-        $state_args
-        out_ptr,
-        # dimensions
-        E, N, L,
-        # strides (batch, channel-or-state, time)
-        stride_ub, stride_ue, stride_ul, stride_db, stride_de, stride_dl,
-        $z_strides
-        stride_Bb, stride_Bn, stride_Bl, stride_Cb, stride_Cn, stride_Cl,
-        # meta-parameters (BLOCK_N >= N: the whole state of a channel in registers)
-        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        pid_b = tl.program_id(0)
-        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_e = offs_e < E
-        mask_n = offs_n < N
-        # A * log2(e): exp(dt A) = exp2(dt A log2 e); padded states have A = 0, B = 0: h stays 0
-        A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :],
-                     mask=mask_e[:, None] & mask_n[None, :], other=0.0) * $log2e
-        $channel_params
-        u_base = u_ptr + pid_b * stride_ub + offs_e * stride_ue
-        d_base = delta_ptr + pid_b * stride_db + offs_e * stride_de
-        B_base = B_ptr + pid_b * stride_Bb + offs_n * stride_Bn
-        C_base = C_ptr + pid_b * stride_Cb + offs_n * stride_Cn
-        out_base = out_ptr + pid_b * E * L + offs_e * L
-        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
-        $z_base
-        for t in range(0, L):
-            u = tl.load(u_base + t * stride_ul, mask=mask_e, other=0.0).to(tl.float32)
-            dt = tl.load(d_base + t * stride_dl, mask=mask_e, other=0.0).to(tl.float32)
-            $delta
-            Bt = tl.load(B_base + t * stride_Bl, mask=mask_n, other=0.0).to(tl.float32)
-            Ct = tl.load(C_base + t * stride_Cl, mask=mask_n, other=0.0).to(tl.float32)
-            dA = tl.exp2(dt[:, None] * A2)
-            $step_scale
-            h = dA * h + (dt * u)[:, None] * Bt[None, :]
-            $quant_state
-            y = tl.sum(h * Ct[None, :], axis=1)
-            $output
-            tl.store(out_base + t, $stored, mask=mask_e)
-""")
 
 
 def _quant_state(state_bits: int) -> str:

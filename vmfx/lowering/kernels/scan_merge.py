@@ -220,6 +220,59 @@ def step_source(d: str, t: str, has_D: bool, delta_softplus: bool, dt: DtProj | 
                   skip=f"y = y + D{d} * u" if has_D else "")
 
 
+#: The ``scan_merge`` kernel: the forward direction's time loop (its ungated outputs to the
+#: workspace), a barrier, the backward direction's time loop with the merge, the float store and
+#: the next linear's quantize at each token; slots for the arguments, each direction's setup and
+#: step, the gate and the stores.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        $pointer_args
+        # gate z (B, E, L), forward time order; workspace, merged output (B, L, E); codes (B*L, E)
+        $gate_output_args
+        $codes_args
+        # the merge factor c, dimensions$rank_comment
+        c, E, N, L,$rank_args
+        # strides (batch, channel-or-state, time)$dt_stride_comment
+        $strides
+        $z_strides
+        # meta-parameters (BLOCK_N >= N: the whole state of a channel in registers$block_r_comment)
+        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,$block_r_arg
+    ):
+        pid_b = tl.program_id(0)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_e = offs_e < E
+        mask_n = offs_n < N
+        # padded states have A = 0, B = 0: h stays 0
+        mask_en = mask_e[:, None] & mask_n[None, :]
+        $prologue
+        # forward direction: token t at step t; y_f + D_f u_f (ungated) to the workspace
+        $forward_setup
+        for t in range(0, L):
+            $forward_step
+            tl.store(ws_base + t * E, y, mask=mask_e)
+        tl.debug_barrier()  # the forward values are visible to all of the program's threads
+        # backward direction: step t belongs to token l = L - 1 - t; merge and quantize there
+        $backward_setup
+        for t in range(0, L):
+            $backward_step
+            l = L - 1 - t
+            yf = tl.load(ws_base + l * E, mask=mask_e, other=0.0)
+            $gate
+            m = (yf + y) * c
+            $store_float
+            $emit_codes
+""")
+
+#: Both directions' outputs gated by ``silu(z)`` at token ``l``.
+_GATE = """
+    g = _vmfx_silu(tl.load(z_base + l * stride_zl, mask=mask_e, other=0.0).to(tl.float32))
+    yf = yf * g
+    y = y * g
+"""
+
+
 def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool = True,
                       delta_softplus: bool = True, write_float: bool = True, emit_codes: bool = False,
                       per_token: bool = True, smooth: bool = False, act_bits: int = 8,
@@ -301,59 +354,6 @@ def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool
         store_float=_store_float(stored, workspace_is_out) if write_float else "",
         emit_codes=_codes_epilogue(smooth, per_token, qmax, off) if emit_codes else "",
     )
-
-
-#: The ``scan_merge`` kernel: the forward direction's time loop (its ungated outputs to the
-#: workspace), a barrier, the backward direction's time loop with the merge, the float store and
-#: the next linear's quantize at each token; slots for the arguments, each direction's setup and
-#: step, the gate and the stores.
-TEMPLATE = KernelTemplate("""
-    @triton.jit
-    def $kernel_name(
-        $pointer_args
-        # gate z (B, E, L), forward time order; workspace, merged output (B, L, E); codes (B*L, E)
-        $gate_output_args
-        $codes_args
-        # the merge factor c, dimensions$rank_comment
-        c, E, N, L,$rank_args
-        # strides (batch, channel-or-state, time)$dt_stride_comment
-        $strides
-        $z_strides
-        # meta-parameters (BLOCK_N >= N: the whole state of a channel in registers$block_r_comment)
-        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,$block_r_arg
-    ):
-        pid_b = tl.program_id(0)
-        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-        offs_n = tl.arange(0, BLOCK_N)
-        mask_e = offs_e < E
-        mask_n = offs_n < N
-        # padded states have A = 0, B = 0: h stays 0
-        mask_en = mask_e[:, None] & mask_n[None, :]
-        $prologue
-        # forward direction: token t at step t; y_f + D_f u_f (ungated) to the workspace
-        $forward_setup
-        for t in range(0, L):
-            $forward_step
-            tl.store(ws_base + t * E, y, mask=mask_e)
-        tl.debug_barrier()  # the forward values are visible to all of the program's threads
-        # backward direction: step t belongs to token l = L - 1 - t; merge and quantize there
-        $backward_setup
-        for t in range(0, L):
-            $backward_step
-            l = L - 1 - t
-            yf = tl.load(ws_base + l * E, mask=mask_e, other=0.0)
-            $gate
-            m = (yf + y) * c
-            $store_float
-            $emit_codes
-""")
-
-#: Both directions' outputs gated by ``silu(z)`` at token ``l``.
-_GATE = """
-    g = _vmfx_silu(tl.load(z_base + l * stride_zl, mask=mask_e, other=0.0).to(tl.float32))
-    yf = yf * g
-    y = y * g
-"""
 
 
 def _pointer_args(has_D: dict, dts: dict) -> str:
