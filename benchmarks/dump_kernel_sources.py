@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     if args.presets:
         with open(os.path.join(args.out, "render_calls.txt"), "w") as f:
             f.write("\n".join(sorted(calls)) + "\n")
+        print(f"{len(calls)} distinct render calls (render_calls.txt)")
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "lowering"))
     from golden_variants import VARIANTS, render_variant
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     for variant in VARIANTS:
         with open(os.path.join(folder, f"{variant}.py"), "w") as f:
             f.write(render_variant(variant))
-    print(f"{len(calls)} distinct render calls, {len(VARIANTS)} golden variants written to {args.out}")
+    print(f"{len(VARIANTS)} golden variants written to {folder}")
     return 0
 
 
