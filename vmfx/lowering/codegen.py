@@ -2,12 +2,15 @@
 device helpers and the epilogue vocabulary.
 
 vmfx does not hand-write one Triton kernel per layer. Each kernel family is a *template* (see
-:mod:`vmfx.lowering.kernels`): a Python function that renders Triton source from a few static
+:mod:`vmfx.lowering.kernels`): its source written out as text with named slots
+(:class:`vmfx.lowering.template.KernelTemplate`), filled by small functions from a few static
 choices (which inputs exist, bit widths, the epilogue ops, where it came from). This module holds
 what every template shares, in the manner of Inductor's ``codegen/triton.py``:
 
+* :func:`render_preamble`: what every generated module starts with (header, helpers, autotune
+  decorator), and :func:`kernel_cache`, the memoized loader of one template's kernels.
 * :class:`IndentedBuffer` builds source line by line (``writeline``, ``with buf.indent():``,
-  ``splice``).
+  ``splice``); the preamble and the epilogue lines (:func:`epilogue_source`) are written with it.
 * :func:`code_hash` (sha256 of the source) names a kernel; :func:`load_kernel` writes the source to
   ``<cache dir>/<hash>.py`` (``$VMFX_CACHE_DIR``, else ``~/.cache/vmfx/kernels``), imports it under
   a unique module name and memoizes it by hash, so one source is imported (and compiled by Triton)
@@ -46,6 +49,7 @@ that the float epilogues round like torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import keyword
@@ -56,7 +60,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -75,6 +79,7 @@ __all__ = [
     "EPILOGUE_LAYOUTS",
     "Epilogue",
     "render_epilogue",
+    "epilogue_source",
     "float_literal",
     "next_power_of_2",
     "launch_options",
@@ -84,6 +89,8 @@ __all__ = [
     "store_value",
     "codes_epilogue_args",
     "render_autotune",
+    "render_preamble",
+    "kernel_cache",
 ]
 
 
@@ -581,6 +588,14 @@ def render_epilogue(
         buf.writeline(f"{acc} = {expr}  # epilogue: {' '.join(map(repr, op))}")
 
 
+def epilogue_source(epilogue: Epilogue, **names: str) -> str:
+    """The lines of :func:`render_epilogue` as one block of source, without indentation (empty
+    when there are no ops); ``names`` are its variable names (``acc``, ``offsets``, ...)."""
+    buf = IndentedBuffer()
+    render_epilogue(buf, epilogue, **names)
+    return buf.getvalue().rstrip("\n") if len(buf) else ""
+
+
 # ------------------------------------------------------------------------------ launch helpers
 
 
@@ -700,3 +715,33 @@ def codes_epilogue_args(act, bsz: int, length: int, channels: int, device, args:
     codes = torch.empty((bsz * length, channels), dtype=torch.int8, device=device)
     args.update(inv_sa_ptr=act.inv_scale, za_ptr=act.zero_point, codes_ptr=codes)
     return codes, smooth, t > 1, act.bits
+
+
+# ------------------------------------------------------------------------------ module preamble, kernel cache
+
+
+def render_preamble(template: str, provenance: Sequence[str], params: dict, helpers: Iterable[str] = (),
+                    autotune: tuple[Sequence[dict], Sequence[str]] | None = None) -> str:
+    """The source every generated kernel module starts with, up to its ``@triton.jit`` line: the
+    header (:func:`render_header`), the device helpers it calls (:func:`render_helpers`) and, with
+    ``autotune=(configs, key)``, the ``@triton.autotune`` decorator (:func:`render_autotune`).
+    The kernel's own template text follows it unchanged (the result is newline-terminated)."""
+    buf = IndentedBuffer()
+    render_header(buf, template, provenance, params)
+    render_helpers(buf, helpers)
+    if autotune is not None:
+        render_autotune(buf, *autotune)
+    return buf.getvalue()
+
+
+def kernel_cache(render: Callable[..., str], name: str) -> Callable[..., object]:
+    """A memoized loader of one template's kernels: ``loader(**render_kwargs)`` renders the source
+    with ``render(**render_kwargs)`` and returns :func:`load_kernel`'s ``name`` from it, once per
+    distinct set of (hashable) arguments in this process."""
+
+    @functools.lru_cache(maxsize=None)
+    def loader(**render_kwargs):
+        return load_kernel(render(**render_kwargs), name)
+
+    loader.__doc__ = f"The compiled ``{name}`` kernel for these render arguments (memoized)."
+    return loader

@@ -1,9 +1,15 @@
 """vmfx's Triton kernel templates and their launchers.
 
-Each module holds one template: a ``render_*`` function that writes the Triton source of a kernel
-from static choices (which inputs exist, bit widths, epilogue ops, provenance; see
-:mod:`vmfx.lowering.codegen`), and a launcher that checks its arguments, allocates the outputs,
-computes the grid and launches the cached kernel. The exact CPU equivalent of every launcher is in
+Each module holds one template: the kernel's Triton source as text with named slots (its
+``TEMPLATE``, a :class:`~vmfx.lowering.template.KernelTemplate`: the main loop written out, the
+parts that depend on static choices (which inputs exist, bit widths, epilogue ops) left as slots
+such as ``$main_loop`` or ``$epilogue``), a ``render_*`` function that fills the slots with the
+output of small functions and puts the shared preamble in front
+(:func:`~vmfx.lowering.codegen.render_preamble`: header with provenance, device helpers, autotune
+decorator), and a launcher that checks its arguments, allocates the outputs, computes the grid and
+launches the kernel (compiled once per set of render arguments,
+:func:`~vmfx.lowering.codegen.kernel_cache`). The generated source of every variant the lowering
+emits is kept as a golden snapshot (``tests/lowering/golden/``). The exact CPU equivalent of every launcher is in
 :mod:`vmfx.lowering.reference`, with the same parameter objects (:class:`ActQuant`,
 :class:`QWeight`).
 

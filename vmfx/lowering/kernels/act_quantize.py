@@ -17,26 +17,23 @@ M K bytes, plus O(K + T) parameters.
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import torch
 
 from ..codegen import (
-    IndentedBuffer,
     check_tensor,
     float_literal,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
-    render_autotune,
-    render_header,
-    render_helpers,
+    render_preamble,
 )
 from ..params import ActQuant
+from ..template import KernelTemplate, lines
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_quantize", "quantize"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "act_params_source", "render_quantize", "quantize"]
 
 KERNEL_NAME = "vmfx_quantize"
 
@@ -49,9 +46,45 @@ AUTOTUNE_CONFIGS = [
 ]
 
 
+#: The ``quantize`` kernel; slots: the smoothing pointer argument, the smoothing multiply, the
+#: activation parameters' loads and the code range.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: float input, parameters, int8 codes (M, K) contiguous
+        x_ptr,$smooth_arg inv_sa_ptr, za_ptr, codes_ptr,
+        # dimensions and strides
+        M, K, L, stride_xm, stride_xk,
+        # meta-parameters
+        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_k = offs_k < K
+        mask = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask, other=0.0).to(tl.float32)
+        $smooth
+        $act_params
+        codes = _vmfx_quantize(x, inv_sa, za, 0.0, $qmax, $offset)
+        tl.store(codes_ptr + offs_m[:, None] * K + offs_k[None, :], codes, mask=mask)
+""")
+
+
+def act_params_source(per_token: bool, tokens: str, mask: str, broadcast: str, comment: str = "") -> str:
+    """The loads of the activation parameters ``inv_sa`` and ``za``: per-token, at the token
+    indices ``tokens`` (mask ``mask``, then indexed by ``broadcast``, e.g. ``[:, None]``), or one
+    scalar each (per-tensor). ``comment`` ends the first per-token line."""
+    if not per_token:
+        return lines("inv_sa = tl.load(inv_sa_ptr)", "za = tl.load(za_ptr)")
+    return lines(f"inv_sa = tl.load(inv_sa_ptr + {tokens}, mask={mask}, other=1.0){broadcast}{comment}",
+                 f"za = tl.load(za_ptr + {tokens}, mask={mask}, other=0.0){broadcast}")
+
+
 def render_quantize(*, per_token: bool = True, smooth: bool = False, act_bits: int = 8,
                     autotune: bool = False, provenance: Sequence[str] = ()) -> str:
-    """Render the source of one ``quantize`` kernel.
+    """Render the source of one ``quantize`` kernel (:data:`TEMPLATE`).
 
     Args:
         per_token: per-token (T = L) parameters, else one scalar.
@@ -66,51 +99,19 @@ def render_quantize(*, per_token: bool = True, smooth: bool = False, act_bits: i
     if not 2 <= act_bits <= 8:
         raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    buf = IndentedBuffer()
-    render_header(buf, "quantize", provenance,
-                  dict(per_token=per_token, smooth=smooth, act_bits=act_bits, autotune=autotune))
-    render_helpers(buf, ["_vmfx_quantize"])
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["M", "K"])
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("# pointers: float input, parameters, int8 codes (M, K) contiguous")
-        buf.writeline("x_ptr," + (" inv_s_ptr," if smooth else "") + " inv_sa_ptr, za_ptr, codes_ptr,")
-        buf.writeline("# dimensions and strides")
-        buf.writeline("M, K, L, stride_xm, stride_xk,")
-        buf.writeline("# meta-parameters")
-        buf.writeline("BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice("""
-            offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-            mask_m = offs_m < M
-            mask_k = offs_k < K
-            mask = mask_m[:, None] & mask_k[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask, other=0.0).to(tl.float32)
-        """)
-        if smooth:
-            buf.writeline("x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]")
-        if per_token:
-            buf.writeline("tok = offs_m % L  # rows are (batch, token) pairs")
-            buf.writeline("inv_sa = tl.load(inv_sa_ptr + tok, mask=mask_m, other=1.0)[:, None]")
-            buf.writeline("za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]")
-        else:
-            buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
-            buf.writeline("za = tl.load(za_ptr)")
-        buf.writeline(f"codes = _vmfx_quantize(x, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
-        buf.writeline("tl.store(codes_ptr + offs_m[:, None] * K + offs_k[None, :], codes, mask=mask)")
-    return buf.getvalue()
+    preamble = render_preamble("quantize", provenance,
+                               dict(per_token=per_token, smooth=smooth, act_bits=act_bits, autotune=autotune),
+                               ["_vmfx_quantize"], (AUTOTUNE_CONFIGS, ["M", "K"]) if autotune else None)
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        smooth_arg=" inv_s_ptr," if smooth else "",
+        smooth="x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]" if smooth else "",
+        act_params=lines("tok = offs_m % L  # rows are (batch, token) pairs" if per_token else None,
+                         act_params_source(per_token, "tok", "mask_m", "[:, None]")),
+        qmax=float_literal(qmax), offset=float_literal(off))
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(per_token: bool, smooth: bool, act_bits: int, autotune: bool, provenance: tuple):
-    src = render_quantize(per_token=per_token, smooth=smooth, act_bits=act_bits, autotune=autotune,
-                          provenance=provenance)
-    return load_kernel(src, KERNEL_NAME)
+_kernel = kernel_cache(render_quantize, KERNEL_NAME)
 
 
 def quantize(x: torch.Tensor, act: ActQuant, *, block: Mapping[str, int] | None = None,
@@ -141,8 +142,8 @@ def quantize(x: torch.Tensor, act: ActQuant, *, block: Mapping[str, int] | None 
     m = x2.shape[0]
     codes = torch.empty((m, k), dtype=torch.int8, device=dev)
     autotune = block is None and not interpreting()
-    kernel = _kernel(t > 1, act.inv_smooth is not None, act.bits, autotune,
-                     tuple(str(p) for p in provenance))
+    kernel = _kernel(per_token=t > 1, smooth=act.inv_smooth is not None, act_bits=act.bits, autotune=autotune,
+                     provenance=tuple(str(p) for p in provenance))
     args = dict(x_ptr=x2, inv_sa_ptr=act.inv_scale, za_ptr=act.zero_point, codes_ptr=codes,
                 M=m, K=k, L=t, stride_xm=x2.stride(0), stride_xk=x2.stride(1))
     if act.inv_smooth is not None:

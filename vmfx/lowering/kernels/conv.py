@@ -25,30 +25,28 @@ writes s B E L bytes (s = 4 for float32, 2 for half precision), plus B L E bytes
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import torch
 
 from ..codegen import (
     FLOAT_IO,
-    IndentedBuffer,
     check_tensor,
     codes_epilogue_args,
     float_literal,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
     output_dtype,
-    render_autotune,
-    render_header,
-    render_helpers,
+    render_preamble,
     store_value,
 )
 from ..params import ActQuant
+from ..template import KernelTemplate, lines
+from .act_quantize import act_params_source
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_conv", "causal_conv1d_silu"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "render_conv", "causal_conv1d_silu"]
 
 KERNEL_NAME = "vmfx_conv"
 
@@ -61,10 +59,58 @@ AUTOTUNE_CONFIGS = [
 ]
 
 
+#: The ``conv`` kernel; slots: the optional pointer arguments, the read position of tap ``j``
+#: (``$tap_position``, reversed with ``flip``), the bias, the store's value and the codes epilogue.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: x (B, E, L) any strides, weight (E, W), bias (E,), out (B, E, L)
+        x_ptr, w_ptr,$bias_arg out_ptr,
+        $codes_args
+        # dimensions and strides
+        E, L, stride_xb, stride_xe, stride_xl,
+        # meta-parameters
+        WIDTH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+        mask_e = offs_e < E
+        mask_l = offs_l < L
+        x_base = x_ptr + pid_b * stride_xb + offs_e[:, None] * stride_xe
+        acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
+        for j in tl.static_range(WIDTH):
+            src = offs_l - (WIDTH - 1) + j  # causal: position l sees l - W + 1 .. l
+            $tap_position
+            m = mask_e[:, None] & (mask_l & (src >= 0))[None, :]
+            xv = tl.load(x_base + pos[None, :] * stride_xl, mask=m, other=0.0).to(tl.float32)
+            wj = tl.load(w_ptr + offs_e * WIDTH + j, mask=mask_e, other=0.0)
+            acc = acc + xv * wj[:, None]
+        $bias
+        out = _vmfx_silu(acc)
+        mask = mask_e[:, None] & mask_l[None, :]
+        tl.store(out_ptr + pid_b * E * L + offs_e[:, None] * L + offs_l[None, :], $stored, mask=mask)
+        $emit_codes
+""")
+
+
+def _codes_epilogue(smooth: bool, per_token: bool, qmax: int, off: int) -> str:
+    """The next linear's quantize of the (BLOCK_E, BLOCK_L) tile ``out``, stored transposed as
+    rows ``b*L + l`` of the (B*L, E) codes."""
+    return lines(
+        "# next linear's quantize of out^T: row b*L + l (token l), channel e",
+        "out = out * tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)[:, None]" if smooth else None,
+        act_params_source(per_token, "offs_l", "mask_l", "[None, :]"),
+        f"codes = _vmfx_quantize(out, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})",
+        "rows = pid_b * L + offs_l",
+        "tl.store(codes_ptr + rows[None, :] * E + offs_e[:, None], codes, mask=mask)",
+    )
+
+
 def render_conv(*, width: int, bias: bool = True, flip: bool = False, emit_codes: bool = False,
                 per_token: bool = True, smooth: bool = False, act_bits: int = 8,
                 autotune: bool = False, provenance: Sequence[str] = (), out_dtype: str = "float32") -> str:
-    """Render the source of one ``conv`` kernel.
+    """Render the source of one ``conv`` kernel (:data:`TEMPLATE`).
 
     Args:
         width: the kernel size W (a compile-time constant; the taps are unrolled).
@@ -82,7 +128,6 @@ def render_conv(*, width: int, bias: bool = True, flip: bool = False, emit_codes
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    buf = IndentedBuffer()
     stored = store_value("out", out_dtype)  # checks out_dtype
     params = dict(width=width, bias=bias, flip=flip, emit_codes=emit_codes)
     if emit_codes:
@@ -90,70 +135,22 @@ def render_conv(*, width: int, bias: bool = True, flip: bool = False, emit_codes
     params["autotune"] = autotune
     if out_dtype != "float32":
         params["out_dtype"] = out_dtype
-    render_header(buf, "conv", provenance, params)
-    render_helpers(buf, ["_vmfx_silu"] + (["_vmfx_quantize"] if emit_codes else []))
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "L"])
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("# pointers: x (B, E, L) any strides, weight (E, W), bias (E,), out (B, E, L)")
-        buf.writeline("x_ptr, w_ptr," + (" b_ptr," if bias else "") + " out_ptr,")
-        if emit_codes:
-            buf.writeline("# the next linear's activation parameters and its int8 codes (B*L, E)")
-            buf.writeline(("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,")
-        buf.writeline("# dimensions and strides")
-        buf.writeline("E, L, stride_xb, stride_xe, stride_xl,")
-        buf.writeline("# meta-parameters")
-        buf.writeline("WIDTH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice("""
-            pid_b = tl.program_id(0)
-            offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-            offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-            mask_e = offs_e < E
-            mask_l = offs_l < L
-            x_base = x_ptr + pid_b * stride_xb + offs_e[:, None] * stride_xe
-            acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
-            for j in tl.static_range(WIDTH):
-                src = offs_l - (WIDTH - 1) + j  # causal: position l sees l - W + 1 .. l
-        """)
-        with buf.indent():
-            buf.writeline("pos = L - 1 - src  # read x reversed along L" if flip else "pos = src")
-            buf.splice("""
-                m = mask_e[:, None] & (mask_l & (src >= 0))[None, :]
-                xv = tl.load(x_base + pos[None, :] * stride_xl, mask=m, other=0.0).to(tl.float32)
-                wj = tl.load(w_ptr + offs_e * WIDTH + j, mask=mask_e, other=0.0)
-                acc = acc + xv * wj[:, None]
-            """)
-        if bias:
-            buf.writeline("acc = acc + tl.load(b_ptr + offs_e, mask=mask_e, other=0.0)[:, None]")
-        buf.splice("""
-            out = _vmfx_silu(acc)
-            mask = mask_e[:, None] & mask_l[None, :]
-        """)
-        buf.writeline(f"tl.store(out_ptr + pid_b * E * L + offs_e[:, None] * L + offs_l[None, :], {stored}, mask=mask)")
-        if emit_codes:
-            buf.writeline("# next linear's quantize of out^T: row b*L + l (token l), channel e")
-            if smooth:
-                buf.writeline("out = out * tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)[:, None]")
-            if per_token:
-                buf.writeline("inv_sa = tl.load(inv_sa_ptr + offs_l, mask=mask_l, other=1.0)[None, :]")
-                buf.writeline("za = tl.load(za_ptr + offs_l, mask=mask_l, other=0.0)[None, :]")
-            else:
-                buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
-                buf.writeline("za = tl.load(za_ptr)")
-            buf.writeline(
-                f"codes = _vmfx_quantize(out, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
-            buf.writeline("rows = pid_b * L + offs_l")
-            buf.writeline("tl.store(codes_ptr + rows[None, :] * E + offs_e[:, None], codes, mask=mask)")
-    return buf.getvalue()
+    preamble = render_preamble("conv", provenance, params, ["_vmfx_silu"] + (["_vmfx_quantize"] if emit_codes else []),
+                               (AUTOTUNE_CONFIGS, ["E", "L"]) if autotune else None)
+    codes_args = lines("# the next linear's activation parameters and its int8 codes (B*L, E)",
+                       ("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,") if emit_codes else ""
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        bias_arg=" b_ptr," if bias else "",
+        codes_args=codes_args,
+        tap_position="pos = L - 1 - src  # read x reversed along L" if flip else "pos = src",
+        bias="acc = acc + tl.load(b_ptr + offs_e, mask=mask_e, other=0.0)[:, None]" if bias else "",
+        stored=stored,
+        emit_codes=_codes_epilogue(smooth, per_token, qmax, off) if emit_codes else "",
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(**kw):
-    return load_kernel(render_conv(**kw), KERNEL_NAME)
+_kernel = kernel_cache(render_conv, KERNEL_NAME)
 
 
 def causal_conv1d_silu(

@@ -44,55 +44,128 @@ rounded once at the store; the codes are those of the float32 result.
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import torch
 
 from ..codegen import (
     FLOAT_IO,
-    IndentedBuffer,
     check_tensor,
     float_literal,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
     output_dtype,
-    render_autotune,
-    render_header,
-    render_helpers,
+    render_preamble,
     store_value,
 )
 from ..params import ActQuant
+from ..template import KernelTemplate, lines
 from .conv import AUTOTUNE_CONFIGS
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_conv_bidir", "causal_conv1d_silu_bidir"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "pick_source", "render_conv_bidir", "causal_conv1d_silu_bidir"]
 
 KERNEL_NAME = "vmfx_conv_bidir"
 
 
-def _write_pick(buf: IndentedBuffer, var: str, name: str, offs: str, mask: str, other: str,
-                has_f: bool = True, has_b: bool = True) -> None:
-    """Write ``var = `` direction d's ``tl.load(<name>_{f,b}_ptr + offs)``: each program reads only its
+def pick_source(var: str, name: str, offs: str, mask: str, other: str,
+                has_f: bool = True, has_b: bool = True) -> str:
+    """``var = `` direction d's ``tl.load(<name>_{f,b}_ptr + offs)``: each program reads only its
     own direction's tensor (the other direction's load is masked off, so it costs no memory traffic)
     and picks it with ``tl.where``; a direction without the tensor gets ``other`` (the identity of
     the op that uses it)."""
-    if has_f:
-        buf.writeline(f"{var}_f = tl.load({name}_f_ptr + {offs}, mask={mask} & fwd, other={other})")
-    if has_b:
-        buf.writeline(f"{var}_b = tl.load({name}_b_ptr + {offs}, mask={mask} & bwd, other={other})")
     if has_f and has_b:
-        buf.writeline(f"{var} = tl.where(bwd, {var}_b, {var}_f)")
+        pick = f"{var} = tl.where(bwd, {var}_b, {var}_f)"
     else:
         missing = "backward" if has_f else "forward"
-        buf.writeline(f"{var} = {var}_{'f' if has_f else 'b'}  # {other} in the {missing} direction")
+        pick = f"{var} = {var}_{'f' if has_f else 'b'}  # {other} in the {missing} direction"
+    return lines(f"{var}_f = tl.load({name}_f_ptr + {offs}, mask={mask} & fwd, other={other})" if has_f else None,
+                 f"{var}_b = tl.load({name}_b_ptr + {offs}, mask={mask} & bwd, other={other})" if has_b else None,
+                 pick)
+
+
+#: The ``conv_bidir`` kernel; slots: the optional pointer arguments, the bias, the store's value
+#: and the codes epilogue.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: x (B, E, L) any strides; per direction weight (E, W), bias (E,); out (2, B, E, L)
+        x_ptr, w_f_ptr, w_b_ptr,$bias_args out_ptr,
+        $codes_args
+        # dimensions and strides
+        B, E, L, stride_xb, stride_xe, stride_xl,
+        # meta-parameters
+        WIDTH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # 2 * b + d: both directions of a batch element are neighbours
+        pid_b = pid // 2
+        pid_d = pid % 2
+        fwd = pid_d == 0
+        bwd = pid_d == 1  # the backward direction reads x reversed along L
+        row = pid_d * B + pid_b  # (direction, batch) slice of out (2B, E, L) and of codes (2B*L, E)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+        mask_e = offs_e < E
+        mask_l = offs_l < L
+        x_base = x_ptr + pid_b * stride_xb + offs_e[:, None] * stride_xe
+        acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
+        for j in tl.static_range(WIDTH):
+            src = offs_l - (WIDTH - 1) + j  # causal: position l sees l - W + 1 .. l
+            pos = tl.where(bwd, L - 1 - src, src)
+            m = mask_e[:, None] & (mask_l & (src >= 0))[None, :]
+            xv = tl.load(x_base + pos[None, :] * stride_xl, mask=m, other=0.0).to(tl.float32)
+            $weight_tap
+            acc = acc + xv * wj[:, None]
+        $bias
+        out = _vmfx_silu(acc)
+        mask = mask_e[:, None] & mask_l[None, :]
+        tl.store(out_ptr + row * E * L + offs_e[:, None] * L + offs_l[None, :], $stored, mask=mask)
+        $emit_codes
+""")
+
+
+def _codes_args(smooth_f: bool, smooth_b: bool) -> str:
+    """The codes epilogue's pointer arguments (smoothing only for the directions that have one)."""
+    return lines("# each direction's x_proj activation parameters, and the int8 codes (2, B*L, E)",
+                 " ".join(f"inv_s_{d}_ptr," for d, on in (("f", smooth_f), ("b", smooth_b)) if on) or None,
+                 "inv_sa_f_ptr, za_f_ptr, inv_sa_b_ptr, za_b_ptr, codes_ptr,")
+
+
+def _bias(bias_f: bool, bias_b: bool) -> str:
+    """Add each direction's bias (0.0 for a direction without one)."""
+    if not (bias_f or bias_b):
+        return ""
+    return lines(pick_source("bias", "b", "offs_e", "mask_e", "0.0", bias_f, bias_b),
+                 None if bias_f and bias_b else "# acc is never -0 (it starts at +0), so adding 0.0 leaves it unchanged",
+                 "acc = acc + bias[:, None]")
+
+
+def _codes_epilogue(smooth_f: bool, smooth_b: bool, per_token: bool, qmax: int, off: int) -> str:
+    """Direction d's x_proj quantize of the (BLOCK_E, BLOCK_L) tile ``out``, stored transposed."""
+    smooth = smooth_f or smooth_b
+    if per_token:
+        act_params = lines(pick_source("inv_sa", "inv_sa", "offs_l", "mask_l", "1.0"),
+                           pick_source("za", "za", "offs_l", "mask_l", "0.0"),
+                           "inv_sa = inv_sa[None, :]", "za = za[None, :]")
+    else:
+        act_params = lines("inv_sa = tl.where(bwd, tl.load(inv_sa_b_ptr), tl.load(inv_sa_f_ptr))",
+                           "za = tl.where(bwd, tl.load(za_b_ptr), tl.load(za_f_ptr))")
+    return lines(
+        "# direction d's x_proj quantize of out^T: row (d*B + b)*L + l (token l), channel e",
+        pick_source("inv_s", "inv_s", "offs_e", "mask_e", "1.0", smooth_f, smooth_b) if smooth else None,
+        ("out = out * inv_s[:, None]" + ("" if smooth_f and smooth_b else "  # * 1.0: exact")) if smooth else None,
+        act_params,
+        f"codes = _vmfx_quantize(out, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})",
+        "rows = row * L + offs_l",
+        "tl.store(codes_ptr + rows[None, :] * E + offs_e[:, None], codes, mask=mask)",
+    )
 
 
 def render_conv_bidir(*, width: int, bias_f: bool = True, bias_b: bool = True, emit_codes: bool = False,
                       per_token: bool = True, smooth_f: bool = False, smooth_b: bool = False, act_bits: int = 8,
                       autotune: bool = False, provenance: Sequence[str] = (), out_dtype: str = "float32") -> str:
-    """Render the source of one ``conv_bidir`` kernel.
+    """Render the source of one ``conv_bidir`` kernel (:data:`TEMPLATE`).
 
     Args:
         width: the kernel size W of both directions (a compile-time constant; the taps are unrolled).
@@ -113,7 +186,6 @@ def render_conv_bidir(*, width: int, bias_f: bool = True, bias_b: bool = True, e
     if width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    buf = IndentedBuffer()
     stored = store_value("out", out_dtype)  # checks out_dtype
     params = dict(width=width, bias_f=bias_f, bias_b=bias_b, emit_codes=emit_codes)
     if emit_codes:
@@ -121,83 +193,21 @@ def render_conv_bidir(*, width: int, bias_f: bool = True, bias_b: bool = True, e
     params["autotune"] = autotune
     if out_dtype != "float32":
         params["out_dtype"] = out_dtype
-    render_header(buf, "conv_bidir", provenance, params)
-    render_helpers(buf, ["_vmfx_silu"] + (["_vmfx_quantize"] if emit_codes else []))
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "L"])
-    smooth = emit_codes and (smooth_f or smooth_b)
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("# pointers: x (B, E, L) any strides; per direction weight (E, W), bias (E,); out (2, B, E, L)")
-        buf.writeline("x_ptr, w_f_ptr, w_b_ptr," + (" b_f_ptr," if bias_f else "") + (" b_b_ptr," if bias_b else "")
-                      + " out_ptr,")
-        if emit_codes:
-            buf.writeline("# each direction's x_proj activation parameters, and the int8 codes (2, B*L, E)")
-            if smooth:
-                buf.writeline(" ".join(f"inv_s_{d}_ptr," for d, on in (("f", smooth_f), ("b", smooth_b)) if on))
-            buf.writeline("inv_sa_f_ptr, za_f_ptr, inv_sa_b_ptr, za_b_ptr, codes_ptr,")
-        buf.writeline("# dimensions and strides")
-        buf.writeline("B, E, L, stride_xb, stride_xe, stride_xl,")
-        buf.writeline("# meta-parameters")
-        buf.writeline("WIDTH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice("""
-            pid = tl.program_id(0)  # 2 * b + d: both directions of a batch element are neighbours
-            pid_b = pid // 2
-            pid_d = pid % 2
-            fwd = pid_d == 0
-            bwd = pid_d == 1  # the backward direction reads x reversed along L
-            row = pid_d * B + pid_b  # (direction, batch) slice of out (2B, E, L) and of codes (2B*L, E)
-            offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-            offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-            mask_e = offs_e < E
-            mask_l = offs_l < L
-            x_base = x_ptr + pid_b * stride_xb + offs_e[:, None] * stride_xe
-            acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
-            for j in tl.static_range(WIDTH):
-                src = offs_l - (WIDTH - 1) + j  # causal: position l sees l - W + 1 .. l
-                pos = tl.where(bwd, L - 1 - src, src)
-                m = mask_e[:, None] & (mask_l & (src >= 0))[None, :]
-                xv = tl.load(x_base + pos[None, :] * stride_xl, mask=m, other=0.0).to(tl.float32)
-        """)
-        with buf.indent():
-            _write_pick(buf, "wj", "w", "offs_e * WIDTH + j", "mask_e", "0.0")
-            buf.writeline("acc = acc + xv * wj[:, None]")
-        if bias_f or bias_b:
-            _write_pick(buf, "bias", "b", "offs_e", "mask_e", "0.0", bias_f, bias_b)
-            if not (bias_f and bias_b):
-                buf.writeline("# acc is never -0 (it starts at +0), so adding 0.0 leaves it unchanged")
-            buf.writeline("acc = acc + bias[:, None]")
-        buf.splice("""
-            out = _vmfx_silu(acc)
-            mask = mask_e[:, None] & mask_l[None, :]
-        """)
-        buf.writeline(f"tl.store(out_ptr + row * E * L + offs_e[:, None] * L + offs_l[None, :], {stored}, mask=mask)")
-        if emit_codes:
-            buf.writeline("# direction d's x_proj quantize of out^T: row (d*B + b)*L + l (token l), channel e")
-            if smooth:
-                _write_pick(buf, "inv_s", "inv_s", "offs_e", "mask_e", "1.0", smooth_f, smooth_b)
-                buf.writeline("out = out * inv_s[:, None]" + ("" if smooth_f and smooth_b else "  # * 1.0: exact"))
-            if per_token:
-                _write_pick(buf, "inv_sa", "inv_sa", "offs_l", "mask_l", "1.0")
-                _write_pick(buf, "za", "za", "offs_l", "mask_l", "0.0")
-                buf.writeline("inv_sa = inv_sa[None, :]")
-                buf.writeline("za = za[None, :]")
-            else:
-                buf.writeline("inv_sa = tl.where(bwd, tl.load(inv_sa_b_ptr), tl.load(inv_sa_f_ptr))")
-                buf.writeline("za = tl.where(bwd, tl.load(za_b_ptr), tl.load(za_f_ptr))")
-            buf.writeline(
-                f"codes = _vmfx_quantize(out, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
-            buf.writeline("rows = row * L + offs_l")
-            buf.writeline("tl.store(codes_ptr + rows[None, :] * E + offs_e[:, None], codes, mask=mask)")
-    return buf.getvalue()
+    preamble = render_preamble("conv_bidir", provenance, params,
+                               ["_vmfx_silu"] + (["_vmfx_quantize"] if emit_codes else []),
+                               (AUTOTUNE_CONFIGS, ["E", "L"]) if autotune else None)
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        bias_args=(" b_f_ptr," if bias_f else "") + (" b_b_ptr," if bias_b else ""),
+        codes_args=_codes_args(smooth_f, smooth_b) if emit_codes else "",
+        weight_tap=pick_source("wj", "w", "offs_e * WIDTH + j", "mask_e", "0.0"),
+        bias=_bias(bias_f, bias_b),
+        stored=stored,
+        emit_codes=_codes_epilogue(smooth_f, smooth_b, per_token, qmax, off) if emit_codes else "",
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(**kw):
-    return load_kernel(render_conv_bidir(**kw), KERNEL_NAME)
+_kernel = kernel_cache(render_conv_bidir, KERNEL_NAME)
 
 
 def _weight(weight, name: str, e: int, dev) -> torch.Tensor:

@@ -35,7 +35,6 @@ parameters; writes 2 or 4 M N bytes (plus 4 M N for ``store_acc``, a debugging o
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -44,21 +43,22 @@ import torch
 from ..codegen import (
     FLOAT_IO,
     Epilogue,
-    IndentedBuffer,
     check_tensor,
+    epilogue_source,
     float_literal,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
-    render_autotune,
-    render_epilogue,
-    render_header,
-    render_helpers,
+    render_preamble,
+    store_value,
 )
 from ..params import ActQuant, QWeight
+from ..template import KernelTemplate, lines
+from .act_quantize import act_params_source
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_qlinear", "qlinear"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TILE_ORDER", "TEMPLATE", "INT_GEMM", "INT8_LOOP", "PACKED_LOOP",
+           "render_qlinear", "act_tile_source", "int_gemm_source", "dequantize_source", "qlinear"]
 
 KERNEL_NAME = "vmfx_qlinear"
 
@@ -99,6 +99,88 @@ offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 mask_m = offs_m < M
 mask_n = offs_n < N
 """
+
+
+#: The ``qlinear`` kernel; slots: the optional pointer arguments, the tile order
+#: (:data:`TILE_ORDER`), the activation parameters, the int32 GEMM (:func:`int_gemm_source`), the
+#: dequantize (:func:`dequantize_source`), the epilogue ops and the stores.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: activation (float x or int8 codes), int8 weight (N, K) and its
+        # row sums (int32) and scales, activation parameters, bias, epilogue inputs
+        x_ptr, w_ptr, wsum_ptr, w_scale_ptr,
+        $smooth_arg
+        ${inv_sa_arg}sa_ptr, za_ptr,
+        $bias_arg
+        $epilogue_args
+        out_ptr,$acc_arg
+        # dimensions (L: number of token positions of the activation parameters)
+        M, N, K, L,
+        # strides
+        stride_xm, stride_xk, stride_wn, stride_wk,
+        # meta-parameters
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        $tile_order
+        # activation parameters of each row's token (rows are (batch, token) pairs)
+        $act_params
+
+        $int_gemm
+
+        # dequantize: token x channel scales, then bias and the epilogue
+        $dequantize
+        offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        $epilogue
+        tl.store(out_ptr + offs_out, $stored, mask=mask_out)
+        $store_acc
+""")
+
+#: The int32 accumulator of a (BLOCK_M, BLOCK_N) tile: the K loop (``$main_loop``), then the
+#: zero-point correction.
+INT_GEMM = KernelTemplate("""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    $main_loop
+
+    # zero point: acc += ($offset - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly
+    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+    acc += ($offset - za.to(tl.int32)) * wsum[None, :]
+""")
+
+#: The K loop over int8 weight tiles; ``$act_tile`` loads the activation tile ``a``.
+INT8_LOOP = KernelTemplate("""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        $act_tile
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+""")
+
+#: The K loop over packed 4-bit weight tiles: each byte's two nibbles are unpacked in registers
+#: and multiplied with the activation columns ``j`` and ``j + KH`` (``$act_tile`` at each).
+PACKED_LOOP = KernelTemplate("""
+    KH = (K + 1) // 2  # packed columns: low nibble column j, high nibble column j + KH
+    for k0 in range(0, KH, BLOCK_K):
+        offs_j = k0 + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < KH
+        w_ptrs = w_ptr + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        p = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0)
+        p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
+        w_lo = ((p32 << 28) >> 28).to(tl.int8)  # low nibble: column j
+        w_hi = ((p32 << 24) >> 28).to(tl.int8)  # high nibble: column j + KH
+        offs_k = offs_j
+        mask_k = mask_j & (offs_k < K)
+        $act_tile
+        acc = tl.dot(a, w_lo, acc, out_dtype=tl.int32)
+        offs_k = offs_j + KH
+        mask_k = mask_j & (offs_k < K)
+        $act_tile
+        acc = tl.dot(a, w_hi, acc, out_dtype=tl.int32)
+""")
 
 
 def render_qlinear(
@@ -147,75 +229,69 @@ def render_qlinear(
         raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
     ep = epilogue if isinstance(epilogue, Epilogue) else Epilogue.parse(epilogue)
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    buf = IndentedBuffer()
-    render_header(buf, "qlinear", provenance, dict(
-        per_token=per_token, smooth=smooth, bias=bias, prequantized=prequantized, act_bits=act_bits,
-        epilogue=ep.ops, store_acc=store_acc, autotune=autotune, out_dtype=out_dtype, packed=packed))
-    render_helpers(buf, (() if prequantized else ("_vmfx_quantize",)) + ep.helpers)
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["M", "N", "K"])
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("# pointers: activation (float x or int8 codes), int8 weight (N, K) and its")
-        buf.writeline("# row sums (int32) and scales, activation parameters, bias, epilogue inputs")
-        buf.writeline("x_ptr, w_ptr, wsum_ptr, w_scale_ptr,")
-        if smooth:
-            buf.writeline("inv_s_ptr,")
-        buf.writeline(("" if prequantized else "inv_sa_ptr, ") + "sa_ptr, za_ptr,")
-        if bias:
-            buf.writeline("bias_ptr,")
-        for a in ep.arg_names():
-            buf.writeline(f"{a},")
-        buf.writeline("out_ptr," + (" acc_ptr," if store_acc else ""))
-        buf.writeline("# dimensions (L: number of token positions of the activation parameters)")
-        buf.writeline("M, N, K, L,")
-        buf.writeline("# strides")
-        buf.writeline("stride_xm, stride_xk, stride_wn, stride_wk,")
-        buf.writeline("# meta-parameters")
-        buf.writeline("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,")
-        buf.writeline("GROUP_M: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice(TILE_ORDER)
-        buf.writeline("# activation parameters of each row's token (rows are (batch, token) pairs)")
-        if per_token:
-            buf.writeline("tok = offs_m % L")
-            if not prequantized:
-                buf.writeline("inv_sa = tl.load(inv_sa_ptr + tok, mask=mask_m, other=1.0)[:, None]")
-            buf.writeline("za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]")
-        else:
-            if not prequantized:
-                buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
-            buf.writeline("za = tl.load(za_ptr)")
-        buf.newline()
-        render_int_gemm(buf, packed, prequantized, smooth, qmax, off)
-        buf.writeline("# dequantize: token x channel scales, then bias and the epilogue")
-        render_dequantize(buf, per_token, bias)
-        buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)")
-        buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
-        render_epilogue(buf, ep, acc="y", offsets="offs_out", mask="mask_out")
-        if out_dtype == "float32":
-            buf.writeline("tl.store(out_ptr + offs_out, y, mask=mask_out)")
-        else:
-            buf.writeline(f"tl.store(out_ptr + offs_out, y.to(tl.{out_dtype}), mask=mask_out)")
-        if store_acc:
-            buf.writeline("tl.store(acc_ptr + offs_out, acc, mask=mask_out)")
-    return buf.getvalue()
-
-
-def _render_act_tile(buf: IndentedBuffer, prequantized: bool, smooth: bool, qmax: int, off: int) -> None:
-    """The (BLOCK_M, BLOCK_K) int8 activation tile ``a`` at columns ``offs_k`` (mask ``mask_k``)."""
-    buf.writeline("x_mask = mask_m[:, None] & mask_k[None, :]")
-    buf.writeline("x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk")
+    params = dict(per_token=per_token, smooth=smooth, bias=bias, prequantized=prequantized, act_bits=act_bits,
+                  epilogue=ep.ops, store_acc=store_acc, autotune=autotune, out_dtype=out_dtype, packed=packed)
+    preamble = render_preamble("qlinear", provenance, params,
+                               (() if prequantized else ("_vmfx_quantize",)) + ep.helpers,
+                               (AUTOTUNE_CONFIGS, ["M", "N", "K"]) if autotune else None)
     if prequantized:
-        buf.writeline("a = tl.load(x_ptrs, mask=x_mask, other=0)  # int8 codes q - OFFSET")
+        act_params = lines("tok = offs_m % L" if per_token else None,
+                           "za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]" if per_token
+                           else "za = tl.load(za_ptr)")
     else:
-        buf.writeline("# read a float BLOCK_M x BLOCK_K tile; quantize in registers (padding: w is 0 there)")
-        buf.writeline("x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)")
-        if smooth:
-            buf.writeline("x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]")
-        buf.writeline(f"a = _vmfx_quantize(x, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
+        act_params = lines("tok = offs_m % L" if per_token else None,
+                           act_params_source(per_token, "tok", "mask_m", "[:, None]"))
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        smooth_arg="inv_s_ptr," if smooth else "",
+        inv_sa_arg="" if prequantized else "inv_sa_ptr, ",
+        bias_arg="bias_ptr," if bias else "",
+        epilogue_args=lines(f"{a}," for a in ep.arg_names()),
+        acc_arg=" acc_ptr," if store_acc else "",
+        tile_order=lines(TILE_ORDER),
+        act_params=act_params,
+        int_gemm=int_gemm_source(packed, prequantized, smooth, qmax, off),
+        dequantize=dequantize_source(per_token, bias),
+        epilogue=epilogue_source(ep, acc="y", offsets="offs_out", mask="mask_out"),
+        stored=store_value("y", out_dtype),
+        store_acc="tl.store(acc_ptr + offs_out, acc, mask=mask_out)" if store_acc else "",
+    )
+
+
+def act_tile_source(prequantized: bool, smooth: bool, qmax: int, off: int) -> str:
+    """The (BLOCK_M, BLOCK_K) int8 activation tile ``a`` at columns ``offs_k`` (mask ``mask_k``):
+    int8 codes loaded as they are, or a float tile (optionally smoothed) quantized in registers."""
+    head = lines("x_mask = mask_m[:, None] & mask_k[None, :]",
+                 "x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk")
+    if prequantized:
+        return lines(head, "a = tl.load(x_ptrs, mask=x_mask, other=0)  # int8 codes q - OFFSET")
+    return lines(
+        head,
+        "# read a float BLOCK_M x BLOCK_K tile; quantize in registers (padding: w is 0 there)",
+        "x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)",
+        "x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]" if smooth else None,
+        f"a = _vmfx_quantize(x, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})",
+    )
+
+
+def int_gemm_source(packed: bool, prequantized: bool, smooth: bool, qmax: int, off: int) -> str:
+    """The int32 accumulator ``acc`` of a (BLOCK_M, BLOCK_N) tile (:data:`INT_GEMM` with
+    :data:`INT8_LOOP` or :data:`PACKED_LOOP`): ``sum_k (q - z_a) * Wq`` exactly. Reads ``offs_m``,
+    ``offs_n``, ``mask_m``, ``mask_n``, ``za`` and the pointers; shared by ``qlinear`` and
+    ``qlinear_group``."""
+    loop = PACKED_LOOP if packed else INT8_LOOP
+    main_loop = loop.fill(act_tile=act_tile_source(prequantized, smooth, qmax, off))
+    return INT_GEMM.fill(main_loop=main_loop.rstrip("\n"), offset=str(off)).rstrip("\n")
+
+
+def dequantize_source(per_token: bool, bias: bool) -> str:
+    """``y = acc * (s_a s_w) (+ bias)`` in float32: per-token (``tok``) or per-tensor activation scale."""
+    return lines(
+        "sa = tl.load(sa_ptr + tok, mask=mask_m, other=0.0)[:, None]" if per_token else "sa = tl.load(sa_ptr)",
+        "sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]",
+        "y = acc.to(tl.float32) * (sa * sw)",
+        "y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]" if bias else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -233,60 +309,12 @@ class _Spec:
     packed: bool = False
 
 
-@functools.lru_cache(maxsize=None)
+_load = kernel_cache(render_qlinear, KERNEL_NAME)
+
+
 def _kernel(spec: _Spec):
-    src = render_qlinear(**{k: getattr(spec, k) for k in spec.__dataclass_fields__})
-    return load_kernel(src, KERNEL_NAME)
-
-def render_int_gemm(buf: IndentedBuffer, packed: bool, prequantized: bool, smooth: bool, qmax: int, off: int) -> None:
-    """The int32 accumulator of a (BLOCK_M, BLOCK_N) tile: the K loop over activation tiles
-    (:func:`_render_act_tile`) and int8 weight tiles (or packed 4-bit ones, unpacked in registers),
-    then the zero-point correction ``acc += (2^(b-1) - z_a) * wsum``. Reads ``offs_m``, ``offs_n``,
-    ``mask_m``, ``mask_n``, ``za`` and the pointers; shared by ``qlinear`` and ``qlinear_group``."""
-    buf.writeline("acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)")
-    if packed:
-        buf.writeline("KH = (K + 1) // 2  # packed columns: low nibble column j, high nibble column j + KH")
-        buf.writeline("for k0 in range(0, KH, BLOCK_K):")
-        with buf.indent():
-            buf.writeline("offs_j = k0 + tl.arange(0, BLOCK_K)")
-            buf.writeline("mask_j = offs_j < KH")
-            buf.writeline("w_ptrs = w_ptr + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn")
-            buf.writeline("p = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0)")
-            buf.writeline("p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)")
-            buf.writeline("w_lo = ((p32 << 28) >> 28).to(tl.int8)  # low nibble: column j")
-            buf.writeline("w_hi = ((p32 << 24) >> 28).to(tl.int8)  # high nibble: column j + KH")
-            for half, offs in (("lo", "offs_j"), ("hi", "offs_j + KH")):
-                buf.writeline(f"offs_k = {offs}")
-                buf.writeline("mask_k = mask_j & (offs_k < K)")
-                _render_act_tile(buf, prequantized, smooth, qmax, off)
-                buf.writeline(f"acc = tl.dot(a, w_{half}, acc, out_dtype=tl.int32)")
-    else:
-        buf.writeline("for k0 in range(0, K, BLOCK_K):")
-        with buf.indent():
-            buf.writeline("offs_k = k0 + tl.arange(0, BLOCK_K)")
-            buf.writeline("mask_k = offs_k < K")
-            _render_act_tile(buf, prequantized, smooth, qmax, off)
-            buf.writeline("w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn")
-            buf.writeline("w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0)")
-            buf.writeline("acc = tl.dot(a, w, acc, out_dtype=tl.int32)")
-    buf.newline()
-    buf.writeline(f"# zero point: acc += ({off} - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly")
-    buf.writeline("wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)")
-    buf.writeline(f"acc += ({off} - za.to(tl.int32)) * wsum[None, :]")
-    buf.newline()
-
-
-def render_dequantize(buf: IndentedBuffer, per_token: bool, bias: bool) -> None:
-    """``y = acc * (s_a s_w) (+ bias)`` in float32: per-token (``tok``) or per-tensor activation scale."""
-    if per_token:
-        buf.writeline("sa = tl.load(sa_ptr + tok, mask=mask_m, other=0.0)[:, None]")
-    else:
-        buf.writeline("sa = tl.load(sa_ptr)")
-    buf.writeline("sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
-    buf.writeline("y = acc.to(tl.float32) * (sa * sw)")
-    if bias:
-        buf.writeline("y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
-
+    """The compiled kernel of ``spec`` (memoized by :func:`~vmfx.lowering.codegen.kernel_cache`)."""
+    return _load(**{k: getattr(spec, k) for k in spec.__dataclass_fields__})
 
 
 def _default_blocks(m: int, n: int, k: int) -> dict:

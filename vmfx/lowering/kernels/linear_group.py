@@ -44,7 +44,6 @@ zero points and biases float32; accumulation in int32, dequantize in float32; ``
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -53,18 +52,18 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..codegen import (
-    IndentedBuffer,
     check_tensor,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
-    render_autotune,
-    render_header,
+    render_preamble,
+    store_value,
 )
 from ..params import ActQuant, QWeight
-from .linear import AUTOTUNE_CONFIGS, OUT_DTYPES, TILE_ORDER, _default_blocks, render_dequantize, render_int_gemm
+from ..template import KernelTemplate, lines
+from .linear import AUTOTUNE_CONFIGS, OUT_DTYPES, TILE_ORDER, _default_blocks, dequantize_source, int_gemm_source
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "GroupedQWeight", "render_qlinear_group", "qlinear_group"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "GroupedQWeight", "render_qlinear_group", "qlinear_group"]
 
 KERNEL_NAME = "vmfx_qlinear_group"
 
@@ -261,6 +260,46 @@ def _sources(weights, acts, biases) -> tuple:
 # ------------------------------------------------------------------------------ template
 
 
+#: The ``qlinear_group`` kernel: ``qlinear``'s GEMM on codes (:func:`~.linear.int_gemm_source`)
+#: after moving the base pointers to the group of ``tl.program_id(1)``; slots: the bias argument,
+#: the parameters' group offsets, the tile order, the zero point, the GEMM, the dequantize, the store.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: int8 codes (G, M, K); stacked per group: int8 weights (G, N, K or ceil(K/2)),
+        # row sums (G, N) int32, scales (G, N), activation parameters (G, T), bias (G, N);
+        # out (G, M, N)
+        x_ptr, w_ptr, wsum_ptr, w_scale_ptr, sa_ptr, za_ptr,$bias_arg out_ptr,
+        # dimensions (L: number of token positions of the activation parameters)
+        M, N, K, L,
+        # strides
+        stride_xg, stride_xm, stride_xk, stride_wg, stride_wn, stride_wk,
+        # meta-parameters
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        # the group: offsets the base pointers of its codes, parameters and output (int64)
+        grp = tl.program_id(1).to(tl.int64)
+        x_ptr = x_ptr + grp * stride_xg
+        w_ptr = w_ptr + grp * stride_wg
+        wsum_ptr = wsum_ptr + grp * N
+        w_scale_ptr = w_scale_ptr + grp * N
+        out_ptr = out_ptr + grp * M * N
+        $param_offsets
+        $tile_order
+        # activation zero point of each row's token (rows are (batch, token) pairs)
+        $zero_point
+
+        $int_gemm
+
+        # dequantize: token x channel scales, then the bias
+        $dequantize
+        offs_out = offs_m[:, None] * N + offs_n[None, :]  # out[g] is contiguous (M, N)
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        tl.store(out_ptr + offs_out, $stored, mask=mask_out)
+""")
+
+
 def render_qlinear_group(
     *,
     per_token: bool = True,
@@ -292,71 +331,26 @@ def render_qlinear_group(
     if not 2 <= act_bits <= 8:
         raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    buf = IndentedBuffer()
-    render_header(buf, "qlinear_group", provenance, dict(
-        per_token=per_token, bias=bias, act_bits=act_bits, packed=packed, autotune=autotune, out_dtype=out_dtype))
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["M", "N", "K"])
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("# pointers: int8 codes (G, M, K); stacked per group: int8 weights (G, N, K or ceil(K/2)),")
-        buf.writeline("# row sums (G, N) int32, scales (G, N), activation parameters (G, T), bias (G, N);")
-        buf.writeline("# out (G, M, N)")
-        buf.writeline("x_ptr, w_ptr, wsum_ptr, w_scale_ptr, sa_ptr, za_ptr," + (" bias_ptr," if bias else "")
-                      + " out_ptr,")
-        buf.writeline("# dimensions (L: number of token positions of the activation parameters)")
-        buf.writeline("M, N, K, L,")
-        buf.writeline("# strides")
-        buf.writeline("stride_xg, stride_xm, stride_xk, stride_wg, stride_wn, stride_wk,")
-        buf.writeline("# meta-parameters")
-        buf.writeline("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,")
-        buf.writeline("GROUP_M: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice("""
-            # the group: offsets the base pointers of its codes, parameters and output (int64)
-            grp = tl.program_id(1).to(tl.int64)
-            x_ptr = x_ptr + grp * stride_xg
-            w_ptr = w_ptr + grp * stride_wg
-            wsum_ptr = wsum_ptr + grp * N
-            w_scale_ptr = w_scale_ptr + grp * N
-            out_ptr = out_ptr + grp * M * N
-        """)
-        if per_token:
-            buf.writeline("sa_ptr = sa_ptr + grp * L")
-            buf.writeline("za_ptr = za_ptr + grp * L")
-        else:
-            buf.writeline("sa_ptr = sa_ptr + grp")
-            buf.writeline("za_ptr = za_ptr + grp")
-        if bias:
-            buf.writeline("bias_ptr = bias_ptr + grp * N")
-        buf.splice(TILE_ORDER)
-        buf.writeline("# activation zero point of each row's token (rows are (batch, token) pairs)")
-        if per_token:
-            buf.writeline("tok = offs_m % L")
-            buf.writeline("za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]")
-        else:
-            buf.writeline("za = tl.load(za_ptr)")
-        buf.newline()
-        render_int_gemm(buf, packed, True, False, qmax, off)
-        buf.writeline("# dequantize: token x channel scales, then the bias")
-        render_dequantize(buf, per_token, bias)
-        buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]  # out[g] is contiguous (M, N)")
-        buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
-        if out_dtype == "float32":
-            buf.writeline("tl.store(out_ptr + offs_out, y, mask=mask_out)")
-        else:
-            buf.writeline(f"tl.store(out_ptr + offs_out, y.to(tl.{out_dtype}), mask=mask_out)")
-    return buf.getvalue()
+    params = dict(per_token=per_token, bias=bias, act_bits=act_bits, packed=packed, autotune=autotune,
+                  out_dtype=out_dtype)
+    preamble = render_preamble("qlinear_group", provenance, params, (),
+                               (AUTOTUNE_CONFIGS, ["M", "N", "K"]) if autotune else None)
+    per_group = "grp * L" if per_token else "grp"
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        bias_arg=" bias_ptr," if bias else "",
+        param_offsets=lines(f"sa_ptr = sa_ptr + {per_group}", f"za_ptr = za_ptr + {per_group}",
+                            "bias_ptr = bias_ptr + grp * N" if bias else None),
+        tile_order=lines(TILE_ORDER),
+        zero_point=lines("tok = offs_m % L", "za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]")
+        if per_token else "za = tl.load(za_ptr)",
+        int_gemm=int_gemm_source(packed, True, False, qmax, off),
+        dequantize=dequantize_source(per_token, bias),
+        stored=store_value("y", out_dtype),
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(per_token: bool, bias: bool, act_bits: int, packed: bool, autotune: bool, provenance: tuple,
-            out_dtype: str):
-    src = render_qlinear_group(per_token=per_token, bias=bias, act_bits=act_bits, packed=packed,
-                               autotune=autotune, provenance=provenance, out_dtype=out_dtype)
-    return load_kernel(src, KERNEL_NAME)
+_kernel = kernel_cache(render_qlinear_group, KERNEL_NAME)
 
 
 # ------------------------------------------------------------------------------ launcher
@@ -433,9 +427,9 @@ def qlinear_group(
     out = torch.empty((g, m, n), dtype=out_dtype, device=codes.device)
     if g == 0 or m == 0 or n == 0:
         return out
-    kernel = _kernel(t > 1, grouped.bias is not None, grouped.act_bits, grouped.packed,
-                     block is None and not interpreting(), tuple(str(p) for p in provenance),
-                     OUT_DTYPES[out_dtype])
+    kernel = _kernel(per_token=t > 1, bias=grouped.bias is not None, act_bits=grouped.act_bits,
+                     packed=grouped.packed, autotune=block is None and not interpreting(),
+                     provenance=tuple(str(p) for p in provenance), out_dtype=OUT_DTYPES[out_dtype])
     w = grouped.store
     args = dict(x_ptr=codes, w_ptr=w, wsum_ptr=grouped.wsum, w_scale_ptr=grouped.w_scale,
                 sa_ptr=grouped.act_scale, za_ptr=grouped.act_zero_point, out_ptr=out,

@@ -20,30 +20,28 @@ bytes of ``m`` (s = 4 for float32, 2 for half precision) and B L E bytes of code
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import torch
 
 from ..codegen import (
     FLOAT_IO,
-    IndentedBuffer,
     check_tensor,
     codes_epilogue_args,
     float_literal,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
     output_dtype,
-    render_autotune,
-    render_header,
-    render_helpers,
+    render_preamble,
     store_value,
 )
 from ..params import ActQuant
+from ..template import KernelTemplate, lines
+from .act_quantize import act_params_source
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_merge", "merge_quantize"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "render_merge", "merge_quantize"]
 
 KERNEL_NAME = "vmfx_merge"
 
@@ -55,10 +53,57 @@ AUTOTUNE_CONFIGS = [
 ]
 
 
+#: The ``merge_quantize`` kernel; slots: the optional pointer and stride arguments, the backward
+#: direction's add, the float store and the codes epilogue.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: scan outputs (B, E, L), merged output (B, L, E), codes (B*L, E)
+        $pointer_args
+        $codes_args
+        # the merge factor c, dimensions and strides
+        c, E, L, stride_fb, stride_fe, stride_fl,$backward_strides
+        # meta-parameters
+        BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+        offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+        mask_l = offs_l < L
+        mask_e = offs_e < E
+        mask = mask_l[:, None] & mask_e[None, :]
+        y = tl.load(yf_ptr + pid_b * stride_fb + offs_e[None, :] * stride_fe + offs_l[:, None] * stride_fl,
+                    mask=mask, other=0.0).to(tl.float32)
+        $backward
+        m = y * c
+        rows = pid_b * L + offs_l  # token-major (B*L, E)
+        $store_float
+        $emit_codes
+""")
+
+#: The backward direction, read flipped back along L and added.
+_BACKWARD = """
+    rev = L - 1 - offs_l  # the backward direction, flipped back along L
+    y = y + tl.load(yb_ptr + pid_b * stride_bb + offs_e[None, :] * stride_be + rev[:, None] * stride_bl,
+                    mask=mask, other=0.0).to(tl.float32)
+"""
+
+
+def _codes_epilogue(smooth: bool, per_token: bool, qmax: int, off: int) -> str:
+    """The next linear's quantize of the (BLOCK_L, BLOCK_E) tile ``m``, token-major rows."""
+    return lines(
+        "# next linear's quantize: token l, channel e",
+        "m = m * tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)[None, :]" if smooth else None,
+        act_params_source(per_token, "offs_l", "mask_l", "[:, None]"),
+        f"codes = _vmfx_quantize(m, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})",
+        "tl.store(codes_ptr + rows[:, None] * E + offs_e[None, :], codes, mask=mask)",
+    )
+
+
 def render_merge(*, backward: bool = True, write_float: bool = True, emit_codes: bool = False,
                  per_token: bool = True, smooth: bool = False, act_bits: int = 8,
                  autotune: bool = False, provenance: Sequence[str] = (), out_dtype: str = "float32") -> str:
-    """Render the source of one ``merge_quantize`` kernel.
+    """Render the source of one ``merge_quantize`` kernel (:data:`TEMPLATE`).
 
     Args:
         backward: there is a backward-direction input ``y_b``.
@@ -75,7 +120,6 @@ def render_merge(*, backward: bool = True, write_float: bool = True, emit_codes:
     if not (write_float or emit_codes):
         raise ValueError("merge_quantize must write the float output, the codes, or both")
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    buf = IndentedBuffer()
     params = dict(backward=backward, write_float=write_float, emit_codes=emit_codes)
     if emit_codes:
         params.update(per_token=per_token, smooth=smooth, act_bits=act_bits)
@@ -83,63 +127,21 @@ def render_merge(*, backward: bool = True, write_float: bool = True, emit_codes:
     stored = store_value("m", out_dtype)  # checks out_dtype
     if out_dtype != "float32" and write_float:
         params["out_dtype"] = out_dtype
-    render_header(buf, "merge_quantize", provenance, params)
-    if emit_codes:
-        render_helpers(buf, ["_vmfx_quantize"])
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "L"])
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("# pointers: scan outputs (B, E, L), merged output (B, L, E), codes (B*L, E)")
-        buf.writeline("yf_ptr," + (" yb_ptr," if backward else "") + (" out_ptr," if write_float else ""))
-        if emit_codes:
-            buf.writeline(("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,")
-        buf.writeline("# the merge factor c, dimensions and strides")
-        buf.writeline("c, E, L, stride_fb, stride_fe, stride_fl,"
-                      + (" stride_bb, stride_be, stride_bl," if backward else ""))
-        buf.writeline("# meta-parameters")
-        buf.writeline("BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice("""
-            pid_b = tl.program_id(0)
-            offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-            offs_e = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
-            mask_l = offs_l < L
-            mask_e = offs_e < E
-            mask = mask_l[:, None] & mask_e[None, :]
-            y = tl.load(yf_ptr + pid_b * stride_fb + offs_e[None, :] * stride_fe + offs_l[:, None] * stride_fl,
-                        mask=mask, other=0.0).to(tl.float32)
-        """)
-        if backward:
-            buf.writeline("rev = L - 1 - offs_l  # the backward direction, flipped back along L")
-            buf.writeline("y = y + tl.load(yb_ptr + pid_b * stride_bb + offs_e[None, :] * stride_be"
-                          " + rev[:, None] * stride_bl,")
-            buf.writeline("                mask=mask, other=0.0).to(tl.float32)")
-        buf.writeline("m = y * c")
-        buf.writeline("rows = pid_b * L + offs_l  # token-major (B*L, E)")
-        if write_float:
-            buf.writeline(f"tl.store(out_ptr + rows[:, None] * E + offs_e[None, :], {stored}, mask=mask)")
-        if emit_codes:
-            buf.writeline("# next linear's quantize: token l, channel e")
-            if smooth:
-                buf.writeline("m = m * tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)[None, :]")
-            if per_token:
-                buf.writeline("inv_sa = tl.load(inv_sa_ptr + offs_l, mask=mask_l, other=1.0)[:, None]")
-                buf.writeline("za = tl.load(za_ptr + offs_l, mask=mask_l, other=0.0)[:, None]")
-            else:
-                buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
-                buf.writeline("za = tl.load(za_ptr)")
-            buf.writeline(
-                f"codes = _vmfx_quantize(m, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
-            buf.writeline("tl.store(codes_ptr + rows[:, None] * E + offs_e[None, :], codes, mask=mask)")
-    return buf.getvalue()
+    preamble = render_preamble("merge_quantize", provenance, params, ["_vmfx_quantize"] if emit_codes else [],
+                               (AUTOTUNE_CONFIGS, ["E", "L"]) if autotune else None)
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        pointer_args="yf_ptr," + (" yb_ptr," if backward else "") + (" out_ptr," if write_float else ""),
+        codes_args=(("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,") if emit_codes else "",
+        backward_strides=" stride_bb, stride_be, stride_bl," if backward else "",
+        backward=lines(_BACKWARD) if backward else "",
+        store_float=(f"tl.store(out_ptr + rows[:, None] * E + offs_e[None, :], {stored}, mask=mask)"
+                     if write_float else ""),
+        emit_codes=_codes_epilogue(smooth, per_token, qmax, off) if emit_codes else "",
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(**kw):
-    return load_kernel(render_merge(**kw), KERNEL_NAME)
+_kernel = kernel_cache(render_merge, KERNEL_NAME)
 
 
 def merge_quantize(

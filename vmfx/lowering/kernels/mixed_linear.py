@@ -28,7 +28,6 @@ J gathered columns of outlier codes (1 or 2 bytes) and J gathered weight rows.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -36,22 +35,92 @@ import torch
 
 from ..codegen import (
     FLOAT_IO,
-    IndentedBuffer,
     check_tensor,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
     output_dtype,
-    render_header,
+    render_preamble,
     store_value,
 )
 from ..mixed_reference import MixedCodes, tile_outlier_columns
 from ..params import QWeight
+from ..template import KernelTemplate, lines
 
-__all__ = ["KERNEL_NAME", "render_mixed_qlinear", "mixed_qlinear"]
+__all__ = ["KERNEL_NAME", "TEMPLATE", "render_mixed_qlinear", "mixed_qlinear"]
 
 KERNEL_NAME = "vmfx_mixed_qlinear"
+
+
+#: The ``mixed_qlinear`` kernel: the inlier GEMM (main loop), the outlier columns' gathered GEMM
+#: (``$outlier_product``: int8 codes, or 16-bit codes as two int8 planes), the epilogue; slots also
+#: for the optional arguments, the bias and the accumulators' stores.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        qi_ptr, qo_ptr, si_ptr, so_ptr, cols_ptr, counts_ptr,
+        w_ptr, w_scale_ptr,
+        $bias_arg
+        out_ptr,$acc_args
+        M, N, K, L, J,
+        stride_wn, stride_wk,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+    ):
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pid = tl.program_id(0)
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+
+        # inliers: the int8 GEMM over every column (codes are 0 at outlier positions)
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(qi_ptr + offs_m[:, None] * K + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0)
+            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0)
+            acc_i = tl.dot(a, w, acc_i, out_dtype=tl.int32)
+
+        # outliers: the tile's index list of outlier columns, gathered, a second int8 product
+        count = tl.load(counts_ptr + pid_m)
+        acc_o = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for j0 in range(0, J, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            mask_j = offs_j < count
+            c = tl.load(cols_ptr + pid_m * J + offs_j, mask=mask_j, other=0)
+            wg = tl.load(w_ptr + c[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                         mask=mask_j[:, None] & mask_n[None, :], other=0)
+            qo = tl.load(qo_ptr + offs_m[:, None] * K + c[None, :],
+                         mask=mask_m[:, None] & mask_j[None, :], other=0)
+            $outlier_product
+        # epilogue: inliers with the static per-token scale, outliers with their per-row scale
+        si = tl.load(si_ptr + offs_m % L, mask=mask_m, other=0.0)[:, None]
+        so = tl.load(so_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        y = acc_i.to(tl.float32) * (si * sw)
+        y = y + acc_o.to(tl.float32) * (so * sw)
+        $bias
+        offs_out = offs_m[:, None] * N + offs_n[None, :]
+        mask_out = mask_m[:, None] & mask_n[None, :]
+        tl.store(out_ptr + offs_out, $stored, mask=mask_out)
+        $store_acc
+""")
+
+#: The outlier product of 16-bit codes, split into two int8 planes.
+_WIDE_OUTLIER_PRODUCT = """
+    # 16-bit codes as two int8 planes: q = 256 hi + lo + 128
+    q32 = qo.to(tl.int32)
+    hi = (q32 >> 8).to(tl.int8)
+    lo = ((q32 & 255) - 128).to(tl.int8)
+    part = tl.dot(hi, wg, out_dtype=tl.int32) * 256 + tl.dot(lo, wg, out_dtype=tl.int32)
+    acc_o += part + 128 * tl.sum(wg.to(tl.int32), axis=0)[None, :]
+"""
 
 
 def render_mixed_qlinear(*, bias: bool = True, wide_outliers: bool = False, store_acc: bool = False,
@@ -66,87 +135,20 @@ def render_mixed_qlinear(*, bias: bool = True, wide_outliers: bool = False, stor
         out_dtype: the dtype of ``y`` ("float32", "float16" or "bfloat16").
     """
     stored = store_value("y", out_dtype)  # checks out_dtype
-    buf = IndentedBuffer()
     params = dict(bias=bias, wide_outliers=wide_outliers, store_acc=store_acc)
     if out_dtype != "float32":
         params["out_dtype"] = out_dtype
-    render_header(buf, "mixed_qlinear", provenance, params)
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("qi_ptr, qo_ptr, si_ptr, so_ptr, cols_ptr, counts_ptr,")
-        buf.writeline("w_ptr, w_scale_ptr,")
-        if bias:
-            buf.writeline("bias_ptr,")
-        buf.writeline("out_ptr," + (" acc_i_ptr, acc_o_ptr," if store_acc else ""))
-        buf.writeline("M, N, K, L, J,")
-        buf.writeline("stride_wn, stride_wk,")
-        buf.writeline("BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice("""
-            num_pid_n = tl.cdiv(N, BLOCK_N)
-            pid = tl.program_id(0)
-            pid_m = pid // num_pid_n
-            pid_n = pid % num_pid_n
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            mask_m = offs_m < M
-            mask_n = offs_n < N
-
-            # inliers: the int8 GEMM over every column (codes are 0 at outlier positions)
-            acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                a = tl.load(qi_ptr + offs_m[:, None] * K + offs_k[None, :],
-                            mask=mask_m[:, None] & mask_k[None, :], other=0)
-                w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                            mask=mask_k[:, None] & mask_n[None, :], other=0)
-                acc_i = tl.dot(a, w, acc_i, out_dtype=tl.int32)
-
-            # outliers: the tile's index list of outlier columns, gathered, a second int8 product
-            count = tl.load(counts_ptr + pid_m)
-            acc_o = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-            for j0 in range(0, J, BLOCK_J):
-                offs_j = j0 + tl.arange(0, BLOCK_J)
-                mask_j = offs_j < count
-                c = tl.load(cols_ptr + pid_m * J + offs_j, mask=mask_j, other=0)
-                wg = tl.load(w_ptr + c[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                             mask=mask_j[:, None] & mask_n[None, :], other=0)
-                qo = tl.load(qo_ptr + offs_m[:, None] * K + c[None, :],
-                             mask=mask_m[:, None] & mask_j[None, :], other=0)
-        """)
-        with buf.indent():
-            if wide_outliers:
-                buf.splice("""
-                    # 16-bit codes as two int8 planes: q = 256 hi + lo + 128
-                    q32 = qo.to(tl.int32)
-                    hi = (q32 >> 8).to(tl.int8)
-                    lo = ((q32 & 255) - 128).to(tl.int8)
-                    part = tl.dot(hi, wg, out_dtype=tl.int32) * 256 + tl.dot(lo, wg, out_dtype=tl.int32)
-                    acc_o += part + 128 * tl.sum(wg.to(tl.int32), axis=0)[None, :]
-                """)
-            else:
-                buf.writeline("acc_o = tl.dot(qo, wg, acc_o, out_dtype=tl.int32)")
-        buf.splice("""
-
-            # epilogue: inliers with the static per-token scale, outliers with their per-row scale
-            si = tl.load(si_ptr + offs_m % L, mask=mask_m, other=0.0)[:, None]
-            so = tl.load(so_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-            sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-            y = acc_i.to(tl.float32) * (si * sw)
-            y = y + acc_o.to(tl.float32) * (so * sw)
-        """)
-        if bias:
-            buf.writeline("y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]")
-        buf.writeline("offs_out = offs_m[:, None] * N + offs_n[None, :]")
-        buf.writeline("mask_out = mask_m[:, None] & mask_n[None, :]")
-        buf.writeline(f"tl.store(out_ptr + offs_out, {stored}, mask=mask_out)")
-        if store_acc:
-            buf.writeline("tl.store(acc_i_ptr + offs_out, acc_i, mask=mask_out)")
-            buf.writeline("tl.store(acc_o_ptr + offs_out, acc_o, mask=mask_out)")
-    return buf.getvalue()
+    return render_preamble("mixed_qlinear", provenance, params) + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        bias_arg="bias_ptr," if bias else "",
+        acc_args=" acc_i_ptr, acc_o_ptr," if store_acc else "",
+        outlier_product=lines(_WIDE_OUTLIER_PRODUCT) if wide_outliers
+        else "acc_o = tl.dot(qo, wg, acc_o, out_dtype=tl.int32)",
+        bias="y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]" if bias else "",
+        stored=stored,
+        store_acc=lines("tl.store(acc_i_ptr + offs_out, acc_i, mask=mask_out)",
+                        "tl.store(acc_o_ptr + offs_out, acc_o, mask=mask_out)") if store_acc else "",
+    )
 
 
 @dataclass(frozen=True)
@@ -158,11 +160,13 @@ class _Spec:
     out_dtype: str = "float32"
 
 
-@functools.lru_cache(maxsize=None)
+_load = kernel_cache(render_mixed_qlinear, KERNEL_NAME)
+
+
 def _kernel(spec: _Spec):
-    return load_kernel(render_mixed_qlinear(bias=spec.bias, wide_outliers=spec.wide_outliers,
-                                            store_acc=spec.store_acc, provenance=spec.provenance,
-                                            out_dtype=spec.out_dtype), KERNEL_NAME)
+    """The compiled kernel of ``spec`` (memoized by :func:`~vmfx.lowering.codegen.kernel_cache`)."""
+    return _load(bias=spec.bias, wide_outliers=spec.wide_outliers, store_acc=spec.store_acc,
+                 provenance=spec.provenance, out_dtype=spec.out_dtype)
 
 
 def _default_blocks(m: int, n: int, k: int) -> dict:

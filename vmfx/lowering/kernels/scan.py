@@ -35,27 +35,24 @@ so small BLOCK_E (16-32) keeps a GPU busy at Vim sizes (E = 384..768).
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import torch
 
 from ..codegen import (
     FLOAT_IO,
-    IndentedBuffer,
     check_tensor,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
     output_dtype,
-    render_autotune,
-    render_header,
-    render_helpers,
+    render_preamble,
     store_value,
 )
+from ..template import KernelTemplate, lines
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_scan", "selective_scan"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "render_scan", "selective_scan"]
 
 KERNEL_NAME = "vmfx_scan"
 
@@ -68,6 +65,58 @@ AUTOTUNE_CONFIGS = [
 ]
 
 _LOG2E = 1.4426950408889634
+
+
+#: The ``scan`` kernel: one program per (batch, BLOCK_E channels), the state of each channel in
+#: registers, a loop over time (the main loop); slots: the optional arguments, the per-channel
+#: parameters, delta's bias and softplus, the state's step factor and quantization, the output
+#: (skip term, scale, gate) and its store.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        # pointers: u, delta, z (B, E, L); A (E, N); B, C (B, N, L); D, delta_bias (E,)
+        u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr,$optional_args
+        $state_args
+        out_ptr,
+        # dimensions
+        E, N, L,
+        # strides (batch, channel-or-state, time)
+        stride_ub, stride_ue, stride_ul, stride_db, stride_de, stride_dl,
+        $z_strides
+        stride_Bb, stride_Bn, stride_Bl, stride_Cb, stride_Cn, stride_Cl,
+        # meta-parameters (BLOCK_N >= N: the whole state of a channel in registers)
+        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_e = offs_e < E
+        mask_n = offs_n < N
+        # A * log2(e): exp(dt A) = exp2(dt A log2 e); padded states have A = 0, B = 0: h stays 0
+        A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :],
+                     mask=mask_e[:, None] & mask_n[None, :], other=0.0) * $log2e
+        $channel_params
+        u_base = u_ptr + pid_b * stride_ub + offs_e * stride_ue
+        d_base = delta_ptr + pid_b * stride_db + offs_e * stride_de
+        B_base = B_ptr + pid_b * stride_Bb + offs_n * stride_Bn
+        C_base = C_ptr + pid_b * stride_Cb + offs_n * stride_Cn
+        out_base = out_ptr + pid_b * E * L + offs_e * L
+        h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+        $z_base
+        for t in range(0, L):
+            u = tl.load(u_base + t * stride_ul, mask=mask_e, other=0.0).to(tl.float32)
+            dt = tl.load(d_base + t * stride_dl, mask=mask_e, other=0.0).to(tl.float32)
+            $delta
+            Bt = tl.load(B_base + t * stride_Bl, mask=mask_n, other=0.0).to(tl.float32)
+            Ct = tl.load(C_base + t * stride_Cl, mask=mask_n, other=0.0).to(tl.float32)
+            dA = tl.exp2(dt[:, None] * A2)
+            $step_scale
+            h = dA * h + (dt * u)[:, None] * Bt[None, :]
+            $quant_state
+            y = tl.sum(h * Ct[None, :], axis=1)
+            $output
+            tl.store(out_base + t, $stored, mask=mask_e)
+""")
 
 
 def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = False,
@@ -94,106 +143,55 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
         The module source; the kernel is :data:`KERNEL_NAME`.
     """
     stored = store_value("y", out_dtype)  # checks out_dtype
-    buf = IndentedBuffer()
     params = dict(has_D=has_D, has_z=has_z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                   flip_z=flip_z, autotune=autotune, step_scale=step_scale, out_scale=out_scale,
                   quant_state=quant_state, state_bits=state_bits)
     if out_dtype != "float32":
         params["out_dtype"] = out_dtype
-    render_header(buf, "scan", provenance, params)
     helpers = ((["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
                + (["_vmfx_rint"] if quant_state else []))
-    render_helpers(buf, helpers)
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "N", "L"])
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("# pointers: u, delta, z (B, E, L); A (E, N); B, C (B, N, L); D, delta_bias (E,)")
-        buf.writeline("u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr,"
-                      + (" D_ptr," if has_D else "") + (" z_ptr," if has_z else "")
-                      + (" db_ptr," if delta_bias else ""))
-        extra = ((" step_ptr," if step_scale else "") + (" os_ptr," if out_scale else "")
-                 + (" hs_ptr," if quant_state else ""))
-        if extra:
-            buf.writeline("# quantized state: step (L,), r_C (E,), state step sizes (L,)")
-            buf.writeline(extra.strip())
-        buf.writeline("out_ptr,")
-        buf.writeline("# dimensions")
-        buf.writeline("E, N, L,")
-        buf.writeline("# strides (batch, channel-or-state, time)")
-        buf.writeline("stride_ub, stride_ue, stride_ul, stride_db, stride_de, stride_dl,")
-        if has_z:
-            buf.writeline("stride_zb, stride_ze, stride_zl,")
-        buf.writeline("stride_Bb, stride_Bn, stride_Bl, stride_Cb, stride_Cn, stride_Cl,")
-        buf.writeline("# meta-parameters (BLOCK_N >= N: the whole state of a channel in registers)")
-        buf.writeline("BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice(f"""
-            pid_b = tl.program_id(0)
-            offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-            offs_n = tl.arange(0, BLOCK_N)
-            mask_e = offs_e < E
-            mask_n = offs_n < N
-            # A * log2(e): exp(dt A) = exp2(dt A log2 e); padded states have A = 0, B = 0: h stays 0
-            A2 = tl.load(A_ptr + offs_e[:, None] * N + offs_n[None, :],
-                         mask=mask_e[:, None] & mask_n[None, :], other=0.0) * {_LOG2E!r}
-        """)
-        if has_D:
-            buf.writeline("D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0)")
-        if delta_bias:
-            buf.writeline("db = tl.load(db_ptr + offs_e, mask=mask_e, other=0.0)")
-        if out_scale:
-            buf.writeline("rc = tl.load(os_ptr + offs_e, mask=mask_e, other=0.0)")
-        buf.splice("""
-            u_base = u_ptr + pid_b * stride_ub + offs_e * stride_ue
-            d_base = delta_ptr + pid_b * stride_db + offs_e * stride_de
-            B_base = B_ptr + pid_b * stride_Bb + offs_n * stride_Bn
-            C_base = C_ptr + pid_b * stride_Cb + offs_n * stride_Cn
-            out_base = out_ptr + pid_b * E * L + offs_e * L
-            h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
-        """)
-        if has_z:
-            buf.writeline("z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze")
-        buf.writeline("for t in range(0, L):")
-        with buf.indent():
-            buf.splice("""
-                u = tl.load(u_base + t * stride_ul, mask=mask_e, other=0.0).to(tl.float32)
-                dt = tl.load(d_base + t * stride_dl, mask=mask_e, other=0.0).to(tl.float32)
-            """)
-            if delta_bias:
-                buf.writeline("dt = dt + db")
-            if delta_softplus:
-                buf.writeline("dt = _vmfx_softplus(dt)")
-            buf.splice("""
-                Bt = tl.load(B_base + t * stride_Bl, mask=mask_n, other=0.0).to(tl.float32)
-                Ct = tl.load(C_base + t * stride_Cl, mask=mask_n, other=0.0).to(tl.float32)
-                dA = tl.exp2(dt[:, None] * A2)
-            """)
-            if step_scale:
-                buf.writeline("dA = dA * tl.load(step_ptr + t)")
-            buf.writeline("h = dA * h + (dt * u)[:, None] * Bt[None, :]")
-            if quant_state:
-                qmax = float(2 ** (state_bits - 1) - 1)
-                buf.writeline("hs = tl.load(hs_ptr + t)")
-                buf.writeline(f"h = tl.minimum(tl.maximum(_vmfx_rint(h / hs), {-qmax!r}), {qmax!r}) * hs")
-            buf.writeline("y = tl.sum(h * Ct[None, :], axis=1)")
-            if has_D:
-                buf.writeline("y = y + D * u")
-            if out_scale:
-                buf.writeline("y = y * rc")
-            if has_z:
-                tz = "L - 1 - t" if flip_z else "t"
-                buf.writeline(f"z = tl.load(z_base + ({tz}) * stride_zl, mask=mask_e, other=0.0).to(tl.float32)")
-                buf.writeline("y = y * _vmfx_silu(z)")
-            buf.writeline(f"tl.store(out_base + t, {stored}, mask=mask_e)")
-    return buf.getvalue()
+    preamble = render_preamble("scan", provenance, params, helpers,
+                               (AUTOTUNE_CONFIGS, ["E", "N", "L"]) if autotune else None)
+    state_args = ((" step_ptr," if step_scale else "") + (" os_ptr," if out_scale else "")
+                  + (" hs_ptr," if quant_state else ""))
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        optional_args=(" D_ptr," if has_D else "") + (" z_ptr," if has_z else "") + (" db_ptr," if delta_bias else ""),
+        state_args=lines("# quantized state: step (L,), r_C (E,), state step sizes (L,)", state_args.strip())
+        if state_args else "",
+        z_strides="stride_zb, stride_ze, stride_zl," if has_z else "",
+        log2e=repr(_LOG2E),
+        channel_params=lines("D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0)" if has_D else None,
+                             "db = tl.load(db_ptr + offs_e, mask=mask_e, other=0.0)" if delta_bias else None,
+                             "rc = tl.load(os_ptr + offs_e, mask=mask_e, other=0.0)" if out_scale else None),
+        z_base="z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze" if has_z else "",
+        delta=lines("dt = dt + db" if delta_bias else None, "dt = _vmfx_softplus(dt)" if delta_softplus else None),
+        step_scale="dA = dA * tl.load(step_ptr + t)" if step_scale else "",
+        quant_state=_quant_state(state_bits) if quant_state else "",
+        output=_output(has_D, out_scale, has_z, flip_z),
+        stored=stored,
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(**kw):
-    return load_kernel(render_scan(**kw), KERNEL_NAME)
+def _quant_state(state_bits: int) -> str:
+    """Fake-quantize the state ``h`` with step ``t``'s step size (symmetric, ``state_bits`` bits)."""
+    qmax = float(2 ** (state_bits - 1) - 1)
+    return lines("hs = tl.load(hs_ptr + t)",
+                 f"h = tl.minimum(tl.maximum(_vmfx_rint(h / hs), {-qmax!r}), {qmax!r}) * hs")
+
+
+def _output(has_D: bool, out_scale: bool, has_z: bool, flip_z: bool) -> str:
+    """The step's output ``y``: the skip term ``D u``, the scale ``r_C``, the gate ``silu(z)``."""
+    tz = "L - 1 - t" if flip_z else "t"
+    return lines(
+        "y = y + D * u" if has_D else None,
+        "y = y * rc" if out_scale else None,
+        f"z = tl.load(z_base + ({tz}) * stride_zl, mask=mask_e, other=0.0).to(tl.float32)" if has_z else None,
+        "y = y * _vmfx_silu(z)" if has_z else None,
+    )
+
+
+_kernel = kernel_cache(render_scan, KERNEL_NAME)
 
 
 def selective_scan(

@@ -68,32 +68,30 @@ B x E / BLOCK_E programs, as for the per-direction scan.
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
 from ..codegen import (
     FLOAT_IO,
-    IndentedBuffer,
     check_tensor,
     codes_epilogue_args,
     float_literal,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
     output_dtype,
-    render_autotune,
-    render_header,
-    render_helpers,
+    render_preamble,
     store_value,
 )
 from ..params import ActQuant, QWeight
+from ..template import KernelTemplate, lines
 from .scan import _LOG2E
 from .scan import AUTOTUNE_CONFIGS as _SCAN_CONFIGS
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "DtProj", "render_scan_merge", "scan_merge"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "DtProj", "TEMPLATE", "DIRECTION_SETUP", "STEP", "render_scan_merge",
+           "scan_merge"]
 
 KERNEL_NAME = "vmfx_scan_merge"
 
@@ -110,86 +108,169 @@ class DtProj(NamedTuple):
     bias: bool = True  #: add the (E,) bias
 
 
-def _render_direction(buf: IndentedBuffer, d: str, has_D: bool, dt: DtProj | None) -> None:
-    """The loop-invariant loads and bases of direction ``d`` ("f" or "b")."""
-    buf.splice(f"""
-        A2{d} = tl.load(A{d}_ptr + offs_e[:, None] * N + offs_n[None, :], mask=mask_en, other=0.0) * {_LOG2E!r}
-        u{d}_base = u{d}_ptr + pid_b * stride_u{d}b + offs_e * stride_u{d}e
-        B{d}_base = B{d}_ptr + pid_b * stride_B{d}b + offs_n * stride_B{d}n
-        C{d}_base = C{d}_ptr + pid_b * stride_C{d}b + offs_n * stride_C{d}n
-    """)
+#: Direction ``$d``'s loop-invariant loads and bases (before its time loop); ``$delta_setup``:
+#: delta's base pointer, or the fused dt_proj's weights and parameters.
+DIRECTION_SETUP = KernelTemplate("""
+    A2${d} = tl.load(A${d}_ptr + offs_e[:, None] * N + offs_n[None, :], mask=mask_en, other=0.0) * $log2e
+    u${d}_base = u${d}_ptr + pid_b * stride_u${d}b + offs_e * stride_u${d}e
+    B${d}_base = B${d}_ptr + pid_b * stride_B${d}b + offs_n * stride_B${d}n
+    C${d}_base = C${d}_ptr + pid_b * stride_C${d}b + offs_n * stride_C${d}n
+    $delta_setup
+    $skip
+    h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+""")
+
+#: The fused dt_proj's loop-invariant part: the weight codes in registers, row sums, scales and
+#: the input's base; then the optional smoothing, bias and per-tensor parameters.
+DT_PROJ_SETUP = KernelTemplate("""
+    # dt_proj: the (BLOCK_E, R) int8 weight codes in registers (int32; 0 in the padding)
+    mask_r${d} = offs_r < R${d}
+    Wq${d} = tl.load(dtw${d}_ptr + offs_e[:, None] * stride_dtw${d}e + offs_r[None, :] * stride_dtw${d}r,
+                  mask=mask_e[:, None] & mask_r${d}[None, :], other=0).to(tl.int32)
+    wsum${d} = tl.load(dtwsum${d}_ptr + offs_e, mask=mask_e, other=0)
+    sw${d} = tl.load(dtsw${d}_ptr + offs_e, mask=mask_e, other=0.0)
+    dtx${d}_base = dtx${d}_ptr + pid_b * stride_dtx${d}b + offs_r * stride_dtx${d}r
+    $smooth
+    $bias
+    $per_tensor
+""")
+
+#: Per-tensor dt_proj parameters, loaded once: the zero-point correction and the combined scale.
+DT_PROJ_PER_TENSOR = KernelTemplate("""
+    dinv_sa${d} = tl.load(dtinv_sa${d}_ptr)
+    dza${d} = tl.load(dtza${d}_ptr)
+    dcorr${d} = ($offset - dza${d}.to(tl.int32)) * wsum${d}  # zero-point correction
+    dscale${d} = tl.load(dtsa${d}_ptr) * sw${d}  # s_a * s_w
+""")
+
+#: ``dt`` (BLOCK_E,) = the fused dt_proj of direction ``$d``'s token ``$t``, as the qlinear kernel
+#: computes it: quantize the R inputs, int32 dot products, zero-point correction, dequantize, bias.
+DT_PROJ_STEP = KernelTemplate("""
+    xr = tl.load(dtx${d}_base + ${t} * stride_dtx${d}l, mask=mask_r${d}, other=0.0).to(tl.float32)
+    $smooth
+    $product
+    $bias
+""")
+
+#: The product with per-token parameters (loaded at the step's token).
+DT_PROJ_PRODUCT_PER_TOKEN = KernelTemplate("""
+    dza = tl.load(dtza${d}_ptr + ${t})
+    dinv_sa = tl.load(dtinv_sa${d}_ptr + ${t})
+    q = _vmfx_quantize(xr, dinv_sa, dza, 0.0, $qmax, $offset_literal)
+    acc = tl.sum(Wq${d} * q.to(tl.int32)[None, :], axis=1) + ($offset - dza.to(tl.int32)) * wsum${d}
+    dt = acc.to(tl.float32) * (tl.load(dtsa${d}_ptr + ${t}) * sw${d})
+""")
+
+#: The product with per-tensor parameters (loaded before the loop, :data:`DT_PROJ_PER_TENSOR`).
+DT_PROJ_PRODUCT_PER_TENSOR = KernelTemplate("""
+    q = _vmfx_quantize(xr, dinv_sa${d}, dza${d}, 0.0, $qmax, $offset_literal)
+    acc = tl.sum(Wq${d} * q.to(tl.int32)[None, :], axis=1) + dcorr${d}
+    dt = acc.to(tl.float32) * dscale${d}
+""")
+
+#: One step of direction ``$d`` at its own time ``$t``: ``y = C h + D u`` (ungated).
+STEP = KernelTemplate("""
+    u = tl.load(u${d}_base + ${t} * stride_u${d}l, mask=mask_e, other=0.0).to(tl.float32)
+    $delta
+    $softplus
+    Bt = tl.load(B${d}_base + ${t} * stride_B${d}l, mask=mask_n, other=0.0).to(tl.float32)
+    Ct = tl.load(C${d}_base + ${t} * stride_C${d}l, mask=mask_n, other=0.0).to(tl.float32)
+    h = tl.exp2(dt[:, None] * A2${d}) * h + (dt * u)[:, None] * Bt[None, :]
+    y = tl.sum(h * Ct[None, :], axis=1)
+    $skip
+""")
+
+
+def _block(template: KernelTemplate, **values: str) -> str:
+    """``template`` filled, as a block value (no final newline)."""
+    return template.fill(**values).rstrip("\n")
+
+
+def direction_setup_source(d: str, has_D: bool, dt: DtProj | None) -> str:
+    """The loop-invariant loads and bases of direction ``d`` ("f" or "b"), :data:`DIRECTION_SETUP`."""
     if dt is None:
-        buf.writeline(f"d{d}_base = d{d}_ptr + pid_b * stride_d{d}b + offs_e * stride_d{d}e")
+        delta_setup = f"d{d}_base = d{d}_ptr + pid_b * stride_d{d}b + offs_e * stride_d{d}e"
     else:
         off = 2 ** (dt.act_bits - 1)
-        buf.splice(f"""
-            # dt_proj: the (BLOCK_E, R) int8 weight codes in registers (int32; 0 in the padding)
-            mask_r{d} = offs_r < R{d}
-            Wq{d} = tl.load(dtw{d}_ptr + offs_e[:, None] * stride_dtw{d}e + offs_r[None, :] * stride_dtw{d}r,
-                          mask=mask_e[:, None] & mask_r{d}[None, :], other=0).to(tl.int32)
-            wsum{d} = tl.load(dtwsum{d}_ptr + offs_e, mask=mask_e, other=0)
-            sw{d} = tl.load(dtsw{d}_ptr + offs_e, mask=mask_e, other=0.0)
-            dtx{d}_base = dtx{d}_ptr + pid_b * stride_dtx{d}b + offs_r * stride_dtx{d}r
-        """)
-        if dt.smooth:
-            buf.writeline(f"inv_sr{d} = tl.load(dtinv_s{d}_ptr + offs_r, mask=mask_r{d}, other=1.0)")
-        if dt.bias:
-            buf.writeline(f"bias{d} = tl.load(dtbias{d}_ptr + offs_e, mask=mask_e, other=0.0)")
-        if not dt.per_token:
-            buf.splice(f"""
-                dinv_sa{d} = tl.load(dtinv_sa{d}_ptr)
-                dza{d} = tl.load(dtza{d}_ptr)
-                dcorr{d} = ({off} - dza{d}.to(tl.int32)) * wsum{d}  # zero-point correction
-                dscale{d} = tl.load(dtsa{d}_ptr) * sw{d}  # s_a * s_w
-            """)
-    if has_D:
-        buf.writeline(f"D{d} = tl.load(D{d}_ptr + offs_e, mask=mask_e, other=0.0)")
-    buf.writeline("h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)")
+        delta_setup = _block(
+            DT_PROJ_SETUP, d=d,
+            smooth=f"inv_sr{d} = tl.load(dtinv_s{d}_ptr + offs_r, mask=mask_r{d}, other=1.0)" if dt.smooth else "",
+            bias=f"bias{d} = tl.load(dtbias{d}_ptr + offs_e, mask=mask_e, other=0.0)" if dt.bias else "",
+            per_tensor="" if dt.per_token else _block(DT_PROJ_PER_TENSOR, d=d, offset=str(off)))
+    return _block(DIRECTION_SETUP, d=d, log2e=repr(_LOG2E), delta_setup=delta_setup,
+                  skip=f"D{d} = tl.load(D{d}_ptr + offs_e, mask=mask_e, other=0.0)" if has_D else "")
 
 
-def _render_dt_proj(buf: IndentedBuffer, d: str, t: str, dt: DtProj) -> None:
-    """``dt`` (BLOCK_E,) = dt_proj of direction ``d``'s token ``t``, as the qlinear kernel computes
-    it: quantize the R inputs, int32 dot products, zero-point correction, dequantize, bias."""
+def dt_proj_source(d: str, t: str, dt: DtProj) -> str:
+    """``dt`` of direction ``d``'s token ``t`` computed by its fused dt_proj (:data:`DT_PROJ_STEP`)."""
     qmax, off = 2**dt.act_bits - 1, 2 ** (dt.act_bits - 1)
-    buf.writeline(f"xr = tl.load(dtx{d}_base + {t} * stride_dtx{d}l, mask=mask_r{d}, other=0.0).to(tl.float32)")
-    if dt.smooth:
-        buf.writeline(f"xr = xr * inv_sr{d}")
+    product = DT_PROJ_PRODUCT_PER_TOKEN if dt.per_token else DT_PROJ_PRODUCT_PER_TENSOR
+    values = dict(d=d, qmax=float_literal(qmax), offset_literal=float_literal(off))
     if dt.per_token:
-        buf.splice(f"""
-            dza = tl.load(dtza{d}_ptr + {t})
-            dinv_sa = tl.load(dtinv_sa{d}_ptr + {t})
-            q = _vmfx_quantize(xr, dinv_sa, dza, 0.0, {float_literal(qmax)}, {float_literal(off)})
-            acc = tl.sum(Wq{d} * q.to(tl.int32)[None, :], axis=1) + ({off} - dza.to(tl.int32)) * wsum{d}
-            dt = acc.to(tl.float32) * (tl.load(dtsa{d}_ptr + {t}) * sw{d})
-        """)
-    else:
-        buf.splice(f"""
-            q = _vmfx_quantize(xr, dinv_sa{d}, dza{d}, 0.0, {float_literal(qmax)}, {float_literal(off)})
-            acc = tl.sum(Wq{d} * q.to(tl.int32)[None, :], axis=1) + dcorr{d}
-            dt = acc.to(tl.float32) * dscale{d}
-        """)
-    if dt.bias:
-        buf.writeline(f"dt = dt + bias{d}")
+        values.update(t=t, offset=str(off))
+    return _block(DT_PROJ_STEP, d=d, t=t, smooth=f"xr = xr * inv_sr{d}" if dt.smooth else "",
+                  product=_block(product, **values), bias=f"dt = dt + bias{d}" if dt.bias else "")
 
 
-def _render_step(buf: IndentedBuffer, d: str, t: str, has_D: bool, delta_softplus: bool,
-                 dt: DtProj | None) -> None:
-    """One step of direction ``d`` at its own time ``t``: ``y = C h + D u`` (ungated)."""
-    buf.writeline(f"u = tl.load(u{d}_base + {t} * stride_u{d}l, mask=mask_e, other=0.0).to(tl.float32)")
-    if dt is None:
-        buf.writeline(f"dt = tl.load(d{d}_base + {t} * stride_d{d}l, mask=mask_e, other=0.0).to(tl.float32)")
-    else:
-        _render_dt_proj(buf, d, t, dt)
-    if delta_softplus:
-        buf.writeline("dt = _vmfx_softplus(dt)")
-    buf.splice(f"""
-        Bt = tl.load(B{d}_base + {t} * stride_B{d}l, mask=mask_n, other=0.0).to(tl.float32)
-        Ct = tl.load(C{d}_base + {t} * stride_C{d}l, mask=mask_n, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[:, None] * A2{d}) * h + (dt * u)[:, None] * Bt[None, :]
-        y = tl.sum(h * Ct[None, :], axis=1)
-    """)
-    if has_D:
-        buf.writeline(f"y = y + D{d} * u")
+def step_source(d: str, t: str, has_D: bool, delta_softplus: bool, dt: DtProj | None) -> str:
+    """One step of direction ``d`` at its own time ``t`` (:data:`STEP`)."""
+    delta = (f"dt = tl.load(d{d}_base + {t} * stride_d{d}l, mask=mask_e, other=0.0).to(tl.float32)" if dt is None
+             else dt_proj_source(d, t, dt))
+    return _block(STEP, d=d, t=t, delta=delta, softplus="dt = _vmfx_softplus(dt)" if delta_softplus else "",
+                  skip=f"y = y + D{d} * u" if has_D else "")
+
+
+#: The ``scan_merge`` kernel: the forward direction's time loop (its ungated outputs to the
+#: workspace), a barrier, the backward direction's time loop with the merge, the float store and
+#: the next linear's quantize at each token; slots for the arguments, each direction's setup and
+#: step, the gate and the stores.
+TEMPLATE = KernelTemplate("""
+    @triton.jit
+    def $kernel_name(
+        $pointer_args
+        # gate z (B, E, L), forward time order; workspace, merged output (B, L, E); codes (B*L, E)
+        $gate_output_args
+        $codes_args
+        # the merge factor c, dimensions$rank_comment
+        c, E, N, L,$rank_args
+        # strides (batch, channel-or-state, time)$dt_stride_comment
+        $strides
+        $z_strides
+        # meta-parameters (BLOCK_N >= N: the whole state of a channel in registers$block_r_comment)
+        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,$block_r_arg
+    ):
+        pid_b = tl.program_id(0)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_e = offs_e < E
+        mask_n = offs_n < N
+        # padded states have A = 0, B = 0: h stays 0
+        mask_en = mask_e[:, None] & mask_n[None, :]
+        $prologue
+        # forward direction: token t at step t; y_f + D_f u_f (ungated) to the workspace
+        $forward_setup
+        for t in range(0, L):
+            $forward_step
+            tl.store(ws_base + t * E, y, mask=mask_e)
+        tl.debug_barrier()  # the forward values are visible to all of the program's threads
+        # backward direction: step t belongs to token l = L - 1 - t; merge and quantize there
+        $backward_setup
+        for t in range(0, L):
+            $backward_step
+            l = L - 1 - t
+            yf = tl.load(ws_base + l * E, mask=mask_e, other=0.0)
+            $gate
+            m = (yf + y) * c
+            $store_float
+            $emit_codes
+""")
+
+#: Both directions' outputs gated by ``silu(z)`` at token ``l``.
+_GATE = """
+    g = _vmfx_silu(tl.load(z_base + l * stride_zl, mask=mask_e, other=0.0).to(tl.float32))
+    yf = yf * g
+    y = y * g
+"""
 
 
 def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool = True,
@@ -237,7 +318,6 @@ def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool
     if workspace_is_out and not (write_float and out_dtype == "float32"):
         raise ValueError("workspace_is_out needs a float32 m that is written")
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    buf = IndentedBuffer()
     params = dict(has_D_f=has_D_f, has_D_b=has_D_b, has_z=has_z, delta_softplus=delta_softplus,
                   write_float=write_float, emit_codes=emit_codes)
     if emit_codes:
@@ -247,120 +327,100 @@ def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool
         params["out_dtype"] = out_dtype
     if fused:
         params.update(dt_proj_f=dts["f"], dt_proj_b=dts["b"])
-    render_header(buf, "scan_merge", provenance, params)
     helpers = ((["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
                + (["_vmfx_quantize"] if emit_codes or fused else []))
-    render_helpers(buf, helpers)
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["E", "N", "L"])
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        if fused:
-            buf.writeline("# pointers, per direction: u (B, E, L); A (E, N); B, C (B, N, L); D (E,); dt_proj's")
-            buf.writeline("# input (B, L, R), int8 weight codes (E, R), int32 row sums and scales (E,), activation")
-            buf.writeline("# smoothing (R,), 1 / s_a, s_a, z_a (L or 1), bias (E,)")
-        else:
-            buf.writeline("# pointers, per direction: u, delta (B, E, L); A (E, N); B, C (B, N, L); D (E,)")
-        for d, has_D in (("f", has_D_f), ("b", has_D_b)):
-            buf.writeline(f"u{d}_ptr, " + ("" if fused else f"d{d}_ptr, ") + f"A{d}_ptr, B{d}_ptr, C{d}_ptr,"
-                          + (f" D{d}_ptr," if has_D else ""))
-            if fused:
-                dt = dts[d]
-                buf.writeline(f"dtx{d}_ptr, dtw{d}_ptr, dtwsum{d}_ptr, dtsw{d}_ptr, "
-                              + (f"dtinv_s{d}_ptr, " if dt.smooth else "")
-                              + f"dtinv_sa{d}_ptr, dtsa{d}_ptr, dtza{d}_ptr," + (f" dtbias{d}_ptr," if dt.bias else ""))
-        buf.writeline("# gate z (B, E, L), forward time order; workspace, merged output (B, L, E); codes (B*L, E)")
-        buf.writeline(("z_ptr, " if has_z else "") + ("" if workspace_is_out else "ws_ptr, ")
-                      + ("out_ptr," if write_float else ""))
-        if emit_codes:
-            buf.writeline(("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,")
-        buf.writeline("# the merge factor c, dimensions" + (" (R: each direction's dt rank)" if fused else ""))
-        buf.writeline("c, E, N, L," + (" Rf, Rb," if fused else ""))
-        buf.writeline("# strides (batch, channel-or-state, time)"
-                      + ("; dt_proj input (batch, time, rank), weight (channel, rank)" if fused else ""))
-        for d in ("f", "b"):
-            if fused:
-                buf.writeline(f"stride_u{d}b, stride_u{d}e, stride_u{d}l,")
-            else:
-                buf.writeline(f"stride_u{d}b, stride_u{d}e, stride_u{d}l, stride_d{d}b, stride_d{d}e, stride_d{d}l,")
-            buf.writeline(f"stride_B{d}b, stride_B{d}n, stride_B{d}l, stride_C{d}b, stride_C{d}n, stride_C{d}l,")
-            if fused:
-                buf.writeline(f"stride_dtx{d}b, stride_dtx{d}l, stride_dtx{d}r, stride_dtw{d}e, stride_dtw{d}r,")
-        if has_z:
-            buf.writeline("stride_zb, stride_ze, stride_zl,")
-        buf.writeline("# meta-parameters (BLOCK_N >= N: the whole state of a channel in registers"
-                      + ("; BLOCK_R >= Rf, Rb" if fused else "") + ")")
-        buf.writeline("BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr," + (" BLOCK_R: tl.constexpr," if fused else ""))
-    buf.writeline("):")
-    with buf.indent():
-        buf.splice("""
-            pid_b = tl.program_id(0)
-            offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-            offs_n = tl.arange(0, BLOCK_N)
-            mask_e = offs_e < E
-            mask_n = offs_n < N
-            # padded states have A = 0, B = 0: h stays 0
-            mask_en = mask_e[:, None] & mask_n[None, :]
-        """)
-        if fused:
-            buf.writeline("offs_r = tl.arange(0, BLOCK_R)  # dt_proj's input channels (padded weight codes are 0)")
-        ws = "out_ptr" if workspace_is_out else "ws_ptr"
-        buf.writeline(f"ws_base = {ws} + pid_b * L * E + offs_e  # token-major (B, L, E) float32")
-        if write_float and not workspace_is_out:
-            buf.writeline("out_base = out_ptr + pid_b * L * E + offs_e")
-        if has_z:
-            buf.writeline("z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze")
-        if emit_codes:
-            buf.writeline("codes_base = codes_ptr + pid_b * L * E + offs_e")
-            if smooth:
-                buf.writeline("inv_s = tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)")
-            if not per_token:
-                buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
-                buf.writeline("za = tl.load(za_ptr)")
-        buf.writeline("# forward direction: token t at step t; y_f + D_f u_f (ungated) to the workspace")
-        _render_direction(buf, "f", has_D_f, dts.get("f"))
-        buf.writeline("for t in range(0, L):")
-        with buf.indent():
-            _render_step(buf, "f", "t", has_D_f, delta_softplus, dts.get("f"))
-            buf.writeline("tl.store(ws_base + t * E, y, mask=mask_e)")
-        buf.writeline("tl.debug_barrier()  # the forward values are visible to all of the program's threads")
-        buf.writeline("# backward direction: step t belongs to token l = L - 1 - t; merge and quantize there")
-        _render_direction(buf, "b", has_D_b, dts.get("b"))
-        buf.writeline("for t in range(0, L):")
-        with buf.indent():
-            _render_step(buf, "b", "t", has_D_b, delta_softplus, dts.get("b"))
-            buf.writeline("l = L - 1 - t")
-            buf.writeline("yf = tl.load(ws_base + l * E, mask=mask_e, other=0.0)")
-            if has_z:
-                buf.splice("""
-                    g = _vmfx_silu(tl.load(z_base + l * stride_zl, mask=mask_e, other=0.0).to(tl.float32))
-                    yf = yf * g
-                    y = y * g
-                """)
-            buf.writeline("m = (yf + y) * c")
-            if write_float:
-                if workspace_is_out:
-                    buf.writeline("tl.debug_barrier()  # every thread has read y_f[l] before m[l] overwrites it")
-                    buf.writeline(f"tl.store(ws_base + l * E, {stored}, mask=mask_e)")
-                else:
-                    buf.writeline(f"tl.store(out_base + l * E, {stored}, mask=mask_e)")
-            if emit_codes:
-                buf.writeline("# next linear's quantize: token l, channel e")
-                if smooth:
-                    buf.writeline("m = m * inv_s")
-                if per_token:
-                    buf.writeline("inv_sa = tl.load(inv_sa_ptr + l)")
-                    buf.writeline("za = tl.load(za_ptr + l)")
-                buf.writeline(
-                    f"codes = _vmfx_quantize(m, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
-                buf.writeline("tl.store(codes_base + l * E, codes, mask=mask_e)")
-    return buf.getvalue()
+    preamble = render_preamble("scan_merge", provenance, params, helpers,
+                               (AUTOTUNE_CONFIGS, ["E", "N", "L"]) if autotune else None)
+    has_D = {"f": has_D_f, "b": has_D_b}
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME,
+        pointer_args=_pointer_args(has_D, dts),
+        gate_output_args=("z_ptr, " if has_z else "") + ("" if workspace_is_out else "ws_ptr, ")
+        + ("out_ptr," if write_float else ""),
+        codes_args=(("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,") if emit_codes else "",
+        rank_comment=" (R: each direction's dt rank)" if fused else "",
+        rank_args=" Rf, Rb," if fused else "",
+        dt_stride_comment="; dt_proj input (batch, time, rank), weight (channel, rank)" if fused else "",
+        strides=lines(_strides(d, fused) for d in ("f", "b")),
+        z_strides="stride_zb, stride_ze, stride_zl," if has_z else "",
+        block_r_comment="; BLOCK_R >= Rf, Rb" if fused else "",
+        block_r_arg=" BLOCK_R: tl.constexpr," if fused else "",
+        prologue=_prologue(fused, workspace_is_out, write_float, has_z, emit_codes, smooth, per_token),
+        forward_setup=direction_setup_source("f", has_D_f, dts.get("f")),
+        forward_step=step_source("f", "t", has_D_f, delta_softplus, dts.get("f")),
+        backward_setup=direction_setup_source("b", has_D_b, dts.get("b")),
+        backward_step=step_source("b", "t", has_D_b, delta_softplus, dts.get("b")),
+        gate=lines(_GATE) if has_z else "",
+        store_float=_store_float(stored, workspace_is_out) if write_float else "",
+        emit_codes=_codes_epilogue(smooth, per_token, qmax, off) if emit_codes else "",
+    )
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(**kw):
-    return load_kernel(render_scan_merge(**kw), KERNEL_NAME)
+def _pointer_args(has_D: dict, dts: dict) -> str:
+    """The per-direction pointer arguments (with the fused dt_proj's when ``dts`` is given)."""
+    fused = bool(dts)
+    if fused:
+        out = ["# pointers, per direction: u (B, E, L); A (E, N); B, C (B, N, L); D (E,); dt_proj's",
+               "# input (B, L, R), int8 weight codes (E, R), int32 row sums and scales (E,), activation",
+               "# smoothing (R,), 1 / s_a, s_a, z_a (L or 1), bias (E,)"]
+    else:
+        out = ["# pointers, per direction: u, delta (B, E, L); A (E, N); B, C (B, N, L); D (E,)"]
+    for d in ("f", "b"):
+        out.append(f"u{d}_ptr, " + ("" if fused else f"d{d}_ptr, ") + f"A{d}_ptr, B{d}_ptr, C{d}_ptr,"
+                   + (f" D{d}_ptr," if has_D[d] else ""))
+        if fused:
+            dt = dts[d]
+            out.append(f"dtx{d}_ptr, dtw{d}_ptr, dtwsum{d}_ptr, dtsw{d}_ptr, "
+                       + (f"dtinv_s{d}_ptr, " if dt.smooth else "")
+                       + f"dtinv_sa{d}_ptr, dtsa{d}_ptr, dtza{d}_ptr," + (f" dtbias{d}_ptr," if dt.bias else ""))
+    return lines(out)
+
+
+def _strides(d: str, fused: bool) -> str:
+    """Direction ``d``'s stride arguments."""
+    return lines(
+        f"stride_u{d}b, stride_u{d}e, stride_u{d}l," if fused
+        else f"stride_u{d}b, stride_u{d}e, stride_u{d}l, stride_d{d}b, stride_d{d}e, stride_d{d}l,",
+        f"stride_B{d}b, stride_B{d}n, stride_B{d}l, stride_C{d}b, stride_C{d}n, stride_C{d}l,",
+        f"stride_dtx{d}b, stride_dtx{d}l, stride_dtx{d}r, stride_dtw{d}e, stride_dtw{d}r," if fused else None,
+    )
+
+
+def _prologue(fused: bool, workspace_is_out: bool, write_float: bool, has_z: bool, emit_codes: bool,
+              smooth: bool, per_token: bool) -> str:
+    """The bases of the workspace, output, gate and codes, and the loop-invariant quantize parameters."""
+    ws = "out_ptr" if workspace_is_out else "ws_ptr"
+    return lines(
+        "offs_r = tl.arange(0, BLOCK_R)  # dt_proj's input channels (padded weight codes are 0)" if fused else None,
+        f"ws_base = {ws} + pid_b * L * E + offs_e  # token-major (B, L, E) float32",
+        "out_base = out_ptr + pid_b * L * E + offs_e" if write_float and not workspace_is_out else None,
+        "z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze" if has_z else None,
+        "codes_base = codes_ptr + pid_b * L * E + offs_e" if emit_codes else None,
+        "inv_s = tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)" if emit_codes and smooth else None,
+        lines("inv_sa = tl.load(inv_sa_ptr)", "za = tl.load(za_ptr)") if emit_codes and not per_token else None,
+    )
+
+
+def _store_float(stored: str, workspace_is_out: bool) -> str:
+    """Store ``m`` at token ``l``: into the workspace itself (after a barrier) or into ``out``."""
+    if workspace_is_out:
+        return lines("tl.debug_barrier()  # every thread has read y_f[l] before m[l] overwrites it",
+                     f"tl.store(ws_base + l * E, {stored}, mask=mask_e)")
+    return f"tl.store(out_base + l * E, {stored}, mask=mask_e)"
+
+
+def _codes_epilogue(smooth: bool, per_token: bool, qmax: int, off: int) -> str:
+    """The next linear's quantize of ``m`` at token ``l``."""
+    return lines(
+        "# next linear's quantize: token l, channel e",
+        "m = m * inv_s" if smooth else None,
+        lines("inv_sa = tl.load(inv_sa_ptr + l)", "za = tl.load(za_ptr + l)") if per_token else None,
+        f"codes = _vmfx_quantize(m, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})",
+        "tl.store(codes_base + l * E, codes, mask=mask_e)",
+    )
+
+
+_kernel = kernel_cache(render_scan_merge, KERNEL_NAME)
 
 
 def scan_merge(

@@ -1,0 +1,84 @@
+# vmfx generated kernel: template=conv
+# provenance (FX nodes):
+#   golden.conv.nobias.tensor.autotune
+# parameters:
+#   width = 4
+#   bias = False
+#   flip = False
+#   emit_codes = True
+#   per_token = False
+#   smooth = False
+#   act_bits = 8
+#   autotune = True
+import triton
+import triton.language as tl
+
+@triton.jit
+def _vmfx_rint(v):
+    """Round half to even (torch.round) of finite float32 v: f = floor(v), d = v - f (exact
+    for |v| >= 1), f + 1 when d > 0.5 or (d == 0.5 and f odd)."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+@triton.jit
+def _vmfx_silu(x):
+    """x * sigmoid(x), as x / (1 + exp(-x))."""
+    return x / (1.0 + tl.exp(-x))
+
+@triton.jit
+def _vmfx_quantize(v, inv_sa, za, QMIN, QMAX, OFFSET):
+    """Shifted int8 codes clamp(rint(v * inv_sa) + za, QMIN, QMAX) - OFFSET of an (already
+    smoothed) float tile v. v is clamped to [QMIN - za, QMAX - za] before rounding (same
+    result for integer za): rint's argument stays small, and the min/max separates the
+    multiply from the rounding arithmetic, so no FMA can be formed across them."""
+    v = v * inv_sa
+    v = tl.minimum(tl.maximum(v, QMIN - za), QMAX - za)
+    return (_vmfx_rint(v) + za - OFFSET).to(tl.int8)
+
+@triton.autotune(
+    configs=[
+        triton.Config({'BLOCK_E': 32, 'BLOCK_L': 64}, num_warps=4),
+        triton.Config({'BLOCK_E': 64, 'BLOCK_L': 32}, num_warps=4),
+        triton.Config({'BLOCK_E': 64, 'BLOCK_L': 64}, num_warps=8),
+        triton.Config({'BLOCK_E': 128, 'BLOCK_L': 16}, num_warps=4),
+    ],
+    key=['E', 'L'],
+    cache_results=True,  # timings kept on disk (Triton's cache): a new process does not re-tune
+)
+@triton.jit
+def vmfx_conv(
+    # pointers: x (B, E, L) any strides, weight (E, W), bias (E,), out (B, E, L)
+    x_ptr, w_ptr, out_ptr,
+    # the next linear's activation parameters and its int8 codes (B*L, E)
+    inv_sa_ptr, za_ptr, codes_ptr,
+    # dimensions and strides
+    E, L, stride_xb, stride_xe, stride_xl,
+    # meta-parameters
+    WIDTH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_e = offs_e < E
+    mask_l = offs_l < L
+    x_base = x_ptr + pid_b * stride_xb + offs_e[:, None] * stride_xe
+    acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        src = offs_l - (WIDTH - 1) + j  # causal: position l sees l - W + 1 .. l
+        pos = src
+        m = mask_e[:, None] & (mask_l & (src >= 0))[None, :]
+        xv = tl.load(x_base + pos[None, :] * stride_xl, mask=m, other=0.0).to(tl.float32)
+        wj = tl.load(w_ptr + offs_e * WIDTH + j, mask=mask_e, other=0.0)
+        acc = acc + xv * wj[:, None]
+    out = _vmfx_silu(acc)
+    mask = mask_e[:, None] & mask_l[None, :]
+    tl.store(out_ptr + pid_b * E * L + offs_e[:, None] * L + offs_l[None, :], out, mask=mask)
+    # next linear's quantize of out^T: row b*L + l (token l), channel e
+    inv_sa = tl.load(inv_sa_ptr)
+    za = tl.load(za_ptr)
+    codes = _vmfx_quantize(out, inv_sa, za, 0.0, 255.0, 128.0)
+    rows = pid_b * L + offs_l
+    tl.store(codes_ptr + rows[None, :] * E + offs_e[:, None], codes, mask=mask)

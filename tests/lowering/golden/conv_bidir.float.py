@@ -1,0 +1,64 @@
+# vmfx generated kernel: template=conv_bidir
+# provenance (FX nodes):
+#   golden.conv_bidir.float
+# parameters:
+#   width = 4
+#   bias_f = True
+#   bias_b = True
+#   emit_codes = False
+#   autotune = True
+import triton
+import triton.language as tl
+
+@triton.jit
+def _vmfx_silu(x):
+    """x * sigmoid(x), as x / (1 + exp(-x))."""
+    return x / (1.0 + tl.exp(-x))
+
+@triton.autotune(
+    configs=[
+        triton.Config({'BLOCK_E': 32, 'BLOCK_L': 64}, num_warps=4),
+        triton.Config({'BLOCK_E': 64, 'BLOCK_L': 32}, num_warps=4),
+        triton.Config({'BLOCK_E': 64, 'BLOCK_L': 64}, num_warps=8),
+        triton.Config({'BLOCK_E': 128, 'BLOCK_L': 16}, num_warps=4),
+    ],
+    key=['E', 'L'],
+    cache_results=True,  # timings kept on disk (Triton's cache): a new process does not re-tune
+)
+@triton.jit
+def vmfx_conv_bidir(
+    # pointers: x (B, E, L) any strides; per direction weight (E, W), bias (E,); out (2, B, E, L)
+    x_ptr, w_f_ptr, w_b_ptr, b_f_ptr, b_b_ptr, out_ptr,
+    # dimensions and strides
+    B, E, L, stride_xb, stride_xe, stride_xl,
+    # meta-parameters
+    WIDTH: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0)  # 2 * b + d: both directions of a batch element are neighbours
+    pid_b = pid // 2
+    pid_d = pid % 2
+    fwd = pid_d == 0
+    bwd = pid_d == 1  # the backward direction reads x reversed along L
+    row = pid_d * B + pid_b  # (direction, batch) slice of out (2B, E, L) and of codes (2B*L, E)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_e = offs_e < E
+    mask_l = offs_l < L
+    x_base = x_ptr + pid_b * stride_xb + offs_e[:, None] * stride_xe
+    acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        src = offs_l - (WIDTH - 1) + j  # causal: position l sees l - W + 1 .. l
+        pos = tl.where(bwd, L - 1 - src, src)
+        m = mask_e[:, None] & (mask_l & (src >= 0))[None, :]
+        xv = tl.load(x_base + pos[None, :] * stride_xl, mask=m, other=0.0).to(tl.float32)
+        wj_f = tl.load(w_f_ptr + offs_e * WIDTH + j, mask=mask_e & fwd, other=0.0)
+        wj_b = tl.load(w_b_ptr + offs_e * WIDTH + j, mask=mask_e & bwd, other=0.0)
+        wj = tl.where(bwd, wj_b, wj_f)
+        acc = acc + xv * wj[:, None]
+    bias_f = tl.load(b_f_ptr + offs_e, mask=mask_e & fwd, other=0.0)
+    bias_b = tl.load(b_b_ptr + offs_e, mask=mask_e & bwd, other=0.0)
+    bias = tl.where(bwd, bias_b, bias_f)
+    acc = acc + bias[:, None]
+    out = _vmfx_silu(acc)
+    mask = mask_e[:, None] & mask_l[None, :]
+    tl.store(out_ptr + row * E * L + offs_e[:, None] * L + offs_l[None, :], out, mask=mask)

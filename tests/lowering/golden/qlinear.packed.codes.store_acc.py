@@ -1,0 +1,87 @@
+# vmfx generated kernel: template=qlinear
+# provenance (FX nodes):
+#   golden.qlinear.packed.codes.store_acc
+# parameters:
+#   per_token = False
+#   smooth = False
+#   bias = True
+#   prequantized = True
+#   act_bits = 4
+#   epilogue = ()
+#   store_acc = True
+#   autotune = False
+#   out_dtype = 'float32'
+#   packed = True
+import triton
+import triton.language as tl
+
+@triton.jit
+def vmfx_qlinear(
+    # pointers: activation (float x or int8 codes), int8 weight (N, K) and its
+    # row sums (int32) and scales, activation parameters, bias, epilogue inputs
+    x_ptr, w_ptr, wsum_ptr, w_scale_ptr,
+    sa_ptr, za_ptr,
+    bias_ptr,
+    out_ptr, acc_ptr,
+    # dimensions (L: number of token positions of the activation parameters)
+    M, N, K, L,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped ordering of the output tiles (tutorial 03): GROUP_M row tiles per column sweep
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # activation parameters of each row's token (rows are (batch, token) pairs)
+    za = tl.load(za_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    KH = (K + 1) // 2  # packed columns: low nibble column j, high nibble column j + KH
+    for k0 in range(0, KH, BLOCK_K):
+        offs_j = k0 + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < KH
+        w_ptrs = w_ptr + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        p = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0)
+        p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
+        w_lo = ((p32 << 28) >> 28).to(tl.int8)  # low nibble: column j
+        w_hi = ((p32 << 24) >> 28).to(tl.int8)  # high nibble: column j + KH
+        offs_k = offs_j
+        mask_k = mask_j & (offs_k < K)
+        x_mask = mask_m[:, None] & mask_k[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        a = tl.load(x_ptrs, mask=x_mask, other=0)  # int8 codes q - OFFSET
+        acc = tl.dot(a, w_lo, acc, out_dtype=tl.int32)
+        offs_k = offs_j + KH
+        mask_k = mask_j & (offs_k < K)
+        x_mask = mask_m[:, None] & mask_k[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        a = tl.load(x_ptrs, mask=x_mask, other=0)  # int8 codes q - OFFSET
+        acc = tl.dot(a, w_hi, acc, out_dtype=tl.int32)
+
+    # zero point: acc += (8 - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly
+    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+    acc += (8 - za.to(tl.int32)) * wsum[None, :]
+
+    # dequantize: token x channel scales, then bias and the epilogue
+    sa = tl.load(sa_ptr)
+    sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    y = acc.to(tl.float32) * (sa * sw)
+    y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + offs_out, y, mask=mask_out)
+    tl.store(acc_ptr + offs_out, acc, mask=mask_out)

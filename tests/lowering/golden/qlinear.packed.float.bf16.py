@@ -1,0 +1,115 @@
+# vmfx generated kernel: template=qlinear
+# provenance (FX nodes):
+#   golden.qlinear.packed.float.bf16
+# parameters:
+#   per_token = True
+#   smooth = True
+#   bias = True
+#   prequantized = False
+#   act_bits = 8
+#   epilogue = ()
+#   store_acc = False
+#   autotune = False
+#   out_dtype = 'bfloat16'
+#   packed = True
+import triton
+import triton.language as tl
+
+@triton.jit
+def _vmfx_rint(v):
+    """Round half to even (torch.round) of finite float32 v: f = floor(v), d = v - f (exact
+    for |v| >= 1), f + 1 when d > 0.5 or (d == 0.5 and f odd)."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+@triton.jit
+def _vmfx_quantize(v, inv_sa, za, QMIN, QMAX, OFFSET):
+    """Shifted int8 codes clamp(rint(v * inv_sa) + za, QMIN, QMAX) - OFFSET of an (already
+    smoothed) float tile v. v is clamped to [QMIN - za, QMAX - za] before rounding (same
+    result for integer za): rint's argument stays small, and the min/max separates the
+    multiply from the rounding arithmetic, so no FMA can be formed across them."""
+    v = v * inv_sa
+    v = tl.minimum(tl.maximum(v, QMIN - za), QMAX - za)
+    return (_vmfx_rint(v) + za - OFFSET).to(tl.int8)
+
+@triton.jit
+def vmfx_qlinear(
+    # pointers: activation (float x or int8 codes), int8 weight (N, K) and its
+    # row sums (int32) and scales, activation parameters, bias, epilogue inputs
+    x_ptr, w_ptr, wsum_ptr, w_scale_ptr,
+    inv_s_ptr,
+    inv_sa_ptr, sa_ptr, za_ptr,
+    bias_ptr,
+    out_ptr,
+    # dimensions (L: number of token positions of the activation parameters)
+    M, N, K, L,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped ordering of the output tiles (tutorial 03): GROUP_M row tiles per column sweep
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # activation parameters of each row's token (rows are (batch, token) pairs)
+    tok = offs_m % L
+    inv_sa = tl.load(inv_sa_ptr + tok, mask=mask_m, other=1.0)[:, None]
+    za = tl.load(za_ptr + tok, mask=mask_m, other=0.0)[:, None]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    KH = (K + 1) // 2  # packed columns: low nibble column j, high nibble column j + KH
+    for k0 in range(0, KH, BLOCK_K):
+        offs_j = k0 + tl.arange(0, BLOCK_K)
+        mask_j = offs_j < KH
+        w_ptrs = w_ptr + offs_j[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        p = tl.load(w_ptrs, mask=mask_j[:, None] & mask_n[None, :], other=0)
+        p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
+        w_lo = ((p32 << 28) >> 28).to(tl.int8)  # low nibble: column j
+        w_hi = ((p32 << 24) >> 28).to(tl.int8)  # high nibble: column j + KH
+        offs_k = offs_j
+        mask_k = mask_j & (offs_k < K)
+        x_mask = mask_m[:, None] & mask_k[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        # read a float BLOCK_M x BLOCK_K tile; quantize in registers (padding: w is 0 there)
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+        x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]
+        a = _vmfx_quantize(x, inv_sa, za, 0.0, 255.0, 128.0)
+        acc = tl.dot(a, w_lo, acc, out_dtype=tl.int32)
+        offs_k = offs_j + KH
+        mask_k = mask_j & (offs_k < K)
+        x_mask = mask_m[:, None] & mask_k[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        # read a float BLOCK_M x BLOCK_K tile; quantize in registers (padding: w is 0 there)
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+        x = x * tl.load(inv_s_ptr + offs_k, mask=mask_k, other=1.0)[None, :]
+        a = _vmfx_quantize(x, inv_sa, za, 0.0, 255.0, 128.0)
+        acc = tl.dot(a, w_hi, acc, out_dtype=tl.int32)
+
+    # zero point: acc += (128 - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly
+    wsum = tl.load(wsum_ptr + offs_n, mask=mask_n, other=0)
+    acc += (128 - za.to(tl.int32)) * wsum[None, :]
+
+    # dequantize: token x channel scales, then bias and the epilogue
+    sa = tl.load(sa_ptr + tok, mask=mask_m, other=0.0)[:, None]
+    sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    y = acc.to(tl.float32) * (sa * sw)
+    y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    tl.store(out_ptr + offs_out, y.to(tl.bfloat16), mask=mask_out)

@@ -1,0 +1,105 @@
+# vmfx generated kernel: template=scan_merge
+# provenance (FX nodes):
+#   golden.scan_merge.codes_only.noD_b.bf16
+# parameters:
+#   has_D_f = True
+#   has_D_b = False
+#   has_z = False
+#   delta_softplus = False
+#   write_float = False
+#   emit_codes = True
+#   per_token = False
+#   smooth = False
+#   act_bits = 4
+#   workspace_is_out = False
+#   autotune = False
+import triton
+import triton.language as tl
+
+@triton.jit
+def _vmfx_rint(v):
+    """Round half to even (torch.round) of finite float32 v: f = floor(v), d = v - f (exact
+    for |v| >= 1), f + 1 when d > 0.5 or (d == 0.5 and f odd)."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+@triton.jit
+def _vmfx_quantize(v, inv_sa, za, QMIN, QMAX, OFFSET):
+    """Shifted int8 codes clamp(rint(v * inv_sa) + za, QMIN, QMAX) - OFFSET of an (already
+    smoothed) float tile v. v is clamped to [QMIN - za, QMAX - za] before rounding (same
+    result for integer za): rint's argument stays small, and the min/max separates the
+    multiply from the rounding arithmetic, so no FMA can be formed across them."""
+    v = v * inv_sa
+    v = tl.minimum(tl.maximum(v, QMIN - za), QMAX - za)
+    return (_vmfx_rint(v) + za - OFFSET).to(tl.int8)
+
+@triton.jit
+def vmfx_scan_merge(
+    # pointers, per direction: u, delta (B, E, L); A (E, N); B, C (B, N, L); D (E,)
+    uf_ptr, df_ptr, Af_ptr, Bf_ptr, Cf_ptr, Df_ptr,
+    ub_ptr, db_ptr, Ab_ptr, Bb_ptr, Cb_ptr,
+    # gate z (B, E, L), forward time order; workspace, merged output (B, L, E); codes (B*L, E)
+    ws_ptr, 
+    inv_sa_ptr, za_ptr, codes_ptr,
+    # the merge factor c, dimensions
+    c, E, N, L,
+    # strides (batch, channel-or-state, time)
+    stride_ufb, stride_ufe, stride_ufl, stride_dfb, stride_dfe, stride_dfl,
+    stride_Bfb, stride_Bfn, stride_Bfl, stride_Cfb, stride_Cfn, stride_Cfl,
+    stride_ubb, stride_ube, stride_ubl, stride_dbb, stride_dbe, stride_dbl,
+    stride_Bbb, stride_Bbn, stride_Bbl, stride_Cbb, stride_Cbn, stride_Cbl,
+    # meta-parameters (BLOCK_N >= N: the whole state of a channel in registers)
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_e = offs_e < E
+    mask_n = offs_n < N
+    # padded states have A = 0, B = 0: h stays 0
+    mask_en = mask_e[:, None] & mask_n[None, :]
+    ws_base = ws_ptr + pid_b * L * E + offs_e  # token-major (B, L, E) float32
+    codes_base = codes_ptr + pid_b * L * E + offs_e
+    inv_sa = tl.load(inv_sa_ptr)
+    za = tl.load(za_ptr)
+    # forward direction: token t at step t; y_f + D_f u_f (ungated) to the workspace
+    A2f = tl.load(Af_ptr + offs_e[:, None] * N + offs_n[None, :], mask=mask_en, other=0.0) * 1.4426950408889634
+    uf_base = uf_ptr + pid_b * stride_ufb + offs_e * stride_ufe
+    Bf_base = Bf_ptr + pid_b * stride_Bfb + offs_n * stride_Bfn
+    Cf_base = Cf_ptr + pid_b * stride_Cfb + offs_n * stride_Cfn
+    df_base = df_ptr + pid_b * stride_dfb + offs_e * stride_dfe
+    Df = tl.load(Df_ptr + offs_e, mask=mask_e, other=0.0)
+    h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+    for t in range(0, L):
+        u = tl.load(uf_base + t * stride_ufl, mask=mask_e, other=0.0).to(tl.float32)
+        dt = tl.load(df_base + t * stride_dfl, mask=mask_e, other=0.0).to(tl.float32)
+        Bt = tl.load(Bf_base + t * stride_Bfl, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(Cf_base + t * stride_Cfl, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2f) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+        y = y + Df * u
+        tl.store(ws_base + t * E, y, mask=mask_e)
+    tl.debug_barrier()  # the forward values are visible to all of the program's threads
+    # backward direction: step t belongs to token l = L - 1 - t; merge and quantize there
+    A2b = tl.load(Ab_ptr + offs_e[:, None] * N + offs_n[None, :], mask=mask_en, other=0.0) * 1.4426950408889634
+    ub_base = ub_ptr + pid_b * stride_ubb + offs_e * stride_ube
+    Bb_base = Bb_ptr + pid_b * stride_Bbb + offs_n * stride_Bbn
+    Cb_base = Cb_ptr + pid_b * stride_Cbb + offs_n * stride_Cbn
+    db_base = db_ptr + pid_b * stride_dbb + offs_e * stride_dbe
+    h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+    for t in range(0, L):
+        u = tl.load(ub_base + t * stride_ubl, mask=mask_e, other=0.0).to(tl.float32)
+        dt = tl.load(db_base + t * stride_dbl, mask=mask_e, other=0.0).to(tl.float32)
+        Bt = tl.load(Bb_base + t * stride_Bbl, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(Cb_base + t * stride_Cbl, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2b) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+        l = L - 1 - t
+        yf = tl.load(ws_base + l * E, mask=mask_e, other=0.0)
+        m = (yf + y) * c
+        # next linear's quantize: token l, channel e
+        codes = _vmfx_quantize(m, inv_sa, za, 0.0, 15.0, 8.0)
+        tl.store(codes_base + l * E, codes, mask=mask_e)

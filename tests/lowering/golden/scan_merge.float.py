@@ -1,0 +1,111 @@
+# vmfx generated kernel: template=scan_merge
+# provenance (FX nodes):
+#   golden.scan_merge.float
+# parameters:
+#   has_D_f = True
+#   has_D_b = True
+#   has_z = True
+#   delta_softplus = True
+#   write_float = True
+#   emit_codes = False
+#   workspace_is_out = False
+#   autotune = True
+import triton
+import triton.language as tl
+
+@triton.jit
+def _vmfx_softplus(x):
+    """torch's softplus (threshold 20): log1p(exp(x)) with log1p(e) = log(1 + e) * e /
+    ((1 + e) - 1) (Goldberg), e itself when 1 + e rounds to 1; x above 20."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = e + 1.0
+    m = w - 1.0
+    r = tl.where(m == 0.0, e, tl.log(w) * (e / tl.where(m == 0.0, 1.0, m)))
+    return tl.where(x > 20.0, x, r)
+
+@triton.jit
+def _vmfx_silu(x):
+    """x * sigmoid(x), as x / (1 + exp(-x))."""
+    return x / (1.0 + tl.exp(-x))
+
+@triton.autotune(
+    configs=[
+        triton.Config({'BLOCK_E': 16}, num_warps=2),
+        triton.Config({'BLOCK_E': 32}, num_warps=4),
+        triton.Config({'BLOCK_E': 64}, num_warps=4),
+        triton.Config({'BLOCK_E': 128}, num_warps=8),
+    ],
+    key=['E', 'N', 'L'],
+    cache_results=True,  # timings kept on disk (Triton's cache): a new process does not re-tune
+)
+@triton.jit
+def vmfx_scan_merge(
+    # pointers, per direction: u, delta (B, E, L); A (E, N); B, C (B, N, L); D (E,)
+    uf_ptr, df_ptr, Af_ptr, Bf_ptr, Cf_ptr, Df_ptr,
+    ub_ptr, db_ptr, Ab_ptr, Bb_ptr, Cb_ptr, Db_ptr,
+    # gate z (B, E, L), forward time order; workspace, merged output (B, L, E); codes (B*L, E)
+    z_ptr, ws_ptr, out_ptr,
+    # the merge factor c, dimensions
+    c, E, N, L,
+    # strides (batch, channel-or-state, time)
+    stride_ufb, stride_ufe, stride_ufl, stride_dfb, stride_dfe, stride_dfl,
+    stride_Bfb, stride_Bfn, stride_Bfl, stride_Cfb, stride_Cfn, stride_Cfl,
+    stride_ubb, stride_ube, stride_ubl, stride_dbb, stride_dbe, stride_dbl,
+    stride_Bbb, stride_Bbn, stride_Bbl, stride_Cbb, stride_Cbn, stride_Cbl,
+    stride_zb, stride_ze, stride_zl,
+    # meta-parameters (BLOCK_N >= N: the whole state of a channel in registers)
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_e = offs_e < E
+    mask_n = offs_n < N
+    # padded states have A = 0, B = 0: h stays 0
+    mask_en = mask_e[:, None] & mask_n[None, :]
+    ws_base = ws_ptr + pid_b * L * E + offs_e  # token-major (B, L, E) float32
+    out_base = out_ptr + pid_b * L * E + offs_e
+    z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze
+    # forward direction: token t at step t; y_f + D_f u_f (ungated) to the workspace
+    A2f = tl.load(Af_ptr + offs_e[:, None] * N + offs_n[None, :], mask=mask_en, other=0.0) * 1.4426950408889634
+    uf_base = uf_ptr + pid_b * stride_ufb + offs_e * stride_ufe
+    Bf_base = Bf_ptr + pid_b * stride_Bfb + offs_n * stride_Bfn
+    Cf_base = Cf_ptr + pid_b * stride_Cfb + offs_n * stride_Cfn
+    df_base = df_ptr + pid_b * stride_dfb + offs_e * stride_dfe
+    Df = tl.load(Df_ptr + offs_e, mask=mask_e, other=0.0)
+    h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+    for t in range(0, L):
+        u = tl.load(uf_base + t * stride_ufl, mask=mask_e, other=0.0).to(tl.float32)
+        dt = tl.load(df_base + t * stride_dfl, mask=mask_e, other=0.0).to(tl.float32)
+        dt = _vmfx_softplus(dt)
+        Bt = tl.load(Bf_base + t * stride_Bfl, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(Cf_base + t * stride_Cfl, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2f) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+        y = y + Df * u
+        tl.store(ws_base + t * E, y, mask=mask_e)
+    tl.debug_barrier()  # the forward values are visible to all of the program's threads
+    # backward direction: step t belongs to token l = L - 1 - t; merge and quantize there
+    A2b = tl.load(Ab_ptr + offs_e[:, None] * N + offs_n[None, :], mask=mask_en, other=0.0) * 1.4426950408889634
+    ub_base = ub_ptr + pid_b * stride_ubb + offs_e * stride_ube
+    Bb_base = Bb_ptr + pid_b * stride_Bbb + offs_n * stride_Bbn
+    Cb_base = Cb_ptr + pid_b * stride_Cbb + offs_n * stride_Cbn
+    db_base = db_ptr + pid_b * stride_dbb + offs_e * stride_dbe
+    Db = tl.load(Db_ptr + offs_e, mask=mask_e, other=0.0)
+    h = tl.zeros((BLOCK_E, BLOCK_N), dtype=tl.float32)
+    for t in range(0, L):
+        u = tl.load(ub_base + t * stride_ubl, mask=mask_e, other=0.0).to(tl.float32)
+        dt = tl.load(db_base + t * stride_dbl, mask=mask_e, other=0.0).to(tl.float32)
+        dt = _vmfx_softplus(dt)
+        Bt = tl.load(Bb_base + t * stride_Bbl, mask=mask_n, other=0.0).to(tl.float32)
+        Ct = tl.load(Cb_base + t * stride_Cbl, mask=mask_n, other=0.0).to(tl.float32)
+        h = tl.exp2(dt[:, None] * A2b) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+        y = y + Db * u
+        l = L - 1 - t
+        yf = tl.load(ws_base + l * E, mask=mask_e, other=0.0)
+        g = _vmfx_silu(tl.load(z_base + l * stride_zl, mask=mask_e, other=0.0).to(tl.float32))
+        yf = yf * g
+        y = y * g
+        m = (yf + y) * c
+        tl.store(out_base + l * E, m, mask=mask_e)
