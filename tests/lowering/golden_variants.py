@@ -8,7 +8,8 @@
   minmax, pts, pts-smooth, smoothquant, kscaled, ouromamba, ptq4vm and rotate presets (listed by
   ``benchmarks/dump_kernel_sources.py``, file ``render_calls.txt``): ``conv_bidir``, ``merge``,
   ``mixed_qlinear``, ``qlinear``, ``qlinear_group`` and ``scan_merge``;
-* the templates the proxy does not use (``quantize``, ``conv``, ``scan``) and the options the
+* the templates the proxy does not use (``quantize``, ``conv``, ``scan``, ``hadamard_quantize``: the
+  rotate-online presets) and the options the
   presets leave off (packed weights, half-precision outputs, epilogue ops, fixed-block launches,
   stored accumulators, quantized scan states, workspace reuse), as the kernel tests call them.
 
@@ -68,6 +69,10 @@ def _option_variants() -> dict[str, tuple[str, dict]]:
     """Templates and options the presets do not reach on the proxy, as the kernel tests use them."""
     return {
         "quantize.a8.token": ("render_quantize", dict()),
+        "hadamard_quantize.n192.a8.token": ("render_hadamard_quantize", dict(n=192)),
+        "hadamard_quantize.n64.a4.tensor.smooth.autotune": ("render_hadamard_quantize", dict(
+            n=64, per_token=False, smooth=True, act_bits=4, autotune=True)),
+        "hadamard_quantize.n20.a8.token": ("render_hadamard_quantize", dict(n=20)),
         "quantize.a4.tensor.smooth.autotune": ("render_quantize", dict(per_token=False, smooth=True, act_bits=4,
                                                                        autotune=True)),
         "qlinear.default": ("render_qlinear", dict()),

@@ -410,6 +410,16 @@ HELPERS: dict[str, str] = {
             v = tl.minimum(tl.maximum(v, QMIN - za), QMAX - za)
             return (_vmfx_rint(v) + za - OFFSET).to(tl.int8)
     ''',
+    "_vmfx_butterfly": '''
+        @triton.jit
+        def _vmfx_butterfly(t, BLOCK_M: tl.constexpr, P: tl.constexpr, HALF: tl.constexpr):
+            """One Walsh-Hadamard stage over the last axis (P) of a (BLOCK_M, P) tile: entries a and
+            a + HALF (bit log2(HALF) of a clear / set) become their sum and difference."""
+            t = tl.reshape(t, (BLOCK_M, P // (2 * HALF), 2, HALF))
+            lo, hi = tl.split(tl.permute(t, (0, 1, 3, 2)))
+            t = tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2))
+            return tl.reshape(t, (BLOCK_M, P))
+    ''',
 }
 
 #: Helpers that call other helpers.

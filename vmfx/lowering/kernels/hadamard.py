@@ -26,27 +26,25 @@ orders are limited to :data:`vmfx.quant.online_hadamard.FAST_BASES`.
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Sequence
 
 import torch
 
 from ...quant.online_hadamard import FAST_BASES, fast_hadamard_factors, hadamard_base
 from ..codegen import (
-    IndentedBuffer,
     check_tensor,
     float_literal,
     interpreting,
+    kernel_cache,
     launch_options,
-    load_kernel,
     next_power_of_2,
-    render_autotune,
-    render_header,
-    render_helpers,
+    render_preamble,
 )
 from ..params import ActQuant
+from ..template import KernelTemplate, lines
+from .act_quantize import act_params_source
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "render_hadamard_quantize", "hadamard_quantize"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "COLUMN", "render_hadamard_quantize", "hadamard_quantize"]
 
 KERNEL_NAME = "vmfx_hadamard_quantize"
 
@@ -58,16 +56,42 @@ AUTOTUNE_CONFIGS = [
     {"BLOCK_M": 32, "num_warps": 8},
 ]
 
-_BUTTERFLY = '''
+#: The ``hadamard_quantize`` kernel; slots: the smoothing pointer argument, the Sylvester order P,
+#: the base order m, the loads of the m tiles, the activation parameters' loads and the m output
+#: columns (:data:`COLUMN` each).
+TEMPLATE = KernelTemplate("""
     @triton.jit
-    def _vmfx_butterfly(t, BLOCK_M: tl.constexpr, P: tl.constexpr, HALF: tl.constexpr):
-        """One Walsh-Hadamard stage over the last axis (P) of a (BLOCK_M, P) tile: entries a and
-        a + HALF (bit log2(HALF) of a clear / set) become their sum and difference."""
-        t = tl.reshape(t, (BLOCK_M, P // (2 * HALF), 2, HALF))
-        lo, hi = tl.split(tl.permute(t, (0, 1, 3, 2)))
-        t = tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2))
-        return tl.reshape(t, (BLOCK_M, P))
-'''
+    def $kernel_name(
+        # pointers: float input (M, n), parameters, int8 codes (M, n) contiguous
+        x_ptr,$smooth_arg inv_sa_ptr, za_ptr, codes_ptr,
+        # dimensions and strides
+        M, L, stride_xm, stride_xk,
+        # meta-parameters
+        BLOCK_M: tl.constexpr,
+    ):
+        P: tl.constexpr = $p  # 2^k: the Sylvester factor; the base factor m = $m is unrolled
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_a = tl.arange(0, P)
+        mask = (offs_m < M)[:, None] & (offs_a < P)[None, :]
+        x_rows = x_ptr + offs_m[:, None] * stride_xm
+        # channel a * $m + b of every row, as $m tiles x_b of shape (BLOCK_M, P)
+        $loads
+        $act_params
+        $columns
+""")
+
+#: One output column j of the base product: its signed sum of the m tiles, the butterflies,
+#: 1 / sqrt(n), the smoothing multiply and the quantize, stored at channels a * m + j.
+COLUMN = KernelTemplate("""
+    # column $j of the base product, the butterflies, 1 / sqrt($n), quantize
+    t = $base_sum
+    $butterflies
+    t = t * $scale
+    chan = offs_a * $m + $j
+    $smooth
+    codes = _vmfx_quantize(t, inv_sa, za, 0.0, $qmax, $offset)
+    tl.store(codes_ptr + offs_m[:, None] * $n + chan[None, :], codes, mask=mask)
+""")
 
 
 def _base_sum(column: int, m: int) -> str:
@@ -80,7 +104,7 @@ def _base_sum(column: int, m: int) -> str:
 
 def render_hadamard_quantize(*, n: int, per_token: bool = True, smooth: bool = False, act_bits: int = 8,
                              autotune: bool = False, provenance: Sequence[str] = ()) -> str:
-    """Render the source of one ``hadamard_quantize`` kernel.
+    """Render the source of one ``hadamard_quantize`` kernel (:data:`TEMPLATE`).
 
     Args:
         n: the row width; ``2^k m`` with ``m`` in :data:`~vmfx.quant.online_hadamard.FAST_BASES`.
@@ -101,66 +125,27 @@ def render_hadamard_quantize(*, n: int, per_token: bool = True, smooth: bool = F
     k, m = factors
     p = 2**k
     qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
-    buf = IndentedBuffer()
-    render_header(buf, "hadamard_quantize", provenance,
-                  dict(n=n, k=k, m=m, per_token=per_token, smooth=smooth, act_bits=act_bits, autotune=autotune))
-    render_helpers(buf, ["_vmfx_quantize"])
-    if k:
-        buf.splice(_BUTTERFLY)
-        buf.newline()
-    if autotune:
-        render_autotune(buf, AUTOTUNE_CONFIGS, ["M"])
-    buf.writeline("@triton.jit")
-    buf.writeline(f"def {KERNEL_NAME}(")
-    with buf.indent():
-        buf.writeline("# pointers: float input (M, n), parameters, int8 codes (M, n) contiguous")
-        buf.writeline("x_ptr," + (" inv_s_ptr," if smooth else "") + " inv_sa_ptr, za_ptr, codes_ptr,")
-        buf.writeline("# dimensions and strides")
-        buf.writeline("M, L, stride_xm, stride_xk,")
-        buf.writeline("# meta-parameters")
-        buf.writeline("BLOCK_M: tl.constexpr,")
-    buf.writeline("):")
-    with buf.indent():
-        buf.writeline(f"P: tl.constexpr = {p}  # 2^k: the Sylvester factor; the base factor m = {m} is unrolled")
-        buf.splice("""
-            offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_a = tl.arange(0, P)
-            mask = (offs_m < M)[:, None] & (offs_a < P)[None, :]
-            x_rows = x_ptr + offs_m[:, None] * stride_xm
-        """)
-        buf.writeline(f"# channel a * {m} + b of every row, as {m} tiles x_b of shape (BLOCK_M, P)")
-        for b in range(m):
-            buf.writeline(f"x{b} = tl.load(x_rows + (offs_a[None, :] * {m} + {b}) * stride_xk, mask=mask, "
-                          "other=0.0).to(tl.float32)")
-        if per_token:
-            buf.writeline("tok = offs_m % L  # rows are (batch, token) pairs")
-            buf.writeline("inv_sa = tl.load(inv_sa_ptr + tok, mask=offs_m < M, other=1.0)[:, None]")
-            buf.writeline("za = tl.load(za_ptr + tok, mask=offs_m < M, other=0.0)[:, None]")
-        else:
-            buf.writeline("inv_sa = tl.load(inv_sa_ptr)")
-            buf.writeline("za = tl.load(za_ptr)")
-        scale = float_literal(float(torch.tensor(1.0 / n**0.5, dtype=torch.float32)))
-        for j in range(m):
-            buf.writeline(f"# column {j} of the base product, the butterflies, 1 / sqrt({n}), quantize")
-            buf.writeline(f"t = {_base_sum(j, m)}")
-            half = 1
-            while half < p:
-                buf.writeline(f"t = _vmfx_butterfly(t, BLOCK_M, P, {half})")
-                half *= 2
-            buf.writeline(f"t = t * {scale}")
-            buf.writeline(f"chan = offs_a * {m} + {j}")
-            if smooth:
-                buf.writeline("t = t * tl.load(inv_s_ptr + chan)[None, :]")
-            buf.writeline(f"codes = _vmfx_quantize(t, inv_sa, za, 0.0, {float_literal(qmax)}, {float_literal(off)})")
-            buf.writeline(f"tl.store(codes_ptr + offs_m[:, None] * {n} + chan[None, :], codes, mask=mask)")
-    return buf.getvalue()
+    preamble = render_preamble("hadamard_quantize", provenance,
+                               dict(n=n, k=k, m=m, per_token=per_token, smooth=smooth, act_bits=act_bits,
+                                    autotune=autotune),
+                               ["_vmfx_quantize"] + (["_vmfx_butterfly"] if k else []),
+                               (AUTOTUNE_CONFIGS, ["M"]) if autotune else None)
+    scale = float_literal(float(torch.tensor(1.0 / n**0.5, dtype=torch.float32)))
+    butterflies = lines(*(f"t = _vmfx_butterfly(t, BLOCK_M, P, {2**i})" for i in range(k)))
+    columns = lines(*(COLUMN.fill(j=str(j), n=str(n), m=str(m), base_sum=_base_sum(j, m), butterflies=butterflies, scale=scale,
+                                  smooth="t = t * tl.load(inv_s_ptr + chan)[None, :]" if smooth else "",
+                                  qmax=float_literal(qmax), offset=float_literal(off)).rstrip("\n")
+                      for j in range(m)))
+    loads = lines(*(f"x{b} = tl.load(x_rows + (offs_a[None, :] * {m} + {b}) * stride_xk, mask=mask, "
+                    "other=0.0).to(tl.float32)" for b in range(m)))
+    return preamble + TEMPLATE.fill(
+        kernel_name=KERNEL_NAME, smooth_arg=" inv_s_ptr," if smooth else "", p=str(p), m=str(m), loads=loads,
+        act_params=lines("tok = offs_m % L  # rows are (batch, token) pairs" if per_token else None,
+                         act_params_source(per_token, "tok", "offs_m < M", "[:, None]")),
+        columns=columns)
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(n: int, per_token: bool, smooth: bool, act_bits: int, autotune: bool, provenance: tuple):
-    src = render_hadamard_quantize(n=n, per_token=per_token, smooth=smooth, act_bits=act_bits, autotune=autotune,
-                                   provenance=provenance)
-    return load_kernel(src, KERNEL_NAME)
+_kernel = kernel_cache(render_hadamard_quantize, KERNEL_NAME)
 
 
 def hadamard_quantize(x: torch.Tensor, act: ActQuant, *, block: Mapping[str, int] | None = None,
@@ -196,7 +181,8 @@ def hadamard_quantize(x: torch.Tensor, act: ActQuant, *, block: Mapping[str, int
     rows = x2.shape[0]
     codes = torch.empty((rows, n), dtype=torch.int8, device=dev)
     autotune = block is None and not interpreting()
-    kernel = _kernel(n, t > 1, act.inv_smooth is not None, act.bits, autotune, tuple(str(p) for p in provenance))
+    kernel = _kernel(n=n, per_token=t > 1, smooth=act.inv_smooth is not None, act_bits=act.bits, autotune=autotune,
+                     provenance=tuple(str(p) for p in provenance))
     args = dict(x_ptr=x2, inv_sa_ptr=act.inv_scale, za_ptr=act.zero_point, codes_ptr=codes,
                 M=rows, L=t, stride_xm=x2.stride(0), stride_xk=x2.stride(1))
     if act.inv_smooth is not None:
