@@ -91,7 +91,7 @@ def test_a_lowered_rotate_online_model_matches_its_fake_quant_graph(online):
     assert [p.kind for p in parts].count("hadamard") == 2
     for block in range(2):
         out_proj = next(p for p in parts if p.name == f"layers_{block}_mixer_out_proj")
-        assert out_proj.info["codes_from"].kind == "hadamard"
+        assert out_proj.info.codes_from.kind == "hadamard"
     lowered = lower(q, "reference", strict=True)
     kinds = lowered.meta["vmfx_lowered"]["partitions"]  # after the rewrites: both directions paired
     assert kinds.count("hadamard") == 2 and kinds.count("scan_merge") == 2

@@ -28,10 +28,10 @@ def test_partitions_of_a_bidirectional_vim(small):
     assert kinds.count("qlinear") == 12 and kinds.count("conv") == 4 and kinds.count("scan") == 4
     assert kinds.count("merge") == 2
     x_proj = next(p for p in parts if p.name == "layers_0_mixer_x_proj")
-    assert x_proj.info["codes_from"].kind == "conv"  # the conv emits x_proj's codes
+    assert x_proj.info.codes_from.kind == "conv"  # the conv emits x_proj's codes
     out_proj = next(p for p in parts if p.name == "layers_1_mixer_out_proj")
-    assert out_proj.info["codes_from"].kind == "merge"
-    assert out_proj.info["epilogue"] == [("add", "extra0")]  # the residual add, fused
+    assert out_proj.info.codes_from.kind == "merge"
+    assert out_proj.info.epilogue == [("add", "extra0")]  # the residual add, fused
     taken = [n for p in parts for n in p.nodes]
     assert len(taken) == len(set(taken))
 

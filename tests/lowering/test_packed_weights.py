@@ -67,7 +67,7 @@ def _weight_buffers(lowered) -> dict[str, torch.Tensor]:
 
 def test_lowered_w4_weights_are_stored_packed(w4):
     lowered = lower(w4, "reference")
-    linears = {p.name: p.info["module"] for p in find_partitions(w4) if p.kind == "qlinear"}
+    linears = {p.name: p.info.module for p in find_partitions(w4) if p.kind == "qlinear"}
     parts = list(_lowered_linears(lowered))
     # dt_proj runs inside the scan, from its 4-bit codes kept unpacked (E x dt_rank bytes)
     fused = [p for p in lowered_partitions(lowered) if p.kind == "scan_merge" and p.fused_dt_proj]

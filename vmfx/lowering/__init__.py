@@ -18,13 +18,16 @@ epilogue, cached by hash, one compiled kernel per form, :mod:`~vmfx.lowering.cod
 # Importing vmfx changes no environment variable and imports no Triton: the backend (a GPU, or
 # Triton's CPU interpreter on a machine without CUDA) is chosen when the first generated kernel is
 # defined (vmfx.lowering.codegen.ensure_backend), before Triton is imported.
-from .partition import Partition, find_partitions, unlowered_quantizers
+from .partition import Partition, PartitionInfo, find_partitions, register_partition_kind, unlowered_quantizers
 from .plan import Launch, LaunchPlan, launch_plan
-from .runtime import BACKENDS, LoweredPartition, lower, lowered_partitions, resolve_backend, show
+from .runtime import BACKENDS, LoweredPartition, lower, lowered_partitions, register_lowering, resolve_backend, show
 
 __all__ = [
     "BACKENDS",
     "Partition",
+    "PartitionInfo",
+    "register_partition_kind",
+    "register_lowering",
     "find_partitions",
     "unlowered_quantizers",
     "LoweredPartition",

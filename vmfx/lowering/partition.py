@@ -41,8 +41,8 @@ in float), so that lowering never drops quantization silently.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.fx as fx
@@ -57,7 +57,10 @@ from ..quant.modules import FakeQuantize, Smooth
 from ..quant.state_quantizer import scan_state_of
 from .rewrite import flip_dims
 
-__all__ = ["Partition", "QuantizedLinear", "find_partitions", "unlowered_quantizers", "EPILOGUE_OPS"]
+__all__ = ["Partition", "PartitionInfo", "EmitsCodesFor", "PARTITION_KINDS", "register_partition_kind",
+           "QLinearInfo", "ConvInfo", "ScanInfo", "MergeInfo", "HadamardInfo", "MixedQLinearInfo", "ConvBidirInfo",
+           "ScanMergeInfo", "QLinearGroupInfo", "QuantizedLinear", "find_partitions", "unlowered_quantizers",
+           "EPILOGUE_OPS"]
 
 #: FX targets an epilogue may hold, mapped to the op names of the code generator.
 EPILOGUE_OPS = {
@@ -70,26 +73,85 @@ EPILOGUE_OPS = {
 }
 
 
+class PartitionInfo:
+    """What the code generator needs to know of one partition kind; one dataclass per kind.
+
+    A kind is registered with :func:`register_partition_kind` (its ``kind`` name, unique) and
+    :func:`vmfx.lowering.runtime.register_lowering` (the module that runs it). Subclasses say how
+    their lowered module's outputs replace the partition's (:meth:`wire_outputs`) and where it
+    reads a producer's codes from (:meth:`codes_key`).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def codes_key(self) -> Any:
+        """The key under which a producer registered the codes this partition reads as its first
+        input, or None where it reads its inputs as they are."""
+        return None
+
+    def wire_outputs(self, p: "Partition", call: fx.Node, emits_codes: bool, codes_for: dict,
+                     getitem: Callable[[fx.Node, int], fx.Node]) -> dict[fx.Node, fx.Node]:
+        """``{old output node: the node that takes its value}``, read off the lowered ``call``;
+        codes the partition emits for a linear go to ``codes_for`` (keyed by the linear's node)."""
+        return {p.output: call}
+
+
+class EmitsCodesFor(PartitionInfo):
+    """A kind whose kernel may also emit the int codes of the one quantized linear it feeds
+    (``consumer``): its call then returns ``(float output, codes)``."""
+
+    consumer: fx.Node | None
+
+    def wire_outputs(self, p, call, emits_codes, codes_for, getitem):
+        if not emits_codes:
+            return {p.output: call}
+        codes_for[self.consumer] = getitem(call, 1)
+        return {p.output: getitem(call, 0)}
+
+
+#: kind name -> its PartitionInfo class (built-in kinds and those a plug-in registers).
+PARTITION_KINDS: dict[str, type[PartitionInfo]] = {}
+
+
+def register_partition_kind(cls: type[PartitionInfo]) -> type[PartitionInfo]:
+    """Class decorator: register a :class:`PartitionInfo` subclass under its ``kind``."""
+    if not (isinstance(cls, type) and issubclass(cls, PartitionInfo)) or not cls.kind:
+        raise TypeError(f"register_partition_kind takes a PartitionInfo subclass with a 'kind' name, got {cls!r}")
+    if PARTITION_KINDS.get(cls.kind, cls) is not cls:
+        raise ValueError(f"partition kind {cls.kind!r} is already registered by {PARTITION_KINDS[cls.kind].__name__}")
+    PARTITION_KINDS[cls.kind] = cls
+    return cls
+
+
 @dataclass
 class Partition:
     """One fused subgraph.
 
     Attributes:
-        kind: "qlinear", "conv", "scan", "merge", "hadamard", "mixed_qlinear", "conv_bidir",
-            "qlinear_group" or "scan_merge".
         name: a readable unique name (from the anchor node).
         nodes: the FX nodes it replaces, in graph order (their names are the kernel's provenance).
         inputs: external input nodes, in the order the lowered module takes them.
         output: the node whose value the partition computes (its users are rewired to it).
-        info: kind-specific facts (modules, epilogue ops, flags) for code generation.
+        info: the kind's typed facts (a registered :class:`PartitionInfo`: modules, epilogue ops,
+            flags) for code generation.
     """
 
-    kind: str
     name: str
     nodes: list[fx.Node]
     inputs: list[fx.Node]
     output: fx.Node
-    info: dict[str, Any] = field(default_factory=dict)
+    info: PartitionInfo
+
+    def __post_init__(self):
+        if PARTITION_KINDS.get(type(self.info).kind) is not type(self.info):
+            raise TypeError(f"partition {self.name}: {type(self.info).__name__} is not a registered partition kind "
+                            "(decorate it with register_partition_kind)")
+
+    @property
+    def kind(self) -> str:
+        """``"qlinear"``, ``"conv"``, ``"scan"``, ``"merge"``, ``"hadamard"``, ``"mixed_qlinear"``,
+        ``"conv_bidir"``, ``"qlinear_group"``, ``"scan_merge"`` or a plug-in's kind."""
+        return self.info.kind
 
     @property
     def provenance(self) -> list[str]:
@@ -203,6 +265,23 @@ def _same_shape(other: fx.Node, meta) -> bool:
     return meta is not None and m is not None and tuple(m.shape) == tuple(meta.shape) and m.dtype == meta.dtype
 
 
+@register_partition_kind
+@dataclass(eq=False)
+class QLinearInfo(PartitionInfo):
+    """A static quantized linear (``module``, matched at ``node``) with the elementwise ``epilogue``
+    ops fused after it; ``codes_from``: the partition that emits its input codes (None: the
+    kernel quantizes its float input itself)."""
+
+    kind: ClassVar[str] = "qlinear"
+    module: QuantizedLinear
+    node: fx.Node
+    epilogue: list
+    codes_from: Partition | None = None
+
+    def codes_key(self):
+        return self.node if self.codes_from is not None else None
+
+
 # -- conv / scan / merge --------------------------------------------------------------------------
 
 
@@ -216,6 +295,52 @@ def _time_flip(node) -> fx.Node | None:
     if meta is None or dims is None or len(meta.shape) != 3 or [d % 3 for d in dims] != [2]:
         return None
     return node
+
+
+@register_partition_kind
+@dataclass(eq=False)
+class ConvInfo(EmitsCodesFor):
+    """A depthwise causal conv1d and its SiLU, read reversed along L when ``flip`` (its absorbed
+    flip); ``consumer``: the quantized linear it emits codes for (set by :func:`find_partitions`)."""
+
+    kind: ClassVar[str] = "conv"
+    module: torch.nn.Conv1d
+    flip: bool
+    consumer: fx.Node | None = None
+
+
+@register_partition_kind
+@dataclass(eq=False)
+class ScanInfo(PartitionInfo):
+    """A selective scan and its gate: delta through softplus or not, a D skip or not, z read reversed
+    (``flip_z``, the backward direction's gate), and its quantized hidden state (None: float)."""
+
+    kind: ClassVar[str] = "scan"
+    softplus: bool
+    has_D: bool
+    flip_z: bool
+    state: Any
+
+
+@register_partition_kind
+@dataclass(eq=False)
+class MergeInfo(EmitsCodesFor):
+    """The sum of the two directions' gated outputs, times ``scale``; ``consumer``: out_proj when
+    the merge emits its codes."""
+
+    kind: ClassVar[str] = "merge"
+    scale: float
+    consumer: fx.Node | None = None
+
+
+@register_partition_kind
+@dataclass(eq=False)
+class HadamardInfo(EmitsCodesFor):
+    """The online Hadamard ``module`` and the quantize of ``consumer``'s input in one kernel."""
+
+    kind: ClassVar[str] = "hadamard"
+    module: OnlineHadamard
+    consumer: fx.Node | None = None
 
 
 def _conv_partition(conv: fx.Node) -> Partition | None:
@@ -235,7 +360,7 @@ def _conv_partition(conv: fx.Node) -> Partition | None:
         return None
     nodes.append(current)
     source = conv.args[0] if flip is None else flip.args[0]
-    return Partition("conv", conv.name, nodes, [source], current, {"module": module, "flip": flip is not None})
+    return Partition(conv.name, nodes, [source], current, ConvInfo(module, flip is not None))
 
 
 def _scan_partition(scan: fx.Node) -> Partition | None:
@@ -262,10 +387,10 @@ def _scan_partition(scan: fx.Node) -> Partition | None:
     z = gate_act.args[0]  # before its SiLU
     flip_z = _time_flip(z)  # the backward direction's gate: the forward z, read reversed
     inputs.append(z if flip_z is None else flip_z.args[0])
-    info = {"softplus": bool(bound.get("delta_softplus")), "has_D": has_d, "flip_z": flip_z is not None,
-            "state": scan_state_of(scan)}  # the quantized hidden state (None: float state)
+    info = ScanInfo(softplus=bool(bound.get("delta_softplus")), has_D=has_d, flip_z=flip_z is not None,
+                    state=scan_state_of(scan))
     nodes = [scan, gate_act, gate_mul] + ([flip_z] if flip_z is not None else [])
-    return Partition("scan", scan.name, nodes, inputs, gate_mul, info)
+    return Partition(scan.name, nodes, inputs, gate_mul, info)
 
 
 def _merge_partition(out_proj: fx.Node) -> Partition | None:
@@ -302,7 +427,7 @@ def _merge_partition(out_proj: fx.Node) -> Partition | None:
             return None
     order = {n: i for i, n in enumerate(out_proj.graph.nodes)}
     nodes.sort(key=order.__getitem__)
-    return Partition("merge", nodes[-1].name, nodes, [sources[0][0], sources[1][0]], nodes[-1], {"scale": scale})
+    return Partition(nodes[-1].name, nodes, [sources[0][0], sources[1][0]], nodes[-1], MergeInfo(scale))
 
 
 def _hadamard_partition(source, consumer: fx.Node) -> Partition | None:
@@ -314,11 +439,24 @@ def _hadamard_partition(source, consumer: fx.Node) -> Partition | None:
         return None
     if not isinstance(source.args[0], fx.Node):
         return None
-    return Partition("hadamard", source.name, [source], [source.args[0]], source,
-                     {"module": module, "consumer": consumer})
+    return Partition(source.name, [source], [source.args[0]], source, HadamardInfo(module, consumer))
 
 
 # -- mixed_qlinear (OuroMamba) -------------------------------------------------------------------
+
+
+@register_partition_kind
+@dataclass(eq=False)
+class MixedQLinearInfo(PartitionInfo):
+    """OuroMamba's mixed-precision linear: its input quantizer (outlier selection), weight
+    quantizer, float weight and bias, and the linear's node."""
+
+    kind: ClassVar[str] = "mixed_qlinear"
+    quantizer: MixedPrecisionQuantize
+    weight_quantizer: FakeQuantize
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    node: fx.Node
 
 
 def _mixed_partition(node: fx.Node) -> Partition | None:
@@ -346,8 +484,8 @@ def _mixed_partition(node: fx.Node) -> Partition | None:
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
         return None
     module = edges.linear_module(node.graph.owning_module)
-    info = {"quantizer": iq, "weight_quantizer": wq, "weight": module.weight, "bias": module.bias, "node": node}
-    return Partition("mixed_qlinear", node.name, [edges.act_quant, edges.weight_quant, node], [edges.source], node, info)
+    info = MixedQLinearInfo(iq, wq, module.weight, module.bias, node)
+    return Partition(node.name, [edges.act_quant, edges.weight_quant, node], [edges.source], node, info)
 
 
 # -- both directions of a block in one partition ---------------------------------------------------
@@ -374,27 +512,81 @@ def _act_kind(linear: QuantizedLinear | None):
     return spec.granularity, spec.bits
 
 
+@register_partition_kind
+@dataclass(eq=False)
+class ConvBidirInfo(PartitionInfo):
+    """Both directions' convs in one launch: their modules, output nodes and the linears they emit
+    codes for (``consumers``, each None where that direction emits none)."""
+
+    kind: ClassVar[str] = "conv_bidir"
+    modules: tuple
+    outputs: tuple
+    consumers: tuple
+
+    def wire_outputs(self, p, call, emits_codes, codes_for, getitem):
+        stacked = getitem(call, 0) if emits_codes else call
+        fwd, bwd = self.outputs
+        if emits_codes:
+            codes = getitem(call, 1)
+            codes_for[tuple(self.consumers)] = codes  # for a grouped GEMM of the consumers
+            for d, consumer in enumerate(self.consumers):
+                codes_for[consumer] = getitem(codes, d)
+        return {fwd: getitem(stacked, 0), bwd: getitem(stacked, 1)}
+
+
+@register_partition_kind
+@dataclass(eq=False)
+class ScanMergeInfo(EmitsCodesFor):
+    """Both directions' scans, their gates and the merge in one launch (``has_D`` per direction),
+    with both ``dt_proj`` linears inside when :func:`_fuse_dt_proj` took them."""
+
+    kind: ClassVar[str] = "scan_merge"
+    softplus: bool
+    has_D: tuple
+    scale: float
+    consumer: fx.Node | None = None
+    dt_proj: tuple | None = None
+
+
+@register_partition_kind
+@dataclass(eq=False)
+class QLinearGroupInfo(PartitionInfo):
+    """Linears of one shape reading a ``conv_bidir``'s stacked codes, as one grouped GEMM."""
+
+    kind: ClassVar[str] = "qlinear_group"
+    modules: list
+    nodes: list
+    outputs: list
+    codes_from: Partition
+
+    def codes_key(self):
+        return tuple(self.nodes)
+
+    def wire_outputs(self, p, call, emits_codes, codes_for, getitem):
+        return {output: getitem(call, g) for g, output in enumerate(self.outputs)}
+
+
 def _pair_convs(parts: list[Partition]) -> list[Partition]:
     """A forward conv and a conv reading the same input reversed (its absorbed flip), with equal
     widths and channels, both emitting codes for a linear of the same activation kind (or neither),
     become one ``conv_bidir`` partition (one launch, no flip)."""
     convs = [p for p in parts if p.kind == "conv"]
-    linears = {p.info["node"]: p.info["module"] for p in parts if p.kind == "qlinear"}
+    linears = {p.info.node: p.info.module for p in parts if p.kind == "qlinear"}
     paired: dict[int, Partition] = {}
     for fwd in convs:
-        if fwd.info.get("flip") or id(fwd) in paired:
+        if fwd.info.flip or id(fwd) in paired:
             continue
         for bwd in convs:
-            if not bwd.info.get("flip") or id(bwd) in paired or not same_value(fwd.inputs[0], bwd.inputs[0]):
+            if not bwd.info.flip or id(bwd) in paired or not same_value(fwd.inputs[0], bwd.inputs[0]):
                 continue
-            mf, mb = fwd.info["module"], bwd.info["module"]
+            mf, mb = fwd.info.module, bwd.info.module
             if mf.kernel_size != mb.kernel_size or mf.in_channels != mb.in_channels:
                 continue
-            cf, cb = fwd.info.get("consumer"), bwd.info.get("consumer")
+            cf, cb = fwd.info.consumer, bwd.info.consumer
             if (cf is None) != (cb is None) or _act_kind(linears.get(cf)) != _act_kind(linears.get(cb)):
                 continue  # the kernel quantizes both directions alike (or neither)
-            info = {"modules": (mf, mb), "outputs": (fwd.output, bwd.output), "consumers": (cf, cb)}
-            pair = Partition("conv_bidir", fwd.name, fwd.nodes + bwd.nodes, [fwd.inputs[0]], fwd.output, info)
+            info = ConvBidirInfo((mf, mb), (fwd.output, bwd.output), (cf, cb))
+            pair = Partition(fwd.name, fwd.nodes + bwd.nodes, [fwd.inputs[0]], fwd.output, info)
             paired[id(fwd)] = paired[id(bwd)] = pair
             break
     return _replace_pairs(parts, paired)
@@ -409,19 +601,18 @@ def _pair_scans(parts: list[Partition]) -> list[Partition]:
     paired: dict[int, Partition] = {}
     for merge in (p for p in parts if p.kind == "merge"):
         fwd, bwd = scans.get(merge.inputs[0]), scans.get(merge.inputs[1])
-        if fwd is None or bwd is None or fwd.info.get("flip_z") or not bwd.info.get("flip_z"):
+        if fwd is None or bwd is None or fwd.info.flip_z or not bwd.info.flip_z:
             continue
-        if fwd.info.get("state") is not None or bwd.info.get("state") is not None:
+        if fwd.info.state is not None or bwd.info.state is not None:
             continue  # the quantized hidden state keeps its per-direction kernel
-        if fwd.info["softplus"] != bwd.info["softplus"] or not same_value(fwd.inputs[-1], bwd.inputs[-1]):
+        if fwd.info.softplus != bwd.info.softplus or not same_value(fwd.inputs[-1], bwd.inputs[-1]):
             continue
         if any(u not in merge.nodes for p in (fwd, bwd) for u in p.output.users):
             continue  # a direction's own output is read elsewhere: the pair never writes it
-        scan_inputs = lambda p: p.inputs[:-1] + ([] if p.info["has_D"] else [None])  # noqa: E731
-        info = {"softplus": fwd.info["softplus"], "has_D": (fwd.info["has_D"], bwd.info["has_D"]),
-                "scale": merge.info["scale"], "consumer": merge.info.get("consumer")}
+        scan_inputs = lambda p: p.inputs[:-1] + ([] if p.info.has_D else [None])  # noqa: E731
+        info = ScanMergeInfo(fwd.info.softplus, (fwd.info.has_D, bwd.info.has_D), merge.info.scale, merge.info.consumer)
         inputs = scan_inputs(fwd) + scan_inputs(bwd) + [fwd.inputs[-1]]
-        pair = Partition("scan_merge", merge.name, fwd.nodes + bwd.nodes + merge.nodes, inputs, merge.output, info)
+        pair = Partition(merge.name, fwd.nodes + bwd.nodes + merge.nodes, inputs, merge.output, info)
         paired[id(fwd)] = paired[id(bwd)] = paired[id(merge)] = pair
     return _replace_pairs(parts, paired)
 
@@ -434,8 +625,8 @@ def _replace_pairs(parts: list[Partition], paired: dict[int, Partition]) -> list
             seen.add(id(q))
             out.append(q)
     for p in out:  # the linears that read codes from a partition now merged read them from the pair
-        if p.kind == "qlinear" and p.info.get("codes_from") is not None:
-            p.info["codes_from"] = paired.get(id(p.info["codes_from"]), p.info["codes_from"])
+        if p.kind == "qlinear" and p.info.codes_from is not None:
+            p.info.codes_from = paired.get(id(p.info.codes_from), p.info.codes_from)
     return out
 
 
@@ -443,18 +634,17 @@ def _group_linears(parts: list[Partition]) -> list[Partition]:
     """The two linears that read a ``conv_bidir``'s codes (both directions' ``x_proj``), without
     epilogues and with weights of the same shape and bit width, become one ``qlinear_group``
     partition (one grouped GEMM over the stacked codes)."""
-    linears = {p.info["node"]: p for p in parts if p.kind == "qlinear"}
+    linears = {p.info.node: p for p in parts if p.kind == "qlinear"}
     grouped: dict[int, Partition] = {}
     for conv in (p for p in parts if p.kind == "conv_bidir"):
-        members = [linears.get(c) for c in conv.info["consumers"]]
-        if any(m is None or m.info["epilogue"] or m.info.get("codes_from") is not conv for m in members):
+        members = [linears.get(c) for c in conv.info.consumers]
+        if any(m is None or m.info.epilogue or m.info.codes_from is not conv for m in members):
             continue
-        modules = [m.info["module"] for m in members]
+        modules = [m.info.module for m in members]
         if len({(tuple(m.weight.shape), m.weight_quantizer.spec.bits) for m in modules}) != 1:
             continue
-        info = {"modules": modules, "nodes": [m.info["node"] for m in members],
-                "outputs": [m.output for m in members], "codes_from": conv}
-        group = Partition("qlinear_group", members[0].name, [n for m in members for n in m.nodes],
+        info = QLinearGroupInfo(modules, [m.info.node for m in members], [m.output for m in members], conv)
+        group = Partition(members[0].name, [n for m in members for n in m.nodes],
                           [members[0].inputs[0]], members[0].output, info)
         for m in members:
             grouped[id(m)] = group
@@ -474,12 +664,12 @@ def _dt_proj_of(delta, linears: dict[fx.Node, Partition]) -> tuple[Partition, fx
     if len(delta.users) != 1 or len(delta.args) != 3 or sorted(d % 3 for d in delta.args[1:]) != [1, 2]:
         return None
     part = linears.get(delta.args[0])
-    if part is None or part.info["epilogue"] or part.info.get("codes_from") is not None:
+    if part is None or part.info.epilogue or part.info.codes_from is not None:
         return None
     meta = part.inputs[0].meta.get("tensor_meta") if isinstance(part.inputs[0], fx.Node) else None
     if set(part.output.users) != {delta} or meta is None or len(meta.shape) != 3:
         return None
-    if part.info["module"].weight_quantizer.spec.bits > 8:
+    if part.info.module.weight_quantizer.spec.bits > 8:
         return None
     return part, delta
 
@@ -499,7 +689,7 @@ def _fuse_dt_proj(parts: list[Partition]) -> list[Partition]:
             p.inputs[i] = dt.inputs[0]  # dt_in: x_proj's output slice, token-major
             p.nodes.extend(dt.nodes + [transpose])
             fused.add(id(dt))
-        p.info["dt_proj"] = tuple(dt.info["module"] for dt, _ in found)
+        p.info.dt_proj = tuple(dt.info.module for dt, _ in found)
     return [p for p in parts if id(p) not in fused]
 
 
@@ -549,19 +739,19 @@ def find_partitions(gm: fx.GraphModule, pair_directions: bool = True) -> list[Pa
             chain.append(source)
             source = source.args[0]
         producer = producers.get(source)
-        info = {"module": module, "node": node, "epilogue": ops, "codes_from": None}
+        info = QLinearInfo(module, node, ops)
         inputs = [module.source]
         if producer is not None and producer.kind == "conv" and len(chain) == 1:
             # the conv emits (B*L, E) codes for this linear; the transpose node becomes dead
-            info["codes_from"] = producer
-            producer.info["consumer"] = node
+            info.codes_from = producer
+            producer.info.consumer = node
         elif producer is not None and producer.kind == "merge" and not chain:
-            info["codes_from"] = producer
-            producer.info["consumer"] = node
+            info.codes_from = producer
+            producer.info.consumer = node
         rotation = _hadamard_partition(source, node) if producer is None and not chain else None
-        if add(Partition("qlinear", node.name, module.nodes + [node] + epi_nodes, inputs + extra,
+        if add(Partition(node.name, module.nodes + [node] + epi_nodes, inputs + extra,
                          (epi_nodes or [node])[-1], info)) is not None and add(rotation) is not None:
-            info["codes_from"] = rotation  # the online Hadamard kernel emits this linear's codes
+            info.codes_from = rotation  # the online Hadamard kernel emits this linear's codes
     for node in gm.graph.nodes:  # OuroMamba: the mixed-precision linears
         if node not in taken:
             add(_mixed_partition(node))

@@ -48,7 +48,7 @@ import math
 import operator
 import warnings
 import weakref
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -61,7 +61,8 @@ from ..quant.state_quantizer import scan_state_of
 from ..quant.modules import FakeQuantize
 from . import mixed_reference
 from . import reference as ref
-from .partition import Partition, QuantizedLinear, find_partitions, unlowered_quantizers
+from .partition import (PARTITION_KINDS, MixedQLinearInfo, Partition, QuantizedLinear, find_partitions,
+                        unlowered_quantizers)
 from .rewrite import fold_parameter_constants, sink_flips
 
 __all__ = [
@@ -78,6 +79,8 @@ __all__ = [
     "LoweredConvBidir",
     "LoweredScanMerge",
     "LoweredQLinearGroup",
+    "LOWERINGS",
+    "register_lowering",
     "lower",
     "show",
     "lowered_partitions",
@@ -687,16 +690,16 @@ class LoweredMixedQLinear(LoweredPartition):
 
     kind = "mixed_qlinear"
 
-    def __init__(self, name, provenance, backend, info: dict):
+    def __init__(self, name, provenance, backend, info: MixedQLinearInfo):
         super().__init__(name, provenance, backend)
-        wq = info["weight_quantizer"]
-        weight = ref.QWeight.from_float(info["weight"], wq.scale, wq.spec.bits)
+        wq = info.weight_quantizer
+        weight = ref.QWeight.from_float(info.weight, wq.scale, wq.spec.bits)
         self.register_buffer("w_codes", weight.codes)
         self.register_buffer("w_scale", weight.scale)
         self.register_buffer("w_sum", weight.wsum)
         self.w_bits = weight.bits
-        self.register_buffer("bias", None if info["bias"] is None else info["bias"].detach().float().clone())
-        self.quantizer = info["quantizer"]
+        self.register_buffer("bias", None if info.bias is None else info.bias.detach().float().clone())
+        self.quantizer = info.quantizer
 
     @torch.no_grad()
     def compute(self, x: torch.Tensor) -> torch.Tensor:
@@ -720,40 +723,99 @@ class LoweredMixedQLinear(LoweredPartition):
 # -- the transform --------------------------------------------------------------------------------
 
 
-def _build(gm: fx.GraphModule, p: Partition, backend: str, linears: dict[fx.Node, QuantizedLinear]) -> LoweredPartition:
-    if p.kind == "qlinear":
-        linear: QuantizedLinear = p.info["module"]
-        meta = linear.source.meta.get("tensor_meta")
-        token_shape = tuple(meta.shape[1:-1]) if meta is not None else ()
-        return LoweredQLinear(p.name, p.provenance, backend, linear, p.info["epilogue"], token_shape,
-                              p.info["codes_from"] is not None)
-    consumer = p.info.get("consumer")
-    consumer_module = linears[consumer] if consumer is not None else None
-    if p.kind == "conv":
-        return LoweredConv(p.name, p.provenance, backend, p.info["module"], consumer_module, p.info.get("flip", False))
-    if p.kind == "scan":
-        return LoweredScan(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"], p.info.get("state"),
-                           p.info.get("flip_z", False))
-    # the float output is written only when something besides the consumer's codes reads it
-    only_consumer = consumer is not None and set(p.output.users) <= set(linears[consumer].nodes) | {consumer}
-    if p.kind == "hadamard":
-        return LoweredHadamardQuantize(p.name, p.provenance, backend, p.info["module"].dim, consumer_module)
-    if p.kind == "merge":
-        return LoweredMerge(p.name, p.provenance, backend, p.info["scale"], consumer_module, not only_consumer)
-    if p.kind == "qlinear_group":
-        meta = p.info["modules"][0].source.meta.get("tensor_meta")
-        token_shape = tuple(meta.shape[1:-1]) if meta is not None else ()
-        return LoweredQLinearGroup(p.name, p.provenance, backend, p.info["modules"], token_shape,
-                                   [n.name for n in p.info["nodes"]])
-    if p.kind == "conv_bidir":
-        consumers = tuple(linears[c] if c is not None else None for c in p.info["consumers"])
-        return LoweredConvBidir(p.name, p.provenance, backend, p.info["modules"], consumers)
-    if p.kind == "scan_merge":
-        return LoweredScanMerge(p.name, p.provenance, backend, p.info["softplus"], p.info["has_D"], p.info["scale"],
-                                consumer_module, not only_consumer, p.info.get("dt_proj"))
-    if p.kind == "mixed_qlinear":  # OuroMamba
-        return LoweredMixedQLinear(p.name, p.provenance, backend, p.info)
-    raise ValueError(f"unknown partition kind {p.kind!r}")
+#: partition kind -> ``build(p, backend, linears)``, the module that runs a partition of that kind.
+LOWERINGS: dict[str, Callable[[Partition, str, dict], LoweredPartition]] = {}
+
+
+def register_lowering(kind: str):
+    """Decorator: register ``build(p, backend, linears) -> LoweredPartition`` for the partitions of
+    ``kind`` (a kind registered with :func:`~vmfx.lowering.partition.register_partition_kind`);
+    ``linears`` maps every quantized linear's node to its :class:`QuantizedLinear`."""
+    if kind not in PARTITION_KINDS:
+        raise ValueError(f"register_lowering: unknown partition kind {kind!r}; register its PartitionInfo first "
+                         f"(known: {', '.join(sorted(PARTITION_KINDS))})")
+
+    def decorate(build):
+        if LOWERINGS.get(kind, build) is not build:
+            raise ValueError(f"partition kind {kind!r} already has a lowering ({LOWERINGS[kind].__qualname__})")
+        LOWERINGS[kind] = build
+        return build
+
+    return decorate
+
+
+def _build(p: Partition, backend: str, linears: dict[fx.Node, QuantizedLinear]) -> LoweredPartition:
+    build = LOWERINGS.get(p.kind)
+    if build is None:
+        raise LoweringError(f"partition {p.name}: no lowering is registered for kind {p.kind!r} "
+                            "(vmfx.lowering.runtime.register_lowering)")
+    return build(p, backend, linears)
+
+
+def _token_shape(linear: QuantizedLinear) -> tuple:
+    meta = linear.source.meta.get("tensor_meta")
+    return tuple(meta.shape[1:-1]) if meta is not None else ()
+
+
+def _consumer_module(p: Partition, linears: dict[fx.Node, QuantizedLinear]) -> QuantizedLinear | None:
+    return linears[p.info.consumer] if p.info.consumer is not None else None
+
+
+def _writes_float(p: Partition, linears: dict[fx.Node, QuantizedLinear]) -> bool:
+    """Whether something besides its consumer's codes reads the partition's float output."""
+    consumer = p.info.consumer
+    return consumer is None or not set(p.output.users) <= set(linears[consumer].nodes) | {consumer}
+
+
+@register_lowering("qlinear")
+def _lower_qlinear(p, backend, linears):
+    linear: QuantizedLinear = p.info.module
+    return LoweredQLinear(p.name, p.provenance, backend, linear, p.info.epilogue, _token_shape(linear),
+                          p.info.codes_from is not None)
+
+
+@register_lowering("conv")
+def _lower_conv(p, backend, linears):
+    return LoweredConv(p.name, p.provenance, backend, p.info.module, _consumer_module(p, linears), p.info.flip)
+
+
+@register_lowering("scan")
+def _lower_scan(p, backend, linears):
+    return LoweredScan(p.name, p.provenance, backend, p.info.softplus, p.info.has_D, p.info.state, p.info.flip_z)
+
+
+@register_lowering("hadamard")
+def _lower_hadamard(p, backend, linears):
+    return LoweredHadamardQuantize(p.name, p.provenance, backend, p.info.module.dim, _consumer_module(p, linears))
+
+
+@register_lowering("merge")
+def _lower_merge(p, backend, linears):
+    return LoweredMerge(p.name, p.provenance, backend, p.info.scale, _consumer_module(p, linears),
+                        _writes_float(p, linears))
+
+
+@register_lowering("qlinear_group")
+def _lower_qlinear_group(p, backend, linears):
+    return LoweredQLinearGroup(p.name, p.provenance, backend, p.info.modules, _token_shape(p.info.modules[0]),
+                               [n.name for n in p.info.nodes])
+
+
+@register_lowering("conv_bidir")
+def _lower_conv_bidir(p, backend, linears):
+    consumers = tuple(linears[c] if c is not None else None for c in p.info.consumers)
+    return LoweredConvBidir(p.name, p.provenance, backend, p.info.modules, consumers)
+
+
+@register_lowering("scan_merge")
+def _lower_scan_merge(p, backend, linears):
+    return LoweredScanMerge(p.name, p.provenance, backend, p.info.softplus, p.info.has_D, p.info.scale,
+                            _consumer_module(p, linears), _writes_float(p, linears), p.info.dt_proj)
+
+
+@register_lowering("mixed_qlinear")
+def _lower_mixed_qlinear(p, backend, linears):
+    return LoweredMixedQLinear(p.name, p.provenance, backend, p.info)
 
 
 def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False,
@@ -809,20 +871,19 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
         if strict:
             raise LoweringError(message + "; use lower(..., strict=False) to accept this")
         warnings.warn(message, stacklevel=2)
-    linears = {p.info["node"]: p.info["module"] for p in parts if p.kind == "qlinear"}
-    linears.update({n: m for p in parts if p.kind == "qlinear_group" for n, m in zip(p.info["nodes"], p.info["modules"])})
+    linears = {p.info.node: p.info.module for p in parts if p.kind == "qlinear"}
+    linears.update({n: m for p in parts if p.kind == "qlinear_group" for n, m in zip(p.info.nodes, p.info.modules)})
     codes_for: dict[fx.Node, fx.Node] = {}  # a linear node -> the codes its producer partition emits
     replaced: dict[fx.Node, fx.Node] = {}  # a partition's old output node -> its new value node
     graph = gm.graph
     for p in parts:
-        module = _build(gm, p, backend, linears)
+        module = _build(p, backend, linears)
         path = f"{LOWERED_PREFIX}.{p.name}"
         gm.add_submodule(path, module)
         inputs = [replaced.get(n, n) if isinstance(n, fx.Node) else n for n in p.inputs]
-        if p.kind == "qlinear" and p.info.get("codes_from") is not None:
-            inputs[0] = codes_for[p.info["node"]]
-        elif p.kind == "qlinear_group":
-            inputs[0] = codes_for[tuple(p.info["nodes"])]  # the producer's stacked codes
+        codes_key = p.info.codes_key()
+        if codes_key is not None:
+            inputs[0] = codes_for[codes_key]  # the codes a producer partition emits for this one
         with graph.inserting_before(p.output):
             call = graph.call_module(path, tuple(inputs))
             blocks = {a.block for n in p.nodes if (a := annotation(n)) is not None and a.block is not None}
@@ -830,7 +891,8 @@ def lower(qmodel: fx.GraphModule, backend: str = "auto", *, strict: bool = False
                      extra={"kind": p.kind, "replaces": [n.name for n in p.nodes], "layers": kernel_layers(p)})
             if "nn_module_stack" in p.output.meta:  # where it came from (launch plans place it in its block)
                 call.meta["nn_module_stack"] = dict(p.output.meta["nn_module_stack"])
-            values = _wire_outputs(graph, p, call, getattr(module, "emits_codes", False), codes_for)
+            getitem = lambda value, i: graph.call_function(operator.getitem, (value, i))  # noqa: E731
+            values = p.info.wire_outputs(p, call, getattr(module, "emits_codes", False), codes_for, getitem)
         for old, value in values.items():
             value.meta["tensor_meta"] = old.meta.get("tensor_meta")
             old.replace_all_uses_with(value)
@@ -900,28 +962,6 @@ def kernel_layers(p: Partition) -> list[dict]:
                                                         (nn.Conv1d, nn.Conv2d))):
             out.append({"node": node.name, "kind": "conv", "role": role, "direction": direction})
     return out
-
-
-def _wire_outputs(graph: fx.Graph, p: Partition, call: fx.Node, emits_codes: bool,
-                  codes_for: dict[fx.Node, fx.Node]) -> dict[fx.Node, fx.Node]:
-    """The nodes that take the values of ``p``'s outputs, read off its lowered ``call`` (inserted
-    after it); the codes it emits for a linear go to ``codes_for``."""
-    getitem = lambda value, i: graph.call_function(operator.getitem, (value, i))  # noqa: E731
-    if p.kind == "conv_bidir":
-        stacked = getitem(call, 0) if emits_codes else call
-        fwd, bwd = p.info["outputs"]
-        if emits_codes:
-            codes = getitem(call, 1)
-            codes_for[tuple(p.info["consumers"])] = codes  # for a grouped GEMM of the consumers
-            for d, consumer in enumerate(p.info["consumers"]):
-                codes_for[consumer] = getitem(codes, d)
-        return {fwd: getitem(stacked, 0), bwd: getitem(stacked, 1)}
-    if p.kind == "qlinear_group":
-        return {output: getitem(call, g) for g, output in enumerate(p.info["outputs"])}
-    if p.kind in ("conv", "merge", "scan_merge", "hadamard") and emits_codes:
-        codes_for[p.info["consumer"]] = getitem(call, 1)
-        return {p.output: getitem(call, 0)}
-    return {p.output: call}
 
 
 def _describe_left(node: fx.Node) -> str:
