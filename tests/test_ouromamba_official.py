@@ -216,3 +216,56 @@ def test_one_delta_quantizer_per_mixer_and_only_in_out_proj_learn(proxy_official
             assert m.round_gradient == "ste"  # restored after learning
     assert any(v for k, v in learned.items() if "in_proj" in k or "out_proj" in k)
     assert not any(v for k, v in learned.items() if "x_proj" in k or "dt_proj" in k or "__scan_" in k)
+
+
+def _harness():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "ouromamba_official.py")
+    spec = importlib.util.spec_from_file_location("bench_ouromamba_official", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _naive_scan(u, delta, A, B, C, D, z):
+    """float64 loop reference of mamba's scan with softplus(delta), B / C as (b, 1, n, l), the gate silu(z)."""
+    delta = torch.nn.functional.softplus(delta)
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(delta[..., t, None] * A) * h + delta[..., t, None] * B[:, 0, None, :, t] * u[..., t, None]
+        ys.append((h * C[:, 0, None, :, t]).sum(-1))
+    y = torch.stack(ys, -1) + D[:, None] * u
+    return y * torch.nn.functional.silu(z)
+
+
+def test_the_benchmarks_cpu_standins_match_a_float64_reference():
+    harness = _harness()
+    scan, conv = harness._selective_scan_cuda(), harness._causal_conv1d_cuda()
+    g = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 5, 3, 7
+    args = [torch.randn(b, d, length, generator=g), torch.randn(b, d, length, generator=g),
+            -torch.rand(d, n, generator=g).exp(), torch.randn(b, 1, n, length, generator=g),
+            torch.randn(b, 1, n, length, generator=g), torch.randn(d, generator=g), torch.randn(b, d, length, generator=g)]
+    _, _, out_z = scan.fwd(*args, None, True)
+    leaves = [a.double().requires_grad_(True) for a in args]
+    ref = _naive_scan(*leaves)
+    assert torch.allclose(out_z.double(), ref, rtol=1e-4, atol=1e-5)
+    dout = torch.randn(b, d, length, generator=g)
+    grads = torch.autograd.grad(ref, leaves, dout.double())
+    dz = torch.zeros(b, d, length)
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, dz_out, _ = scan.bwd(*args, None, dout, None, None, dz, True, True)
+    assert ddelta_bias is None and dz_out is dz and torch.equal(dz, dz_out)  # written into the caller's buffer
+    for got, want in zip((du, ddelta, dA, dB, dC, dD, dz), grads):
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
+    x, w, bias = torch.randn(b, d, length, generator=g), torch.randn(d, 4, generator=g), torch.randn(d, generator=g)
+    xl = [t.double().requires_grad_(True) for t in (x, w, bias)]
+    padded = torch.nn.functional.pad(xl[0], (3, 0))
+    ref = torch.nn.functional.silu(sum(padded[..., k:k + length] * xl[1][:, k, None] for k in range(4)) + xl[2][:, None])
+    assert torch.allclose(conv.causal_conv1d_fwd(x, w, bias, None, True).double(), ref, atol=1e-5)
+    dx = torch.zeros_like(x)
+    gx, gw, gb = conv.causal_conv1d_bwd(x, w, bias, dout, None, dx, True)
+    want = torch.autograd.grad(ref, xl, dout.double())
+    assert gx is dx and all(torch.allclose(a.double(), e, atol=1e-5) for a, e in zip((gx, gw, gb), want))
