@@ -57,7 +57,8 @@ def test_select_outliers_matches_the_loop_reference(s, p, c, refresh, trigger, s
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(s, p, c, generator=g) * torch.rand(1, 1, c, generator=g).mul(8).exp()
     _, qmax = qrange(4, True)
-    static = x.abs().amax(-1).median(0).values / qmax  # about half of the steps fire
+    # per-step static scales around the steps' own (about half fire; no exact ties with a dynamic scale)
+    static = x.abs().amax(-1).mean(0) / qmax * (0.5 + torch.rand(p, generator=g, dtype=torch.float64)).float()
     got = select_outliers(x, 3.0, refresh, static, -qmax, qmax, True, trigger)
     assert torch.equal(got, _select_reference(x, 3.0, refresh, static, qmax, trigger))
 
