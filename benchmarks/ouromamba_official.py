@@ -385,6 +385,18 @@ def render(result) -> str:
         base = by.get(("official:official", bits))
         if base is not None and method != "official:official":
             lines.append(f"- {bits}, {method} − official: {_say_all(r, base)}")
+    lines += ["", "Where the two sides still differ in method (vmfx's choices, documented in `vmfx/quant/mixed.py`, "
+              "`vmfx/passes/scan_operands.py`, `vmfx/data/augment.py`):", "",
+              "- a quantizer shared by both scan directions: the official one is re-initialised on its second call, "
+              "so the forward scan's A, B, C, D and delta use the backward scan's scales (per token: indexed by the "
+              "backward scan's steps, the tokens reversed); vmfx calibrates it on both directions' data;",
+              "- the outlier trigger and threshold of a step: computed with the window's earlier outliers zeroed "
+              "(official) or on the whole step (vmfx); during the official initialisation the backward scan's "
+              "operands are already quantized with the forward scan's scales;",
+              "- the official backward recomputes delta without `dt_proj`'s bias and passes the scan operands' "
+              "gradients straight through; vmfx differentiates its scan on the quantized operands;",
+              "- the activation grid: the official clipping ratios are 0.99 .. 0 of the maximum, vmfx's 0.01 .. 1;",
+              "- RandAugment: torchvision's in vmfx's augmentation (both sides here read the same augmented images)."]
     return "\n".join(lines) + "\n"
 
 
@@ -398,6 +410,7 @@ def main(argv=None) -> int:
     p.add_argument("--test-n", type=int, default=None, help="first N test digits (default: all)")
     p.add_argument("--src", default=None, help=f"the official copy (default ${ENV})")
     p.add_argument("--out", default=None)
+    p.add_argument("--render", action="store_true", help="only rewrite the .md from the .json in --out")
     args = p.parse_args(argv)
     args.argv = argv
     args.bits = [b for b in args.bits.split(",") if b]
@@ -407,6 +420,12 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown bit settings {bad}; the official runs are {', '.join(OFFICIAL_LEVELS)}")
     out = args.out or RESULTS
     os.makedirs(out, exist_ok=True)
+    if args.render:
+        with open(os.path.join(out, "ouromamba_official.json")) as f:
+            result = json.load(f)
+        with open(os.path.join(out, "ouromamba_official.md"), "w") as f:
+            f.write(render(result))
+        return 0
 
     def save(result):
         with open(os.path.join(out, "ouromamba_official.json"), "w") as f:
