@@ -49,6 +49,10 @@ METHODS: dict[str, tuple[str, str]] = {
     "kscaled-ssm-norep": ("kscaled", "kscaled-ssm without the reparameterization: per-step 8-bit scales on the raw state"),
     "ptq4vm-ssm": ("ptq4vm", "a combination: PTQ4VM (PTS + smoothing + JLSS) on the linears, then the reparameterized "
                    "scan with its hidden state quantized to 8 bits as in kscaled-ssm"),
+    "ouromamba-official": ("ouromamba-official", "OuroMamba-Quant as the official code quantizes: also A, B, C, D "
+                           "and delta as scan operands shared per mixer, batch-wide outlier trigger, W4A8O16 "
+                           "outliers in float, 10 steps/block of in_proj/out_proj learning without STE "
+                           "(w4a4 and w4a8 only)"),
     "kscaled-official": ("kscaled-official", "k-scaled ViM PTQ on the tensors the official code quantizes "
                          "(README: k-scaled ViM PTQ): kscaled's outputs plus the patch embedding, norms, conv1d "
                          "weights, act_z, the softplus, the head and the 8-bit reparameterized state; official "
@@ -92,6 +96,7 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("kscaled-ssm", "kscaled-ssm-norep"),
     ("ptq4vm-ssm", "ptq4vm"),
     ("ptq4vm-ssm", "kscaled-ssm"),
+    ("ouromamba", "ouromamba-official"),
     ("kscaled-official", "kscaled-ssm"),
     ("rotate", "pts"),
     ("rotate-hadamard", "pts"),

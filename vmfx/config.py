@@ -151,6 +151,10 @@ class JLSSConfig:
             the official code's hand-written backward of x_proj / dt_proj).
         learn_outputs: also learn the static step sizes of the block's quantizers on node outputs
             (OuroMamba's delta quantizer on ``dt_proj``'s output), in the activation group.
+        activation_rounding: the gradient of the activation quantizers' rounding while learning:
+            "ste" (straight through) or "zero" (plain ``round``, as the official OuroMamba code: the
+            step sizes get ``q`` and the activations no gradient through the rounding). Weight
+            quantizers always use the straight-through estimator.
     """
 
     steps: int = 100
@@ -164,6 +168,9 @@ class JLSSConfig:
     learn_roles: tuple[str, ...] = LINEAR_ROLES
     frozen_gradient: str = "ste"
     learn_outputs: bool = False
+    activation_rounding: str = "ste"
+
+    WRITTEN_WHEN_SET: ClassVar[tuple[str, ...]] = ("activation_rounding",)
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -185,6 +192,9 @@ class JLSSConfig:
             raise ConfigError(f"JLSSConfig.frozen_gradient must be 'ste' or 'float', got {self.frozen_gradient!r}")
         if not isinstance(self.learn_outputs, bool):
             raise ConfigError(f"JLSSConfig.learn_outputs must be a boolean, got {self.learn_outputs!r}")
+        if self.activation_rounding not in ("ste", "zero"):
+            raise ConfigError(f"JLSSConfig.activation_rounding must be 'ste' (straight-through estimator) or 'zero' "
+                              f"(plain round, the official OuroMamba learning), got {self.activation_rounding!r}")
         roles = tuple(self.learn_roles)
         if not roles or any(r not in LINEAR_ROLES for r in roles):
             raise ConfigError(f"JLSSConfig.learn_roles must be a non-empty subset of {LINEAR_ROLES}, got {self.learn_roles!r}")
@@ -275,12 +285,22 @@ class OutlierConfig:
         sigma: the threshold of the symmetric quantizers on the linears' inputs (3).
         sigma_asym: the threshold of the asymmetric variant (delta, ``dt_proj``'s output) (4).
         refresh: window length in time steps (10).
+        trigger: when a step adds outlier channels: "sample" (vmfx: each image against the static
+            scale, so an image's output does not depend on its batch) or "batch" (the official
+            code: the step fires for the whole batch when any image exceeds the static scale;
+            :func:`~vmfx.quant.mixed.select_outliers`).
+        float_outliers: keep the outlier channels in floating point instead of quantizing them at
+            ``bits`` (the official W4A8O16 "O16"); such quantizers do not lower to the integer kernels.
     """
 
     bits: int = 8
     sigma: float = 3.0
     sigma_asym: float = 4.0
     refresh: int = 10
+    trigger: str = "sample"
+    float_outliers: bool = False
+
+    WRITTEN_WHEN_SET: ClassVar[tuple[str, ...]] = ("trigger", "float_outliers")
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
@@ -291,6 +311,11 @@ class OutlierConfig:
                 raise ConfigError(f"OutlierConfig.{name} must be a non-negative number of standard deviations, got {v!r}")
         if isinstance(self.refresh, bool) or not isinstance(self.refresh, int) or self.refresh < 1:
             raise ConfigError(f"OutlierConfig.refresh must be a positive number of time steps, got {self.refresh!r}")
+        if self.trigger not in ("sample", "batch"):
+            raise ConfigError(f"OutlierConfig.trigger must be 'sample' (per image) or 'batch' (the official code: "
+                              f"any image of the batch), got {self.trigger!r}")
+        if not isinstance(self.float_outliers, bool):
+            raise ConfigError(f"OutlierConfig.float_outliers must be True or False, got {self.float_outliers!r}")
 
     def sigma_for(self, spec: QuantSpec) -> float:
         """The threshold of a quantizer with inlier ``spec``: ``sigma_asym`` for asymmetric ones."""
@@ -380,7 +405,10 @@ class QuantRule:
     per-token scales are indexed by its time steps): calibrated like any activation, or dynamic.
     ``A`` (dim, N) and ``D`` (dim,) are functions of parameters: a static per-tensor or
     per-channel (dim 0: the model channel) spec, its min-max parameters computed from their value
-    when the quantizer is inserted. ``delta`` is the scan's argument, before the softplus it
+    when the quantizer is inserted; or a static per-token spec, which reads the whole value as one
+    time step whose channels are all its elements and quantizes it with OuroMamba's outlier
+    channels (:class:`~vmfx.quant.mixed.FlatMixedPrecisionQuantize`, the official layout; needs
+    ``QuantConfig.outliers``), calibrated on the value by the config's observer. ``delta`` is the scan's argument, before the softplus it
     applies itself (``delta_softplus``). The hidden state has its own config, :class:`ScanStateConfig`.
     ``shared="mixer"`` makes the scans of one mixer (both directions) use one quantizer module,
     its scale calibrated on all of their data (OuroMamba's delta quantizer); on an ``"output"``
@@ -431,8 +459,10 @@ class QuantRule:
                 raise ConfigError(f"QuantRule.{name} must be a non-empty string or None, got {value!r}")
         if self.spec is not None and self.edge == "weight":
             _check_weight_spec(self.spec, "a weight rule's spec")
-        if self.spec is not None and self.operand in SCAN_WEIGHT_OPERANDS:
-            _check_weight_spec(self.spec, f"the scan operand {self.operand} (a function of parameters)")
+        if self.spec is not None and self.operand in SCAN_WEIGHT_OPERANDS and not (
+                self.spec.granularity == "token" and not self.spec.dynamic):
+            _check_weight_spec(self.spec, f"the scan operand {self.operand} (a function of parameters; a static "
+                               "'token' spec reads it as one time step, with OuroMamba's outliers)")
         if self.shared is not None:
             if self.shared not in SHARING:
                 raise ConfigError(f"QuantRule.shared must be None or one of {', '.join(map(repr, SHARING))}, "
@@ -1020,9 +1050,14 @@ class QuantConfig:
 
 
 def _sub_to_dict(value) -> dict | None:
+    """A sub-config as a dict; the fields its class lists in ``WRITTEN_WHEN_SET`` are left out while
+    they hold their defaults, so configs that do not use them read back in older vmfx versions."""
     if value is None:
         return None
     d = asdict(value)
+    for name in getattr(type(value), "WRITTEN_WHEN_SET", ()):
+        if d[name] == next(f.default for f in fields(value) if f.name == name):
+            del d[name]
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
@@ -1194,6 +1229,44 @@ def _ouromamba_recipe(w: int, a: int) -> QuantConfig:
 
 _RECIPES["ouromamba"] = _ouromamba_recipe
 PRESETS.update({f"ouromamba-w{w}a{a}": _ouromamba_recipe(w, a) for w, a in BIT_SETTINGS})
+
+
+def ouromamba_scan_rules(a: int) -> tuple[QuantRule, ...]:
+    """The scan operands the official OuroMamba code quantizes, each with one quantizer per mixer
+    shared by both directions (ICCV-OuroMamba@562d7e3, quant/vim/modified/mamba_simple.py:84-89
+    and :252-277, selective_scan_interface.py:276-306): ``A``, ``B``, ``C`` and ``D`` symmetric per
+    token (``A`` and ``D`` as one step holding all their elements), ``delta`` (``dt_proj``'s output,
+    bias included, before the softplus) asymmetric per token; all with outlier channels."""
+    sym, asym = QuantSpec(a, symmetric=True, granularity="token"), QuantSpec(a, symmetric=False, granularity="token")
+    return (*(QuantRule(f"scan.{name}", sym, shared="mixer") for name in ("A", "B", "C", "D")),
+            QuantRule("scan.delta", asym, shared="mixer"))
+
+
+def _ouromamba_official_recipe(w: int, a: int) -> QuantConfig:
+    """OuroMamba-Quant as its official code runs it (eval_vim.sh, ouroquant/calibrate.py): the
+    linears' inputs and the scan operands A, B, C, D, delta (:func:`ouromamba_scan_rules`) with
+    static per-token inliers and outliers at ``2a`` bits, kept in floating point at 16 (W4A8O16);
+    the outlier trigger batch-wide; step-size learning for 10 AdamW steps over every calibration
+    image (lr 5e-4, weight decay 1e-5, clip 2), only in_proj / out_proj learning, gradients through
+    x_proj / dt_proj's float weights, the activations rounded without straight-through estimator,
+    delta not learned."""
+    return QuantConfig(
+        method="ouromamba-official",
+        weight=QuantSpec(w, symmetric=True, granularity="channel"),
+        activation=QuantSpec(a, symmetric=True, granularity="token"),
+        init=_LP,
+        jlss=JLSSConfig(steps=10, lr_weight=5e-4, lr_act=5e-4, weight_decay=1e-5, grad_clip=2.0, batch_size=None,
+                        learn_roles=("in_proj", "out_proj"), frozen_gradient="float", learn_outputs=False,
+                        activation_rounding="zero"),
+        outliers=OutlierConfig(bits=min(2 * a, 16), trigger="batch", float_outliers=2 * a >= 16),
+        rules=ouromamba_scan_rules(a),
+    )
+
+
+#: The bit settings of the official OuroMamba runs (eval_vim.sh: W4A4O8, W4A8O16).
+OUROMAMBA_OFFICIAL_BITS = ((4, 4), (4, 8))
+_RECIPES["ouromamba-official"] = _ouromamba_official_recipe
+PRESETS.update({f"ouromamba-official-w{w}a{a}": _ouromamba_official_recipe(w, a) for w, a in OUROMAMBA_OFFICIAL_BITS})
 
 
 #: The presets vmfx itself defines (plug-ins register others, under other names).

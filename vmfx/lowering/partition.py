@@ -468,7 +468,7 @@ def _mixed_partition(node: fx.Node) -> Partition | None:
         return None
     edges = linear_edges(node)
     iq, wq = edges.quantizer("input"), edges.quantizer("weight")
-    if not isinstance(iq, MixedPrecisionQuantize) or not iq.enabled or not iq.spec.symmetric:
+    if not isinstance(iq, MixedPrecisionQuantize) or not iq.enabled or not iq.spec.symmetric or iq.outlier_float:
         return None
     if not isinstance(wq, FakeQuantize) or not wq.enabled or wq.spec.granularity != "channel" or not wq.spec.symmetric:
         return None

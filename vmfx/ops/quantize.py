@@ -68,24 +68,29 @@ def fake_quantize(
     zero_point: torch.Tensor | float,
     qmin: int,
     qmax: int,
+    straight_through: bool = True,
 ) -> torch.Tensor:
     """Quantize and dequantize ``x`` in floating point (differentiable).
 
     Gradients flow to ``x`` (straight through inside the range, zero where clamped) and to
-    ``scale`` (LSQ). ``zero_point`` holds integers and gets no gradient.
+    ``scale`` (LSQ). ``zero_point`` holds integers and gets no gradient. With
+    ``straight_through=False`` the rounding has its true (zero) gradient: ``x`` gets none and
+    ``scale`` gets ``q - zero_point`` (the official OuroMamba learning of activation step sizes).
 
     Args:
         x: the tensor to quantize.
         scale: positive step size, broadcastable to ``x``.
         zero_point: integer-valued offset (0 for symmetric), broadcastable to ``x``.
         qmin, qmax: the integer range (see :func:`qrange`).
+        straight_through: round with the straight-through estimator (True) or plain ``round``.
 
     Returns:
         ``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``.
     """
     if isinstance(zero_point, torch.Tensor):
         zero_point = zero_point.detach()
-    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    rounded = round_ste(x / scale) if straight_through else torch.round(x / scale)
+    q = torch.clamp(rounded + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 

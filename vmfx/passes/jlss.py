@@ -15,7 +15,10 @@ For every mixer, in graph order:
    already-quantized blocks, so it sees (and compensates) their error.
 
 With ``learn_outputs``, the block's static quantizers on node outputs (OuroMamba's delta) learn
-their step sizes in the activation group too.
+their step sizes in the activation group too. ``activation_rounding="zero"`` makes the quantizers
+on the linears' inputs round without the straight-through estimator while the block learns (the
+official OuroMamba code), so their step sizes get ``q`` as gradient and gradients do not cross them
+to earlier nodes (outliers kept in floating point still pass theirs).
 
 Unlike the official code, ``x_proj`` and ``dt_proj`` learn too by default: vmfx's scan op is
 differentiable, so their step sizes and smoothing factors get real gradients. ``learn_roles=
@@ -66,7 +69,7 @@ from .detect import detected_mixers
 from .linear_edges import LinearEdges, quantized_linears
 from .segments import SegmentRunner
 
-__all__ = ["JLSSPass", "quantization_disabled"]
+__all__ = ["JLSSPass", "quantization_disabled", "activation_rounding"]
 
 
 class quantization_disabled:
@@ -84,6 +87,29 @@ class quantization_disabled:
     def __exit__(self, *exc):
         for q, state in zip(self.quantizers, self.saved):
             q.enabled = state
+
+
+class activation_rounding:
+    """Context manager: the quantizers on the inputs of ``gm``'s quantized linears round with
+    gradient ``mode`` ("ste" or "zero", :attr:`FakeQuantize.round_gradient`); the previous modes
+    come back on exit. Weight quantizers and quantizers elsewhere (node outputs, scan operands)
+    keep theirs: the official OuroMamba code rounds its linears' inputs with ``torch.round`` while
+    its hand-written scan backward passes the scan operands' gradients straight through."""
+
+    def __init__(self, gm: fx.GraphModule, mode: str):
+        found = [e.quantizer("input") for e in quantized_linears(gm)]
+        self.quantizers = list({id(q): q for q in found if isinstance(q, FakeQuantize)}.values())
+        self.mode = mode
+
+    def __enter__(self):
+        self.saved = [q.round_gradient for q in self.quantizers]
+        for q in self.quantizers:
+            q.round_gradient = self.mode
+        return self
+
+    def __exit__(self, *exc):
+        for q, state in zip(self.quantizers, self.saved):
+            q.round_gradient = state
 
 
 class JLSSPass(Pass):
@@ -185,8 +211,9 @@ class JLSSPass(Pass):
             with torch.no_grad(), quantization_disabled(gm):
                 fp_envs = [runner.run(segment, env, keep=[out_node]) for env in fp_envs]
             targets = [env[out_node] for env in fp_envs]
-            record = self._learn_block(gm, runner, segment, out_node, b, q_envs, targets, step_passes, generator,
-                                       progress, dist)
+            with activation_rounding(gm, self.block_config(b).activation_rounding):
+                record = self._learn_block(gm, runner, segment, out_node, b, q_envs, targets, step_passes, generator,
+                                           progress, dist)
             history.append(record)
             with torch.no_grad():
                 q_envs = [runner.run(segment, env) for env in q_envs]

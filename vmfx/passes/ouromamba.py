@@ -29,11 +29,13 @@ __all__ = ["outlier_observer"]
 
 def outlier_observer(outliers: OutlierConfig, p: float = 2.4, candidates: int = 100) -> Callable[..., OutlierLpObserver]:
     """The observer factory of OuroMamba's activations: ``factory(spec, layout=...)`` gives an
-    :class:`~vmfx.quant.mixed.OutlierLpObserver` with the config's outlier bits, refresh window and
-    threshold (``sigma`` for symmetric specs, ``sigma_asym`` for asymmetric ones: delta)."""
+    :class:`~vmfx.quant.mixed.OutlierLpObserver` with the config's outlier bits (or float
+    outliers), refresh window, trigger and threshold (``sigma`` for symmetric specs, ``sigma_asym``
+    for asymmetric ones: delta)."""
 
     def factory(spec: QuantSpec, is_weight: bool = False, layout=None) -> OutlierLpObserver:
         return OutlierLpObserver(spec, is_weight, p=p, candidates=candidates, layout=layout,
-                                 outlier_bits=outliers.bits, sigma=outliers.sigma_for(spec), refresh=outliers.refresh)
+                                 outlier_bits=outliers.bits, sigma=outliers.sigma_for(spec), refresh=outliers.refresh,
+                                 outlier_float=outliers.float_outliers, trigger=outliers.trigger)
 
     return factory

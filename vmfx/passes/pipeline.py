@@ -534,3 +534,5 @@ register_method("kscaled")(ptq_passes)
 register_method("kscaled-official")(ptq_passes)
 # OuroMamba-Quant: PTQ4VM's passes with mixed-precision activation observers
 register_method("ouromamba")(ptq_passes)
+# ... and as its official code runs it (the scan operands too, batch-wide trigger, 10 steps)
+register_method("ouromamba-official")(ptq_passes)

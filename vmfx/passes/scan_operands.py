@@ -13,7 +13,10 @@ so the scan reads the quantized value (the other readers of the value are untouc
   (per-token scales of the backward scan are indexed by its time steps).
 * ``A`` (dim, N) and ``D`` (dim,), functions of parameters only (``A = -exp(A_log)``): a static
   ``FakeQuantize`` at once, its min-max parameters computed from the value (per tensor, or per
-  channel along dim 0, the model channel), like a weight quantizer.
+  channel along dim 0, the model channel), like a weight quantizer; or, for a static per-token
+  spec, OuroMamba's layout: the value as one time step with outlier channels
+  (:class:`~vmfx.quant.mixed.FlatMixedPrecisionQuantize`), calibrated at once on the value by the
+  config's observer (:func:`~vmfx.quant.mixed.calibrate_flat`).
 
 ``shared="mixer"`` on the rule makes the scans of one mixer (both directions of a Vim block) call
 one quantizer module (one ``call_module`` target): one scale, calibrated on every direction's data
@@ -41,6 +44,7 @@ from ..annotations import annotate, annotation
 from ..config import SCAN_OPERANDS, SCAN_WEIGHT_OPERANDS, QuantConfig
 from ..errors import ConfigError, ConfigWarning
 from ..token_layout import TokenLayout, layout_of
+from ..quant.mixed import calibrate_flat
 from ..quant.modules import FakeQuantize
 from ..quant.observers import Observer, qparams_from_minmax, reduce_minmax
 from ..quant.state_quantizer import scan_state_of
@@ -208,7 +212,11 @@ def _insert_group(gm: fx.GraphModule, members: list[tuple], observer_factory) ->
             raise ConfigError(f"QuantRule({edge!r}, shared={rule.shared!r}): the scans "
                               f"{', '.join(s.name for s, *_ in members)} have {name} of different shapes; "
                               "drop shared")
-        module, role, layout = _weight_operand_quantizer(values, spec), "quantizer", None
+        if spec.granularity == "token":  # OuroMamba: the whole value as one time step, with outliers
+            module = calibrate_flat(observer_factory, spec, values)
+        else:
+            module = _weight_operand_quantizer(values, spec)
+        role, layout = "quantizer", None
     else:
         layout = operand_layout(scan0, name, arg0)
         if layout is None and spec.granularity != "tensor":

@@ -31,15 +31,20 @@ Differences from the official code, on purpose:
   outlier still raises the step's maximum, so the trigger fires at least as often; the threshold
   includes the outliers' own magnitudes, so it is a little higher.
 * the official trigger is ``any`` over the batch (one image's outlier changes another image's
-  quantization); here it is per sample, so a quantized model's output for an image does not
-  depend on the other images of its batch.
-* the official code keeps W4A8O16 outliers in floating point; here they are 16-bit integers
-  (one scale per sample and step), which the integer kernels can consume.
+  quantization); here it is per sample by default, so a quantized model's output for an image does
+  not depend on the other images of its batch. ``trigger="batch"`` is the official rule: step ``t``
+  of a window fires when any (sample, window) exceeds its static scale at that offset within the
+  window (the official ``(dynamic_s > static_s[:, :, i]).any()`` reduces over samples and windows).
+* the official code keeps W4A8O16 outliers in floating point; here they are 16-bit integers by
+  default (one scale per sample and step), which the integer kernels can consume;
+  ``outlier_float=True`` keeps them in floating point, as the official code does.
 
 Invariants: the output has the input's shape and dtype; every element is either its inlier
-quantization (static scale) or its outlier quantization (dynamic scale), never both; with
-``enabled = False`` the module is the identity; gradients reach ``x`` straight through and the
-inlier step size by LSQ (the outlier scales are recomputed per call and get none).
+quantization (static scale) or its outlier quantization (dynamic scale, or its float value with
+``outlier_float``), never both; with ``enabled = False`` the module is the identity; gradients
+reach ``x`` straight through (``round_gradient="ste"``, the default) or not at all through the
+rounding (``"zero"``, the official OuroMamba learning) and the inlier step size by LSQ (the outlier
+scales are recomputed per call and get none).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import math
 import torch
 
 from ..errors import ConfigError, LayoutError
+from ..token_layout import TokenLayout
 from ..ops.quantize import MIN_SCALE, fake_quantize, qrange
 from .modules import FakeQuantize
 from .observers import LpObserver, QParams
@@ -63,10 +69,18 @@ __all__ = [
     "select_outliers",
     "outlier_qparams",
     "MAX_OUTLIER_BITS",
+    "TRIGGERS",
+    "FlatMixedPrecisionQuantize",
+    "FLAT_LAYOUT",
+    "calibrate_flat",
 ]
 
 #: Outlier channels may use up to 16 bits (W4A8O16).
 MAX_OUTLIER_BITS = 16
+
+#: When a time step adds outlier channels: "sample" (each sample's own dynamic scale against the
+#: static one) or "batch" (the official rule: any sample, and any window, at that step's offset).
+TRIGGERS = ("sample", "batch")
 
 
 # -- the (samples, steps, channels) view ------------------------------------------------------------
@@ -127,6 +141,7 @@ def select_outliers(
     qmin: int | None = None,
     qmax: int | None = None,
     symmetric: bool = True,
+    trigger: str = "sample",
 ) -> torch.Tensor:
     """The outlier mask of ``x`` ``(samples, steps, channels)``, vectorised over steps.
 
@@ -143,6 +158,9 @@ def select_outliers(
         refresh: window length in steps (10).
         trigger_scale: (P,) or broadcastable ``(1, P, 1)`` static inlier scales, or None.
         qmin, qmax, symmetric: the inlier range (needed with ``trigger_scale``).
+        trigger: "sample" (step ``t`` of sample ``n`` fires on its own dynamic scale) or "batch"
+            (step ``t`` fires for every sample and window when any sample, in any window, exceeds
+            the static scale at the same offset ``t % refresh``: the official OuroMamba rule).
 
     Returns:
         (S, P, C) bool.
@@ -151,6 +169,8 @@ def select_outliers(
         raise ValueError(f"select_outliers takes (samples, steps, channels), got shape {tuple(x.shape)}")
     if not isinstance(refresh, int) or refresh < 1:
         raise ConfigError(f"the outlier refresh window must be a positive number of steps, got {refresh!r}")
+    if trigger not in TRIGGERS:
+        raise ConfigError(f"the outlier trigger must be one of {', '.join(map(repr, TRIGGERS))}, got {trigger!r}")
     s, p, c = x.shape
     a = x.detach().abs().float()
     if c > 1:
@@ -166,7 +186,10 @@ def select_outliers(
             lo = xd.amin(dim=-1).clamp(max=0.0)
             hi = xd.amax(dim=-1).clamp(min=0.0)
             dynamic = (hi - lo) / (qmax - qmin)
-        new = new & (dynamic > trigger_scale.reshape(1, -1).float()).unsqueeze(-1)
+        fired = dynamic > trigger_scale.reshape(1, -1).float()
+        if trigger == "batch":
+            fired = _fired_at_offset(fired, refresh)
+        new = new & fired.unsqueeze(-1)
     pad = (-p) % refresh
     if pad:
         new = torch.cat([new, new.new_zeros(s, pad, c)], dim=1)
@@ -176,6 +199,16 @@ def select_outliers(
     union = torch.ones(refresh, refresh, device=x.device).tril_()
     mask = (torch.matmul(union, windows.float()) > 0).view(s, p + pad, c)
     return mask[:, :p] if pad else mask
+
+
+def _fired_at_offset(fired: torch.Tensor, refresh: int) -> torch.Tensor:
+    """``(S, P)`` triggers -> the official batch-wide ones: offset ``i`` of every window fires for
+    every sample when any sample fires at offset ``i`` of any window."""
+    s, p = fired.shape
+    pad = (-p) % refresh
+    padded = torch.cat([fired, fired.new_zeros(s, pad)], dim=1) if pad else fired
+    at_offset = padded.view(s, -1, refresh).any(dim=1).any(dim=0)  # (refresh,)
+    return at_offset.repeat((p + pad) // refresh)[:p].unsqueeze(0).expand(s, p)
 
 
 def outlier_qparams(x: torch.Tensor, mask: torch.Tensor, bits: int, symmetric: bool) -> QParams:
@@ -212,6 +245,9 @@ class MixedPrecisionQuantize(FakeQuantize):
         outlier_bits: bits of the outlier channels, 2..16 (8 in W4A4O8, 16 in W4A8O16).
         sigma: ``k`` of the threshold ``mean + k std`` (3; 4 for delta).
         refresh: window length in time steps after which the outlier set is emptied (10).
+        outlier_float: keep the outlier channels in floating point (the official W4A8O16) instead
+            of quantizing them at ``outlier_bits``.
+        trigger: when a step adds outliers, "sample" or "batch" (:func:`select_outliers`).
 
     Attributes:
         record: when True, every forward stores its outlier mask ``(samples, steps, channels)``
@@ -219,7 +255,7 @@ class MixedPrecisionQuantize(FakeQuantize):
     """
 
     def __init__(self, spec: QuantSpec, qparams: QParams, layout, outlier_bits: int = 8, sigma: float = 3.0,
-                 refresh: int = 10):
+                 refresh: int = 10, outlier_float: bool = False, trigger: str = "sample"):
         if spec.dynamic or spec.granularity == "channel":
             raise ConfigError(f"the mixed-precision quantizer's inliers are static per-token or per-tensor, got "
                               f"{spec.describe()}")
@@ -231,18 +267,25 @@ class MixedPrecisionQuantize(FakeQuantize):
             raise ConfigError(f"sigma must be a non-negative number of standard deviations, got {sigma!r}")
         if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
             raise ConfigError(f"refresh must be a positive number of time steps, got {refresh!r}")
+        if not isinstance(outlier_float, bool):
+            raise ConfigError(f"outlier_float must be True or False, got {outlier_float!r}")
+        if trigger not in TRIGGERS:
+            raise ConfigError(f"trigger must be one of {', '.join(map(repr, TRIGGERS))}, got {trigger!r}")
         super().__init__(spec, qparams, layout=layout)
         self.outlier_bits = outlier_bits
         self.sigma = float(sigma)
         self.refresh = refresh
+        self.outlier_float = outlier_float
+        self.trigger = trigger
         self.record = False
         self.last_mask: torch.Tensor | None = None
 
     def describe(self) -> str:
         """E.g. ``"int4 sym per-token + int8 outliers (mean+3sd, refresh 10)"``."""
-        kind = "int" if self.spec.symmetric else "uint"
-        return (f"{self.spec.describe()} + {kind}{self.outlier_bits} outliers "
-                f"(mean+{self.sigma:g}sd, refresh {self.refresh})")
+        kind = "float" if self.outlier_float else ("int" if self.spec.symmetric else "uint") + str(self.outlier_bits)
+        batch = ", batch trigger" if self.trigger == "batch" else ""
+        return (f"{self.spec.describe()} + {kind} outliers "
+                f"(mean+{self.sigma:g}sd, refresh {self.refresh}{batch})")
 
     def _inlier_params(self):
         scale = self.scale.clamp(min=MIN_SCALE) if self.scale.requires_grad else self.scale
@@ -252,7 +295,7 @@ class MixedPrecisionQuantize(FakeQuantize):
         """The outlier mask of ``x`` in the (samples, steps, channels) view."""
         scale, _ = self._inlier_params()
         return select_outliers(to_steps(x, self.layout), self.sigma, self.refresh, scale.detach(),
-                               self.qmin, self.qmax, self.spec.symmetric)
+                               self.qmin, self.qmax, self.spec.symmetric, self.trigger)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -260,13 +303,18 @@ class MixedPrecisionQuantize(FakeQuantize):
         self._check_shape(x)
         x3 = to_steps(x, self.layout)
         scale, zero_point = self._inlier_params()
-        mask = select_outliers(x3, self.sigma, self.refresh, scale.detach(), self.qmin, self.qmax, self.spec.symmetric)
+        mask = select_outliers(x3, self.sigma, self.refresh, scale.detach(), self.qmin, self.qmax, self.spec.symmetric,
+                               self.trigger)
         if self.record:
             self.last_mask = mask.detach().cpu()
         zero = torch.zeros((), dtype=x3.dtype, device=x3.device)
-        inliers = fake_quantize(torch.where(mask, zero, x3), scale, zero_point, self.qmin, self.qmax)
-        oq = outlier_qparams(x3, mask, self.outlier_bits, self.spec.symmetric)
-        outliers = fake_quantize(torch.where(mask, x3, zero), oq.scale, oq.zero_point, oq.qmin, oq.qmax)
+        straight = self.round_gradient == "ste"
+        inliers = fake_quantize(torch.where(mask, zero, x3), scale, zero_point, self.qmin, self.qmax, straight)
+        if self.outlier_float:
+            outliers = x3
+        else:
+            oq = outlier_qparams(x3, mask, self.outlier_bits, self.spec.symmetric)
+            outliers = fake_quantize(torch.where(mask, x3, zero), oq.scale, oq.zero_point, oq.qmin, oq.qmax, straight)
         y = torch.where(mask, outliers, inliers)
         return from_steps(y, x, self.layout).to(x.dtype)
 
@@ -276,6 +324,10 @@ class MixedPrecisionQuantize(FakeQuantize):
         ``zero_in`` (1, P, 1), outlier ``codes_out`` (the codes of 0 at inlier positions),
         ``scale_out`` / ``zero_out`` (S, P, 1), and the two integer ranges. Dequantizing each part
         where the mask selects it gives :meth:`forward`'s output."""
+        if self.outlier_float:
+            raise ConfigError("this mixed-precision quantizer keeps its outliers in floating point (outlier_float): "
+                              "they have no integer codes; quantize them (OutlierConfig(float_outliers=False)) to "
+                              "lower it to the integer kernels")
         with torch.no_grad():
             x3 = to_steps(x, self.layout).float()
             scale, zero_point = self._inlier_params()
@@ -290,20 +342,85 @@ class MixedPrecisionQuantize(FakeQuantize):
 
     def to_dict(self) -> dict:
         """The structure (spec, scale shape, layout, outlier settings), for :mod:`vmfx.serialize`."""
-        return {"spec": self.spec.to_dict(), "scale_shape": list(self.scale.shape), "enabled": self.enabled,
-                "layout": self.layout, "outlier_bits": self.outlier_bits, "sigma": self.sigma, "refresh": self.refresh}
+        d = {"spec": self.spec.to_dict(), "scale_shape": list(self.scale.shape), "enabled": self.enabled,
+             "layout": self.layout, "outlier_bits": self.outlier_bits, "sigma": self.sigma, "refresh": self.refresh}
+        if self.outlier_float or self.trigger != "sample":  # written only when set: older readers read the rest
+            d.update(outlier_float=self.outlier_float, trigger=self.trigger)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixedPrecisionQuantize":
         spec = QuantSpec.from_dict(d["spec"])
         shape = tuple(int(n) for n in d["scale_shape"])
         fq = cls(spec, QParams(torch.ones(shape), torch.zeros(shape), spec.qmin, spec.qmax), d.get("layout"),
-                 int(d["outlier_bits"]), float(d["sigma"]), int(d["refresh"]))
+                 int(d["outlier_bits"]), float(d["sigma"]), int(d["refresh"]),
+                 bool(d.get("outlier_float", False)), str(d.get("trigger", "sample")))
         fq.enabled = bool(d.get("enabled", True))
         return fq
 
     def extra_repr(self) -> str:
         return f"{self.describe()}, scale{tuple(self.scale.shape)}"
+
+
+# -- parameter operands as one time step ------------------------------------------------------------
+
+#: The layout of a value seen as one sample with one time step whose channels are all its elements
+#: (``(1, 1, numel)``): how the official OuroMamba quantizes the scan's ``A`` and ``D``.
+FLAT_LAYOUT = TokenLayout(3, (1,), 2, 1, (0,), batch_dim=0)
+
+
+class FlatMixedPrecisionQuantize(MixedPrecisionQuantize):
+    """The mixed-precision quantizer of a parameter-only value (the scan's ``A`` (dim, N) or
+    ``D`` (dim,)) read as one time step whose channels are all its elements, as the official
+    OuroMamba reshapes ``A`` to ``(1, 1, dim * N)`` and ``D`` to ``(1, 1, dim)`` before its
+    per-token activation quantizer (ICCV-OuroMamba@562d7e3, quant/vim/modified/
+    selective_scan_interface.py:276-297): one static inlier scale for the whole value, and the
+    elements past ``mean + sigma std`` of ``|value|`` as outliers.
+
+    Invariants: as :class:`MixedPrecisionQuantize` on ``x.reshape(1, 1, -1)``, reshaped back to
+    ``x``'s shape; any input shape whose element count matches the calibrated one.
+    """
+
+    def __init__(self, spec: QuantSpec, qparams: QParams, layout=None, outlier_bits: int = 8, sigma: float = 3.0,
+                 refresh: int = 10, outlier_float: bool = False, trigger: str = "sample"):
+        super().__init__(spec, qparams, FLAT_LAYOUT, outlier_bits, sigma, refresh, outlier_float, trigger)
+
+    def describe(self) -> str:
+        """E.g. ``"int4 sym per-token + int8 outliers (mean+3sd, refresh 10), whole value as one step"``."""
+        return super().describe() + ", whole value as one step"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return super().forward(x.reshape(1, 1, -1)).reshape(x.shape)
+
+    def quantize_parts(self, x: torch.Tensor) -> dict:
+        return super().quantize_parts(x.reshape(1, 1, -1))
+
+
+def calibrate_flat(observer_factory, spec: QuantSpec, values: list[torch.Tensor]) -> FlatMixedPrecisionQuantize:
+    """Calibrate a :class:`FlatMixedPrecisionQuantize` on parameter-only ``values`` (one or more
+    tensors of one size, e.g. ``A`` of both scan directions of a mixer) with the observer
+    ``observer_factory(spec, layout=FLAT_LAYOUT)`` gives, which must be an :class:`OutlierLpObserver`;
+    each value is one sample, so a shared quantizer's per-step statistics cover all of them."""
+    observer = observer_factory(spec, layout=FLAT_LAYOUT)
+    if not isinstance(observer, OutlierLpObserver):
+        raise ConfigError(
+            f"a per-token spec on the scan operand A or D quantizes the whole value as one time step with "
+            f"OuroMamba's outlier channels; this config's observers are {type(observer).__name__}. Give the "
+            "config outliers (QuantConfig(outliers=OutlierConfig(...))), or use a 'tensor' / 'channel' spec"
+        )
+    sizes = {v.numel() for v in values}
+    if len(sizes) != 1:
+        raise ConfigError(f"the values sharing one A / D quantizer have different sizes {sorted(sizes)}; drop shared")
+    batch = torch.cat([v.detach().float().reshape(1, 1, -1) for v in values])
+    with torch.no_grad():
+        for phase in range(observer.num_phases):
+            observer.phase = phase
+            observer(batch)
+    qparams = observer.calculate_qparams()
+    return FlatMixedPrecisionQuantize(spec, qparams, None, observer.outlier_bits, observer.sigma, observer.refresh,
+                                      observer.outlier_float, observer.trigger)
 
 
 # -- calibration ------------------------------------------------------------------------------------
@@ -317,17 +434,19 @@ class OutlierLpObserver(LpObserver):
 
     Args:
         spec: the inlier spec (static per-token).
-        outlier_bits, sigma, refresh: passed on to the quantizer.
+        outlier_bits, sigma, refresh, outlier_float, trigger: passed on to the quantizer.
         p, candidates: the grid search (2.4, 100).
         layout: the activation's token layout (required).
     """
 
     def __init__(self, spec: QuantSpec, is_weight: bool = False, p: float = 2.4, candidates: int = 100,
-                 layout=None, outlier_bits: int = 8, sigma: float = 3.0, refresh: int = 10):
+                 layout=None, outlier_bits: int = 8, sigma: float = 3.0, refresh: int = 10,
+                 outlier_float: bool = False, trigger: str = "sample"):
         if is_weight:
             raise ConfigError("OutlierLpObserver observes activations, not weights")
         super().__init__(spec, False, p=p, candidates=candidates, layout=layout)
         self.outlier_bits, self.sigma, self.refresh = outlier_bits, float(sigma), refresh
+        self.outlier_float, self.trigger = outlier_float, trigger
 
     def _observe(self, x: torch.Tensor) -> None:
         _check_layout(x, self.layout, self._what(x))
@@ -338,10 +457,12 @@ class OutlierLpObserver(LpObserver):
 
     def build_quantizer(self, qparams: QParams) -> MixedPrecisionQuantize:
         """The converted node's module (called by :class:`~vmfx.passes.convert.ConvertPass`)."""
-        return MixedPrecisionQuantize(self.spec, qparams, self.layout, self.outlier_bits, self.sigma, self.refresh)
+        return MixedPrecisionQuantize(self.spec, qparams, self.layout, self.outlier_bits, self.sigma, self.refresh,
+                                      self.outlier_float, self.trigger)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, outliers int{self.outlier_bits} mean+{self.sigma:g}sd refresh {self.refresh}"
 
 
 register_module_kind(MixedPrecisionQuantize)
+register_module_kind(FlatMixedPrecisionQuantize)

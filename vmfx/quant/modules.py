@@ -49,6 +49,10 @@ class FakeQuantize(nn.Module):
 
     Static per-token parameters fix the token length: an input of another length raises a
     ``ValueError`` naming both lengths.
+
+    Attributes:
+        round_gradient: the gradient of the rounding, "ste" (straight through, the default) or
+            "zero" (plain ``round``; set while learning by JLSS with ``activation_rounding="zero"``).
     """
 
     def __init__(self, spec: QuantSpec, qparams: QParams | None = None, is_weight: bool = False, layout=None,
@@ -58,6 +62,7 @@ class FakeQuantize(nn.Module):
         self.is_weight = is_weight
         self.layout = layout
         self.enabled = True
+        self.round_gradient = "ste"
         if spec.dynamic:
             if qparams is not None:
                 raise ConfigError("a dynamic FakeQuantize computes its parameters at run time; pass qparams=None")
@@ -134,7 +139,8 @@ class FakeQuantize(nn.Module):
         scale = qp.scale
         if scale.requires_grad:  # a learned step size must stay positive
             scale = scale.clamp(min=MIN_SCALE)
-        return fake_quantize(x, scale, qp.zero_point, qp.qmin, qp.qmax).to(x.dtype)
+        return fake_quantize(x, scale, qp.zero_point, qp.qmin, qp.qmax,
+                             straight_through=self.round_gradient == "ste").to(x.dtype)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` (used by the integer reference backend and tests)."""
