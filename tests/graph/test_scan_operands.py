@@ -217,8 +217,10 @@ def test_operand_rule_errors_name_the_problem_and_the_way_out():
         QuantRule("scan.state", TENSOR8)
     with pytest.raises(ConfigError, match=r"role selector can only be 'scan'"):
         QuantRule("scan.B", TOKEN8, role="x_proj")
-    with pytest.raises(ConfigError, match=r"weights have no tokens.*scan operand A"):
-        QuantRule("scan.A", TOKEN8)
+    # A static per-token spec reads A as one time step (OuroMamba's flat layout); a dynamic one is refused
+    assert QuantRule("scan.A", TOKEN8).operand == "A"
+    with pytest.raises(ConfigError, match=r"scan operand A .*cannot be dynamic"):
+        QuantRule("scan.A", QuantSpec(8, False, "token", dynamic=True))
     with pytest.raises(ConfigError, match=r"cannot be dynamic"):
         QuantRule("scan.D", QuantSpec(8, True, "tensor", dynamic=True))
     with pytest.raises(ConfigError, match=r"shared must be None or one of 'mixer'"):
