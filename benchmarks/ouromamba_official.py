@@ -81,7 +81,8 @@ from vmfx.data.evaluate import collect_logits, compare_logits  # noqa: E402
 from vmfx.data.proxy import proxy_metadata  # noqa: E402
 from vmfx.ops import selective_scan  # noqa: E402
 
-from accuracy import (_say_all, calibration_images, make_record)  # noqa: E402
+from accuracy_report import _say_all  # noqa: E402
+from accuracy_run import calibration_images, make_record  # noqa: E402
 
 REPOSITORY = "georgia-tech-synergy-lab/ICCV-OuroMamba"
 ENV = "VMFX_OUROMAMBA_SRC"
