@@ -35,6 +35,7 @@ __all__ = [
     "kscaled_rules",
     "kscaled_official_rules",
     "KSCALED_OFFICIAL_SOURCE",
+    "OUROMAMBA_OFFICIAL_SOURCE",
     "OutlierConfig",
     "check_rules_match",
     "Selector",
@@ -1149,6 +1150,8 @@ PRESETS.update({f"kscaled-w{w}a{a}": _kscaled_recipe(w, a) for w, a in BIT_SETTI
 
 #: The official k-scaled code this family follows (Access-IC-Lab/PTQ_for_ViM at this commit).
 KSCALED_OFFICIAL_SOURCE = "Access-IC-Lab/PTQ_for_ViM@d6fc957ac680543f8cf4aed9c17bbde35aa451bb"
+#: The official OuroMamba code the ``ouromamba-official-*`` presets follow.
+OUROMAMBA_OFFICIAL_SOURCE = "georgia-tech-synergy-lab/ICCV-OuroMamba@562d7e3869afb7fe515db78f61f26ff6770233fa"
 
 
 def kscaled_official_rules(wbits: int, abits: int, k: int = 4) -> tuple[QuantRule, ...]:
