@@ -42,7 +42,10 @@ it is copied into vmfx. What the harness supplies to run it on a CPU (listed in 
 * Seeds: torch is seeded with ``seed`` before the official calibration, as ``quant.py`` does.
 
 The vmfx side runs ``ouromamba-official-w4a4`` / ``-w4a8`` (and, for reference, ``ouromamba-*``,
-vmfx's own variant) on the same images.
+vmfx's own variant) on the same images. The side ``official-per-direction`` (``--sides``) is a
+diagnostic: the official code with each mixer's shared scan-operand quantizers split into one per
+direction (:class:`PerDirection`), which measures what the official sharing costs (the shared one
+is re-initialised on its second call, so the forward scan runs on the backward scan's scales).
 
 Writes ``<out>/ouromamba_official.json`` (the measured rows) and ``<out>/ouromamba_official.md`` (the
 table, the paired comparisons, the settings, the official repository at its commit). ``--out``
@@ -93,6 +96,13 @@ OFFICIAL_LEVELS = {"w4a4": (16, 16, 256), "w4a8": (16, 256, 65536)}
 #: Top-level module names the official code brings (purged from sys.modules before importing it).
 OFFICIAL_TOP = ("mamba_ssm", "ouroquant", "tools", "causal_conv1d", "causal_conv1d_cuda", "selective_scan_cuda",
                 "termcolor")
+
+
+#: (side, method) pairs a run can measure: the official code as released, the official code with one
+#: scan-operand quantizer per direction (:func:`unshare_scan_quantizers`, a diagnostic), vmfx's
+#: ``ouromamba-official-*`` and (``--with-variant``) ``ouromamba-*``.
+SIDES = (("official", "official"), ("official-per-direction", "per-direction"), ("vmfx", "ouromamba-official"),
+         ("vmfx", "ouromamba"))
 
 
 class OfficialCodeMissing(RuntimeError):
@@ -313,9 +323,52 @@ def build_official(mods: dict, float_model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def quantize_official(mods: dict, float_model: nn.Module, calib: torch.Tensor, bits: str, seed: int) -> nn.Module:
+#: The scan-operand quantizers a Vim mixer of the official code shares between its two directions
+#: (quant/vim/modified/mamba_simple.py:85-89, passed to both scans at :252-277).
+SHARED_SCAN_QUANTIZERS = ("act_funcA", "act_funcB", "act_funcC", "act_funcD", "act_funcd")
+
+
+class PerDirection(nn.Module):
+    """Two official quantizers used in turn, the forward scan's call then the backward scan's, in
+    place of one shared by both: each is initialised (by the official forward hook) and applied on
+    its own direction's operands only. A harness substitution for the ``per-direction`` side, which
+    measures what the sharing costs; the official code itself is unchanged."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.directions = nn.ModuleList([make(), make()])
+        self.calls = 0
+
+    def forward(self, x):
+        out = self.directions[self.calls % 2](x)
+        self.calls += 1
+        return out
+
+
+def unshare_scan_quantizers(mods: dict, model: nn.Module) -> int:
+    """Give every mixer of the official ``model`` one scan-operand quantizer per direction
+    (:class:`PerDirection`); returns how many shared quantizers were replaced."""
+    Q = mods["ouroquant.quantizer"].QuantOps
+    replaced = 0
+    for module in list(model.modules()):
+        for name in SHARED_SCAN_QUANTIZERS:
+            if isinstance(getattr(module, name, None), (Q.Act, Q.Act_d)):
+                setattr(module, name, PerDirection(Q.Act_d if name == "act_funcd" else Q.Act))
+                replaced += 1
+    for name, module in model.named_modules():
+        module.name = name
+    return replaced
+
+
+def quantize_official(mods: dict, float_model: nn.Module, calib: torch.Tensor, bits: str, seed: int,
+                      per_direction: bool = False) -> nn.Module:
+    """The official calibration of the proxy (``CALIBRATE`` with eval_vim.sh's arguments); with
+    ``per_direction``, each mixer's scan-operand quantizers are first split by direction
+    (:func:`unshare_scan_quantizers`)."""
     n_lvw, n_lva, n_lva_o = OFFICIAL_LEVELS[bits]
     model = build_official(mods, float_model)
+    if per_direction and not unshare_scan_quantizers(mods, model):
+        raise RuntimeError("the official model has no shared scan-operand quantizers to split")
     args = argparse.Namespace(batch_size=calib.shape[0], train_batch=calib.shape[0], epochs=10, lr_w=5e-4, lr_a=5e-4,
                               n_lvw=n_lvw, n_lva=n_lva, n_lva_o=n_lva_o)
     loader = [(calib, torch.zeros(calib.shape[0], dtype=torch.long))]
@@ -345,14 +398,15 @@ def run(args, save=lambda result: None) -> dict:
               "command": "OMP_NUM_THREADS=1 python benchmarks/ouromamba_official.py " + " ".join(args.argv),
               "measured": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        mods = import_official(materialise(Path(tmp), src)) if "official" in args.sides else None
+        official = any(side.startswith("official") for side in args.sides)
+        mods = import_official(materialise(Path(tmp), src)) if official else None
         for bits in args.bits:
-            for side, method in (("official", "official"), ("vmfx", "ouromamba-official"), ("vmfx", "ouromamba")):
+            for side, method in SIDES:
                 if side not in args.sides or (method == "ouromamba" and not args.with_variant):
                     continue
                 start = time.perf_counter()
-                if side == "official":
-                    q = quantize_official(mods, model, calib, bits, args.seed)
+                if side.startswith("official"):
+                    q = quantize_official(mods, model, calib, bits, args.seed, per_direction=side != "official")
                     seconds = time.perf_counter() - start
                     q_logits = _logits(q, test_x, test_y)
                 else:
@@ -360,7 +414,7 @@ def run(args, save=lambda result: None) -> dict:
                     seconds = time.perf_counter() - start
                     q_logits = collect_logits(q, (test_x, test_y))[0]
                 res = compare_logits(fp_logits, q_logits, labels)
-                row = make_record(f"{side}:{method}", bits, "real+augment", args.seed, CALIB_N, fp.top1, res, seconds,
+                row = make_record(f"{side.split('-')[0]}:{method}", bits, "real+augment", args.seed, CALIB_N, fp.top1, res, seconds,
                                   machine)
                 print(json.dumps({k: v for k, v in row.items() if not isinstance(v, list)}), flush=True)
                 result["rows"].append(row)
@@ -377,15 +431,28 @@ def render(result) -> str:
              "`augment_calibration_images`), the same for both sides; "
              f"{result['test_images']} test digits; float top-1 {result['fp_top1']:.2f}.", "",
              "| side | bits | top-1 | agree | KL | calib s |", "| --- | --- | --- | --- | --- | --- |"]
+    earlier = [r for r in result["rows"] if r.get("command", result["command"]) != result["command"]]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['bits']} | {r['top1']:.2f} | {r['agree']:.2f} | {r['kl']:.3g} | "
+        mark = f" [{earlier.index(r) + 1}]" if r in earlier else ""
+        lines.append(f"| {r['method']}{mark} | {r['bits']} | {r['top1']:.2f} | {r['agree']:.2f} | {r['kl']:.3g} | "
                      f"{r['calib_seconds']:.0f} |")
-    lines += ["", "Paired differences (95 % intervals over the test digits), vmfx minus official:", ""]
+    if earlier:
+        lines += [""] + [f"[{i + 1}] measured by an earlier run, `{r['command']}`, {r['run_measured']}, on the same "
+                         "images." for i, r in enumerate(earlier)]
+    lines += ["", "Paired differences (95 % intervals over the test digits), each side minus the official code "
+              "(and vmfx minus the official code with one scan-operand quantizer per direction):", ""]
     by = {(r["method"], r["bits"]): r for r in result["rows"]}
     for (method, bits), r in by.items():
-        base = by.get(("official:official", bits))
-        if base is not None and method != "official:official":
-            lines.append(f"- {bits}, {method} − official: {_say_all(r, base)}")
+        for base_method in ("official:official", "official:per-direction"):
+            base = by.get((base_method, bits))
+            if base is None or method.startswith("official") and base_method != "official:official" \
+                    or method == base_method:
+                continue
+            lines.append(f"- {bits}, {method} − {base_method}: {_say_all(r, base)}")
+    if any(r["method"] == "official:per-direction" for r in result["rows"]):
+        lines += ["", "`official:per-direction` is the official code, unchanged, with each mixer's shared "
+                  "scan-operand quantizers (A, B, C, D, delta) replaced by one per direction "
+                  "(`PerDirection` in the harness): what the official sharing costs."]
     lines += ["", "Where the two sides still differ in method (vmfx's choices, documented in `vmfx/quant/mixed.py`, "
               "`vmfx/passes/scan_operands.py`, `vmfx/data/augment.py`):", "",
               "- a quantizer shared by both scan directions: the official one is re-initialised on its second call, "
@@ -405,7 +472,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", default="w4a4,w4a8", help="comma-separated subset of w4a4, w4a8")
-    p.add_argument("--sides", default="official,vmfx")
+    p.add_argument("--sides", default="official,vmfx",
+                   help="comma-separated subset of official, official-per-direction (the official code with one "
+                        "scan-operand quantizer per direction: what the sharing costs), vmfx")
     p.add_argument("--with-variant", action="store_true", help="also run vmfx's ouromamba-* (its own variant)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-n", type=int, default=None, help="first N test digits (default: all)")
@@ -416,6 +485,9 @@ def main(argv=None) -> int:
     args.argv = argv
     args.bits = [b for b in args.bits.split(",") if b]
     args.sides = args.sides.split(",")
+    unknown = sorted(set(args.sides) - {side for side, _ in SIDES})
+    if unknown:
+        raise SystemExit(f"unknown sides {unknown}; the sides are {', '.join(dict(SIDES))}")
     bad = [b for b in args.bits if b not in OFFICIAL_LEVELS]
     if bad:
         raise SystemExit(f"unknown bit settings {bad}; the official runs are {', '.join(OFFICIAL_LEVELS)}")

@@ -270,3 +270,35 @@ def test_the_benchmarks_cpu_standins_match_a_float64_reference():
     gx, gw, gb = conv.causal_conv1d_bwd(x, w, bias, dout, None, dx, True)
     want = torch.autograd.grad(ref, xl, dout.double())
     assert gx is dx and all(torch.allclose(a.double(), e, atol=1e-5) for a, e in zip((gx, gw, gb), want))
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in for the official Q_Act: remembers what it saw, scales by its own factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x)
+        return x * (len(self.seen) + 1)
+
+
+def test_per_direction_quantizers_see_only_their_own_directions_calls():
+    harness = _harness()
+    ops = type("QuantOps", (), {"Act": _Recorder, "Act_d": type("ActD", (_Recorder,), {})})
+    mods = {"ouroquant.quantizer": type("module", (), {"QuantOps": ops})}
+    mixer = torch.nn.Module()
+    for name in harness.SHARED_SCAN_QUANTIZERS:
+        setattr(mixer, name, ops.Act_d() if name == "act_funcd" else ops.Act())
+    model = torch.nn.Sequential(torch.nn.Sequential(mixer))
+    assert harness.unshare_scan_quantizers(mods, model) == len(harness.SHARED_SCAN_QUANTIZERS)
+    assert isinstance(mixer.act_funcd.directions[1], ops.Act_d) and mixer.act_funcA.name == "0.0.act_funcA"
+    g = torch.Generator().manual_seed(3)
+    calls = [torch.randn(2, 5, generator=g) for _ in range(4)]  # forward, backward, forward, backward
+    outs = [mixer.act_funcB(x) for x in calls]
+    forward, backward = mixer.act_funcB.directions
+    assert [t.data_ptr() for t in forward.seen] == [calls[0].data_ptr(), calls[2].data_ptr()]
+    assert [t.data_ptr() for t in backward.seen] == [calls[1].data_ptr(), calls[3].data_ptr()]
+    assert torch.equal(outs[2], calls[2] * 3) and torch.equal(outs[3], calls[3] * 3)
+    assert harness.unshare_scan_quantizers(mods, torch.nn.Linear(2, 2)) == 0
