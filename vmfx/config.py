@@ -5,7 +5,10 @@ be read back and migrated), ``to_dict`` / ``from_dict``, and no callables. Prese
 configs: ``"<method>-w<bits>a<bits>"``, e.g. ``"minmax-w8a8"``.
 
 Which passes a method runs is decided by :mod:`vmfx.passes.pipeline`; the config only says what
-to quantize and how.
+to quantize and how. What the methods are configured with lives in the config's sections
+(:mod:`vmfx.sections`): the built-in ones (``smoothing``, ``jlss``, ``search``, ``outliers``,
+``scan_state``, ``split_softplus``, ``bias_correction``) are registered here, a plug-in's with the
+same :func:`register_section`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from .annotations import LINEAR_ROLES, QUANTIZABLE_ROLES, ROLES
@@ -693,7 +696,7 @@ class Selector:
 
 
 #: The method settings a :class:`SettingRule` can vary per node, and the nodes each is read at.
-#: A setting is ``"<sub-config>.<field>"`` of :class:`QuantConfig`.
+#: A setting is ``"<section>.<field>"``: a field of one of the config's sections.
 PER_NODE_SETTINGS = {
     "smoothing.alpha": "each smoothed linear (SmoothQuantPass)",
     "jlss.steps": "each block (JLSSPass; select it with block=)",
@@ -712,7 +715,7 @@ class SettingRule:
 
     The config's own value (``config.smoothing.alpha``) applies where no rule matches; rules
     apply in order and the last match wins (:meth:`QuantConfig.setting_for`). ``setting`` is one
-    of :data:`PER_NODE_SETTINGS`; ``value`` is checked as the sub-config checks it.
+    of :data:`PER_NODE_SETTINGS`; ``value`` is checked as the section class checks it.
     """
 
     setting: str
