@@ -86,7 +86,7 @@ def test_save_load_round_trip(vim_q, tmp_path):
     for name, m in _mixed(loaded).items():
         orig = _mixed(q)[name]
         assert (m.outlier_bits, m.sigma, m.refresh, m.layout) == (orig.outlier_bits, orig.sigma, orig.refresh, orig.layout)
-    assert loaded.meta["vmfx_config"]["outliers"] == {"bits": 8, "sigma": 3.0, "sigma_asym": 4.0, "refresh": 10}
+    assert loaded.meta["vmfx_config"]["sections"]["outliers"] == {"bits": 8, "sigma": 3.0, "sigma_asym": 4.0, "refresh": 10}
 
 
 def test_lowering_runs_the_mixed_linears_as_integer_kernels(vim_q):

@@ -137,7 +137,7 @@ def test_new_options_keep_their_defaults():
     assert (OutlierConfig().trigger, OutlierConfig().float_outliers) == ("sample", False)
     assert JLSSConfig().activation_rounding == "ste"
     for name in ("ouromamba-w4a4", "ouromamba-w4a8"):
-        d = vmfx.preset(name).to_dict()
+        d = vmfx.preset(name).to_dict()["sections"]
         assert d["outliers"] == {"bits": int(name[-1]) * 2, "sigma": 3.0, "sigma_asym": 4.0, "refresh": 10}
         assert "activation_rounding" not in d["jlss"]
     official = vmfx.preset("ouromamba-official-w4a8")

@@ -26,6 +26,7 @@ from .config import (
     preset,
     preset_names,
     register_preset,
+    register_section,
 )
 from .coverage import CoverageWarning
 from .errors import (
@@ -79,6 +80,7 @@ __all__ = [
     # plug-in methods
     "register_method",
     "register_preset",
+    "register_section",
     "load_plugin",
     # debugging
     "inspect",

@@ -5,19 +5,37 @@ be read back and migrated), ``to_dict`` / ``from_dict``, and no callables. Prese
 configs: ``"<method>-w<bits>a<bits>"``, e.g. ``"minmax-w8a8"``.
 
 Which passes a method runs is decided by :mod:`vmfx.passes.pipeline`; the config only says what
-to quantize and how.
+to quantize and how. What the methods are configured with lives in the config's sections
+(:mod:`vmfx.sections`): the built-in ones (``smoothing``, ``jlss``, ``search``, ``outliers``,
+``scan_state``, ``split_softplus``, ``bias_correction``) are registered here, a plug-in's with the
+same :func:`register_section`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from .annotations import LINEAR_ROLES, QUANTIZABLE_ROLES, ROLES
 from .errors import ConfigError
 from .quant.spec import QuantSpec
+from .sections import (
+    Sections,
+    fields_from_dict,
+    fields_to_dict,
+    method_options,
+    method_section,
+    register_options,
+    register_section,
+    reserve_names,
+    section_from_dict,
+    section_info,
+    section_names,
+    section_to_dict,
+)
 
 __all__ = [
     "QuantConfig",
@@ -27,6 +45,10 @@ __all__ = [
     "JLSSConfig",
     "SimilaritySearchConfig",
     "ScanStateConfig",
+    "SplitSoftplusConfig",
+    "BiasCorrectionConfig",
+    "Sections",
+    "register_section",
     "PRESETS",
     "preset",
     "preset_names",
@@ -269,8 +291,11 @@ class SimilaritySearchConfig:
         object.__setattr__(self, "keep_roles", roles)
 
 
-_SUBCONFIGS = {"smoothing": SmoothingConfig, "init": InitConfig, "jlss": JLSSConfig}
-_SUBCONFIGS["search"] = SimilaritySearchConfig  # k-scaled
+register_section("smoothing", SmoothingConfig, builtin=True)
+register_section("jlss", JLSSConfig, builtin=True)
+register_section("search", SimilaritySearchConfig, builtin=True)
+
+
 # -- OuroMamba: mixed-precision activations --------------------------------------------------------
 
 
@@ -323,7 +348,7 @@ class OutlierConfig:
         return self.sigma if spec.symmetric else self.sigma_asym
 
 
-_SUBCONFIGS["outliers"] = OutlierConfig
+register_section("outliers", OutlierConfig, builtin=True)
 
 
 # -- scan state (the quantized hidden state of the selective scan) ----------------------------------
@@ -383,7 +408,71 @@ class ScanStateConfig:
             raise ConfigError(f"ScanStateConfig.lookahead must be a non-negative integer, got {self.lookahead!r}")
 
 
-_SUBCONFIGS["scan_state"] = ScanStateConfig
+register_section("scan_state", ScanStateConfig, builtin=True)
+
+
+@dataclass(frozen=True)
+class SplitSoftplusConfig:
+    """Give a selective scan's fused delta softplus a node of its own (role ``dt_act``:
+    :class:`vmfx.passes.split_softplus.SplitDeltaSoftplusPass`), so that output rules on ``dt_act``
+    quantize it on Vim too (the official k-scaled code's softplus output). It has no fields: the
+    section being present turns it on. Its keyword reads as a bool: ``QuantConfig(split_softplus=True)``,
+    ``config.split_softplus``."""
+
+    @classmethod
+    def from_keyword(cls, value: Any) -> "SplitSoftplusConfig | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, bool):
+            raise ConfigError(f"QuantConfig.split_softplus must be True or False, got {value!r}")
+        return cls() if value else None
+
+    @classmethod
+    def keyword_value(cls, section: "SplitSoftplusConfig | None") -> bool:
+        return section is not None
+
+
+#: The roles of the linears whose bias :class:`BiasCorrectionConfig` can correct.
+BIAS_CORRECTION_ROLES = LINEAR_ROLES + ("head", "linear")
+
+
+@dataclass(frozen=True)
+class BiasCorrectionConfig:
+    """The linears (by role) whose bias absorbs the mean output error of their quantized weight on
+    the calibration data (:class:`vmfx.passes.bias_correction.BiasCorrectionPass`). Its keyword
+    reads as the tuple of roles: ``QuantConfig(bias_correction=("dt_proj", "head"))``,
+    ``config.bias_correction`` (``()``: off, the section absent).
+
+    Args:
+        roles: non-empty, from :data:`BIAS_CORRECTION_ROLES` (the official k-scaled code:
+            ``("dt_proj", "head")``, its linears with a bias).
+    """
+
+    roles: tuple[str, ...] = ("dt_proj", "head")
+
+    def __post_init__(self):
+        roles = tuple(self.roles) if isinstance(self.roles, (tuple, list)) else None
+        if not roles or any(r not in BIAS_CORRECTION_ROLES for r in roles):
+            raise ConfigError(f"QuantConfig.bias_correction (BiasCorrectionConfig.roles) must be a non-empty tuple of "
+                              f"linear roles ({', '.join(BIAS_CORRECTION_ROLES)}), got {self.roles!r}; () turns it off")
+        object.__setattr__(self, "roles", roles)
+
+    @classmethod
+    def from_keyword(cls, value: Any) -> "BiasCorrectionConfig | None":
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"QuantConfig.bias_correction must be a tuple of linear roles "
+                              f"({', '.join(BIAS_CORRECTION_ROLES)}), got {value!r}")
+        return cls(tuple(value)) if value else None
+
+    @classmethod
+    def keyword_value(cls, section: "BiasCorrectionConfig | None") -> tuple[str, ...]:
+        return section.roles if section is not None else ()
+
+
+register_section("split_softplus", SplitSoftplusConfig, builtin=True)
+register_section("bias_correction", BiasCorrectionConfig, builtin=True)
 
 
 @dataclass(frozen=True)
@@ -608,7 +697,7 @@ class Selector:
 
 
 #: The method settings a :class:`SettingRule` can vary per node, and the nodes each is read at.
-#: A setting is ``"<sub-config>.<field>"`` of :class:`QuantConfig`.
+#: A setting is ``"<section>.<field>"``: a field of one of the config's sections.
 PER_NODE_SETTINGS = {
     "smoothing.alpha": "each smoothed linear (SmoothQuantPass)",
     "jlss.steps": "each block (JLSSPass; select it with block=)",
@@ -627,7 +716,7 @@ class SettingRule:
 
     The config's own value (``config.smoothing.alpha``) applies where no rule matches; rules
     apply in order and the last match wins (:meth:`QuantConfig.setting_for`). ``setting`` is one
-    of :data:`PER_NODE_SETTINGS`; ``value`` is checked as the sub-config checks it.
+    of :data:`PER_NODE_SETTINGS`; ``value`` is checked as the section class checks it.
     """
 
     setting: str
@@ -645,7 +734,7 @@ class SettingRule:
             raise ConfigError(f"{self.setting} is read per block: select blocks with Selector(block=...), got "
                               f"{self.select.describe()}")
         try:
-            replace(_SUBCONFIGS[sub](), **{name: self.value})
+            replace(section_info(sub).cls(), **{name: self.value})
         except (ConfigError, TypeError, ValueError) as exc:
             raise ConfigError(f"SettingRule({self.setting!r}, {self.value!r}): {exc}") from exc
 
@@ -744,55 +833,37 @@ def _check_weight_spec(spec: QuantSpec, what: str) -> None:
         raise ConfigError(f"'cluster' scales cluster an activation's tokens or channels: use granularity "
                           f"'channel' or 'tensor' for {what}")
 
-#: Methods whose passes need static activation ranges (calibrated observers, smoothing, learning).
+#: Methods' settings whose passes need static activation ranges (calibrated observers, smoothing, learning).
 _STATIC_ONLY_FEATURES = ("smoothing", "jlss", "search")
 
 
-# -- methods' own options ---------------------------------------------------------------------------
+class _SectionAlias:
+    """``config.<name>`` for the built-in section ``name``: its keyword value (the instance, None
+    when absent; a bool / tuple where the section class translates it)."""
 
-#: method name -> the frozen dataclass of that method's own options (:func:`register_options`).
-_METHOD_OPTIONS: dict[str, type] = {}
+    def __init__(self, doc: str):
+        self.__doc__ = doc
 
+    def __set_name__(self, owner, name):
+        self.name = name
 
-def register_options(method: str, options_class: type) -> type:
-    """Declare ``options_class`` (a frozen dataclass; its ``__post_init__`` validates) as the
-    options of ``method``: a :class:`QuantConfig` of that method carries one instance in its
-    ``options`` field (the class's defaults when none is given), saved with the config by
-    :meth:`QuantConfig.to_dict` (its fields must be JSON values) and read back by
-    :meth:`QuantConfig.from_dict` once the method is registered again. Usually called by
-    :func:`vmfx.passes.register_method` (``options=``)."""
-    import dataclasses
-
-    if not (isinstance(options_class, type) and dataclasses.is_dataclass(options_class)
-            and options_class.__dataclass_params__.frozen):
-        raise ConfigError(f"a method's options are a frozen dataclass (@dataclass(frozen=True)), got {options_class!r}")
-    try:
-        options_class()
-    except TypeError as exc:
-        raise ConfigError(f"{options_class.__name__} needs a default for every field (the options of a preset "
-                          f"that names none): {exc}") from exc
-    _METHOD_OPTIONS[method] = options_class
-    return options_class
+    def __get__(self, config, owner=None):
+        if config is None:
+            return self
+        return config.section(self.name)
 
 
-def method_options(method: str) -> type | None:
-    """The options class registered for ``method`` (None: the method has none)."""
-    return _METHOD_OPTIONS.get(method)
+#: Marks a keyword that was not given (None is a value: "no options").
+_NOT_GIVEN = object()
+_DEFAULT_WEIGHT = QuantSpec(8, symmetric=True, granularity="channel")
+_DEFAULT_ACTIVATION = QuantSpec(8, symmetric=False, granularity="tensor")
+_DEFAULT_INIT = InitConfig()
+#: The keys of a version-1 to -3 config dict that are sections now (``options``: the method's own).
+_LEGACY_SECTION_KEYS = ("smoothing", "jlss", "search", "outliers", "scan_state", "split_softplus", "bias_correction")
+_CORE_KEYS = ("method", "weight", "activation", "roles", "calib_batch_size", "init", "rules", "settings")
 
 
-def _options_from_dict(method: str, d: Any):
-    cls = _METHOD_OPTIONS.get(method)
-    if d is None:
-        return None
-    if cls is None:
-        raise ConfigError(f"the config has options for method {method!r}, which has no options class registered "
-                          "here: import the module that registers the method (vmfx.passes.register_method) first")
-    if not isinstance(d, dict):
-        raise ConfigError(f"the options of method {method!r} must be read from a dict, got {type(d).__name__}")
-    return _sub_from_dict(cls, d)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class QuantConfig:
     """Full control over a quantization run.
 
@@ -804,31 +875,40 @@ class QuantConfig:
         roles: which linears to quantize: mixer roles (both scan directions of each) and
             ``"linear"``, every other linear except the classifier head (attention, MLPs).
         calib_batch_size: batch size for calibration when the data is one tensor.
-        init: how static step sizes are initialised (min-max or Lp grid search).
-        smoothing: SmoothQuant smoothing (None: off).
-        jlss: PTQ4VM's block-wise learning of step sizes and smoothing (None: off).
-        scan_state: quantize the selective scan's hidden state, optionally reparameterized
-            (:class:`ScanStateConfig`; None: the state stays float).
+        init: how static step sizes are initialised (min-max or Lp grid search); every method
+            initialises step sizes, so this is a field of its own, not a section.
         rules: :class:`QuantRule` entries applied after the defaults above (``weight`` / ``activation``
             on the linears of ``roles``), in order, the last match winning: mixed precision,
             per-module bits, linears kept in float. :meth:`spec_for` resolves one edge.
-        options: the method's own options, for a method registered with an options class
-            (:func:`register_options`; None: that class's defaults).
         settings: :class:`SettingRule` entries: method settings that vary by node (SmoothQuant's
             alpha per linear, JLSS's steps and learning rates per block), in order, the last
-            match winning over the sub-config's value. :meth:`setting_for` resolves one node.
-        search: k-scaled ViM PTQ's similarity search of static scales after conversion
-            (:class:`SimilaritySearchConfig`; None: off).
-        outliers: OuroMamba's mixed-precision activations (None: off): every static activation
-            quantizer becomes a :class:`~vmfx.quant.mixed.MixedPrecisionQuantize`.
-        split_softplus: give a selective scan's fused delta softplus a node of its own (role
-            ``dt_act``: :class:`vmfx.passes.split_softplus.SplitDeltaSoftplusPass`), so output rules
-            on ``dt_act`` quantize it on Vim too (the official k-scaled code's softplus output).
-            Written by :meth:`to_dict` only when set.
-        bias_correction: roles of the linears whose bias absorbs the mean output error of their
-            quantized weight on the calibration data (:class:`vmfx.passes.bias_correction.BiasCorrectionPass`;
-            the official k-scaled code: ``("dt_proj", "head")``, its linears with a bias). Written by
-            :meth:`to_dict` only when set.
+            match winning over the section's value. :meth:`setting_for` resolves one node.
+        sections: what the methods are configured with: section name -> instance of the frozen
+            dataclass registered under that name (:mod:`vmfx.sections`; a dict is fine, it is kept
+            as an immutable :class:`~vmfx.sections.Sections`). An absent section is off.
+        options: the method's own options, for a method registered with an options class
+            (:func:`register_options`; the section named after the method; None or not given:
+            that class's defaults).
+        **section_values: a section by its name, e.g. ``jlss=JLSSConfig()`` (None removes it);
+            these win over ``sections``.
+
+    The built-in sections, each also read as ``config.<name>`` (None / False / ``()`` when absent):
+
+    * ``smoothing``: SmoothQuant smoothing (:class:`SmoothingConfig`).
+    * ``jlss``: PTQ4VM's block-wise learning of step sizes and smoothing (:class:`JLSSConfig`).
+    * ``search``: k-scaled ViM PTQ's similarity search of static scales after conversion
+      (:class:`SimilaritySearchConfig`).
+    * ``outliers``: OuroMamba's mixed-precision activations (:class:`OutlierConfig`): every static
+      activation quantizer becomes a :class:`~vmfx.quant.mixed.MixedPrecisionQuantize`.
+    * ``scan_state``: quantize the selective scan's hidden state, optionally reparameterized
+      (:class:`ScanStateConfig`).
+    * ``split_softplus``: the scan's fused delta softplus as a node of its own
+      (:class:`SplitSoftplusConfig`; the keyword and attribute are a bool).
+    * ``bias_correction``: linears whose bias absorbs their weight quantization's mean output error
+      (:class:`BiasCorrectionConfig`; the keyword and attribute are a tuple of roles).
+
+    A plug-in's section (:func:`register_section`) works the same way: its keyword, ``config.<name>``,
+    ``config.section(name)``, saved and loaded with the config.
 
     Example::
 
@@ -839,37 +919,110 @@ class QuantConfig:
         mixed = vmfx.preset("minmax-w8a8").replace(rules=(
             QuantRule("input", QuantSpec(4, False, "tensor"), role="out_proj"),
             QuantRule("weight", QuantSpec(4, True, "channel"), role="out_proj")))
+        learned = vmfx.preset("pts-w4a4").replace(smoothing=SmoothingConfig(0.5), jlss=JLSSConfig(steps=50))
     """
 
-    VERSION: ClassVar[int] = 3
+    #: 4: the methods' settings in ``sections``; 3: per-method fields, ``options``, ``split_softplus``,
+    #: ``bias_correction``; 2: no ``settings``; 1: no ``rules``.
+    VERSION: ClassVar[int] = 4
 
     method: str = "minmax"
-    weight: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=True, granularity="channel"))
-    activation: QuantSpec = field(default_factory=lambda: QuantSpec(8, symmetric=False, granularity="tensor"))
+    weight: QuantSpec = _DEFAULT_WEIGHT
+    activation: QuantSpec = _DEFAULT_ACTIVATION
     roles: tuple[str, ...] = QUANTIZABLE_ROLES
     calib_batch_size: int = 32
-    init: InitConfig = field(default_factory=InitConfig)
-    smoothing: SmoothingConfig | None = None
-    jlss: JLSSConfig | None = None
+    init: InitConfig = _DEFAULT_INIT
     rules: tuple[QuantRule, ...] = ()
-    search: SimilaritySearchConfig | None = None
-    outliers: OutlierConfig | None = None  # OuroMamba: mixed-precision activations
-    scan_state: ScanStateConfig | None = None  # the scan's quantized hidden state (ScanStateConfig)
     settings: tuple[SettingRule, ...] = ()
-    options: Any = None
-    split_softplus: bool = False
-    bias_correction: tuple[str, ...] = ()
+    sections: Sections = field(default_factory=Sections)
 
-    def __post_init__(self):
+    smoothing = _SectionAlias("SmoothQuant smoothing (:class:`SmoothingConfig`; None: off).")
+    jlss = _SectionAlias("PTQ4VM's block-wise learning (:class:`JLSSConfig`; None: off).")
+    search = _SectionAlias("k-scaled ViM PTQ's similarity search (:class:`SimilaritySearchConfig`; None: off).")
+    outliers = _SectionAlias("OuroMamba's mixed-precision activations (:class:`OutlierConfig`; None: off).")
+    scan_state = _SectionAlias("The scan's quantized hidden state (:class:`ScanStateConfig`; None: float).")
+    split_softplus = _SectionAlias("Whether the scan's softplus is split into a node of its own (a bool).")
+    bias_correction = _SectionAlias("The roles of the linears whose bias is corrected (a tuple; () off).")
+
+    def __init__(self, method: str = "minmax", weight: QuantSpec = _DEFAULT_WEIGHT,
+                 activation: QuantSpec = _DEFAULT_ACTIVATION, roles: tuple[str, ...] = QUANTIZABLE_ROLES,
+                 calib_batch_size: int = 32, init: InitConfig = _DEFAULT_INIT, *, rules: tuple[QuantRule, ...] = (),
+                 settings: tuple[SettingRule, ...] = (), sections: Any = None, options: Any = _NOT_GIVEN,
+                 **section_values: Any):
+        for name, value in (("method", method), ("weight", weight), ("activation", activation), ("roles", roles),
+                            ("calib_batch_size", calib_batch_size), ("init", init),
+                            ("rules", rules), ("settings", settings)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "sections", self._gather_sections(sections, options, section_values))
+        self._validate()
+
+    def _gather_sections(self, sections: Any, options: Any, section_values: dict) -> Sections:
+        """The sections of this config: ``sections``, then the keywords, then ``options`` (the
+        method's own section; filled with its class's defaults when absent). Every entry is
+        checked against its registered class; the options of another method are refused."""
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"QuantConfig.method must be a method name, got {self.method!r}")
-        if not isinstance(self.split_softplus, bool):
-            raise ConfigError(f"QuantConfig.split_softplus must be True or False, got {self.split_softplus!r}")
-        corrected = tuple(self.bias_correction) if isinstance(self.bias_correction, (tuple, list)) else None
-        if corrected is None or any(r not in LINEAR_ROLES + ("head", "linear") for r in corrected):
-            raise ConfigError(f"QuantConfig.bias_correction must be a tuple of linear roles "
-                              f"({', '.join(LINEAR_ROLES + ('head', 'linear'))}), got {self.bias_correction!r}")
-        object.__setattr__(self, "bias_correction", corrected)
+        if sections is not None and not isinstance(sections, Mapping):
+            raise ConfigError(f"QuantConfig.sections must map section names to sections, got {type(sections).__name__}")
+        given = [(name, value, f"QuantConfig.sections[{name!r}]") for name, value in (sections or {}).items()]
+        given += [(name, value, f"QuantConfig.{name}") for name, value in section_values.items()]
+        values = {}
+        for name, value, where in given:
+            info = section_info(name) if isinstance(name, str) else None
+            if info is None:
+                raise ConfigError(
+                    f"{where}: {name!r} is neither a QuantConfig field ({', '.join(_CORE_KEYS)}, sections, options) nor "
+                    f"a registered config section ({', '.join(section_names())}); a plug-in's section "
+                    "is registered by importing its module (vmfx.register_section)")
+            values[name] = info.to_section(value, where)
+        own = method_section(self.method)
+        if options is not _NOT_GIVEN:
+            if own is None and options is not None:
+                raise ConfigError(f"QuantConfig.options is for a method's own options, but method {self.method!r} "
+                                  f"declares none (got a {type(options).__name__}): register them with "
+                                  "vmfx.passes.register_method(name, options=TheirClass)")
+            if own is not None:
+                if options is not None and not isinstance(options, own.cls):
+                    raise ConfigError(f"method {self.method!r} takes options of type {own.cls.__name__}, got "
+                                      f"{type(options).__name__}")
+                values[own.name] = options
+        values = {name: value for name, value in values.items() if value is not None}
+        for name in values:
+            owner = section_info(name).method
+            if owner is not None and owner != self.method:
+                drop = f"{name}=None" if name.isidentifier() else f"**{{{name!r}: None}}"
+                raise ConfigError(f"the section {name!r} holds the options of method {owner!r}, but this config's method "
+                                  f"is {self.method!r}: drop it (config.replace({drop}, ...))")
+        if own is not None and own.name not in values:
+            values[own.name] = own.cls()
+        return Sections(values)
+
+    def __getattr__(self, name: str) -> Any:
+        """``config.<name>`` for a plug-in's section (the built-in ones are properties)."""
+        info = section_info(name) if not name.startswith("_") else None
+        if info is None:
+            raise AttributeError(f"'QuantConfig' object has no attribute {name!r}")
+        return info.keyword_value(object.__getattribute__(self, "sections").get(name))
+
+    def section(self, name: str) -> Any:
+        """Section ``name`` as its keyword reads (the instance, or None when absent; a bool for
+        ``split_softplus``, a tuple of roles for ``bias_correction``)."""
+        info = section_info(name)
+        if info is None:
+            raise ConfigError(f"{name!r} is not a registered config section; those are "
+                              f"{', '.join(section_names())}")
+        return info.keyword_value(self.sections.get(name))
+
+    @property
+    def options(self) -> Any:
+        """The method's own options (the section named after the method), or None when the method
+        declares none."""
+        own = method_section(self.method)
+        return self.sections.get(own.name) if own is not None else None
+
+    def _validate(self) -> None:
+        """Check the core fields and the settings against the sections (normalising sequences to
+        tuples)."""
         if not isinstance(self.weight, QuantSpec) or not isinstance(self.activation, QuantSpec):
             raise ConfigError("QuantConfig.weight and QuantConfig.activation must be QuantSpec instances")
         _check_weight_spec(self.weight, "QuantConfig.weight")
@@ -885,32 +1038,17 @@ class QuantConfig:
         object.__setattr__(self, "roles", roles)
         if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
             raise ConfigError(f"QuantConfig.calib_batch_size must be a positive integer, got {self.calib_batch_size!r}")
-        for name, sub_cls in _SUBCONFIGS.items():
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, sub_cls):
-                raise ConfigError(f"QuantConfig.{name} must be a {sub_cls.__name__} or None, got {type(value).__name__}")
-        if self.init is None:
-            raise ConfigError("QuantConfig.init must be an InitConfig")
+        if not isinstance(self.init, InitConfig):
+            raise ConfigError(f"QuantConfig.init must be an InitConfig, got {type(self.init).__name__}")
         settings = tuple(self.settings)
         for rule in settings:
             if not isinstance(rule, SettingRule):
                 raise ConfigError(f"QuantConfig.settings must hold SettingRule instances, got {type(rule).__name__}")
             sub = rule.setting.split(".")[0]
-            if getattr(self, sub) is None:
+            if sub not in self.sections:
                 raise ConfigError(f"the setting rule '{rule.describe()}' sets {rule.setting}, but this config has no "
                                   f"{sub} (QuantConfig.{sub} is None: method {self.method!r} does not run it)")
         object.__setattr__(self, "settings", settings)
-        options_class = _METHOD_OPTIONS.get(self.method)
-        if options_class is None and self.options is not None:
-            raise ConfigError(f"QuantConfig.options is for a method's own options, but method {self.method!r} declares "
-                              f"none (got a {type(self.options).__name__}): register them with "
-                              "vmfx.passes.register_method(name, options=TheirClass)")
-        if options_class is not None:
-            if self.options is None:
-                object.__setattr__(self, "options", options_class())
-            elif not isinstance(self.options, options_class):
-                raise ConfigError(f"method {self.method!r} takes options of type {options_class.__name__}, got "
-                                  f"{type(self.options).__name__}")
         self._check_dynamic_activations()
         self._check_clusters_not_learned()
 
@@ -965,13 +1103,13 @@ class QuantConfig:
     def setting_for(self, setting: str, role: str | None = None, module: str | None = None, node: str | None = None,
                     block: int | None = None, direction: str | None = None) -> Any:
         """The value of a per-node method setting (:data:`PER_NODE_SETTINGS`) at one node: the
-        sub-config's value, then every matching :class:`SettingRule` in order (the last wins)."""
+        section's value, then every matching :class:`SettingRule` in order (the last wins)."""
         if setting not in PER_NODE_SETTINGS:
             raise ConfigError(f"{setting!r} is not a per-node setting; those are {', '.join(PER_NODE_SETTINGS)}")
         sub, name = setting.split(".")
-        if getattr(self, sub) is None:
+        if sub not in self.sections:
             raise ConfigError(f"this config has no {sub} (QuantConfig.{sub} is None), so no {setting}")
-        value = getattr(getattr(self, sub), name)
+        value = getattr(self.sections[sub], name)
         for rule in self.settings:
             if rule.setting == setting and rule.select.matches(role, module, node, block, direction):
                 value = rule.value
@@ -994,82 +1132,108 @@ class QuantConfig:
         return text + ("+rules" if self.rules else "")
 
     def replace(self, **changes) -> "QuantConfig":
+        """A copy with ``changes``: fields, sections by name (None removes one) or ``options``."""
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return {
+        """The config as JSON values (version 4): the core fields, and ``sections`` with each
+        section's dict; ``section_modules`` names the module that registered each section not
+        defined by :mod:`vmfx.config` (so a reader without it can say what to import)."""
+        d = {
             "version": self.VERSION,
             "method": self.method,
             "weight": self.weight.to_dict(),
             "activation": self.activation.to_dict(),
             "roles": list(self.roles),
             "calib_batch_size": self.calib_batch_size,
-            **{name: _sub_to_dict(getattr(self, name)) for name in _SUBCONFIGS},
+            "init": fields_to_dict(self.init),
             "rules": [r.to_dict() for r in self.rules],
             "settings": [r.to_dict() for r in self.settings],
-            "options": _sub_to_dict(self.options),
-            **({"split_softplus": True} if self.split_softplus else {}),
-            **({"bias_correction": list(self.bias_correction)} if self.bias_correction else {}),
+            "sections": {name: section_to_dict(value) for name, value in self.sections.items()},
         }
+        modules = {name: type(value).__module__ for name, value in self.sections.items()
+                   if not section_info(name).builtin}
+        if modules:
+            d["section_modules"] = modules
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
-        """Read a dict written by :meth:`to_dict` of this or an earlier version (version 1 had no
-        ``rules``, version 2 no ``settings``: they read as a config without them)."""
+        """Read a dict written by :meth:`to_dict` of this or an earlier version (version 3 held each
+        built-in section and ``options`` as a field of its own, version 2 had no ``settings``,
+        version 1 no ``rules``). A section not registered here is a :class:`ConfigError` that
+        names it and what to import."""
         if not isinstance(d, dict):
             raise ConfigError(f"a QuantConfig must be read from a dict, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("version", cls.VERSION)
-        if version not in (1, 2, cls.VERSION):
+        if version not in (1, 2, 3, cls.VERSION):
             raise ConfigError(f"QuantConfig version {version} is not supported (this vmfx reads versions 1 to {cls.VERSION})")
-        unknown = set(d) - {"method", "weight", "activation", "roles", "calib_batch_size", "rules", "settings", "options",
-                            "split_softplus", "bias_correction", *_SUBCONFIGS}
+        keys = set(_CORE_KEYS) | ({"sections", "section_modules"} if version >= 4 else
+                                  {"options", *_LEGACY_SECTION_KEYS})
+        unknown = set(d) - keys
         if unknown:
-            raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)}")
-        if "rules" in d:
-            if not isinstance(d["rules"], list):
-                raise ConfigError(f"QuantConfig.rules must be a list, got {type(d['rules']).__name__}")
-            d["rules"] = tuple(QuantRule.from_dict(r) for r in d["rules"])
-        if "options" in d:
-            d["options"] = _options_from_dict(d.get("method", "minmax"), d["options"])
-        if "settings" in d:
-            if not isinstance(d["settings"], list):
-                raise ConfigError(f"QuantConfig.settings must be a list, got {type(d['settings']).__name__}")
-            d["settings"] = tuple(SettingRule.from_dict(r) for r in d["settings"])
-        for name, sub_cls in _SUBCONFIGS.items():
-            if d.get(name) is not None:
-                d[name] = _sub_from_dict(sub_cls, d[name])
-        if "weight" in d:
-            d["weight"] = QuantSpec.from_dict(d["weight"])
-        if "activation" in d:
-            d["activation"] = QuantSpec.from_dict(d["activation"])
-        if "roles" in d:
-            d["roles"] = tuple(d["roles"])
-        if "bias_correction" in d:
-            d["bias_correction"] = tuple(d["bias_correction"])
-        return cls(**d)
+            raise ConfigError(f"unknown QuantConfig fields {sorted(unknown)} (version {version})")
+        kwargs = _core_from_dict(d)
+        if version >= 4:
+            kwargs["sections"] = _sections_from_dict(d.get("sections", {}), d.get("section_modules", {}))
+        else:
+            kwargs.update(_legacy_sections_from_dict(d))
+        return cls(**kwargs)
 
 
-def _sub_to_dict(value) -> dict | None:
-    """A sub-config as a dict; the fields its class lists in ``WRITTEN_WHEN_SET`` are left out while
-    they hold their defaults, so configs that do not use them read back in older vmfx versions."""
-    if value is None:
-        return None
-    d = asdict(value)
-    for name in getattr(type(value), "WRITTEN_WHEN_SET", ()):
-        if d[name] == next(f.default for f in fields(value) if f.name == name):
-            del d[name]
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+def _core_from_dict(d: dict) -> dict:
+    """The core fields of a saved config dict, as QuantConfig keywords."""
+    kwargs = {name: d[name] for name in ("method", "calib_batch_size") if name in d}
+    for name in ("rules", "settings"):
+        if name in d and not isinstance(d[name], list):
+            raise ConfigError(f"QuantConfig.{name} must be a list, got {type(d[name]).__name__}")
+    if "rules" in d:
+        kwargs["rules"] = tuple(QuantRule.from_dict(r) for r in d["rules"])
+    if "settings" in d:
+        kwargs["settings"] = tuple(SettingRule.from_dict(r) for r in d["settings"])
+    for name in ("weight", "activation"):
+        if name in d:
+            kwargs[name] = QuantSpec.from_dict(d[name])
+    if "roles" in d:
+        kwargs["roles"] = tuple(d["roles"])
+    if d.get("init") is not None:
+        kwargs["init"] = fields_from_dict(InitConfig, d["init"])
+    return kwargs
 
 
-def _sub_from_dict(cls, d: dict):
-    if not isinstance(d, dict):
-        raise ConfigError(f"{cls.__name__} must be read from a dict, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+def _sections_from_dict(sections: Any, modules: Any) -> dict:
+    """The ``sections`` of a version-4 dict, each read by its registered class."""
+    if not isinstance(sections, dict) or not isinstance(modules, dict):
+        raise ConfigError(f"QuantConfig.sections and section_modules must be dicts, got {type(sections).__name__} "
+                          f"and {type(modules).__name__}")
+    return {name: section_from_dict(name, value, modules.get(name)) for name, value in sections.items()}
+
+
+def _legacy_sections_from_dict(d: dict) -> dict:
+    """The sections of a version-1 to -3 dict, as QuantConfig keywords: the built-in ones were
+    fields of their own (``split_softplus`` a bool, ``bias_correction`` a list of roles), a method's
+    own options the field ``options``."""
+    kwargs = {}
+    for name in ("smoothing", "jlss", "search", "outliers", "scan_state"):
+        if d.get(name) is not None:
+            kwargs[name] = section_from_dict(name, d[name])
+    if "split_softplus" in d:
+        kwargs["split_softplus"] = d["split_softplus"]
+    if "bias_correction" in d:
+        roles = d["bias_correction"]
+        kwargs["bias_correction"] = tuple(roles) if isinstance(roles, list) else roles
+    if d.get("options") is not None:
+        method = d.get("method", "minmax")
+        options_class = method_options(method)
+        if options_class is None:
+            raise ConfigError(f"the config has options for method {method!r}, which has no options class registered "
+                              "here: import the module that registers the method (vmfx.passes.register_method) first")
+        kwargs["options"] = fields_from_dict(options_class, d["options"])
+    return kwargs
+
+
+reserve_names(list(_CORE_KEYS) + [name for name in dir(QuantConfig) if not name.startswith("_")])
 
 
 def _recipe(method: str, wbits: int, abits: int, **fields_) -> QuantConfig:

@@ -14,6 +14,7 @@ import sys
 from types import ModuleType
 
 from .errors import ConfigError
+from .sections import PLUGIN_MODULE_PREFIX
 
 __all__ = ["load_plugin"]
 
@@ -31,7 +32,7 @@ def load_plugin(path: str) -> ModuleType:
     if not path.endswith(".py"):
         raise ConfigError(f"a plug-in is a Python file (.py), got {path!r}")
     stem = os.path.splitext(os.path.basename(path))[0]
-    name = f"vmfx_plugin_{''.join(c if c.isalnum() else '_' for c in stem)}"
+    name = PLUGIN_MODULE_PREFIX + ''.join(c if c.isalnum() else '_' for c in stem)
     loaded = sys.modules.get(name)
     if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == path:
         return loaded

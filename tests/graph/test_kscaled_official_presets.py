@@ -168,7 +168,7 @@ def test_presets_exist_and_carry_the_official_settings():
         assert cfg.weight == QuantSpec(w, True, "tensor", int_range="full")
         assert cfg.scan_state == ScanStateConfig(bits=8, reparameterize=True, exhaustive=True)
         assert cfg.search.images is None and cfg.search.keep_roles == ("patch_embed", "norm")
-        assert cfg.split_softplus and cfg.to_dict()["split_softplus"] is True
+        assert cfg.split_softplus and cfg.to_dict()["sections"]["split_softplus"] == {}
         assert cfg.bias_correction == ("dt_proj", "head") and QuantConfig.from_dict(cfg.to_dict()) == cfg
         for role in ("patch_embed", "norm", "conv1d", "head"):
             assert cfg.spec_for("weight", role) == QuantSpec(w, True, "tensor", int_range="full")

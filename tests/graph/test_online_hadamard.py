@@ -116,7 +116,7 @@ def online_w8a8(proxy, digits):
 
 def test_rotate_online_quantizes_the_rotated_input_and_round_trips(proxy, digits, online_w8a8, tmp_path):
     q = online_w8a8
-    assert q.meta["vmfx_config"]["options"] == {"kind": "klt", "seed": 0, "online_out_proj": True, "residual": True}
+    assert q.meta["vmfx_config"]["sections"]["rotate"] == {"kind": "klt", "seed": 0, "online_out_proj": True, "residual": True}
     assert list(q.meta["vmfx_pass_seconds"])[:4] == ["DetectMambaMixersPass", "RotateResidualPass",
                                                       "OnlineHadamardPass", "InsertObserversPass"]
     out_proj = next(n for n in q.graph.nodes if n.name == "layers_0_mixer_out_proj")

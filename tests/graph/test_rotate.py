@@ -153,7 +153,7 @@ def rotated_w8a8(proxy, digits):
 def test_rotate_w8a8_compiles_close_to_float_and_round_trips(proxy, digits, rotated_w8a8, tmp_path):
     q = rotated_w8a8
     assert q.meta["vmfx_config"]["method"] == "rotate"
-    assert q.meta["vmfx_config"]["options"] == {"kind": "klt", "seed": 0, "online_out_proj": False, "residual": True}
+    assert q.meta["vmfx_config"]["sections"]["rotate"] == {"kind": "klt", "seed": 0, "online_out_proj": False, "residual": True}
     with torch.no_grad():
         ref, got = proxy(digits), q(digits)
     assert float((got - ref).norm() / ref.norm()) < 0.05

@@ -50,7 +50,7 @@ def test_config_round_trip_and_validation():
         with pytest.raises(ConfigError, match=match):
             ScanStateConfig(**bad)
     d = cfg.to_dict()
-    d["scan_state"]["colour"] = 1
+    d["sections"]["scan_state"]["colour"] = 1
     with pytest.raises(ConfigError, match="unknown ScanStateConfig fields"):
         QuantConfig.from_dict(d)
     with pytest.raises(ConfigError, match="ScanStateConfig or None"):
@@ -106,7 +106,7 @@ def test_quantized_state_compiles_saves_loads_and_shows(quantized, small_vim, im
         assert sa.to_dict() == sb.to_dict()
         for name in ("r_C", "r_L", "r_D", "scales"):
             assert torch.equal(getattr(sa, name), getattr(sb, name))
-    assert loaded.meta["vmfx_config"]["scan_state"]["bits"] == 8
+    assert loaded.meta["vmfx_config"]["sections"]["scan_state"]["bits"] == 8
     table = vmfx.inspect.table(quantized)
     scan_rows = [line for line in table.splitlines() if line.startswith("selective_scan")]
     assert len(scan_rows) == 4 and all("h int8 sym per-step +reparam" in r and "h 17" in r for r in scan_rows)

@@ -268,7 +268,7 @@ def test_save_and_load_round_trip(minmax, tmp_path):
 def test_ptq4vm_compiles_local_vssm(model, name, floor, monkeypatch):
     monkeypatch.setitem(vmfx.config.PRESETS, name, quick(name))
     q = vmfx.compile(model, images(8, 1), name)
-    assert q.meta["vmfx_config"]["smoothing"]["alpha"] == 0.65  # VMamba's alpha (the model is a VSSM)
+    assert q.meta["vmfx_config"]["sections"]["smoothing"]["alpha"] == 0.65  # VMamba's alpha (the model is a VSSM)
     assert len([e for e in quantized_linears(q) if annotation(e.linear).role == "x_proj"]) == 16
     test = images(6, 2)
     with torch.no_grad():

@@ -54,7 +54,7 @@ def test_ptq4vm_w8a8_quantizes_every_mixer_linear_with_per_direction_token_scale
     model = small_vssm(kind)
     monkeypatch.setitem(vmfx.config.PRESETS, "ptq4vm-w8a8", quick("ptq4vm-w8a8"))
     q = vmfx.compile(model, images(8, 1), "ptq4vm-w8a8")
-    assert q.meta["vmfx_config"]["smoothing"]["alpha"] == 0.65
+    assert q.meta["vmfx_config"]["sections"]["smoothing"]["alpha"] == 0.65
     every = quantized_linears(q)
     edges = [e for e in every if annotation(e.linear).role in LINEAR_ROLES]
     assert len(edges) == 3 * 10  # in_proj, 4 x_proj, 4 dt_proj, out_proj per block

@@ -65,9 +65,10 @@ def register_method(name: str, options: type | None = None) -> Callable[[MethodB
     """Register ``builder(config) -> list[Pass]`` as the method ``name`` (a decorator).
 
     ``options``: the method's own options, a frozen dataclass with defaults
-    (:func:`vmfx.config.register_options`): a ``QuantConfig(method=name)`` then carries an instance
-    in ``config.options``, which the builder reads, and which ``vmfx.save`` records with the config.
-    A plug-in method registers itself this way, its presets with :func:`vmfx.register_preset`,
+    (:func:`vmfx.sections.register_options`): the config section named ``name``, which every
+    ``QuantConfig(method=name)`` holds (``config.options``, the builder reads it) and ``vmfx.save``
+    records with the config. A method configured by more than that registers other sections
+    (:func:`vmfx.register_section`). A plug-in method registers itself this way, its presets with :func:`vmfx.register_preset`,
     and works with ``vmfx.compile``, the staged API and the CLI (``--plugin FILE``) as the built-in
     methods do.
     """
