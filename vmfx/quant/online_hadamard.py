@@ -38,10 +38,14 @@ from .hadamard import hadamard_matrix, hadamard_order
 from .registry import register_module_kind
 
 __all__ = ["fast_hadamard_factors", "hadamard_base", "online_hadamard_matrix", "fast_hadamard_transform", "OnlineHadamard",
-           "FAST_BASES"]
+           "FAST_BASES", "GEMM_PROLOGUE_MIN_SYLVESTER", "fits_gemm_prologue"]
 
 #: The base orders ``m`` the Triton kernel unrolls (the transform in torch takes any Paley base).
 FAST_BASES = (1, 12, 20, 28)
+
+#: The smallest Sylvester factor ``2^k`` with which the lowering runs the transform as the
+#: prologue of the next linear's int8 GEMM (``tl.dot``'s smallest K; :mod:`vmfx.lowering.kernels.hadamard_linear`).
+GEMM_PROLOGUE_MIN_SYLVESTER = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,6 +64,14 @@ def fast_hadamard_factors(n: int) -> tuple[int, int] | None:
             break
         k, m = k + 1, m // 2
     return best
+
+
+def fits_gemm_prologue(n: int) -> bool:
+    """Whether the transform of width ``n`` can run as the prologue of the next linear's int8 GEMM:
+    ``n = 2^k m`` with ``m`` in :data:`FAST_BASES` and ``2^k >= GEMM_PROLOGUE_MIN_SYLVESTER``
+    (Vim's 192 = 12 x 16, 384 = 12 x 32, 768 = 12 x 64 do; 48 = 12 x 4 does not)."""
+    found = fast_hadamard_factors(n)
+    return found is not None and found[1] in FAST_BASES and 2 ** found[0] >= GEMM_PROLOGUE_MIN_SYLVESTER
 
 
 def _factors_or_refuse(n: int) -> tuple[int, int]:

@@ -35,6 +35,8 @@ template               module            launcher
                                          per-tile outlier columns' int8 GEMM, summed in the epilogue
 ``hadamard_quantize``  ``hadamard``      :func:`hadamard_quantize`: online Hadamard (FWHT) + the
                                          next linear's activation quantize, float in, codes out
+``hadamard_qlinear``   ``hadamard_``     :func:`hadamard_qlinear`: the online Hadamard + quantize as
+                       ``linear``        the prologue of ``qlinear``'s int8 GEMM (one launch)
 =====================  ================  =========================================================
 
 Every launcher reads float activations in float32, float16 or bfloat16 (converted in registers)
@@ -63,6 +65,7 @@ from .mixed_linear import mixed_qlinear, render_mixed_qlinear
 from .conv_bidir import causal_conv1d_silu_bidir, render_conv_bidir
 from .linear_group import GroupedQWeight, qlinear_group, render_qlinear_group
 from .hadamard import hadamard_quantize, render_hadamard_quantize
+from .hadamard_linear import hadamard_qlinear, render_hadamard_qlinear
 
 __all__ = [
     "ActQuant",
@@ -89,5 +92,7 @@ __all__ = [
     "GroupedQWeight",
     "hadamard_quantize",
     "render_hadamard_quantize",
+    "hadamard_qlinear",
+    "render_hadamard_qlinear",
 ]
 
