@@ -1,9 +1,10 @@
 """The online Hadamard as the prologue of the quantized GEMM (vmfx.lowering.kernels.hadamard_linear):
 under the interpreter (or on a GPU), on fresh random inputs in float32 and float16, its output and
 int32 accumulator equal the exact reference composition (``hadamard_quantize``, then ``qlinear`` on
-the codes) bit for bit, for widths 2^k (k >= 4) and 12 / 20 x 16, int8 and packed 4-bit weights;
-its accumulator is within one activation step per channel of the float64 ``x H`` reference (and
-equal to it away from rounding ties); widths whose Sylvester factor is below 16 are refused."""
+the codes) bit for bit, for widths 2^k (k >= 5) and 12 / 20 x 16 (two base-product columns per
+dot), int8 and packed 4-bit weights; its accumulator is within one activation step per channel of
+the float64 ``x H`` reference (and equal to it away from rounding ties); widths whose dots would be
+shallower than 32 are refused."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from vmfx.lowering import reference as R
 from vmfx.lowering.params import QWeight, make_act_quant
 from vmfx.quant.online_hadamard import fits_gemm_prologue
 
-#: 2^k with k >= 4, and bases 12 and 20 times 16.
-WIDTHS = [16, 32, 64, 192, 320]
+#: 2^k with k >= 5 (one base-product column per dot), and bases 12 and 20 times 16 (two per dot).
+WIDTHS = [32, 64, 192, 320]
 
 
 def _weight(n_out: int, n: int, bits: int, g: torch.Generator) -> QWeight:
@@ -72,11 +73,12 @@ def test_hadamard_qlinear_matches_the_references(n, dtype, per_token, smooth, ac
 def test_the_fused_kernel_refuses_what_its_prologue_cannot_rotate():
     act = make_act_quant(torch.ones(1), torch.zeros(1), 8)
     g = torch.Generator().manual_seed(0)
-    assert not fits_gemm_prologue(48) and fits_gemm_prologue(192) and fits_gemm_prologue(16)
-    with pytest.raises(ValueError, match=r"2\^k >= 16 \(tl.dot's smallest K\), got 48; run hadamard_quantize"):
+    assert [fits_gemm_prologue(n) for n in (16, 32, 48, 192, 384, 768)] == [False, True, False, True, True, True]
+    with pytest.raises(ValueError, match=r"at least 32 deep\), got 48; run hadamard_quantize"):
         K.hadamard_qlinear(torch.zeros(2, 48, device=DEVICE), _dev(_weight(8, 48, 8, g)), act.to(DEVICE))
-    with pytest.raises(ValueError, match="got 36"):
-        K.render_hadamard_qlinear(n=36)
+    for n in (16, 36):
+        with pytest.raises(ValueError, match=f"got {n};"):
+            K.render_hadamard_qlinear(n=n)
     with pytest.raises(ValueError, match="does not fit 5 per-token parameters"):
-        K.hadamard_qlinear(torch.zeros(2, 4, 16, device=DEVICE), _dev(_weight(8, 16, 8, g)),
+        K.hadamard_qlinear(torch.zeros(2, 4, 32, device=DEVICE), _dev(_weight(8, 32, 8, g)),
                            make_act_quant(torch.ones(5), torch.zeros(5), 8).to(DEVICE))

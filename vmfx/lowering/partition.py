@@ -21,7 +21,7 @@ as the inlier GEMM + outlier-column GEMM of :mod:`vmfx.lowering.kernels.mixed_li
   read only by the input quantizer of a static quantized linear, with that linear and its
   epilogue: the rotation and the quantize run as the prologue of the linear's int8 GEMM, one
   kernel, where the width allows it (:func:`~vmfx.quant.online_hadamard.fits_gemm_prologue`:
-  ``2^k m`` with ``2^k >= 16``, e.g. Vim's 192, 384, 768). The ``merge`` before it then writes its
+  ``2^k m`` with int8 dots at least 32 deep, e.g. Vim's 192, 384, 768). The ``merge`` before it then writes its
   float output (the rotation mixes channels, so the merge cannot quantize).
 * ``hadamard``: such a node at a width the GEMM prologue does not take (e.g. 48 = 12 x 4): the
   rotation and the quantize in a kernel of their own, which emits the linear's codes (the

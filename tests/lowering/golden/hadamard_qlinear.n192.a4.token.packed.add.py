@@ -73,6 +73,7 @@ def vmfx_hadamard_qlinear(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     P: tl.constexpr = 16  # 2^k: the Sylvester factor; the base factor m = 12 is unrolled
+    DOT_K: tl.constexpr = 32  # K of each dot: two base-product columns j, j + 1 of P channels
     # grouped ordering of the output tiles (tutorial 03): GROUP_M row tiles per column sweep
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -110,10 +111,13 @@ def vmfx_hadamard_qlinear(
     x10 = tl.load(x_rows + (offs_a[None, :] * 12 + 10) * stride_xk, mask=mask, other=0.0).to(tl.float32)
     x11 = tl.load(x_rows + (offs_a[None, :] * 12 + 11) * stride_xk, mask=mask, other=0.0).to(tl.float32)
 
-    # the int8 GEMM on the rotated codes, one base-product column j at a time: codes of
-    # channels a * 12 + j times the weight rows of the same channels (the dot ignores K's order)
+    # the int8 GEMM on the rotated codes, two base-product columns j, j + 1 at a time: codes of channels
+    # a * 12 + j times the weight rows of the same channels (the dot ignores K's order)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    offs_h = tl.arange(0, P // 2)  # the packed weight's byte rows
+    offs_r = tl.arange(0, DOT_K)
+    chan_r = (offs_r // 2) * 12 + offs_r % 2  # the weight column of row r, for base-product column 0
+    high_r = chan_r >= 96  # the column is a high nibble (the same for every column j of a group)
+    byte_r = tl.where(high_r, chan_r - 96, chan_r)
     # column 0 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 - x1 - x2 - x3 - x4 - x5 - x6 - x7 - x8 - x9 - x10 - x11
     t = _vmfx_butterfly(t, BLOCK_M, P, 1)
@@ -123,13 +127,7 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 0
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 0)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
-    p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 0, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 0, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
-    acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
+    codes_lo = codes
     # column 1 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 + x1 - x2 + x3 - x4 - x5 - x6 + x7 + x8 + x9 - x10 + x11
     t = _vmfx_butterfly(t, BLOCK_M, P, 1)
@@ -139,12 +137,10 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 1
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 1)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
+    codes = tl.reshape(tl.join(codes_lo, codes), (BLOCK_M, DOT_K))  # row a * 2 + h: column j + h
+    p = tl.load(w_ptr + (byte_r + 0)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
     p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 1, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 1, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
+    w = tl.where(high_r[:, None], (p32 << 24) >> 28, (p32 << 28) >> 28).to(tl.int8)
     acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
     # column 2 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 + x1 + x2 - x3 + x4 - x5 - x6 - x7 + x8 + x9 + x10 - x11
@@ -155,13 +151,7 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 2
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 2)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
-    p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 2, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 2, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
-    acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
+    codes_lo = codes
     # column 3 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 - x1 + x2 + x3 - x4 + x5 - x6 - x7 - x8 + x9 + x10 + x11
     t = _vmfx_butterfly(t, BLOCK_M, P, 1)
@@ -171,12 +161,10 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 3
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 3)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
+    codes = tl.reshape(tl.join(codes_lo, codes), (BLOCK_M, DOT_K))  # row a * 2 + h: column j + h
+    p = tl.load(w_ptr + (byte_r + 2)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
     p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 3, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 3, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
+    w = tl.where(high_r[:, None], (p32 << 24) >> 28, (p32 << 28) >> 28).to(tl.int8)
     acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
     # column 4 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 + x1 - x2 + x3 + x4 - x5 + x6 - x7 - x8 - x9 + x10 + x11
@@ -187,13 +175,7 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 4
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 4)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
-    p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 4, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 4, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
-    acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
+    codes_lo = codes
     # column 5 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 + x1 + x2 - x3 + x4 + x5 - x6 + x7 - x8 - x9 - x10 + x11
     t = _vmfx_butterfly(t, BLOCK_M, P, 1)
@@ -203,12 +185,10 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 5
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 5)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
+    codes = tl.reshape(tl.join(codes_lo, codes), (BLOCK_M, DOT_K))  # row a * 2 + h: column j + h
+    p = tl.load(w_ptr + (byte_r + 4)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
     p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 5, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 5, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
+    w = tl.where(high_r[:, None], (p32 << 24) >> 28, (p32 << 28) >> 28).to(tl.int8)
     acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
     # column 6 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 + x1 + x2 + x3 - x4 + x5 + x6 - x7 + x8 - x9 - x10 - x11
@@ -219,13 +199,7 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 6
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 6)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
-    p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 6, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 6, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
-    acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
+    codes_lo = codes
     # column 7 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 - x1 + x2 + x3 + x4 - x5 + x6 + x7 - x8 + x9 - x10 - x11
     t = _vmfx_butterfly(t, BLOCK_M, P, 1)
@@ -235,12 +209,10 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 7
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 7)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
+    codes = tl.reshape(tl.join(codes_lo, codes), (BLOCK_M, DOT_K))  # row a * 2 + h: column j + h
+    p = tl.load(w_ptr + (byte_r + 6)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
     p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 7, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 7, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
+    w = tl.where(high_r[:, None], (p32 << 24) >> 28, (p32 << 28) >> 28).to(tl.int8)
     acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
     # column 8 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 - x1 - x2 + x3 + x4 + x5 - x6 + x7 + x8 - x9 + x10 - x11
@@ -251,13 +223,7 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 8
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 8)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
-    p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 8, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 8, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
-    acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
+    codes_lo = codes
     # column 9 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 - x1 - x2 - x3 + x4 + x5 + x6 - x7 + x8 + x9 - x10 + x11
     t = _vmfx_butterfly(t, BLOCK_M, P, 1)
@@ -267,12 +233,10 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 9
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 9)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
+    codes = tl.reshape(tl.join(codes_lo, codes), (BLOCK_M, DOT_K))  # row a * 2 + h: column j + h
+    p = tl.load(w_ptr + (byte_r + 8)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
     p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 9, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 9, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
+    w = tl.where(high_r[:, None], (p32 << 24) >> 28, (p32 << 28) >> 28).to(tl.int8)
     acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
     # column 10 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 + x1 - x2 - x3 - x4 + x5 + x6 + x7 - x8 + x9 + x10 - x11
@@ -283,13 +247,7 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 10
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 10)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
-    p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 10, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 10, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
-    acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
+    codes_lo = codes
     # column 11 of the base product, the butterflies, 1 / sqrt(192), quantize
     t = x0 - x1 + x2 - x3 - x4 - x5 + x6 + x7 + x8 - x9 + x10 + x11
     t = _vmfx_butterfly(t, BLOCK_M, P, 1)
@@ -299,12 +257,10 @@ def vmfx_hadamard_qlinear(
     t = t * 0.07216878235340118
     chan = offs_a * 12 + 11
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 15.0, 8.0)
-    p = tl.load(w_ptr + (offs_h * 12 + 11)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
+    codes = tl.reshape(tl.join(codes_lo, codes), (BLOCK_M, DOT_K))  # row a * 2 + h: column j + h
+    p = tl.load(w_ptr + (byte_r + 10)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
     p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * 12 + 11, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * 12 + 11, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
+    w = tl.where(high_r[:, None], (p32 << 24) >> 28, (p32 << 28) >> 28).to(tl.int8)
     acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
 
     # zero point: acc += (8 - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly

@@ -62,6 +62,7 @@ def vmfx_hadamard_qlinear(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     P: tl.constexpr = 64  # 2^k: the Sylvester factor; the base factor m = 1 is unrolled
+    DOT_K: tl.constexpr = 64  # K of each dot: one base-product column j of P channels
     # grouped ordering of the output tiles (tutorial 03): GROUP_M row tiles per column sweep
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -87,9 +88,11 @@ def vmfx_hadamard_qlinear(
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     x0 = tl.load(x_rows + (offs_a[None, :] * 1 + 0) * stride_xk, mask=mask, other=0.0).to(tl.float32)
 
-    # the int8 GEMM on the rotated codes, one base-product column j at a time: codes of
-    # channels a * 1 + j times the weight rows of the same channels (the dot ignores K's order)
+    # the int8 GEMM on the rotated codes, one base-product column j at a time: codes of channels
+    # a * 1 + j times the weight rows of the same channels (the dot ignores K's order)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    offs_r = tl.arange(0, DOT_K)
+    chan_r = (offs_r // 1) * 1 + offs_r % 1  # the weight column of row r, for base-product column 0
     # column 0 of the base product, the butterflies, 1 / sqrt(64), quantize
     t = x0
     t = _vmfx_butterfly(t, BLOCK_M, P, 1)
@@ -102,7 +105,7 @@ def vmfx_hadamard_qlinear(
     chan = offs_a * 1 + 0
     t = t * tl.load(inv_s_ptr + chan)[None, :]
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, 255.0, 128.0)
-    w = tl.load(w_ptr + chan[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
+    w = tl.load(w_ptr + (chan_r + 0)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
     acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
 
     # zero point: acc += (128 - z_a) * wsum, giving sum_k (q - z_a) * Wq exactly

@@ -3,7 +3,8 @@ quantized GEMM: float rows in, the linear's float output out, in one launch.
 
 What it computes, for rows ``r`` of a (M, K) float input (``t = r % T``; T = L per-token, 1
 per-tensor), ``K = 2^k m`` with ``m`` in :data:`~vmfx.quant.online_hadamard.FAST_BASES` and
-``P = 2^k >= 16`` (:data:`~vmfx.quant.online_hadamard.GEMM_PROLOGUE_MIN_SYLVESTER`)::
+``P = 2^k >= 32``, or ``P = 16`` and ``m`` even
+(:func:`~vmfx.quant.online_hadamard.fits_gemm_prologue`)::
 
     a[r]      = codes of x[r] H / sqrt(K)            (kernels.hadamard.hadamard_quantize's formula)
     acc[r, n] = sum_c a[r, c] * Wq[n, c] + (2^(b-1) - z_a[t]) * wsum[n]                     int32
@@ -21,11 +22,13 @@ loads its BLOCK_M rows as ``m`` tiles ``x_b`` (BLOCK_M, P) of channels ``a m + b
 base-product column ``j`` it forms the codes of channels ``a m + j`` (the signed sum of the tiles,
 ``k`` butterfly stages, ``1 / sqrt(K)``, smoothing, quantize: all in registers) and, because an
 integer dot product over K does not depend on the order of K, multiplies them at once with the
-weight rows of the same channels: ``acc += tl.dot(codes_j (BLOCK_M, P) int8, Wq_j (P, BLOCK_N)
-int8)``, ``Wq_j`` a strided load of the weight's columns ``a m + j``. 4-bit weights packed two per
-byte (:func:`~vmfx.lowering.reference.pack_int4`: byte ``(n, c)`` holds column ``c`` and column
-``c + K / 2``) are read as the P / 2 bytes of columns ``a m + j`` with ``a < P / 2``, whose high
-nibbles are the columns ``(a + P / 2) m + j``: both nibbles unpacked and joined give ``Wq_j``.
+weight rows of the same channels: ``acc += tl.dot(codes (BLOCK_M, G P) int8, Wq (G P, BLOCK_N)
+int8)``, ``Wq`` a strided load of the weight's columns ``a m + j``. An int8 ``tl.dot`` needs K >= 32
+on NVIDIA GPUs (:data:`~vmfx.quant.online_hadamard.GEMM_PROLOGUE_DOT_K`), so where P = 16 each dot
+takes G = 2 base-product columns (``j``, ``j + 1``; their codes interleaved, row ``a G + h`` holding
+channel ``a m + j + h``); G = 1 where P >= 32. 4-bit weights packed two per byte
+(:func:`~vmfx.lowering.reference.pack_int4`: byte ``c`` holds column ``c`` in its low nibble and
+column ``c + K / 2`` in its high nibble) are read per row at the byte and nibble of its column.
 The zero-point correction, the dequantize, the bias and the epilogue follow as in ``qlinear``.
 ``x H`` and the codes never reach memory: against ``hadamard_quantize`` + ``qlinear`` on its
 codes, one launch less and ``2 M K`` bytes less (the codes written and read back).
@@ -37,7 +40,7 @@ additions against 98,304 MACs per row). Registers: the ``m`` tiles hold BLOCK_M 
 so the GPU configs keep BLOCK_M small. Reads ``s M K`` bytes of floats (s = 4 float32, 2 half
 precision) once per column of output tiles (mostly from L2), the weight once per row of tiles.
 
-Where it does not apply (``tl.dot`` needs ``P >= 16``: widths like 48 = 12 x 4; bases outside
+Where it does not apply (a dot shallower than 32: widths like 48 = 12 x 4 or 16; bases outside
 :data:`~vmfx.quant.online_hadamard.FAST_BASES`), the lowering keeps the two launches
 (``hadamard_quantize``, then ``qlinear`` on its codes);
 :func:`~vmfx.quant.online_hadamard.fits_gemm_prologue` says which.
@@ -49,7 +52,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ...quant.online_hadamard import FAST_BASES, GEMM_PROLOGUE_MIN_SYLVESTER, fast_hadamard_factors, fits_gemm_prologue
+from ...quant.online_hadamard import FAST_BASES, fast_hadamard_factors, fits_gemm_prologue
 from ..codegen import (
     FLOAT_IO,
     Epilogue,
@@ -68,7 +71,8 @@ from .act_quantize import act_params_source
 from .hadamard import rotated_codes_source, tile_loads_source
 from .linear import INT_GEMM, TILE_ORDER, dequantize_source, epilogue_operands, weight_operand
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "COLUMN", "render_hadamard_qlinear", "hadamard_qlinear"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "GROUP", "WEIGHT_ROWS", "render_hadamard_qlinear",
+           "hadamard_qlinear"]
 
 KERNEL_NAME = "vmfx_hadamard_qlinear"
 
@@ -84,8 +88,9 @@ AUTOTUNE_CONFIGS = [
 
 #: The ``hadamard_qlinear`` kernel; slots: the optional pointer arguments, P and m, the tile order
 #: (``qlinear``'s), the activation parameters, the loads of the m tiles, the int32 GEMM over the
-#: rotated codes (``qlinear``'s :data:`~vmfx.lowering.kernels.linear.INT_GEMM` with one
-#: :data:`COLUMN` per base-product column as its main loop), the dequantize, the epilogue and the stores.
+#: rotated codes (``qlinear``'s :data:`~vmfx.lowering.kernels.linear.INT_GEMM` with
+#: :data:`WEIGHT_ROWS` and one :data:`GROUP` per group of base-product columns as its main loop),
+#: the dequantize, the epilogue and the stores.
 TEMPLATE = KernelTemplate("""
     @triton.jit
     def $kernel_name(
@@ -104,6 +109,7 @@ TEMPLATE = KernelTemplate("""
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         P: tl.constexpr = $p  # 2^k: the Sylvester factor; the base factor m = $m is unrolled
+        DOT_K: tl.constexpr = $dot_k  # K of each dot: $columns of P channels
         $tile_order
         # activation parameters of each row's token (rows are (batch, token) pairs)
         $act_params
@@ -114,8 +120,8 @@ TEMPLATE = KernelTemplate("""
         x_rows = x_ptr + offs_m[:, None] * stride_xm
         $loads
 
-        # the int8 GEMM on the rotated codes, one base-product column j at a time: codes of
-        # channels a * $m + j times the weight rows of the same channels (the dot ignores K's order)
+        # the int8 GEMM on the rotated codes, $columns at a time: codes of channels
+        # a * $m + j times the weight rows of the same channels (the dot ignores K's order)
         $int_gemm
 
         # dequantize: token x channel scales, then bias and the epilogue
@@ -127,34 +133,66 @@ TEMPLATE = KernelTemplate("""
         $store_acc
 """)
 
-#: One base-product column j: its codes (BLOCK_M, P) rotated in registers, the weight tile of the
-#: same channels (P, BLOCK_N), one int8 dot into the accumulator.
-COLUMN = KernelTemplate("""
-    $rotated_codes
+#: One group of G base-product columns ``j .. j + G - 1`` (G = 1, or 2 where P = 16): their codes
+#: rotated in registers (:data:`~vmfx.lowering.kernels.hadamard.ROTATED_CODES` each), interleaved
+#: into one (BLOCK_M, G P) tile (row ``a G + h``: channel ``a m + j + h``), the weight rows of the
+#: same channels (G P, BLOCK_N), one int8 dot into the accumulator.
+GROUP = KernelTemplate("""
+    $codes
     $weight_tile
     acc = tl.dot(codes, w, acc, out_dtype=tl.int32)
 """)
 
-#: The int8 weight rows of channels ``chan`` (a strided load: every m-th column of the weight).
-INT8_TILE = "w = tl.load(w_ptr + chan[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)"
-
-#: The packed 4-bit weight rows of channels ``chan``: bytes ``a m + j`` (a < P / 2) hold column
-#: ``a m + j`` in their low nibble and column ``(a + P / 2) m + j`` in their high nibble.
-PACKED_TILE = KernelTemplate("""
-    p = tl.load(w_ptr + (offs_h * $m + $j)[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                mask=mask_n[None, :], other=0)
-    p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
-    w_lo = ((p32 << 28) >> 28).to(tl.int8)  # channels a * $m + $j, a < P / 2
-    w_hi = ((p32 << 24) >> 28).to(tl.int8)  # channels a * $m + $j, a >= P / 2
-    w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (2, 0, 1)), (P, BLOCK_N))
+#: The rows of one dot's weight tile, computed once: row ``r`` of the group of column ``j`` is the
+#: weight column ``chan_r + j`` (``chan_r = (r // G) m + r % G``); packed 4-bit weights also need
+#: each row's byte (``byte_r + j``) and nibble (``high_r``: the column is in the high half, ``>= K / 2``).
+WEIGHT_ROWS = KernelTemplate("""
+    offs_r = tl.arange(0, DOT_K)
+    chan_r = (offs_r // $g) * $m + offs_r % $g  # the weight column of row r, for base-product column 0
+    $packed_rows
 """)
+
+#: The packed rows: byte ``c`` holds column ``c`` (low nibble) and column ``c + K / 2`` (high nibble).
+PACKED_ROWS = KernelTemplate("""
+    high_r = chan_r >= $kh  # the column is a high nibble (the same for every column j of a group)
+    byte_r = tl.where(high_r, chan_r - $kh, chan_r)
+""")
+
+#: The int8 weight rows of the group of column j (a strided load: every m-th column of the weight).
+INT8_TILE = KernelTemplate("""
+    w = tl.load(w_ptr + (chan_r + $j)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
+""")
+
+#: The packed 4-bit weight rows of the group of column j, unpacked in registers.
+PACKED_TILE = KernelTemplate("""
+    p = tl.load(w_ptr + (byte_r + $j)[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=mask_n[None, :], other=0)
+    p32 = p.to(tl.int32)  # shifts in int32 (arithmetic >>: sign-extends the nibble)
+    w = tl.where(high_r[:, None], (p32 << 24) >> 28, (p32 << 28) >> 28).to(tl.int8)
+""")
+
+
+def _group_size(n: int) -> int:
+    """G, the base-product columns per dot: ``tl.dot`` of int8 tiles needs K >= 32 on NVIDIA GPUs,
+    so a Sylvester factor P = 16 takes two columns per dot (P >= 32: one)."""
+    k, _ = fast_hadamard_factors(n)
+    return max(1, 32 // 2**k)
+
+
+def _group_codes(j: int, g: int, n: int, smooth: bool, act_bits: int) -> str:
+    """The codes tile of the group of columns ``j .. j + g - 1``: each column's
+    :func:`~vmfx.lowering.kernels.hadamard.rotated_codes_source`, interleaved (``tl.join``)."""
+    if g == 1:
+        return rotated_codes_source(j, n, smooth, act_bits)
+    return lines(rotated_codes_source(j, n, smooth, act_bits), "codes_lo = codes",
+                 rotated_codes_source(j + 1, n, smooth, act_bits),
+                 "codes = tl.reshape(tl.join(codes_lo, codes), (BLOCK_M, DOT_K))  # row a * 2 + h: column j + h")
 
 
 def _refuse(n: int) -> None:
     if not fits_gemm_prologue(n):
-        raise ValueError(f"hadamard_qlinear needs a width 2^k m with m in {FAST_BASES} and "
-                         f"2^k >= {GEMM_PROLOGUE_MIN_SYLVESTER} (tl.dot's smallest K), got {n}; "
-                         "run hadamard_quantize, then qlinear on its codes")
+        raise ValueError(f"hadamard_qlinear needs a width 2^k m with m in {FAST_BASES} and 2^k >= 32, or 2^k = 16 "
+                         f"and m even (an int8 tl.dot is at least 32 deep), got {n}; run hadamard_quantize, "
+                         "then qlinear on its codes")
 
 
 def render_hadamard_qlinear(*, n: int, per_token: bool = True, smooth: bool = False, bias: bool = True,
@@ -165,7 +203,8 @@ def render_hadamard_qlinear(*, n: int, per_token: bool = True, smooth: bool = Fa
 
     Args:
         n: the input width K; ``2^k m`` with ``m`` in :data:`~vmfx.quant.online_hadamard.FAST_BASES`
-            and ``2^k >= 16`` (:func:`~vmfx.quant.online_hadamard.fits_gemm_prologue`).
+            and ``2^k >= 32`` or ``2^k = 16`` with ``m`` even
+            (:func:`~vmfx.quant.online_hadamard.fits_gemm_prologue`).
         per_token: per-token (T = L) activation parameters, else one scalar.
         smooth: multiply the rotated row by ``inv_s`` (n,) before quantizing.
         bias: add a (N,) bias.
@@ -190,17 +229,20 @@ def render_hadamard_qlinear(*, n: int, per_token: bool = True, smooth: bool = Fa
     preamble = render_preamble("hadamard_qlinear", provenance, params,
                                ("_vmfx_quantize",) + (("_vmfx_butterfly",) if k else ()) + ep.helpers,
                                (AUTOTUNE_CONFIGS, ["M", "N", "K"]) if autotune else None)
-    weight_tile = (lambda j: PACKED_TILE.fill(m=str(m), j=str(j)).rstrip("\n")) if packed else (lambda j: INT8_TILE)
-    columns = lines(*(COLUMN.fill(rotated_codes=rotated_codes_source(j, n, smooth, act_bits),
-                                  weight_tile=weight_tile(j)).rstrip("\n") for j in range(m)))
-    main_loop = lines("offs_h = tl.arange(0, P // 2)  # the packed weight's byte rows" if packed else None, columns)
+    g = _group_size(n)
+    tile = PACKED_TILE if packed else INT8_TILE
+    groups = lines(*(GROUP.fill(codes=_group_codes(j, g, n, smooth, act_bits),
+                                weight_tile=tile.fill(j=str(j)).rstrip("\n")).rstrip("\n") for j in range(0, m, g)))
+    rows = WEIGHT_ROWS.fill(g=str(g), m=str(m), packed_rows=PACKED_ROWS.fill(kh=str(n // 2)) if packed else "")
+    main_loop = lines(rows.rstrip("\n"), groups)
     return preamble + TEMPLATE.fill(
         kernel_name=KERNEL_NAME,
         smooth_arg=" inv_s_ptr," if smooth else "",
         bias_arg="bias_ptr," if bias else "",
         epilogue_args=lines(f"{a}," for a in ep.arg_names()),
         acc_arg=" acc_ptr," if store_acc else "",
-        p=str(2**k), m=str(m),
+        p=str(2**k), m=str(m), dot_k=str(g * 2**k),
+        columns="one base-product column j" if g == 1 else "two base-product columns j, j + 1",
         tile_order=lines(TILE_ORDER),
         act_params=lines("tok = offs_m % L" if per_token else None,
                          act_params_source(per_token, "tok", "mask_m", "[:, None]")),
