@@ -273,3 +273,24 @@ def test_the_fused_online_hadamard_computes_what_two_launches_do(rotated, small,
             device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
             got = on_triton.to(device)(x.to(device, dtype), res.to(device, dtype)).cpu()
         assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_a_saved_rotate_online_model_loads_fused_also_from_the_two_launch_form(rotated, small, monkeypatch, tmp_path):
+    """A lowered file round-trips with the fused partition; a file written in the two-launch form
+    (its own ``hadamard`` partition) loads into the fused form and computes the same."""
+    from vmfx.lowering import partition
+
+    _, images = small
+    fused = lower(rotated, "reference", strict=True)
+    loaded = vmfx.load(vmfx.save(fused, str(tmp_path / "fused.safetensors")))
+    monkeypatch.setattr(partition, "fits_gemm_prologue", lambda n: False)
+    two_launch_file = vmfx.save(lower(rotated, "reference", strict=True), str(tmp_path / "two.safetensors"))
+    monkeypatch.undo()
+    from_two = vmfx.load(two_launch_file)
+    assert [p.kind for p in lowered_partitions(from_two)].count("hadamard_qlinear") == 2
+    with torch.no_grad():
+        expected = fused(images)
+        assert torch.equal(loaded(images), expected) and torch.equal(from_two(images), expected)
+    row = next(line for line in vmfx.inspect.table(loaded).splitlines()
+               if line.startswith("vmfx_lowered_layers_0_mixer_out_proj "))
+    assert "online Hadamard 64 = 2^6 (FWHT), before layers_0_mixer_out_proj" in row

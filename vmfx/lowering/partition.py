@@ -353,13 +353,15 @@ class HadamardInfo(EmitsCodesFor):
 class HadamardQLinearInfo(PartitionInfo):
     """A static quantized linear (``module``, matched at ``node``) whose input the online Hadamard
     ``rotation`` rotates, in one kernel: the rotation and the quantize as the GEMM's prologue, the
-    elementwise ``epilogue`` ops after it. The partition's first input is the rotation's float input."""
+    elementwise ``epilogue`` ops after it; ``rotation_node``: the rotation's node. The partition's
+    first input is the rotation's float input."""
 
     kind: ClassVar[str] = "hadamard_qlinear"
     module: QuantizedLinear
     node: fx.Node
     epilogue: list
     rotation: OnlineHadamard
+    rotation_node: fx.Node
 
 
 def _conv_partition(conv: fx.Node) -> Partition | None:
@@ -769,7 +771,7 @@ def find_partitions(gm: fx.GraphModule, pair_directions: bool = True) -> list[Pa
             producer.info.consumer = node
         rotation = _hadamard_partition(source, node) if producer is None and not chain else None
         if rotation is not None and fits_gemm_prologue(rotation.info.module.dim):
-            info = HadamardQLinearInfo(module, node, ops, rotation.info.module)
+            info = HadamardQLinearInfo(module, node, ops, rotation.info.module, source)
             add(Partition(node.name, [source] + module.nodes + [node] + epi_nodes, rotation.inputs + extra,
                           (epi_nodes or [node])[-1], info))
             continue

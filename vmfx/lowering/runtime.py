@@ -507,13 +507,17 @@ class LoweredHadamardQLinear(LoweredQLinear):
 
     Its buffers are :class:`LoweredQLinear`'s: the weight of the rotated input (it absorbed
     ``H^T``) and the rotated input's activation parameters (``a_inv_smooth``, when set, applies
-    after the rotation); ``dim`` is the rotated width."""
+    after the rotation); ``dim`` is the rotated width; ``rotation_partition``: the name the rotation's
+    partition has where it runs as a launch of its own (:class:`LoweredHadamardQuantize`), by which
+    :func:`vmfx.load` recognises a file written in that form."""
 
     kind = "hadamard_qlinear"
 
-    def __init__(self, name, provenance, backend, linear: QuantizedLinear, epilogue, token_shape, dim: int):
+    def __init__(self, name, provenance, backend, linear: QuantizedLinear, epilogue, token_shape, dim: int,
+                 rotation_partition: str):
         super().__init__(name, provenance, backend, linear, epilogue, token_shape, False)
         self.dim = int(dim)
+        self.rotation_partition = rotation_partition
 
     @torch.no_grad()
     def compute(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
@@ -832,7 +836,7 @@ def _lower_hadamard(p, backend, linears):
 def _lower_hadamard_qlinear(p, backend, linears):
     linear: QuantizedLinear = p.info.module
     return LoweredHadamardQLinear(p.name, p.provenance, backend, linear, p.info.epilogue, _token_shape(linear),
-                                  p.info.rotation.dim)
+                                  p.info.rotation.dim, p.info.rotation_node.name)
 
 
 @register_lowering("merge")
