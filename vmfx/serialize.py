@@ -532,6 +532,7 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
         tensors = _restore_weights(gm, header, tensors, path)
         if lowered is not None and lowered.get("state") == "lowered":
             gm = _lower_structure(gm, lowered["backend"], header, bool(lowered.get("optimized", False)))
+            tensors = _drop_unfused_rotation_state(gm, tensors)
         gm.load_state_dict(tensors, strict=True)
     except SerializationError:
         raise
@@ -549,6 +550,27 @@ def load(path: str, model: nn.Module | None = None) -> fx.GraphModule:
 
         return lower(gm, lowered["backend"])
     return gm
+
+
+def _drop_unfused_rotation_state(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A lowered file written while the online Hadamard before a linear ran as a launch of its own
+    (partition kind ``hadamard``) holds that partition's activation parameters, which are the
+    linear's input parameters. Where the rebuilt graph runs the rotation in the linear's GEMM
+    (:class:`~vmfx.lowering.runtime.LoweredHadamardQLinear`, which holds the same parameters),
+    those entries are dropped when they equal the linear's; anything else is left to the strict load."""
+    from .lowering.runtime import LOWERED_PREFIX
+
+    out = dict(tensors)
+    for name, module in gm.named_modules():
+        if getattr(module, "kind", None) != "hadamard_qlinear":
+            continue
+        prefix = f"{LOWERED_PREFIX}.{module.rotation_partition}."
+        old = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        own = {k: tensors.get(f"{name}.{k}") for k in old}
+        if old and all(v is not None and torch.equal(v, old[k]) for k, v in own.items()):
+            for k in old:
+                del out[prefix + k]
+    return out
 
 
 def _restore_weights(gm: fx.GraphModule, header: dict, tensors: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@
   minmax, pts, pts-smooth, smoothquant, kscaled, ouromamba, ptq4vm and rotate presets (listed by
   ``benchmarks/dump_kernel_sources.py``, file ``render_calls.txt``): ``conv_bidir``, ``merge``,
   ``mixed_qlinear``, ``qlinear``, ``qlinear_group`` and ``scan_merge``;
-* the templates the proxy does not use (``quantize``, ``conv``, ``scan``, ``hadamard_quantize``: the
-  rotate-online presets) and the options the
+* the templates the proxy does not use (``quantize``, ``conv``, ``scan``, ``hadamard_quantize`` and
+  ``hadamard_qlinear``: the rotate-online presets) and the options the
   presets leave off (packed weights, half-precision outputs, epilogue ops, fixed-block launches,
   stored accumulators, quantized scan states, workspace reuse), as the kernel tests call them.
 
@@ -73,6 +73,10 @@ def _option_variants() -> dict[str, tuple[str, dict]]:
         "hadamard_quantize.n64.a4.tensor.smooth.autotune": ("render_hadamard_quantize", dict(
             n=64, per_token=False, smooth=True, act_bits=4, autotune=True)),
         "hadamard_quantize.n20.a8.token": ("render_hadamard_quantize", dict(n=20)),
+        "hadamard_qlinear.n192.a4.token.packed.add": ("render_hadamard_qlinear", dict(
+            n=192, act_bits=4, packed=True, bias=False, epilogue=[("add", "extra0")], autotune=True)),
+        "hadamard_qlinear.n64.a8.tensor.smooth.store_acc.fp16": ("render_hadamard_qlinear", dict(
+            n=64, per_token=False, smooth=True, store_acc=True, out_dtype="float16")),
         "quantize.a4.tensor.smooth.autotune": ("render_quantize", dict(per_token=False, smooth=True, act_bits=4,
                                                                        autotune=True)),
         "qlinear.default": ("render_qlinear", dict()),

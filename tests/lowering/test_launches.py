@@ -1,6 +1,7 @@
 """What a lowered model launches per forward (issue 22): folded parameter constants, absorbed
-flips, both scan directions of a block in one launch each, at most 6 launches per Vim block,
-half precision between kernels, and ``torch.compile(fullgraph=True)`` on the reference backend.
+flips, both scan directions of a block in one launch each, at most 6 launches per Vim block (also
+with an online Hadamard before ``out_proj``, which runs in the prologue of its GEMM), half
+precision between kernels, and ``torch.compile(fullgraph=True)`` on the reference backend.
 
 The launch counts come from :func:`vmfx.lowering.launch_plan`, which runs the graph once and
 counts every call that makes a new tensor (views are not launches)."""
@@ -21,6 +22,10 @@ from vmfx.models import VisionMamba
 #: The launches of one optimized Vim block.
 VIM_BLOCK = {"RMSNorm": 1, "qlinear": 2, "conv_bidir": 1, "qlinear_group": 1, "scan_merge": 1}
 
+#: ... and of one with an online Hadamard on out_proj's input, fused into out_proj's GEMM.
+VIM_BLOCK_ROTATED = {"RMSNorm": 1, "qlinear": 1, "hadamard_qlinear": 1, "conv_bidir": 1, "qlinear_group": 1,
+                     "scan_merge": 1}
+
 
 @pytest.fixture(scope="module")
 def small():
@@ -34,6 +39,13 @@ def small():
 def quantized(small):
     model, images = small
     return vmfx.compile(model, images, "pts-w4a8")
+
+
+@pytest.fixture(scope="module")
+def rotated(small):
+    """``rotate-online-w4a8`` on the small Vim: d_inner = 64 = 2^6, so the online Hadamard fuses."""
+    model, images = small
+    return vmfx.compile(model, images, "rotate-online-w4a8")
 
 
 # -- the rewrites, on their own ------------------------------------------------------------------
@@ -217,3 +229,68 @@ def test_lowered_proxy_makes_six_launches_per_block_in_half_precision():
     assert plan.per_block() == {b: 6 for b in range(6)}
     assert all(plan.kinds_per_block(b) == VIM_BLOCK for b in range(6))
     assert {d for x in plan.launches for d in x.dtypes_written} <= {"float16", "int8"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_a_rotate_online_vim_block_runs_six_launches(rotated, small, dtype):
+    _, images = small
+    lowered = lower(rotated, "reference", strict=True).to(dtype)
+    plan = launch_plan(lowered, images[:1].to(dtype))
+    assert plan.per_block() == {0: 6, 1: 6}
+    assert plan.kinds_per_block(0) == plan.kinds_per_block(1) == VIM_BLOCK_ROTATED
+    merges = [x for x in plan.launches if x.kind == "scan_merge"]
+    assert all(x.dtypes_written == (str(dtype).removeprefix("torch."),) for x in merges)  # the float merged row
+    assert "vmfx_hadamard_qlinear" in next(p for p in lowered_partitions(lowered) if p.kind == "hadamard_qlinear").source()
+
+
+def test_the_fused_online_hadamard_computes_what_two_launches_do(rotated, small, monkeypatch):
+    """The fused partition (reference and Triton backends) against today's two-launch path
+    (``hadamard_quantize``, then ``qlinear`` on its codes), bit for bit, in float32 and float16."""
+    import copy
+
+    from vmfx.lowering import partition
+
+    _, images = small
+    fused_model = lower(rotated, "reference")
+    monkeypatch.setattr(partition, "fits_gemm_prologue", lambda n: False)
+    two_model = lower(rotated, "reference")
+    assert launch_plan(two_model, images[:1]).kinds_per_block(0)["hadamard"] == 1
+    with torch.no_grad():
+        assert torch.equal(fused_model(images), two_model(images))
+    fused = next(p for p in lowered_partitions(fused_model) if p.partition_name == "layers_0_mixer_out_proj")
+    two = {p.kind: p for p in lowered_partitions(two_model)
+           if p.partition_name in (fused.partition_name, fused.provenance[0].split()[0])}
+    assert fused.kind == "hadamard_qlinear" and set(two) == {"hadamard", "qlinear"}
+    g = torch.Generator().manual_seed(5)
+    x, res = torch.randn(2, 17, 64, generator=g) * 0.5, torch.randn(2, 17, 32, generator=g)
+    for dtype in (torch.float32, torch.float16):
+        on_triton = copy.deepcopy(fused).to(dtype)
+        on_triton.backend = "triton"
+        rotation, linear, reference = (copy.deepcopy(m).to(dtype) for m in (two["hadamard"], two["qlinear"], fused))
+        with torch.no_grad():
+            expected = linear(rotation(x.to(dtype))[1], res.to(dtype))
+            assert torch.equal(reference(x.to(dtype), res.to(dtype)), expected)
+            device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+            got = on_triton.to(device)(x.to(device, dtype), res.to(device, dtype)).cpu()
+        assert got.dtype == dtype and torch.equal(got, expected)
+
+
+def test_a_saved_rotate_online_model_loads_fused_also_from_the_two_launch_form(rotated, small, monkeypatch, tmp_path):
+    """A lowered file round-trips with the fused partition; a file written in the two-launch form
+    (its own ``hadamard`` partition) loads into the fused form and computes the same."""
+    from vmfx.lowering import partition
+
+    _, images = small
+    fused = lower(rotated, "reference", strict=True)
+    loaded = vmfx.load(vmfx.save(fused, str(tmp_path / "fused.safetensors")))
+    monkeypatch.setattr(partition, "fits_gemm_prologue", lambda n: False)
+    two_launch_file = vmfx.save(lower(rotated, "reference", strict=True), str(tmp_path / "two.safetensors"))
+    monkeypatch.undo()
+    from_two = vmfx.load(two_launch_file)
+    assert [p.kind for p in lowered_partitions(from_two)].count("hadamard_qlinear") == 2
+    with torch.no_grad():
+        expected = fused(images)
+        assert torch.equal(loaded(images), expected) and torch.equal(from_two(images), expected)
+    row = next(line for line in vmfx.inspect.table(loaded).splitlines()
+               if line.startswith("vmfx_lowered_layers_0_mixer_out_proj "))
+    assert "online Hadamard 64 = 2^6 (FWHT), before layers_0_mixer_out_proj" in row

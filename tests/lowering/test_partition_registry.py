@@ -30,8 +30,8 @@ def _node() -> fx.Node:
 
 
 def test_every_built_in_kind_has_typed_info_and_a_lowering():
-    assert set(PARTITION_KINDS) == {"qlinear", "conv", "scan", "merge", "hadamard", "mixed_qlinear", "conv_bidir",
-                                    "qlinear_group", "scan_merge"}
+    assert set(PARTITION_KINDS) == {"qlinear", "conv", "scan", "merge", "hadamard", "hadamard_qlinear", "mixed_qlinear",
+                                    "conv_bidir", "qlinear_group", "scan_merge"}
     assert set(LOWERINGS) == set(PARTITION_KINDS)
     x = _node()
     p = Partition("m", [x], [x], x, MergeInfo(0.5))

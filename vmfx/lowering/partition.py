@@ -1,6 +1,6 @@
 """``partition``: group a converted (quantized) graph into the fused subgraphs vmfx lowers.
 
-Five kinds of partition, found by structure on the annotated graph (the fifth, ``mixed_qlinear``,
+The kinds of partition, found by structure on the annotated graph (one more, ``mixed_qlinear``,
 is OuroMamba's mixed-precision linear: its input quantizer, weight quantizer and the linear, run
 as the inlier GEMM + outlier-column GEMM of :mod:`vmfx.lowering.kernels.mixed_linear`):
 
@@ -17,10 +17,15 @@ as the inlier GEMM + outlier-column GEMM of :mod:`vmfx.lowering.kernels.mixed_li
 * ``scan``: the selective scan with its D skip and the SiLU(z) gate (roles ``scan`` / ``gate``).
 * ``merge``: the sum of a mixer's two scan directions (the backward one flipped back), the
   division, and the transpose to tokens-major, quantized for the ``out_proj`` that reads it.
-* ``hadamard``: an online Hadamard node (:class:`~vmfx.quant.online_hadamard.OnlineHadamard`)
-  read only by the input quantizer of a ``qlinear`` partition: the rotation and that quantize in
-  one kernel, which emits the linear's codes (the linear's GEMM reads them). The ``merge`` before
-  it then writes its float output (the rotation mixes channels, so the merge cannot quantize).
+* ``hadamard_qlinear``: an online Hadamard node (:class:`~vmfx.quant.online_hadamard.OnlineHadamard`)
+  read only by the input quantizer of a static quantized linear, with that linear and its
+  epilogue: the rotation and the quantize run as the prologue of the linear's int8 GEMM, one
+  kernel, where the width allows it (:func:`~vmfx.quant.online_hadamard.fits_gemm_prologue`:
+  ``2^k m`` with int8 dots at least 32 deep, e.g. Vim's 192, 384, 768). The ``merge`` before it then writes its
+  float output (the rotation mixes channels, so the merge cannot quantize).
+* ``hadamard``: such a node at a width the GEMM prologue does not take (e.g. 48 = 12 x 4): the
+  rotation and the quantize in a kernel of their own, which emits the linear's codes (the
+  ``qlinear`` partition's GEMM reads them); one more launch.
 
 Both directions of a bidirectional block, once :mod:`vmfx.lowering.rewrite` has moved the backward
 direction's flips next to their readers (the conv's ``flip``, the scan's ``flip_z``), are paired
@@ -52,13 +57,13 @@ from ..annotations import annotation
 from ..passes.linear_edges import linear_edges
 from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
 from ..quant.mixed import MixedPrecisionQuantize
-from ..quant.online_hadamard import FAST_BASES, OnlineHadamard
+from ..quant.online_hadamard import FAST_BASES, OnlineHadamard, fits_gemm_prologue
 from ..quant.modules import FakeQuantize, Smooth
 from ..quant.state_quantizer import scan_state_of
 from .rewrite import flip_dims
 
 __all__ = ["Partition", "PartitionInfo", "EmitsCodesFor", "PARTITION_KINDS", "register_partition_kind",
-           "QLinearInfo", "ConvInfo", "ScanInfo", "MergeInfo", "HadamardInfo", "MixedQLinearInfo", "ConvBidirInfo",
+           "QLinearInfo", "ConvInfo", "ScanInfo", "MergeInfo", "HadamardInfo", "HadamardQLinearInfo", "MixedQLinearInfo", "ConvBidirInfo",
            "ScanMergeInfo", "QLinearGroupInfo", "QuantizedLinear", "find_partitions", "unlowered_quantizers",
            "EPILOGUE_OPS"]
 
@@ -149,7 +154,7 @@ class Partition:
 
     @property
     def kind(self) -> str:
-        """``"qlinear"``, ``"conv"``, ``"scan"``, ``"merge"``, ``"hadamard"``, ``"mixed_qlinear"``,
+        """``"qlinear"``, ``"conv"``, ``"scan"``, ``"merge"``, ``"hadamard"``, ``"hadamard_qlinear"``, ``"mixed_qlinear"``,
         ``"conv_bidir"``, ``"qlinear_group"``, ``"scan_merge"`` or a plug-in's kind."""
         return self.info.kind
 
@@ -341,6 +346,22 @@ class HadamardInfo(EmitsCodesFor):
     kind: ClassVar[str] = "hadamard"
     module: OnlineHadamard
     consumer: fx.Node | None = None
+
+
+@register_partition_kind
+@dataclass(eq=False)
+class HadamardQLinearInfo(PartitionInfo):
+    """A static quantized linear (``module``, matched at ``node``) whose input the online Hadamard
+    ``rotation`` rotates, in one kernel: the rotation and the quantize as the GEMM's prologue, the
+    elementwise ``epilogue`` ops after it; ``rotation_node``: the rotation's node. The partition's
+    first input is the rotation's float input."""
+
+    kind: ClassVar[str] = "hadamard_qlinear"
+    module: QuantizedLinear
+    node: fx.Node
+    epilogue: list
+    rotation: OnlineHadamard
+    rotation_node: fx.Node
 
 
 def _conv_partition(conv: fx.Node) -> Partition | None:
@@ -749,6 +770,11 @@ def find_partitions(gm: fx.GraphModule, pair_directions: bool = True) -> list[Pa
             info.codes_from = producer
             producer.info.consumer = node
         rotation = _hadamard_partition(source, node) if producer is None and not chain else None
+        if rotation is not None and fits_gemm_prologue(rotation.info.module.dim):
+            info = HadamardQLinearInfo(module, node, ops, rotation.info.module, source)
+            add(Partition(node.name, [source] + module.nodes + [node] + epi_nodes, rotation.inputs + extra,
+                          (epi_nodes or [node])[-1], info))
+            continue
         if add(Partition(node.name, module.nodes + [node] + epi_nodes, inputs + extra,
                          (epi_nodes or [node])[-1], info)) is not None and add(rotation) is not None:
             info.codes_from = rotation  # the online Hadamard kernel emits this linear's codes

@@ -36,7 +36,9 @@ The other kernels (causal conv + SiLU, selective scan, merge of the two scan dir
 float outputs and, where they feed a quantized linear, the codes of that linear's input by the
 same activation formula. The online Hadamard (:func:`hadamard_quantize`) rotates its float input
 in float32, in the fixed order of :func:`vmfx.quant.online_hadamard.fast_hadamard_transform`, then
-applies the activation formula: the kernel's codes equal this reference's bit for bit.
+applies the activation formula: the kernel's codes equal this reference's bit for bit; fused
+into ``out_proj``'s GEMM as its prologue (:func:`hadamard_qlinear`), it is that op followed by
+:func:`qlinear` on the codes.
 
 Two paths, one result
 ---------------------
@@ -82,6 +84,7 @@ __all__ = [
     "selective_scan",
     "merge_quantize",
     "hadamard_quantize",
+    "hadamard_qlinear",
     # both directions of a Vim block in one launch each
     "causal_conv1d_silu_bidir",
     "qlinear_group",
@@ -676,6 +679,28 @@ def hadamard_quantize(x: torch.Tensor, act: ActQuant) -> torch.Tensor:
     """
     y = fast_hadamard_transform(x.float())
     return quantize_act(y.reshape(-1, y.shape[-1]), act)
+
+
+
+def hadamard_qlinear(x: torch.Tensor, weight: QWeight, act: ActQuant, bias: torch.Tensor | None = None,
+                     epilogue: Sequence[Sequence] | None = None,
+                     epilogue_inputs: Mapping[str, torch.Tensor] | None = None,
+                     return_acc: bool = False):
+    """The online Hadamard of a linear's input as the prologue of its quantized GEMM:
+    ``qlinear(hadamard_quantize(x, act), weight, act, bias, ...)``, what the fused Triton kernel
+    (:mod:`vmfx.lowering.kernels.hadamard_linear`) computes bit for bit.
+
+    Args:
+        x: (…, n) float activations, rows (batch, token) pairs; ``n = 2^k m`` with a Hadamard base ``m``.
+        weight: the quantized weight (N, n) of the rotated input.
+        act: the rotated input's parameters (its smoothing applies after the rotation).
+        bias, epilogue, epilogue_inputs, return_acc: as for :func:`qlinear`.
+
+    Returns:
+        ``y`` (…, N) float32, or ``(y, acc)``.
+    """
+    codes = hadamard_quantize(x, act).reshape(x.shape)
+    return qlinear(codes, weight, act, bias, epilogue, epilogue_inputs, return_acc)
 
 
 def _merge_fast(y_f, y_b, scale, act):

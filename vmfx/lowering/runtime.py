@@ -14,8 +14,10 @@ parameters prepared once (:class:`~vmfx.lowering.reference.QWeight`,
 
 A producer partition that feeds a quantized linear (the conv feeding ``x_proj``, the merge feeding
 ``out_proj``) also emits that linear's int8 codes, and the linear's GEMM reads them directly; an
-online Hadamard before ``out_proj`` becomes a partition of its own that rotates and quantizes in
-one kernel (the merge then writes float).
+online Hadamard before ``out_proj`` is rotated and quantized in the prologue of ``out_proj``'s GEMM,
+one kernel (:class:`LoweredHadamardQLinear`), or, at a width that prologue does not take, in a
+kernel of its own that emits ``out_proj``'s codes (:class:`LoweredHadamardQuantize`); the merge
+then writes float.
 Nodes in no partition stay torch ops. Every partition can render its Triton source
 (:func:`show`), whatever the backend.
 
@@ -76,6 +78,7 @@ __all__ = [
     "LoweredScan",
     "LoweredMerge",
     "LoweredHadamardQuantize",
+    "LoweredHadamardQLinear",
     "LoweredConvBidir",
     "LoweredScanMerge",
     "LoweredQLinearGroup",
@@ -495,6 +498,46 @@ class LoweredHadamardQuantize(LoweredPartition):
             autotune=True, provenance=tuple(self.provenance))
 
 
+class LoweredHadamardQLinear(LoweredQLinear):
+    """The online Hadamard of a linear's input, its activation quantize and the linear in one
+    kernel (:func:`~vmfx.lowering.kernels.hadamard_qlinear`): the rotation and the quantize are the
+    prologue of the int8 GEMM, so float rows come in and the linear's output goes out; neither
+    ``x H`` nor the codes reach memory. Computes what :class:`LoweredHadamardQuantize` followed by
+    a :class:`LoweredQLinear` on its codes computes, bit for bit (both backends).
+
+    Its buffers are :class:`LoweredQLinear`'s: the weight of the rotated input (it absorbed
+    ``H^T``) and the rotated input's activation parameters (``a_inv_smooth``, when set, applies
+    after the rotation); ``dim`` is the rotated width; ``rotation_partition``: the name the rotation's
+    partition has where it runs as a launch of its own (:class:`LoweredHadamardQuantize`), by which
+    :func:`vmfx.load` recognises a file written in that form."""
+
+    kind = "hadamard_qlinear"
+
+    def __init__(self, name, provenance, backend, linear: QuantizedLinear, epilogue, token_shape, dim: int,
+                 rotation_partition: str):
+        super().__init__(name, provenance, backend, linear, epilogue, token_shape, False)
+        self.dim = int(dim)
+        self.rotation_partition = rotation_partition
+
+    @torch.no_grad()
+    def compute(self, x: torch.Tensor, *extras: torch.Tensor) -> torch.Tensor:
+        inputs = {f"extra{i}": e.float().contiguous() for i, e in enumerate(extras)}
+        act, weight = _act(self, "a"), self._weight()
+        if self.backend == "triton":  # float input in the model's dtype, converted in registers
+            return _kernels().hadamard_qlinear(x, weight, act, self.bias, epilogue=self.epilogue,
+                                               epilogue_inputs=inputs, provenance=self.provenance,
+                                               out_dtype=self.io_dtype)
+        return self._out(ref.hadamard_qlinear(x, weight, act, self.bias, epilogue=self.epilogue,
+                                              epilogue_inputs=inputs))
+
+    def source(self) -> str:
+        act = _act(self, "a")
+        return _kernels().render_hadamard_qlinear(
+            n=self.dim, per_token=act.per_token, smooth=act.inv_smooth is not None, bias=self.bias is not None,
+            act_bits=act.bits, packed=self.w_packed is not None, epilogue=self.epilogue, autotune=True,
+            provenance=tuple(self.provenance))
+
+
 class LoweredQLinearGroup(LoweredPartition):
     """Quantized linears that read the codes of one producer (both directions' ``x_proj`` reading
     :class:`LoweredConvBidir`'s stacked codes) as one grouped GEMM launch. Each group's parameters
@@ -787,6 +830,13 @@ def _lower_scan(p, backend, linears):
 @register_lowering("hadamard")
 def _lower_hadamard(p, backend, linears):
     return LoweredHadamardQuantize(p.name, p.provenance, backend, p.info.module.dim, _consumer_module(p, linears))
+
+
+@register_lowering("hadamard_qlinear")
+def _lower_hadamard_qlinear(p, backend, linears):
+    linear: QuantizedLinear = p.info.module
+    return LoweredHadamardQLinear(p.name, p.provenance, backend, linear, p.info.epilogue, _token_shape(linear),
+                                  p.info.rotation.dim, p.info.rotation_node.name)
 
 
 @register_lowering("merge")

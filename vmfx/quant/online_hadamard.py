@@ -38,10 +38,15 @@ from .hadamard import hadamard_matrix, hadamard_order
 from .registry import register_module_kind
 
 __all__ = ["fast_hadamard_factors", "hadamard_base", "online_hadamard_matrix", "fast_hadamard_transform", "OnlineHadamard",
-           "FAST_BASES"]
+           "FAST_BASES", "GEMM_PROLOGUE_DOT_K", "fits_gemm_prologue"]
 
 #: The base orders ``m`` the Triton kernel unrolls (the transform in torch takes any Paley base).
 FAST_BASES = (1, 12, 20, 28)
+
+#: ``tl.dot``'s smallest K for int8 tiles on NVIDIA GPUs: the depth each dot of the GEMM needs when
+#: the lowering runs the transform as the prologue of the next linear's int8 GEMM
+#: (:mod:`vmfx.lowering.kernels.hadamard_linear`).
+GEMM_PROLOGUE_DOT_K = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,6 +65,18 @@ def fast_hadamard_factors(n: int) -> tuple[int, int] | None:
             break
         k, m = k + 1, m // 2
     return best
+
+
+def fits_gemm_prologue(n: int) -> bool:
+    """Whether the transform of width ``n`` can run as the prologue of the next linear's int8 GEMM:
+    ``n = 2^k m`` with ``m`` in :data:`FAST_BASES` and every dot :data:`GEMM_PROLOGUE_DOT_K` deep,
+    i.e. ``2^k >= 32``, or ``2^k = 16`` and ``m`` even (two base-product columns per dot). Vim's
+    192 = 12 x 16, 384 = 12 x 32 and 768 = 12 x 64 do; 48 = 12 x 4 and 16 do not."""
+    found = fast_hadamard_factors(n)
+    if found is None or found[1] not in FAST_BASES:
+        return False
+    p, m = 2 ** found[0], found[1]
+    return p >= GEMM_PROLOGUE_DOT_K or (2 * p == GEMM_PROLOGUE_DOT_K and m % 2 == 0)
 
 
 def _factors_or_refuse(n: int) -> tuple[int, int]:

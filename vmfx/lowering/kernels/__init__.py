@@ -13,29 +13,31 @@ emits is kept as a golden snapshot (``tests/lowering/golden/``). The exact CPU e
 :mod:`vmfx.lowering.reference`, with the same parameter objects (:class:`ActQuant`,
 :class:`QWeight`).
 
-=====================  ================  =========================================================
-template               module            launcher
-=====================  ================  =========================================================
-``qlinear``            ``linear``        :func:`qlinear`: smoothing + static per-token / per-tensor
-                                         activation quantize (or int8 codes) + int8 GEMM +
-                                         zero-point correction + dequantize + bias + epilogue
-``qlinear_group``      ``linear_group``  :func:`qlinear_group`: G linears on int8 codes (G, M, K),
-                                         one launch (both directions' x_proj)
-``quantize``           ``act_quantize``  :func:`quantize`: standalone activation quantize to codes
-``conv``               ``conv``          :func:`causal_conv1d_silu`: causal depthwise conv1d + SiLU
-                                         (+ codes of its transpose for the next linear)
-``conv_bidir``         ``conv_bidir``    :func:`causal_conv1d_silu_bidir`: both directions' conv
-                                         + SiLU in one launch (+ codes for each direction's x_proj)
-``scan``               ``scan``          :func:`selective_scan`: selective scan, D skip, SiLU(z) gate
-``merge_quantize``     ``merge``         :func:`merge_quantize`: (y_f + flip(y_b)) * c, token-major
-                                         (+ codes)
-``scan_merge``         ``scan_merge``    :func:`scan_merge`: both scan directions of a Vim block +
-                                         the merge (+ codes), one launch
-``mixed_qlinear``      ``mixed_linear``  :func:`mixed_qlinear`: OuroMamba's inlier int8 GEMM + the
-                                         per-tile outlier columns' int8 GEMM, summed in the epilogue
-``hadamard_quantize``  ``hadamard``      :func:`hadamard_quantize`: online Hadamard (FWHT) + the
-                                         next linear's activation quantize, float in, codes out
-=====================  ================  =========================================================
+=====================  ===================  =========================================================
+template               module               launcher
+=====================  ===================  =========================================================
+``qlinear``            ``linear``           :func:`qlinear`: smoothing + static per-token / per-tensor
+                                            activation quantize (or int8 codes) + int8 GEMM +
+                                            zero-point correction + dequantize + bias + epilogue
+``qlinear_group``      ``linear_group``     :func:`qlinear_group`: G linears on int8 codes (G, M, K),
+                                            one launch (both directions' x_proj)
+``quantize``           ``act_quantize``     :func:`quantize`: standalone activation quantize to codes
+``conv``               ``conv``             :func:`causal_conv1d_silu`: causal depthwise conv1d + SiLU
+                                            (+ codes of its transpose for the next linear)
+``conv_bidir``         ``conv_bidir``       :func:`causal_conv1d_silu_bidir`: both directions' conv
+                                            + SiLU in one launch (+ codes for each direction's x_proj)
+``scan``               ``scan``             :func:`selective_scan`: selective scan, D skip, SiLU(z) gate
+``merge_quantize``     ``merge``            :func:`merge_quantize`: (y_f + flip(y_b)) * c, token-major
+                                            (+ codes)
+``scan_merge``         ``scan_merge``       :func:`scan_merge`: both scan directions of a Vim block +
+                                            the merge (+ codes), one launch
+``mixed_qlinear``      ``mixed_linear``     :func:`mixed_qlinear`: OuroMamba's inlier int8 GEMM + the
+                                            per-tile outlier columns' int8 GEMM, summed in the epilogue
+``hadamard_quantize``  ``hadamard``         :func:`hadamard_quantize`: online Hadamard (FWHT) + the
+                                            next linear's activation quantize, float in, codes out
+``hadamard_qlinear``   ``hadamard_linear``  :func:`hadamard_qlinear`: the online Hadamard + quantize as
+                                            the prologue of ``qlinear``'s int8 GEMM (one launch)
+=====================  ===================  =========================================================
 
 Every launcher reads float activations in float32, float16 or bfloat16 (converted in registers)
 and writes ``out_dtype`` (default: its float input's dtype; float32 for linears that read codes),
@@ -63,6 +65,7 @@ from .mixed_linear import mixed_qlinear, render_mixed_qlinear
 from .conv_bidir import causal_conv1d_silu_bidir, render_conv_bidir
 from .linear_group import GroupedQWeight, qlinear_group, render_qlinear_group
 from .hadamard import hadamard_quantize, render_hadamard_quantize
+from .hadamard_linear import hadamard_qlinear, render_hadamard_qlinear
 
 __all__ = [
     "ActQuant",
@@ -89,5 +92,7 @@ __all__ = [
     "GroupedQWeight",
     "hadamard_quantize",
     "render_hadamard_quantize",
+    "hadamard_qlinear",
+    "render_hadamard_qlinear",
 ]
 

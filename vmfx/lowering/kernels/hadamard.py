@@ -44,7 +44,8 @@ from ..params import ActQuant
 from ..template import KernelTemplate, lines
 from .act_quantize import act_params_source
 
-__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "COLUMN", "render_hadamard_quantize", "hadamard_quantize"]
+__all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "ROTATED_CODES", "COLUMN", "rotated_codes_source",
+           "tile_loads_source", "render_hadamard_quantize", "hadamard_quantize"]
 
 KERNEL_NAME = "vmfx_hadamard_quantize"
 
@@ -80,9 +81,11 @@ TEMPLATE = KernelTemplate("""
         $columns
 """)
 
-#: One output column j of the base product: its signed sum of the m tiles, the butterflies,
-#: 1 / sqrt(n), the smoothing multiply and the quantize, stored at channels a * m + j.
-COLUMN = KernelTemplate("""
+#: Column j of the base product, rotated and quantized in registers: its signed sum of the m
+#: tiles, the butterflies, 1 / sqrt(n), the smoothing multiply and the quantize, giving the int8
+#: codes ``codes`` (BLOCK_M, P) of channels ``chan = a * m + j``. Shared with the fused GEMM
+#: (:mod:`vmfx.lowering.kernels.hadamard_linear`), which multiplies them instead of storing them.
+ROTATED_CODES = KernelTemplate("""
     # column $j of the base product, the butterflies, 1 / sqrt($n), quantize
     t = $base_sum
     $butterflies
@@ -90,6 +93,11 @@ COLUMN = KernelTemplate("""
     chan = offs_a * $m + $j
     $smooth
     codes = _vmfx_quantize(t, inv_sa, za, 0.0, $qmax, $offset)
+""")
+
+#: One output column j (:data:`ROTATED_CODES`), stored at channels a * m + j.
+COLUMN = KernelTemplate("""
+    $rotated_codes
     tl.store(codes_ptr + offs_m[:, None] * $n + chan[None, :], codes, mask=mask)
 """)
 
@@ -100,6 +108,28 @@ def _base_sum(column: int, m: int) -> str:
     terms = [("" if positive[0][column] else "-") + "x0"]
     terms += [(" + " if positive[i][column] else " - ") + f"x{i}" for i in range(1, m)]
     return "".join(terms)
+
+
+def rotated_codes_source(column: int, n: int, smooth: bool, act_bits: int) -> str:
+    """:data:`ROTATED_CODES` for base-product column ``column`` of a width ``n = 2^k m``: reads the
+    tiles ``x0 .. x{m-1}`` (:func:`tile_loads_source`), ``offs_a``, ``inv_sa``, ``za`` (and
+    ``inv_s_ptr`` with ``smooth``) and the constexprs ``BLOCK_M`` and ``P``; leaves ``codes`` and
+    ``chan``. The float32 operations are those of
+    :func:`~vmfx.quant.online_hadamard.fast_hadamard_transform`, in its order."""
+    k, m = fast_hadamard_factors(n)
+    scale = float_literal(float(torch.tensor(1.0 / n**0.5, dtype=torch.float32)))
+    return ROTATED_CODES.fill(
+        j=str(column), n=str(n), m=str(m), base_sum=_base_sum(column, m), scale=scale,
+        butterflies=lines(*(f"t = _vmfx_butterfly(t, BLOCK_M, P, {2**i})" for i in range(k))),
+        smooth="t = t * tl.load(inv_s_ptr + chan)[None, :]" if smooth else "",
+        qmax=float_literal(2**act_bits - 1), offset=float_literal(2 ** (act_bits - 1))).rstrip("\n")
+
+
+def tile_loads_source(m: int) -> str:
+    """The loads of the ``m`` tiles ``x_b`` (BLOCK_M, P) of channels ``a * m + b`` of every row, in
+    float32; reads ``x_rows`` (the rows' pointers), ``offs_a``, ``mask`` and ``stride_xk``."""
+    return lines(*(f"x{b} = tl.load(x_rows + (offs_a[None, :] * {m} + {b}) * stride_xk, mask=mask, "
+                   "other=0.0).to(tl.float32)" for b in range(m)))
 
 
 def render_hadamard_quantize(*, n: int, per_token: bool = True, smooth: bool = False, act_bits: int = 8,
@@ -124,22 +154,16 @@ def render_hadamard_quantize(*, n: int, per_token: bool = True, smooth: bool = F
         raise ValueError(f"act_bits must be in 2..8, got {act_bits}")
     k, m = factors
     p = 2**k
-    qmax, off = 2**act_bits - 1, 2 ** (act_bits - 1)
     preamble = render_preamble("hadamard_quantize", provenance,
                                dict(n=n, k=k, m=m, per_token=per_token, smooth=smooth, act_bits=act_bits,
                                     autotune=autotune),
                                ["_vmfx_quantize"] + (["_vmfx_butterfly"] if k else []),
                                (AUTOTUNE_CONFIGS, ["M"]) if autotune else None)
-    scale = float_literal(float(torch.tensor(1.0 / n**0.5, dtype=torch.float32)))
-    butterflies = lines(*(f"t = _vmfx_butterfly(t, BLOCK_M, P, {2**i})" for i in range(k)))
-    columns = lines(*(COLUMN.fill(j=str(j), n=str(n), m=str(m), base_sum=_base_sum(j, m), butterflies=butterflies, scale=scale,
-                                  smooth="t = t * tl.load(inv_s_ptr + chan)[None, :]" if smooth else "",
-                                  qmax=float_literal(qmax), offset=float_literal(off)).rstrip("\n")
+    columns = lines(*(COLUMN.fill(rotated_codes=rotated_codes_source(j, n, smooth, act_bits), n=str(n)).rstrip("\n")
                       for j in range(m)))
-    loads = lines(*(f"x{b} = tl.load(x_rows + (offs_a[None, :] * {m} + {b}) * stride_xk, mask=mask, "
-                    "other=0.0).to(tl.float32)" for b in range(m)))
     return preamble + TEMPLATE.fill(
-        kernel_name=KERNEL_NAME, smooth_arg=" inv_s_ptr," if smooth else "", p=str(p), m=str(m), loads=loads,
+        kernel_name=KERNEL_NAME, smooth_arg=" inv_s_ptr," if smooth else "", p=str(p), m=str(m),
+        loads=tile_loads_source(m),
         act_params=lines("tok = offs_m % L  # rows are (batch, token) pairs" if per_token else None,
                          act_params_source(per_token, "tok", "offs_m < M", "[:, None]")),
         columns=columns)

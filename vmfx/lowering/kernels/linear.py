@@ -35,6 +35,7 @@ parameters; writes 2 or 4 M N bytes (plus 4 M N for ``store_acc``, a debugging o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -58,7 +59,8 @@ from ..template import KernelTemplate, lines
 from .act_quantize import act_params_source
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TILE_ORDER", "TEMPLATE", "INT_GEMM", "INT8_LOOP", "PACKED_LOOP",
-           "render_qlinear", "act_tile_source", "int_gemm_source", "dequantize_source", "qlinear"]
+           "render_qlinear", "act_tile_source", "int_gemm_source", "dequantize_source", "weight_operand",
+           "epilogue_operands", "qlinear"]
 
 KERNEL_NAME = "vmfx_qlinear"
 
@@ -390,16 +392,7 @@ def qlinear(
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has K={x.shape[-1]} channels but the weight is {weight.shape}")
-    packed = weight.packed is not None and weight.bits <= 4
-    if weight.codes is None and not packed:
-        raise ValueError("the weight has neither unpacked codes nor 4-bit packed ones")
-    if packed:
-        kh = (k + 1) // 2
-        check_tensor(weight.packed, "weight.packed", torch.int8, (n, kh), dev)
-    else:
-        check_tensor(weight.codes, "weight.codes", torch.int8, device=dev)
-    check_tensor(weight.wsum, "weight.wsum", torch.int32, (n,), dev, True)
-    check_tensor(weight.scale, "weight.scale", torch.float32, (n,), dev, True)
+    w_store, packed = weight_operand(weight, dev)
     t = act.tokens
     for name in ("scale", "inv_scale", "zero_point"):
         check_tensor(getattr(act, name), f"act.{name}", torch.float32, (t,), dev, True)
@@ -417,10 +410,7 @@ def qlinear(
     if bias is not None:
         check_tensor(bias, "bias", torch.float32, (n,), dev, True)
     ep = Epilogue.parse(epilogue)
-    inputs = dict(epilogue_inputs or {})
-    missing = set(ep.inputs) - set(inputs)
-    if missing:
-        raise ValueError(f"epilogue inputs {sorted(missing)} not given")
+    ep_args = epilogue_operands(ep, epilogue_inputs, out_shape, dev)
 
     out = torch.empty((m, n), dtype=out_dtype, device=dev)
     acc = torch.empty((m, n), dtype=torch.int32, device=dev) if return_acc else None
@@ -429,7 +419,6 @@ def qlinear(
                  packed)
     kernel = _kernel(spec)
 
-    w_store = weight.packed if packed else weight.codes
     args = dict(x_ptr=x2, w_ptr=w_store, wsum_ptr=weight.wsum, w_scale_ptr=weight.scale,
                 sa_ptr=act.scale, za_ptr=act.zero_point, out_ptr=out,
                 M=m, N=n, K=k, L=t,
@@ -441,15 +430,7 @@ def qlinear(
         args["inv_s_ptr"] = act.inv_smooth
     if bias is not None:
         args["bias_ptr"] = bias
-    for name in ep.inputs:
-        e = check_tensor(inputs[name], f"epilogue input {name!r}", tuple(OUT_DTYPES), device=dev, contiguous=True)
-        if ep.layout(name) == "channel":
-            if tuple(e.shape) != (n,):
-                raise ValueError(f"per-channel epilogue input {name!r} must be ({n},), got {tuple(e.shape)}")
-        elif e.numel() != m * n or e.shape[-1] != n:
-            raise ValueError(f"epilogue input {name!r} must be shaped like the output {out_shape}, "
-                             f"got {tuple(e.shape)}")
-        args[f"ep_{name}_ptr"] = e
+    args.update(ep_args)
     if return_acc:
         args["acc_ptr"] = acc
 
@@ -463,6 +444,46 @@ def qlinear(
         kernel[grid](**args, **blk, **opts)
     y = out.reshape(out_shape)
     return (y, acc.reshape(out_shape)) if return_acc else y
+
+
+def weight_operand(weight: QWeight, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The weight tensor a GEMM reads, checked: the packed 4-bit codes (N, ceil(K / 2)) where the
+    weight carries them, else the int8 codes (N, K); and whether it is the packed one. Also checks
+    ``wsum`` and ``scale`` (N,)."""
+    n, k = weight.shape
+    packed = weight.packed is not None and weight.bits <= 4
+    if weight.codes is None and not packed:
+        raise ValueError("the weight has neither unpacked codes nor 4-bit packed ones")
+    if packed:
+        check_tensor(weight.packed, "weight.packed", torch.int8, (n, (k + 1) // 2), device)
+    else:
+        check_tensor(weight.codes, "weight.codes", torch.int8, device=device)
+    check_tensor(weight.wsum, "weight.wsum", torch.int32, (n,), device, True)
+    check_tensor(weight.scale, "weight.scale", torch.float32, (n,), device, True)
+    return (weight.packed if packed else weight.codes), packed
+
+
+def epilogue_operands(ep: Epilogue, epilogue_inputs: Mapping[str, torch.Tensor] | None, out_shape: tuple,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """The epilogue's tensor arguments ``{"ep_<name>_ptr": tensor}``, checked: each input the
+    epilogue names is given, float, contiguous, on ``device``, and shaped like the output
+    ``out_shape`` (or (N,) for a ``"channel"`` operand)."""
+    inputs = dict(epilogue_inputs or {})
+    missing = set(ep.inputs) - set(inputs)
+    if missing:
+        raise ValueError(f"epilogue inputs {sorted(missing)} not given")
+    n, rows = out_shape[-1], math.prod(out_shape[:-1])
+    args = {}
+    for name in ep.inputs:
+        e = check_tensor(inputs[name], f"epilogue input {name!r}", tuple(OUT_DTYPES), device=device, contiguous=True)
+        if ep.layout(name) == "channel":
+            if tuple(e.shape) != (n,):
+                raise ValueError(f"per-channel epilogue input {name!r} must be ({n},), got {tuple(e.shape)}")
+        elif e.numel() != rows * n or e.shape[-1] != n:
+            raise ValueError(f"epilogue input {name!r} must be shaped like the output {out_shape}, "
+                             f"got {tuple(e.shape)}")
+        args[f"ep_{name}_ptr"] = e
+    return args
 
 
 def _cdiv(a: int, b: int) -> int:
