@@ -167,3 +167,16 @@ def test_lowered_proxy_model_predicts_like_the_fake_quant_model():
     same = (predictions(q, test_x) == predictions(lowered, test_x)).float().mean().item()
     print(f"lowered vs fake-quant: same prediction on {100 * same:.2f}% of {test_x.shape[0]} images")
     assert same >= 0.995
+
+
+def test_show_prints_the_kernel_that_runs_for_4_bit_weights(small):
+    """A 4-bit weight is stored packed two per byte, so the source ``show`` prints for its GEMM is
+    the packed variant, which unpacks both nibbles."""
+    model, images = small
+    lowered = vmfx.compile(model, images, "pts-w4a8", backend="reference")
+    gemms = [p for p in lowered_partitions(lowered) if p.kind == "qlinear"]
+    assert gemms and all(p.w_packed is not None for p in gemms)
+    assert all("w_hi" in p.source() and "KH = (K + 1) // 2" in p.source() for p in gemms)
+    eight_bit = next(p for p in lowered_partitions(vmfx.compile(model, images, "pts-w8a8", backend="reference"))
+                     if p.kind == "qlinear")
+    assert eight_bit.w_packed is None and "w_hi" not in eight_bit.source()

@@ -335,7 +335,7 @@ class LoweredQLinear(LoweredPartition):
         return _kernels().render_qlinear(
             per_token=act.per_token, smooth=act.inv_smooth is not None and not self.takes_codes,
             bias=self.bias is not None, prequantized=self.takes_codes, act_bits=act.bits,
-            epilogue=self.epilogue, autotune=True, provenance=tuple(self.provenance),
+            epilogue=self.epilogue, autotune=True, provenance=tuple(self.provenance), packed=self.w_packed is not None,
         )
 
 
