@@ -437,7 +437,7 @@ def render(result) -> str:
         lines.append(f"| {r['method']}{mark} | {r['bits']} | {r['top1']:.2f} | {r['agree']:.2f} | {r['kl']:.3g} | "
                      f"{r['calib_seconds']:.0f} |")
     if earlier:
-        lines += [""] + [f"[{i + 1}] measured by an earlier run, `{r['command']}`, {r['run_measured']}, on the same "
+        lines += [""] + [f"[{i + 1}] measured by another run, `{r['command']}`, {r['run_measured']}, on the same "
                          "images." for i, r in enumerate(earlier)]
     lines += ["", "Paired differences (95 % intervals over the test digits), each side minus the official code "
               "(and vmfx minus the official code with one scan-operand quantizer per direction):", ""]
