@@ -53,7 +53,7 @@ def _random_vim(seed: int, dim: int) -> VisionMamba:
     return model
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 2**16), dim=st.sampled_from([8, 12, 16]), residual=st.booleans(),
        online=st.booleans(), alpha=st.sampled_from([0.0, 0.5, 0.8, 1.0]))
 def test_the_smooth_fused_gate_leaves_float64_logits_unchanged(seed, dim, residual, online, alpha):
@@ -100,13 +100,13 @@ def test_the_factors_are_mambaquants_formula_on_out_projs_input():
 
 
 def test_the_proxy_keeps_its_float64_logits():
-    from vmfx.data import load_digits, load_proxy_model
+    from vmfx.data import load_proxy_model
 
     model = load_proxy_model().double()
     model.residual_in_fp32 = False  # the residual stream in float64 too
     for block in model.layers:
         block.residual_in_fp32 = False
-    images = load_digits("train")[0][:2].double()
+    images = torch.randn(2, 1, 30, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     gm = Pipeline([DetectMambaMixersPass(), RotateResidualPass("hadamard"), SmoothFusedGatePass(), OnlineHadamardPass()])(
         model, images)
     with torch.no_grad():
