@@ -61,11 +61,11 @@ absorbed parameter.
 Facts: requires ``mixers_detected``, forbids ``observers_inserted`` (the weights must still be the
 float model's) and ``residual_rotated``; ensures ``residual_rotated``.
 
-The ``rotate`` method (:func:`rotate_passes`) runs this pass right after detection (then the
-online Hadamard, with ``online_out_proj``), then the
-passes :func:`~vmfx.passes.ptq_passes` builds from the rest of the config, so PTS, SmoothQuant +
-JLSS (``ptq4vm-rotate-*``), k-scaled or OuroMamba configs run on the rotated graph with
-``method="rotate"``.
+The ``rotate`` method (:func:`rotate_passes`) runs this pass right after detection (then
+MambaQuant's smooth-fused gate, with ``smooth_gate``, :mod:`vmfx.passes.smooth_gate`, and the
+online Hadamard, with ``online_out_proj``), then the passes :func:`~vmfx.passes.ptq_passes`
+builds from the rest of the config, so PTS, SmoothQuant + JLSS (``ptq4vm-rotate-*``), k-scaled or
+OuroMamba configs run on the rotated graph with ``method="rotate"``.
 """
 
 from __future__ import annotations
