@@ -66,6 +66,9 @@ METHODS: dict[str, tuple[str, str]] = {
                       "its transpose folded into out_proj), then PTS, no learning"),
     "ptq4vm-rotate-online": ("ptq4vm-rotate-online", "the KLT-enhanced rotation and the online Hadamard on out_proj's "
                              "input, then PTQ4VM (PTS + smoothing + JLSS)"),
+    "rotate-smooth-online": ("rotate-smooth-online", "rotate-online plus MambaQuant's smooth-fused gate before the "
+                             "online Hadamard (SmoothQuant factors, alpha 0.5, of out_proj's input absorbed into "
+                             "in_proj's gate rows, a Smooth-SiLU gate and out_proj), then PTS, no learning"),
 }
 
 #: method name -> the ScanStateConfig its preset is run with (``QuantConfig.scan_state``); methods
@@ -107,6 +110,7 @@ PAIRS: tuple[tuple[str, str], ...] = (
     ("rotate-online", "rotate"),
     ("ptq4vm-rotate-online", "ptq4vm"),
     ("ptq4vm-rotate-online", "ptq4vm-rotate"),
+    ("rotate-smooth-online", "rotate-online"),
 )
 
 

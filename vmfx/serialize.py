@@ -222,7 +222,7 @@ def _structure(qmodel: fx.GraphModule) -> dict:
     edits = list(qmodel.meta.get(EDITS_META) or [])
     modules = {}
     for record in edits:
-        if record.get("op") in ("insert", "insert_after", "scan_state") and record["path"] not in modules:
+        if record.get("op") in ("insert", "insert_after", "scan_state", "replace") and record["path"] not in modules:
             try:
                 m = qmodel.get_submodule(record["path"])
             except AttributeError:
@@ -698,7 +698,7 @@ def _rebuild(model: nn.Module, header: dict, tensors: dict[str, torch.Tensor]):
 def _live_edits(edits: list[dict], modules: dict) -> list[dict]:
     """The edit log without the insertions of modules that were removed before saving (and
     their removals): those left nothing behind."""
-    dead = {r["node"] for r in edits if r.get("op") in ("insert", "insert_after", "scan_state") and r["path"] not in modules}
+    dead = {r["node"] for r in edits if r.get("op") in ("insert", "insert_after", "scan_state", "replace") and r["path"] not in modules}
     return [r for r in edits if r.get("node") not in dead]
 
 

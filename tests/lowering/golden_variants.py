@@ -9,7 +9,8 @@
   ``benchmarks/dump_kernel_sources.py``, file ``render_calls.txt``): ``conv_bidir``, ``merge``,
   ``mixed_qlinear``, ``qlinear``, ``qlinear_group`` and ``scan_merge``;
 * the templates the proxy does not use (``quantize``, ``conv``, ``scan``, ``hadamard_quantize`` and
-  ``hadamard_qlinear``: the rotate-online presets) and the options the
+  ``hadamard_qlinear``: the rotate-online presets; the Smooth-SiLU gate of ``scan`` and ``scan_merge``:
+  the rotate-smooth-online presets) and the options the
   presets leave off (packed weights, half-precision outputs, epilogue ops, fixed-block launches,
   stored accumulators, quantized scan states, workspace reuse), as the kernel tests call them.
 
@@ -116,6 +117,11 @@ def _option_variants() -> dict[str, tuple[str, dict]]:
             emit_codes=True, write_float=False, delta_softplus=False, dt_proj_f=DtProj(False, True, 8, False),
             dt_proj_b=DtProj(True, False, 4, True))),
         "mixed_qlinear.store_acc.fp16": ("render_mixed_qlinear", dict(store_acc=True, out_dtype="float16")),
+        "scan.smooth_gate.flip": ("render_scan", dict(smooth_gate=True, flip_z=True)),
+        "scan_merge.smooth_gate.dt_proj.float": ("render_scan_merge", dict(
+            autotune=True, delta_softplus=True, dt_proj_f=DtProj(True, False, 8, True),
+            dt_proj_b=DtProj(True, False, 8, True), has_D_b=True, has_D_f=True, has_z=True, write_float=True,
+            smooth_gate=True)),
     }
 
 

@@ -399,6 +399,12 @@ HELPERS: dict[str, str] = {
             """x * sigmoid(x), as x / (1 + exp(-x))."""
             return x / (1.0 + tl.exp(-x))
     ''',
+    "_vmfx_smooth_silu": '''
+        @triton.jit
+        def _vmfx_smooth_silu(x, s):
+            """MambaQuant's Smooth-SiLU x * sigmoid(s x), as x / (1 + exp(-(s x)))."""
+            return x / (1.0 + tl.exp(-(s * x)))
+    ''',
     "_vmfx_quantize": '''
         @triton.jit
         def _vmfx_quantize(v, inv_sa, za, QMIN, QMAX, OFFSET):

@@ -14,7 +14,9 @@ as the inlier GEMM + outlier-column GEMM of :mod:`vmfx.lowering.kernels.mixed_li
   GEMM reads them directly.
 * ``conv``: causal depthwise conv1d + crop + SiLU (role ``conv1d`` / ``conv_act``), also
   quantizing its output for the ``x_proj`` that reads it.
-* ``scan``: the selective scan with its D skip and the SiLU(z) gate (roles ``scan`` / ``gate``).
+* ``scan``: the selective scan with its D skip and the SiLU(z) gate (roles ``scan`` / ``gate``), or
+  MambaQuant's Smooth-SiLU gate ``z * sigmoid(s z)`` (:class:`~vmfx.quant.smooth_silu.SmoothSiLU`
+  over the channel dim of the (B, E, L) gate; its factors go to the kernel).
 * ``merge``: the sum of a mixer's two scan directions (the backward one flipped back), the
   division, and the transpose to tokens-major, quantized for the ``out_proj`` that reads it.
 * ``hadamard_qlinear``: an online Hadamard node (:class:`~vmfx.quant.online_hadamard.OnlineHadamard`)
@@ -58,6 +60,7 @@ from ..passes.linear_edges import linear_edges
 from ..passes.patterns import is_flip, is_silu, is_softplus, is_transparent, module_of, single_user
 from ..quant.mixed import MixedPrecisionQuantize
 from ..quant.online_hadamard import FAST_BASES, OnlineHadamard, fits_gemm_prologue
+from ..quant.smooth_silu import SmoothSiLU
 from ..quant.modules import FakeQuantize, Smooth
 from ..quant.state_quantizer import scan_state_of
 from .rewrite import flip_dims
@@ -318,13 +321,16 @@ class ConvInfo(EmitsCodesFor):
 @dataclass(eq=False)
 class ScanInfo(PartitionInfo):
     """A selective scan and its gate: delta through softplus or not, a D skip or not, z read reversed
-    (``flip_z``, the backward direction's gate), and its quantized hidden state (None: float)."""
+    (``flip_z``, the backward direction's gate), its quantized hidden state (None: float), and the
+    Smooth-SiLU factors ``s`` (E,) when the gate is MambaQuant's ``z * sigmoid(s z)`` (None:
+    ``silu(z)``)."""
 
     kind: ClassVar[str] = "scan"
     softplus: bool
     has_D: bool
     flip_z: bool
     state: Any
+    gate_smooth: Any = None
 
 
 @register_partition_kind
@@ -384,17 +390,29 @@ def _conv_partition(conv: fx.Node) -> Partition | None:
     return Partition(conv.name, nodes, [source], current, ConvInfo(module, flip is not None))
 
 
+def _smooth_gate_factors(node: fx.Node) -> torch.Tensor | None:
+    """The factors of a :class:`~vmfx.quant.smooth_silu.SmoothSiLU` node gating a (B, E, L) scan
+    output over its channel dim E (the kernels' layout), else None."""
+    module = module_of(node)
+    if not isinstance(module, SmoothSiLU) or module.channel_dim != -2:
+        return None
+    return module.factors
+
+
 def _scan_partition(scan: fx.Node) -> Partition | None:
-    """selective_scan -> mul by silu(z) (the gate)."""
+    """selective_scan -> mul by silu(z) or by MambaQuant's Smooth-SiLU of z (the gate)."""
     if annotation(scan).extra.get("structural"):  # a scan vmfx does not know stays in PyTorch
         return None
     gate_mul = single_user(scan)
     if gate_mul is None or _role(gate_mul) != "gate" or gate_mul.target is not operator.mul:
         return None
     other = [a for a in gate_mul.args if isinstance(a, fx.Node) and a is not scan]
-    if len(other) != 1 or not is_silu(other[0]) or len(other[0].users) != 1:
+    if len(other) != 1 or len(other[0].users) != 1:
         return None
     gate_act = other[0]
+    gate_smooth = _smooth_gate_factors(gate_act)
+    if not (is_silu(gate_act) or gate_smooth is not None):
+        return None
     args = list(scan.args) + [None] * (10 - len(scan.args))
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "return_last_state")
     bound = dict(zip(names, args))
@@ -409,7 +427,7 @@ def _scan_partition(scan: fx.Node) -> Partition | None:
     flip_z = _time_flip(z)  # the backward direction's gate: the forward z, read reversed
     inputs.append(z if flip_z is None else flip_z.args[0])
     info = ScanInfo(softplus=bool(bound.get("delta_softplus")), has_D=has_d, flip_z=flip_z is not None,
-                    state=scan_state_of(scan))
+                    state=scan_state_of(scan), gate_smooth=gate_smooth)
     nodes = [scan, gate_act, gate_mul] + ([flip_z] if flip_z is not None else [])
     return Partition(scan.name, nodes, inputs, gate_mul, info)
 
@@ -559,7 +577,8 @@ class ConvBidirInfo(PartitionInfo):
 @dataclass(eq=False)
 class ScanMergeInfo(EmitsCodesFor):
     """Both directions' scans, their gates and the merge in one launch (``has_D`` per direction),
-    with both ``dt_proj`` linears inside when :func:`_fuse_dt_proj` took them."""
+    with both ``dt_proj`` linears inside when :func:`_fuse_dt_proj` took them; ``gate_smooth``: the
+    Smooth-SiLU factors both gates share (None: ``silu(z)``)."""
 
     kind: ClassVar[str] = "scan_merge"
     softplus: bool
@@ -567,6 +586,7 @@ class ScanMergeInfo(EmitsCodesFor):
     scale: float
     consumer: fx.Node | None = None
     dt_proj: tuple | None = None
+    gate_smooth: Any = None
 
 
 @register_partition_kind
@@ -628,10 +648,14 @@ def _pair_scans(parts: list[Partition]) -> list[Partition]:
             continue  # the quantized hidden state keeps its per-direction kernel
         if fwd.info.softplus != bwd.info.softplus or not same_value(fwd.inputs[-1], bwd.inputs[-1]):
             continue
+        sf, sb = fwd.info.gate_smooth, bwd.info.gate_smooth
+        if (sf is None) != (sb is None) or (sf is not None and not torch.equal(sf, sb)):
+            continue  # the kernel gates both directions with one Smooth-SiLU (or silu)
         if any(u not in merge.nodes for p in (fwd, bwd) for u in p.output.users):
             continue  # a direction's own output is read elsewhere: the pair never writes it
         scan_inputs = lambda p: p.inputs[:-1] + ([] if p.info.has_D else [None])  # noqa: E731
-        info = ScanMergeInfo(fwd.info.softplus, (fwd.info.has_D, bwd.info.has_D), merge.info.scale, merge.info.consumer)
+        info = ScanMergeInfo(fwd.info.softplus, (fwd.info.has_D, bwd.info.has_D), merge.info.scale, merge.info.consumer,
+                             gate_smooth=sf)
         inputs = scan_inputs(fwd) + scan_inputs(bwd) + [fwd.inputs[-1]]
         pair = Partition(merge.name, fwd.nodes + bwd.nodes + merge.nodes, inputs, merge.output, info)
         paired[id(fwd)] = paired[id(bwd)] = paired[id(merge)] = pair

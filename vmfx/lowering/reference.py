@@ -62,6 +62,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..ops.selective_scan import selective_scan as _selective_scan
 from ..quant.online_hadamard import fast_hadamard_transform
+from ..quant.smooth_silu import smooth_silu
 from .params import ActQuant, QWeight, make_act_quant, pack_int4, unpack_int4
 
 __all__ = [
@@ -614,7 +615,7 @@ def causal_conv1d_silu_bidir(x: torch.Tensor, w_f: torch.Tensor, b_f: torch.Tens
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    flip_z: bool = False, *, step_scale=None, out_scale=None, state_scales=None,
-                   state_bits: int = 8):
+                   state_bits: int = 8, z_smooth=None):
     """``out = (y + D u) * silu(z)`` of the selective scan (see :mod:`vmfx.ops.selective_scan`).
 
     Args:
@@ -625,16 +626,23 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
             (reparameterized) scan, as :func:`vmfx.ops.selective_scan` takes them (u, B, C
             already reparameterized): the state is fake-quantized per step in float32, the exact
             semantics the Triton kernel follows.
+        z_smooth: (E,) factors ``s``: the gate is MambaQuant's Smooth-SiLU ``z * sigmoid(s z)``
+            (:func:`vmfx.quant.smooth_silu.smooth_silu`, float32) instead of ``silu(z)``: the
+            ungated output times it.
 
     Returns:
         (B, E, L) float32.
     """
+    if z_smooth is not None and z is None:
+        raise ValueError("z_smooth needs z (the Smooth-SiLU gates z)")
     if z is not None and flip_z:
         z = z.flip(-1)
     f = lambda t: None if t is None else t.float()  # noqa: E731
-    return _selective_scan(u.float(), delta.float(), A.float(), B.float(), C.float(),
-                           f(D), f(z), f(delta_bias), delta_softplus, step_scale=f(step_scale),
-                           out_scale=f(out_scale), state_scales=f(state_scales), state_bits=state_bits)
+    out = _selective_scan(u.float(), delta.float(), A.float(), B.float(), C.float(),
+                          f(D), f(z) if z_smooth is None else None, f(delta_bias), delta_softplus,
+                          step_scale=f(step_scale), out_scale=f(out_scale), state_scales=f(state_scales),
+                          state_bits=state_bits)
+    return out if z_smooth is None else out * smooth_silu(z.float(), z_smooth.float(), -2)
 
 
 def merge_quantize(y_f: torch.Tensor, y_b: torch.Tensor | None = None, scale: float = 0.5,
@@ -724,7 +732,8 @@ def scan_merge(u_f, delta_f, A_f, B_f, C_f, D_f, u_b, delta_b, A_b, B_b, C_b, D_
                dt_in_f: torch.Tensor | None = None, dt_weight_f: QWeight | None = None,
                dt_act_f: ActQuant | None = None, dt_bias_f: torch.Tensor | None = None,
                dt_in_b: torch.Tensor | None = None, dt_weight_b: QWeight | None = None,
-               dt_act_b: ActQuant | None = None, dt_bias_b: torch.Tensor | None = None):
+               dt_act_b: ActQuant | None = None, dt_bias_b: torch.Tensor | None = None,
+               z_smooth: torch.Tensor | None = None):
     """Both scan directions of a bidirectional Vim block, merged (and quantized for out_proj): the
     oracle of the one-launch kernel :func:`vmfx.lowering.kernels.scan_merge`, defined as exactly
     the composition of :func:`selective_scan` (forward; backward with ``flip_z=True``) and
@@ -745,6 +754,7 @@ def scan_merge(u_f, delta_f, A_f, B_f, C_f, D_f, u_b, delta_b, A_b, B_b, C_b, D_
             (float32), with ``dt_in_f`` (B, L, R) (the slice ``x_proj_out[..., :R]``).
         dt_in_b, dt_weight_b, dt_act_b, dt_bias_b: the backward direction's, ``dt_in_b`` in its
             own (reversed) time order. Both directions fused or neither.
+        z_smooth: (E,) factors of both directions' Smooth-SiLU gates (see :func:`selective_scan`).
 
     Returns:
         ``m`` (B, L, E) float32, ``(m, codes)``, or ``(None, codes)``.
@@ -766,8 +776,8 @@ def scan_merge(u_f, delta_f, A_f, B_f, C_f, D_f, u_b, delta_b, A_b, B_b, C_b, D_
         delta_b = qlinear(dt_in_b, dt_weight_b, dt_act_b, dt_bias_b).transpose(1, 2)
     elif delta_f is None or delta_b is None:
         raise ValueError("delta_f and delta_b are required unless the dt_proj inputs are given")
-    y_f = selective_scan(u_f, delta_f, A_f, B_f, C_f, D_f, z, None, delta_softplus)
-    y_b = selective_scan(u_b, delta_b, A_b, B_b, C_b, D_b, z, None, delta_softplus, flip_z=True)
+    y_f = selective_scan(u_f, delta_f, A_f, B_f, C_f, D_f, z, None, delta_softplus, z_smooth=z_smooth)
+    y_b = selective_scan(u_b, delta_b, A_b, B_b, C_b, D_b, z, None, delta_softplus, flip_z=True, z_smooth=z_smooth)
     result = merge_quantize(y_f, y_b, scale, act)
     if act is None or write_float:
         return result

@@ -380,14 +380,17 @@ class LoweredScan(LoweredPartition):
     """Selective scan + D skip + SiLU(z) gate; with a :class:`~vmfx.quant.state_quantizer.ScanStateQuant`
     (``state``), the reparameterization factors are folded into u, B, C (:func:`vmfx.ops.reparameterize`)
     and the kernel takes the step ratio, the output factor ``r_C`` and the per-step state step
-    sizes (buffers ``r_C``, ``r_L``, ``r_D``, ``state_scales``)."""
+    sizes (buffers ``r_C``, ``r_L``, ``r_D``, ``state_scales``). With ``gate_smooth`` (buffer
+    ``gate_s``, (E,)) the gate is MambaQuant's Smooth-SiLU ``z * sigmoid(s z)``."""
 
     kind = "scan"
 
-    def __init__(self, name, provenance, backend, softplus: bool, has_D: bool, state=None, flip_z: bool = False):
+    def __init__(self, name, provenance, backend, softplus: bool, has_D: bool, state=None, flip_z: bool = False,
+                 gate_smooth: torch.Tensor | None = None):
         super().__init__(name, provenance, backend)
         self.softplus, self.has_D = softplus, has_D
         self.flip_z = flip_z  # the gate reads z reversed along L (the backward direction's flip, absorbed)
+        self.register_buffer("gate_s", None if gate_smooth is None else gate_smooth.detach().float().clone())
         self.reparameterized = state is not None and state.reparameterized
         self.quant_state = state is not None and state.quantize
         self.state_bits = state.bits if state is not None else 8
@@ -414,9 +417,10 @@ class LoweredScan(LoweredPartition):
         if self.backend == "triton":  # activations in the model's dtype; A and D in float32
             return _kernels().selective_scan(u, delta, f(A), B, C, f(D), z, delta_softplus=self.softplus,
                                              flip_z=self.flip_z, provenance=self.provenance,
-                                             out_dtype=self.io_dtype, **extra)
+                                             out_dtype=self.io_dtype, z_smooth=self.gate_s, **extra)
         return self._out(ref.selective_scan(f(u), f(delta), f(A), f(B), f(C), f(D), f(z),
-                                            delta_softplus=self.softplus, flip_z=self.flip_z, **extra))
+                                            delta_softplus=self.softplus, flip_z=self.flip_z, z_smooth=self.gate_s,
+                                            **extra))
 
     def output_specs(self, u, *rest):
         return ((tuple(u.shape), self.io_dtype),)
@@ -425,7 +429,8 @@ class LoweredScan(LoweredPartition):
         return _kernels().render_scan(has_D=self.has_D, has_z=True, delta_softplus=self.softplus, flip_z=self.flip_z,
                                       autotune=True, provenance=tuple(self.provenance),
                                       step_scale=self.reparameterized, out_scale=self.reparameterized,
-                                      quant_state=self.quant_state, state_bits=self.state_bits)
+                                      quant_state=self.quant_state, state_bits=self.state_bits,
+                                      smooth_gate=self.gate_s is not None)
 
 
 class LoweredMerge(LoweredPartition):
@@ -635,15 +640,18 @@ class LoweredConvBidir(LoweredPartition):
 
 class LoweredScanMerge(LoweredPartition):
     """Both scan directions of a bidirectional block, their D skips and SiLU(z) gates (the
-    backward one reading z reversed), the merge and the next linear's codes, in one launch."""
+    backward one reading z reversed; MambaQuant's Smooth-SiLU with the factors ``gate_s`` when
+    given), the merge and the next linear's codes, in one launch."""
 
     kind = "scan_merge"
 
     def __init__(self, name, provenance, backend, softplus: bool, has_D: tuple[bool, bool], scale: float,
                  consumer: QuantizedLinear | None, write_float: bool,
-                 dt_proj: tuple[QuantizedLinear, QuantizedLinear] | None = None):
+                 dt_proj: tuple[QuantizedLinear, QuantizedLinear] | None = None,
+                 gate_smooth: torch.Tensor | None = None):
         super().__init__(name, provenance, backend)
         self.softplus, self.has_D, self.scale = softplus, tuple(has_D), float(scale)
+        self.register_buffer("gate_s", None if gate_smooth is None else gate_smooth.detach().float().clone())
         self.emits_codes = consumer is not None
         self.write_float = write_float or consumer is None
         if consumer is not None:
@@ -683,11 +691,11 @@ class LoweredScanMerge(LoweredPartition):
             return _kernels().scan_merge(u_f, delta_f, f(A_f), B_f, C_f, f(D_f), u_b, delta_b, f(A_b), B_b, C_b,
                                          f(D_b), z, delta_softplus=self.softplus, scale=self.scale, act=act,
                                          write_float=self.write_float, provenance=self.provenance,
-                                         out_dtype=self.io_dtype, **dt)
+                                         out_dtype=self.io_dtype, z_smooth=self.gate_s, **dt)
         dt = {k: (f(v) if k.startswith("dt_in") else v) for k, v in dt.items()}
         out = ref.scan_merge(f(u_f), f(delta_f), f(A_f), f(B_f), f(C_f), f(D_f), f(u_b), f(delta_b), f(A_b),
                              f(B_b), f(C_b), f(D_b), f(z), delta_softplus=self.softplus, scale=self.scale,
-                             act=act, write_float=self.write_float, **dt)
+                             act=act, write_float=self.write_float, z_smooth=self.gate_s, **dt)
         if act is None:
             return self._out(out)
         return (self._out(out[0]) if self.write_float else None, out[1])
@@ -710,7 +718,7 @@ class LoweredScanMerge(LoweredPartition):
             write_float=self.write_float, emit_codes=self.emits_codes,
             per_token=bool(act is not None and act.per_token), smooth=bool(act is not None and act.inv_smooth is not None),
             act_bits=act.bits if act is not None else 8, autotune=True, provenance=tuple(self.provenance),
-            **self._dt_flags(),
+            smooth_gate=self.gate_s is not None, **self._dt_flags(),
         )
 
     def _dt_flags(self) -> dict:
@@ -824,7 +832,8 @@ def _lower_conv(p, backend, linears):
 
 @register_lowering("scan")
 def _lower_scan(p, backend, linears):
-    return LoweredScan(p.name, p.provenance, backend, p.info.softplus, p.info.has_D, p.info.state, p.info.flip_z)
+    return LoweredScan(p.name, p.provenance, backend, p.info.softplus, p.info.has_D, p.info.state, p.info.flip_z,
+                       p.info.gate_smooth)
 
 
 @register_lowering("hadamard")
@@ -860,7 +869,8 @@ def _lower_conv_bidir(p, backend, linears):
 @register_lowering("scan_merge")
 def _lower_scan_merge(p, backend, linears):
     return LoweredScanMerge(p.name, p.provenance, backend, p.info.softplus, p.info.has_D, p.info.scale,
-                            _consumer_module(p, linears), _writes_float(p, linears), p.info.dt_proj)
+                            _consumer_module(p, linears), _writes_float(p, linears), p.info.dt_proj,
+                            p.info.gate_smooth)
 
 
 @register_lowering("mixed_qlinear")

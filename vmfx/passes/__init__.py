@@ -38,6 +38,7 @@ from .pipeline import Pipeline, method_passes, methods, ptq_passes, register_met
 from .rotate import RotateResidualPass, RotationOptions, rotate_passes
 from .scan_state_passes import QuantizeScanStatePass, ReparameterizeScanPass, scan_state_passes
 from .similarity_search import SimilaritySearchPass
+from .smooth_gate import SmoothFusedGatePass
 from .smoothquant import SmoothQuantPass
 from .split_softplus import SplitDeltaSoftplusPass
 
@@ -61,6 +62,7 @@ __all__ = [
     "DetectMambaMixersPass",
     "SplitDeltaSoftplusPass",
     "RotateResidualPass",
+    "SmoothFusedGatePass",
     "OnlineHadamardPass",
     "InsertObserversPass",
     "CalibratePass",

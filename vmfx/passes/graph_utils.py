@@ -14,6 +14,8 @@ Every structural edit a quantization pass makes to a traced float graph goes thr
   node's output, for every user.
 * :func:`remove_passthrough_node`: remove a node this module inserted, rewiring its users to its
   input.
+* :func:`replace_node_with_module`: a one-input elementwise node (a gate's SiLU) becomes a call of a
+  new module on the same input (MambaQuant's Smooth-SiLU), keeping its annotation.
 
 Each of them appends a JSON-friendly record to ``gm.meta["vmfx_edits"]`` (:data:`EDITS_META`);
 :func:`replay_edits` applies such a log to a fresh trace of the same float model, which is how
@@ -30,6 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..annotations import VMFX_META
 from ..token_layout import LAYOUT_META
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "insert_module_after",
     "remove_passthrough_node",
     "replace_submodule",
+    "replace_node_with_module",
     "functionalize_linear",
     "functionalize_weighted",
     "split_scan_softplus",
@@ -123,6 +127,23 @@ def remove_passthrough_node(gm: fx.GraphModule, node: fx.Node) -> None:
     if target is not None and not any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
         gm.delete_submodule(target)
     _log(gm, {"op": "remove", "node": name})
+
+
+def replace_node_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, path: str) -> fx.Node:
+    """Replace the one-input node ``node`` by a ``call_module`` node calling ``module`` on the same
+    input; every user of ``node`` reads the new node, which takes over ``node``'s value metadata
+    and annotation (it must compute a value of the same shape, dtype and token layout)."""
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(path, (node.args[0],))
+    _copy_value_meta(node, new)
+    if VMFX_META in node.meta:
+        new.meta[VMFX_META] = node.meta[VMFX_META]
+    old = node.name
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    _log(gm, {"op": "replace", "node": new.name, "path": path, "old": old})
+    return new
 
 
 def replace_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
@@ -298,6 +319,12 @@ def replay_edits(gm: fx.GraphModule, edits: list[dict], make_module: Callable[[d
             _need(nodes, record["scan"])
             new = split_scan_softplus(gm, nodes[record["scan"]])
             annotate_split_softplus(new, nodes[record["scan"]])
+            if new.name != record["node"]:
+                raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
+                                 f"'{record['node']}': the float model differs from the one that was saved")
+        elif op == "replace":
+            _need(nodes, record["old"])
+            new = replace_node_with_module(gm, nodes[record["old"]], make_module(record), record["path"])
             if new.name != record["node"]:
                 raise ValueError(f"replaying the edits produced node '{new.name}' where the saved graph had "
                                  f"'{record['node']}': the float model differs from the one that was saved")

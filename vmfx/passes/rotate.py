@@ -61,11 +61,11 @@ absorbed parameter.
 Facts: requires ``mixers_detected``, forbids ``observers_inserted`` (the weights must still be the
 float model's) and ``residual_rotated``; ensures ``residual_rotated``.
 
-The ``rotate`` method (:func:`rotate_passes`) runs this pass right after detection (then the
-online Hadamard, with ``online_out_proj``), then the
-passes :func:`~vmfx.passes.ptq_passes` builds from the rest of the config, so PTS, SmoothQuant +
-JLSS (``ptq4vm-rotate-*``), k-scaled or OuroMamba configs run on the rotated graph with
-``method="rotate"``.
+The ``rotate`` method (:func:`rotate_passes`) runs this pass right after detection (then
+MambaQuant's smooth-fused gate, with ``smooth_gate``, :mod:`vmfx.passes.smooth_gate`, and the
+online Hadamard, with ``online_out_proj``), then the passes :func:`~vmfx.passes.ptq_passes`
+builds from the rest of the config, so PTS, SmoothQuant + JLSS (``ptq4vm-rotate-*``), k-scaled or
+OuroMamba configs run on the rotated graph with ``method="rotate"``.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ from .detect import DetectMambaMixersPass
 from .online_hadamard import OnlineHadamardPass
 from .patterns import module_of
 from .pipeline import ptq_passes, register_method
+from .smooth_gate import SmoothFusedGatePass
 
 __all__ = ["RotationOptions", "RotateResidualPass", "ResidualRegion", "find_residual_stream", "rotate_passes",
            "ROTATION_KINDS"]
@@ -116,21 +117,39 @@ class RotationOptions:
         residual: rotate the residual stream offline (:class:`RotateResidualPass`); ``False``
             keeps only the online Hadamard (``online_out_proj=True`` is then required), for models
             whose residual stream cannot be rotated (LayerNorm models such as VMamba).
+        smooth_gate: MambaQuant's smooth-fused gate before the online Hadamard
+            (:class:`~vmfx.passes.smooth_gate.SmoothFusedGatePass`: SmoothQuant factors of
+            ``out_proj``'s input absorbed into ``in_proj``'s gate rows, a Smooth-SiLU gate and
+            ``out_proj``); requires ``online_out_proj=True`` and calibration data.
+        smooth_alpha: its migration strength, in ``[0, 1]`` (MambaQuant's code: 0.5).
+
+    ``smooth_gate`` and ``smooth_alpha`` are written to saved configs only when they differ from
+    their defaults.
     """
 
     kind: str = "klt"
     seed: int = 0
     online_out_proj: bool = False
     residual: bool = True
+    smooth_gate: bool = False
+    smooth_alpha: float = 0.5
+
+    WRITTEN_WHEN_SET = ("smooth_gate", "smooth_alpha")
 
     def __post_init__(self):
         if self.kind not in ROTATION_KINDS:
             raise ConfigError(f"RotationOptions.kind must be one of {', '.join(map(repr, ROTATION_KINDS))}, got {self.kind!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"RotationOptions.seed must be a non-negative integer, got {self.seed!r}")
-        for name in ("online_out_proj", "residual"):
+        for name in ("online_out_proj", "residual", "smooth_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"RotationOptions.{name} must be True or False, got {getattr(self, name)!r}")
+        alpha = self.smooth_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"RotationOptions.smooth_alpha must be a number in [0, 1], got {alpha!r}")
+        if self.smooth_gate and not self.online_out_proj:
+            raise ConfigError("RotationOptions(smooth_gate=True) smooths out_proj's input before its online Hadamard: "
+                              "set online_out_proj=True as well")
         if not self.residual and not self.online_out_proj:
             raise ConfigError("RotationOptions(residual=False, online_out_proj=False) rotates nothing: set "
                               "online_out_proj=True, or use a method without rotation")
@@ -624,14 +643,17 @@ class RotateResidualPass(Pass):
 
 @register_method("rotate", options=RotationOptions)
 def rotate_passes(config: QuantConfig) -> list[Pass]:
-    """``DetectMambaMixers -> RotateResidual -> [OnlineHadamard] -> `` the rest of
+    """``DetectMambaMixers -> RotateResidual -> [SmoothFusedGate] -> [OnlineHadamard] -> `` the rest of
     :func:`~vmfx.passes.ptq_passes` (built from the config's other fields: PTS, SmoothQuant + JLSS,
     k-scaled, OuroMamba). ``RotationOptions.residual=False`` leaves out ``RotateResidual``;
-    ``online_out_proj`` adds the online Hadamard on ``out_proj``'s input."""
+    ``online_out_proj`` adds the online Hadamard on ``out_proj``'s input, ``smooth_gate`` the
+    smooth-fused gate before it."""
     options = config.options if isinstance(config.options, RotationOptions) else RotationOptions()
     passes = ptq_passes(config)
     at = next(i for i, p in enumerate(passes) if isinstance(p, DetectMambaMixersPass)) + 1
     rotations = [RotateResidualPass(options.kind, options.seed)] if options.residual else []
+    if options.smooth_gate:
+        rotations.append(SmoothFusedGatePass(options.smooth_alpha))
     if options.online_out_proj:
         rotations.append(OnlineHadamardPass())
     return passes[:at] + rotations + passes[at:]
@@ -643,10 +665,12 @@ def _register_presets() -> None:
     ``rotate-hadamard-*`` and ``ptq4vm-rotate-hadamard-*``: the same with QuaRot's randomized Hadamard (seed 0)
     in place of the KLT-enhanced rotation, so the two rotations can be measured side by side.
     ``rotate-online-*`` and ``ptq4vm-rotate-online-*``: the KLT-enhanced rotation plus the online Hadamard on
-    every ``out_proj``'s input."""
+    every ``out_proj``'s input. ``rotate-smooth-online-*`` and ``ptq4vm-rotate-smooth-online-*``: those plus
+    MambaQuant's smooth-fused gate (alpha 0.5) before the online Hadamard."""
     for w, a in BIT_SETTINGS:
         for name, options in (("rotate", RotationOptions(kind="klt")), ("rotate-hadamard", RotationOptions(kind="hadamard")),
-                              ("rotate-online", RotationOptions(kind="klt", online_out_proj=True))):
+                              ("rotate-online", RotationOptions(kind="klt", online_out_proj=True)),
+                              ("rotate-smooth-online", RotationOptions(kind="klt", online_out_proj=True, smooth_gate=True))):
             register_preset(f"{name}-w{w}a{a}", preset(f"pts-w{w}a{a}").replace(method="rotate", options=options))
             register_preset(f"ptq4vm-{name}-w{w}a{a}",
                             preset(f"ptq4vm-w{w}a{a}").replace(method="rotate", options=options))

@@ -8,6 +8,9 @@ What it computes (the semantics of :func:`vmfx.ops.selective_scan` with input-de
     y[t]   = sum_n h[t, n] C[n, t]
     out[t] = (y[t] + D[e] u[t]) * silu(z[t])              (D and z optional)
 
+With ``smooth_gate`` the gate is MambaQuant's Smooth-SiLU ``z[t] * sigmoid(s[e] z[t])`` with an
+(E,) factor per channel (:mod:`vmfx.quant.smooth_silu`), computed as ``z / (1 + exp(-(s z)))``.
+
 ``exp(dt A)`` is ``exp2(dt * (A log2 e))`` as in vmfx's CPU op; softplus has threshold 20 and
 computes log1p with Goldberg's trick. With ``flip_z`` the gate reads ``z`` reversed along L (the
 backward direction of a Vim block, whose ``z`` is the forward ``z`` flipped).
@@ -122,7 +125,8 @@ TEMPLATE = KernelTemplate("""
 def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = False,
                 delta_softplus: bool = True, flip_z: bool = False, autotune: bool = False,
                 provenance: Sequence[str] = (), step_scale: bool = False, out_scale: bool = False,
-                quant_state: bool = False, state_bits: int = 8, out_dtype: str = "float32") -> str:
+                quant_state: bool = False, state_bits: int = 8, out_dtype: str = "float32",
+                smooth_gate: bool = False) -> str:
     """Render the source of one ``scan`` kernel.
 
     Args:
@@ -136,19 +140,26 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
         quant_state: fake-quantize the state at every step with an (L,) tensor of step sizes.
         state_bits: the state's bit width (symmetric, ``QMAX = 2^(bits-1) - 1``).
         out_dtype: the dtype of ``out`` ("float32", "float16" or "bfloat16").
+        smooth_gate: gate with the Smooth-SiLU ``z * sigmoid(s z)``, ``s`` an (E,) float32 tensor
+            (``zs_ptr``), instead of ``silu(z)`` (needs ``has_z``).
         autotune: wrap in ``@triton.autotune`` over :data:`AUTOTUNE_CONFIGS`.
         provenance: FX nodes, for the header.
 
     Returns:
         The module source; the kernel is :data:`KERNEL_NAME`.
     """
+    if smooth_gate and not has_z:
+        raise ValueError("smooth_gate needs has_z (the Smooth-SiLU gates z)")
     stored = store_value("y", out_dtype)  # checks out_dtype
     params = dict(has_D=has_D, has_z=has_z, delta_bias=delta_bias, delta_softplus=delta_softplus,
                   flip_z=flip_z, autotune=autotune, step_scale=step_scale, out_scale=out_scale,
                   quant_state=quant_state, state_bits=state_bits)
     if out_dtype != "float32":
         params["out_dtype"] = out_dtype
-    helpers = ((["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
+    if smooth_gate:
+        params["smooth_gate"] = True
+    gate = "_vmfx_smooth_silu" if smooth_gate else "_vmfx_silu"
+    helpers = ((["_vmfx_softplus"] if delta_softplus else []) + ([gate] if has_z else [])
                + (["_vmfx_rint"] if quant_state else []))
     preamble = render_preamble("scan", provenance, params, helpers,
                                (AUTOTUNE_CONFIGS, ["E", "N", "L"]) if autotune else None)
@@ -156,19 +167,21 @@ def render_scan(*, has_D: bool = True, has_z: bool = True, delta_bias: bool = Fa
                   + (" hs_ptr," if quant_state else ""))
     return preamble + TEMPLATE.fill(
         kernel_name=KERNEL_NAME,
-        optional_args=(" D_ptr," if has_D else "") + (" z_ptr," if has_z else "") + (" db_ptr," if delta_bias else ""),
+        optional_args=(" D_ptr," if has_D else "") + (" z_ptr," if has_z else "") + (" zs_ptr," if smooth_gate else "")
+        + (" db_ptr," if delta_bias else ""),
         state_args=lines("# quantized state: step (L,), r_C (E,), state step sizes (L,)", state_args.strip())
         if state_args else "",
         z_strides="stride_zb, stride_ze, stride_zl," if has_z else "",
         log2e=repr(_LOG2E),
         channel_params=lines("D = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0)" if has_D else None,
                              "db = tl.load(db_ptr + offs_e, mask=mask_e, other=0.0)" if delta_bias else None,
-                             "rc = tl.load(os_ptr + offs_e, mask=mask_e, other=0.0)" if out_scale else None),
+                             "rc = tl.load(os_ptr + offs_e, mask=mask_e, other=0.0)" if out_scale else None,
+                             "zs = tl.load(zs_ptr + offs_e, mask=mask_e, other=1.0)" if smooth_gate else None),
         z_base="z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze" if has_z else "",
         delta=lines("dt = dt + db" if delta_bias else None, "dt = _vmfx_softplus(dt)" if delta_softplus else None),
         step_scale="dA = dA * tl.load(step_ptr + t)" if step_scale else "",
         quant_state=_quant_state(state_bits) if quant_state else "",
-        output=_output(has_D, out_scale, has_z, flip_z),
+        output=_output(has_D, out_scale, has_z, flip_z, smooth_gate),
         stored=stored,
     )
 
@@ -180,14 +193,15 @@ def _quant_state(state_bits: int) -> str:
                  f"h = tl.minimum(tl.maximum(_vmfx_rint(h / hs), {-qmax!r}), {qmax!r}) * hs")
 
 
-def _output(has_D: bool, out_scale: bool, has_z: bool, flip_z: bool) -> str:
-    """The step's output ``y``: the skip term ``D u``, the scale ``r_C``, the gate ``silu(z)``."""
+def _output(has_D: bool, out_scale: bool, has_z: bool, flip_z: bool, smooth_gate: bool = False) -> str:
+    """The step's output ``y``: the skip term ``D u``, the scale ``r_C``, the gate ``silu(z)`` (or
+    the Smooth-SiLU ``z * sigmoid(zs z)``)."""
     tz = "L - 1 - t" if flip_z else "t"
     return lines(
         "y = y + D * u" if has_D else None,
         "y = y * rc" if out_scale else None,
         f"z = tl.load(z_base + ({tz}) * stride_zl, mask=mask_e, other=0.0).to(tl.float32)" if has_z else None,
-        "y = y * _vmfx_silu(z)" if has_z else None,
+        ("y = y * _vmfx_smooth_silu(z, zs)" if smooth_gate else "y = y * _vmfx_silu(z)") if has_z else None,
     )
 
 
@@ -213,6 +227,7 @@ def selective_scan(
     state_scales: torch.Tensor | None = None,
     state_bits: int = 8,
     out_dtype: torch.dtype | None = None,
+    z_smooth: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the selective scan.
 
@@ -234,6 +249,8 @@ def selective_scan(
             block of all channels (at most 64) under the interpreter.
         provenance: FX node names, for the header.
         out_dtype: the dtype of ``out``: float32, float16 or bfloat16; default ``u``'s.
+        z_smooth: optional (E,) float32 factors ``s``: the gate is the Smooth-SiLU
+            ``z * sigmoid(s z)`` (needs ``z``).
 
     Returns:
         ``out`` (B, E, L), contiguous.
@@ -264,6 +281,10 @@ def selective_scan(
     if z is not None:
         check_tensor(z, "z", io, (bsz, e, length), dev)
         args.update(z_ptr=z, stride_zb=z.stride(0), stride_ze=z.stride(1), stride_zl=z.stride(2))
+    if z_smooth is not None:
+        if z is None:
+            raise ValueError("z_smooth needs z (the Smooth-SiLU gates z)")
+        args["zs_ptr"] = check_tensor(z_smooth, "z_smooth", torch.float32, (e,), dev, True)
     if delta_bias is not None:
         args["db_ptr"] = check_tensor(delta_bias, "delta_bias", torch.float32, (e,), dev, True)
     if step_scale is not None:
@@ -281,7 +302,7 @@ def selective_scan(
                      step_scale=step_scale is not None, out_scale=out_scale is not None,
                      quant_state=state_scales is not None,
                      state_bits=int(state_bits) if state_scales is not None else 8,
-                     out_dtype=FLOAT_IO[out_dtype])
+                     out_dtype=FLOAT_IO[out_dtype], smooth_gate=z_smooth is not None)
     bn = max(2, next_power_of_2(n))
     if autotune:
         grid = lambda meta: (bsz, -(-e // meta["BLOCK_E"]))  # noqa: E731

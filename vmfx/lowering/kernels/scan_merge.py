@@ -8,7 +8,8 @@ What it computes, exactly the composition of three launches (and of the referenc
     y_b = scan(u_b, delta_b, A_b, B_b, C_b, D_b, z, flip_z=True)     backward direction
     m[b, l, e] = (y_f[b, e, l] + y_b[b, e, L-1-l]) * c               (B, L, E), token-major
 
-where ``scan`` is :mod:`~vmfx.lowering.kernels.scan`'s selective scan with ``silu(z)`` gate and
+where ``scan`` is :mod:`~vmfx.lowering.kernels.scan`'s selective scan with ``silu(z)`` gate (or,
+with ``smooth_gate``, MambaQuant's Smooth-SiLU ``z * sigmoid(s z)``, ``s`` an (E,) factor) and
 optional softplus on delta (no delta bias, float hidden state), the backward direction's u, delta,
 B, C are in its own (reversed) time order and its gate reads ``z`` reversed, and optionally the
 activation codes of ``m`` for the next linear (``out_proj``), (B*L, E) int8, row ``b*L + l``, by
@@ -272,13 +273,21 @@ _GATE = """
     y = y * g
 """
 
+#: Both directions' outputs gated by the Smooth-SiLU ``z * sigmoid(zs z)`` at token ``l``.
+_SMOOTH_GATE = """
+    g = _vmfx_smooth_silu(tl.load(z_base + l * stride_zl, mask=mask_e, other=0.0).to(tl.float32), zs)
+    yf = yf * g
+    y = y * g
+"""
+
 
 def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool = True,
                       delta_softplus: bool = True, write_float: bool = True, emit_codes: bool = False,
                       per_token: bool = True, smooth: bool = False, act_bits: int = 8,
                       workspace_is_out: bool = False, autotune: bool = False,
                       provenance: Sequence[str] = (), out_dtype: str = "float32",
-                      dt_proj_f: DtProj | tuple | None = None, dt_proj_b: DtProj | tuple | None = None) -> str:
+                      dt_proj_f: DtProj | tuple | None = None, dt_proj_b: DtProj | tuple | None = None,
+                      smooth_gate: bool = False) -> str:
     """Render the source of one ``scan_merge`` kernel.
 
     Args:
@@ -299,10 +308,14 @@ def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool
             a :class:`DtProj` (or a tuple of its fields): per-token or per-tensor activation
             parameters, smoothing, activation bits, bias. R may differ between the directions;
             ``BLOCK_R`` >= both.
+        smooth_gate: gate with the Smooth-SiLU ``z * sigmoid(s z)``, ``s`` an (E,) float32 tensor
+            (``zs_ptr``), instead of ``silu(z)`` (needs ``has_z``).
 
     Returns:
         The module source; the kernel is :data:`KERNEL_NAME`.
     """
+    if smooth_gate and not has_z:
+        raise ValueError("smooth_gate needs has_z (the Smooth-SiLU gates z)")
     if (dt_proj_f is None) != (dt_proj_b is None):
         raise ValueError("dt_proj_f and dt_proj_b must both be given or both be None")
     dts = {}
@@ -327,7 +340,10 @@ def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool
         params["out_dtype"] = out_dtype
     if fused:
         params.update(dt_proj_f=dts["f"], dt_proj_b=dts["b"])
-    helpers = ((["_vmfx_softplus"] if delta_softplus else []) + (["_vmfx_silu"] if has_z else [])
+    if smooth_gate:
+        params["smooth_gate"] = True
+    gate = "_vmfx_smooth_silu" if smooth_gate else "_vmfx_silu"
+    helpers = ((["_vmfx_softplus"] if delta_softplus else []) + ([gate] if has_z else [])
                + (["_vmfx_quantize"] if emit_codes or fused else []))
     preamble = render_preamble("scan_merge", provenance, params, helpers,
                                (AUTOTUNE_CONFIGS, ["E", "N", "L"]) if autotune else None)
@@ -335,7 +351,8 @@ def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool
     return preamble + TEMPLATE.fill(
         kernel_name=KERNEL_NAME,
         pointer_args=_pointer_args(has_D, dts),
-        gate_output_args=("z_ptr, " if has_z else "") + ("" if workspace_is_out else "ws_ptr, ")
+        gate_output_args=("z_ptr, " if has_z else "") + ("zs_ptr, " if smooth_gate else "")
+        + ("" if workspace_is_out else "ws_ptr, ")
         + ("out_ptr," if write_float else ""),
         codes_args=(("inv_s_ptr, " if smooth else "") + "inv_sa_ptr, za_ptr, codes_ptr,") if emit_codes else "",
         rank_comment=" (R: each direction's dt rank)" if fused else "",
@@ -345,12 +362,12 @@ def render_scan_merge(*, has_D_f: bool = True, has_D_b: bool = True, has_z: bool
         z_strides="stride_zb, stride_ze, stride_zl," if has_z else "",
         block_r_comment="; BLOCK_R >= Rf, Rb" if fused else "",
         block_r_arg=" BLOCK_R: tl.constexpr," if fused else "",
-        prologue=_prologue(fused, workspace_is_out, write_float, has_z, emit_codes, smooth, per_token),
+        prologue=_prologue(fused, workspace_is_out, write_float, has_z, emit_codes, smooth, per_token, smooth_gate),
         forward_setup=direction_setup_source("f", has_D_f, dts.get("f")),
         forward_step=step_source("f", "t", has_D_f, delta_softplus, dts.get("f")),
         backward_setup=direction_setup_source("b", has_D_b, dts.get("b")),
         backward_step=step_source("b", "t", has_D_b, delta_softplus, dts.get("b")),
-        gate=lines(_GATE) if has_z else "",
+        gate=lines(_SMOOTH_GATE if smooth_gate else _GATE) if has_z else "",
         store_float=_store_float(stored, workspace_is_out) if write_float else "",
         emit_codes=_codes_epilogue(smooth, per_token, qmax, off) if emit_codes else "",
     )
@@ -387,14 +404,16 @@ def _strides(d: str, fused: bool) -> str:
 
 
 def _prologue(fused: bool, workspace_is_out: bool, write_float: bool, has_z: bool, emit_codes: bool,
-              smooth: bool, per_token: bool) -> str:
-    """The bases of the workspace, output, gate and codes, and the loop-invariant quantize parameters."""
+              smooth: bool, per_token: bool, smooth_gate: bool = False) -> str:
+    """The bases of the workspace, output, gate and codes, the Smooth-SiLU factors, and the
+    loop-invariant quantize parameters."""
     ws = "out_ptr" if workspace_is_out else "ws_ptr"
     return lines(
         "offs_r = tl.arange(0, BLOCK_R)  # dt_proj's input channels (padded weight codes are 0)" if fused else None,
         f"ws_base = {ws} + pid_b * L * E + offs_e  # token-major (B, L, E) float32",
         "out_base = out_ptr + pid_b * L * E + offs_e" if write_float and not workspace_is_out else None,
         "z_base = z_ptr + pid_b * stride_zb + offs_e * stride_ze" if has_z else None,
+        "zs = tl.load(zs_ptr + offs_e, mask=mask_e, other=1.0)" if smooth_gate else None,
         "codes_base = codes_ptr + pid_b * L * E + offs_e" if emit_codes else None,
         "inv_s = tl.load(inv_s_ptr + offs_e, mask=mask_e, other=1.0)" if emit_codes and smooth else None,
         lines("inv_sa = tl.load(inv_sa_ptr)", "za = tl.load(za_ptr)") if emit_codes and not per_token else None,
@@ -453,6 +472,7 @@ def scan_merge(
     dt_weight_b: QWeight | None = None,
     dt_act_b: ActQuant | None = None,
     dt_bias_b: torch.Tensor | None = None,
+    z_smooth: torch.Tensor | None = None,
 ):
     """Launch both scan directions, their merge and the next linear's quantize, in one kernel.
 
@@ -484,6 +504,8 @@ def scan_merge(
         dt_in_b, dt_weight_b, dt_act_b, dt_bias_b: the backward direction's, ``dt_in_b`` in its
             own (reversed) time order (its token t is step t, as for ``u_b``). Both directions
             fused or neither.
+        z_smooth: optional (E,) float32 factors ``s``: both gates are the Smooth-SiLU
+            ``z * sigmoid(s z)`` (needs ``z``).
 
     Returns:
         ``m`` (B, L, E), contiguous; ``(m, codes)`` with codes (B*L, E) int8 when ``act`` is
@@ -544,6 +566,10 @@ def scan_merge(
     if z is not None:
         check_tensor(z, "z", io, (bsz, e, length), dev)
         args.update(z_ptr=z, stride_zb=z.stride(0), stride_ze=z.stride(1), stride_zl=z.stride(2))
+    if z_smooth is not None:
+        if z is None:
+            raise ValueError("z_smooth needs z (the Smooth-SiLU gates z)")
+        args["zs_ptr"] = check_tensor(z_smooth, "z_smooth", torch.float32, (e,), dev, True)
     out = torch.empty((bsz, length, e), dtype=out_dtype, device=dev) if write_float else None
     workspace_is_out = write_float and out_dtype == torch.float32
     if out is not None:
@@ -557,7 +583,7 @@ def scan_merge(
                      per_token=per_token, smooth=smooth, act_bits=bits, workspace_is_out=workspace_is_out,
                      autotune=autotune, provenance=tuple(str(p) for p in provenance),
                      out_dtype=FLOAT_IO[out_dtype] if write_float else "float32",
-                     dt_proj_f=dts.get("f"), dt_proj_b=dts.get("b"))
+                     dt_proj_f=dts.get("f"), dt_proj_b=dts.get("b"), smooth_gate=z_smooth is not None)
     meta = dict(BLOCK_N=max(2, next_power_of_2(n)))
     if fused:
         args.update(Rf=ranks["f"], Rb=ranks["b"])
