@@ -124,7 +124,7 @@ def smooth_w4a8():
 
 def test_the_preset_runs_saves_loads_and_names_what_absorbed_s(smooth_w4a8, tmp_path):
     model, images, q = smooth_w4a8
-    assert q.meta["vmfx_config"]["options"] == {"kind": "klt", "seed": 0, "online_out_proj": True, "residual": True,
+    assert q.meta["vmfx_config"]["sections"]["rotate"] == {"kind": "klt", "seed": 0, "online_out_proj": True, "residual": True,
                                                 "smooth_gate": True}
     assert list(q.meta["vmfx_pass_seconds"])[:5] == ["DetectMambaMixersPass", "RotateResidualPass",
                                                       "SmoothFusedGatePass", "OnlineHadamardPass", "InsertObserversPass"]
@@ -150,11 +150,11 @@ def test_options_presets_and_refusals():
     assert {f"{p}rotate-smooth-online-{b}" for p in ("", "ptq4vm-") for b in ("w8a8", "w4a8", "w4a4")} <= names
     smooth = RotationOptions("klt", 0, True, True, True)
     assert vmfx.preset("ptq4vm-rotate-smooth-online-w4a4").options == smooth
-    assert vmfx.preset("rotate-online-w4a4").to_dict()["options"] == {"kind": "klt", "seed": 0, "online_out_proj": True,
-                                                                      "residual": True}  # unchanged when unset
+    unset = vmfx.preset("rotate-online-w4a4").to_dict()["sections"]["rotate"]
+    assert unset == {"kind": "klt", "seed": 0, "online_out_proj": True, "residual": True}  # unchanged when unset
     cfg = vmfx.preset("rotate-w8a8").replace(options=RotationOptions(online_out_proj=True, smooth_gate=True,
                                                                      smooth_alpha=0.7))
-    assert cfg.to_dict()["options"]["smooth_alpha"] == 0.7
+    assert cfg.to_dict()["sections"]["rotate"]["smooth_alpha"] == 0.7
     assert vmfx.QuantConfig.from_dict(cfg.to_dict()).options == cfg.options
     names = [p.name for p in method_passes(vmfx.preset("rotate-smooth-online-w8a8"))]
     assert names[:4] == ["DetectMambaMixersPass", "RotateResidualPass", "SmoothFusedGatePass", "OnlineHadamardPass"]
