@@ -57,19 +57,17 @@ from ..codegen import (
     FLOAT_IO,
     Epilogue,
     check_tensor,
-    epilogue_source,
     interpreting,
     kernel_cache,
     launch_options,
     next_power_of_2,
     render_preamble,
-    store_value,
 )
 from ..params import ActQuant, QWeight
 from ..template import KernelTemplate, lines
 from .act_quantize import act_params_source
 from .hadamard import rotated_codes_source, tile_loads_source
-from .linear import INT_GEMM, TILE_ORDER, dequantize_source, epilogue_operands, weight_operand
+from .linear import INT_GEMM, TILE_ORDER, epilogue_operands, output_source, weight_operand
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TEMPLATE", "GROUP", "WEIGHT_ROWS", "render_hadamard_qlinear",
            "hadamard_qlinear"]
@@ -90,7 +88,7 @@ AUTOTUNE_CONFIGS = [
 #: (``qlinear``'s), the activation parameters, the loads of the m tiles, the int32 GEMM over the
 #: rotated codes (``qlinear``'s :data:`~vmfx.lowering.kernels.linear.INT_GEMM` with
 #: :data:`WEIGHT_ROWS` and one :data:`GROUP` per group of base-product columns as its main loop),
-#: the dequantize, the epilogue and the stores.
+#: and ``qlinear``'s :data:`~vmfx.lowering.kernels.linear.OUTPUT` (dequantize, epilogue, stores).
 TEMPLATE = KernelTemplate("""
     @triton.jit
     def $kernel_name(
@@ -124,13 +122,7 @@ TEMPLATE = KernelTemplate("""
         # a * $m + j times the weight rows of the same channels (the dot ignores K's order)
         $int_gemm
 
-        # dequantize: token x channel scales, then bias and the epilogue
-        $dequantize
-        offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)
-        mask_out = mask_m[:, None] & mask_n[None, :]
-        $epilogue
-        tl.store(out_ptr + offs_out, $stored, mask=mask_out)
-        $store_acc
+        $output
 """)
 
 #: One group of G base-product columns ``j .. j + G - 1`` (G = 1, or 2 where P = 16): their codes
@@ -248,10 +240,7 @@ def render_hadamard_qlinear(*, n: int, per_token: bool = True, smooth: bool = Fa
                          act_params_source(per_token, "tok", "mask_m", "[:, None]")),
         loads=tile_loads_source(m),
         int_gemm=INT_GEMM.fill(main_loop=main_loop, offset=str(2 ** (act_bits - 1))).rstrip("\n"),
-        dequantize=dequantize_source(per_token, bias),
-        epilogue=epilogue_source(ep, acc="y", offsets="offs_out", mask="mask_out"),
-        stored=store_value("y", out_dtype),
-        store_acc="tl.store(acc_ptr + offs_out, acc, mask=mask_out)" if store_acc else "",
+        output=output_source(per_token, bias, ep, out_dtype, store_acc),
     )
 
 

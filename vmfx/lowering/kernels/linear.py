@@ -59,7 +59,8 @@ from ..template import KernelTemplate, lines
 from .act_quantize import act_params_source
 
 __all__ = ["KERNEL_NAME", "AUTOTUNE_CONFIGS", "TILE_ORDER", "TEMPLATE", "INT_GEMM", "INT8_LOOP", "PACKED_LOOP",
-           "render_qlinear", "act_tile_source", "int_gemm_source", "dequantize_source", "weight_operand",
+           "OUTPUT", "render_qlinear", "act_tile_source", "int_gemm_source", "dequantize_source", "output_source",
+           "weight_operand",
            "epilogue_operands", "qlinear"]
 
 KERNEL_NAME = "vmfx_qlinear"
@@ -104,8 +105,8 @@ mask_n = offs_n < N
 
 
 #: The ``qlinear`` kernel; slots: the optional pointer arguments, the tile order
-#: (:data:`TILE_ORDER`), the activation parameters, the int32 GEMM (:func:`int_gemm_source`), the
-#: dequantize (:func:`dequantize_source`), the epilogue ops and the stores.
+#: (:data:`TILE_ORDER`), the activation parameters, the int32 GEMM (:func:`int_gemm_source`) and
+#: the output (:data:`OUTPUT`: dequantize, epilogue ops, stores).
 TEMPLATE = KernelTemplate("""
     @triton.jit
     def $kernel_name(
@@ -131,13 +132,20 @@ TEMPLATE = KernelTemplate("""
 
         $int_gemm
 
-        # dequantize: token x channel scales, then bias and the epilogue
-        $dequantize
-        offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)
-        mask_out = mask_m[:, None] & mask_n[None, :]
-        $epilogue
-        tl.store(out_ptr + offs_out, $stored, mask=mask_out)
-        $store_acc
+        $output
+""")
+
+#: The end of a GEMM kernel that keeps an int32 accumulator ``acc`` of a (BLOCK_M, BLOCK_N) tile:
+#: dequantize (:func:`dequantize_source`), bias, the epilogue ops, the store of ``y`` (and of ``acc``
+#: where asked); filled by :func:`output_source`, shared with ``hadamard_qlinear``.
+OUTPUT = KernelTemplate("""
+    # dequantize: token x channel scales, then bias and the epilogue
+    $dequantize
+    offs_out = offs_m[:, None] * N + offs_n[None, :]  # out is contiguous (M, N)
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    $epilogue
+    tl.store(out_ptr + offs_out, $stored, mask=mask_out)
+    $store_acc
 """)
 
 #: The int32 accumulator of a (BLOCK_M, BLOCK_N) tile: the K loop (``$main_loop``), then the
@@ -253,10 +261,7 @@ def render_qlinear(
         tile_order=lines(TILE_ORDER),
         act_params=act_params,
         int_gemm=int_gemm_source(packed, prequantized, smooth, qmax, off),
-        dequantize=dequantize_source(per_token, bias),
-        epilogue=epilogue_source(ep, acc="y", offsets="offs_out", mask="mask_out"),
-        stored=store_value("y", out_dtype),
-        store_acc="tl.store(acc_ptr + offs_out, acc, mask=mask_out)" if store_acc else "",
+        output=output_source(per_token, bias, ep, out_dtype, store_acc),
     )
 
 
@@ -284,6 +289,17 @@ def int_gemm_source(packed: bool, prequantized: bool, smooth: bool, qmax: int, o
     loop = PACKED_LOOP if packed else INT8_LOOP
     main_loop = loop.fill(act_tile=act_tile_source(prequantized, smooth, qmax, off))
     return INT_GEMM.fill(main_loop=main_loop.rstrip("\n"), offset=str(off)).rstrip("\n")
+
+
+def output_source(per_token: bool, bias: bool, ep: Epilogue, out_dtype: str, store_acc: bool) -> str:
+    """:data:`OUTPUT` filled: the dequantize of ``acc`` into ``y``, the epilogue, the store in
+    ``out_dtype`` (and ``acc`` into ``acc_ptr`` with ``store_acc``)."""
+    return OUTPUT.fill(
+        dequantize=dequantize_source(per_token, bias),
+        epilogue=epilogue_source(ep, acc="y", offsets="offs_out", mask="mask_out"),
+        stored=store_value("y", out_dtype),
+        store_acc="tl.store(acc_ptr + offs_out, acc, mask=mask_out)" if store_acc else "",
+    ).rstrip("\n")
 
 
 def dequantize_source(per_token: bool, bias: bool) -> str:
