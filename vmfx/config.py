@@ -252,9 +252,10 @@ class SimilaritySearchConfig:
         low, high: the smallest and largest multiplier.
         images: calibration images the search scores on (the first ones; None: all of them, as
             the official code does). The statistics (cluster assignment, max-based scales) use all
-            calibration images. 8 by default: the search costs about 1.5 CPU-seconds per output
-            quantizer per 32 images of the proxy Vim and phase (101 candidates), so all 256
-            proxy calibration images would take far beyond the 10-minute calibration budget.
+            calibration images. 8 by default: the search costs about 0.8 CPU-seconds per output
+            quantizer per 32 images of the proxy Vim and phase (101 candidates; 1.5 before the
+            candidates were scored one at a time), so all 256 proxy calibration images take
+            about 25 CPU-minutes, beyond the 10-minute calibration budget.
         weights: search the weight scales too (False: outputs only).
         keep_roles: roles of the nodes whose output quantizers keep their min-max scales (not
             searched); the official code searches none of the patch embedding's and the norms'
