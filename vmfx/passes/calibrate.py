@@ -39,6 +39,7 @@ __all__ = [
     "InputExpectation",
     "input_expectation",
     "iter_calibration_batches",
+    "owned_calibration_batches",
     "first_example",
     "check_example_batch",
     "NORMALIZED_ABS_LIMIT",
@@ -267,6 +268,16 @@ def iter_calibration_batches(
         scale.warn_if_far_from_normalized()
 
 
+def owned_calibration_batches(
+    ctx: PassContext, expect: InputExpectation, dist_ctx: distributed.Context, *, check_scale: bool = True
+) -> Iterator[torch.Tensor]:
+    """This process's validated calibration batches of ``ctx.calib_data``: all of them, or under
+    :mod:`vmfx.distributed` its shard (possibly empty; the caller combines the processes' results)."""
+    source = distributed.shard(ctx.calib_data, ctx.calib_batch_size, dist_ctx) if dist_ctx.active else ctx.calib_data
+    return iter_calibration_batches(source, ctx.calib_batch_size, expect, check_scale=check_scale,
+                                    allow_empty=dist_ctx.active)
+
+
 def first_example(data: Any, expect: InputExpectation = InputExpectation()) -> torch.Tensor:
     """One validated image (with its batch dimension) from the calibration data."""
     for batch in iter_calibration_batches(data, 1, expect, check_scale=False):
@@ -336,10 +347,7 @@ class CalibratePass(Pass):
             for phase in range(phases):
                 for obs in observers:
                     obs.phase = phase
-                source = distributed.shard(ctx.calib_data, ctx.calib_batch_size, dist_ctx) if dist_ctx.active \
-                    else ctx.calib_data
-                data = iter_calibration_batches(source, ctx.calib_batch_size, expect, check_scale=phase == 0,
-                                                allow_empty=dist_ctx.active)
+                data = owned_calibration_batches(ctx, expect, dist_ctx, check_scale=phase == 0)
                 if ctx.progress:
                     from tqdm.auto import tqdm
 

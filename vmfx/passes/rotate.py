@@ -87,7 +87,7 @@ from ..errors import CalibrationDataError, ConfigError
 from ..nn.norm import RMSNorm
 from ..quant.hadamard import describe_blocks, hadamard_blocks, klt_hadamard, random_hadamard
 from .base import FACTS, Pass, PassContext, PassResult
-from .calibrate import input_expectation, iter_calibration_batches
+from .calibrate import input_expectation, owned_calibration_batches
 from .detect import DetectMambaMixersPass
 from .online_hadamard import OnlineHadamardPass
 from .patterns import module_of
@@ -556,13 +556,11 @@ class RotateResidualPass(Pass):
 
         handles = [module_of(n).register_forward_hook(hook) for n in norms]
         owned_terms: list[torch.Tensor] = []  # per owned batch: [norm calls, d, d]
-        source = distributed.shard(ctx.calib_data, ctx.calib_batch_size, dist_ctx) if dist_ctx.active else ctx.calib_data
         was_training, images = gm.training, 0
         gm.eval()
         try:
             with torch.no_grad():
-                for x in iter_calibration_batches(source, ctx.calib_batch_size, input_expectation(gm),
-                                                  allow_empty=dist_ctx.active):
+                for x in owned_calibration_batches(ctx, input_expectation(gm), dist_ctx):
                     gm(x)
                     images += x.shape[0]
                     if dist_ctx.active:

@@ -60,7 +60,7 @@ from ..annotations import annotation
 from ..errors import CalibrationDataError, ConfigError
 from ..quant.smooth_silu import SmoothSiLU
 from .base import FACTS, Pass, PassContext, PassResult
-from .calibrate import input_expectation, iter_calibration_batches
+from .calibrate import input_expectation, owned_calibration_batches
 from .graph_utils import replace_node_with_module, unique_submodule_name
 from .inserted import QUANT_PREFIX
 from .patterns import is_silu, module_of
@@ -330,13 +330,11 @@ class SmoothFusedGatePass(Pass):
 
         handles = [module_of(m.out_proj).register_forward_pre_hook(hook_for(m.out_proj)) for m in mixers]
         dist_ctx = distributed.current()
-        source = distributed.shard(ctx.calib_data, ctx.calib_batch_size, dist_ctx) if dist_ctx.active else ctx.calib_data
         was_training, images = gm.training, 0
         gm.eval()
         try:
             with torch.no_grad():
-                for x in iter_calibration_batches(source, ctx.calib_batch_size, input_expectation(gm),
-                                                  allow_empty=dist_ctx.active):
+                for x in owned_calibration_batches(ctx, input_expectation(gm), dist_ctx):
                     gm(x)
                     images += x.shape[0]
         finally:
