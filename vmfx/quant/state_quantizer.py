@@ -189,7 +189,7 @@ def _weighted(y, w):
 def search_state_scales(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
                         factors=None, bits: int = 8, candidates: int = 101, lo: float = 0.01,
                         hi: float = 1.2, lookahead: int = 0, exhaustive: bool = False,
-                        chunk_elements: int = 2**24) -> torch.Tensor:
+                        chunk_elements: int = 2**20) -> torch.Tensor:
     """Per-step state step sizes of one scan, searched step by step (see the module docstring).
 
     Args:
@@ -207,7 +207,9 @@ def search_state_scales(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
             every ``ceil(sqrt(candidates))``-th candidate, then the ones within that stride of the
             best (about ``3 sqrt(candidates)`` scored: 29 of 101), which finds the grid's best
             wherever the score is unimodal at that resolution.
-        chunk_elements: bound on the (candidates x batch x dim x N) work tensor.
+        chunk_elements: bound on the (candidates x batch x dim x N) work tensor. 2^20 (4 MB in
+            float32) keeps it near the cache: 101 candidates on a random (32, 192, 8, 197) scan took
+            4.3 CPU-s against 8.7 with 2^24, the same scales (one torch thread).
 
     Returns:
         (L,) float32 scales.
