@@ -18,7 +18,12 @@ What the harness changes to run it on the proxy, on a CPU (all listed in the res
 
 * CUDA: ``torch.Tensor.cuda`` / ``nn.Module.cuda`` return their argument and
   ``torch.cuda.empty_cache`` does nothing while the official code runs (its scan, norm and every
-  quantizer are plain torch; only the ``.cuda()`` calls tie it to a GPU).
+  quantizer are plain torch; only the ``.cuda()`` calls tie it to a GPU). ``--device cuda`` leaves
+  them alone and runs the official side on the GPU, as released (at 256 calibration images its
+  calibration is about 17,000 CPU-seconds per bit setting here: 530 at 8 images, linear in the
+  images). On the device machine the official code travels as the ignored folder ``.official/``
+  (a copy of the bare git directory, ``cp -r <mirror> .official/PTQ_for_ViM.git``, so the results
+  still name its commit), with ``VMFX_KSCALED_SRC=.official/PTQ_for_ViM.git``.
 * Model size: its ``VisionMamba`` always builds ``Mamba(d_model)`` with the default ``d_state=16``
   (``create_block`` discards ``ssm_cfg``); the harness binds ``d_state`` to the proxy's (8) through
   ``vision_mamba.Mamba``. The proxy's weights load with ``strict=True`` (same keys as official Vim).
@@ -156,9 +161,18 @@ def materialise(dest: Path, src: str | None = None) -> Path:
     return dest / "src"
 
 
+#: Where the official code runs: "cpu" (with :func:`cpu_standins`) or "cuda" (as released); set by
+#: ``--device``.
+DEVICE = "cpu"
+
+
 @contextlib.contextmanager
 def cpu_standins():
-    """``.cuda()`` is the identity and ``torch.cuda.empty_cache`` a no-op inside the block."""
+    """``.cuda()`` is the identity and ``torch.cuda.empty_cache`` a no-op inside the block (nothing
+    changes where :data:`DEVICE` is "cuda": the official code then runs as released)."""
+    if DEVICE == "cuda":
+        yield
+        return
     saved = (torch.Tensor.cuda, nn.Module.cuda, torch.cuda.empty_cache)
     torch.Tensor.cuda = lambda self, *a, **k: self
     nn.Module.cuda = lambda self, *a, **k: self
@@ -167,6 +181,18 @@ def cpu_standins():
         yield
     finally:
         torch.Tensor.cuda, nn.Module.cuda, torch.cuda.empty_cache = saved
+
+
+class _OnDevice(nn.Module):
+    """``model`` fed from CPU batches: the input moves to :data:`DEVICE` (logits come back through
+    ``collect_logits``, which returns them on the CPU)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.to(DEVICE))
 
 
 @contextlib.contextmanager
@@ -220,14 +246,14 @@ def build_official(mods: dict, float_model: nn.Module) -> nn.Module:
     with cpu_standins():
         model = vm.VisionMamba(**dims)
     model.load_state_dict(float_model.state_dict(), strict=True)
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 def official_logits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250):
     """Logits of an official model (float or quantized) over ``images``; large batches amortise its
     Python loop over the 197 scan steps (batch size does not change the result)."""
     with cpu_standins(), torch.no_grad():
-        return collect_logits(model, (images, labels), batch_size=batch_size)
+        return collect_logits(_OnDevice(model), (images, labels), batch_size=batch_size)
 
 
 def _ssm_inputs(model: nn.Module, name: str, images: torch.Tensor, batch_size: int = 8):
@@ -238,7 +264,7 @@ def _ssm_inputs(model: nn.Module, name: str, images: torch.Tensor, batch_size: i
     try:
         with cpu_standins(), torch.no_grad():
             for i in range(0, images.shape[0], batch_size):
-                model(images[i:i + batch_size])
+                model(images[i:i + batch_size].to(DEVICE))
     finally:
         hook.remove()
     x, dA, dB, C, D = (torch.cat([s[j] for s in seen]) for j in range(5))
@@ -269,7 +295,7 @@ def write_xproj_factors(mods: dict, float_model: nn.Module, images: torch.Tensor
             x, dA, dB, C, D = _ssm_inputs(official, name, images)
             with cpu_standins(), torch.no_grad():
                 qssm._initialize_intervals(x, dA, dB, C, D)
-            r_D = qssm.r_D.float()
+            r_D = qssm.r_D.float().cpu()
         np.savetxt(out_dir / fname, r_D.numpy(), fmt="%10.10f")
         written[fname] = r_D.tolist()
     return written
@@ -348,6 +374,10 @@ def run(args, save=lambda result: None) -> dict:
     """Measure every requested side and bit setting; ``save(result)`` after each row (an interrupted run
     keeps what it measured)."""
     torch.set_num_threads(args.threads)
+    global DEVICE
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here; run on the CPU (the default) instead")
+    DEVICE = args.device
     from accuracy_run import calibration_images  # the images benchmarks/accuracy.py calibrates on
     calib = calibration_images(args.calib_n, args.seed)
     test_x, test_y = load_digits("test")
@@ -360,7 +390,8 @@ def run(args, save=lambda result: None) -> dict:
     result = {"command": "OMP_NUM_THREADS=1 " + " ".join([".venv/bin/python", "benchmarks/kscaled_official.py",
                                                           *sys.argv[1:]]),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+                         + (f", official side on {torch.cuda.get_device_name()}" if DEVICE == "cuda" else ""),
               "official_source": None, "official_commit": None, "calib_images": args.calib_n, "seed": args.seed,
               "test_images": int(test_x.shape[0]), "fp_top1": round(fp.top1, 2), "rows": []}
     sides = args.sides.split(",")
@@ -577,6 +608,9 @@ def main(argv=None) -> int:
     p.add_argument("--xproj-rd", choices=("calibrated", "ones"), default="calibrated",
                    help="the proxy's r_D files that the official net_wrap folds into x_proj (see the docstring)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the official side runs: cpu (with the stand-ins for .cuda()) or cuda (as released); "
+                        "the vmfx side runs on the CPU either way")
     p.add_argument("--out", default=None, help=f"folder of kscaled_official.json / .md (default {RESULTS})")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
