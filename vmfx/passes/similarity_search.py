@@ -60,10 +60,20 @@ from .patterns import module_of
 
 __all__ = ["SimilaritySearchPass", "coordinate_cosine_scores", "candidate_multipliers"]
 
-#: Candidates evaluated at once (memory: this many copies of one layer output). One at a time is
-#: the fastest: its temporaries stay smaller (kscaled-official-w8a8 on 32 proxy images took 200
-#: CPU-s against 372 with 8 at once, one torch thread, the same scales to the bit).
-_CHUNK = 1
+#: Elements of the candidate outputs evaluated at once: as many candidates as fit (at least one).
+#: Large layer outputs go one candidate at a time, so the temporaries stay near the cache
+#: (kscaled-official-w8a8 on 32 proxy images: 200 CPU-s against 372 with 8 candidates at once, the
+#: same scales to the bit); small ones go several at a time, so a search on a few images does not
+#: pay the overhead of thousands of small ops (a 4-image test search took 134 s wall one candidate at
+#: a time against 3 s eight at a time, on 2 cores busy with other work).
+_CHUNK_ELEMENTS = 2**21
+
+
+def _per_chunk(elements: int) -> int:
+    """Candidates per chunk for candidate outputs of ``elements`` elements."""
+    return max(1, _CHUNK_ELEMENTS // max(1, elements))
+
+
 _EPS = 1e-12
 
 
@@ -141,8 +151,9 @@ def _output_candidate_sums(ref2: torch.Tensor, y2: torch.Tensor, base2: torch.Te
     ``base2 * m`` ((R, C) per-element starting scales, constant along rows or along columns), with
     the scale factored out of the integer codes (fewer passes over the data)."""
     by_row = ids.kind in ("tensor", "row")
-    for i in range(0, mults.numel(), _CHUNK):
-        m = mults[i:i + _CHUNK].reshape(-1, 1, 1)
+    per = _per_chunk(y2.numel())
+    for i in range(0, mults.numel(), per):
+        m = mults[i:i + per].reshape(-1, 1, 1)
         if by_row:
             s = base2[:, :1].unsqueeze(0) * m  # (n, R, 1)
             codes = torch.div(y2.unsqueeze(0), s).round_().clamp_(qmin, qmax)
@@ -366,8 +377,9 @@ def _score_weight(t: _Target, args, kwargs, ref: torch.Tensor, mults: torch.Tens
     w_base = q.base.reshape(-1, *([1] * (w.dim() - 1))) if q.coords > 1 else q.base.reshape(())
 
     def chunks():
-        for i in range(0, mults.numel(), _CHUNK):
-            m = mults[i:i + _CHUNK]
+        per = _per_chunk(max(ref.numel(), w.numel()))
+        for i in range(0, mults.numel(), per):
+            m = mults[i:i + per]
             s = m.reshape(-1, *([1] * w.dim())) * w_base  # (n, N|1, 1)
             wc = _fq(w.unsqueeze(0), s, wq.qmin, wq.qmax)  # (n, N, K)
             yield finish(torch.stack([F.linear(x, wc[j], b) for j in range(wc.shape[0])]))
