@@ -171,7 +171,7 @@ def _output_candidate_sums(ref2: torch.Tensor, y2: torch.Tensor, base2: torch.Te
 
 def _fq(x: torch.Tensor, scale, qmin: int, qmax: int) -> torch.Tensor:
     """``clamp(round(x / scale), qmin, qmax) * scale`` in one new tensor (the steps after the
-    division run in place: the same values, a third of the memory traffic)."""
+    division run in place: the same values, no temporaries)."""
     return torch.div(x, scale).round_().clamp_(qmin, qmax).mul_(scale)
 
 
@@ -336,7 +336,8 @@ def _to_rows(y: torch.Tensor, ref: torch.Tensor, cd: int) -> torch.Tensor:
     """A tensor of ``ref``'s shape -> (R, C); with a leading candidate dim -> (n, R, C)."""
     if y.dim() == ref.dim():
         return _rows(y, cd)
-    return y.movedim(cd + 1 if cd >= 0 else cd, -1).reshape(y.shape[0], -1, y.shape[cd + 1 if cd >= 0 else cd])
+    d = cd + 1 if cd >= 0 else cd  # the channel dim behind y's leading candidate dim
+    return y.movedim(d, -1).reshape(y.shape[0], -1, y.shape[d])
 
 
 def _fq_with(fq: FakeQuantize, x: torch.Tensor) -> torch.Tensor:
