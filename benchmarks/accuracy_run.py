@@ -38,7 +38,8 @@ REAL_CALIB_N = 256
 SYNTHETIC_CALIB_N = 128
 
 
-def _sig4(x: float) -> float:
+def sig4(x: float) -> float:
+    """``x`` to 4 significant digits (how the records store KL)."""
     return float(f"{x:.4g}")
 
 
@@ -48,12 +49,12 @@ def make_record(method: str, bits: str, calib: str, seed, calib_images: int, fp_
     return {
         "model": model, "method": method, "bits": bits, "calib": calib, "seed": seed,
         "calib_images": calib_images, "test_images": res.images,
-        "top1": res.top1, "drop": round(fp_top1 - res.top1, 2), "agree": res.agree, "kl": _sig4(res.kl),
+        "top1": res.top1, "drop": round(fp_top1 - res.top1, 2), "agree": res.agree, "kl": sig4(res.kl),
         "calib_seconds": round(calib_seconds, 2), "machine": machine,
         "measured": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
         "wrong": torch.nonzero(~res.correct).flatten().tolist(),
         "disagree": torch.nonzero(~res.agrees).flatten().tolist(),
-        "kl_images": [_sig4(v) for v in res.kl_per_image.tolist()],
+        "kl_images": [sig4(v) for v in res.kl_per_image.tolist()],
     }
 
 

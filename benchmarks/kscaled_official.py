@@ -78,6 +78,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 import vmfx  # noqa: E402
+from benchmarks.provenance import portable_command  # noqa: E402
 from vmfx.config import ScanStateConfig  # noqa: E402
 from vmfx.data import load_digits, load_proxy_model  # noqa: E402
 from vmfx.data.evaluate import collect_logits, compare_logits  # noqa: E402
@@ -358,9 +359,13 @@ def _timed(fn):
 
 
 def _row(side, method, bits, res, timing, settings) -> dict:
+    """One measured row; ``wrong`` / ``disagree`` / ``kl_images`` (per test image, as in ``accuracy.json``) make
+    the paired intervals of the reading."""
+    from accuracy_run import sig4
     return {"side": side, "method": method, "bits": bits, "top1": round(res.top1, 2), "agree": round(res.agree, 2),
             "kl": float(f"{res.kl:.4g}"), "wrong": [int(i) for i in (~res.correct).nonzero().flatten()],
-            "disagree": [int(i) for i in (~res.agrees).nonzero().flatten()], **timing, "settings": settings}
+            "disagree": [int(i) for i in (~res.agrees).nonzero().flatten()],
+            "kl_images": [sig4(v) for v in res.kl_per_image.tolist()], **timing, "settings": settings}
 
 
 def _quantizer_kinds(q: nn.Module) -> list[str]:
@@ -387,8 +392,7 @@ def run(args, save=lambda result: None) -> dict:
     with torch.no_grad():
         fp_logits, labels = collect_logits(float_model, (test_x, test_y))
     fp = compare_logits(fp_logits, fp_logits, labels)
-    result = {"command": "OMP_NUM_THREADS=1 " + " ".join([".venv/bin/python", "benchmarks/kscaled_official.py",
-                                                          *sys.argv[1:]]),
+    result = {"command": "OMP_NUM_THREADS=1 " + portable_command("benchmarks/kscaled_official.py", sys.argv[1:]),
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"
                          + (f", official side on {torch.cuda.get_device_name()}" if DEVICE == "cuda" else ""),
@@ -530,22 +534,46 @@ def _fmt_rows(result) -> list[str]:
     return lines
 
 
+#: ``benchmarks/accuracy.py`` methods whose records (same images) the reading compares with the official rows.
+ACCURACY_METHODS = ("kscaled-official", "kscaled", "kscaled-ssm")
+
+
+def accuracy_rows(result, path: str | None = None) -> list[dict]:
+    """``accuracy.json`` records measured on the images of ``result`` (proxy model, real calibration with the
+    same seed and number of images, the same test digits) for :data:`ACCURACY_METHODS`, as vmfx rows.
+
+    ``benchmarks/accuracy.py`` quantizes with the same ``calibration_images(n, seed)`` and the same
+    ``accuracy_run.quantize`` as this script's vmfx side, so its records pair image by image with the
+    official rows here (no need to recalibrate the vmfx presets for the reading)."""
+    path = path or os.path.join(RESULTS, "accuracy.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = json.load(f)
+    bits = {r["bits"] for r in result["rows"] if r["side"] == "official"}
+    return [dict(r, side="vmfx (accuracy.json)") for r in records
+            if r["method"] in ACCURACY_METHODS and r["bits"] in bits and r.get("model") == "vim-proxy-digits"
+            and r.get("calib") == "real" and r.get("seed") == result["seed"]
+            and r.get("calib_images") == result["calib_images"] and r.get("test_images") == result["test_images"]]
+
+
 def _reading(result) -> list[str]:
-    from accuracy_stats import paired_proportion_difference
+    """Each vmfx row minus each official row of the same bits: top-1, agreement and KL with 95 % paired
+    intervals over the test images (``*``: the interval excludes 0)."""
+    from accuracy_stats import record_differences
     n = result["test_images"]
     out = []
     rows = result["rows"]
+    vmfx_rows = [r for r in rows if r["side"] == "vmfx"] + accuracy_rows(result)
     for bits in dict.fromkeys(r["bits"] for r in rows):
-        off = [r for r in rows if r["side"] == "official" and r["bits"] == bits]
-        for o in off:
-            for v in (r for r in rows if r["side"] == "vmfx" and r["bits"] == bits):
-                d = paired_proportion_difference(v["wrong"], o["wrong"], n)
-                a = paired_proportion_difference(v["disagree"], o["disagree"], n)
-                ratio = v["kl"] / o["kl"] if o["kl"] > 0 else float("inf")
-                within = abs(v["top1"] - o["top1"]) <= 1.0
-                out.append(f"- {bits}, vmfx {v['method']} − official: top-1 {d.format()} points "
-                           f"(95 % paired interval; estimate {'within' if within else 'outside'} ±1 point), agreement {a.format()}, KL ratio vmfx/official "
-                           f"{ratio:.2f}.")
+        for o in (r for r in rows if r["side"] == "official" and r["bits"] == bits):
+            for v in (r for r in vmfx_rows if r["bits"] == bits):
+                diff = record_differences(dict(v, test_images=n), dict(o, test_images=n))
+                kl = diff["kl"].format(scientific=True) if diff["kl"] else "n/a"
+                ties = [k for k, d in diff.items() if d is not None and d.low is not None and not d.significant]
+                out.append(f"- {bits}, {v['side']} `{v['method']}` − official: top-1 {diff['top1'].format()} points, "
+                           f"agreement {diff['agree'].format()} points, KL {kl} (95 % paired intervals; "
+                           f"{'0 inside for ' + ', '.join(ties) if ties else '0 outside every interval'}).")
     if not out:
         missing = sorted({"official", "vmfx"} - {r["side"] for r in rows})
         out.append(f"- No comparison yet: no {' and no '.join(missing)} rows with these settings (run the "

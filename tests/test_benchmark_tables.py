@@ -449,3 +449,39 @@ def test_benchmark_commands_record_paths_relative_to_the_repository(tmp_path):
                        f"--baseline=<local>/scan.py <local>/{tmp_path.name}")
     assert not LOCAL_PATH.search(command) and str(tmp_path) not in command
     assert portable_path(os.path.join(ROOT, "vmfx", "data", "proxy", "x.json")) == "vmfx/data/proxy/x.json"
+
+
+# ------------------------------------------------------------------ the official k-scaled side by side
+
+
+def kscaled_harness(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    return importlib.import_module("kscaled_official")
+
+
+def test_kscaled_side_by_side_pairs_official_rows_with_accuracy_records_of_the_same_images(monkeypatch, tmp_path):
+    """The reading takes vmfx's figures from ``accuracy.json`` records calibrated on the same images
+    (same seed, calibration and test sizes) and states paired intervals for top-1, agreement and KL."""
+    ks = kscaled_harness(monkeypatch)
+    gen = torch.Generator().manual_seed(24)
+    kl_off = (torch.rand(N, generator=gen) * 0.02).tolist()
+    official = dict(new_record("PTQ4ViM", "w8a8", wrong=range(30), disagree=range(10), kl_images=kl_off),
+                    side="official")
+    same = new_record("kscaled-official", "w8a8", wrong=range(31), disagree=range(11),
+                      kl_images=[k + 1e-5 * ((-1) ** i) for i, k in enumerate(kl_off)])
+    worse = new_record("kscaled", "w8a8", wrong=range(30), disagree=range(10), kl_images=[k + 0.01 for k in kl_off])
+    other_seed = new_record("kscaled-ssm", "w8a8", wrong=range(90), seed=1)
+    other_bits = new_record("kscaled-official", "w4a4", wrong=range(90))
+    for r in (same, worse, other_seed, other_bits):
+        r["model"], r["calib_images"] = "vim-proxy-digits", 256
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps([same, worse, other_seed, other_bits]))
+    monkeypatch.setattr(ks, "RESULTS", str(tmp_path))
+    result = {"seed": 0, "calib_images": 256, "test_images": N, "rows": [official]}
+
+    assert [r["method"] for r in ks.accuracy_rows(result)] == ["kscaled-official", "kscaled"]
+    lines = ks._reading(result)
+    assert len(lines) == 2
+    tie, far = lines
+    assert "`kscaled-official`" in tie and "0 inside for top1, agree, kl" in tie
+    assert "`kscaled`" in far and "0 inside for top1, agree)" in far and "KL +1.00e-02 [+1.00e-02, +1.00e-02]*" in far
