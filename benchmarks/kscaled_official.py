@@ -24,7 +24,8 @@ What the harness changes to run it on the proxy, on a CPU (all listed in the res
   one thread), so a 256-image bit setting takes many CPU-hours (its first in_proj search alone took
   245 s at 256 images against about 1 s at 4). On the device machine the official code travels as
   the ignored folder ``.official/`` (a copy of the bare git directory,
-  ``cp -r <mirror> .official/PTQ_for_ViM.git``, so the results still name its commit), with ``VMFX_KSCALED_SRC=.official/PTQ_for_ViM.git``.
+  ``cp -r <mirror> .official/PTQ_for_ViM.git``, so the results still name its commit), with
+  ``VMFX_KSCALED_SRC=.official/PTQ_for_ViM.git``.
 * Model size: its ``VisionMamba`` always builds ``Mamba(d_model)`` with the default ``d_state=16``
   (``create_block`` discards ``ssm_cfg``); the harness binds ``d_state`` to the proxy's (8) through
   ``vision_mamba.Mamba``. The proxy's weights load with ``strict=True`` (same keys as official Vim).
