@@ -552,9 +552,10 @@ def accuracy_rows(result, path: str | None = None) -> list[dict]:
         return []
     with open(path) as f:
         records = json.load(f)
+    from accuracy_run import PROXY_MODEL_NAME
     bits = {r["bits"] for r in result["rows"] if r["side"] == "official"}
     return [dict(r, side="vmfx (accuracy.json)") for r in records
-            if r["method"] in ACCURACY_METHODS and r["bits"] in bits and r.get("model") == "vim-proxy-digits"
+            if r["method"] in ACCURACY_METHODS and r["bits"] in bits and r.get("model") == PROXY_MODEL_NAME
             and r.get("calib") == "real" and r.get("seed") == result["seed"]
             and r.get("calib_images") == result["calib_images"] and r.get("test_images") == result["test_images"]]
 
