@@ -84,7 +84,7 @@ from benchmarks.provenance import portable_command  # noqa: E402
 from vmfx.config import ScanStateConfig  # noqa: E402
 from vmfx.data import load_digits, load_proxy_model  # noqa: E402
 from vmfx.data.evaluate import collect_logits, compare_logits  # noqa: E402
-from vmfx.data.proxy import proxy_metadata  # noqa: E402
+from vmfx.data.proxy import PROXY_MODEL_NAME, proxy_metadata  # noqa: E402
 
 REPOSITORY = "Access-IC-Lab/PTQ_for_ViM"
 ENV = "VMFX_KSCALED_SRC"
@@ -552,7 +552,6 @@ def accuracy_rows(result, path: str | None = None) -> list[dict]:
         return []
     with open(path) as f:
         records = json.load(f)
-    from accuracy_run import PROXY_MODEL_NAME
     bits = {r["bits"] for r in result["rows"] if r["side"] == "official"}
     return [dict(r, side="vmfx (accuracy.json)") for r in records
             if r["method"] in ACCURACY_METHODS and r["bits"] in bits and r.get("model") == PROXY_MODEL_NAME
