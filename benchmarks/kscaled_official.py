@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kscaled_official.py                   # W8A8, 32 calibration images
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kscaled_official.py --test-n 100 --out OUT   # a trial
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kscaled_official.py --bits w4a4 --sides official,vmfx
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kscaled_official.py --calib-n 256 --sides official \
+        --checkpoints .official/checkpoints --out OUT    # hours on a CPU: rerun the same command to resume
 
 Both sides quantize the bundled proxy Vim (``vmfx.data.load_proxy_model``) with the same calibration
 images (``benchmarks/accuracy.py``'s ``calibration_images(n, seed)``) and are evaluated on the same
@@ -22,7 +24,10 @@ What the harness changes to run it on the proxy, on a CPU (all listed in the res
   them alone and runs the official side on the GPU, as released. On this project's CPU its
   calibration grows faster than the calibration set: 102 CPU-s at 4 images, 3,283 at 64 (W4A4,
   one thread), so a 256-image bit setting takes many CPU-hours (its first in_proj search alone took
-  245 s at 256 images against about 1 s at 4). On the device machine the official code travels as
+  245 s at 256 images against about 1 s at 4). ``--checkpoints FOLDER`` checkpoints each calibrated
+  module and resumes from there, so such a run can span sessions (or device commands with a time
+  limit) and still give the uninterrupted run's model (:class:`CalibrationCheckpoints`); its row's
+  CPU-s and wall-s are summed over the sessions. On the device machine the official code travels as
   the ignored folder ``.official/`` (a copy of the bare git directory,
   ``cp -r <mirror> .official/PTQ_for_ViM.git``, so the results still name its commit), with
   ``VMFX_KSCALED_SRC=.official/PTQ_for_ViM.git``.
@@ -60,6 +65,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -84,7 +90,7 @@ from benchmarks.provenance import portable_command  # noqa: E402
 from vmfx.config import ScanStateConfig  # noqa: E402
 from vmfx.data import load_digits, load_proxy_model  # noqa: E402
 from vmfx.data.evaluate import collect_logits, compare_logits  # noqa: E402
-from vmfx.data.proxy import PROXY_MODEL_NAME, proxy_metadata  # noqa: E402
+from vmfx.data.proxy import PROXY_MODEL_NAME, PROXY_WEIGHTS, proxy_metadata  # noqa: E402
 
 REPOSITORY = "Access-IC-Lab/PTQ_for_ViM"
 ENV = "VMFX_KSCALED_SRC"
@@ -322,10 +328,136 @@ class _ConfigWithBits:
         self.get_module = _override_bits(cfg.get_module, wbits, abits)
 
 
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint folder written by a run with other settings (refused: its modules would mix in)."""
+
+
+class CalibrationCheckpoints:
+    """Module-by-module checkpoints of one official calibration, so that a run cut short (the end of a
+    session, a device command's time limit) resumes where it stopped and gives the same model.
+
+    Sound because the official calibration runs with ``sequential=False``: each module calibrates on the
+    *float* model's activations (every module before it is back in ``raw`` mode), so a module depends on
+    the earlier ones only through (1) what their calibration changes in float mode, the bias that
+    ``QuantLinear``'s bias correction rewrites (dt_proj, head), and (2) the torch RNG state that their
+    k-means starts (``torch.randperm``) consumed. A checkpoint holds both: the calibrated module's whole
+    ``__dict__`` (parameters, quantizer configs, clusters, factors) and the RNG states after it. One
+    thing differs on resume: the KL targets ``batching_quant_calib`` computes first come from the model
+    with the restored biases; they only feed ``raw_grad``, which the released config's metrics (cosine,
+    min-max) never read. A resumed calibration gives the uninterrupted one's logits bit for bit
+    (``tests/models/test_kscaled_official.py`` checks it on the official code).
+
+    Layout: ``<folder>/run.json`` holds the settings the run must share (``identity``), one entry per
+    calibrated module (its name, file, CPU-s and wall-s since the previous entry or the session's
+    start, and the session that calibrated it) and ``sessions`` (those that calibrated a module);
+    ``<folder>/<index>.pt`` holds one module. Each file is written by an atomic rename, the module's
+    before run.json names it, so a run killed mid-write leaves no half entry."""
+
+    def __init__(self, folder: str | os.PathLike, identity: dict):
+        self.folder = Path(folder)
+        self.identity = json.loads(json.dumps(identity))
+        self.index_path = self.folder / "run.json"
+        if self.index_path.exists():
+            state = json.loads(self.index_path.read_text())
+            if state["identity"] != self.identity:
+                diff = {k: (state["identity"].get(k), v) for k, v in self.identity.items()
+                        if state["identity"].get(k) != v}
+                raise CheckpointMismatch(f"{self.folder} holds the checkpoints of a run with other settings "
+                                         f"(recorded, now: {diff}); pass another --checkpoints folder or delete it")
+            self.modules = state["modules"]
+            self.sessions = state.get("sessions", 0)
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.modules, self.sessions = [], 0
+        self._clock = None
+
+    def _write(self, path: Path, save):
+        tmp = path.with_name(path.name + ".part")
+        save(tmp)
+        os.replace(tmp, path)
+
+    def done(self) -> list[str]:
+        """Names of the modules already calibrated, in calibration order."""
+        return [m["name"] for m in self.modules]
+
+    def begin_session(self):
+        """Start this process's clock (its set-up counts towards the first module it calibrates) and its
+        session number."""
+        self.sessions += 1
+        self._clock = (time.process_time(), time.perf_counter())
+
+    def restore(self, wrapped: dict) -> dict:
+        """Put the checkpointed modules' states into ``wrapped`` (name -> official module, in calibration
+        order; the objects stay the same, so the model holds the restored modules), set the RNG states
+        after the last of them, and return the modules still to calibrate (in order)."""
+        names = list(wrapped)
+        done = self.done()
+        if names[:len(done)] != done:
+            raise CheckpointMismatch(f"{self.folder}: the checkpointed modules {done[:3]}... are not the first "
+                                     f"modules of this model's calibration order {names[:3]}...")
+        for entry in self.modules:
+            saved = torch.load(self.folder / entry["file"], weights_only=False)
+            module = wrapped[entry["name"]]
+            module.__dict__.update(saved["state"])
+            module.mode = "raw"  # as batching_quant_calib leaves it (sequential=False)
+        if self.modules:
+            torch.set_rng_state(saved["rng"]["torch"])
+            np.random.set_state(saved["rng"]["numpy"])
+            random.setstate(saved["rng"]["random"])
+        return {n: wrapped[n] for n in names[len(done):]}
+
+    def save(self, name: str, module: nn.Module):
+        """Checkpoint ``module`` (just calibrated) and the RNG states after it."""
+        cpu, wall = time.process_time(), time.perf_counter()
+        file = f"{len(self.modules):03d}.pt"
+        payload = {"state": dict(module.__dict__), "rng": {"torch": torch.get_rng_state(),
+                                                           "numpy": np.random.get_state(),
+                                                           "random": random.getstate()}}
+        self._write(self.folder / file, lambda p: torch.save(payload, p))
+        self.modules.append({"name": name, "file": file, "cpu_s": round(cpu - self._clock[0], 2),
+                             "wall_s": round(wall - self._clock[1], 2), "session": self.sessions})
+        self._clock = (time.process_time(), time.perf_counter())
+        self._flush()
+
+    def _flush(self):
+        text = json.dumps({"identity": self.identity, "sessions": self.sessions, "modules": self.modules}, indent=1)
+        self._write(self.index_path, lambda p: p.write_text(text))
+
+    def totals(self) -> dict:
+        """CPU-s and wall-s of the whole calibration summed over the sessions that made it."""
+        return {"cpu_s": round(sum(m["cpu_s"] for m in self.modules), 1),
+                "wall_s": round(sum(m["wall_s"] for m in self.modules), 1), "sessions": self.sessions}
+
+
+@contextlib.contextmanager
+def _checkpoint_each_module(wrapped: dict, checkpoints: CalibrationCheckpoints):
+    """Inside the block, each official module class's ``calibration_step2`` checkpoints its module when
+    it returns (the classes are restored afterwards)."""
+    names = {id(m): n for n, m in wrapped.items()}
+    saved = {}
+    for cls in {type(m) for m in wrapped.values()}:
+        step2 = cls.calibration_step2
+        saved[cls] = step2
+
+        def checkpointed(self, *args, _step2=step2, **kwargs):
+            out = _step2(self, *args, **kwargs)
+            checkpoints.save(names[id(self)], self)
+            return out
+        cls.calibration_step2 = checkpointed
+    try:
+        yield
+    finally:
+        for cls, step2 in saved.items():
+            cls.calibration_step2 = step2
+
+
 def quantize_official(mods: dict, float_model: nn.Module, calib: torch.Tensor, src_dir: Path, seed: int,
-                      wbits: int = 8, abits: int = 8) -> nn.Module:
+                      wbits: int = 8, abits: int = 8,
+                      checkpoints: CalibrationCheckpoints | None = None) -> nn.Module:
     """The official PTQ4ViM quantization of a fresh official copy of ``float_model``, as
-    ``quantization.quantization`` runs it (CPU stand-ins for ``.cuda()``)."""
+    ``quantization.quantization`` runs it (CPU stand-ins for ``.cuda()``). With ``checkpoints``, the
+    modules calibrated by an earlier run with the same settings are restored instead of calibrated
+    again and each newly calibrated module is checkpointed (:class:`CalibrationCheckpoints`)."""
     model = build_official(mods, float_model)
     torch.manual_seed(seed + 1)
     np.random.seed(seed + 1)
@@ -336,10 +468,18 @@ def quantize_official(mods: dict, float_model: nn.Module, calib: torch.Tensor, s
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib, torch.zeros(calib.shape[0])),
                                          batch_size=calib.shape[0], shuffle=False)
     with cpu_standins(), in_dir(src_dir):
+        if checkpoints is not None:
+            checkpoints.begin_session()
         wrapped = mods["quant_utils.net_wrap"].wrap_modules_in_net(model, cfg)
-        calibrator = mods["quant_utils.quant_calib"].QuantCalibrator(model, wrapped, loader, sequential=False,
-                                                                     batch_size=8)
-        calibrator.batching_quant_calib()
+        todo = wrapped if checkpoints is None else checkpoints.restore(wrapped)
+        if todo:
+            calibrator = mods["quant_utils.quant_calib"].QuantCalibrator(model, todo, loader, sequential=False,
+                                                                         batch_size=8)
+            with (_checkpoint_each_module(todo, checkpoints) if checkpoints is not None
+                  else contextlib.nullcontext()):
+                calibrator.batching_quant_calib()
+        for module in wrapped.values():  # as batching_quant_calib finishes (it sets only its own modules)
+            module.mode = "quant_forward"
     return model.eval()
 
 
@@ -358,6 +498,11 @@ def _timed(fn):
     out = fn()
     return out, {"wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(time.process_time() - c0, 1),
                  "load_before": load0, "load_after": _uptime()}
+
+
+def _digest(value) -> str:
+    """sha256 of ``value``'s JSON text (sorted keys)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def _row(side, method, bits, res, timing, settings) -> dict:
@@ -428,7 +573,19 @@ def run(args, save=lambda result: None) -> dict:
                                             max(max(v) for v in factors.values())]}
             for bits in args.bits.split(","):
                 w, a = int(bits[1]), int(bits[3])
-                q, timing = _timed(lambda: quantize_official(mods, float_model, calib, src_dir, args.seed, w, a))
+                checkpoints = None
+                if args.checkpoints:
+                    checkpoints = CalibrationCheckpoints(os.path.join(args.checkpoints, bits), {
+                        "official_source": result["official_source"], "bits": bits, "calib_images": args.calib_n,
+                        "seed": args.seed, "xproj_rd": args.xproj_rd, "xproj_factors": _digest(factors),
+                        "device": DEVICE, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                        "proxy_sha256": hashlib.sha256(Path(PROXY_WEIGHTS).read_bytes()).hexdigest()})
+                    print(f"official {bits}: {len(checkpoints.done())} modules restored from {args.checkpoints}",
+                          flush=True)
+                q, timing = _timed(lambda: quantize_official(mods, float_model, calib, src_dir, args.seed, w, a,
+                                                             checkpoints))
+                if checkpoints is not None:  # the calibration's cost over every session that made it
+                    timing.update(checkpoints.totals())
                 logits, _ = official_logits(q, test_x, test_y)
                 res = compare_logits(fp_logits, logits, labels)
                 settings = (f"released PTQ4ViM config{'' if (w, a) == (8, 8) else f' with w/o bits {w}/{a}'}; "
@@ -641,6 +798,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the official side runs: cpu (with the stand-ins for .cuda()) or cuda (as released); "
                         "the vmfx side runs on the CPU either way")
+    p.add_argument("--checkpoints", default=None, metavar="FOLDER",
+                   help="official side: checkpoint each calibrated module under FOLDER/<bits>/ and resume from "
+                        "there (a run cut short goes on where it stopped; same settings only)")
     p.add_argument("--out", default=None, help=f"folder of kscaled_official.json / .md (default {RESULTS})")
     p.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",

@@ -13,6 +13,7 @@ import types
 
 import pytest
 import torch
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 1000
@@ -485,3 +486,97 @@ def test_kscaled_side_by_side_pairs_official_rows_with_accuracy_records_of_the_s
     tie, far = lines
     assert "`kscaled-official`" in tie and "0 inside for top1, agree, kl" in tie
     assert "`kscaled`" in far and "0 inside for top1, agree)" in far and "KL +1.00e-02 [+1.00e-02, +1.00e-02]*" in far
+
+
+class _ToyQuantModule(nn.Linear):
+    """Stands in for an official quant module: its ``calibration_step2`` draws a k-means start from
+    torch's RNG and corrects its bias, the two ways an official module's calibration reaches the
+    modules calibrated after it."""
+
+    def __init__(self):
+        super().__init__(6, 6)
+        self.mode = "raw"
+
+    def calibration_step2(self, x):
+        start = torch.randperm(6)[:2]
+        self.scales = x.abs().amax(0)[start]
+        with torch.no_grad():
+            self.bias -= 0.1 * x.mean(0)
+        return x
+
+
+def _toy_calibration(model, todo, images):
+    """What ``batching_quant_calib(sequential=False)`` does to each module in turn: feed the float model,
+    keep the module's input, calibrate it, put it back in raw mode."""
+    for module in todo.values():
+        seen = []
+        hook = module.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+        model(images)
+        hook.remove()
+        module.calibration_step2(seen[0])
+        module.mode = "raw"
+
+
+def _toy_model():
+    torch.manual_seed(7)
+    return nn.Sequential(*[_ToyQuantModule() for _ in range(5)])
+
+
+def test_official_calibration_resumed_from_checkpoints_is_the_uninterrupted_one(monkeypatch, tmp_path):
+    """Cut after two modules and resumed twice (once with nothing left to do), the calibration restores
+    the biases and RNG state the cut-off run left, so every module ends as in one uninterrupted run."""
+    ks = kscaled_harness(monkeypatch)
+    images = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    whole = _toy_model()
+    torch.manual_seed(1)
+    _toy_calibration(whole, dict(whole.named_children()), images)
+
+    class Cut(Exception):
+        pass
+
+    save = ks.CalibrationCheckpoints.save
+
+    def save_then_cut(self, name, module):
+        save(self, name, module)
+        if len(self.modules) == 2:
+            raise Cut
+
+    for session, cut in enumerate((True, False, False), 1):
+        model = _toy_model()
+        torch.manual_seed(1)
+        checkpoints = ks.CalibrationCheckpoints(tmp_path / "w4a4", {"bits": "w4a4", "seed": 0})
+        checkpoints.begin_session()
+        wrapped = dict(model.named_children())
+        todo = checkpoints.restore(wrapped)
+        assert list(todo) == ["0", "1", "2", "3", "4"][len(checkpoints.done()):]
+        monkeypatch.setattr(ks.CalibrationCheckpoints, "save", save_then_cut if cut else save)
+        with ks._checkpoint_each_module(todo, checkpoints):
+            if cut:
+                with pytest.raises(Cut):
+                    _toy_calibration(model, todo, images)
+            else:
+                _toy_calibration(model, todo, images)
+        assert _ToyQuantModule.calibration_step2.__name__ == "calibration_step2"  # the class is restored
+        assert checkpoints.done() == (["0", "1"] if cut else ["0", "1", "2", "3", "4"])
+    for mine, theirs in zip(model, whole):
+        assert torch.equal(mine.bias, theirs.bias) and torch.equal(mine.scales, theirs.scales)
+    totals = ks.CalibrationCheckpoints(tmp_path / "w4a4", {"bits": "w4a4", "seed": 0}).totals()
+    assert totals["sessions"] == 2 and totals["cpu_s"] >= 0  # the third had nothing to calibrate
+    assert [m["session"] for m in json.loads((tmp_path / "w4a4" / "run.json").read_text())["modules"]] == \
+        [1, 1, 2, 2, 2]
+    assert not list((tmp_path / "w4a4").glob("*.part"))
+
+
+def test_official_checkpoints_of_other_settings_are_refused(monkeypatch, tmp_path):
+    """A checkpoint folder of a run with other settings, or of another model's modules, is refused with
+    the way out named; nothing of it is restored."""
+    ks = kscaled_harness(monkeypatch)
+    checkpoints = ks.CalibrationCheckpoints(tmp_path, {"bits": "w4a4", "seed": 0})
+    checkpoints.begin_session()
+    model = _toy_model()
+    checkpoints.save("0", model[0])
+    with pytest.raises(ks.CheckpointMismatch, match=r"other settings .*'seed': \(0, 1\).*another --checkpoints"):
+        ks.CalibrationCheckpoints(tmp_path, {"bits": "w4a4", "seed": 1})
+    other = {"layers.0": model[0], "layers.1": model[1]}
+    with pytest.raises(ks.CheckpointMismatch, match="not the first modules"):
+        ks.CalibrationCheckpoints(tmp_path, {"bits": "w4a4", "seed": 0}).restore(other)

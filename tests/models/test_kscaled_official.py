@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .official_fixtures import load, sources
+from .official_fixtures import load, source_path, sources
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 ENV = "VMFX_KSCALED_SRC"
@@ -170,3 +170,50 @@ def test_the_harness_refuses_a_net_wrap_it_cannot_patch(reference, tmp_path):
         dest.mkdir()
         with pytest.raises(harness.OfficialCodeMissing, match="exactly one"):
             harness.materialise(dest, src)
+
+
+@pytest.mark.skipif(source_path(ENV) is None,
+                    reason=f"needs ${ENV}: a copy of Access-IC-Lab/PTQ_for_ViM, whose calibration this resumes")
+def test_a_resumed_official_calibration_gives_the_uninterrupted_model(tmp_path, monkeypatch):
+    """The official W4A4 calibration on two images, cut after 20 and after 50 of its 99 modules and
+    resumed from its checkpoints (``--checkpoints``), gives the uninterrupted calibration's logits bit
+    for bit: restored bias corrections and RNG states (k-means starts) are all a module passes on."""
+    pytest.importorskip("einops", reason="the official Vim code imports einops")
+    from vmfx.data import load_digits, load_proxy_model
+
+    harness = _harness()
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    path = list(sys.path)
+    try:
+        from accuracy_run import calibration_images
+
+        src_dir = harness.materialise(tmp_path, os.environ[ENV])
+        mods = harness.import_official(src_dir)
+        model, calib = load_proxy_model(), calibration_images(2, 0)
+        images, labels = load_digits("test")
+        images, labels = images[:20], labels[:20]
+        harness.write_xproj_factors(mods, model, calib, src_dir, "calibrated")
+        whole = harness.official_logits(harness.quantize_official(mods, model, calib, src_dir, 0, 4, 4), images,
+                                        labels)[0]
+
+        class Cut(Exception):
+            pass
+
+        save = harness.CalibrationCheckpoints.save
+        for cut in (20, 50, None):
+            def save_then_cut(self, name, module, cut=cut):
+                save(self, name, module)
+                if len(self.modules) == cut:
+                    raise Cut
+            monkeypatch.setattr(harness.CalibrationCheckpoints, "save", save_then_cut)
+            checkpoints = harness.CalibrationCheckpoints(tmp_path / "checkpoints", {"bits": "w4a4"})
+            try:
+                resumed = harness.quantize_official(mods, model, calib, src_dir, 0, 4, 4, checkpoints)
+            except Cut:
+                assert len(checkpoints.done()) == cut
+        assert len(checkpoints.done()) == 99 and checkpoints.totals()["sessions"] == 3
+        got = harness.official_logits(resumed, images, labels)[0]
+    finally:
+        harness._purge_official_modules()
+        sys.path[:] = path
+    assert torch.equal(got, whole)
