@@ -30,7 +30,11 @@ What the harness changes to run it on the proxy, on a CPU (all listed in the res
   CPU-s and wall-s are summed over the sessions. On the device machine the official code travels as
   the ignored folder ``.official/`` (a copy of the bare git directory,
   ``cp -r <mirror> .official/PTQ_for_ViM.git``, so the results still name its commit), with
-  ``VMFX_KSCALED_SRC=.official/PTQ_for_ViM.git``.
+  ``VMFX_KSCALED_SRC=.official/PTQ_for_ViM.git``; there ``--checkpoints out/kscaled-checkpoints``
+  (an ignored folder that is not carried, so it stays on the warm machine between commands) lets a
+  command cut by its time limit be rerun to go on. The checkpoints name the device, so a CPU run and
+  a GPU run never mix; a resumed run also reuses the x_proj factor files its first session saved
+  there (below).
 * Model size: its ``VisionMamba`` always builds ``Mamba(d_model)`` with the default ``d_state=16``
   (``create_block`` discards ``ssm_cfg``); the harness binds ``d_state`` to the proxy's (8) through
   ``vision_mamba.Mamba``. The proxy's weights load with ``strict=True`` (same keys as official Vim).
@@ -280,15 +284,23 @@ def _ssm_inputs(model: nn.Module, name: str, images: torch.Tensor, batch_size: i
     return x, dA, dB, C, D[0]
 
 
-def write_xproj_factors(mods: dict, float_model: nn.Module, images: torch.Tensor, src_dir: Path, how: str) -> dict:
+def write_xproj_factors(mods: dict, float_model: nn.Module, images: torch.Tensor, src_dir: Path, how: str,
+                        cache: Path | None = None) -> dict:
     """Write ``reparam_factors/tiny_factor/r_D/{layer}_{f|b}.txt`` for the proxy (read by the official
     ``net_wrap``): the official QuantSSM's own r_D on the float scan inputs (``calibrated``) or ones.
-    Returns {file name: factors}."""
-    official = build_official(mods, float_model)
-    qcfg = mods["quant_configs.QuantConfig"]
+    Returns {file name: factors}. With ``cache`` (a JSON file, named by the caller after everything
+    the factors depend on), the files' texts are written from it when it exists and saved to it when
+    computed (a resumed run skips the scans over every calibration image)."""
     out_dir = src_dir / "reparam_factors" / "tiny_factor" / "r_D"
     shutil.rmtree(src_dir / "reparam_factors")
     out_dir.mkdir(parents=True)
+    if cache is not None and cache.exists():
+        saved = json.loads(cache.read_text())
+        for fname, entry in saved.items():
+            (out_dir / fname).write_text(entry["text"])
+        return {fname: entry["values"] for fname, entry in saved.items()}
+    official = build_official(mods, float_model)
+    qcfg = mods["quant_configs.QuantConfig"]
     d_state = proxy_metadata()["model_kwargs"]["d_state"]
     written = {}
     for name, m in official.named_modules():
@@ -307,6 +319,12 @@ def write_xproj_factors(mods: dict, float_model: nn.Module, images: torch.Tensor
             r_D = qssm.r_D.float().cpu()
         np.savetxt(out_dir / fname, r_D.numpy(), fmt="%10.10f")
         written[fname] = r_D.tolist()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        entries = {f: {"text": (out_dir / f).read_text(), "values": v} for f, v in written.items()}
+        tmp = cache.with_name(cache.name + ".part")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, cache)
     return written
 
 
@@ -354,7 +372,7 @@ class CalibrationCheckpoints:
     before run.json names it, so a run killed mid-write leaves no half entry."""
 
     def __init__(self, folder: str | os.PathLike, identity: dict):
-        self.folder = Path(folder)
+        self.folder = Path(folder).resolve()  # the official calibration runs inside its own folder
         self.identity = json.loads(json.dumps(identity))
         self.index_path = self.folder / "run.json"
         if self.index_path.exists():
@@ -567,7 +585,13 @@ def run(args, save=lambda result: None) -> dict:
                 _purge_official_modules()
                 sys.path.remove(str(src_dir))
                 return result
-            factors, timing_f = _timed(lambda: write_xproj_factors(mods, float_model, calib, src_dir, args.xproj_rd))
+            key = {"official_source": result["official_source"], "calib_images": args.calib_n, "seed": args.seed,
+                   "xproj_rd": args.xproj_rd, "device": DEVICE, "torch": torch.__version__,
+                   "torch_threads": torch.get_num_threads(),
+                   "proxy_sha256": hashlib.sha256(Path(PROXY_WEIGHTS).read_bytes()).hexdigest()}
+            cache = Path(args.checkpoints).resolve() / f"xproj_rd_{_digest(key)[:16]}.json" if args.checkpoints else None
+            factors, timing_f = _timed(lambda: write_xproj_factors(mods, float_model, calib, src_dir, args.xproj_rd,
+                                                                   cache))
             result["xproj_rd"] = {"how": args.xproj_rd, "seconds": timing_f["wall_s"],
                                   "range": [min(min(v) for v in factors.values()),
                                             max(max(v) for v in factors.values())]}
@@ -576,10 +600,7 @@ def run(args, save=lambda result: None) -> dict:
                 checkpoints = None
                 if args.checkpoints:
                     checkpoints = CalibrationCheckpoints(os.path.join(args.checkpoints, bits), {
-                        "official_source": result["official_source"], "bits": bits, "calib_images": args.calib_n,
-                        "seed": args.seed, "xproj_rd": args.xproj_rd, "xproj_factors": _digest(factors),
-                        "device": DEVICE, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                        "proxy_sha256": hashlib.sha256(Path(PROXY_WEIGHTS).read_bytes()).hexdigest()})
+                        **key, "bits": bits, "xproj_factors": _digest(factors)})
                     print(f"official {bits}: {len(checkpoints.done())} modules restored from {args.checkpoints}",
                           flush=True)
                 q, timing = _timed(lambda: quantize_official(mods, float_model, calib, src_dir, args.seed, w, a,

@@ -541,16 +541,18 @@ def test_official_calibration_resumed_from_checkpoints_is_the_uninterrupted_one(
         if len(self.modules) == 2:
             raise Cut
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "official_src").mkdir()
     for session, cut in enumerate((True, False, False), 1):
         model = _toy_model()
         torch.manual_seed(1)
-        checkpoints = ks.CalibrationCheckpoints(tmp_path / "w4a4", {"bits": "w4a4", "seed": 0})
+        checkpoints = ks.CalibrationCheckpoints("w4a4", {"bits": "w4a4", "seed": 0})  # relative to the start
         checkpoints.begin_session()
         wrapped = dict(model.named_children())
         todo = checkpoints.restore(wrapped)
         assert list(todo) == ["0", "1", "2", "3", "4"][len(checkpoints.done()):]
         monkeypatch.setattr(ks.CalibrationCheckpoints, "save", save_then_cut if cut else save)
-        with ks._checkpoint_each_module(todo, checkpoints):
+        with ks.in_dir(tmp_path / "official_src"), ks._checkpoint_each_module(todo, checkpoints):
             if cut:
                 with pytest.raises(Cut):
                     _toy_calibration(model, todo, images)
@@ -580,3 +582,21 @@ def test_official_checkpoints_of_other_settings_are_refused(monkeypatch, tmp_pat
     other = {"layers.0": model[0], "layers.1": model[1]}
     with pytest.raises(ks.CheckpointMismatch, match="not the first modules"):
         ks.CalibrationCheckpoints(tmp_path, {"bits": "w4a4", "seed": 0}).restore(other)
+
+
+def test_xproj_factor_files_come_back_from_their_cache_as_written(monkeypatch, tmp_path):
+    """A resumed official run writes the x_proj r_D files from the cache its first session saved (texts
+    as written, values as returned), without building or running the official model."""
+    ks = kscaled_harness(monkeypatch)
+    files = {"0_f.txt": {"text": "0.5000000000\n2.0000000000\n", "values": [0.5, 2.0]},
+             "0_b.txt": {"text": "1.0000000000\n1.0000000000\n", "values": [1.0, 1.0]}}
+    cache = tmp_path / "xproj_rd_0123.json"
+    cache.write_text(json.dumps(files))
+    src_dir = tmp_path / "src"
+    (src_dir / "reparam_factors" / "tiny_factor" / "r_D").mkdir(parents=True)
+    (src_dir / "reparam_factors" / "tiny_factor" / "r_D" / "5_f.txt").write_text("shipped Vim-T factors\n")
+    got = ks.write_xproj_factors(None, None, None, src_dir, "calibrated", cache)
+    assert got == {name: entry["values"] for name, entry in files.items()}
+    out = src_dir / "reparam_factors" / "tiny_factor" / "r_D"
+    assert sorted(p.name for p in out.iterdir()) == ["0_b.txt", "0_f.txt"]
+    assert (out / "0_f.txt").read_text() == files["0_f.txt"]["text"]
