@@ -322,7 +322,7 @@ def write_xproj_factors(mods: dict, float_model: nn.Module, images: torch.Tensor
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         entries = {f: {"text": (out_dir / f).read_text(), "values": v} for f, v in written.items()}
-        tmp = cache.with_name(cache.name + ".part")
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.part")  # runs of other bits may share it
         tmp.write_text(json.dumps(entries))
         os.replace(tmp, cache)
     return written
@@ -390,7 +390,7 @@ class CalibrationCheckpoints:
         self._clock = None
 
     def _write(self, path: Path, save):
-        tmp = path.with_name(path.name + ".part")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
         save(tmp)
         os.replace(tmp, path)
 
