@@ -611,6 +611,9 @@ def run(args, save=lambda result: None) -> dict:
                 res = compare_logits(fp_logits, logits, labels)
                 settings = (f"released PTQ4ViM config{'' if (w, a) == (8, 8) else f' with w/o bits {w}/{a}'}; "
                             f"h 8-bit per step, reparameterized; x_proj r_D files: {args.xproj_rd}")
+                if timing.get("sessions", 1) > 1:
+                    settings += (f"; calibrated in {timing['sessions']} sessions resumed from module checkpoints "
+                                 "(CPU-s and wall-s summed over them)")
                 result["rows"].append(_row("official", "PTQ4ViM", bits, res, timing, settings))
                 save(result)
                 print(f"official {bits}: top-1 {res.top1:.2f} agree {res.agree:.2f} KL {res.kl:.4g} "
