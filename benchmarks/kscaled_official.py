@@ -400,9 +400,29 @@ class CalibrationCheckpoints:
 
     def begin_session(self):
         """Start this process's clock (its set-up counts towards the first module it calibrates) and its
-        session number."""
+        session number, and take the folder's lock until :meth:`end_session` (or the process's end): a
+        second run into the same folder is refused instead of calibrating the same modules beside it."""
+        import fcntl
+        self._lock = open(self.folder / "lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "?"
+            self._lock.close()
+            raise CheckpointMismatch(f"another run (pid {holder}) is calibrating into {self.folder}; wait for it "
+                                     "to end or pass another --checkpoints folder") from None
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
         self.sessions += 1
         self._clock = (time.process_time(), time.perf_counter())
+
+    def end_session(self):
+        """Release the folder's lock."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
 
     def restore(self, wrapped: dict) -> dict:
         """Put the checkpointed modules' states into ``wrapped`` (name -> official module, in calibration
@@ -486,16 +506,21 @@ def quantize_official(mods: dict, float_model: nn.Module, calib: torch.Tensor, s
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib, torch.zeros(calib.shape[0])),
                                          batch_size=calib.shape[0], shuffle=False)
     with cpu_standins(), in_dir(src_dir):
-        if checkpoints is not None:
-            checkpoints.begin_session()
         wrapped = mods["quant_utils.net_wrap"].wrap_modules_in_net(model, cfg)
-        todo = wrapped if checkpoints is None else checkpoints.restore(wrapped)
-        if todo:
-            calibrator = mods["quant_utils.quant_calib"].QuantCalibrator(model, todo, loader, sequential=False,
-                                                                         batch_size=8)
-            with (_checkpoint_each_module(todo, checkpoints) if checkpoints is not None
-                  else contextlib.nullcontext()):
-                calibrator.batching_quant_calib()
+        if checkpoints is None:
+            mods["quant_utils.quant_calib"].QuantCalibrator(model, wrapped, loader, sequential=False,
+                                                            batch_size=8).batching_quant_calib()
+        else:
+            checkpoints.begin_session()
+            try:
+                todo = checkpoints.restore(wrapped)
+                if todo:
+                    calibrator = mods["quant_utils.quant_calib"].QuantCalibrator(model, todo, loader,
+                                                                                 sequential=False, batch_size=8)
+                    with _checkpoint_each_module(todo, checkpoints):
+                        calibrator.batching_quant_calib()
+            finally:
+                checkpoints.end_session()
         for module in wrapped.values():  # as batching_quant_calib finishes (it sets only its own modules)
             module.mode = "quant_forward"
     return model.eval()

@@ -558,6 +558,7 @@ def test_official_calibration_resumed_from_checkpoints_is_the_uninterrupted_one(
                     _toy_calibration(model, todo, images)
             else:
                 _toy_calibration(model, todo, images)
+        checkpoints.end_session()
         assert _ToyQuantModule.calibration_step2.__name__ == "calibration_step2"  # the class is restored
         assert checkpoints.done() == (["0", "1"] if cut else ["0", "1", "2", "3", "4"])
     for mine, theirs in zip(model, whole):
@@ -582,6 +583,12 @@ def test_official_checkpoints_of_other_settings_are_refused(monkeypatch, tmp_pat
     other = {"layers.0": model[0], "layers.1": model[1]}
     with pytest.raises(ks.CheckpointMismatch, match="not the first modules"):
         ks.CalibrationCheckpoints(tmp_path, {"bits": "w4a4", "seed": 0}).restore(other)
+    beside = ks.CalibrationCheckpoints(tmp_path, {"bits": "w4a4", "seed": 0})
+    with pytest.raises(ks.CheckpointMismatch, match=rf"another run \(pid {os.getpid()}\) is calibrating"):
+        beside.begin_session()  # the first one's lock is held while it lives
+    checkpoints.end_session()
+    beside.begin_session()
+    assert beside.sessions == 2
 
 
 def test_xproj_factor_files_come_back_from_their_cache_as_written(monkeypatch, tmp_path):
