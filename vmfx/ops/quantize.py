@@ -14,11 +14,22 @@ Invariants (property-tested in ``tests/ops/test_quantize.py``):
 * inside the representable range, ``|fake_quantize(x) - x| <= scale / 2``;
 * outside it, the result is clamped to ``(qmin - zp) * scale`` or ``(qmax - zp) * scale``;
 * ``fake_quantize`` is idempotent;
-* the gradient is the straight-through estimator: 1 for ``x`` inside the range and 0 outside,
+* the gradient is the straight-through estimator: 1 for ``x`` strictly inside the range and 0
+  outside it or on its bounds (``torch.clamp``'s convention),
   and the LSQ gradient for ``scale`` (``q - zp - x / scale`` inside, the clamp bound outside).
+
+When a gradient is wanted, :func:`fake_quantize` runs as one autograd node
+(:class:`FakeQuantizeFunction`) that keeps the rounding residual and the in-range mask from its
+forward pass, instead of the eight elementwise nodes of the composed form (divide, round, the
+straight-through add, shift, clamp, unshift, multiply): the forward values are the same bit for bit,
+the gradients the same up to float rounding (``tests/ops/test_quantize.py`` checks both against the
+composed form in float64). Step-size learning (JLSS, OuroMamba) runs it on every quantized edge of
+a block in every step; ``benchmarks/jlss_step.py`` times the two forms side by side.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -26,6 +37,9 @@ __all__ = [
     "qrange",
     "round_ste",
     "fake_quantize",
+    "fake_quantize_composed",
+    "FakeQuantizeFunction",
+    "composed_fake_quantize",
     "quantize",
     "dequantize",
     "MIN_SCALE",
@@ -89,9 +103,104 @@ def fake_quantize(
     """
     if isinstance(zero_point, torch.Tensor):
         zero_point = zero_point.detach()
+    if not _fused[0]:
+        return fake_quantize_composed(x, scale, zero_point, qmin, qmax, straight_through)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return FakeQuantizeFunction.apply(x, scale, zero_point, qmin, qmax, straight_through)
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+#: whether :func:`fake_quantize` records one fused autograd node (see :func:`composed_fake_quantize`)
+_fused = [True]
+
+
+@contextlib.contextmanager
+def composed_fake_quantize():
+    """Within the block, :func:`fake_quantize` runs as the composed elementwise form
+    (:func:`fake_quantize_composed`) instead of :class:`FakeQuantizeFunction`: the reference that
+    ``benchmarks/jlss_step.py`` times the fused node against, and a way to rule the fused backward in
+    or out while debugging a learning pass. Not thread-safe (a process-wide switch)."""
+    saved = _fused[0]
+    _fused[0] = False
+    try:
+        yield
+    finally:
+        _fused[0] = saved
+
+
+def fake_quantize_composed(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | float,
+    qmin: int,
+    qmax: int,
+    straight_through: bool = True,
+) -> torch.Tensor:
+    """:func:`fake_quantize` written as elementwise torch ops, each with its own autograd node: the
+    reference the fused :class:`FakeQuantizeFunction` is tested against (and timed against in
+    ``benchmarks/jlss_step.py``)."""
+    if isinstance(zero_point, torch.Tensor):
+        zero_point = zero_point.detach()
     rounded = round_ste(x / scale) if straight_through else torch.round(x / scale)
     q = torch.clamp(rounded + zero_point, qmin, qmax)
     return (q - zero_point) * scale
+
+
+class FakeQuantizeFunction(torch.autograd.Function):
+    """``fake_quantize`` as one autograd node; see :func:`fake_quantize` for the arguments.
+
+    The forward pass computes ``t = x / scale``, ``r = round(t)``, ``q = clamp(r + zp, qmin, qmax)``
+    and returns ``(q - zp) * scale``, the composed form's values bit for bit
+    (``t + (round(t) - t)`` is exactly ``round(t)`` in floating point). It keeps for the backward pass
+    the in-range mask ``qmin < r + zp < qmax`` (strict, as ``torch.clamp``'s gradient is 0 on the
+    bounds) and the scale's per-element derivative ``e``: ``r - t`` inside the range and ``q - zp``
+    (the clamp bound) outside with the straight-through estimator, ``q - zp``
+    everywhere with plain rounding. The backward pass is then ``grad_x = grad * mask`` (zeros with
+    plain rounding, as ``round``'s own gradient gives) and ``grad_scale = sum(grad * e)`` over the
+    dimensions the scale broadcasts along. Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, straight_through):
+        x_grad, scale_grad = ctx.needs_input_grad[:2]
+        shifted_zero = not (isinstance(zero_point, (int, float)) and zero_point == 0)
+        t = x / scale
+        level = torch.round(t)  # r, then r + zp, then q, then q - zp: one buffer, updated in place
+        if shifted_zero:
+            if torch.broadcast_shapes(level.shape, torch.as_tensor(zero_point).shape) != level.shape:
+                level = level.expand(torch.broadcast_shapes(level.shape, zero_point.shape)).clone()
+                t = t.expand(level.shape).clone()
+            level.add_(zero_point)
+        inside = ((level > qmin) & (level < qmax)) if straight_through and (x_grad or scale_grad) else None
+        level.clamp_(qmin, qmax)
+        if shifted_zero:
+            level.sub_(zero_point)
+        out = level * scale
+        derivative = None
+        if scale_grad and straight_through:  # r - t inside, q - zp outside (t's buffer reused)
+            residual = torch.sub(level, t, out=t)  # inside the range q - zp == r
+            derivative = torch.where(inside, residual, level, out=residual)
+        elif scale_grad:
+            derivative = level
+        ctx.save_for_backward(inside if x_grad else None, derivative)
+        ctx.shapes = (x.shape, x.dtype, scale.shape, scale.dtype)
+        ctx.straight_through = straight_through
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        inside, derivative = ctx.saved_tensors
+        x_shape, x_dtype, scale_shape, scale_dtype = ctx.shapes
+        grad_x = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            if ctx.straight_through:
+                grad_x = (grad * inside).to(x_dtype).sum_to_size(x_shape)
+            else:
+                grad_x = torch.zeros(x_shape, dtype=x_dtype, device=grad.device)
+        if ctx.needs_input_grad[1]:  # called once (once_differentiable): the saved buffer is free to reuse
+            grad_scale = derivative.mul_(grad).sum_to_size(scale_shape).to(scale_dtype)
+        return grad_x, grad_scale, None, None, None, None
 
 
 def quantize(
