@@ -189,3 +189,21 @@ def test_fused_fake_quantize_with_a_zero_point_wider_than_the_input():
     assert torch.equal(fused, composed)
     for a, b in zip(torch.autograd.grad(fused, (x, scale), up), torch.autograd.grad(composed, (x, scale), up)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_learning_fake_quantize_gives_the_eager_gradients():
+    """Under ``torch.compile`` the learning path is the composed form (the compiler fuses it): same values
+    and gradients as eager's fused node."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(4, 10, 8, generator=g) * 2).requires_grad_(True)
+    scale = torch.full((1, 10, 1), 0.3, requires_grad=True)
+    up = torch.randn(4, 10, 8, generator=g)
+
+    def step(x, scale):
+        return fake_quantize(x, scale, 0.0, -7, 7)
+
+    eager = step(x, scale)
+    compiled = torch.compile(step, fullgraph=True)(x, scale)
+    assert torch.equal(eager, compiled)
+    for a, b in zip(torch.autograd.grad(eager, (x, scale), up), torch.autograd.grad(compiled, (x, scale), up)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,8 @@ forward pass, instead of the eight elementwise nodes of the composed form (divid
 straight-through add, shift, clamp, unshift, multiply): the forward values are the same bit for bit,
 the gradients the same up to float rounding (``tests/ops/test_quantize.py`` checks both against the
 composed form in float64). Step-size learning (JLSS, OuroMamba) runs it on every quantized edge of
-a block in every step; ``benchmarks/jlss_step.py`` times the two forms side by side.
+a block in every step; ``benchmarks/jlss_step.py`` times the two forms side by side. Under
+``torch.compile`` the composed form is traced instead, for the compiler to fuse.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def fake_quantize(
     """
     if isinstance(zero_point, torch.Tensor):
         zero_point = zero_point.detach()
-    if not _fused[0]:
+    if not _fused[0] or torch.compiler.is_compiling():  # under torch.compile the compiler fuses the composed ops
         return fake_quantize_composed(x, scale, zero_point, qmin, qmax, straight_through)
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return FakeQuantizeFunction.apply(x, scale, zero_point, qmin, qmax, straight_through)
